@@ -1,0 +1,34 @@
+"""``sandboxctl``: the command line of the sandbox runtime.
+
+Sub-commands live in one module each (``cli/stack.py`` for ``up``, ``cli/lease.py`` for
+``lease ...`` and ``exec``); this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="sandboxctl",
+    help="Run and drive the sandbox runtime: leases, boxes, planes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    # Imported here so each module can import `app` helpers without cycles.
+    from cli import lease, stack
+
+    stack.register(app)
+    lease.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    app()
+
+
+if __name__ == "__main__":
+    main()

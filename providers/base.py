@@ -1,0 +1,199 @@
+"""The provider protocol: what every sandbox backend (local, selfhosted, modal, ...) implements.
+
+A :class:`Provider` creates, resumes and terminates boxes; a :class:`BoxSession` is a handle on one
+live box and runs commands and file operations in it. Providers raise only the typed errors
+re-exported here (see the tree in :mod:`sandbox.errors`); activities map them to Temporal
+``ApplicationError`` types in one table (:mod:`activities.provider_errors`).
+
+Only :class:`BoxNotFound` proves that a box is gone. A transient failure is
+:class:`ProviderUnavailable` and must never be reported as NotFound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from sandbox.errors import (
+    BoxNotFound,
+    ExecTimeout,
+    ProviderAuthError,
+    ProviderError,
+    ProviderQuotaError,
+    ProviderUnavailable,
+    Unsupported,
+)
+
+if TYPE_CHECKING:
+    from providers.descriptors import CapabilityDescriptor
+
+__all__ = [
+    "BoxNotFound",
+    "BoxSession",
+    "BoxSpec",
+    "DirEntry",
+    "Endpoint",
+    "Envelope",
+    "ExecResult",
+    "ExecTimeout",
+    "OwnedBox",
+    "Provider",
+    "ProviderAuthError",
+    "ProviderError",
+    "ProviderQuotaError",
+    "ProviderUnavailable",
+    "Unsupported",
+]
+
+
+class BoxSpec(BaseModel):
+    """What to create: the lease that owns the box and how the box should look."""
+
+    lease_id: str = Field(description="Lease workflow id, lease/<workspace>/<group>.")
+    workspace_id: str
+    group_id: str
+    epoch: int = Field(description="The lease epoch the box is created under.")
+    image: str | None = None
+    os: str = "linux"
+    environment: dict[str, str] = Field(default_factory=dict)
+
+
+class Envelope(BaseModel):
+    """Everything needed to find a box again (resume by id) after a worker restart.
+
+    ``state`` is provider specific and must be JSON-serialisable (it is stored in the lease
+    workflow and in the projection).
+    """
+
+    backend_id: str
+    instance_id: str
+    state: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of a command that ran to completion (a timeout raises ``ExecTimeout``)."""
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One entry of a directory listing, path relative to the listed directory."""
+
+    name: str
+    kind: str  # "file" | "dir" | "symlink" | "other"
+    size: int = 0
+    mode: int = 0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach a port exposed by a box from outside it."""
+
+    host: str
+    port: int
+    tls: bool = False
+    path: str = "/"
+    query: str = ""
+
+
+@dataclass(frozen=True)
+class OwnedBox:
+    """A box the provider says we own (for the orphan sweep)."""
+
+    instance_id: str
+    lease_id: str | None = None
+    created_at: float | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class BoxSession(Protocol):
+    """A handle on one live box. Paths are relative to the workspace root unless absolute."""
+
+    @property
+    def instance_id(self) -> str:
+        """The provider's id for this box."""
+        ...
+
+    async def exec(
+        self,
+        cmd: Sequence[str],
+        *,
+        workdir: str | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv, no shell) in the box and wait for it.
+
+        Raises:
+            ExecTimeout: the command ran past ``timeout`` seconds and was killed.
+            BoxNotFound: the box is gone.
+        """
+        ...
+
+    async def read_file(self, path: str) -> bytes:
+        """Read a whole file."""
+        ...
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        """Write a whole file, creating parent directories."""
+        ...
+
+    async def list_dir(self, path: str) -> list[DirEntry]:
+        """List one directory level."""
+        ...
+
+    async def path_exists(self, path: str) -> bool:
+        """Whether the path exists in the box."""
+        ...
+
+    async def resolve_exposed_port(self, port: int) -> Endpoint:
+        """Where a port listening inside the box can be reached from outside."""
+        ...
+
+    def serialize_state(self) -> Envelope:
+        """The envelope that lets :meth:`Provider.resume` find this box again."""
+        ...
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A sandbox backend."""
+
+    @property
+    def descriptor(self) -> CapabilityDescriptor:
+        """The static capability descriptor of this backend."""
+        ...
+
+    @property
+    def backend_id(self) -> str:
+        """The SDK backend id (equals ``descriptor.backend_id``)."""
+        ...
+
+    def validate_credentials(self) -> None:
+        """Check settings offline; raise ``SandboxConfigError`` naming what is missing."""
+        ...
+
+    async def create(self, spec: BoxSpec, idempotency_key: str) -> BoxSession:
+        """Create a box, or adopt the one already created with the same idempotency key."""
+        ...
+
+    async def resume(self, envelope: Envelope) -> BoxSession:
+        """Find a box again by its envelope; raise ``BoxNotFound`` if it is gone."""
+        ...
+
+    async def terminate(self, envelope: Envelope) -> None:
+        """Destroy the box and every process in it. Idempotent: a gone box is not an error."""
+        ...
+
+    async def list_owned(self) -> list[OwnedBox]:
+        """Every box this provider instance owns (for the orphan sweep)."""
+        ...

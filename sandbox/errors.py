@@ -1,0 +1,183 @@
+"""The one exception hierarchy of the sandbox runtime.
+
+Every error a caller can see is a subclass of :class:`SandboxError` and carries typed properties
+(never parse the message). Errors that cross the Temporal boundary travel as ``ApplicationError``
+with ``type`` equal to the class's :attr:`SandboxError.error_type`; :func:`error_from_type` turns
+them back into these classes on the client side.
+
+::
+
+    SandboxError
+     ├── SandboxConfigError          settings are missing or contradictory (boot refuses)
+     ├── InvalidRequest              malformed input: empty/oversized ids, bad kinds, bad paths
+     │    └── UnknownBackend         a backend name that no descriptor knows
+     ├── ProviderError               raised by providers (see providers/base.py)
+     │    ├── BoxNotFound            typed proof the box is gone (the only licence for cold restore)
+     │    ├── ProviderUnavailable    transient; retry
+     │    ├── ProviderAuthError      credentials rejected
+     │    ├── ProviderQuotaError     quota or rate limit
+     │    ├── ExecTimeout            a command ran past its timeout
+     │    └── Unsupported            the backend cannot do this
+     └── LeaseError                  raised by the lease workflow and surfaced by the client
+          ├── StaleEpoch             the caller's epoch is not the lease's current epoch (fenced)
+          ├── HolderNotFound         heartbeat/release of a holder the lease does not have
+          ├── LeaseNotWarm           an operation that needs a warm box on a cold/draining lease
+          ├── LeaseNotFound          no lease workflow for this workspace/group
+          ├── LeaseStopping          the lease is stopping and admits no new holder
+          └── ProvisionFailed        the box could not be created or failed its readiness probe
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class SandboxError(Exception):
+    """Base of every error raised by the sandbox runtime.
+
+    Attributes:
+        message: Human-readable text that says what happened and what to do.
+        retryable: Whether repeating the same call later may succeed.
+    """
+
+    error_type: ClassVar[str] = "SandboxError"
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = self.default_retryable if retryable is None else retryable
+
+
+class SandboxConfigError(SandboxError):
+    """Settings are missing, malformed or contradictory."""
+
+    error_type = "SandboxConfigError"
+
+
+class InvalidRequest(SandboxError):
+    """The request is malformed; fix the input, retrying will not help."""
+
+    error_type = "InvalidRequest"
+
+
+class UnknownBackend(InvalidRequest):
+    """The backend name is not one of the known backends."""
+
+    error_type = "UnknownBackend"
+
+    def __init__(self, backend: str, known: list[str] | None = None) -> None:
+        hint = f" Known backends: {', '.join(known)}." if known else ""
+        super().__init__(f"unknown sandbox backend {backend!r}.{hint}")
+        self.backend = backend
+
+
+class ProviderError(SandboxError):
+    """A provider (local, modal, selfhosted, ...) failed an operation."""
+
+    error_type = "ProviderError"
+
+
+class BoxNotFound(ProviderError):
+    """The provider proved the box does not exist (typed, never inferred from message text)."""
+
+    error_type = "BoxNotFound"
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider could not be reached or answered with a transient failure."""
+
+    error_type = "ProviderUnavailable"
+    default_retryable = True
+
+
+class ProviderAuthError(ProviderError):
+    """The provider rejected our credentials."""
+
+    error_type = "ProviderAuthError"
+
+
+class ProviderQuotaError(ProviderError):
+    """The provider refused because of a quota or rate limit."""
+
+    error_type = "ProviderQuotaError"
+    default_retryable = True
+
+
+class ExecTimeout(ProviderError):
+    """A command inside the box ran longer than its timeout and was killed."""
+
+    error_type = "ExecTimeout"
+
+    def __init__(self, message: str, *, timeout: float) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class Unsupported(ProviderError):
+    """The backend does not support this operation."""
+
+    error_type = "Unsupported"
+
+
+class LeaseError(SandboxError):
+    """A lease operation was refused by the lease workflow."""
+
+    error_type = "LeaseError"
+
+
+class StaleEpoch(LeaseError):
+    """The caller presented an epoch that is not the lease's current one: it is fenced."""
+
+    error_type = "StaleEpoch"
+
+
+class HolderNotFound(LeaseError):
+    """The lease has no holder with this kind and id (expired, released, or never acquired)."""
+
+    error_type = "HolderNotFound"
+
+
+class LeaseNotWarm(LeaseError):
+    """The operation needs a warm box but the lease is cold, warming or draining."""
+
+    error_type = "LeaseNotWarm"
+
+
+class LeaseNotFound(LeaseError):
+    """No lease workflow exists for this workspace and group."""
+
+    error_type = "LeaseNotFound"
+
+
+class LeaseStopping(LeaseError):
+    """The lease was asked to stop and admits no new holders."""
+
+    error_type = "LeaseStopping"
+
+
+class ProvisionFailed(LeaseError):
+    """The box could not be created or did not pass its readiness probe."""
+
+    error_type = "ProvisionFailed"
+    default_retryable = True
+
+
+def _all_subclasses(cls: type[SandboxError]) -> list[type[SandboxError]]:
+    out: list[type[SandboxError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_from_type(error_type: str | None, message: str) -> SandboxError:
+    """Rebuild a typed error from an ``ApplicationError.type`` string.
+
+    Unknown types become a plain :class:`SandboxError` so callers always get one hierarchy.
+    """
+    for cls in _all_subclasses(SandboxError):
+        if cls.error_type == error_type:
+            err = SandboxError.__new__(cls)
+            SandboxError.__init__(err, message)
+            return err
+    return SandboxError(message)

