@@ -1,9 +1,323 @@
-"""``sandboxctl lease ...`` and ``sandboxctl exec`` (filled in by the lease CLI work)."""
+"""``sandboxctl lease ...`` and ``sandboxctl exec``: drive leases from a terminal or a script.
+
+Every command finds the running stack from the data dir (``--data-dir``, ``SANDBOX_DATA_DIR`` or
+``./.sandbox``), takes ``--json`` for scripts, and exits non-zero with a one-line error that says
+what to do when something is refused.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
 import typer
+
+from cli.output import emit, fail, progress
+from cli.stack import resolve_settings
+from sandbox.errors import SandboxError
+from sandbox.settings import Settings
+
+T = TypeVar("T")
+
+lease_app = typer.Typer(help="Acquire, inspect and release sandbox leases.", no_args_is_help=True)
+
+DataDir = typer.Option(None, "--data-dir", help="Data dir of the stack (default $SANDBOX_DATA_DIR or ./.sandbox).")
+Json = typer.Option(False, "--json", help="Print one JSON document (for scripts).")
+Kind = typer.Option("turn", "--kind", help="Holder kind: turn, viewer, direct, recording or process.")
+
+EXIT_REFUSED = 2
+EXIT_UNREACHABLE = 3
 
 
 def register(app: typer.Typer) -> None:
-    """Attach the lease commands to the root app."""
+    """Attach ``lease`` and ``exec`` to the root app."""
+    app.add_typer(lease_app, name="lease")
+    app.command(
+        "exec",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        help="Run a command in the lease's warm box: sandboxctl exec WORKSPACE GROUP -- CMD ...",
+    )(exec_command)
+
+
+def _run(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Connect to Temporal, build a LeaseClient, run ``action``; turn failures into clear exits."""
+    from client import LeaseClient
+    from worker import connect
+
+    async def main() -> T:
+        try:
+            client = await connect(settings)
+        except RuntimeError as err:
+            fail(
+                f"cannot reach Temporal at {settings.temporal_address} ({err}); "
+                f"is `sandboxctl up` running for data dir {settings.data_dir}?",
+                EXIT_UNREACHABLE,
+            )
+        return await action(LeaseClient(client, settings))
+
+    try:
+        return asyncio.run(main())
+    except SandboxError as err:
+        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
+
+
+def _settings(data_dir: Path | None) -> Settings:
+    try:
+        return resolve_settings(data_dir)
+    except SandboxError as err:
+        fail(err.message)
+
+
+def _grant_json(grant: Any) -> dict[str, Any]:
+    return {
+        "lease_id": grant.lease_id,
+        "epoch": grant.epoch,
+        "role": grant.role,
+        "liveness": grant.liveness,
+        "instance_id": grant.instance_id,
+        "backend": grant.backend,
+        "backend_id": grant.backend_id,
+        "holder_id": grant.holder_id,
+        "kind": grant.kind,
+    }
+
+
+@lease_app.command("acquire")
+def acquire(
+    workspace: str = typer.Argument(..., help="Workspace id."),
+    group: str = typer.Argument(..., help="Sandbox group id."),
+    backend: str | None = typer.Option(None, "--backend", help="Backend for a new lease (default: local)."),
+    kind: str = Kind,
+    holder: str | None = typer.Option(None, "--holder", help="Holder id (default: a new uuid)."),
+    subject: str | None = typer.Option(None, "--subject", help="Who the holder acts for."),
+    expected_epoch: int | None = typer.Option(None, "--expected-epoch", help="Fail unless the lease is at this epoch."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Hold a lease, creating its box if it is cold; waits until the box is warm."""
+    settings = _settings(data_dir)
+
+    async def action(leases: Any) -> Any:
+        with progress(f"acquiring {workspace}/{group} (a cold lease creates its box first)"):
+            return await leases.acquire(
+                workspace,
+                group,
+                kind=kind,
+                holder_id=holder,
+                subject=subject,
+                expected_epoch=expected_epoch,
+                backend=backend,
+            )
+
+    grant = _run(settings, action)
+    if json_out:
+        emit(_grant_json(grant), True)
+    else:
+        emit(
+            f"{grant.liveness} epoch={grant.epoch} role={grant.role} box={grant.instance_id} "
+            f"holder={grant.kind}:{grant.holder_id}",
+            False,
+        )
+        emit(f"next: sandboxctl exec {workspace} {group} -- echo hello", False)
+
+
+@lease_app.command("heartbeat")
+def heartbeat(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    holder: str = typer.Option(..., "--holder", help="Holder id given at acquire."),
+    kind: str = Kind,
+    epoch: int | None = typer.Option(None, "--epoch", help="Epoch of your grant (default: the lease's current)."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Keep a holder alive; fails with StaleEpoch when the box was replaced."""
+    settings = _settings(data_dir)
+
+    async def action(leases: Any) -> Any:
+        current = epoch if epoch is not None else (await leases.describe(workspace, group)).epoch
+        return await leases.heartbeat(workspace, group, holder, current, kind=kind)
+
+    result = _run(settings, action)
+    emit(result if json_out else f"alive epoch={result.epoch} until {result.expires_at.isoformat()}", json_out)
+
+
+@lease_app.command("release")
+def release(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    holder: str = typer.Option(..., "--holder", help="Holder id given at acquire."),
+    kind: str = Kind,
+    epoch: int | None = typer.Option(None, "--epoch", help="Refuse unless the lease is still at this epoch."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Stop holding a lease; the last holder out starts the idle grace."""
+    settings = _settings(data_dir)
+
+    async def action(leases: Any) -> Any:
+        if epoch is not None:
+            current = (await leases.describe(workspace, group)).epoch
+            if current != epoch:
+                from sandbox.errors import StaleEpoch
+
+                raise StaleEpoch(f"the lease is at epoch {current}, not {epoch}; your holder is already gone")
+        return await leases.release(workspace, group, holder, kind=kind)
+
+    result = _run(settings, action)
+    emit(
+        result if json_out else f"released; lease {result.liveness}, {result.remaining_holders} holder(s) left",
+        json_out,
+    )
+
+
+@lease_app.command("describe")
+def describe(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Show a lease: liveness, epoch, box, holders and recent transitions."""
+    settings = _settings(data_dir)
+    view = _run(settings, lambda leases: leases.describe(workspace, group))
+    if json_out:
+        emit(view, True)
+        return
+    emit(
+        {
+            "lease": view.lease_id,
+            "backend": view.backend,
+            "liveness": view.liveness,
+            "epoch": view.epoch,
+            "box": view.instance_id,
+            "holders": ", ".join(f"{h.kind}:{h.holder_id}" for h in view.holders) or "none",
+            "hold": f"until {view.hold_until.isoformat()} ({view.hold_reason})" if view.hold_until else None,
+            "last error": view.last_error,
+        },
+        False,
+    )
+    emit(
+        [
+            {
+                "at": t.at.isoformat(timespec="seconds"),
+                "from": t.from_liveness,
+                "to": t.to_liveness,
+                "epoch": t.epoch,
+                "reason": t.reason,
+            }
+            for t in view.transitions
+        ],
+        False,
+    )
+
+
+@lease_app.command("list")
+def list_leases(
+    liveness: str | None = typer.Option(
+        None, "--liveness", help="Only leases in this state (cold/warming/warm/draining)."
+    ),
+    workspace: str | None = typer.Option(None, "--workspace", help="Only leases of this workspace."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """List leases from the store's projection (what the worker last wrote)."""
+    from workflows.models import LIVENESS_VALUES
+
+    if liveness is not None and liveness not in LIVENESS_VALUES:
+        fail(f"--liveness must be one of {', '.join(LIVENESS_VALUES)}", EXIT_REFUSED)
+    settings = _settings(data_dir)
+
+    async def main() -> Any:
+        from store.database import Database
+        from store.leases import LeaseRepository
+
+        db = Database.for_settings(settings)
+        try:
+            await db.migrate()
+            return await LeaseRepository(db).list(liveness=liveness, workspace_id=workspace)
+        finally:
+            await db.dispose()
+
+    records = asyncio.run(main())
+    rows = [
+        {
+            "workspace_id": r.workspace_id,
+            "group_id": r.group_id,
+            "backend": r.backend,
+            "liveness": r.liveness,
+            "epoch": r.epoch,
+            "instance_id": r.instance_id,
+            "holders": len(r.holders),
+            "updated_at": r.updated_at.isoformat(timespec="seconds"),
+        }
+        for r in records
+    ]
+    if json_out:
+        emit(rows, True)
+    elif rows:
+        emit(rows, False)
+    else:
+        emit("no leases" + (f" in state {liveness}" if liveness else ""), False)
+
+
+@lease_app.command("drain")
+def drain(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    wait: bool = typer.Option(False, "--wait", help="Return only once the lease is cold."),
+    reason: str = typer.Option("operator", "--reason", help="Recorded in the lease's transitions."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Drop every holder and tear the box down now."""
+    settings = _settings(data_dir)
+
+    async def action(leases: Any) -> Any:
+        with progress(f"draining {workspace}/{group}"):
+            return await leases.drain(workspace, group, reason=reason, wait=wait)
+
+    view = _run(settings, action)
+    emit(view if json_out else f"{view.liveness} epoch={view.epoch}", json_out)
+
+
+@lease_app.command("stop")
+def stop(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Drain the box and complete the lease workflow."""
+    settings = _settings(data_dir)
+    _run(settings, lambda leases: leases.stop(workspace, group))
+    emit("stop requested", False)
+
+
+def exec_command(
+    ctx: typer.Context,
+    workspace: str = typer.Argument(..., help="Workspace id."),
+    group: str = typer.Argument(..., help="Sandbox group id."),
+    workdir: str | None = typer.Option(None, "--workdir", help="Directory in the box (default: the workspace)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds before the command is killed."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Run a command in the lease's warm box; prints its output and exits with its exit code."""
+    cmd = list(ctx.args)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        fail("no command given: sandboxctl exec WORKSPACE GROUP -- CMD ...", EXIT_REFUSED)
+    settings = _settings(data_dir)
+    out = _run(settings, lambda leases: leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout))
+    if json_out:
+        emit(out, True)
+    else:
+        sys.stdout.write(out.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(out.stderr)
+        sys.stderr.flush()
+    raise typer.Exit(code=out.exit_code)

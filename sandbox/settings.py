@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     idle_grace_seconds: float = 900.0
     probe_timeout_seconds: float = 60.0
     exec_timeout_seconds: float = 600.0
+    activity_heartbeat_seconds: float = 10.0
     continue_as_new_after_transitions: int = 500
+    continue_as_new_after_updates: int = 1000
 
     # Observability
     otel_exporter: Literal["none", "console", "otlp"] = "none"

@@ -15,8 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client
@@ -167,7 +170,45 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """Plain asyncio loops (pytest-asyncio hook)."""
-    return asyncio.DefaultEventLoopPolicy()
+# --------------------------------------------------------------------------- lease runtime
+
+
+class Runtime:
+    """A running worker (in this process) plus what tests need to drive it."""
+
+    def __init__(self, client: Client, settings: Any, db: Any) -> None:
+        self.client = client
+        self.settings = settings
+        self.db = db
+
+    def leases(self, **timer_overrides: float) -> Any:
+        """A LeaseClient whose leases use short test timers (overridable)."""
+        from client import LeaseClient
+
+        return LeaseClient(self.client, self.settings.model_copy(update=timer_overrides))
+
+
+FAST_TIMERS: dict[str, float] = {
+    "holder_ttl_seconds": 30.0,
+    "warming_ttl_seconds": 30.0,
+    "idle_grace_seconds": 0.5,
+    "probe_timeout_seconds": 10.0,
+    "activity_heartbeat_seconds": 2.0,
+}
+
+
+@pytest.fixture(scope="session")
+async def runtime(temporal_client: Client, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runtime]:
+    """The lease worker on its own task queue, SQLite store, local boxes under a temp data dir."""
+    from sandbox.settings import Settings
+    from store.database import Database
+    from worker import build_worker
+
+    data_dir = tmp_path_factory.mktemp("sandbox-data")
+    settings = Settings(data_dir=data_dir, task_queue=f"test-{uuid.uuid4()}", **FAST_TIMERS)
+    db = Database.for_settings(settings)
+    await db.migrate()
+    worker = build_worker(temporal_client, settings, db, graceful_shutdown_timeout=timedelta(seconds=1))
+    async with worker:
+        yield Runtime(temporal_client, settings, db)
+    await db.dispose()

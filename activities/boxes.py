@@ -1,0 +1,164 @@
+"""Activities that touch boxes through providers: provision, probe, exec, terminate, discard.
+
+Resumed sessions are cached per (backend, instance id) so repeated execs against a warm box
+do not pay for a resume each time; a typed ``BoxNotFound`` drops the cache entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from temporalio import activity
+
+from activities.models import (
+    CHECK_BOX,
+    DISCARD_LEASE_BOXES,
+    EXEC_IN_BOX,
+    PROVISION_BOX,
+    TERMINATE_BOX,
+    BoxRef,
+    CheckResult,
+    DiscardInput,
+    DiscardResult,
+    ExecInput,
+    ExecOutput,
+    ProvisionInput,
+    ProvisionResult,
+)
+from activities.provider_errors import maps_provider_errors
+from providers.base import BoxSession, BoxSpec, Envelope
+from providers.registry import ProviderRegistry
+from sandbox.errors import BoxNotFound, ExecTimeout, ProvisionFailed
+from workflows.models import BoxEnvelope
+
+
+@contextlib.asynccontextmanager
+async def _heartbeating(interval: float = 1.0) -> AsyncIterator[None]:
+    """Heartbeat in the background so a dead worker is noticed within the heartbeat timeout."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def _cap(data: bytes, limit: int) -> tuple[str, bool]:
+    truncated = len(data) > limit
+    return data[:limit].decode("utf-8", errors="replace"), truncated
+
+
+class BoxActivities:
+    """Provider-facing activities; one instance per worker, holding the provider registry."""
+
+    def __init__(self, providers: ProviderRegistry) -> None:
+        self._providers = providers
+        self._sessions: dict[tuple[str, str], BoxSession] = {}
+
+    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
+        key = (backend, envelope.instance_id)
+        session = self._sessions.get(key)
+        if session is None:
+            provider = self._providers.get(backend)
+            session = await provider.resume(Envelope(**envelope.model_dump()))
+            self._sessions[key] = session
+        return session
+
+    def _forget(self, backend: str, instance_id: str) -> None:
+        self._sessions.pop((backend, instance_id), None)
+
+    @activity.defn(name=PROVISION_BOX)
+    @maps_provider_errors
+    async def provision(self, inp: ProvisionInput) -> ProvisionResult:
+        """Create (or adopt by idempotency key) the box for a lease epoch and probe it with ``true``."""
+        provider = self._providers.get(inp.backend)
+        spec = BoxSpec(
+            lease_id=inp.lease_id,
+            workspace_id=inp.workspace_id,
+            group_id=inp.group_id,
+            epoch=inp.epoch,
+            image=inp.image,
+            os=inp.os,
+            environment=inp.environment,
+        )
+        async with _heartbeating():
+            session = await provider.create(spec, inp.idempotency_key)
+            try:
+                probe = await session.exec(["true"], timeout=inp.probe_timeout_seconds)
+            except ExecTimeout as err:
+                await provider.terminate(session.serialize_state())
+                raise ProvisionFailed(f"readiness probe timed out after {err.timeout:g}s", retryable=False) from err
+            if probe.exit_code != 0:
+                await provider.terminate(session.serialize_state())
+                # A box that fails `true` is broken, not slow: retrying would only build the same box again.
+                raise ProvisionFailed(
+                    f"readiness probe `true` exited {probe.exit_code}: {probe.stderr[-300:].decode(errors='replace')}",
+                    retryable=False,
+                )
+        envelope = session.serialize_state()
+        self._sessions[(inp.backend, envelope.instance_id)] = session
+        return ProvisionResult(envelope=BoxEnvelope(**envelope.model_dump()))
+
+    @activity.defn(name=TERMINATE_BOX)
+    @maps_provider_errors
+    async def terminate(self, ref: BoxRef) -> None:
+        """Destroy a box and every process in it (idempotent)."""
+        provider = self._providers.get(ref.backend)
+        self._forget(ref.backend, ref.envelope.instance_id)
+        async with _heartbeating():
+            await provider.terminate(Envelope(**ref.envelope.model_dump()))
+
+    @activity.defn(name=DISCARD_LEASE_BOXES)
+    @maps_provider_errors
+    async def discard(self, inp: DiscardInput) -> DiscardResult:
+        """Terminate every box the provider holds for a lease (after a failed warming)."""
+        provider = self._providers.get(inp.backend)
+        terminated: list[str] = []
+        for box in await provider.list_owned():
+            if box.lease_id != inp.lease_id:
+                continue
+            self._forget(inp.backend, box.instance_id)
+            envelope = Envelope(backend_id=provider.backend_id, instance_id=box.instance_id, state=dict(box.labels))
+            await provider.terminate(envelope)
+            terminated.append(box.instance_id)
+        return DiscardResult(terminated=terminated)
+
+    @activity.defn(name=EXEC_IN_BOX)
+    @maps_provider_errors
+    async def exec(self, inp: ExecInput) -> ExecOutput:
+        """Run one command in the box; output is capped and decoded as UTF-8."""
+        try:
+            session = await self._session(inp.backend, inp.envelope)
+            result = await session.exec(inp.cmd, workdir=inp.workdir, timeout=inp.timeout_seconds, env=inp.env or None)
+        except BoxNotFound:
+            self._forget(inp.backend, inp.envelope.instance_id)
+            raise
+        stdout, out_cut = _cap(result.stdout, inp.output_limit_bytes)
+        stderr, err_cut = _cap(result.stderr, inp.output_limit_bytes)
+        return ExecOutput(
+            exit_code=result.exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=out_cut,
+            stderr_truncated=err_cut,
+        )
+
+    @activity.defn(name=CHECK_BOX)
+    @maps_provider_errors
+    async def check(self, ref: BoxRef) -> CheckResult:
+        """Whether the box still exists; only a typed ``BoxNotFound`` says it does not."""
+        self._forget(ref.backend, ref.envelope.instance_id)
+        try:
+            session = await self._session(ref.backend, ref.envelope)
+            await session.exec(["true"], timeout=30)
+        except BoxNotFound:
+            self._forget(ref.backend, ref.envelope.instance_id)
+            return CheckResult(alive=False)
+        return CheckResult(alive=True)

@@ -1,0 +1,111 @@
+"""Inputs and results of the activities, shared by the workflows that call them by name.
+
+Workflows call activities by their registered name (the constants below) so that workflow
+modules never import provider or database code.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from store.records import LeaseEventRecord, LeaseRecord
+from workflows.models import BoxEnvelope
+
+PROVISION_BOX = "provision_box"
+TERMINATE_BOX = "terminate_box"
+DISCARD_LEASE_BOXES = "discard_lease_boxes"
+EXEC_IN_BOX = "exec_in_box"
+CHECK_BOX = "check_box"
+PROJECT_LEASE = "project_lease"
+LOAD_LEASE_SEED = "load_lease_seed"
+
+
+class ProvisionInput(BaseModel):
+    """Create (or adopt, by idempotency key) a box and probe it."""
+
+    lease_id: str
+    workspace_id: str
+    group_id: str
+    backend: str
+    epoch: int
+    idempotency_key: str
+    image: str | None = None
+    os: str = "linux"
+    environment: dict[str, str] = Field(default_factory=dict)
+    probe_timeout_seconds: float = 60.0
+
+
+class ProvisionResult(BaseModel):
+    """The box that passed its readiness probe."""
+
+    envelope: BoxEnvelope
+
+
+class BoxRef(BaseModel):
+    """One box of one backend."""
+
+    backend: str
+    envelope: BoxEnvelope
+
+
+class DiscardInput(BaseModel):
+    """Terminate every box the provider holds for a lease (cleanup after a failed warming)."""
+
+    backend: str
+    lease_id: str
+
+
+class DiscardResult(BaseModel):
+    """Which boxes were terminated."""
+
+    terminated: list[str]
+
+
+class ExecInput(BaseModel):
+    """A command to run in a box."""
+
+    backend: str
+    envelope: BoxEnvelope
+    cmd: list[str]
+    workdir: str | None = None
+    timeout_seconds: float = 600.0
+    env: dict[str, str] = Field(default_factory=dict)
+    output_limit_bytes: int = 1024 * 1024
+
+
+class ExecOutput(BaseModel):
+    """A command's result, output decoded as UTF-8 (invalid bytes replaced) and capped."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+class CheckResult(BaseModel):
+    """Whether the box still exists (only a typed NotFound makes ``alive`` false)."""
+
+    alive: bool
+
+
+class ProjectionInput(BaseModel):
+    """The lease state to write to the store, and the transitions since the last write."""
+
+    record: LeaseRecord
+    events: list[LeaseEventRecord] = Field(default_factory=list)
+
+
+class SeedInput(BaseModel):
+    """Which lease to look up in the store when a lease workflow starts fresh."""
+
+    lease_id: str
+
+
+class SeedResult(BaseModel):
+    """What a previous incarnation of the lease left in the store."""
+
+    epoch: int = 0
+    version: int = 0
+    """The projection's last transition_seq: a new run counts on from there so its writes apply."""
+    found: bool = False

@@ -1,0 +1,30 @@
+"""Activities that write the lease projection to the store and read it back when a lease restarts."""
+
+from __future__ import annotations
+
+from temporalio import activity
+
+from activities.models import LOAD_LEASE_SEED, PROJECT_LEASE, ProjectionInput, SeedInput, SeedResult
+from store.leases import LeaseRepository
+
+
+class ProjectionActivities:
+    """Store-facing activities; one instance per worker, holding the repository."""
+
+    def __init__(self, leases: LeaseRepository) -> None:
+        self._leases = leases
+
+    @activity.defn(name=PROJECT_LEASE)
+    async def project(self, inp: ProjectionInput) -> bool:
+        """Write the lease row, its holders and new events; an older version never overwrites a newer one."""
+        return await self._leases.apply(inp.record, inp.events)
+
+    @activity.defn(name=LOAD_LEASE_SEED)
+    async def load_seed(self, inp: SeedInput) -> SeedResult:
+        """The epoch a new run of a lease must start from, so epochs never repeat across runs."""
+        record = await self._leases.get_by_id(inp.lease_id)
+        if record is None:
+            return SeedResult()
+        # A box the previous run still held belongs to a tenure that is over: start past it.
+        epoch = record.epoch + (1 if record.instance_id else 0)
+        return SeedResult(epoch=epoch, version=record.transition_seq, found=True)

@@ -1,0 +1,311 @@
+"""``LeaseClient``: the scheduler-facing Python API of the lease workflow.
+
+Every method raises the typed errors of :mod:`sandbox.errors` (``StaleEpoch``,
+``HolderNotFound``, ``LeaseNotWarm``, ...) instead of Temporal's transport exceptions, so callers
+branch on types, never on messages.
+
+Example::
+
+    leases = LeaseClient(await worker.connect(settings), settings)
+    async with leases.hold("ws1", "g1", kind="turn") as grant:
+        out = await leases.exec("ws1", "g1", ["echo", "hi"], epoch=grant.epoch)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from temporalio.client import (
+    Client,
+    RPCError,
+    WithStartWorkflowOperation,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCStatusCode
+
+from sandbox import errors
+from sandbox.settings import Settings
+from workflows.lease import LeaseWorkflow
+from workflows.models import (
+    HOLDER_KINDS,
+    ID_PATTERN,
+    MAX_ID_LENGTH,
+    AcquireRequest,
+    BoxLostReport,
+    BoxLostResult,
+    DrainRequest,
+    ExecOutcome,
+    ExecRequest,
+    HeartbeatRequest,
+    HeartbeatResult,
+    HolderKind,
+    HolderRef,
+    HoldRequest,
+    LeaseGrant,
+    LeaseInput,
+    LeaseSpec,
+    LeaseTimers,
+    LeaseView,
+    ReleaseResult,
+    lease_workflow_id,
+)
+
+log = logging.getLogger("sandbox.client")
+T = TypeVar("T")
+
+HEARTBEAT_INTERVAL_SECONDS = {
+    "turn": 10.0,
+    "viewer": 45.0,
+    "direct": 10.0,
+    "recording": 10.0,
+    "process": 10.0,
+}
+
+
+def timers_from_settings(settings: Settings) -> LeaseTimers:
+    """The lease timers configured by ``SANDBOX_*`` settings."""
+    return LeaseTimers(
+        holder_ttl_seconds=settings.holder_ttl_seconds,
+        warming_ttl_seconds=settings.warming_ttl_seconds,
+        idle_grace_seconds=settings.idle_grace_seconds,
+        probe_timeout_seconds=settings.probe_timeout_seconds,
+        exec_timeout_seconds=settings.exec_timeout_seconds,
+        activity_heartbeat_seconds=settings.activity_heartbeat_seconds,
+        continue_as_new_after_transitions=settings.continue_as_new_after_transitions,
+        continue_as_new_after_updates=settings.continue_as_new_after_updates,
+    )
+
+
+def validate_lease_ids(workspace_id: str, group_id: str) -> None:
+    """Reject empty, oversized or oddly shaped ids before anything is sent."""
+    for name, value in (("workspace id", workspace_id), ("group id", group_id)):
+        if not value:
+            raise errors.InvalidRequest(f"{name} must not be empty")
+        if len(value) > MAX_ID_LENGTH:
+            raise errors.InvalidRequest(f"{name} is longer than {MAX_ID_LENGTH} characters")
+        if not ID_PATTERN.match(value):
+            raise errors.InvalidRequest(
+                f"{name} {value!r} may only contain letters, digits and . _ : - (and must start with a letter or digit)"
+            )
+
+
+def _validate_kind(kind: str) -> None:
+    if kind not in HOLDER_KINDS:
+        raise errors.InvalidRequest(f"unknown holder kind {kind!r}; use one of {', '.join(HOLDER_KINDS)}")
+
+
+def _validate_backend(backend: str) -> None:
+    from providers.descriptors import select_backend
+
+    descriptor = select_backend(backend)  # raises UnknownBackend
+    if descriptor.tier == "none":
+        raise errors.InvalidRequest(f"backend {backend!r} has no box to lease; use a real backend such as 'local'")
+
+
+def translate(err: BaseException) -> errors.SandboxError:
+    """Map a Temporal client exception to the runtime's typed error."""
+    cause: BaseException | None = err
+    if isinstance(err, WorkflowUpdateFailedError | WorkflowQueryFailedError):
+        cause = err.cause if isinstance(err, WorkflowUpdateFailedError) else err
+    if isinstance(cause, ApplicationError):
+        return errors.error_from_type(cause.type, cause.message)
+    if isinstance(cause, RPCError) and cause.status == RPCStatusCode.NOT_FOUND:
+        return errors.LeaseNotFound("no such lease; acquire it first (sandboxctl lease acquire WORKSPACE GROUP)")
+    if isinstance(err, WorkflowQueryFailedError):
+        return errors.SandboxError(str(err))
+    return errors.SandboxError(str(cause or err))
+
+
+class LeaseClient:
+    """Acquire, heartbeat, release and operate leases through their workflows."""
+
+    def __init__(self, client: Client, settings: Settings | None = None) -> None:
+        self.client = client
+        self.settings = settings or Settings()
+        self.timers = timers_from_settings(self.settings)
+
+    def handle(self, workspace_id: str, group_id: str) -> WorkflowHandle[LeaseWorkflow, LeaseView]:
+        """The workflow handle of one lease (validated ids)."""
+        validate_lease_ids(workspace_id, group_id)
+        return self.client.get_workflow_handle_for(LeaseWorkflow.run, lease_workflow_id(workspace_id, group_id))
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await fn()
+        except (WorkflowUpdateFailedError, WorkflowQueryFailedError, RPCError) as err:
+            raise translate(err) from err
+
+    async def acquire(
+        self,
+        workspace_id: str,
+        group_id: str,
+        *,
+        kind: HolderKind = "turn",
+        holder_id: str | None = None,
+        subject: str | None = None,
+        expected_epoch: int | None = None,
+        backend: str | None = None,
+        image: str | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> LeaseGrant:
+        """Hold the lease of a sandbox group, creating its workflow and box as needed; waits until warm."""
+        validate_lease_ids(workspace_id, group_id)
+        _validate_kind(kind)
+        chosen = backend or self.settings.default_backend
+        _validate_backend(chosen)
+        spec = LeaseSpec(
+            workspace_id=workspace_id,
+            group_id=group_id,
+            backend=chosen,
+            image=image,
+            environment=environment or {},
+            timers=self.timers,
+        )
+        req = AcquireRequest(
+            kind=kind,
+            holder_id=holder_id or f"{kind}-{uuid.uuid4()}",
+            subject=subject,
+            expected_epoch=expected_epoch,
+            backend=backend,
+        )
+        start = WithStartWorkflowOperation(
+            LeaseWorkflow.run,
+            LeaseInput(spec=spec),
+            id=spec.lease_id,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            task_queue=self.settings.task_queue,
+            static_summary=f"lease {workspace_id}/{group_id} ({chosen})",
+        )
+        result: LeaseGrant = await self._call(
+            lambda: self.client.execute_update_with_start_workflow(
+                LeaseWorkflow.acquire, req, start_workflow_operation=start
+            )
+        )
+        return result
+
+    async def heartbeat(
+        self, workspace_id: str, group_id: str, holder_id: str, epoch: int, *, kind: HolderKind = "turn"
+    ) -> HeartbeatResult:
+        """Refresh a holder's TTL; raises ``StaleEpoch`` or ``HolderNotFound`` when fenced."""
+        _validate_kind(kind)
+        h = self.handle(workspace_id, group_id)
+        req = HeartbeatRequest(kind=kind, holder_id=holder_id, epoch=epoch)
+        result: HeartbeatResult = await self._call(lambda: h.execute_update(LeaseWorkflow.heartbeat, req))
+        return result
+
+    async def release(
+        self, workspace_id: str, group_id: str, holder_id: str, *, kind: HolderKind = "turn"
+    ) -> ReleaseResult:
+        """Stop holding; raises ``HolderNotFound`` for a holder the lease does not have."""
+        _validate_kind(kind)
+        h = self.handle(workspace_id, group_id)
+        ref = HolderRef(kind=kind, holder_id=holder_id)
+        result: ReleaseResult = await self._call(lambda: h.execute_update(LeaseWorkflow.release, ref))
+        return result
+
+    async def describe(self, workspace_id: str, group_id: str) -> LeaseView:
+        """The lease's full state from its workflow (works on completed leases too)."""
+        h = self.handle(workspace_id, group_id)
+        result: LeaseView = await self._call(lambda: h.query(LeaseWorkflow.describe))
+        return result
+
+    async def drain(
+        self, workspace_id: str, group_id: str, *, reason: str = "operator", wait: bool = False
+    ) -> LeaseView:
+        """Drop every holder and tear the box down; with ``wait`` returns once the lease is cold."""
+        h = self.handle(workspace_id, group_id)
+        req = DrainRequest(reason=reason, wait=wait)
+        result: LeaseView = await self._call(lambda: h.execute_update(LeaseWorkflow.drain, req))
+        return result
+
+    async def exec(
+        self,
+        workspace_id: str,
+        group_id: str,
+        cmd: list[str],
+        *,
+        workdir: str | None = None,
+        timeout_seconds: float | None = None,
+        env: dict[str, str] | None = None,
+        epoch: int | None = None,
+    ) -> ExecOutcome:
+        """Run a command in the warm box; raises ``LeaseNotWarm`` on a cold lease."""
+        h = self.handle(workspace_id, group_id)
+        req = ExecRequest(cmd=cmd, workdir=workdir, timeout_seconds=timeout_seconds, env=env or {}, epoch=epoch)
+        result: ExecOutcome = await self._call(lambda: h.execute_update(LeaseWorkflow.exec, req))
+        return result
+
+    async def report_box_lost(self, workspace_id: str, group_id: str, epoch: int, instance_id: str) -> BoxLostResult:
+        """Tell the lease its box looks gone; it confirms with the provider before going cold."""
+        h = self.handle(workspace_id, group_id)
+        report = BoxLostReport(epoch=epoch, instance_id=instance_id)
+        result: BoxLostResult = await self._call(lambda: h.execute_update(LeaseWorkflow.report_box_lost, report))
+        return result
+
+    async def hold_teardown(self, workspace_id: str, group_id: str, until: datetime, reason: str) -> None:
+        """Operator hold: no automatic teardown until ``until``."""
+        h = self.handle(workspace_id, group_id)
+        await self._call(lambda: h.signal(LeaseWorkflow.hold, HoldRequest(until=until, reason=reason)))
+
+    async def unhold(self, workspace_id: str, group_id: str) -> None:
+        """Lift an operator hold."""
+        h = self.handle(workspace_id, group_id)
+        await self._call(lambda: h.signal(LeaseWorkflow.unhold))
+
+    async def stop(self, workspace_id: str, group_id: str) -> None:
+        """Drain and complete the lease workflow."""
+        h = self.handle(workspace_id, group_id)
+        await self._call(lambda: h.signal(LeaseWorkflow.stop))
+
+    @contextlib.asynccontextmanager
+    async def hold(
+        self,
+        workspace_id: str,
+        group_id: str,
+        *,
+        kind: HolderKind = "turn",
+        holder_id: str | None = None,
+        subject: str | None = None,
+        backend: str | None = None,
+        heartbeat_interval: float | None = None,
+    ) -> AsyncIterator[LeaseGrant]:
+        """Acquire, heartbeat in the background, and release on exit.
+
+        If a heartbeat is fenced (``StaleEpoch``/``HolderNotFound``) the background loop stops and
+        logs it; the grant's epoch is then no longer valid and operations using it will be fenced.
+        """
+        grant = await self.acquire(
+            workspace_id, group_id, kind=kind, holder_id=holder_id, subject=subject, backend=backend
+        )
+        interval = heartbeat_interval or min(HEARTBEAT_INTERVAL_SECONDS[kind], self.timers.holder_ttl_seconds / 3)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await self.heartbeat(workspace_id, group_id, grant.holder_id, grant.epoch, kind=kind)
+                except (errors.StaleEpoch, errors.HolderNotFound) as err:
+                    log.warning("lease %s fenced: %s", grant.lease_id, err.message)
+                    return
+                except errors.SandboxError as err:  # transient: keep trying until the TTL decides
+                    log.warning("heartbeat for %s failed: %s", grant.lease_id, err.message)
+
+        task = asyncio.create_task(beat())
+        try:
+            yield grant
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(errors.HolderNotFound, errors.StaleEpoch, errors.LeaseNotFound):
+                await self.release(workspace_id, group_id, grant.holder_id, kind=kind)

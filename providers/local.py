@@ -1,0 +1,1494 @@
+"""The ``local`` provider (backend id ``unix_local``): every box is a directory on the worker host.
+
+One box is ``<root>/<instance_id>/``::
+
+    box.json      metadata (instance id, lease, idempotency key, epoch, environment), written once
+    workspace/    the workspace, seen as /workspace inside the box
+    home/         HOME inside the box
+    tmp/          /tmp inside the box
+    holder.json   the process that owns the box's PID namespace (bubblewrap isolation)
+    sessions      the session leaders of every exec (process isolation)
+
+A box is built under ``<root>/.staging`` and renamed into place, so a box directory either has its
+``box.json`` or does not exist; the instance id is derived from the idempotency key, so a retried
+``create`` adopts the box the first attempt made. ``terminate`` renames the box into
+``<root>/.trash`` first, so it disappears atomically, then kills its processes and removes it.
+
+Isolation comes in two modes, chosen once per provider:
+
+- ``bubblewrap``: each box has a long-lived *holder* (``bwrap --unshare-user --unshare-pid``) that
+  owns the box's user and PID namespaces. Every exec is a fresh ``bwrap`` that joins those
+  namespaces, binds the host's top-level directories read-only, the box's ``workspace``, ``home``
+  and ``tmp`` read-write at ``/workspace``, ``/root`` and ``/tmp``, and drops every capability.
+  Background processes started by an exec outlive it (a desktop started by a script keeps running)
+  and all die together when the holder is killed, because the kernel kills every process of a PID
+  namespace whose init exits. ``--die-with-parent`` ties the boxes' processes to the worker.
+- ``process``: plain subprocesses in their own session, cwd in the workspace, HOME in the box.
+  ``terminate`` kills every process that carries the box's marker variable in its environment or
+  belongs to a session an exec of the box started.
+
+Commands never inherit the worker's environment: they get a fixed PATH, HOME, LANG and TERM, the
+box environment given to ``create`` and the per-call environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from sandbox.errors import (
+    BoxNotFound,
+    ExecTimeout,
+    InvalidRequest,
+    PathNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    SandboxConfigError,
+    Unsupported,
+)
+
+if TYPE_CHECKING:
+    from providers.descriptors import CapabilityDescriptor
+
+__all__ = [
+    "BACKEND_ID",
+    "BOX_HOME",
+    "BOX_MARKER_VAR",
+    "WORKSPACE_ROOT",
+    "BubblewrapMode",
+    "Isolation",
+    "LocalBoxSession",
+    "LocalProvider",
+    "instance_id_for_key",
+]
+
+BACKEND_ID: Final = "unix_local"
+WORKSPACE_ROOT: Final = "/workspace"
+BOX_HOME: Final = "/root"
+BOX_MARKER_VAR: Final = "SANDBOX_BOX_ID"
+"""Environment variable carried by every process of a box; ``terminate`` kills by it."""
+
+BubblewrapMode = Literal["auto", "always", "never"]
+Isolation = Literal["bubblewrap", "process"]
+
+_BASE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_BASE_ENV: Final[Mapping[str, str]] = {"PATH": _BASE_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
+_INSTANCE_ID_RE: Final = re.compile(r"^box-[0-9a-f]{16}$")
+_ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_WORKSPACE_PREFIX_RE: Final = re.compile("^/+" + re.escape(WORKSPACE_ROOT.strip("/")) + "(?=/|$)")
+_MAX_KEY_LEN: Final = 1024
+_MAX_SYMLINK_HOPS: Final = 40
+_PIPE_GRACE_SECONDS: Final = 0.2  # how long to keep reading output a background process holds open
+_HOLDER_START_TIMEOUT: Final = 10.0
+_SESSIONS_COMPACT_BYTES: Final = 64 * 1024
+_STALE_TEMP_SECONDS: Final = 300.0
+_RECORD_FORMAT: Final = 1
+# Top-level entries a box never sees from the host: replaced by the box's own or by fresh mounts.
+_NOT_BOUND: Final = frozenset({"proc", "dev", "tmp", "root", "workspace"})
+_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def instance_id_for_key(idempotency_key: str) -> str:
+    """The instance id a ``create`` with this idempotency key gets (``box-`` + 16 hex digits)."""
+    return "box-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]
+
+
+class _BoxRecord(BaseModel):
+    """The content of ``box.json``."""
+
+    format: int = _RECORD_FORMAT
+    instance_id: str
+    idempotency_key: str
+    lease_id: str
+    workspace_id: str
+    group_id: str
+    epoch: int
+    created_at: float
+    image: str | None = None
+    environment: dict[str, str]
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    ppid: int
+    sid: int
+    start: int  # clock ticks since boot
+    zombie: bool
+
+
+def _read_proc(pid: int) -> _Proc | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: fields start after the last ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return _Proc(pid, int(fields[1]), int(fields[3]), int(fields[19]), fields[0] in (b"Z", b"X"))
+    except (IndexError, ValueError):
+        return None
+
+
+def _processes() -> Iterator[_Proc]:
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != me:
+            proc = _read_proc(int(name))
+            if proc is not None and not proc.zombie:
+                yield proc
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _boot_ticks() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _kill_exec_tree(leader: int) -> None:
+    """SIGKILL an exec's process tree: its descendants and every member of their sessions.
+
+    Sessions catch background children that were re-parented away from the tree; the scan repeats
+    until nothing is left so that a process forking while we kill it does not survive.
+    """
+    for _ in range(20):
+        procs = list(_processes())
+        children: dict[int, list[int]] = {}
+        for p in procs:
+            children.setdefault(p.ppid, []).append(p.pid)
+        tree: set[int] = set()
+        todo = [leader]
+        while todo:
+            pid = todo.pop()
+            if pid not in tree:
+                tree.add(pid)
+                todo.extend(children.get(pid, ()))
+        sids = {p.sid for p in procs if p.pid in tree} | {leader}
+        victims = {p.pid for p in procs if p.pid in tree or p.sid in sids}
+        if not victims:
+            return
+        _kill(victims)
+        time.sleep(0.002)
+
+
+def _exit_code(returncode: int) -> int:
+    # Follow the shell's convention so both isolation modes report a signal death the same way.
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _force_rmtree(path: Path) -> None:
+    """Remove a tree even if box processes left directories without write permission."""
+
+    def retry(func: Any, target: str, _exc: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o700)
+            if os.path.isdir(target) and not os.path.islink(target):
+                os.chmod(target, 0o700)
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                func(target)
+
+    if not (path.exists() or path.is_symlink()):
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=lambda func, target, info: retry(func, target, info[1]))
+
+
+def _box_parts(path: str) -> list[str]:
+    """Split a box path (relative to the workspace, or absolute under /workspace) into components."""
+    if "\0" in path:
+        raise InvalidRequest(f"path contains a NUL byte: {path!r}")
+    if path.startswith("/"):
+        prefix = _WORKSPACE_PREFIX_RE.match(path)
+        if prefix is None:
+            raise InvalidRequest(f"path {path!r} is outside the workspace {WORKSPACE_ROOT}")
+        path = path[prefix.end() :]
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+def _resolve(workspace: str, path: str) -> list[str]:
+    """Resolve ``path`` as the box sees it into components under the workspace.
+
+    Symlinks are followed with the box's view of the file system (an absolute target means a
+    ``/workspace`` path); anything that leads outside the workspace is refused. The result is
+    then opened component by component with ``O_NOFOLLOW``, so a symlink swapped in afterwards
+    fails instead of escaping.
+
+    Raises:
+        InvalidRequest: the path escapes the workspace or has too many symlinks.
+    """
+    pending = _box_parts(path)
+    pending.reverse()
+    resolved: list[str] = []
+    hops = 0
+    exists = True
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            if not resolved:
+                raise InvalidRequest(f"path {path!r} resolves outside the workspace")
+            resolved.pop()
+            continue
+        if exists:
+            candidate = os.path.join(workspace, *resolved, part)
+            try:
+                st = os.lstat(candidate)
+            except (FileNotFoundError, NotADirectoryError):
+                exists = False
+            else:
+                if stat.S_ISLNK(st.st_mode):
+                    hops += 1
+                    if hops > _MAX_SYMLINK_HOPS:
+                        raise InvalidRequest(f"path {path!r} has too many levels of symbolic links")
+                    target = os.readlink(candidate)
+                    if target.startswith("/"):
+                        try:
+                            target_parts = _box_parts(target)
+                        except InvalidRequest:
+                            raise InvalidRequest(
+                                f"path {path!r} resolves outside the workspace (symlink to {target!r})"
+                            ) from None
+                        resolved = []
+                    else:
+                        target_parts = [p for p in target.split("/") if p not in ("", ".")]
+                    pending.extend(reversed(target_parts))
+                    continue
+        resolved.append(part)
+    return resolved
+
+
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(workspace: str, parts: Sequence[str], *, create: bool, path: str) -> int:
+    """Open the directory ``parts`` under the workspace without following any symlink."""
+    try:
+        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BoxNotFound(f"the box workspace {workspace} is gone") from None
+    try:
+        for part in parts:
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise PathNotFound(f"no such file or directory: {path}", path=path) from None
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as err:
+                if err.errno in (errno.ENOTDIR, errno.ELOOP):
+                    raise InvalidRequest(f"{part!r} in {path!r} is not a directory") from None
+                raise
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "other"
+
+
+# --- output collection -----------------------------------------------------------------------
+
+
+class _PipeReader:
+    """Reads a pipe we own into memory; the process transport never sees it.
+
+    Owning the pipes lets ``exec`` return when the command exits even if a background process
+    it started still holds stdout open.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self._loop = loop
+        self._fd = fd
+        self.data = bytearray()
+        self.eof = loop.create_future()
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.close()
+                return
+            self.data += chunk
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            # Pick up what is already in the pipe before we stop reading (it is non-blocking).
+            with contextlib.suppress(OSError):
+                while chunk := os.read(self._fd, 65536):
+                    self.data += chunk
+            os.close(self._fd)
+            self._fd = -1
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+
+def _stdin_fd(data: bytes) -> int:
+    """A readable fd holding ``data``: a sealed-size memfd, so any size works without a writer task."""
+    fd = os.memfd_create("sandbox-stdin", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class _Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+
+
+async def _run(
+    argv: Sequence[str],
+    *,
+    cwd: str | None,
+    env: Mapping[str, str],
+    stdin: bytes | None,
+    timeout: float | None,
+    pass_fds: Sequence[int] = (),
+    on_spawn: Callable[[int], None] | None = None,
+) -> _Completed:
+    """Run ``argv`` in a new session, collecting output; kill its tree on timeout or cancellation."""
+    loop = asyncio.get_running_loop()
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    in_fd = _stdin_fd(stdin) if stdin else subprocess.DEVNULL
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=in_fd,
+            stdout=out_w,
+            stderr=err_w,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,
+            pass_fds=tuple(pass_fds),
+        )
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+        if in_fd != subprocess.DEVNULL:
+            os.close(in_fd)
+    out = _PipeReader(loop, out_r)
+    err = _PipeReader(loop, err_r)
+    try:
+        if on_spawn is not None:
+            on_spawn(proc.pid)
+        timed_out = False
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            timed_out = True
+            _kill_exec_tree(proc.pid)
+            await proc.wait()
+        except BaseException:
+            _kill_exec_tree(proc.pid)
+            raise
+        await asyncio.wait([out.eof, err.eof], timeout=_PIPE_GRACE_SECONDS)
+    finally:
+        out.close()
+        err.close()
+    assert proc.returncode is not None
+    return _Completed(proc.returncode, bytes(out.data), bytes(err.data), timed_out)
+
+
+# --- the box's PID namespace (bubblewrap) -----------------------------------------------------
+
+
+@dataclass
+class _Holder:
+    """The process whose namespaces every exec of a box joins."""
+
+    init_pid: int  # host pid of the namespace's init (bwrap's pid 1)
+    init_start: int
+    userns_fd: int
+    pidns_fd: int
+    process: asyncio.subprocess.Process | None  # set when this provider started it
+
+    def alive(self) -> bool:
+        if self.process is not None and self.process.returncode is not None:
+            return False
+        proc = _read_proc(self.init_pid)
+        return proc is not None and not proc.zombie and proc.start == self.init_start
+
+    def close(self) -> None:
+        for fd in (self.userns_fd, self.pidns_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _open_holder(init_pid: int, init_start: int, process: asyncio.subprocess.Process | None) -> _Holder | None:
+    proc = _read_proc(init_pid)
+    if proc is None or proc.zombie or proc.start != init_start:
+        return None
+    try:
+        userns = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        pidns = os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(userns)
+        return None
+    holder = _Holder(init_pid, init_start, userns, pidns, process)
+    if not holder.alive():  # the pid was reused between the two reads
+        holder.close()
+        return None
+    return holder
+
+
+def _kill_holder_file(path: Path) -> None:
+    """Kill the namespace init recorded in a box's ``holder.json`` (if it is still that process)."""
+    try:
+        info = json.loads(path.read_bytes())
+        pid, start = int(info["init_pid"]), int(info["init_start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    proc = _read_proc(pid)
+    if proc is not None and proc.start == start:
+        _kill({pid})
+
+
+# --- the provider ----------------------------------------------------------------------------
+
+
+class LocalProvider:
+    """Runs boxes as directories under ``root`` on the worker host.
+
+    Args:
+        root: The boxes directory (``Settings.boxes_dir()``); created on first use.
+        bubblewrap: ``auto`` isolates with bubblewrap when it is installed and works, else falls
+            back to plain processes; ``always`` refuses to run without it; ``never`` never uses it.
+        hidden_paths: Host directories a box must not see, besides ``root`` itself (for example
+            the data directory holding the database).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        bubblewrap: BubblewrapMode = "auto",
+        hidden_paths: Sequence[Path] = (),
+    ) -> None:
+        if bubblewrap not in ("auto", "always", "never"):
+            raise SandboxConfigError(f"bubblewrap must be auto, always or never, not {bubblewrap!r}")
+        self._root = Path(os.path.realpath(root))
+        self._mode: BubblewrapMode = bubblewrap
+        self._hidden = [self._root, *(Path(os.path.realpath(p)) for p in hidden_paths)]
+        self._isolation: Isolation | None = None
+        self._bwrap: str | None = None
+        self._layout: list[str] = []
+        self._holders: dict[str, _Holder] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- protocol surface ---------------------------------------------------------------------
+
+    @property
+    def descriptor(self) -> CapabilityDescriptor:
+        """The static descriptor of the ``local`` backend."""
+        from providers.descriptors import select_backend
+
+        return select_backend("local")
+
+    @property
+    def backend_id(self) -> str:
+        """``unix_local``."""
+        return BACKEND_ID
+
+    @property
+    def root(self) -> Path:
+        """The boxes directory."""
+        return self._root
+
+    @property
+    def isolation(self) -> Isolation:
+        """How commands are isolated: ``bubblewrap`` or ``process`` (probes bubblewrap once).
+
+        Raises:
+            SandboxConfigError: ``bubblewrap="always"`` but bubblewrap is missing or does not work.
+        """
+        if self._isolation is None:
+            self._isolation = self._choose_isolation()
+        return self._isolation
+
+    def validate_credentials(self) -> None:
+        """Check the configuration offline: the root is usable and the isolation mode is available.
+
+        Raises:
+            SandboxConfigError: the root cannot be created, or bubblewrap is required but unusable.
+        """
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SandboxConfigError(f"cannot create the local boxes directory {self._root}: {err}") from err
+        _ = self.isolation
+
+    async def create(self, spec: BoxSpec, idempotency_key: str) -> LocalBoxSession:
+        """Create the box for ``idempotency_key``, or adopt the one an earlier call already made.
+
+        Raises:
+            InvalidRequest: the key or the environment is malformed.
+            Unsupported: the spec asks for an operating system other than Linux.
+        """
+        if not idempotency_key or len(idempotency_key) > _MAX_KEY_LEN:
+            raise InvalidRequest(f"idempotency key must be 1..{_MAX_KEY_LEN} characters")
+        if spec.os != "linux":
+            raise Unsupported(f"the local backend runs Linux boxes only, not {spec.os!r}")
+        _check_env(spec.environment)
+        await asyncio.to_thread(self._ensure_isolation_and_root)
+        instance_id = instance_id_for_key(idempotency_key)
+        record = await asyncio.to_thread(self._create_box, spec, idempotency_key, instance_id)
+        return LocalBoxSession(self, self._root / instance_id, record)
+
+    async def resume(self, envelope: Envelope) -> LocalBoxSession:
+        """Find a box again from its envelope.
+
+        Raises:
+            InvalidRequest: the envelope is not a local one or points outside the boxes directory.
+            BoxNotFound: the box directory or its metadata is gone.
+        """
+        box = self._box_path(envelope)
+        record = self._load_record(box)
+        return LocalBoxSession(self, box, record)
+
+    async def terminate(self, envelope: Envelope) -> None:
+        """Kill every process of the box and remove its directory; a gone box is not an error.
+
+        Raises:
+            InvalidRequest: the envelope is not a local one or points outside the boxes directory.
+        """
+        box = self._box_path(envelope)
+        instance_id = box.name
+        async with self._lock(instance_id):
+            trash = await asyncio.to_thread(self._move_to_trash, box)
+            holder = self._holders.pop(instance_id, None)
+            await asyncio.to_thread(self._kill_box_processes, instance_id, trash, holder)
+            if holder is not None:
+                if holder.process is not None:
+                    await holder.process.wait()
+                holder.close()
+            if trash is not None:
+                await asyncio.to_thread(_force_rmtree, trash)
+            # An exec that raced the rename may have started something: sweep once more.
+            await asyncio.to_thread(self._kill_box_processes, instance_id, None, None)
+        self._locks.pop(instance_id, None)
+
+    async def list_owned(self) -> list[OwnedBox]:
+        """Every box directory under the root, with the lease recorded in its ``box.json``."""
+        return await asyncio.to_thread(self._list_owned)
+
+    async def aclose(self) -> None:
+        """Stop every holder this provider started (their boxes' processes die with them)."""
+        for instance_id in list(self._holders):
+            holder = self._holders.pop(instance_id)
+            _kill({holder.init_pid})
+            if holder.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    holder.process.kill()
+                await holder.process.wait()
+            holder.close()
+
+    # -- isolation ----------------------------------------------------------------------------
+
+    async def _isolation_async(self) -> Isolation:
+        # The first call probes bubblewrap (spawns processes): keep it off the event loop.
+        if self._isolation is None:
+            return await asyncio.to_thread(lambda: self.isolation)
+        return self._isolation
+
+    def _ensure_isolation_and_root(self) -> None:
+        _ = self.isolation
+        self._root.mkdir(parents=True, exist_ok=True)
+
+    def _choose_isolation(self) -> Isolation:
+        if self._mode == "never":
+            return "process"
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            if self._mode == "always":
+                raise SandboxConfigError(
+                    "SANDBOX_LOCAL_USE_BUBBLEWRAP=always but bwrap is not installed (apt install bubblewrap)"
+                )
+            return "process"
+        self._bwrap = bwrap
+        self._layout = self._host_layout()
+        problem = self._probe_bubblewrap()
+        if problem is None:
+            return "bubblewrap"
+        if self._mode == "always":
+            raise SandboxConfigError(f"SANDBOX_LOCAL_USE_BUBBLEWRAP=always but bubblewrap does not work: {problem}")
+        return "process"
+
+    def _host_layout(self) -> list[str]:
+        """Read-only binds of the host's top-level directories (computed once per provider)."""
+        args: list[str] = []
+        bound: set[str] = set()
+        for name in sorted(os.listdir("/")):
+            if name in _NOT_BOUND:
+                continue
+            host = "/" + name
+            if os.path.islink(host):
+                args += ["--symlink", os.readlink(host), host]
+            elif os.path.isdir(host):
+                args += ["--ro-bind", host, host]
+                bound.add(name)
+        for hidden in self._hidden:
+            if len(hidden.parts) > 1 and hidden.parts[1] in bound and hidden.is_dir():
+                args += ["--tmpfs", str(hidden)]
+        return args
+
+    def _holder_argv(self, info_fd: int) -> list[str]:
+        assert self._bwrap is not None
+        return [
+            self._bwrap,
+            "--ro-bind", "/", "/",
+            "--unshare-user", "--unshare-pid",
+            "--cap-drop", "ALL",
+            "--die-with-parent", "--new-session",
+            "--info-fd", str(info_fd),
+            "--", "sleep", "infinity",
+        ]  # fmt: skip
+
+    def _exec_prefix(self, box: Path, userns_fd: int, pidns_fd: int, chdir: str) -> list[str]:
+        assert self._bwrap is not None
+        return [
+            self._bwrap,
+            *self._layout,
+            "--bind", str(box / "workspace"), WORKSPACE_ROOT,
+            "--bind", str(box / "home"), BOX_HOME,
+            "--bind", str(box / "tmp"), "/tmp",
+            "--dev", "/dev",
+            "--proc", "/proc",
+            "--remount-ro", "/",
+            "--userns", str(userns_fd),
+            "--pidns", str(pidns_fd),
+            "--cap-drop", "ALL",
+            "--die-with-parent", "--new-session",
+            "--chdir", chdir,
+            "--",
+        ]  # fmt: skip
+
+    def _probe_bubblewrap(self) -> str | None:
+        """Start a holder and join it once, exactly as boxes will; the error text, or None if it works."""
+        with tempfile.TemporaryDirectory(prefix="sandbox-bwrap-probe-") as tmp:
+            box = Path(tmp)
+            for sub in ("workspace", "home", "tmp"):
+                (box / sub).mkdir()
+            info_r, info_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                holder = subprocess.Popen(
+                    self._holder_argv(info_w),
+                    pass_fds=(info_w,),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    env=dict(_BASE_ENV),
+                    start_new_session=True,
+                )
+            finally:
+                os.close(info_w)
+            try:
+                try:
+                    raw = _read_json_blocking(info_r)
+                finally:
+                    os.close(info_r)
+                if raw is None:
+                    holder.kill()
+                    _, stderr = holder.communicate(timeout=5)
+                    return stderr.decode(errors="replace").strip() or "bwrap exited without starting"
+                init_pid = int(raw["child-pid"])
+                userns = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY)
+                pidns = os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY)
+                try:
+                    argv = [*self._exec_prefix(box, userns, pidns, WORKSPACE_ROOT), "true"]
+                    result = subprocess.run(
+                        argv,
+                        pass_fds=(userns, pidns),
+                        stdin=subprocess.DEVNULL,
+                        capture_output=True,
+                        env=dict(_BASE_ENV),
+                        timeout=30,
+                    )
+                finally:
+                    os.close(userns)
+                    os.close(pidns)
+                if result.returncode != 0:
+                    return result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
+                return None
+            except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as err:
+                return str(err)
+            finally:
+                if holder.poll() is None:
+                    holder.kill()
+                holder.wait()
+                if holder.stderr is not None:
+                    holder.stderr.close()
+
+    def _lock(self, instance_id: str) -> asyncio.Lock:
+        lock = self._locks.get(instance_id)
+        if lock is None:
+            lock = self._locks[instance_id] = asyncio.Lock()
+        return lock
+
+    async def _holder_for(self, box: Path, env: Mapping[str, str]) -> _Holder:
+        """The live holder of ``box``, starting one if there is none (one per box across workers)."""
+        instance_id = box.name
+        holder = self._holders.get(instance_id)
+        if holder is not None and holder.alive():
+            return holder
+        async with self._lock(instance_id):
+            holder = self._holders.get(instance_id)
+            if holder is not None and holder.alive():
+                return holder
+            if holder is not None:
+                holder.close()
+                del self._holders[instance_id]
+            lock_fd = await asyncio.to_thread(_lock_box, box)
+            try:
+                holder = self._adopt_recorded_holder(box)
+                if holder is None:
+                    holder = await self._start_holder(box, env)
+            finally:
+                os.close(lock_fd)
+            self._holders[instance_id] = holder
+            return holder
+
+    def _adopt_recorded_holder(self, box: Path) -> _Holder | None:
+        try:
+            info = json.loads((box / "holder.json").read_bytes())
+            return _open_holder(int(info["init_pid"]), int(info["init_start"]), None)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def _start_holder(self, box: Path, env: Mapping[str, str]) -> _Holder:
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with open(box / "holder.log", "ab") as log:
+                process = await asyncio.create_subprocess_exec(
+                    *self._holder_argv(info_w),
+                    pass_fds=(info_w,),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    env=dict(env),
+                    start_new_session=True,
+                )
+        except BaseException:
+            os.close(info_r)
+            raise
+        finally:
+            os.close(info_w)
+        try:
+            info = await _read_json(info_r, process)
+        finally:
+            os.close(info_r)
+        holder = None
+        if info is not None:
+            init_pid = int(info["child-pid"])
+            proc = _read_proc(init_pid)
+            if proc is not None:
+                holder = _open_holder(init_pid, proc.start, process)
+        if holder is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise ProviderUnavailable(
+                f"bubblewrap could not start the namespace holder of {box.name}; see {box / 'holder.log'}"
+            )
+        record = {"init_pid": holder.init_pid, "init_start": holder.init_start, "bwrap_pid": process.pid}
+        _atomic_write(box / "holder.json", json.dumps(record).encode())
+        return holder
+
+    def _forget_holder(self, instance_id: str, holder: _Holder) -> None:
+        if self._holders.get(instance_id) is holder:
+            del self._holders[instance_id]
+            holder.close()
+
+    # -- boxes on disk --------------------------------------------------------------------------
+
+    def _create_box(self, spec: BoxSpec, key: str, instance_id: str) -> _BoxRecord:
+        final = self._root / instance_id
+        existing = self._adopt(final, key)
+        if existing is not None:
+            return existing
+        staging_root = self._root / ".staging"
+        staging_root.mkdir(exist_ok=True)
+        _remove_stale(staging_root)
+        staging = staging_root / f"{instance_id}.{secrets.token_hex(6)}"
+        record = _BoxRecord(
+            instance_id=instance_id,
+            idempotency_key=key,
+            lease_id=spec.lease_id,
+            workspace_id=spec.workspace_id,
+            group_id=spec.group_id,
+            epoch=spec.epoch,
+            created_at=time.time(),
+            image=spec.image,
+            environment=dict(spec.environment),
+        )
+        try:
+            staging.mkdir(mode=0o700)
+            for sub in ("workspace", "home", "tmp"):
+                (staging / sub).mkdir(mode=0o755)
+            os.chmod(staging / "tmp", 0o1777)
+            _atomic_write(staging / "box.json", record.model_dump_json(indent=2).encode(), durable=True)
+            _fsync_dir(staging)
+            try:
+                os.rename(staging, final)
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # A concurrent create with the same key won the rename: adopt its box.
+                adopted = self._adopt(final, key)
+                if adopted is not None:
+                    return adopted
+                # A directory without box.json is debris (boxes appear by rename, complete): clear it.
+                debris = self._move_to_trash(final)
+                if debris is not None:
+                    _force_rmtree(debris)
+                os.rename(staging, final)
+            _fsync_dir(self._root)
+        except OSError as err:
+            raise ProviderUnavailable(f"cannot create box {instance_id} under {self._root}: {err}") from err
+        finally:
+            if staging.exists():
+                _force_rmtree(staging)
+        return record
+
+    def _adopt(self, final: Path, key: str) -> _BoxRecord | None:
+        try:
+            record = self._load_record(final)
+        except BoxNotFound:
+            return None
+        if record.idempotency_key != key:
+            raise ProviderError(
+                f"box {final.name} exists for a different idempotency key (hash collision); refusing to adopt"
+            )
+        return record
+
+    def _load_record(self, box: Path) -> _BoxRecord:
+        try:
+            raw = (box / "box.json").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise BoxNotFound(f"local box {box.name} does not exist (no {box / 'box.json'})") from None
+        except OSError as err:
+            raise ProviderUnavailable(f"cannot read {box / 'box.json'}: {err}") from err
+        try:
+            return _BoxRecord.model_validate_json(raw)
+        except ValidationError as err:
+            raise ProviderError(f"{box / 'box.json'} is corrupt: {err}") from err
+
+    def _box_path(self, envelope: Envelope) -> Path:
+        """The box directory an envelope names, refusing anything outside the root."""
+        if envelope.backend_id != BACKEND_ID:
+            raise InvalidRequest(f"envelope is for backend {envelope.backend_id!r}, not {BACKEND_ID!r}")
+        instance_id = envelope.instance_id
+        if not _INSTANCE_ID_RE.match(instance_id):
+            raise InvalidRequest(f"{instance_id!r} is not a local box id")
+        expected = self._root / instance_id
+        raw = envelope.state.get("box_path", str(expected))
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            raise InvalidRequest("envelope state box_path must be a non-empty path")
+        if Path(os.path.normpath(os.path.abspath(raw))) != expected:
+            raise InvalidRequest(f"envelope box_path {raw!r} is not {expected} (paths outside the root are refused)")
+        if expected.is_symlink():
+            raise InvalidRequest(f"{expected} is a symbolic link, not a box directory")
+        return expected
+
+    def _move_to_trash(self, box: Path) -> Path | None:
+        """Rename the box into ``.trash`` (it disappears atomically); None if it is already gone."""
+        if not os.path.lexists(box):
+            return None
+        trash_root = self._root / ".trash"
+        target = trash_root / f"{box.name}.{secrets.token_hex(6)}"
+        try:
+            trash_root.mkdir(exist_ok=True)
+            _remove_stale(trash_root)
+            os.rename(box, target)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise ProviderUnavailable(f"cannot remove box {box.name}: {err}") from err
+        return target
+
+    def _kill_box_processes(self, instance_id: str, box: Path | None, holder: _Holder | None) -> None:
+        """Kill the box's namespace init, then everything marked as the box's, until none is left."""
+        if holder is not None and holder.alive():
+            _kill({holder.init_pid})
+        sessions: list[tuple[int, int]] = []
+        if box is not None:
+            _kill_holder_file(box / "holder.json")
+            sessions = _read_sessions(box / "sessions")
+        marker = f"{BOX_MARKER_VAR}={instance_id}".encode()
+        for _ in range(50):
+            victims = {
+                p.pid
+                for p in _processes()
+                if any(p.sid == sid and p.start >= start for sid, start in sessions) or _has_marker(p.pid, marker)
+            }
+            if not victims:
+                return
+            _kill(victims)
+            time.sleep(0.005)
+
+    def _list_owned(self) -> list[OwnedBox]:
+        try:
+            names = sorted(os.listdir(self._root))
+        except FileNotFoundError:
+            return []
+        owned: list[OwnedBox] = []
+        for name in names:
+            if not _INSTANCE_ID_RE.match(name):
+                continue
+            try:
+                record = self._load_record(self._root / name)
+            except BoxNotFound:
+                continue
+            except ProviderError:
+                owned.append(OwnedBox(instance_id=name))  # unreadable metadata: still ours to sweep
+                continue
+            owned.append(
+                OwnedBox(
+                    instance_id=name,
+                    lease_id=record.lease_id,
+                    created_at=record.created_at,
+                    labels={
+                        "workspace_id": record.workspace_id,
+                        "group_id": record.group_id,
+                        "epoch": str(record.epoch),
+                    },
+                )
+            )
+        return owned
+
+
+def _lock_box(box: Path) -> int:
+    try:
+        fd = os.open(box / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BoxNotFound(f"local box {box.name} does not exist") from None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_stale(directory: Path) -> None:
+    """Remove leftovers of crashed creates/terminates older than a few minutes."""
+    cutoff = time.time() - _STALE_TEMP_SECONDS
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    _force_rmtree(Path(entry.path))
+
+
+def _read_sessions(path: Path) -> list[tuple[int, int]]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    out: list[tuple[int, int]] = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            sid, start = line.split()
+            out.append((int(sid), int(start)))
+    return out
+
+
+def _record_session(box: Path, sid: int, start: int) -> None:
+    """Append an exec's session to ``sessions``, dropping sessions with no process left when it grows."""
+    path = box / "sessions"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # the box is being terminated; its sweep finds the process by its marker
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{sid} {start}\n".encode())
+        if os.fstat(fd).st_size > _SESSIONS_COMPACT_BYTES:
+            live = {(p.sid, p.start) for p in _processes()}
+            keep = [(s, t) for s, t in _read_sessions(path) if any(ls == s and lt >= t for ls, lt in live)]
+            _atomic_write(path, "".join(f"{s} {t}\n" for s, t in keep).encode())
+    finally:
+        os.close(fd)
+
+
+def _read_json_blocking(fd: int, timeout: float = _HOLDER_START_TIMEOUT) -> dict[str, Any] | None:
+    """Read bwrap's ``--info-fd`` JSON; None if bwrap closed it without writing (it failed)."""
+    import select
+
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(buf)
+            if isinstance(parsed, dict):
+                return parsed
+    return None
+
+
+async def _read_json(fd: int, process: asyncio.subprocess.Process) -> dict[str, Any] | None:
+    """Async variant of :func:`_read_json_blocking` for a holder started on the event loop."""
+    os.set_blocking(fd, False)
+    buf = b""
+    deadline = time.monotonic() + _HOLDER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            if process.returncode is not None:
+                return None
+            await asyncio.sleep(0.001)
+            continue
+        if not chunk:
+            return None
+        buf += chunk
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(buf)
+            if isinstance(parsed, dict):
+                return parsed
+    return None
+
+
+def _check_env(env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+            raise InvalidRequest(f"invalid environment variable name {name!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise InvalidRequest(f"environment variable {name} has an invalid value")
+
+
+# --- the session -----------------------------------------------------------------------------
+
+
+class LocalBoxSession:
+    """A handle on one local box: commands, files and ports."""
+
+    def __init__(self, provider: LocalProvider, box: Path, record: _BoxRecord) -> None:
+        self._provider = provider
+        self._box = box
+        self._record = record
+        self._workspace = str(box / "workspace")
+        self._marker = f"{BOX_MARKER_VAR}={record.instance_id}"
+
+    @property
+    def instance_id(self) -> str:
+        """The box id (``box-`` + 16 hex digits)."""
+        return self._record.instance_id
+
+    @property
+    def path(self) -> Path:
+        """The box directory on the host."""
+        return self._box
+
+    @property
+    def workspace_path(self) -> Path:
+        """The host directory seen as ``/workspace`` inside the box."""
+        return Path(self._workspace)
+
+    @property
+    def lease_id(self) -> str:
+        """The lease the box was created for."""
+        return self._record.lease_id
+
+    def serialize_state(self) -> Envelope:
+        """The envelope :meth:`LocalProvider.resume` takes to find this box again."""
+        return Envelope(
+            backend_id=BACKEND_ID,
+            instance_id=self.instance_id,
+            state={
+                "box_path": str(self._box),
+                "workspace_root": WORKSPACE_ROOT,
+                "lease_id": self._record.lease_id,
+                "epoch": self._record.epoch,
+                "created_at": self._record.created_at,
+            },
+        )
+
+    async def resolve_exposed_port(self, port: int) -> Endpoint:
+        """Box ports are host ports: reach them on the loopback interface, without TLS."""
+        if not 1 <= port <= 65535:
+            raise InvalidRequest(f"port must be 1..65535, not {port}")
+        return Endpoint(host="127.0.0.1", port=port, tls=False)
+
+    # -- exec -----------------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        cmd: Sequence[str],
+        *,
+        workdir: str | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv, no shell) in the box and wait for it.
+
+        The working directory defaults to ``/workspace``; a relative one is relative to it. A
+        command that cannot be executed exits 127, a command killed by signal N exits 128+N.
+
+        Raises:
+            InvalidRequest: empty command, malformed environment or timeout.
+            PathNotFound: the working directory does not exist.
+            ExecTimeout: the command ran past ``timeout`` seconds; its whole process tree was killed.
+            BoxNotFound: the box is gone.
+            ProviderUnavailable: bubblewrap failed to set up the box's namespaces.
+        """
+        argv = list(cmd)
+        if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
+            raise InvalidRequest("cmd must be a non-empty argv of strings without NUL bytes")
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequest(f"timeout must be > 0 seconds, not {timeout}")
+        call_env = dict(env or {})
+        _check_env(call_env)
+        box_wd = posixpath.normpath(posixpath.join(WORKSPACE_ROOT, workdir or "."))
+        if box_wd.startswith("//"):
+            box_wd = "/" + box_wd.lstrip("/")
+        self._check_alive()
+        host_wd = self._host_path(box_wd)
+        if host_wd is not None and not os.path.isdir(host_wd):
+            raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd)
+
+        if await self._provider._isolation_async() == "bubblewrap":
+            done = await self._exec_bwrap(argv, box_wd, call_env, stdin, timeout)
+        else:
+            done = await self._exec_process(argv, host_wd or box_wd, call_env, stdin, timeout)
+        # Terminated while the command ran: the box is gone, whatever the command's fate.
+        self._check_alive()
+        if done.timed_out:
+            raise ExecTimeout(f"{argv[0]} ran past its {timeout} s timeout and was killed", timeout=timeout or 0.0)
+        return ExecResult(exit_code=_exit_code(done.returncode), stdout=done.stdout, stderr=done.stderr)
+
+    def _env(self, call_env: Mapping[str, str], home: str, extra: Mapping[str, str]) -> dict[str, str]:
+        env = {**_BASE_ENV, "HOME": home, **extra, **self._record.environment, **call_env}
+        env[BOX_MARKER_VAR] = self.instance_id
+        return env
+
+    async def _exec_process(
+        self, argv: list[str], cwd: str, call_env: Mapping[str, str], stdin: bytes | None, timeout: float | None
+    ) -> _Completed:
+        env = self._env(call_env, str(self._box / "home"), {"TMPDIR": str(self._box / "tmp")})
+        start = _boot_ticks() - 1
+        box = self._box
+        try:
+            return await _run(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=stdin,
+                timeout=timeout,
+                on_spawn=lambda pid: _record_session(box, pid, start),
+            )
+        except FileNotFoundError as err:
+            return _Completed(127, b"", f"{argv[0]}: command not found ({err.strerror})\n".encode(), False)
+        except PermissionError as err:
+            return _Completed(126, b"", f"{argv[0]}: cannot execute ({err.strerror})\n".encode(), False)
+
+    async def _exec_bwrap(
+        self, argv: list[str], box_wd: str, call_env: Mapping[str, str], stdin: bytes | None, timeout: float | None
+    ) -> _Completed:
+        env = self._env(call_env, BOX_HOME, {})
+        provider = self._provider
+        for attempt in (1, 2):
+            holder = await provider._holder_for(self._box, self._env({}, BOX_HOME, {}))
+            info_r, info_w = os.pipe2(os.O_CLOEXEC)
+            prefix = provider._exec_prefix(self._box, holder.userns_fd, holder.pidns_fd, box_wd)
+            prefix[-1:-1] = ["--info-fd", str(info_w)]
+            try:
+                done = await _run(
+                    [*prefix, *argv],
+                    cwd=None,
+                    env=env,
+                    stdin=stdin,
+                    timeout=timeout,
+                    pass_fds=(holder.userns_fd, holder.pidns_fd, info_w),
+                )
+            finally:
+                os.close(info_w)
+                started = _drain_nonblocking(info_r)
+            if started or done.timed_out:
+                return _translate_bwrap_failure(done)
+            # bwrap failed before starting the command: the namespace is gone (holder died). Retry
+            # once with a new holder; a second failure is the environment's, not the command's.
+            provider._forget_holder(self.instance_id, holder)
+            self._check_alive()
+            if attempt == 2:
+                raise ProviderUnavailable(
+                    "bubblewrap could not enter the box's namespaces: " + done.stderr.decode(errors="replace").strip()
+                )
+        raise AssertionError("unreachable")
+
+    def _host_path(self, box_path: str) -> str | None:
+        """The host path of a box path under /workspace, HOME or /tmp; None for other paths."""
+        for inside, host in (
+            (WORKSPACE_ROOT, self._workspace),
+            (BOX_HOME, str(self._box / "home")),
+            ("/tmp", str(self._box / "tmp")),
+        ):
+            if box_path == inside:
+                return host
+            if box_path.startswith(inside + "/"):
+                return host + box_path[len(inside) :]
+        return box_path if self._provider.isolation == "process" else None
+
+    def _check_alive(self) -> None:
+        if not os.path.exists(self._box / "box.json"):
+            raise BoxNotFound(f"local box {self.instance_id} is gone")
+
+    # -- files ----------------------------------------------------------------------------------
+
+    async def read_file(self, path: str) -> bytes:
+        """Read a whole file of the workspace.
+
+        Raises:
+            InvalidRequest: the path leaves the workspace or is a directory.
+            PathNotFound: no such file.
+            BoxNotFound: the box is gone.
+        """
+        return await asyncio.to_thread(self._read_file, path)
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        """Write a whole file of the workspace, creating parent directories.
+
+        Raises:
+            InvalidRequest: the path leaves the workspace or names a directory.
+            BoxNotFound: the box is gone.
+        """
+        await asyncio.to_thread(self._write_file, path, data)
+
+    async def list_dir(self, path: str) -> list[DirEntry]:
+        """List one directory level of the workspace, sorted by name (symlinks are not followed).
+
+        Raises:
+            InvalidRequest: the path leaves the workspace or is not a directory.
+            PathNotFound: no such directory.
+            BoxNotFound: the box is gone.
+        """
+        return await asyncio.to_thread(self._list_dir, path)
+
+    async def path_exists(self, path: str) -> bool:
+        """Whether the path exists in the workspace.
+
+        Raises:
+            InvalidRequest: the path leaves the workspace.
+            BoxNotFound: the box is gone.
+        """
+        return await asyncio.to_thread(self._path_exists, path)
+
+    def _read_file(self, path: str) -> bytes:
+        parts = _resolve(self._workspace, path)
+        if not parts:
+            raise InvalidRequest(f"{path!r} is a directory")
+        dir_fd = _open_dir(self._workspace, parts[:-1], create=False, path=path)
+        try:
+            try:
+                # O_NONBLOCK: a FIFO planted in the workspace must not hang the worker.
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            except FileNotFoundError:
+                raise PathNotFound(f"no such file: {path}", path=path) from None
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise InvalidRequest(f"{path!r} changed into a symbolic link while being read") from None
+                raise
+        finally:
+            os.close(dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InvalidRequest(f"{path!r} is not a regular file")
+            os.set_blocking(f.fileno(), True)
+            return f.read()
+
+    def _write_file(self, path: str, data: bytes) -> None:
+        parts = _resolve(self._workspace, path)
+        if not parts:
+            raise InvalidRequest(f"{path!r} is a directory")
+        dir_fd = _open_dir(self._workspace, parts[:-1], create=True, path=path)
+        try:
+            try:
+                fd = os.open(
+                    parts[-1],
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=dir_fd,
+                )
+            except IsADirectoryError:
+                raise InvalidRequest(f"{path!r} is a directory") from None
+            except OSError as err:
+                if err.errno == errno.ENXIO:
+                    raise InvalidRequest(f"{path!r} is not a regular file") from None
+                if err.errno == errno.ELOOP:
+                    raise InvalidRequest(f"{path!r} changed into a symbolic link while being written") from None
+                raise
+        finally:
+            os.close(dir_fd)
+        with os.fdopen(fd, "wb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InvalidRequest(f"{path!r} is not a regular file")
+            os.set_blocking(f.fileno(), True)
+            f.write(data)
+
+    def _list_dir(self, path: str) -> list[DirEntry]:
+        parts = _resolve(self._workspace, path)
+        dir_fd = _open_dir(self._workspace, parts, create=False, path=path)
+        try:
+            entries: list[DirEntry] = []
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    entries.append(
+                        DirEntry(
+                            name=entry.name,
+                            kind=_kind(st.st_mode),
+                            size=st.st_size,
+                            mode=stat.S_IMODE(st.st_mode),
+                        )
+                    )
+        finally:
+            os.close(dir_fd)
+        return sorted(entries, key=lambda e: e.name)
+
+    def _path_exists(self, path: str) -> bool:
+        parts = _resolve(self._workspace, path)
+        if not parts:
+            if not os.path.isdir(self._workspace):
+                raise BoxNotFound(f"local box {self.instance_id} is gone")
+            return True
+        try:
+            dir_fd = _open_dir(self._workspace, parts[:-1], create=False, path=path)
+        except PathNotFound:
+            return False
+        except InvalidRequest:
+            return False  # a file where a directory is needed: the path cannot exist
+        try:
+            os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        finally:
+            os.close(dir_fd)
+        return True
+
+
+def _drain_nonblocking(fd: int) -> bool:
+    """Whether bwrap wrote its ``--info-fd`` record, i.e. got as far as starting the command."""
+    try:
+        os.set_blocking(fd, False)
+        try:
+            return bool(os.read(fd, 4096))
+        except BlockingIOError:
+            return False
+    finally:
+        os.close(fd)
+
+
+def _translate_bwrap_failure(done: _Completed) -> _Completed:
+    """Report bwrap's own failures to start the command the way a shell would (127/126)."""
+    if done.returncode == 1 and done.stderr.startswith(b"bwrap: execvp "):
+        code = 126 if b"Permission denied" in done.stderr else 127
+        return _Completed(code, done.stdout, done.stderr[len(b"bwrap: ") :], False)
+    if done.returncode == 1 and done.stderr.startswith(b"bwrap: Can't chdir to "):
+        raise PathNotFound(
+            "the working directory is not available in the box: " + done.stderr.decode(errors="replace").strip()
+        )
+    return done

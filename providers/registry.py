@@ -1,0 +1,50 @@
+"""Builds the provider for a backend name from settings, once per worker process."""
+
+from __future__ import annotations
+
+from providers.base import Provider
+from sandbox.errors import UnknownBackend, Unsupported
+from sandbox.settings import Settings
+
+# Backends this build can run boxes on; the descriptor table knows more (their providers come later).
+RUNNABLE_BACKENDS: tuple[str, ...] = ("local", "none")
+
+
+class ProviderRegistry:
+    """Lazily constructs and caches one provider instance per backend."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._providers: dict[str, Provider] = {}
+
+    def get(self, backend: str) -> Provider:
+        """The provider for ``backend``.
+
+        Raises:
+            UnknownBackend: no descriptor knows this name.
+            Unsupported: the backend is known but this build has no provider for it yet.
+        """
+        provider = self._providers.get(backend)
+        if provider is None:
+            provider = self._build(backend)
+            provider.validate_credentials()
+            self._providers[backend] = provider
+        return provider
+
+    def _build(self, backend: str) -> Provider:
+        from providers.descriptors import SANDBOX_BACKENDS
+
+        if backend not in SANDBOX_BACKENDS:
+            raise UnknownBackend(backend, list(SANDBOX_BACKENDS))
+        if backend == "local":
+            from providers.local import LocalProvider
+
+            return LocalProvider(self._settings.boxes_dir(), bubblewrap=self._settings.local_use_bubblewrap)
+        if backend == "none":
+            from providers.none import NoneProvider
+
+            return NoneProvider()
+        raise Unsupported(
+            f"backend {backend!r} is known but has no provider in this build yet; "
+            f"use one of: {', '.join(RUNNABLE_BACKENDS)}"
+        )

@@ -1,0 +1,164 @@
+"""SQLAlchemy models of the store (the projection the lease workflow writes through an activity).
+
+The schema itself is owned by the Alembic migrations in ``store/migrations``; these models must
+match them. Constraint names come from :data:`NAMING_CONVENTION`, so migrations can refer to
+them by name on both SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+LIVENESS_VALUES: tuple[str, ...] = ("cold", "warming", "warm", "draining")
+"""Allowed values of ``sandbox_leases.liveness``."""
+
+HOLDER_KINDS: tuple[str, ...] = ("turn", "viewer", "direct", "recording", "process")
+"""Allowed values of ``sandbox_lease_holders.kind``."""
+
+
+def _in_check(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+LIVENESS_CHECK = _in_check("liveness", LIVENESS_VALUES)
+HOLDER_KIND_CHECK = _in_check("kind", HOLDER_KINDS)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every dialect.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zone support, so the value is stored
+    as naive UTC and marked UTC again when read. Naive datetimes are refused on write, because
+    guessing their zone would silently shift them.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: store only timezone-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def json_type() -> JSON:
+    """JSON on SQLite, JSONB on PostgreSQL; Python ``None`` is stored as SQL NULL."""
+    return JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+def big_id_type() -> BigInteger:
+    """A 64-bit surrogate key that still autoincrements on SQLite (``INTEGER PRIMARY KEY``)."""
+    return BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the naming convention shared by every table."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UtcDateTime(), dict[str, Any]: json_type()}
+
+
+class LeaseRow(Base):
+    """One row per lease: its latest projected state (``sandbox_leases``)."""
+
+    __tablename__ = "sandbox_leases"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "group_id"),
+        CheckConstraint(LIVENESS_CHECK, name="liveness"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(Text)
+    group_id: Mapped[str] = mapped_column(Text)
+    backend: Mapped[str] = mapped_column(Text)
+    os: Mapped[str] = mapped_column(Text)
+    liveness: Mapped[str] = mapped_column(String(16), index=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    instance_id: Mapped[str | None] = mapped_column(Text)
+    envelope: Mapped[dict[str, Any] | None]
+    transition_seq: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.current_timestamp())
+
+    holders: Mapped[list[LeaseHolderRow]] = relationship(
+        back_populates="lease",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="raise",
+        order_by=lambda: [LeaseHolderRow.acquired_at, LeaseHolderRow.kind, LeaseHolderRow.holder_id],
+    )
+
+
+class LeaseHolderRow(Base):
+    """One holder of a lease (``sandbox_lease_holders``); replaced wholesale on each applied transition."""
+
+    __tablename__ = "sandbox_lease_holders"
+    __table_args__ = (
+        UniqueConstraint("lease_id", "kind", "holder_id"),
+        CheckConstraint(HOLDER_KIND_CHECK, name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(big_id_type(), primary_key=True, autoincrement=True)
+    lease_id: Mapped[str] = mapped_column(Text, ForeignKey("sandbox_leases.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    holder_id: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    acquired_at: Mapped[datetime]
+    last_heartbeat_at: Mapped[datetime]
+
+    lease: Mapped[LeaseRow] = relationship(back_populates="holders", lazy="raise")
+
+
+class LeaseEventRow(Base):
+    """One liveness transition of a lease (``lease_events``); history, kept after the lease row changes."""
+
+    __tablename__ = "lease_events"
+    __table_args__ = (UniqueConstraint("lease_id", "transition_seq"),)
+
+    id: Mapped[int] = mapped_column(big_id_type(), primary_key=True, autoincrement=True)
+    lease_id: Mapped[str] = mapped_column(Text)
+    transition_seq: Mapped[int] = mapped_column(BigInteger)
+    from_liveness: Mapped[str] = mapped_column(String(16))
+    to_liveness: Mapped[str] = mapped_column(String(16))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime]

@@ -1,0 +1,102 @@
+"""Boundary types of the lease projection: what the lease workflow produces and the store keeps.
+
+These pydantic models cross the Temporal boundary (the projection activity takes them as its
+input) and come back out of :class:`store.leases.LeaseRepository`. Every datetime is
+timezone-aware and normalised to UTC on construction, so a record read back from either
+database compares equal to the one that was written.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+"""A timezone-aware datetime, converted to UTC; naive datetimes are rejected."""
+
+
+class HolderRecord(BaseModel):
+    """One holder of a lease (a turn, a viewer, a direct attach, a recording or a process).
+
+    Attributes:
+        kind: turn | viewer | direct | recording | process.
+        holder_id: Identifier of the holder, unique per (lease, kind).
+        subject: Who the holder acts for (user or agent id), if known.
+        acquired_at: When the holder was admitted.
+        last_heartbeat_at: The holder's latest heartbeat.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    holder_id: str
+    subject: str | None = None
+    acquired_at: UtcDatetime
+    last_heartbeat_at: UtcDatetime
+
+
+class LeaseRecord(BaseModel):
+    """The projected state of one lease after a transition.
+
+    Attributes:
+        lease_id: Stable id of the lease, e.g. ``lease/ws1/g1``.
+        workspace_id: Workspace the sandbox group belongs to.
+        group_id: Sandbox group within the workspace.
+        backend: Provider backend name (local, selfhosted, modal, ...).
+        os: Guest operating system.
+        liveness: cold | warming | warm | draining.
+        epoch: Fencing epoch of the lease.
+        instance_id: Provider instance currently bound to the lease, if any.
+        envelope: Provider-specific resume data, if any.
+        transition_seq: Monotonic transition counter; a write with a lower or equal value is ignored.
+        reason: Why the last transition happened.
+        updated_at: When the last transition happened.
+        holders: The holders after the transition.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    lease_id: str
+    workspace_id: str
+    group_id: str
+    backend: str
+    os: str = "linux"
+    liveness: str
+    epoch: int
+    instance_id: str | None = None
+    envelope: dict[str, Any] | None = None
+    transition_seq: int
+    reason: str
+    updated_at: UtcDatetime
+    holders: list[HolderRecord] = []
+
+
+class LeaseEventRecord(BaseModel):
+    """One liveness transition of a lease, kept as history.
+
+    Attributes:
+        lease_id: The lease the event belongs to.
+        transition_seq: Transition counter of the event; unique per lease, so re-inserting is a no-op.
+        from_liveness: Liveness before the transition.
+        to_liveness: Liveness after the transition.
+        epoch: Epoch after the transition.
+        reason: Why the transition happened.
+        at: When the transition happened.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    lease_id: str
+    transition_seq: int
+    from_liveness: str
+    to_liveness: str
+    epoch: int
+    reason: str
+    at: UtcDatetime

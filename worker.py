@@ -1,0 +1,124 @@
+"""The Temporal worker of the sandbox runtime.
+
+``python -m worker`` reads :class:`sandbox.settings.Settings` from the environment, migrates the
+store, and runs the lease workflow and its activities on ``SANDBOX_TASK_QUEUE`` until SIGTERM
+or SIGINT, then shuts down gracefully (running activities get ``graceful_shutdown_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client, Interceptor
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from activities.boxes import BoxActivities
+from activities.projection import ProjectionActivities
+from providers.registry import ProviderRegistry
+from sandbox.errors import SandboxConfigError
+from sandbox.settings import Settings
+from store.database import Database
+from store.leases import LeaseRepository
+from workflows.lease import LeaseWorkflow
+
+log = logging.getLogger("sandbox.worker")
+
+WORKFLOWS: Sequence[type] = (LeaseWorkflow,)
+
+
+def configure_tracing(settings: Settings) -> None:
+    """Install an OpenTelemetry tracer provider with the exporter the settings choose (off by default)."""
+    if settings.otel_exporter == "none":
+        return
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+    exporter: SpanExporter
+    if settings.otel_exporter == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as err:
+            raise SandboxConfigError(
+                "SANDBOX_OTEL_EXPORTER=otlp needs `pip install opentelemetry-exporter-otlp`"
+            ) from err
+        exporter = OTLPSpanExporter(endpoint=settings.otel_endpoint) if settings.otel_endpoint else OTLPSpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "sandbox-runtime"}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+
+async def connect(settings: Settings) -> Client:
+    """The Temporal client every part of the runtime uses: pydantic converter and tracing interceptor."""
+    interceptors: list[Interceptor] = [TracingInterceptor()]
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=pydantic_data_converter,
+        interceptors=interceptors,
+    )
+
+
+def build_worker(client: Client, settings: Settings, db: Database, **overrides: Any) -> Worker:
+    """A worker for the lease workflow and its activities on the configured task queue."""
+    boxes = BoxActivities(ProviderRegistry(settings))
+    projection = ProjectionActivities(LeaseRepository(db))
+    options: dict[str, Any] = {
+        "task_queue": settings.task_queue,
+        "workflows": list(WORKFLOWS),
+        "activities": [
+            boxes.provision,
+            boxes.terminate,
+            boxes.discard,
+            boxes.exec,
+            boxes.check,
+            projection.project,
+            projection.load_seed,
+        ],
+        "graceful_shutdown_timeout": timedelta(seconds=10),
+    }
+    options.update(overrides)
+    return Worker(client, **options)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when no event is given)."""
+    settings.check()
+    configure_tracing(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database.for_settings(settings)
+    await db.migrate()
+    client = await connect(settings)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    worker = build_worker(client, settings, db)
+    log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
+    try:
+        async with worker:
+            await stop.wait()
+    finally:
+        await db.dispose()
+    log.info("worker stopped")
+
+
+def main() -> None:
+    """Entry point of ``python -m worker``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(Settings()))
+
+
+if __name__ == "__main__":
+    main()

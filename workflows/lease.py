@@ -1,0 +1,777 @@
+"""The lease workflow: the single writer of one sandbox group's lease.
+
+One workflow per sandbox group, id ``lease/<workspace>/<group>``, started by update-with-start
+on the first ``acquire``. It owns the lifecycle ``cold → warming → warm → draining → cold``,
+the holders and their TTLs, the idle grace, and the **epoch** that fences everything done
+against a box that has since been replaced. All I/O happens in activities called by name.
+
+Epoch rules (and only these): +1 on warm commit, on warming failure, on box lost, and on
+draining → cold. Attach, release, re-arm and warm → draining leave it unchanged.
+
+Concurrency: handlers run as asyncio tasks on one deterministic loop. The main loop in
+:meth:`LeaseWorkflow.run` performs every transition that needs an activity (warm-up, teardown);
+handlers only change in-memory state and wake it, except ``exec`` and ``report_box_lost``, which
+run their own activity while counting as in-flight operations so the box is never torn down
+under them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.models import (
+        CHECK_BOX,
+        DISCARD_LEASE_BOXES,
+        EXEC_IN_BOX,
+        LOAD_LEASE_SEED,
+        PROJECT_LEASE,
+        PROVISION_BOX,
+        TERMINATE_BOX,
+        BoxRef,
+        CheckResult,
+        DiscardInput,
+        DiscardResult,
+        ExecInput,
+        ExecOutput,
+        ProjectionInput,
+        ProvisionInput,
+        ProvisionResult,
+        SeedInput,
+        SeedResult,
+    )
+    from sandbox import errors
+    from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
+    from workflows import search_attributes as sa
+    from workflows.errors import failure
+    from workflows.models import (
+        MAX_HOLDER_ID_LENGTH,
+        TRANSITIONS_KEPT,
+        AcquireRequest,
+        BoxLostReport,
+        BoxLostResult,
+        DrainRequest,
+        ExecOutcome,
+        ExecRequest,
+        HeartbeatRequest,
+        HeartbeatResult,
+        Holder,
+        HolderRef,
+        HolderView,
+        HoldRequest,
+        LeaseGrant,
+        LeaseInput,
+        LeaseState,
+        LeaseView,
+        Liveness,
+        ReleaseResult,
+        Role,
+        Transition,
+    )
+
+# Activities that must not be retried blindly use explicit policies; the rest retry forever with
+# backoff because the lease cannot move on without them (projection, terminate).
+_RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30))
+_TEARDOWN_RETRY_DELAY = timedelta(seconds=30)
+
+
+@workflow.defn(name="LeaseWorkflow")
+class LeaseWorkflow:
+    """Durable owner of one sandbox group's box."""
+
+    @workflow.init
+    def __init__(self, inp: LeaseInput) -> None:
+        self.spec = inp.spec
+        self.s: LeaseState = inp.state if inp.state is not None else LeaseState()
+        self.timers = inp.spec.timers
+        self._wake = False
+        self._waiters = 0
+        self._inflight = 0
+        self._failures = 0
+        self._tearing_down = False
+        self._teardown_retry_at: datetime | None = None
+        self._projected_version = self.s.version
+        self._projecting = False
+        self._pending_events: list[Transition] = []
+        self._run_transitions = 0
+        self._run_updates = 0
+
+    # ------------------------------------------------------------------ main loop
+
+    @workflow.run
+    async def run(self, inp: LeaseInput) -> LeaseView:
+        """Drive the lifecycle until ``stop``; continue-as-new when history grows."""
+        if not self.s.seeded:
+            await self._seed()
+        self._publish()
+        projector = asyncio.create_task(self._project_loop())
+        while True:
+            self._wake = False
+            self._expire_holders()
+            await self._advance()
+            if self.s.stop_requested and self.s.liveness == "cold" and self._waiters == 0:
+                break
+            if self._should_continue_as_new():
+                await workflow.wait_condition(
+                    lambda: (workflow.all_handlers_finished() and self._projection_idle()) or not self._quiescent()
+                )
+                if self._quiescent():
+                    workflow.continue_as_new(LeaseInput(spec=self.spec, state=self.s))
+                continue
+            await self._sleep_until_woken()
+        await workflow.wait_condition(lambda: workflow.all_handlers_finished() and self._projection_idle())
+        projector.cancel()
+        return self._view()
+
+    async def _seed(self) -> None:
+        # A fresh run continues the epoch of any earlier incarnation of this lease, so a token or
+        # grant minted by a previous run can never validate against a new box.
+        seed = await workflow.execute_activity(
+            LOAD_LEASE_SEED,
+            SeedInput(lease_id=self.spec.lease_id),
+            result_type=SeedResult,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_RETRY_FOREVER,
+            summary="load epoch of earlier incarnation",
+        )
+        self.s.epoch = seed.epoch
+        self.s.version = max(self.s.version, seed.version)
+        self._projected_version = self.s.version
+        self.s.seeded = True
+        self._touch()
+
+    async def _advance(self) -> None:
+        """Perform the one transition the current state calls for, if any."""
+        s = self.s
+        now = workflow.now()
+        if s.liveness == "cold":
+            if self._waiters > 0 and not s.stop_requested:
+                await self._warm_up()
+        elif s.liveness == "warm":
+            forced = s.drain_requested or ("stop" if s.stop_requested else None)
+            if forced:
+                s.holders = []
+                s.drain_deadline = now
+                self._transition("draining", f"drain: {forced}")
+            elif not s.holders:
+                s.drain_deadline = now + timedelta(seconds=self.timers.idle_grace_seconds)
+                self._transition("draining", "no holders left")
+        elif s.liveness == "draining":
+            if self._teardown_due(now):
+                await self._tear_down()
+
+    def _teardown_due(self, now: datetime) -> bool:
+        s = self.s
+        if s.holders or self._inflight or self._tearing_down:
+            return False
+        if self._teardown_retry_at and now < self._teardown_retry_at:
+            return False
+        if s.drain_requested or s.stop_requested:
+            return True  # an explicit drain or stop overrides the idle grace and any hold
+        if s.hold_until and now < s.hold_until:
+            return False
+        return s.drain_deadline is None or now >= s.drain_deadline
+
+    async def _warm_up(self) -> None:
+        s = self.s
+        self._transition("warming", "acquire on a cold lease")
+        key = f"{self.spec.lease_id}/epoch-{s.epoch}"
+        t = self.timers
+        try:
+            result = await workflow.execute_activity(
+                PROVISION_BOX,
+                ProvisionInput(
+                    lease_id=self.spec.lease_id,
+                    workspace_id=self.spec.workspace_id,
+                    group_id=self.spec.group_id,
+                    backend=self.spec.backend,
+                    epoch=s.epoch,
+                    idempotency_key=key,
+                    image=self.spec.image,
+                    os=self.spec.os,
+                    environment=self.spec.environment,
+                    probe_timeout_seconds=t.probe_timeout_seconds,
+                ),
+                result_type=ProvisionResult,
+                schedule_to_close_timeout=timedelta(seconds=t.warming_ttl_seconds),
+                heartbeat_timeout=timedelta(seconds=t.activity_heartbeat_seconds),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(milliseconds=250), maximum_interval=timedelta(seconds=5)
+                ),
+                summary=f"provision {self.spec.backend} box",
+            )
+        except ActivityError as err:
+            message = _cause_message(err)
+            # Whatever the provider made for this attempt must not outlive it.
+            await workflow.execute_activity(
+                DISCARD_LEASE_BOXES,
+                DiscardInput(backend=self.spec.backend, lease_id=self.spec.lease_id),
+                result_type=DiscardResult,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=_RETRY_FOREVER,
+                summary="discard boxes of failed warming",
+            )
+            s.last_error = message
+            self._failures += 1
+            self._transition("cold", f"warming failed: {message}", bump=True)
+            return
+        s.envelope = result.envelope
+        s.last_error = None
+        now = workflow.now()
+        for h in s.holders:  # they waited through warming; their TTL starts now
+            h.last_heartbeat_at = now
+        self._transition("warm", "box ready", bump=True)
+
+    async def _tear_down(self) -> None:
+        s = self.s
+        reason = s.drain_requested or ("stop" if s.stop_requested else "idle grace expired")
+        self._tearing_down = True
+        try:
+            if s.envelope is not None:
+                await workflow.execute_activity(
+                    TERMINATE_BOX,
+                    BoxRef(backend=self.spec.backend, envelope=s.envelope),
+                    start_to_close_timeout=timedelta(seconds=120),
+                    retry_policy=RetryPolicy(
+                        initial_interval=timedelta(milliseconds=200),
+                        maximum_interval=timedelta(seconds=30),
+                        maximum_attempts=10,
+                    ),
+                    summary="terminate box",
+                )
+        except ActivityError as err:
+            # Keep the lease draining and the box known; try again later rather than forget it.
+            s.last_error = f"terminate failed: {_cause_message(err)}"
+            self._teardown_retry_at = workflow.now() + _TEARDOWN_RETRY_DELAY
+            self._touch()
+            return
+        finally:
+            self._tearing_down = False
+        self._teardown_retry_at = None
+        s.envelope = None
+        s.drain_deadline = None
+        s.drain_requested = None
+        self._transition("cold", reason, bump=True)
+
+    async def _sleep_until_woken(self) -> None:
+        deadline = self._next_deadline()
+        timeout: float | None = None
+        if deadline is not None:
+            timeout = (deadline - workflow.now()).total_seconds()
+            if timeout <= 0:
+                return
+            timeout = max(timeout, 0.001)
+        try:
+            await workflow.wait_condition(
+                lambda: self._wake or self._should_continue_as_new(),
+                timeout=timeout,
+                timeout_summary="next lease deadline",
+            )
+        except TimeoutError:
+            pass
+
+    def _next_deadline(self) -> datetime | None:
+        s = self.s
+        candidates: list[datetime] = []
+        ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
+        if s.liveness != "warming":
+            candidates += [h.last_heartbeat_at + ttl for h in s.holders]
+        if s.liveness == "draining":
+            if s.drain_deadline is not None:
+                candidates.append(s.drain_deadline)
+            if s.hold_until is not None:
+                candidates.append(s.hold_until)
+            if self._teardown_retry_at is not None:
+                candidates.append(self._teardown_retry_at)
+        return min(candidates) if candidates else None
+
+    def _expire_holders(self) -> None:
+        s = self.s
+        if s.liveness == "warming" or not s.holders:
+            return
+        now = workflow.now()
+        ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
+        alive = [h for h in s.holders if h.last_heartbeat_at + ttl > now]
+        if len(alive) != len(s.holders):
+            s.holders = alive
+            self._touch()
+
+    # ------------------------------------------------------------------ continue-as-new
+
+    def _quiescent(self) -> bool:
+        return (
+            self.s.liveness != "warming"
+            and not self._tearing_down
+            and self._waiters == 0
+            and self._inflight == 0
+            and not self.s.stop_requested
+        )
+
+    def _should_continue_as_new(self) -> bool:
+        if not self._quiescent():
+            return False
+        return (
+            workflow.info().is_continue_as_new_suggested()
+            or self._run_transitions >= self.timers.continue_as_new_after_transitions
+            or self._run_updates >= self.timers.continue_as_new_after_updates
+        )
+
+    # ------------------------------------------------------------------ projection
+
+    def _projection_idle(self) -> bool:
+        return not self._projecting and self._projected_version >= self.s.version
+
+    async def _project_loop(self) -> None:
+        while True:
+            await workflow.wait_condition(lambda: self.s.version > self._projected_version)
+            version = self.s.version
+            events, self._pending_events = self._pending_events, []
+            self._projecting = True
+            try:
+                await workflow.execute_activity(
+                    PROJECT_LEASE,
+                    ProjectionInput(record=self._record(), events=[self._event(t) for t in events]),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=_RETRY_FOREVER,
+                    summary=f"project v{version}",
+                )
+            except ActivityError as err:
+                # A non-retryable projection failure must not wedge the lease; the next change rewrites it.
+                workflow.logger.warning("projection v%s failed: %s", version, _cause_message(err))
+            finally:
+                self._projecting = False
+            self._projected_version = version
+
+    def _record(self) -> LeaseRecord:
+        s = self.s
+        last = s.transitions[-1] if s.transitions else None
+        return LeaseRecord(
+            lease_id=self.spec.lease_id,
+            workspace_id=self.spec.workspace_id,
+            group_id=self.spec.group_id,
+            backend=self.spec.backend,
+            os=self.spec.os,
+            liveness=s.liveness,
+            epoch=s.epoch,
+            instance_id=s.envelope.instance_id if s.envelope else None,
+            envelope=s.envelope.model_dump(mode="json") if s.envelope else None,
+            transition_seq=s.version,
+            reason=last.reason if last else "created",
+            updated_at=workflow.now(),
+            holders=[
+                HolderRecord(
+                    kind=h.kind,
+                    holder_id=h.holder_id,
+                    subject=h.subject,
+                    acquired_at=h.acquired_at,
+                    last_heartbeat_at=h.last_heartbeat_at,
+                )
+                for h in s.holders
+            ],
+        )
+
+    def _event(self, t: Transition) -> LeaseEventRecord:
+        return LeaseEventRecord(
+            lease_id=self.spec.lease_id,
+            transition_seq=t.seq,
+            from_liveness=t.from_liveness,
+            to_liveness=t.to_liveness,
+            epoch=t.epoch,
+            reason=t.reason,
+            at=t.at,
+        )
+
+    # ------------------------------------------------------------------ state changes
+
+    def _touch(self) -> None:
+        self.s.version += 1
+
+    def _transition(self, to: Liveness, reason: str, *, bump: bool = False) -> None:
+        s = self.s
+        if bump:
+            s.epoch += 1
+        self._touch()
+        t = Transition(
+            seq=s.version,
+            from_liveness=s.liveness,
+            to_liveness=to,
+            epoch=s.epoch,
+            reason=reason,
+            at=workflow.now(),
+        )
+        s.liveness = to
+        s.transitions = [*s.transitions, t][-TRANSITIONS_KEPT:]
+        self._pending_events.append(t)
+        self._run_transitions += 1
+        self._wake = True
+        self._publish()
+
+    def _publish(self) -> None:
+        s = self.s
+        workflow.upsert_search_attributes(
+            [
+                sa.LEASE_LIVENESS.value_set(s.liveness),
+                sa.LEASE_EPOCH.value_set(s.epoch),
+                sa.SANDBOX_BACKEND.value_set(self.spec.backend),
+                sa.WORKSPACE_ID.value_set(self.spec.workspace_id),
+            ]
+        )
+        box = s.envelope.instance_id if s.envelope else "no box"
+        workflow.set_current_details(f"**{s.liveness}** · epoch {s.epoch} · {len(s.holders)} holder(s) · {box}")
+
+    def _find(self, kind: str, holder_id: str) -> Holder | None:
+        for h in self.s.holders:
+            if h.kind == kind and h.holder_id == holder_id:
+                return h
+        return None
+
+    def _box_lost(self, epoch: int, instance_id: str, reason: str) -> bool:
+        s = self.s
+        if s.epoch != epoch or s.envelope is None or s.envelope.instance_id != instance_id or self._tearing_down:
+            return False
+        s.envelope = None
+        s.holders = []
+        s.drain_deadline = None
+        s.drain_requested = None
+        self._transition("cold", reason, bump=True)
+        return True
+
+    def _grant(self, req: AcquireRequest, role: Role) -> LeaseGrant:
+        s = self.s
+        assert s.envelope is not None
+        return LeaseGrant(
+            lease_id=self.spec.lease_id,
+            epoch=s.epoch,
+            role=role,
+            liveness=s.liveness,
+            backend=self.spec.backend,
+            backend_id=s.envelope.backend_id,
+            instance_id=s.envelope.instance_id,
+            envelope=s.envelope,
+            holder_id=req.holder_id,
+            kind=req.kind,
+        )
+
+    # ------------------------------------------------------------------ updates
+
+    @workflow.update
+    async def acquire(self, req: AcquireRequest) -> LeaseGrant:
+        """Become a holder and wait until the box is warm (creating it if the lease is cold)."""
+        self._run_updates += 1
+        await workflow.wait_condition(lambda: self.s.seeded)
+        s = self.s
+        if s.stop_requested:
+            raise failure(errors.LeaseStopping, "the lease is stopping; start a new acquire after it completes")
+        now = workflow.now()
+        holder = self._find(req.kind, req.holder_id)
+        if holder is None:
+            s.holders = [
+                *s.holders,
+                Holder(
+                    kind=req.kind,
+                    holder_id=req.holder_id,
+                    subject=req.subject,
+                    acquired_at=now,
+                    last_heartbeat_at=now,
+                ),
+            ]
+            self._touch()
+        else:
+            holder.last_heartbeat_at = now
+        if s.liveness == "warm" and not self._tearing_down:
+            return self._grant(req, "attached")
+        if s.liveness == "draining" and not self._tearing_down and not s.drain_requested:
+            s.drain_deadline = None
+            self._transition("warm", f"re-armed by {req.kind} {req.holder_id}")
+            return self._grant(req, "rearmed")
+        role: Role = "spawner" if s.liveness == "cold" and self._waiters == 0 else "attached"
+        failures = self._failures
+        self._waiters += 1
+        self._wake = True
+        try:
+            await workflow.wait_condition(
+                lambda: (
+                    (s.liveness == "warm" and not self._tearing_down)
+                    or self._failures > failures
+                    or s.stop_requested
+                    or self._find(req.kind, req.holder_id) is None
+                )
+            )
+        finally:
+            self._waiters -= 1
+        if s.liveness == "warm" and self._find(req.kind, req.holder_id) is not None:
+            return self._grant(req, role)
+        if self._find(req.kind, req.holder_id) is not None:
+            s.holders = [h for h in s.holders if not (h.kind == req.kind and h.holder_id == req.holder_id)]
+            self._touch()
+        if s.stop_requested:
+            raise failure(errors.LeaseStopping, "the lease was stopped while this acquire waited")
+        if self._failures > failures:
+            raise failure(
+                errors.ProvisionFailed,
+                f"could not bring up a {self.spec.backend} box: {s.last_error}; "
+                f"the lease is cold at epoch {s.epoch}, acquire again to retry",
+            )
+        raise failure(errors.LeaseNotWarm, "the holder was dropped (drain) while waiting; acquire again")
+
+    @acquire.validator
+    def _validate_acquire(self, req: AcquireRequest) -> None:
+        s = self.s
+        _check_holder_id(req.holder_id)
+        if s.stop_requested:
+            raise failure(errors.LeaseStopping, "the lease is stopping; acquire again after it completes")
+        if req.backend is not None and req.backend != self.spec.backend:
+            raise failure(
+                errors.InvalidRequest,
+                f"lease {self.spec.lease_id} uses backend {self.spec.backend!r}, not {req.backend!r}; "
+                "drain and stop it first to change backend",
+            )
+        if s.seeded and req.expected_epoch is not None and req.expected_epoch != s.epoch:
+            raise failure(
+                errors.StaleEpoch,
+                f"expected epoch {req.expected_epoch} but the lease is at epoch {s.epoch}; "
+                "the box you knew was replaced, acquire without an expected epoch",
+            )
+
+    @workflow.update
+    def heartbeat(self, req: HeartbeatRequest) -> HeartbeatResult:
+        """Refresh a holder's TTL."""
+        self._run_updates += 1
+        holder = self._find(req.kind, req.holder_id)
+        assert holder is not None  # the validator guarantees it
+        holder.last_heartbeat_at = workflow.now()
+        return HeartbeatResult(
+            alive=True,
+            epoch=self.s.epoch,
+            liveness=self.s.liveness,
+            expires_at=holder.last_heartbeat_at + timedelta(seconds=self.timers.holder_ttl_seconds),
+        )
+
+    @heartbeat.validator
+    def _validate_heartbeat(self, req: HeartbeatRequest) -> None:
+        _check_holder_id(req.holder_id)
+        if req.epoch != self.s.epoch:
+            raise failure(
+                errors.StaleEpoch,
+                f"heartbeat for epoch {req.epoch} but the lease is at epoch {self.s.epoch}; "
+                "your box was replaced, acquire again",
+            )
+        if self._find(req.kind, req.holder_id) is None:
+            raise failure(
+                errors.HolderNotFound,
+                f"no {req.kind} holder {req.holder_id!r} on {self.spec.lease_id} (expired or released); acquire again",
+            )
+
+    @workflow.update
+    def release(self, ref: HolderRef) -> ReleaseResult:
+        """Stop holding the lease; the last release starts the idle grace."""
+        self._run_updates += 1
+        s = self.s
+        s.holders = [h for h in s.holders if not (h.kind == ref.kind and h.holder_id == ref.holder_id)]
+        self._touch()
+        if not s.holders:
+            self._wake = True
+        return ReleaseResult(released=True, liveness=s.liveness, remaining_holders=len(s.holders))
+
+    @release.validator
+    def _validate_release(self, ref: HolderRef) -> None:
+        _check_holder_id(ref.holder_id)
+        if self._find(ref.kind, ref.holder_id) is None:
+            raise failure(
+                errors.HolderNotFound,
+                f"no {ref.kind} holder {ref.holder_id!r} on {self.spec.lease_id}; it already expired or was released",
+            )
+
+    @workflow.update
+    async def drain(self, req: DrainRequest) -> LeaseView:
+        """Drop every holder and tear the box down now (``wait`` returns once cold)."""
+        self._run_updates += 1
+        s = self.s
+        if s.liveness != "cold" or self._waiters:
+            s.drain_requested = req.reason or "operator"
+            s.holders = []
+            self._touch()
+            self._wake = True
+        if req.wait:
+            await workflow.wait_condition(lambda: s.liveness == "cold" and not self._tearing_down)
+        return self._view()
+
+    @workflow.update
+    async def exec(self, req: ExecRequest) -> ExecOutcome:
+        """Run a command in the warm box as an audited activity."""
+        self._run_updates += 1
+        s = self.s
+        assert s.envelope is not None
+        envelope, epoch = s.envelope, s.epoch
+        timeout = req.timeout_seconds or self.timers.exec_timeout_seconds
+        self._inflight += 1
+        try:
+            out = await workflow.execute_activity(
+                EXEC_IN_BOX,
+                ExecInput(
+                    backend=self.spec.backend,
+                    envelope=envelope,
+                    cmd=req.cmd,
+                    workdir=req.workdir,
+                    timeout_seconds=timeout,
+                    env=req.env,
+                ),
+                result_type=ExecOutput,
+                start_to_close_timeout=timedelta(seconds=timeout + 30),
+                retry_policy=RetryPolicy(maximum_attempts=1),  # never run a command twice
+                summary=" ".join(req.cmd)[:80],
+            )
+        except ActivityError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.type == errors.BoxNotFound.error_type:
+                self._box_lost(epoch, envelope.instance_id, "box lost (exec saw NotFound)")
+                raise failure(
+                    errors.BoxNotFound,
+                    f"the box of epoch {epoch} is gone; the lease is now cold at epoch {s.epoch}, acquire again",
+                ) from None
+            if isinstance(cause, ApplicationError):
+                raise ApplicationError(cause.message, type=cause.type, non_retryable=True) from None
+            raise failure(errors.ProviderError, f"exec failed: {_cause_message(err)}") from None
+        finally:
+            self._inflight -= 1
+            self._wake = True
+        return ExecOutcome(epoch=epoch, **out.model_dump())
+
+    @exec.validator
+    def _validate_exec(self, req: ExecRequest) -> None:
+        s = self.s
+        if not req.cmd or not req.cmd[0]:
+            raise failure(errors.InvalidRequest, "exec needs a command, e.g. ['echo', 'hi']")
+        if req.timeout_seconds is not None and not 0 < req.timeout_seconds <= 24 * 3600:
+            raise failure(errors.InvalidRequest, "timeout_seconds must be between 0 and 86400")
+        if req.epoch is not None and req.epoch != s.epoch:
+            raise failure(errors.StaleEpoch, f"exec for epoch {req.epoch} but the lease is at epoch {s.epoch}")
+        if s.liveness != "warm" or s.envelope is None or self._tearing_down:
+            raise failure(
+                errors.LeaseNotWarm,
+                f"lease {self.spec.lease_id} is {s.liveness}; acquire it first "
+                f"(sandboxctl lease acquire {self.spec.workspace_id} {self.spec.group_id})",
+            )
+
+    @workflow.update
+    async def report_box_lost(self, report: BoxLostReport) -> BoxLostResult:
+        """An observer saw NotFound: confirm with the provider, then go cold with epoch+1."""
+        self._run_updates += 1
+        s = self.s
+        assert s.envelope is not None
+        envelope = s.envelope
+        self._inflight += 1
+        try:
+            check = await workflow.execute_activity(
+                CHECK_BOX,
+                BoxRef(backend=self.spec.backend, envelope=envelope),
+                result_type=CheckResult,
+                start_to_close_timeout=timedelta(seconds=self.timers.probe_timeout_seconds + 10),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary="confirm box lost",
+            )
+        finally:
+            self._inflight -= 1
+            self._wake = True
+        lost = not check.alive and self._box_lost(report.epoch, report.instance_id, "box lost (reported)")
+        return BoxLostResult(lost=lost, epoch=s.epoch, liveness=s.liveness)
+
+    @report_box_lost.validator
+    def _validate_box_lost(self, report: BoxLostReport) -> None:
+        s = self.s
+        if report.epoch != s.epoch:
+            raise failure(errors.StaleEpoch, f"report for epoch {report.epoch}; the lease is at epoch {s.epoch}")
+        if s.envelope is None or s.liveness not in ("warm", "draining"):
+            raise failure(errors.LeaseNotWarm, f"lease is {s.liveness}; there is no box to lose")
+        if s.envelope.instance_id != report.instance_id:
+            raise failure(
+                errors.InvalidRequest,
+                f"instance {report.instance_id!r} is not the lease's box ({s.envelope.instance_id!r})",
+            )
+
+    # ------------------------------------------------------------------ signals and query
+
+    @workflow.signal
+    def hold(self, req: HoldRequest) -> None:
+        """Operator hold: no automatic teardown until ``until`` (an explicit drain still proceeds)."""
+        self.s.hold_until = req.until
+        self.s.hold_reason = req.reason
+        self._touch()
+        self._wake = True
+
+    @workflow.signal
+    def unhold(self) -> None:
+        """Lift the operator hold."""
+        self.s.hold_until = None
+        self.s.hold_reason = None
+        self._touch()
+        self._wake = True
+
+    @workflow.signal
+    def stop(self) -> None:
+        """Drain the box and complete the workflow."""
+        self.s.stop_requested = True
+        self.s.holders = []
+        self._touch()
+        self._wake = True
+
+    @workflow.query
+    def describe(self) -> LeaseView:
+        """Everything about the lease, for operators and the CLI."""
+        return self._view()
+
+    def _view(self) -> LeaseView:
+        s = self.s
+        ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
+        return LeaseView(
+            lease_id=self.spec.lease_id,
+            workspace_id=self.spec.workspace_id,
+            group_id=self.spec.group_id,
+            backend=self.spec.backend,
+            os=self.spec.os,
+            liveness=s.liveness,
+            epoch=s.epoch,
+            instance_id=s.envelope.instance_id if s.envelope else None,
+            backend_id=s.envelope.backend_id if s.envelope else None,
+            envelope=s.envelope,
+            holders=[
+                HolderView(
+                    kind=h.kind,
+                    holder_id=h.holder_id,
+                    subject=h.subject,
+                    acquired_at=h.acquired_at,
+                    last_heartbeat_at=h.last_heartbeat_at,
+                    expires_at=h.last_heartbeat_at + ttl,
+                )
+                for h in s.holders
+            ],
+            transitions=s.transitions,
+            drain_deadline=s.drain_deadline,
+            hold_until=s.hold_until,
+            hold_reason=s.hold_reason,
+            stop_requested=s.stop_requested,
+            last_error=s.last_error,
+            version=s.version,
+        )
+
+
+def _check_holder_id(holder_id: str) -> None:
+    if not holder_id or not holder_id.strip():
+        raise failure(errors.InvalidRequest, "holder_id must not be empty")
+    if len(holder_id) > MAX_HOLDER_ID_LENGTH:
+        raise failure(errors.InvalidRequest, f"holder_id is longer than {MAX_HOLDER_ID_LENGTH} characters")
+
+
+def _cause_message(err: ActivityError) -> str:
+    """The innermost useful message of an activity failure (the provider's own words)."""
+    cause: BaseException | None = err.cause
+    while cause is not None and not isinstance(cause, ApplicationError):
+        cause = getattr(cause, "cause", None)
+    if cause is None:
+        return str(err.cause or err)
+    return cause.message or str(cause)

@@ -1,0 +1,262 @@
+"""Pydantic models that cross the Temporal boundary for the lease workflow.
+
+Everything here is carried by ``pydantic_data_converter`` as JSON, so a scheduler written in
+another language can call the workflow. One model per workflow input, update, signal and query,
+so fields with defaults can be added later without breaking running workflows.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Liveness = Literal["cold", "warming", "warm", "draining"]
+HolderKind = Literal["turn", "viewer", "direct", "recording", "process"]
+Role = Literal["spawner", "attached", "rearmed"]
+
+HOLDER_KINDS: tuple[str, ...] = ("turn", "viewer", "direct", "recording", "process")
+LIVENESS_VALUES: tuple[str, ...] = ("cold", "warming", "warm", "draining")
+
+MAX_ID_LENGTH = 128
+MAX_HOLDER_ID_LENGTH = 200
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+"""Workspace and group ids: they become part of the workflow id ``lease/<workspace>/<group>``."""
+
+TRANSITIONS_KEPT = 20
+
+
+def lease_workflow_id(workspace_id: str, group_id: str) -> str:
+    """The workflow id of the lease of one sandbox group."""
+    return f"lease/{workspace_id}/{group_id}"
+
+
+class LeaseTimers(BaseModel):
+    """Every duration the lease workflow uses (seconds); settings fill them, tests shrink them."""
+
+    holder_ttl_seconds: float = 90.0
+    warming_ttl_seconds: float = 120.0
+    idle_grace_seconds: float = 900.0
+    probe_timeout_seconds: float = 60.0
+    exec_timeout_seconds: float = 600.0
+    activity_heartbeat_seconds: float = 10.0
+    continue_as_new_after_transitions: int = 500
+    continue_as_new_after_updates: int = 1000
+
+
+class LeaseSpec(BaseModel):
+    """What the lease is for: fixed for the life of the lease workflow."""
+
+    workspace_id: str
+    group_id: str
+    backend: str = "local"
+    os: str = "linux"
+    image: str | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    desktop_enabled: bool = False
+    terminal_enabled: bool = True
+    timers: LeaseTimers = Field(default_factory=LeaseTimers)
+
+    @property
+    def lease_id(self) -> str:
+        """The workflow id, ``lease/<workspace>/<group>``."""
+        return lease_workflow_id(self.workspace_id, self.group_id)
+
+
+class Holder(BaseModel):
+    """Someone keeping the box alive: an agent turn, a viewer, a direct API call, ..."""
+
+    kind: HolderKind
+    holder_id: str
+    subject: str | None = None
+    acquired_at: datetime
+    last_heartbeat_at: datetime
+
+
+class Transition(BaseModel):
+    """One liveness change, kept in the workflow state and projected to ``lease_events``."""
+
+    seq: int
+    from_liveness: Liveness
+    to_liveness: Liveness
+    epoch: int
+    reason: str
+    at: datetime
+
+
+class BoxEnvelope(BaseModel):
+    """Where the live box is (mirrors ``providers.base.Envelope``, kept here so workflows stay I/O free)."""
+
+    backend_id: str
+    instance_id: str
+    state: dict[str, Any] = Field(default_factory=dict)
+
+
+class LeaseState(BaseModel):
+    """All mutable state of a lease; carried whole across continue-as-new."""
+
+    liveness: Liveness = "cold"
+    epoch: int = 0
+    envelope: BoxEnvelope | None = None
+    holders: list[Holder] = Field(default_factory=list)
+    transitions: list[Transition] = Field(default_factory=list)
+    version: int = 0
+    """Bumped on every change worth projecting; the store ignores writes with an older version."""
+    drain_deadline: datetime | None = None
+    drain_requested: str | None = None
+    hold_until: datetime | None = None
+    hold_reason: str | None = None
+    stop_requested: bool = False
+    last_error: str | None = None
+    seeded: bool = False
+
+
+class LeaseInput(BaseModel):
+    """Workflow input: the spec, plus the state carried over by continue-as-new."""
+
+    spec: LeaseSpec
+    state: LeaseState | None = None
+
+
+class AcquireRequest(BaseModel):
+    """Become a holder of the lease and wait until its box is warm."""
+
+    kind: HolderKind = "turn"
+    holder_id: str
+    subject: str | None = None
+    expected_epoch: int | None = None
+    backend: str | None = None
+    """If given, must match the lease's backend (a lease never changes backend)."""
+
+
+class LeaseGrant(BaseModel):
+    """What an acquirer gets: the epoch to fence with and where the box is."""
+
+    lease_id: str
+    epoch: int
+    role: Role
+    liveness: Liveness
+    backend: str
+    backend_id: str
+    instance_id: str
+    envelope: BoxEnvelope
+    holder_id: str
+    kind: HolderKind
+
+
+class HolderRef(BaseModel):
+    """Names one holder of the lease."""
+
+    kind: HolderKind = "turn"
+    holder_id: str
+
+
+class HeartbeatRequest(BaseModel):
+    """Keep a holder alive; fenced when the epoch is not the lease's current one."""
+
+    kind: HolderKind = "turn"
+    holder_id: str
+    epoch: int
+
+
+class HeartbeatResult(BaseModel):
+    """The lease's answer to a heartbeat."""
+
+    alive: bool
+    epoch: int
+    liveness: Liveness
+    expires_at: datetime
+
+
+class ReleaseResult(BaseModel):
+    """The lease's answer to a release."""
+
+    released: bool
+    liveness: Liveness
+    remaining_holders: int
+
+
+class DrainRequest(BaseModel):
+    """Operator drain: drop every holder and tear the box down now."""
+
+    reason: str = "operator"
+    wait: bool = False
+
+
+class ExecRequest(BaseModel):
+    """Run a command in the warm box (audited in the workflow history)."""
+
+    cmd: list[str]
+    workdir: str | None = None
+    timeout_seconds: float | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    epoch: int | None = None
+
+
+class ExecOutcome(BaseModel):
+    """A command's result; output beyond the cap is cut and flagged."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    epoch: int
+
+
+class BoxLostReport(BaseModel):
+    """An observer saw a typed NotFound for the box of this epoch."""
+
+    epoch: int
+    instance_id: str
+
+
+class BoxLostResult(BaseModel):
+    """Whether the lease agreed the box is gone (it checks with the provider first)."""
+
+    lost: bool
+    epoch: int
+    liveness: Liveness
+
+
+class HoldRequest(BaseModel):
+    """Operator hold: no automatic teardown until ``until``."""
+
+    until: datetime
+    reason: str = "operator"
+
+
+class HolderView(BaseModel):
+    """A holder as shown by ``describe``."""
+
+    kind: HolderKind
+    holder_id: str
+    subject: str | None
+    acquired_at: datetime
+    last_heartbeat_at: datetime
+    expires_at: datetime
+
+
+class LeaseView(BaseModel):
+    """The ``describe`` query result: everything an operator wants to see."""
+
+    lease_id: str
+    workspace_id: str
+    group_id: str
+    backend: str
+    os: str
+    liveness: Liveness
+    epoch: int
+    instance_id: str | None
+    backend_id: str | None
+    envelope: BoxEnvelope | None
+    holders: list[HolderView]
+    transitions: list[Transition]
+    drain_deadline: datetime | None
+    hold_until: datetime | None
+    hold_reason: str | None
+    stop_requested: bool
+    last_error: str | None
+    version: int
