@@ -530,6 +530,24 @@ def _open_holder(init_pid: int, init_start: int, process: asyncio.subprocess.Pro
     return holder
 
 
+def _holder_ready(init_pid: int) -> bool:
+    """Whether a holder finished its setup and may be joined.
+
+    bwrap reports the init's pid before it has written the user namespace's id maps; joining
+    earlier fails ("Can't send pid"). The init has a child once the holder's command runs.
+    """
+    try:
+        if not Path(f"/proc/{init_pid}/gid_map").read_bytes().strip():
+            return False
+        children = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_bytes()
+    except FileNotFoundError:
+        # Kernels without CONFIG_PROC_CHILDREN: the written id maps are the part that matters.
+        return os.path.exists(f"/proc/{init_pid}/gid_map")
+    except OSError:
+        return False
+    return bool(children.strip())
+
+
 def _kill_holder_file(path: Path) -> None:
     """Kill the namespace init recorded in a box's ``holder.json`` (if it is still that process)."""
     try:
@@ -790,6 +808,9 @@ class LocalProvider:
                     _, stderr = holder.communicate(timeout=5)
                     return stderr.decode(errors="replace").strip() or "bwrap exited without starting"
                 init_pid = int(raw["child-pid"])
+                deadline = time.monotonic() + _HOLDER_START_TIMEOUT
+                while not _holder_ready(init_pid) and time.monotonic() < deadline and holder.poll() is None:
+                    time.sleep(0.001)
                 userns = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY)
                 pidns = os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY)
                 try:
@@ -878,8 +899,11 @@ class LocalProvider:
         holder = None
         if info is not None:
             init_pid = int(info["child-pid"])
+            deadline = time.monotonic() + _HOLDER_START_TIMEOUT
+            while not _holder_ready(init_pid) and time.monotonic() < deadline and process.returncode is None:
+                await asyncio.sleep(0.001)
             proc = _read_proc(init_pid)
-            if proc is not None:
+            if proc is not None and _holder_ready(init_pid):
                 holder = _open_holder(init_pid, proc.start, process)
         if holder is None:
             with contextlib.suppress(ProcessLookupError):
@@ -1391,10 +1415,11 @@ class LocalBoxSession:
                 raise
         finally:
             os.close(dir_fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidRequest(f"{path!r} is not a regular file")
+        os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InvalidRequest(f"{path!r} is not a regular file")
-            os.set_blocking(f.fileno(), True)
             return f.read()
 
     def _write_file(self, path: str, data: bytes) -> None:
@@ -1420,10 +1445,11 @@ class LocalBoxSession:
                 raise
         finally:
             os.close(dir_fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidRequest(f"{path!r} is not a regular file")
+        os.set_blocking(fd, True)
         with os.fdopen(fd, "wb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InvalidRequest(f"{path!r} is not a regular file")
-            os.set_blocking(f.fileno(), True)
             f.write(data)
 
     def _list_dir(self, path: str) -> list[DirEntry]:

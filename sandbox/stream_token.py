@@ -69,6 +69,9 @@ _MAX_SAFE_INT: Final = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER: upstre
 _SUBJECT_MAX_UTF16_UNITS: Final = 512
 _LEASE_KEY_INFO: Final = b"ogs-lease-key/v1|"
 _ROOT_SECRET_BYTES: Final = 32
+# The largest valid token is under 4.6 KiB (512 escaped control characters in subjectId); refusing
+# longer input bounds the HMAC work an unauthenticated caller can cause.
+_MAX_TOKEN_LENGTH: Final = 8192
 
 # zod v4's uuid(): RFC 9562 version 1-8 with the RFC variant, plus the nil and max UUIDs. pydantic
 # runs it with the Rust regex engine, where "$" only matches at the very end.
@@ -76,8 +79,9 @@ _UUID_PATTERN: Final = (
     r"^(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
     r"|00000000-0000-0000-0000-000000000000|ffffffff-ffff-ffff-ffff-ffffffffffff)$"
 )
-_REQUIRED_WIRE_KEYS: Final = ("workspaceId", "sessionId", "viewerId", "leaseEpoch", "mode", "port", "exp")
-_OPTIONAL_WIRE_KEYS: Final = ("subjectId", "authorityEpoch")
+# On the wire every schema claim is required (the model's mode/port defaults are for Python callers).
+_REQUIRED_WIRE_KEYS: Final = frozenset(("workspaceId", "sessionId", "viewerId", "leaseEpoch", "mode", "port", "exp"))
+_WIRE_KEYS: Final = _REQUIRED_WIRE_KEYS | {"subjectId", "authorityEpoch"}
 _FALSY_OMITTED_KEYS: Final = ("subject_id", "subjectId", "authority_epoch", "authorityEpoch")
 
 # Standard base64 -> base64url on encode; on decode map base64url back and poison the standard
@@ -183,6 +187,13 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _json_number(text: str) -> float | int:
+    # JSON has one number type: an integral double (1.0, -0, 1.7e9) is that integer, as upstream
+    # reads it; anything else stays a float and fails the integer claims.
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -190,7 +201,9 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
-_json_decoder: Final = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+_json_decoder: Final = json.JSONDecoder(
+    object_pairs_hook=_unique_keys, parse_constant=_reject_constant, parse_float=_json_number
+)
 _JSON_WHITESPACE: Final = " \t\n\r"
 
 
@@ -205,18 +218,15 @@ def _decode_payload(segment: bytes) -> StreamTokenClaims | None:
         obj, end = _json_decoder.raw_decode(text)
         if end != len(text) or type(obj) is not dict:
             return None
-        data = {key: obj[key] for key in _REQUIRED_WIRE_KEYS}  # unknown claims are dropped
-        for key in _OPTIONAL_WIRE_KEYS:
-            if key in obj:
-                data[key] = obj[key]
-        for key, value in data.items():
-            if value is None:  # an optional claim may be absent, never null
-                return None
-            if type(value) is float and value.is_integer():
-                # JSON has one number type: an integral double (1.0, -0, 1.7e9) is that integer.
-                data[key] = int(value)
+        keys = obj.keys()
+        if not keys >= _REQUIRED_WIRE_KEYS:
+            return None
+        # Unknown claims are dropped, as upstream does.
+        data = obj if keys <= _WIRE_KEYS else {k: v for k, v in obj.items() if k in _WIRE_KEYS}
+        if data.get("subjectId", 0) is None or data.get("authorityEpoch", 0) is None:
+            return None  # an optional claim may be absent, never null
         return StreamTokenClaims.model_validate(data)
-    except (ValueError, KeyError, RecursionError):  # binascii.Error and ValidationError are ValueErrors
+    except (ValueError, RecursionError):  # binascii.Error and ValidationError are ValueErrors
         return None
 
 
@@ -231,13 +241,21 @@ class StreamTokenKey:
     used as its UTF-8 bytes (as upstream does); a derived lease key is used as raw bytes.
 
     Raises:
-        StreamTokenError: The secret is empty.
+        StreamTokenError: The secret is empty, not valid Unicode, or neither bytes nor str.
     """
 
     __slots__ = ("_mac",)
 
     def __init__(self, secret: bytes | str) -> None:
-        key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        if isinstance(secret, str):
+            try:
+                key = secret.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StreamTokenError("stream token secret is not valid Unicode") from None
+        elif isinstance(secret, bytes | bytearray | memoryview):
+            key = bytes(secret)
+        else:  # bytes(5) would silently be a key of five zero bytes
+            raise StreamTokenError(f"stream token secret must be bytes or str, got {type(secret).__name__}")
         if not key:
             raise StreamTokenError("stream token secret is empty; configure a non-empty secret")
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
@@ -288,14 +306,14 @@ class StreamTokenKey:
 
 def _split_envelope(token: object) -> tuple[str, str] | None:
     """Split ``ogs_<payload>.<signature>`` on the last dot; ``None`` if it is not that shape."""
-    if type(token) is not str:
+    if not isinstance(token, str):
         if not isinstance(token, bytes | bytearray | memoryview):
             return None
         try:
             token = bytes(token).decode("ascii")
         except UnicodeDecodeError:
             return None
-    if not token.startswith(STREAM_TOKEN_PREFIX) or not token.isascii():
+    if len(token) > _MAX_TOKEN_LENGTH or not token.startswith(STREAM_TOKEN_PREFIX) or not token.isascii():
         return None
     dot = token.rfind(".")
     if dot <= len(STREAM_TOKEN_PREFIX):  # no dot, or an empty payload
@@ -304,6 +322,8 @@ def _split_envelope(token: object) -> tuple[str, str] | None:
 
 
 def _claims_from_fields(fields: Mapping[str, object], now: float | None, ttl_seconds: int) -> StreamTokenClaims:
+    if not isinstance(fields, Mapping):
+        raise StreamTokenError(f"stream token fields must be a mapping, got {type(fields).__name__}")
     if "exp" in fields:
         raise StreamTokenError("exp is computed from now + ttl_seconds; do not pass it")
     if type(ttl_seconds) is not int or ttl_seconds < 0:
@@ -384,11 +404,11 @@ def verify_stream_token(
 ) -> StreamTokenClaims | None:
     """Return the claims of a valid token, or ``None``; never raises on any ``token`` value.
 
-    ``None`` means one of: a prefix other than ``ogs_``; a malformed envelope (no ``.``, or an empty
-    payload, splitting on the last ``.``); a signature that differs from the canonical one
-    (constant-time compare); a payload that is not canonical base64url of UTF-8 JSON with unique keys
-    and valid claims; or ``exp < now`` (``exp == now`` is still valid). ``now`` defaults to the
-    current unix second. The lease-epoch and route checks are the caller's.
+    ``None`` means one of: a prefix other than ``ogs_``; a malformed envelope (no ``.`` or an empty
+    payload, splitting on the last ``.``; non-ASCII; longer than 8 KiB); a signature that differs
+    from the canonical one (constant-time compare); a payload that is not canonical base64url of
+    UTF-8 JSON with unique keys and valid claims; or ``exp < now`` (``exp == now`` is still valid).
+    ``now`` defaults to the current unix second. The lease-epoch and route checks are the caller's.
 
     Raises:
         StreamTokenError: The secret is empty (a configuration error, not a bad token); as upstream,
@@ -440,7 +460,7 @@ def load_or_create_root_secret(path: Path) -> bytes:
 
     A new secret is 32 random bytes written to a private temporary file (mode 0600) and linked into
     place atomically, so concurrent first starts agree on one secret and no reader sees a partial
-    file. Missing parent directories are created with mode 0700. The file's raw bytes are the
+    file. A missing directory is created (the last level with mode 0700). The file's raw bytes are the
     secret; a file readable by group or others is used but logged as a warning.
 
     Raises:

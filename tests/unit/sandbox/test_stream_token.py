@@ -270,6 +270,27 @@ def test_verify_accepts_bytes_and_rejects_non_tokens() -> None:
         assert verify_stream_token(junk, ROOT, now=NOW) is None
 
 
+def test_largest_valid_token_verifies_and_longer_input_is_refused_unread() -> None:
+    # 512 control characters each escape to 6 JSON bytes: the largest payload the schema allows.
+    biggest = claims(subject_id="\x01" * 512, authority_epoch=2**53 - 1, lease_epoch=2**53 - 1)
+    token = mint_stream_token(biggest, ROOT)
+    assert verify_stream_token(token, ROOT, now=NOW) == biggest
+    key = StreamTokenKey(ROOT)
+    assert verify_forged_text(key, biggest.to_json() + " " * (8192 - len(token))) is None
+
+
+@pytest.mark.parametrize("secret", [None, 5, ["k"], "\ud800"])
+def test_secret_of_the_wrong_type_is_a_typed_error(secret: Any) -> None:
+    with pytest.raises(StreamTokenError):
+        StreamTokenKey(secret)
+
+
+@pytest.mark.parametrize("fields", [None, [("workspace_id", WS)], "workspace_id"])
+def test_fields_must_be_a_mapping(fields: Any) -> None:
+    with pytest.raises(StreamTokenError):
+        mint_stream_token(fields, ROOT, now=NOW)
+
+
 def test_verify_ignores_unknown_claims_but_requires_every_schema_claim() -> None:
     key = StreamTokenKey(ROOT)
     wire = claims().to_wire()
