@@ -69,7 +69,7 @@ WARMUP_CONCURRENCY = 16
 # --------------------------------------------------------------------------- the baseline workflow
 
 
-@workflow.defn(name="BenchNoopWorkflow")
+@workflow.defn(name="BenchNoopWorkflow", sandboxed=False)
 class NoopWorkflow:
     """The least a Temporal update can do: return its argument."""
 

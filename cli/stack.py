@@ -186,8 +186,8 @@ def up(
                     json_mode=json_mode,
                 )
             finally:
-                if runner.started:
-                    note("stopping the stack (worker, nats, temporal)...")
+                if runner.children:
+                    note(f"stopping {', '.join(runner.stop_order())}...")
                 runner.stop_all()
                 with contextlib.suppress(FileNotFoundError):
                     (data / STACK_FILE).unlink()
@@ -377,7 +377,6 @@ class _StackRunner:
         self.data = data
         self.stop = stop
         self.children: dict[str, _Child] = {}
-        self.started = False
         self._setup = _death_signal_setup()
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Child:
@@ -399,7 +398,6 @@ class _StackRunner:
                 fail(f"cannot start {name} ({argv[0]}): {exc.strerror}")
         child = _Child(name, proc, log_path, offset)
         self.children[name] = child
-        self.started = True
         return child
 
     def dead_child(self) -> _Child | None:
@@ -437,6 +435,7 @@ class _StackRunner:
 
         Returns None after a stop signal, or the child that died (already reported on stderr).
         """
+        dead: _Child | None = None
         try:
             with progress("starting temporal and nats..."):
                 # Both servers start concurrently; the worker needs both, so it comes last.
@@ -444,19 +443,18 @@ class _StackRunner:
                 self.spawn("nats", nats)
                 for name, name_ports in ports.items():
                     for port in name_ports:
-                        dead = self.wait_port(self.children[name], port)
-                        if dead is not None:
-                            return self._report_death(dead)
-            with progress("starting the worker..."):
-                self.spawn("worker", worker, env=worker_env)
-            self._publish(info, json_mode)
-            while not self.stop.event.wait(_POLL_SECONDS * 10):
-                dead = self.dead_child()
-                if dead is not None:
-                    return self._report_death(dead)
+                        dead = dead or self.wait_port(self.children[name], port)
+            if dead is None:
+                with progress("starting the worker..."):
+                    self.spawn("worker", worker, env=worker_env)
+                self._publish(info, json_mode)
+                while dead is None and not self.stop.event.wait(_POLL_SECONDS * 10):
+                    dead = self.dead_child()
         except _Interrupted:
-            pass
-        return None
+            return None
+        if dead is not None:
+            self._report_death(dead)  # outside the spinner, which would garble it
+        return dead
 
     def _publish(self, info: StackInfo, json_mode: bool) -> None:
         path = self.data / STACK_FILE
@@ -473,12 +471,15 @@ class _StackRunner:
         emit(f"ready: {addresses} data={info.data_dir}", json_mode=False)
         emit(f"next: {next_command}", json_mode=False)
 
-    def _report_death(self, child: _Child) -> _Child:
+    def _report_death(self, child: _Child) -> None:
         lines = [f"{child.name} {child.describe_exit()} unexpectedly; last lines of {child.log_path}:"]
         tail = child.log_tail()
         lines += [f"  | {line}" for line in tail] if tail else ["  (the log is empty)"]
         error("\n".join(lines))
-        return child
+
+    def stop_order(self) -> list[str]:
+        """Names of the started children, in the order :meth:`stop_all` stops them."""
+        return sorted(self.children, key=lambda name: (name != "worker", name))
 
     def stop_all(self) -> None:
         """Stop the worker first (it may still talk to the servers), then NATS and Temporal together.
@@ -500,7 +501,8 @@ class _StackRunner:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.proc.wait(timeout=_POLL_SECONDS * 5)
             if child.alive():
-                note(f"{child.name} did not stop in time; killing it")
+                why = "interrupted again" if self.stop.count > impatient_after else "did not stop in time"
+                note(f"{child.name}: {why}; killing it")
                 _signal_group(child, signal.SIGKILL)
                 child.proc.wait()
             # Anything the child left in its group goes too.

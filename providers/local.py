@@ -472,7 +472,7 @@ async def _run(
             await asyncio.wait_for(proc.wait(), timeout)
         except TimeoutError:
             timed_out = True
-            _kill_exec_tree(proc.pid)
+            await asyncio.to_thread(_kill_exec_tree, proc.pid)
             await proc.wait()
         except BaseException:
             _kill_exec_tree(proc.pid)
@@ -722,6 +722,8 @@ class LocalProvider:
                 )
             return "process"
         self._bwrap = bwrap
+        with contextlib.suppress(OSError):
+            self._root.mkdir(parents=True, exist_ok=True)  # it must exist to be hidden
         self._layout = self._host_layout()
         problem = self._probe_bubblewrap()
         if problem is None:
@@ -798,6 +800,7 @@ class LocalProvider:
                 )
             finally:
                 os.close(info_w)
+            init_pid: int | None = None
             try:
                 try:
                     raw = _read_json_blocking(info_r)
@@ -832,6 +835,9 @@ class LocalProvider:
             except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as err:
                 return str(err)
             finally:
+                # Kill the namespace init too: killed alone, bwrap may leave it orphaned.
+                if init_pid is not None:
+                    _kill({init_pid})
                 if holder.poll() is None:
                     holder.kill()
                 holder.wait()
@@ -892,23 +898,29 @@ class LocalProvider:
             raise
         finally:
             os.close(info_w)
-        try:
-            info = await _read_json(info_r, process)
-        finally:
-            os.close(info_r)
         holder = None
-        if info is not None:
-            init_pid = int(info["child-pid"])
-            deadline = time.monotonic() + _HOLDER_START_TIMEOUT
-            while not _holder_ready(init_pid) and time.monotonic() < deadline and process.returncode is None:
-                await asyncio.sleep(0.001)
-            proc = _read_proc(init_pid)
-            if proc is not None and _holder_ready(init_pid):
-                holder = _open_holder(init_pid, proc.start, process)
+        init_pid: int | None = None
+        try:
+            try:
+                info = await _read_json(info_r, process)
+            finally:
+                os.close(info_r)
+            if info is not None:
+                init_pid = int(info["child-pid"])
+                deadline = time.monotonic() + _HOLDER_START_TIMEOUT
+                while not _holder_ready(init_pid) and time.monotonic() < deadline and process.returncode is None:
+                    await asyncio.sleep(0.001)
+                proc = _read_proc(init_pid)
+                if proc is not None and _holder_ready(init_pid):
+                    holder = _open_holder(init_pid, proc.start, process)
+        finally:
+            if holder is None:  # failed or cancelled: leave nothing behind
+                if init_pid is not None:
+                    _kill({init_pid})
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
         if holder is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
             raise ProviderUnavailable(
                 f"bubblewrap could not start the namespace holder of {box.name}; see {box / 'holder.log'}"
             )

@@ -22,6 +22,12 @@ them back into these classes on the client side.
      │    ├── PathNotFound           a file or directory in the box is missing (never: the box is gone)
      │    ├── Unsupported            the backend cannot do this
      │    └── StreamPortUnavailable  no usable endpoint for the box's stream port
+     ├── ChannelAError               a Channel-A operation failed after it reached the box
+     │    ├── ChannelANotFound       the path, ref or pty does not exist (404)
+     │    ├── ChannelAConflict       the target already exists or the state forbids it (409)
+     │    ├── ChannelAUnavailable    the box gave no usable answer; retry (never a bad path)
+     │    ├── ChannelAUnsupported    this box cannot do the operation (no PTY, no exec)
+     │    └── ChannelAPartialMutation  a mutation may have partly applied; not retryable
      └── LeaseError                  raised by the lease workflow and surfaced by the client
           ├── StaleEpoch             the caller's epoch is not the lease's current epoch (fenced)
           ├── HolderNotFound         heartbeat/release of a holder the lease does not have
@@ -164,6 +170,52 @@ class StreamPortUnavailable(ProviderError):
     """The provider gave no usable endpoint for the stream port (missing, or a malformed endpoint)."""
 
     error_type = "StreamPortUnavailable"
+
+
+class ChannelAError(SandboxError):
+    """A Channel-A operation (files, git, terminal, PTY) failed after it reached the box.
+
+    Attributes:
+        path: The workspace-relative path the error is about, when there is one.
+    """
+
+    error_type = "ChannelAError"
+    path: str | None = None
+
+    def __init__(self, message: str, *, path: str | None = None, retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.path = path
+
+
+class ChannelANotFound(ChannelAError):
+    """The path, git object or PTY named by a Channel-A request does not exist (HTTP 404)."""
+
+    error_type = "ChannelANotFound"
+
+
+class ChannelAConflict(ChannelAError):
+    """The request conflicts with what is in the box: the target exists, a directory is not empty (409)."""
+
+    error_type = "ChannelAConflict"
+
+
+class ChannelAUnavailable(ChannelAError):
+    """The box could not answer usably (timeout, lost frame, transport failure); retry later."""
+
+    error_type = "ChannelAUnavailable"
+    default_retryable = True
+
+
+class ChannelAUnsupported(ChannelAError):
+    """The box cannot do this Channel-A operation (for example a PTY on a backend without one)."""
+
+    error_type = "ChannelAUnsupported"
+
+
+class ChannelAPartialMutation(ChannelAError):
+    """A mutation failed part way and may have changed the workspace; repeating it is unsafe."""
+
+    error_type = "ChannelAPartialMutation"
 
 
 class LeaseError(SandboxError):

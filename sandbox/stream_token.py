@@ -179,6 +179,11 @@ class StreamTokenClaims(BaseModel):
         return text + "}"
 
 
+# The model's own validator, called directly in the hot paths: same validation as model_validate
+# without its Python wrapper.
+_validate_claims: Final = StreamTokenClaims.__pydantic_validator__.validate_python
+
+
 def _b64url(data: bytes) -> bytes:
     return binascii.b2a_base64(data, newline=False).translate(_B64_TO_URL).rstrip(b"=")
 
@@ -225,7 +230,8 @@ def _decode_payload(segment: bytes) -> StreamTokenClaims | None:
         data = obj if keys <= _WIRE_KEYS else {k: v for k, v in obj.items() if k in _WIRE_KEYS}
         if data.get("subjectId", 0) is None or data.get("authorityEpoch", 0) is None:
             return None  # an optional claim may be absent, never null
-        return StreamTokenClaims.model_validate(data)
+        claims: StreamTokenClaims = _validate_claims(data)
+        return claims
     except (ValueError, RecursionError):  # binascii.Error and ValidationError are ValueErrors
         return None
 
@@ -322,7 +328,7 @@ def _split_envelope(token: object) -> tuple[str, str] | None:
 
 
 def _claims_from_fields(fields: Mapping[str, object], now: float | None, ttl_seconds: int) -> StreamTokenClaims:
-    if not isinstance(fields, Mapping):
+    if type(fields) is not dict and not isinstance(fields, Mapping):
         raise StreamTokenError(f"stream token fields must be a mapping, got {type(fields).__name__}")
     if "exp" in fields:
         raise StreamTokenError("exp is computed from now + ttl_seconds; do not pass it")
@@ -336,22 +342,25 @@ def _claims_from_fields(fields: Mapping[str, object], now: float | None, ttl_sec
     exp = (_now_seconds() if now is None else now) + ttl_seconds
     data["exp"] = int(exp) if type(exp) is float and exp.is_integer() else exp
     try:
-        return StreamTokenClaims.model_validate(data)
+        claims: StreamTokenClaims = _validate_claims(data)
     except ValidationError as exc:
         raise StreamTokenError(f"invalid stream token claims: {exc}") from None
+    return claims
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)  # the module functions reuse the key schedule of recent secrets
 def _cached_key(secret: bytes | str) -> StreamTokenKey:
     return StreamTokenKey(secret)
 
 
 def _key(secret: bytes | str | StreamTokenKey) -> StreamTokenKey:
+    if type(secret) is bytes or type(secret) is str:
+        return _cached_key(secret)
     if isinstance(secret, StreamTokenKey):
         return secret
     if isinstance(secret, bytearray | memoryview):
-        secret = bytes(secret)
-    return _cached_key(secret)
+        return _cached_key(bytes(secret))
+    return StreamTokenKey(secret)  # raises the typed error for anything else
 
 
 def mint_stream_token(

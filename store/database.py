@@ -8,6 +8,8 @@ running event loop.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,6 +32,10 @@ SQLITE_BUSY_TIMEOUT_MS = 15_000
 
 # Serialises concurrent migrate() calls from several workers on one PostgreSQL database.
 _PG_MIGRATION_LOCK_KEY = 0x5A4D_0001
+
+# Alembic keeps the running migration's context in module globals, so two migrations interleaving
+# in one process (even on different databases) would trample each other: one at a time per loop.
+_MIGRATION_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 _SQLITE_DRIVERS = {"sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"}
 _POSTGRES_DRIVERS = {"postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg_async"}
@@ -79,9 +85,9 @@ def _upgrade_head(connection: Connection) -> None:
     # Several processes (worker, CLI) may migrate at once: take the database's write lock first so
     # the second one waits and then finds the schema already at head.
     if connection.dialect.name == "postgresql":
-        pass
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
     elif connection.dialect.name == "sqlite":
-        pass
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
@@ -126,7 +132,8 @@ class Database:
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (``alembic upgrade head``); a no-op when already there."""
-        async with self.engine.begin() as connection:
+        lock = _MIGRATION_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with lock, self.engine.begin() as connection:
             await connection.run_sync(_upgrade_head)
 
     async def dispose(self) -> None:

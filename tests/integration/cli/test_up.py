@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -311,7 +312,7 @@ def test_read_stack_info_ignores_stale_and_malformed_files(tmp_path: Path) -> No
         ui_url="http://127.0.0.1:2",
         nats_url="nats://127.0.0.1:3",
         data_dir=tmp_path,
-        started_at="2024-01-01T00:00:00Z",  # type: ignore[arg-type]
+        started_at=datetime(2024, 1, 1, tzinfo=UTC),
     )
     (tmp_path / "stack.json").write_text(stale.model_dump_json())
     assert read_stack_info(tmp_path) is None

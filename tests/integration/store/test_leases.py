@@ -76,16 +76,6 @@ def event(seq: int, lease_id: str = "lease/ws1/g1", reason: str = "test") -> Lea
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    """Session-scoped like the session event loop that requests it.
-
-    tests/conftest.py declares this fixture function-scoped, which pytest-asyncio's session runner
-    refuses (ScopeMismatch); drop this override once conftest's is session-scoped.
-    """
-    return asyncio.DefaultEventLoopPolicy()
-
-
 def _libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 

@@ -7,8 +7,10 @@ import json
 import os
 import secrets
 import shutil
+import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -368,14 +370,33 @@ async def test_bwrap_absolute_symlinks_mean_box_paths(bwrap_provider: LocalProvi
     assert await box.read_file("absolute") == b"content"
 
 
+@pytest.fixture
+def host_dir() -> Iterator[Path]:
+    """A directory under /var/tmp: a host path that boxes would see read-only unless hidden."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-local-test-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @needs_bwrap
-async def test_bwrap_box_cannot_see_other_boxes(bwrap_provider: LocalProvider) -> None:
-    a = await bwrap_provider.create(spec(), key())
-    b = await bwrap_provider.create(spec(), key())
-    await b.write_file("secret.txt", b"b's secret")
-    result = await a.exec(["cat", str(b.workspace_path / "secret.txt")])
-    assert result.exit_code != 0
-    assert b"secret" not in result.stdout
+async def test_bwrap_box_cannot_see_other_boxes_or_hidden_paths(host_dir: Path) -> None:
+    private = host_dir / "data"
+    private.mkdir()
+    (private / "sandbox.db").write_text("worker state")
+    provider = LocalProvider(host_dir / "boxes", bubblewrap="always", hidden_paths=[private])
+    try:
+        a = await provider.create(spec(), key())
+        b = await provider.create(spec(), key())
+        await b.write_file("secret.txt", b"b's secret")
+        result = await a.exec(["cat", str(b.workspace_path / "secret.txt"), str(private / "sandbox.db")])
+        assert result.exit_code != 0
+        assert result.stdout == b""
+        assert (await a.exec(["ls", "-A", str(host_dir / "boxes")])).stdout == b""
+        assert (await a.exec(["test", "-d", str(host_dir)])).exit_code == 0  # the rest stays visible
+    finally:
+        for owned in await provider.list_owned():
+            await provider.terminate(Envelope(backend_id="unix_local", instance_id=owned.instance_id))
+        await provider.aclose()
 
 
 @needs_bwrap
@@ -387,6 +408,63 @@ async def test_bwrap_holder_restarts_after_it_dies(bwrap_provider: LocalProvider
     result = await box.exec(["sh", "-c", "echo $$"])
     assert result.exit_code == 0
     assert json.loads((box.path / "holder.json").read_text())["init_pid"] != holder["init_pid"]
+
+
+def _holder_processes() -> set[int]:
+    return {pid for pid in host_processes_with("sleep infinity") if "--info-fd" in _cmdline(pid)}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@needs_bwrap
+async def test_probing_bubblewrap_leaves_no_process_behind(tmp_path: Path) -> None:
+    before = _holder_processes()
+    assert LocalProvider(tmp_path, bubblewrap="always").isolation == "bubblewrap"
+    await asyncio.sleep(0.2)
+    assert _holder_processes() - before == set()
+
+
+@needs_bwrap
+async def test_box_processes_die_with_the_worker(tmp_path: Path) -> None:
+    needle = unique_sleep()
+    script = f"""
+import asyncio, os
+from pathlib import Path
+from providers.base import BoxSpec
+from providers.local import LocalProvider
+
+async def main():
+    provider = LocalProvider(Path({str(tmp_path / "boxes")!r}), bubblewrap="always")
+    box = await provider.create(BoxSpec(lease_id="l", workspace_id="w", group_id="g", epoch=1), "k")
+    await box.exec(["sh", "-c", "setsid sleep {needle} >/dev/null 2>&1 < /dev/null &"])
+    await asyncio.sleep(0.2)
+    os._exit(0)  # a crash: no terminate, no aclose
+
+asyncio.run(main())
+"""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, cwd=str(Path(__file__).resolve().parents[3])
+    )
+    assert await proc.wait() == 0
+    assert await wait_until_gone(needle, timeout=3) == []
+
+
+@needs_bwrap
+async def test_aclose_stops_the_boxes_it_started(tmp_path: Path) -> None:
+    provider = LocalProvider(tmp_path / "boxes", bubblewrap="always")
+    box = await provider.create(spec(), key())
+    needle = unique_sleep()
+    await box.exec(["sh", "-c", f"sleep {needle} >/dev/null 2>&1 &"])
+    assert host_processes_with(needle)
+    await provider.aclose()
+    assert await wait_until_gone(needle, timeout=3) == []
+    assert box.path.exists()  # the workspace survives; the next exec starts a new holder
+    await box.write_file("after.txt", b"x")
 
 
 # --- resume ---------------------------------------------------------------------------------
@@ -633,7 +711,7 @@ def test_no_path_writes_outside_the_workspace(tmp_path: Path, parts: list[str], 
 
 
 def _snapshot_outside(root: Path, ws: Path) -> set[str]:
-    out = set()
+    out: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         if Path(dirpath) == ws or ws in Path(dirpath).parents:
             continue

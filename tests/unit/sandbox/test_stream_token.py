@@ -404,7 +404,7 @@ valid_claims = st.builds(
     subject_id=st.none() | st.text(min_size=1, max_size=40),
     authority_epoch=st.none() | positive_safe_ints,
 ).map(StreamTokenClaims.model_validate)
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
@@ -427,8 +427,18 @@ def test_no_single_character_mutation_verifies() -> None:
         assert key.verify(token[: i + 1] + token[i:], now=NOW) is None, i
 
 
+# A few fixed claim sets keep the mutation and forgery properties cheap; the round trip covers variety.
+some_claims = st.sampled_from(
+    [
+        claims(),
+        claims(exp=NOW, mode="control", port=7681, subject_id="🔑 ü\n"),
+        claims(exp=2**53 - 1, authority_epoch=9, subject_id="s" * 512),
+    ]
+)
+
+
 @FAST
-@given(c=valid_claims, data=st.data())
+@given(c=some_claims, data=st.data())
 def test_no_random_byte_mutation_verifies(c: StreamTokenClaims, data: st.DataObject) -> None:
     token = mint_stream_token(c, ROOT).encode()
     i = data.draw(st.integers(min_value=0, max_value=len(token) - 1))
@@ -467,7 +477,7 @@ wire_keys = st.sampled_from(
 
 @FAST
 @given(
-    base=valid_claims,
+    base=some_claims,
     changes=st.dictionaries(wire_keys, json_values, max_size=3),
     payload_bytes=st.binary(max_size=64),
 )
