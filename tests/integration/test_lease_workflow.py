@@ -315,3 +315,19 @@ async def test_hold_context_manager_heartbeats_and_releases(runtime: Any) -> Non
     view = await leases.describe(ws, g)
     assert view.holders == [] and view.liveness == "draining"
     await leases.drain(ws, g, wait=True)
+
+
+async def test_projection_on_postgresql(pg_runtime: Any) -> None:
+    leases = pg_runtime.leases(idle_grace_seconds=0.2)
+    ws, g = ids()
+    grant = await leases.acquire(ws, g, holder_id="t1")
+    repo = LeaseRepository(pg_runtime.db)
+    warm = await eventually(lambda: _projected(repo, ws, g, "warm"))
+    assert pg_runtime.db.dialect == "postgresql"
+    assert (warm.epoch, warm.instance_id) == (grant.epoch, grant.instance_id)
+    assert [(h.kind, h.holder_id) for h in warm.holders] == [("turn", "t1")]
+    await leases.release(ws, g, "t1")
+    cold = await eventually(lambda: _projected(repo, ws, g, "cold"))
+    assert cold.epoch == grant.epoch + 1 and cold.holders == []
+    listed = await repo.list(liveness="cold", workspace_id=ws)
+    assert [r.group_id for r in listed] == [g]

@@ -1,0 +1,366 @@
+"""Real pseudo-terminals for Channel-A: a shell in the box attached to a PTY the worker holds.
+
+The worker opens the PTY pair, keeps the master and gives the slave to a process that runs in the
+box as its controlling terminal; resizing is ``TIOCSWINSZ`` on the master, so programs in the box
+get ``SIGWINCH`` and ``stty size`` sees the new size. How the process enters the box is the job of
+a :class:`PtyLauncher`; :class:`LocalPtyLauncher` does it for the ``local`` provider.
+
+``LocalPtyLauncher`` uses only the public surface of :class:`providers.local.LocalBoxSession`
+(``path``, ``workspace_path``, ``instance_id`` and ``exec``). In ``process`` isolation the shell
+runs on the host with the box's directories, exactly like an exec. In ``bubblewrap`` isolation it
+builds its own ``bwrap`` sandbox with the same mounts as the box (``/workspace``, ``/root``,
+``/tmp``, the host read-only, the boxes directory hidden) but in a PID namespace of its own: the
+box's namespace handles are private to the provider. Both carry the box marker variable, so
+``terminate`` of the box kills the shell too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import struct
+import termios
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
+
+from sandbox.channel_a.models import PtyExitReason
+from sandbox.errors import ChannelAConflict, ChannelAUnavailable, ChannelAUnsupported
+
+if TYPE_CHECKING:
+    from providers.base import BoxSession
+    from providers.local import LocalBoxSession
+
+__all__ = ["LocalPtyLauncher", "PtyLauncher", "PtyProcess", "default_pty_launcher"]
+
+_READ_CHUNK: Final = 65536
+_MAX_UNREAD: Final = 4 * 1024 * 1024
+_EXIT_DRAIN_SECONDS: Final = 0.05
+_BASE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Top-level host entries the box never sees from the host (mirrors the provider's layout).
+_NOT_BOUND: Final = frozenset({"proc", "dev", "tmp", "root", "workspace"})
+
+
+@runtime_checkable
+class PtyLauncher(Protocol):
+    """Starts a process inside one box with a given terminal as its controlling terminal."""
+
+    async def launch(
+        self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], tty_fd: int
+    ) -> asyncio.subprocess.Process:
+        """Start ``argv`` in the box, in directory ``cwd`` (as the box sees it), on ``tty_fd``.
+
+        The returned process must lead its own session with ``tty_fd`` as controlling terminal,
+        so that killing its process group and hanging up the terminal end the shell.
+        """
+        ...
+
+
+def _take_terminal() -> None:
+    # Runs in the child between fork and exec: new session, then fd 0 becomes its terminal.
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class LocalPtyLauncher:
+    """Runs PTY processes in a ``local`` provider box (see the module docstring for the limits)."""
+
+    def __init__(self, session: LocalBoxSession) -> None:
+        self._session = session
+        self._mode: Literal["process", "bubblewrap"] | None = None
+
+    async def _isolation(self) -> Literal["process", "bubblewrap"]:
+        if self._mode is None:
+            # In process isolation commands see the host path of the workspace; in bubblewrap, /workspace.
+            result = await self._session.exec(["pwd", "-P"], timeout=30)
+            seen = result.stdout.decode(errors="replace").strip()
+            self._mode = "process" if seen == os.path.realpath(self._session.workspace_path) else "bubblewrap"
+        return self._mode
+
+    async def launch(
+        self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], tty_fd: int
+    ) -> asyncio.subprocess.Process:
+        """Start ``argv`` in the box on ``tty_fd``; see :class:`PtyLauncher`."""
+        from providers.local import BOX_HOME, BOX_MARKER_VAR, WORKSPACE_ROOT
+
+        box = self._session.path
+        marker = {BOX_MARKER_VAR: self._session.instance_id}
+        base = {"PATH": _BASE_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
+        if await self._isolation() == "process":
+            full_env = {**base, "HOME": str(box / "home"), "TMPDIR": str(box / "tmp"), **env, **marker}
+            command, workdir = list(argv), cwd
+        else:
+            bwrap = shutil.which("bwrap")
+            if bwrap is None:
+                raise ChannelAUnavailable("bubblewrap disappeared from this host")
+            full_env = {**base, "HOME": BOX_HOME, **env, **marker}
+            command = [
+                bwrap,
+                *_host_layout(box.parent),
+                "--bind", str(self._session.workspace_path), WORKSPACE_ROOT,
+                "--bind", str(box / "home"), BOX_HOME,
+                "--bind", str(box / "tmp"), "/tmp",
+                "--dev", "/dev",
+                "--proc", "/proc",
+                "--remount-ro", "/",
+                "--unshare-user", "--unshare-pid",
+                "--cap-drop", "ALL",
+                "--die-with-parent",
+                "--chdir", cwd,
+                "--", *argv,
+            ]  # fmt: skip
+            workdir = None
+        try:
+            return await asyncio.create_subprocess_exec(
+                *command,
+                stdin=tty_fd,
+                stdout=tty_fd,
+                stderr=tty_fd,
+                cwd=workdir,
+                env=full_env,
+                preexec_fn=_take_terminal,
+            )
+        except OSError as err:
+            raise ChannelAUnavailable(f"cannot start the PTY process: {err}") from err
+
+
+def _host_layout(hidden: Path) -> list[str]:
+    """Read-only binds of the host's top-level directories, with the boxes directory hidden."""
+    args: list[str] = []
+    bound: set[str] = set()
+    for name in sorted(os.listdir("/")):
+        if name in _NOT_BOUND:
+            continue
+        host = "/" + name
+        if os.path.islink(host):
+            args += ["--symlink", os.readlink(host), host]
+        elif os.path.isdir(host):
+            args += ["--ro-bind", host, host]
+            bound.add(name)
+    real = Path(os.path.realpath(hidden))
+    if len(real.parts) > 1 and real.parts[1] in bound:
+        args += ["--tmpfs", str(real)]
+    return args
+
+
+def default_pty_launcher(session: BoxSession) -> PtyLauncher | None:
+    """The launcher for a session: the session itself if it is one, local boxes, else ``None``."""
+    if isinstance(session, PtyLauncher):
+        return session
+    from providers.local import LocalBoxSession
+
+    if isinstance(session, LocalBoxSession):
+        return LocalPtyLauncher(session)
+    return None
+
+
+# --------------------------------------------------------------------------- the PTY itself
+
+
+def _set_size(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _session_members(sid: int) -> set[int]:
+    members: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+            if int(raw[raw.rfind(b")") + 2 :].split()[3]) == sid:
+                members.add(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
+
+
+class PtyProcess:
+    """One open PTY: the master end, the process on the slave end and its unread output.
+
+    Output is read as it arrives and handed to ``on_output`` (for events) and kept for
+    :meth:`read` (at most 4 MiB unread; the oldest bytes are dropped beyond that).
+    """
+
+    def __init__(
+        self,
+        *,
+        shell: str,
+        cwd: str,
+        cols: int,
+        rows: int,
+        on_output: Callable[[str], Awaitable[None]],
+        on_exit: Callable[[int | None, PtyExitReason], Awaitable[None]],
+    ) -> None:
+        self.pty_id = f"pty-{uuid.uuid4().hex[:16]}"
+        self.shell = shell
+        self.cwd = cwd
+        self.cols = cols
+        self.rows = rows
+        self.exit_code: int | None = None
+        self.reason: PtyExitReason | None = None
+        self._on_output = on_output
+        self._on_exit = on_exit
+        self._master = -1
+        self._process: asyncio.subprocess.Process | None = None
+        self._unread = bytearray()
+        self._data = asyncio.Event()
+        self._eof = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._exited = asyncio.Event()
+
+    @property
+    def exited(self) -> bool:
+        """Whether the process on the PTY has ended."""
+        return self._exited.is_set()
+
+    async def start(self, launcher: PtyLauncher, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        """Open the PTY pair and start ``argv`` on it through ``launcher``."""
+        master, slave = os.openpty()
+        try:
+            _set_size(master, self.cols, self.rows)
+            os.set_blocking(master, False)
+            self._process = await launcher.launch(argv, cwd=self.cwd, env=env, tty_fd=slave)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self._master = master
+        asyncio.get_running_loop().add_reader(master, self._on_readable)
+        self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._watch())]
+
+    def _on_readable(self) -> None:
+        try:
+            chunk = os.read(self._master, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""  # EIO: every slave end is closed
+        if not chunk:
+            self._stop_reading()
+            return
+        self._unread += chunk
+        if len(self._unread) > _MAX_UNREAD:
+            del self._unread[: len(self._unread) - _MAX_UNREAD]
+        self._data.set()
+        if text := self._decoder.decode(chunk):
+            self._chunks.put_nowait(text)
+
+    def _stop_reading(self) -> None:
+        if not self._eof:
+            self._eof = True
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._master)
+            self._data.set()
+
+    async def _pump(self) -> None:
+        while (text := await self._chunks.get()) is not None:
+            await self._on_output(text)
+
+    async def _watch(self) -> None:
+        assert self._process is not None
+        code = await self._process.wait()
+        await asyncio.sleep(_EXIT_DRAIN_SECONDS)  # let the last output arrive before "exited"
+        if not self._eof:
+            with contextlib.suppress(OSError):
+                self._on_readable()
+        self.exit_code = 128 - code if code < 0 else code
+        self.reason = "killed" if self._closing else "exit"
+        self._exited.set()
+        self._chunks.put_nowait(None)
+        self._data.set()
+        await self._tasks[0]
+        await self._on_exit(self.exit_code, self.reason)
+
+    async def read(self, timeout: float = 0.0, max_bytes: int = _MAX_UNREAD) -> bytes:
+        """Unread output, waiting up to ``timeout`` seconds for some; ``b""`` when none came."""
+        if not self._unread and not self._eof and not self.exited and timeout > 0:
+            self._data.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._data.wait(), timeout)
+        out = bytes(self._unread[:max_bytes])
+        del self._unread[:max_bytes]
+        return out
+
+    async def read_until(self, needle: bytes, timeout: float) -> bytes:
+        """Read until ``needle`` appears in the output read by this call, or until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        out = b""
+        while needle not in out:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.exited and not self._unread):
+                break
+            out += await self.read(timeout=left)
+        return out
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` to the terminal (as if typed).
+
+        Raises:
+            ChannelAConflict: the process on the terminal has exited (upstream's "pty session lost").
+            ChannelAUnavailable: writing to the terminal failed.
+        """
+        view = memoryview(data)
+        while view:
+            if self.exited:
+                raise ChannelAConflict(f"pty session lost: {self.pty_id} has exited", retryable=False)
+            try:
+                view = view[os.write(self._master, view) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+            except OSError as err:
+                raise ChannelAUnavailable(f"cannot write to {self.pty_id}: {err}") from err
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the terminal size; the foreground program gets ``SIGWINCH``."""
+        if self._master < 0:
+            raise ChannelAUnsupported(f"{self.pty_id} is not open")
+        _set_size(self._master, cols, rows)
+        self.cols, self.rows = cols, rows
+
+    async def close(self, grace: float = 1.0) -> tuple[int | None, PtyExitReason]:
+        """End the process (hang-up, then ``SIGKILL`` after ``grace``) and release the PTY."""
+        process = self._process
+        if process is not None and not self.exited:
+            self._closing = True
+            self._signal(signal.SIGHUP)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited.wait()), grace)
+            except TimeoutError:
+                self._signal(signal.SIGKILL)
+                await self._exited.wait()
+        elif process is not None:
+            await self._exited.wait()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._stop_reading()
+        if self._master >= 0:
+            os.close(self._master)
+            self._master = -1
+        return self.exit_code, self.reason or "exit"
+
+    def _signal(self, signum: signal.Signals) -> None:
+        # Only while the leader is unreaped: its pid (and session id) cannot have been reused yet.
+        assert self._process is not None
+        if self._process.returncode is not None:
+            return
+        pid = self._process.pid
+        targets = _session_members(pid) | {pid}
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signum)
+        for member in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(member, signum)
