@@ -69,9 +69,11 @@ async def connect(settings: Settings) -> Client:
     )
 
 
-def build_worker(client: Client, settings: Settings, db: Database, **overrides: Any) -> Worker:
+def build_worker(
+    client: Client, settings: Settings, db: Database, providers: ProviderRegistry, **overrides: Any
+) -> Worker:
     """A worker for the lease workflow and its activities on the configured task queue."""
-    boxes = BoxActivities(ProviderRegistry(settings))
+    boxes = BoxActivities(providers)
     projection = ProjectionActivities(LeaseRepository(db))
     options: dict[str, Any] = {
         "task_queue": settings.task_queue,
@@ -104,12 +106,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    worker = build_worker(client, settings, db)
+    providers = ProviderRegistry(settings)
+    worker = build_worker(client, settings, db, providers)
     log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
     try:
         async with worker:
             await stop.wait()
     finally:
+        await providers.aclose()
         await db.dispose()
     log.info("worker stopped")
 

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -47,7 +47,7 @@ from temporalio import workflow  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
 
-from bench.stack import BenchStack, bench_stack  # noqa: E402
+from bench.stack import BenchStack, bench_stack, process_cpu_seconds  # noqa: E402
 from client import LeaseClient  # noqa: E402
 from providers.base import BoxSpec  # noqa: E402
 from providers.local import LocalProvider  # noqa: E402
@@ -57,6 +57,7 @@ from worker import connect  # noqa: E402
 from workflows.lease import LeaseWorkflow  # noqa: E402
 from workflows.models import AcquireRequest  # noqa: E402
 
+T = TypeVar("T")
 WORKSPACE = "bench"
 #: Timers of every lease in the run: holders never expire and a released box stays warm for an
 #: hour, so an acquire after a release re-arms the box; cold acquires force teardown with drain.
@@ -151,6 +152,8 @@ class Cycling:
     worker_rss_end_mb: float
     worker_hwm_mb: float
     worker_rss_peak_sampled_mb: float
+    cpu_ms_per_cycle: dict[str, float]
+    """CPU time per completed cycle of the worker, the Temporal server and this (client) process."""
     box_processes: int
     box_processes_rss_mb: float
     box_dirs: int
@@ -177,10 +180,10 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[int, Any]:
-    """Await ``call()``; its duration in nanoseconds and its result."""
+async def timed(call: Awaitable[T]) -> tuple[int, T]:
+    """Await ``call`` (a coroutine does nothing until awaited); its duration in nanoseconds and its result."""
     start = time.perf_counter_ns()
-    result = await call()
+    result = await call
     return time.perf_counter_ns() - start, result
 
 
@@ -198,12 +201,12 @@ async def measure_warm(client: Client, leases: LeaseClient, params: Params, repo
         handle = leases.handle(WORKSPACE, group)
         for i in range(params.warmup + params.n):
             keep = i >= params.warmup
-            elapsed, _ = await timed(lambda: noop.execute_update(NoopWorkflow.echo, f"ping-{i}"))
+            elapsed, _ = await timed(noop.execute_update(NoopWorkflow.echo, f"ping-{i}"))
             if keep:
                 samples["noop"].append(elapsed)
 
             holder = f"uws-{i}"
-            elapsed, grant = await timed(lambda: leases.acquire(WORKSPACE, group, holder_id=holder))
+            elapsed, grant = await timed(leases.acquire(WORKSPACE, group, holder_id=holder))
             if grant.role != "attached":
                 report.note_anomaly(f"warm acquire (update-with-start) got role {grant.role}")
             await leases.release(WORKSPACE, group, holder)
@@ -212,7 +215,7 @@ async def measure_warm(client: Client, leases: LeaseClient, params: Params, repo
 
             holder = f"plain-{i}"
             request = AcquireRequest(kind="turn", holder_id=holder)
-            elapsed, grant = await timed(lambda: handle.execute_update(LeaseWorkflow.acquire, request))
+            elapsed, grant = await timed(handle.execute_update(LeaseWorkflow.acquire, request))
             if grant.role != "attached":
                 report.note_anomaly(f"warm acquire (plain update) got role {grant.role}")
             await leases.release(WORKSPACE, group, holder)
@@ -232,14 +235,14 @@ async def measure_cold(leases: LeaseClient, params: Params, report: Report) -> N
     rewarm: list[int] = []
     for i in range(params.cold_n):
         group = f"cold-{i:03d}"
-        elapsed, grant = await timed(lambda: leases.acquire(WORKSPACE, group, holder_id="h"))
+        elapsed, grant = await timed(leases.acquire(WORKSPACE, group, holder_id="h"))
         if grant.role != "spawner":
             report.note_anomaly(f"cold acquire (new lease) got role {grant.role}")
         fresh.append(elapsed)
         await leases.drain(WORKSPACE, group, reason="bench", wait=True)
         await leases.stop(WORKSPACE, group)
 
-        elapsed, grant = await timed(lambda: leases.acquire(WORKSPACE, "rewarm", holder_id="h"))
+        elapsed, grant = await timed(leases.acquire(WORKSPACE, "rewarm", holder_id="h"))
         if grant.role != "spawner":
             report.note_anomaly(f"cold acquire (re-warm) got role {grant.role}")
         rewarm.append(elapsed)
@@ -271,17 +274,17 @@ async def measure_exec(stack: BenchStack, leases: LeaseClient, params: Params, r
     try:
         for i in range(params.warmup + params.exec_n):
             keep = i >= params.warmup
-            elapsed, out = await timed(lambda: leases.exec(WORKSPACE, group, ["true"], epoch=grant.epoch))
+            elapsed, out = await timed(leases.exec(WORKSPACE, group, ["true"], epoch=grant.epoch))
             if out.exit_code != 0:
                 report.note_anomaly(f"lease exec true exited {out.exit_code}")
             if keep:
                 samples["lease"].append(elapsed)
-            elapsed, code = await timed(_direct_true)
+            elapsed, code = await timed(_direct_true())
             if code != 0:
                 report.note_anomaly(f"direct true exited {code}")
             if keep:
                 samples["direct"].append(elapsed)
-            elapsed, result = await timed(lambda: session.exec(["true"], timeout=30))
+            elapsed, result = await timed(session.exec(["true"], timeout=30))
             if result.exit_code != 0:
                 report.note_anomaly(f"provider exec true exited {result.exit_code}")
             if keep:
@@ -307,6 +310,15 @@ def _boxes_by_lease(stack: BenchStack) -> Counter[str]:
         except (OSError, ValueError, KeyError):
             per_lease["<unreadable box.json>"] += 1
     return per_lease
+
+
+def cpu_now(stack: BenchStack) -> dict[str, float]:
+    """CPU seconds used so far by the worker, the Temporal server and this process."""
+    return {
+        "worker": process_cpu_seconds(stack.worker_pid),
+        "temporal": process_cpu_seconds(stack.temporal_pid),
+        "bench client": time.process_time(),
+    }
 
 
 async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params, report: Report) -> None:
@@ -351,6 +363,7 @@ async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params
             await asyncio.sleep(0.25)
 
     sampler = asyncio.create_task(sample_memory())
+    cpu_before = cpu_now(stack)
     started = time.monotonic()
     try:
         await asyncio.gather(*(cycle(g) for g in groups))
@@ -359,6 +372,8 @@ async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
     elapsed = time.monotonic() - started
+    cpu_after = cpu_now(stack)
+    done = max(1, len(latencies))
     memory = stack.worker_memory()
     processes, processes_rss = stack.worker_children_rss_mb()
     per_lease = _boxes_by_lease(stack)
@@ -373,6 +388,7 @@ async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params
         cycle=summarize(latencies),
         roles=dict(roles),
         errors=dict(failures),
+        cpu_ms_per_cycle={name: (cpu_after[name] - cpu_before[name]) * 1000 / done for name in cpu_before},
         worker_rss_end_mb=memory.rss_mb,
         worker_hwm_mb=memory.hwm_mb,
         worker_rss_peak_sampled_mb=max(peak, memory.rss_mb),
@@ -446,7 +462,9 @@ def targets(report: Report) -> list[Target]:
         Target("warm acquire p50 (LeaseClient.acquire)", warm, 20.0, "ms", True),
         Target("warm acquire p50 / bare update p50", warm / base, 1.5, "x", True),
         Target("cold acquire p50, new lease", lat["cold_acquire_new_lease"].p50_ms, 250.0, "ms", True),
-        Target("cold acquire p50, re-warm after drain", lat["cold_acquire_rewarm_after_drain"].p50_ms, 250.0, "ms", True),
+        Target(
+            "cold acquire p50, re-warm after drain", lat["cold_acquire_rewarm_after_drain"].p50_ms, 250.0, "ms", True
+        ),
         Target("exec true overhead p50 (lease - direct)", overhead, 15.0, "ms", True),
     ]
     if report.cycling is not None:
@@ -458,6 +476,12 @@ def targets(report: Report) -> list[Target]:
     return found
 
 
+def cpu_bound_rate(c: Cycling, report: Report) -> float:
+    """Cycles per second the measured CPU cost per cycle allows on this machine's cores, if nothing else ran."""
+    total_ms = sum(c.cpu_ms_per_cycle.values())
+    return (report.meta["cores"] or 1) * 1000 / total_ms if total_ms > 0 else math.inf
+
+
 def render(report: Report) -> str:
     """The human-readable table of figures and targets."""
     lat = report.latency
@@ -467,6 +491,8 @@ def render(report: Report) -> str:
     lines = [
         f"lease spine benchmark  {m['date']}  {m['mode']} run",
         f"machine: {m['cores']} cores, {m['platform']}, python {m['python']}, temporal CLI {m['temporal_cli']}",
+        f"load average (1 min): {m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end (this run included)"
+        + ("  <- other work competed for the CPU; absolute figures are inflated" if busy(m) else ""),
         f"stack: temporal dev server ({m['temporal_db']} SQLite), worker subprocess `python -m worker`, "
         f"SQLite store, local provider (isolation: worker {m.get('isolation_worker', '?')})",
         f"timers: holder TTL {HOLDER_TTL_SECONDS:g}s, idle grace {IDLE_GRACE_SECONDS:g}s -> a released box stays "
@@ -506,6 +532,9 @@ def render(report: Report) -> str:
             f"  {c.cycles} cycles = {c.cycles_per_second:.1f} cycles/s; "
             f"cycle p50 {c.cycle.p50_ms:.1f} ms, p99 {c.cycle.p99_ms:.1f} ms",
             f"  roles {c.roles}; errors {c.errors or 'none'}",
+            "  CPU per cycle: "
+            + ", ".join(f"{name} {ms:.1f} ms" for name, ms in c.cpu_ms_per_cycle.items())
+            + f" -> at most ~{cpu_bound_rate(c, report):.0f} cycles/s on {report.meta['cores']} idle cores",
             f"  worker RSS: end {c.worker_rss_end_mb:.0f} MB, peak VmHWM {c.worker_hwm_mb:.0f} MB "
             f"(sampled peak {c.worker_rss_peak_sampled_mb:.0f} MB); "
             f"{c.box_processes} box processes under it, {c.box_processes_rss_mb:.0f} MB RSS together",
@@ -541,6 +570,11 @@ def _temporal_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "?"
     return out.strip().removeprefix("temporal version ")
+
+
+def busy(meta: dict[str, Any]) -> bool:
+    """Whether the machine carried other load during the run (1-min load above half the cores at start)."""
+    return bool(meta["loadavg_start"] > 0.5 * (meta["cores"] or 1))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -583,6 +617,7 @@ def main() -> int:
             "params": asdict(params),
             "holder_ttl_seconds": HOLDER_TTL_SECONDS,
             "idle_grace_seconds": IDLE_GRACE_SECONDS,
+            "loadavg_start": os.getloadavg()[0],
         }
     )
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the run as Ctrl-C does, with cleanup
@@ -597,6 +632,7 @@ def main() -> int:
         progress("interrupted; the stack was stopped")
         return 130
     report.meta["total_seconds"] = round(time.monotonic() - started, 1)
+    report.meta["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(as_json(report), indent=2) if args.json else render(report))
     return 0
 

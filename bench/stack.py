@@ -58,6 +58,14 @@ def process_memory(pid: int) -> ProcessMemory:
     return ProcessMemory(rss_mb=values["VmRSS"], hwm_mb=values["VmHWM"])
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used so far, in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -117,6 +125,11 @@ class BenchStack:
     def worker(self) -> _Child:
         """The worker subprocess (``python -m worker``)."""
         return self.runner.children["worker"]
+
+    @property
+    def temporal_pid(self) -> int:
+        """Pid of the Temporal dev server (the CLI binary runs the server in its own process)."""
+        return self.runner.children["temporal"].proc.pid
 
     @property
     def worker_pid(self) -> int:

@@ -890,7 +890,8 @@ class LocalProvider:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
-                    env=dict(env),
+                    # The holder is ours, not the box's: a box PATH without `sleep` must not break it.
+                    env={**env, "PATH": _BASE_PATH},
                     start_new_session=True,
                 )
         except BaseException:

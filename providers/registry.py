@@ -31,6 +31,14 @@ class ProviderRegistry:
             self._providers[backend] = provider
         return provider
 
+    async def aclose(self) -> None:
+        """Release what providers hold for the worker's lifetime (e.g. the local boxes' namespace holders)."""
+        for provider in self._providers.values():
+            close = getattr(provider, "aclose", None)
+            if close is not None:
+                await close()
+        self._providers.clear()
+
     def _build(self, backend: str) -> Provider:
         from providers.descriptors import SANDBOX_BACKENDS
 
@@ -39,7 +47,12 @@ class ProviderRegistry:
         if backend == "local":
             from providers.local import LocalProvider
 
-            return LocalProvider(self._settings.boxes_dir(), bubblewrap=self._settings.local_use_bubblewrap)
+            # Boxes must not read the data dir (store, secrets, other boxes) through the host view.
+            return LocalProvider(
+                self._settings.boxes_dir(),
+                bubblewrap=self._settings.local_use_bubblewrap,
+                hidden_paths=[self._settings.data_dir.resolve()],
+            )
         if backend == "none":
             from providers.none import NoneProvider
 

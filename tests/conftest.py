@@ -200,16 +200,19 @@ FAST_TIMERS: dict[str, float] = {
 @contextlib.asynccontextmanager
 async def running_runtime(client: Client, settings: Any) -> AsyncIterator[Runtime]:
     """Migrate the store and run the lease worker in this process for the block's duration."""
+    from providers.registry import ProviderRegistry
     from store.database import Database
     from worker import build_worker
 
     db = Database.for_settings(settings)
     await db.migrate()
-    worker = build_worker(client, settings, db, graceful_shutdown_timeout=timedelta(seconds=1))
+    providers = ProviderRegistry(settings)
+    worker = build_worker(client, settings, db, providers, graceful_shutdown_timeout=timedelta(seconds=1))
     try:
         async with worker:
             yield Runtime(client, settings, db)
     finally:
+        await providers.aclose()
         await db.dispose()
 
 

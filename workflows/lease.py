@@ -155,7 +155,8 @@ class LeaseWorkflow:
         elif s.liveness == "warm":
             forced = s.drain_requested or ("stop" if s.stop_requested else None)
             if forced:
-                s.holders = []
+                # The drain/stop handler already dropped the holders it fenced; holders present now
+                # arrived afterwards and wait for the next box.
                 s.drain_deadline = now
                 self._transition("draining", f"drain: {forced}")
             elif not s.holders:
@@ -167,12 +168,14 @@ class LeaseWorkflow:
 
     def _teardown_due(self, now: datetime) -> bool:
         s = self.s
-        if s.holders or self._inflight or self._tearing_down:
+        if self._inflight or self._tearing_down:
             return False
         if self._teardown_retry_at and now < self._teardown_retry_at:
             return False
         if s.drain_requested or s.stop_requested:
-            return True  # an explicit drain or stop overrides the idle grace and any hold
+            return True  # an explicit drain or stop overrides later holders, the idle grace and any hold
+        if s.holders:
+            return False
         if s.hold_until and now < s.hold_until:
             return False
         return s.drain_deadline is None or now >= s.drain_deadline
@@ -483,7 +486,7 @@ class LeaseWorkflow:
             self._touch()
         else:
             holder.last_heartbeat_at = now
-        if s.liveness == "warm" and not self._tearing_down:
+        if s.liveness == "warm" and not self._tearing_down and not s.drain_requested:
             return self._grant(req, "attached")
         if s.liveness == "draining" and not self._tearing_down and not s.drain_requested:
             s.drain_deadline = None
@@ -496,7 +499,7 @@ class LeaseWorkflow:
         try:
             await workflow.wait_condition(
                 lambda: (
-                    (s.liveness == "warm" and not self._tearing_down)
+                    (s.liveness == "warm" and not self._tearing_down and not s.drain_requested)
                     or self._failures > failures
                     or s.stop_requested
                     or self._find(req.kind, req.holder_id) is None

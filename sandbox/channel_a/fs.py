@@ -234,11 +234,8 @@ head -c {int(max_bytes) + 1} <&3
 
 def _prepare_parent(create_parents: bool) -> str:
     """Shell that sets ``ca_dest`` to ``<real parent>/<name>`` of ``opengeni_rel``, creating parents."""
-    mkdir = (
-        f'mkdir -p -- "$ca_dir" 2>/dev/null || {_fail(MARK_OP_FAILED, "cannot create the parent directory", EXIT_OP_FAILED)}\n'
-        if create_parents
-        else ""
-    )
+    failed = _fail(MARK_OP_FAILED, "cannot create the parent directory", EXIT_OP_FAILED)
+    mkdir = f'mkdir -p -- "$ca_dir" 2>/dev/null || {failed}\n' if create_parents else ""
     return f"""\
 ca_name=${{opengeni_rel##*/}}
 ca_dir=${{opengeni_root%/}}/$opengeni_rel

@@ -57,7 +57,17 @@ NOT_REPO: Final = b"__CHANNEL_A_GIT_NOT_REPO__\n"
 EMPTY_TREE: Final = "__CHANNEL_A_EMPTY_TREE__"
 """A ``from`` selector meaning the empty tree (diff of a root commit)."""
 LOG_FORMAT: Final = "%H%x1f%h%x1f%P%x1f%an%x1f%ae%x1f%at%x1f%cn%x1f%ce%x1f%ct%x1f%s%x1f%b%x1e"
-DISCOVERY_PRUNE: Final = ("node_modules", ".cache", ".local", "dist", "build", "target", ".venv", "__pycache__", ".next")
+DISCOVERY_PRUNE: Final = (
+    "node_modules",
+    ".cache",
+    ".local",
+    "dist",
+    "build",
+    "target",
+    ".venv",
+    "__pycache__",
+    ".next",
+)
 
 _REF_RE: Final = re.compile(r"[A-Za-z0-9_./~^@{}:+\-]{1,256}")
 _IMAGE_RE: Final = re.compile(r"\.(png|jpe?g|gif|webp|bmp|ico|svg|tiff?)$", re.IGNORECASE)
@@ -160,7 +170,7 @@ def diff_commands(
     setup = git_prelude() + _not_repo_guard()
     if words and words[0] == EMPTY_TREE:
         setup += "ca_empty=$(ca_git hash-object -t tree /dev/null) || exit 1\n"
-        setup += f"ca_range=(\"$ca_empty\" {git_words(words[1:])})\n"
+        setup += f'ca_range=("$ca_empty" {git_words(words[1:])})\n'
     else:
         setup += f"ca_range=({git_words(words)})\n"
     if head_or_cached:

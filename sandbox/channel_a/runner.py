@@ -106,7 +106,7 @@ def capture_script(commands: Sequence[tuple[str, str]]) -> str:
     and NUL-separated records need no escaping. Names are lowercase letters and ``_``.
     """
     lines = [
-        'opengeni_cap=$(mktemp -d 2>/dev/null || mktemp -d -t channel-a) || exit 1',
+        "opengeni_cap=$(mktemp -d 2>/dev/null || mktemp -d -t channel-a) || exit 1",
         "trap 'rm -rf \"$opengeni_cap\"' EXIT",
     ]
     for name, command in commands:

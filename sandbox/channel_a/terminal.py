@@ -19,7 +19,9 @@ from sandbox.paths import shell_quote
 __all__ = ["TERMINAL_FRAME", "TerminalOutput", "parse_terminal_output", "terminal_command"]
 
 TERMINAL_FRAME: Final = b"__CHANNEL_A_TERMINAL_V1__\t"
-_FRAME_RE: Final = re.compile(rb"__CHANNEL_A_TERMINAL_V1__\t([01])\t(-?[0-9]+)\t([0-9]+)\t([0-9]+)\t([0-9]+)\t([0-9]+)\n")
+_FRAME_RE: Final = re.compile(
+    rb"__CHANNEL_A_TERMINAL_V1__\t([01])\t(-?[0-9]+)\t([0-9]+)\t([0-9]+)\t([0-9]+)\t([0-9]+)\n"
+)
 
 
 def terminal_command(command: str, *, timeout_seconds: float, max_output_bytes: int) -> str:

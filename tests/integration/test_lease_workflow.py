@@ -331,3 +331,30 @@ async def test_projection_on_postgresql(pg_runtime: Any) -> None:
     assert cold.epoch == grant.epoch + 1 and cold.holders == []
     listed = await repo.list(liveness="cold", workspace_id=ws)
     assert [r.group_id for r in listed] == [g]
+
+
+async def test_acquire_racing_a_drain_gets_a_fresh_box(runtime: Any) -> None:
+    leases = runtime.leases(idle_grace_seconds=30)
+    ws, g = ids()
+    old = await leases.acquire(ws, g, holder_id="t1")
+    await leases.drain(ws, g)  # no wait: the acquire below races the teardown
+    new = await leases.acquire(ws, g, holder_id="t2")
+    assert new.instance_id != old.instance_id
+    assert new.epoch == old.epoch + 2  # drain → cold (+1), new warm commit (+1)
+    assert not box_dir_of(runtime, old.instance_id).exists()
+    view = await leases.describe(ws, g)
+    assert [(h.kind, h.holder_id) for h in view.holders] == [("turn", "t2")]
+    await leases.drain(ws, g, wait=True)
+
+
+async def test_box_sees_its_workspace_but_not_the_data_dir(runtime: Any) -> None:
+    leases = runtime.leases()
+    ws, g = ids()
+    await leases.acquire(ws, g, holder_id="t1")
+    data_dir = runtime.settings.data_dir.resolve()
+    out = await leases.exec(ws, g, ["sh", "-c", f"ls {data_dir}/sandbox.db; echo rc=$?"])
+    assert "rc=0" not in out.stdout, out
+    out = await leases.exec(ws, g, ["sh", "-c", "pwd; echo x > /workspace/f && cat /workspace/f; touch /usr/nope"])
+    assert out.stdout.splitlines()[:2] == ["/workspace", "x"]
+    assert out.exit_code != 0  # the rest of the host is read-only
+    await leases.drain(ws, g, wait=True)
