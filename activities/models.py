@@ -6,6 +6,8 @@ modules never import provider or database code.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from store.records import LeaseEventRecord, LeaseRecord
@@ -109,3 +111,27 @@ class SeedResult(BaseModel):
     version: int = 0
     """The projection's last transition_seq: a new run counts on from there so its writes apply."""
     found: bool = False
+
+
+# ---------------------------------------------------------------- desktop and terminal planes
+
+ENSURE_PLANE = "ensure_plane"
+TEAR_DOWN_PLANES = "tear_down_planes"
+
+
+class PlaneRequest(BaseModel):
+    """Bring up (idempotently) one viewer plane of a box and its token-checking edge."""
+
+    backend: str
+    envelope: BoxEnvelope
+    lease_id: str
+    epoch: int
+    plane: Literal["desktop", "terminal"]
+    geometry: str = "1280x800"
+
+
+class TearDownPlanesRequest(BaseModel):
+    """Stop every plane of a box (best effort) before it is drained."""
+
+    backend: str
+    envelope: BoxEnvelope

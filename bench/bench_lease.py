@@ -109,7 +109,7 @@ class Params:
 
 
 FULL = Params(n=300, warmup=20, cold_n=50, exec_n=200, leases=200, seconds=20.0)
-QUICK = Params(n=40, warmup=5, cold_n=8, exec_n=40, leases=50, seconds=5.0)
+QUICK = Params(n=30, warmup=5, cold_n=6, exec_n=30, leases=20, seconds=5.0)
 
 
 @dataclass(frozen=True)

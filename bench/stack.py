@@ -179,6 +179,23 @@ class BenchStack:
             await asyncio.sleep(0.05)
 
 
+async def _wait_frontend(stack: BenchStack, timeout: float = START_TIMEOUT_SECONDS) -> None:
+    """Wait until the dev server answers a client connection (its frontend reports healthy)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stack.check_alive()
+        try:
+            await Client.connect(stack.temporal_address)
+        except RuntimeError as err:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"temporal at {stack.temporal_address} not healthy after {timeout:.0f}s: {err}"
+                ) from err
+            await asyncio.sleep(0.05)
+        else:
+            return
+
+
 def _worker_env(data_dir: Path, temporal_address: str, task_queue: str, extra: Mapping[str, str]) -> dict[str, str]:
     wanted = {
         "SANDBOX_DATA_DIR": str(data_dir),
@@ -236,6 +253,8 @@ def bench_stack(
         dead = runner.wait_port(runner.children["temporal"], port)
         if dead is not None:
             stack.check_alive()
+        # The port opens before the frontend is healthy; a worker connecting then would exit at once.
+        asyncio.run(_wait_frontend(stack))
         env = _worker_env(data, address, task_queue, worker_env or {})
         runner.spawn("worker", [sys.executable, "-m", "worker"], env=env)
         yield stack

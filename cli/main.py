@@ -18,10 +18,11 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so each module can import `app` helpers without cycles.
-    from cli import lease, stack
+    from cli import channel_a, lease, stack
 
     stack.register(app)
     lease.register(app)
+    channel_a.register(app)
 
 
 def main() -> None:

@@ -42,8 +42,10 @@ NEXT_COMMAND = "sandboxctl lease acquire demo g1"
 
 #: How long a child may take to open its port before ``up`` gives up.
 START_TIMEOUT_SECONDS = 60.0
-#: How long a child may take to exit after SIGTERM before it gets SIGKILL.
+#: How long the servers may take to exit after SIGTERM before they get SIGKILL.
 STOP_TIMEOUT_SECONDS = 10.0
+#: The same for the worker: longer than its graceful shutdown, which lets running activities finish.
+WORKER_STOP_TIMEOUT_SECONDS = 20.0
 LOG_TAIL_LINES = 20
 _POLL_SECONDS = 0.02
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -487,14 +489,16 @@ class _StackRunner:
         A stop signal received meanwhile (a second Ctrl-C) skips the grace period: SIGKILL at once.
         """
         impatient_after = self.stop.count
-        self._terminate([c for name, c in self.children.items() if name == "worker"], impatient_after)
-        self._terminate([c for name, c in self.children.items() if name != "worker"], impatient_after)
+        workers = [c for name, c in self.children.items() if name == "worker"]
+        servers = [c for name, c in self.children.items() if name != "worker"]
+        self._terminate(workers, WORKER_STOP_TIMEOUT_SECONDS, impatient_after)
+        self._terminate(servers, STOP_TIMEOUT_SECONDS, impatient_after)
 
-    def _terminate(self, children: list[_Child], impatient_after: int) -> None:
+    def _terminate(self, children: list[_Child], timeout: float, impatient_after: int) -> None:
         for child in children:
             if child.alive():
                 _signal_group(child, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        deadline = time.monotonic() + timeout
         for child in children:
             # Wait for the leader itself: Temporal's SQLite file is reusable only once it has exited.
             while child.alive() and time.monotonic() < deadline and self.stop.count <= impatient_after:

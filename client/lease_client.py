@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
 
+from pydantic import BaseModel, Field
 from temporalio.client import (
     Client,
     RPCError,
@@ -41,6 +43,7 @@ from workflows.models import (
     ID_PATTERN,
     MAX_ID_LENGTH,
     AcquireRequest,
+    AttachViewerRequest,
     BoxLostReport,
     BoxLostResult,
     DrainRequest,
@@ -56,7 +59,9 @@ from workflows.models import (
     LeaseSpec,
     LeaseTimers,
     LeaseView,
+    PlaneEndpoint,
     ReleaseResult,
+    ViewerAttachment,
     lease_workflow_id,
 )
 
@@ -126,6 +131,28 @@ def translate(err: BaseException) -> errors.SandboxError:
     return errors.SandboxError(str(cause or err))
 
 
+PLANE_PORTS = {"desktop": 6080, "terminal": 7681}
+"""The in-box ports of the planes (upstream DESKTOP_STREAM_PORT / TERMINAL_STREAM_PORT), carried in the token."""
+
+
+class ViewerCell(BaseModel):
+    """What a viewer needs to connect: the edge URL and a short-lived token to offer in-band.
+
+    The token goes in the WebSocket subprotocol list (``["binary", token]``), never in the URL.
+    """
+
+    lease_id: str
+    plane: Literal["desktop", "terminal"]
+    viewer_id: str
+    epoch: int
+    instance_id: str
+    url: str
+    token: str = Field(repr=False)
+    expires_at: datetime
+    transport: str
+    resolution: str | None = None
+
+
 class LeaseClient:
     """Acquire, heartbeat, release and operate leases through their workflows."""
 
@@ -163,14 +190,7 @@ class LeaseClient:
         _validate_kind(kind)
         chosen = backend or self.settings.default_backend
         _validate_backend(chosen)
-        spec = LeaseSpec(
-            workspace_id=workspace_id,
-            group_id=group_id,
-            backend=chosen,
-            image=image,
-            environment=environment or {},
-            timers=self.timers,
-        )
+        spec = self._spec(workspace_id, group_id, chosen, image, environment)
         req = AcquireRequest(
             kind=kind,
             holder_id=holder_id or f"{kind}-{uuid.uuid4()}",
@@ -178,20 +198,94 @@ class LeaseClient:
             expected_epoch=expected_epoch,
             backend=backend,
         )
-        start = WithStartWorkflowOperation(
+        result: LeaseGrant = await self._call(
+            lambda: self.client.execute_update_with_start_workflow(
+                LeaseWorkflow.acquire, req, start_workflow_operation=self._start_operation(spec)
+            )
+        )
+        return result
+
+    def _spec(
+        self, workspace_id: str, group_id: str, backend: str, image: str | None, environment: dict[str, str] | None
+    ) -> LeaseSpec:
+        return LeaseSpec(
+            workspace_id=workspace_id,
+            group_id=group_id,
+            backend=backend,
+            image=image,
+            environment=environment or {},
+            desktop_enabled=self.settings.desktop_enabled,
+            terminal_enabled=self.settings.terminal_enabled,
+            timers=self.timers,
+        )
+
+    def _start_operation(self, spec: LeaseSpec) -> WithStartWorkflowOperation[LeaseWorkflow, LeaseView]:
+        # update-with-start: the first call for a group creates its lease workflow, later ones join it.
+        return WithStartWorkflowOperation(
             LeaseWorkflow.run,
             LeaseInput(spec=spec),
             id=spec.lease_id,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             task_queue=self.settings.task_queue,
-            static_summary=f"lease {workspace_id}/{group_id} ({chosen})",
+            static_summary=f"lease {spec.workspace_id}/{spec.group_id} ({spec.backend})",
         )
-        result: LeaseGrant = await self._call(
+
+    async def attach_viewer(
+        self,
+        workspace_id: str,
+        group_id: str,
+        *,
+        viewer_id: str | None = None,
+        subject: str | None = None,
+        plane: Literal["desktop", "terminal"] = "desktop",
+        geometry: str = "1280x800",
+    ) -> ViewerCell:
+        """Hold the lease as a viewer, bring up the plane and mint a stream token for it (here, not in history)."""
+        validate_lease_ids(workspace_id, group_id)
+        backend = self.settings.default_backend
+        spec = self._spec(workspace_id, group_id, backend, None, None)
+        req = AttachViewerRequest(
+            viewer_id=viewer_id or str(uuid.uuid4()), subject=subject, plane=plane, geometry=geometry
+        )
+        attachment: ViewerAttachment = await self._call(
             lambda: self.client.execute_update_with_start_workflow(
-                LeaseWorkflow.acquire, req, start_workflow_operation=start
+                LeaseWorkflow.attach_viewer, req, start_workflow_operation=self._start_operation(spec)
             )
         )
-        return result
+        return self.mint_viewer_cell(attachment.grant, attachment.endpoint, subject=subject)
+
+    def mint_viewer_cell(self, grant: LeaseGrant, endpoint: PlaneEndpoint, *, subject: str | None = None) -> ViewerCell:
+        """A fresh token for a viewer of ``grant``'s epoch; call again (after a heartbeat) to renew it."""
+        from sandbox.stream_token import StreamTokenKey, claim_id, root_secret_for
+
+        ttl = self.settings.stream_token_ttl_seconds
+        key = StreamTokenKey.for_lease(root_secret_for(self.settings), grant.lease_id, grant.epoch)
+        now = int(time.time())
+        token = key.mint_for(
+            {
+                "workspace_id": claim_id(grant.lease_id.split("/")[1]),
+                "session_id": claim_id(grant.lease_id),
+                "viewer_id": claim_id(grant.holder_id),
+                "lease_epoch": grant.epoch,
+                "mode": "view",
+                "port": PLANE_PORTS[endpoint.plane],
+                "subject_id": subject,
+            },
+            now=now,
+            ttl_seconds=ttl,
+        )
+        return ViewerCell(
+            lease_id=grant.lease_id,
+            plane=endpoint.plane,
+            viewer_id=grant.holder_id,
+            epoch=grant.epoch,
+            instance_id=grant.instance_id,
+            url=endpoint.url,
+            token=token,
+            expires_at=datetime.fromtimestamp(now + ttl, tz=UTC),
+            transport=endpoint.transport,
+            resolution=endpoint.resolution,
+        )
 
     async def heartbeat(
         self, workspace_id: str, group_id: str, holder_id: str, epoch: int, *, kind: HolderKind = "turn"

@@ -21,13 +21,18 @@ them back into these classes on the client side.
      │    ├── ExecTimeout            a command ran past its timeout
      │    ├── PathNotFound           a file or directory in the box is missing (never: the box is gone)
      │    ├── Unsupported            the backend cannot do this
-     │    └── StreamPortUnavailable  no usable endpoint for the box's stream port
+     │    ├── StreamPortUnavailable  no usable endpoint for the box's stream port
+     │    ├── SelfhostedControlError a selfhosted agent answered an op with an error (never "box gone")
+     │    └── AgentOffline           (a ProviderUnavailable) the selfhosted agent does not answer; retry
      ├── ChannelAError               a Channel-A operation failed after it reached the box
      │    ├── ChannelANotFound       the path, ref or pty does not exist (404)
      │    ├── ChannelAConflict       the target already exists or the state forbids it (409)
      │    ├── ChannelAUnavailable    the box gave no usable answer; retry (never a bad path)
      │    ├── ChannelAUnsupported    this box cannot do the operation (no PTY, no exec)
      │    └── ChannelAPartialMutation  a mutation may have partly applied; not retryable
+     ├── RoutingError                a routed session could not complete an op on its active target
+     │    ├── RouteUnresolvable      the session pointer names no usable target (stale, offline, ...)
+     │    └── MutationOutcomeUnknown a mutation raced a route change; it was not replayed
      └── LeaseError                  raised by the lease workflow and surfaced by the client
           ├── StaleEpoch             the caller's epoch is not the lease's current epoch (fenced)
           ├── HolderNotFound         heartbeat/release of a holder the lease does not have
@@ -172,6 +177,85 @@ class StreamPortUnavailable(ProviderError):
     error_type = "StreamPortUnavailable"
 
 
+class SelfhostedControlError(ProviderError):
+    """A selfhosted agent (or the control plane in its name) answered an op with an ``AgentError``.
+
+    Built by :func:`sandbox.control_protocol.agent_error_to_control_error`; never means that a box
+    is gone (a user's machine cannot be recreated), so it is never a :class:`BoxNotFound`.
+
+    Attributes:
+        code: The wire error code as its integer value (``AgentErrorCode``; unknown codes kept as is).
+        reason: ``agent_offline`` / ``agent_reconnecting`` / ``consent_required``, or None.
+        fenced: The op carried an epoch older than the newest the agent has seen.
+        draining: The agent is draining or at capacity.
+        agent_offline: No agent answered.
+        os_not_found: A file or path on the machine is missing (never the machine itself).
+        payload_too_large: The request or its reply exceeded the link's per-message limit.
+        never_sent: The request provably never reached the agent, so repeating it is safe.
+        control_request_id: The request id of the failed attempt, when known.
+        detail: The agent's string detail map.
+    """
+
+    error_type = "SelfhostedControlError"
+    # Class defaults keep an instance rebuilt by error_from_type (message only) well formed.
+    code: int = 0
+    reason: str | None = None
+    fenced: bool = False
+    draining: bool = False
+    agent_offline: bool = False
+    os_not_found: bool = False
+    payload_too_large: bool = False
+    never_sent: bool = False
+    control_request_id: str | None = None
+    detail: dict[str, str] = {}  # read-only default, replaced per instance
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int,
+        reason: str | None = None,
+        retryable: bool = False,
+        fenced: bool = False,
+        draining: bool = False,
+        agent_offline: bool = False,
+        os_not_found: bool = False,
+        payload_too_large: bool = False,
+        never_sent: bool = False,
+        control_request_id: str | None = None,
+        detail: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retryable=retryable)
+        self.code = code
+        self.reason = reason
+        self.fenced = fenced
+        self.draining = draining
+        self.agent_offline = agent_offline
+        self.os_not_found = os_not_found
+        self.payload_too_large = payload_too_large
+        self.never_sent = never_sent
+        self.control_request_id = control_request_id
+        self.detail = dict(detail or {})
+
+
+class AgentOffline(ProviderUnavailable):
+    """The selfhosted agent did not answer (offline or reconnecting); retry later, never recreate.
+
+    Attributes:
+        agent_id: The agent that did not answer.
+        reason: ``agent_offline`` or ``agent_reconnecting``.
+    """
+
+    error_type = "AgentOffline"
+    agent_id: str | None = None
+    reason: str = "agent_offline"
+
+    def __init__(self, message: str, *, agent_id: str | None = None, reason: str = "agent_offline") -> None:
+        super().__init__(message)
+        self.agent_id = agent_id
+        self.reason = reason
+
+
 class ChannelAError(SandboxError):
     """A Channel-A operation (files, git, terminal, PTY) failed after it reached the box.
 
@@ -216,6 +300,43 @@ class ChannelAPartialMutation(ChannelAError):
     """A mutation failed part way and may have changed the workspace; repeating it is unsafe."""
 
     error_type = "ChannelAPartialMutation"
+
+
+class RoutingError(SandboxError):
+    """A routed session (one session moved between boxes under an epoch fence) could not complete an op."""
+
+    error_type = "RoutingError"
+
+
+class RouteUnresolvable(RoutingError):
+    """The session's active pointer names no usable target.
+
+    Attributes:
+        code: ``stale_pointer``, ``offline_enrollment``, ``unsupported_backend_context``,
+            ``transient_establishment`` or ``home_unavailable_this_turn``.
+    """
+
+    error_type = "RouteUnresolvable"
+    code: str = "stale_pointer"
+
+    def __init__(self, message: str, *, code: str = "stale_pointer", retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.code = code
+
+
+class MutationOutcomeUnknown(RoutingError):
+    """A mutation was fenced or its route changed while it ran; it was not replayed, its effect is unknown.
+
+    Attributes:
+        op: The operation (``exec``, ``write_file``, ...).
+    """
+
+    error_type = "MutationOutcomeUnknown"
+    op: str = ""
+
+    def __init__(self, message: str, *, op: str = "") -> None:
+        super().__init__(message)
+        self.op = op
 
 
 class LeaseError(SandboxError):

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str | None = None
 
+    # Viewer planes (policy for new leases)
+    desktop_enabled: bool = True
+    terminal_enabled: bool = True
+    stream_token_ttl_seconds: int = 120
+
     # Stream tokens (root secret; per-lease keys are derived from it)
     stream_token_secret: SecretStr | None = None
 

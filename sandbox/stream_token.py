@@ -32,6 +32,7 @@ import secrets
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -40,6 +41,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from pydantic.alias_generators import to_camel
 
 from sandbox.errors import SandboxConfigError, StreamTokenError
+from sandbox.settings import Settings
 
 __all__ = [
     "DEFAULT_STREAM_PORT",
@@ -502,3 +504,29 @@ def load_or_create_root_secret(path: Path) -> bytes:
     if stat.S_IMODE(mode) & 0o077:
         _log.warning("stream token root secret %s is readable by group or others (mode %o)", path, mode & 0o777)
     return secret
+
+
+ROOT_SECRET_FILENAME: Final = "stream-token.secret"
+_CLAIM_ID_NAMESPACE: Final = uuid.UUID("6b3f6c1e-6f0b-4a59-9a44-2a3f0d5b7c11")
+
+
+def root_secret_for(settings: Settings) -> bytes:
+    """The root secret: ``SANDBOX_STREAM_TOKEN_SECRET`` if set, else the file in the data dir (created once)."""
+    if settings.stream_token_secret is not None:
+        value = settings.stream_token_secret.get_secret_value()
+        if not value:
+            raise SandboxConfigError("SANDBOX_STREAM_TOKEN_SECRET is set but empty")
+        return value.encode("utf-8")
+    return load_or_create_root_secret(settings.data_dir / ROOT_SECRET_FILENAME)
+
+
+def claim_id(value: str) -> str:
+    """A claim id in the upstream UUID shape: ``value`` itself if it is a UUID, else a stable UUIDv5 of it.
+
+    Workspace, group and viewer ids are free-form strings here, while the token schema requires
+    UUIDs; the edge binds a token to its lease through the derived key, not through these ids.
+    """
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return str(uuid.uuid5(_CLAIM_ID_NAMESPACE, value))

@@ -28,10 +28,12 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import (
         CHECK_BOX,
         DISCARD_LEASE_BOXES,
+        ENSURE_PLANE,
         EXEC_IN_BOX,
         LOAD_LEASE_SEED,
         PROJECT_LEASE,
         PROVISION_BOX,
+        TEAR_DOWN_PLANES,
         TERMINATE_BOX,
         BoxRef,
         CheckResult,
@@ -39,11 +41,13 @@ with workflow.unsafe.imports_passed_through():
         DiscardResult,
         ExecInput,
         ExecOutput,
+        PlaneRequest,
         ProjectionInput,
         ProvisionInput,
         ProvisionResult,
         SeedInput,
         SeedResult,
+        TearDownPlanesRequest,
     )
     from sandbox import errors
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
@@ -53,6 +57,8 @@ with workflow.unsafe.imports_passed_through():
         MAX_HOLDER_ID_LENGTH,
         TRANSITIONS_KEPT,
         AcquireRequest,
+        AttachViewerRequest,
+        BoxEnvelope,
         BoxLostReport,
         BoxLostResult,
         DrainRequest,
@@ -69,9 +75,11 @@ with workflow.unsafe.imports_passed_through():
         LeaseState,
         LeaseView,
         Liveness,
+        PlaneEndpoint,
         ReleaseResult,
         Role,
         Transition,
+        ViewerAttachment,
     )
 
 # Activities that must not be retried blindly use explicit policies; the rest retry forever with
@@ -235,6 +243,8 @@ class LeaseWorkflow:
         reason = s.drain_requested or ("stop" if s.stop_requested else "idle grace expired")
         self._tearing_down = True
         try:
+            if s.envelope is not None and s.planes:
+                await self._tear_down_planes(s.envelope)
             if s.envelope is not None:
                 await workflow.execute_activity(
                     TERMINATE_BOX,
@@ -256,10 +266,25 @@ class LeaseWorkflow:
         finally:
             self._tearing_down = False
         self._teardown_retry_at = None
+        s.planes = []
         s.envelope = None
         s.drain_deadline = None
         s.drain_requested = None
         self._transition("cold", reason, bump=True)
+
+    async def _tear_down_planes(self, envelope: BoxEnvelope) -> None:
+        # Best effort: the box is terminated next anyway, so a failure here only costs a log line.
+        try:
+            await workflow.execute_activity(
+                TEAR_DOWN_PLANES,
+                TearDownPlanesRequest(backend=self.spec.backend, envelope=envelope),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=2),
+                summary="tear down planes",
+            )
+        except ActivityError as err:
+            workflow.logger.warning("tearing down planes failed: %s", _cause_message(err))
+        self.s.planes = []
 
     async def _sleep_until_woken(self) -> None:
         deadline = self._next_deadline()
@@ -439,6 +464,7 @@ class LeaseWorkflow:
             return False
         s.envelope = None
         s.holders = []
+        s.planes = []
         s.drain_deadline = None
         s.drain_requested = None
         self._transition("cold", reason, bump=True)
@@ -466,6 +492,10 @@ class LeaseWorkflow:
     async def acquire(self, req: AcquireRequest) -> LeaseGrant:
         """Become a holder and wait until the box is warm (creating it if the lease is cold)."""
         self._run_updates += 1
+        return await self._admit(req)
+
+    async def _admit(self, req: AcquireRequest) -> LeaseGrant:
+        """Add or refresh the holder, then wait for a warm box: attach, re-arm, or spawn one."""
         await workflow.wait_condition(lambda: self.s.seeded)
         s = self.s
         if s.stop_requested:
@@ -521,6 +551,69 @@ class LeaseWorkflow:
                 f"the lease is cold at epoch {s.epoch}, acquire again to retry",
             )
         raise failure(errors.LeaseNotWarm, "the holder was dropped (drain) while waiting; acquire again")
+
+    @workflow.update
+    async def attach_viewer(self, req: AttachViewerRequest) -> ViewerAttachment:
+        """Hold the lease as a viewer and bring up the plane's edge; the caller mints the token.
+
+        The stream token is deliberately not minted here: a workflow's results live in its history,
+        and a token must never be written where it outlives its purpose.
+        """
+        self._run_updates += 1
+        grant = await self._admit(
+            AcquireRequest(kind="viewer", holder_id=req.viewer_id, subject=req.subject, backend=None)
+        )
+        s = self.s
+        assert s.envelope is not None
+        self._inflight += 1
+        try:
+            endpoint = await workflow.execute_activity(
+                ENSURE_PLANE,
+                PlaneRequest(
+                    backend=self.spec.backend,
+                    envelope=s.envelope,
+                    lease_id=self.spec.lease_id,
+                    epoch=grant.epoch,
+                    plane=req.plane,
+                    geometry=req.geometry,
+                ),
+                result_type=PlaneEndpoint,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=2)),
+                summary=f"ensure {req.plane} plane",
+            )
+        except ActivityError as err:
+            self._drop_holder("viewer", req.viewer_id)
+            cause = err.cause
+            if isinstance(cause, ApplicationError):
+                raise ApplicationError(cause.message, type=cause.type, non_retryable=True) from None
+            raise failure(errors.ProviderError, f"{req.plane} plane failed: {_cause_message(err)}") from None
+        finally:
+            self._inflight -= 1
+            self._wake = True
+        if req.plane not in s.planes:
+            s.planes = [*s.planes, req.plane]
+            self._touch()
+        return ViewerAttachment(grant=grant, endpoint=endpoint)
+
+    @attach_viewer.validator
+    def _validate_attach_viewer(self, req: AttachViewerRequest) -> None:
+        _check_holder_id(req.viewer_id)
+        if self.s.stop_requested:
+            raise failure(errors.LeaseStopping, "the lease is stopping; attach again after it completes")
+        enabled = self.spec.desktop_enabled if req.plane == "desktop" else self.spec.terminal_enabled
+        if not enabled:
+            raise failure(
+                errors.Unsupported,
+                f"the {req.plane} plane is disabled for lease {self.spec.lease_id} by its policy",
+            )
+
+    def _drop_holder(self, kind: str, holder_id: str) -> None:
+        s = self.s
+        if self._find(kind, holder_id) is not None:
+            s.holders = [h for h in s.holders if not (h.kind == kind and h.holder_id == holder_id)]
+            self._touch()
+            self._wake = True
 
     @acquire.validator
     def _validate_acquire(self, req: AcquireRequest) -> None:

@@ -111,6 +111,8 @@ class LeaseState(BaseModel):
     stop_requested: bool = False
     last_error: str | None = None
     seeded: bool = False
+    planes: list[str] = Field(default_factory=list)
+    """Viewer planes brought up on the current box (torn down before it is terminated)."""
 
 
 class LeaseInput(BaseModel):
@@ -144,6 +146,34 @@ class LeaseGrant(BaseModel):
     envelope: BoxEnvelope
     holder_id: str
     kind: HolderKind
+
+
+class PlaneEndpoint(BaseModel):
+    """Where a viewer connects to a plane's edge (the token travels in-band, never here)."""
+
+    plane: Literal["desktop", "terminal"]
+    url: str
+    host: str
+    port: int
+    tls: bool = False
+    transport: str
+    resolution: str | None = None
+
+
+class AttachViewerRequest(BaseModel):
+    """Watch the box: hold the lease as a viewer and bring up one plane's edge."""
+
+    viewer_id: str
+    subject: str | None = None
+    plane: Literal["desktop", "terminal"] = "desktop"
+    geometry: str = "1280x800"
+
+
+class ViewerAttachment(BaseModel):
+    """The viewer's grant and where its plane listens; the client mints the stream token."""
+
+    grant: LeaseGrant
+    endpoint: PlaneEndpoint
 
 
 class HolderRef(BaseModel):
