@@ -11,7 +11,12 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from store.records import LeaseEventRecord, LeaseRecord
-from workflows.models import BoxEnvelope
+from workflows.models import (  # noqa: F401  (re-exported: activities import their models from here)
+    ArchiveRef,
+    BoxEnvelope,
+    PlaneEndpoint,
+    RestoreOutcome,
+)
 
 PROVISION_BOX = "provision_box"
 TERMINATE_BOX = "terminate_box"
@@ -35,12 +40,15 @@ class ProvisionInput(BaseModel):
     os: str = "linux"
     environment: dict[str, str] = Field(default_factory=dict)
     probe_timeout_seconds: float = 60.0
+    restore: list[ArchiveRef] = Field(default_factory=list)
+    """Archives to restore, best first (current, then previous); the first that verifies wins."""
 
 
 class ProvisionResult(BaseModel):
     """The box that passed its readiness probe."""
 
     envelope: BoxEnvelope
+    restore: RestoreOutcome | None = None
 
 
 class BoxRef(BaseModel):
@@ -135,3 +143,31 @@ class TearDownPlanesRequest(BaseModel):
 
     backend: str
     envelope: BoxEnvelope
+
+
+# ---------------------------------------------------------------- workspace snapshots
+
+CAPTURE_WORKSPACE = "capture_workspace"
+PUBLISH_SNAPSHOT = "publish_snapshot"
+
+
+class CaptureRequest(BaseModel):
+    """Capture the box's workspace (and home) into the artifact store as a ledger row ``candidate``."""
+
+    backend: str
+    envelope: BoxEnvelope
+    lease_id: str
+    workspace_id: str
+    group_id: str
+    epoch: int
+    reason: Literal["drain", "periodic", "rotation"]
+    only_if_changed: bool = False
+    """Periodic captures skip (``ArchiveRef.unchanged``) when the workspace did not change since ``previous_sha256``."""
+    previous_sha256: str | None = None
+
+
+class PublishRequest(BaseModel):
+    """Make a candidate the lease's current snapshot; current becomes previous, older ones delete_pending."""
+
+    lease_id: str
+    snapshot_id: str

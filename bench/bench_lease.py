@@ -577,8 +577,45 @@ def busy(meta: dict[str, Any]) -> bool:
     return bool(meta["loadavg_start"] > 0.5 * (meta["cores"] or 1))
 
 
+_INTERRUPTS: list[int] = []
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    # Outside the event loop (starting or stopping the stack): unwind through the stack's cleanup.
+    _INTERRUPTS.append(signum)
     raise KeyboardInterrupt
+
+
+def _install_interrupt_handlers() -> None:
+    for signum in _STOP_SIGNALS:  # SIGTERM stops the run as Ctrl-C does, with cleanup
+        signal.signal(signum, _interrupt)
+
+
+async def run_interruptible(stack: BenchStack, params: Params, report: Report) -> bool:
+    """:func:`run`, cancelled by SIGINT/SIGTERM; False when interrupted."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def cancel(signum: int) -> None:
+        _INTERRUPTS.append(signum)
+        task.cancel()
+
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, cancel, signum)
+    try:
+        await run(stack, params, report)
+    except BaseException:
+        # A cancelled Temporal call surfaces as its own exception type, not CancelledError.
+        if _INTERRUPTS:
+            return False
+        raise
+    finally:
+        for signum in _STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+        _install_interrupt_handlers()
+    return True
 
 
 def main() -> int:
@@ -620,15 +657,22 @@ def main() -> int:
             "loadavg_start": os.getloadavg()[0],
         }
     )
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the run as Ctrl-C does, with cleanup
+    _install_interrupt_handlers()
     started = time.monotonic()
     worker_env = {"SANDBOX_IDLE_GRACE_SECONDS": str(IDLE_GRACE_SECONDS), "SANDBOX_HOLDER_TTL_SECONDS": "3600"}
     try:
         progress("starting temporal dev server and worker")
         with bench_stack(temporal_db=args.temporal_db, worker_env=worker_env, keep_data=args.keep_data) as stack:
-            asyncio.run(run(stack, params, report))
+            completed = asyncio.run(run_interruptible(stack, params, report))
             progress("stopping the stack")
-    except KeyboardInterrupt:
+            stopping = time.monotonic()
+        progress(f"  stopped in {time.monotonic() - stopping:.1f}s")
+        if not completed:
+            return 130
+    except BaseException:
+        # An interrupt may surface as another exception (a Temporal call cancelled under it).
+        if not _INTERRUPTS:
+            raise
         progress("interrupted; the stack was stopped")
         return 130
     report.meta["total_seconds"] = round(time.monotonic() - started, 1)

@@ -261,27 +261,39 @@ def bench_stack(
     finally:
         # Signals during the stop make it impatient (SIGKILL at once) instead of aborting it half-way.
         with stop:
-            worker = runner.children.get("worker")
-            leftovers = _descendants(worker.proc.pid) if worker is not None and worker.alive() else set()
-            runner.stop_all()
-            # Box holders die with the worker (bubblewrap's --die-with-parent), a moment after it.
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and any(_start_ticks(pid) == ticks for pid, ticks in leftovers):
-                time.sleep(0.02)
-            for pid, ticks in leftovers:
-                if _start_ticks(pid) == ticks:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
-                        stack.strays_killed.append(pid)
-            if stack.strays_killed:
-                print(
-                    f"bench: killed {len(stack.strays_killed)} process(es) the worker left behind",
-                    file=sys.stderr,
-                )
-            if keep_data:
-                print(f"bench: data and logs kept in {data}", file=sys.stderr)
-            else:
-                _remove_tree(data)
+            try:
+                _stop(stack)
+            finally:
+                if keep_data:
+                    print(f"bench: data and logs kept in {data}", file=sys.stderr)
+                else:
+                    _remove_tree(data)
+
+
+def _stop(stack: BenchStack) -> None:
+    """Stop the worker, then Temporal; kill whatever they leave behind, even if stopping fails."""
+    runner = stack.runner
+    worker = runner.children.get("worker")
+    leftovers = _descendants(worker.proc.pid) if worker is not None and worker.alive() else set()
+    try:
+        runner.stop_all()
+    except BaseException:
+        for child in runner.children.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        # Box holders die with the worker (bubblewrap's --die-with-parent), a moment after it.
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(_start_ticks(pid) == ticks for pid, ticks in leftovers):
+            time.sleep(0.02)
+        for pid, ticks in leftovers:
+            if _start_ticks(pid) == ticks:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+                    stack.strays_killed.append(pid)
+        if stack.strays_killed:
+            print(f"bench: killed {len(stack.strays_killed)} process(es) the worker left behind", file=sys.stderr)
 
 
 def _remove_tree(path: Path) -> None:

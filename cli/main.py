@@ -16,6 +16,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Run and drive the sandbox runtime: leases, boxes, planes."""
+
+
 def _register() -> None:
     # Imported here so each module can import `app` helpers without cycles.
     from cli import channel_a, lease, stack

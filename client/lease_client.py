@@ -86,6 +86,10 @@ def timers_from_settings(settings: Settings) -> LeaseTimers:
         probe_timeout_seconds=settings.probe_timeout_seconds,
         exec_timeout_seconds=settings.exec_timeout_seconds,
         activity_heartbeat_seconds=settings.activity_heartbeat_seconds,
+        snapshot_interval_seconds=settings.snapshot_interval_seconds,
+        capture_timeout_seconds=settings.capture_timeout_seconds,
+        rotation_lead_seconds=settings.rotation_lead_seconds,
+        hard_lifetime_seconds=settings.hard_lifetime_seconds,
         continue_as_new_after_transitions=settings.continue_as_new_after_transitions,
         continue_as_new_after_updates=settings.continue_as_new_after_updates,
     )
@@ -216,6 +220,7 @@ class LeaseClient:
             environment=environment or {},
             desktop_enabled=self.settings.desktop_enabled,
             terminal_enabled=self.settings.terminal_enabled,
+            snapshots_enabled=self.settings.snapshots_enabled,
             timers=self.timers,
         )
 

@@ -605,6 +605,8 @@ def decode_response(data: bytes, *, request_id: str, op_type: str) -> ControlRes
         response = ControlResponse.model_validate_json(data)
     except ValidationError as exc:
         errors = exc.errors()
+        if errors and errors[0]["type"] in ("json_invalid", "json_type"):
+            return _protocol_error(request_id, "not a JSON document")
         where = ".".join(str(part) for part in errors[0]["loc"]) if errors else ""
         return _protocol_error(request_id, f"schema violation at {where or '<reply>'}")
     except (RecursionError, ValueError):

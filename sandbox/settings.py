@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     continue_as_new_after_transitions: int = 500
     continue_as_new_after_updates: int = 1000
 
+    # Workspace snapshots and rotation
+    snapshots_enabled: bool = False
+    snapshot_interval_seconds: float = 900.0
+    capture_timeout_seconds: float = 600.0
+    rotation_lead_seconds: float = 3600.0
+    hard_lifetime_seconds: float | None = None
+
     # Observability
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -26,6 +27,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.models import (
+        CAPTURE_WORKSPACE,
         CHECK_BOX,
         DISCARD_LEASE_BOXES,
         ENSURE_PLANE,
@@ -33,9 +35,11 @@ with workflow.unsafe.imports_passed_through():
         LOAD_LEASE_SEED,
         PROJECT_LEASE,
         PROVISION_BOX,
+        PUBLISH_SNAPSHOT,
         TEAR_DOWN_PLANES,
         TERMINATE_BOX,
         BoxRef,
+        CaptureRequest,
         CheckResult,
         DiscardInput,
         DiscardResult,
@@ -45,10 +49,12 @@ with workflow.unsafe.imports_passed_through():
         ProjectionInput,
         ProvisionInput,
         ProvisionResult,
+        PublishRequest,
         SeedInput,
         SeedResult,
         TearDownPlanesRequest,
     )
+    from providers.descriptors import select_backend
     from sandbox import errors
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
     from workflows import search_attributes as sa
@@ -57,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         MAX_HOLDER_ID_LENGTH,
         TRANSITIONS_KEPT,
         AcquireRequest,
+        ArchiveRef,
         AttachViewerRequest,
         BoxEnvelope,
         BoxLostReport,
@@ -158,11 +165,17 @@ class LeaseWorkflow:
         s = self.s
         now = workflow.now()
         if s.liveness == "cold":
-            if self._waiters > 0 and not s.stop_requested:
+            # Holders kept through a rotation also want the next box.
+            if (self._waiters > 0 or s.holders) and not s.stop_requested:
                 await self._warm_up()
         elif s.liveness == "warm":
             forced = s.drain_requested or ("stop" if s.stop_requested else None)
-            if forced:
+            if s.rotation_due_at is not None and now >= s.rotation_due_at and not s.rotation_requested:
+                # The provider would kill the box soon: capture and replace it while we still can.
+                s.rotation_requested = True
+                s.drain_deadline = now
+                self._transition("draining", f"rotation: provider lifetime ends, rotating at {s.rotation_due_at}")
+            elif forced:
                 # The drain/stop handler already dropped the holders it fenced; holders present now
                 # arrived afterwards and wait for the next box.
                 s.drain_deadline = now
@@ -170,6 +183,8 @@ class LeaseWorkflow:
             elif not s.holders:
                 s.drain_deadline = now + timedelta(seconds=self.timers.idle_grace_seconds)
                 self._transition("draining", "no holders left")
+            elif self._periodic_capture_due(now):
+                await self._periodic_capture()
         elif s.liveness == "draining":
             if self._teardown_due(now):
                 await self._tear_down()
@@ -180,8 +195,8 @@ class LeaseWorkflow:
             return False
         if self._teardown_retry_at and now < self._teardown_retry_at:
             return False
-        if s.drain_requested or s.stop_requested:
-            return True  # an explicit drain or stop overrides later holders, the idle grace and any hold
+        if s.drain_requested or s.stop_requested or s.rotation_requested:
+            return True  # drain, stop and rotation override holders (they wait for the next box), grace and hold
         if s.holders:
             return False
         if s.hold_until and now < s.hold_until:
@@ -207,6 +222,9 @@ class LeaseWorkflow:
                     os=self.spec.os,
                     environment=self.spec.environment,
                     probe_timeout_seconds=t.probe_timeout_seconds,
+                    restore=[a for a in (s.archive_current, s.archive_previous) if a is not None]
+                    if self.spec.snapshots_enabled
+                    else [],
                 ),
                 result_type=ProvisionResult,
                 schedule_to_close_timeout=timedelta(seconds=t.warming_ttl_seconds),
@@ -236,13 +254,118 @@ class LeaseWorkflow:
         now = workflow.now()
         for h in s.holders:  # they waited through warming; their TTL starts now
             h.last_heartbeat_at = now
-        self._transition("warm", "box ready", bump=True)
+        s.warm_since = now
+        s.last_capture_at = now
+        lifetime = self._hard_lifetime_seconds()
+        s.rotation_due_at = (
+            now + timedelta(seconds=max(lifetime - t.rotation_lead_seconds, 0)) if lifetime is not None else None
+        )
+        self._transition("warm", self._hydration_reason(result), bump=True)
+
+    def _hydration_reason(self, result: ProvisionResult) -> str:
+        s = self.s
+        outcome = result.restore
+        if outcome is None or (outcome.restored_from is None and not outcome.degraded):
+            s.restore_status = "empty"
+            return "box ready"
+        notes = "; ".join(outcome.notes)
+        if outcome.degraded:
+            s.restore_status = "degraded"
+            s.last_error = f"restore degraded: {notes}"
+            return f"box ready, restore DEGRADED (no archive verified): {notes}"
+        if s.archive_current is not None and outcome.restored_from != s.archive_current.snapshot_id:
+            s.restore_status = "fell-back"
+            return f"box ready, restored previous archive {outcome.restored_from} ({notes})"
+        s.restore_status = "restored"
+        return f"box ready, restored archive {outcome.restored_from}"
+
+    def _hard_lifetime_seconds(self) -> float | None:
+        if self.timers.hard_lifetime_seconds is not None:
+            return self.timers.hard_lifetime_seconds
+        try:
+            lifetime_ms = select_backend(self.spec.backend).lifetime.hard_lifetime_ms
+        except errors.SandboxError:
+            return None
+        return lifetime_ms / 1000 if lifetime_ms else None
+
+    def _periodic_capture_due(self, now: datetime) -> bool:
+        s = self.s
+        interval = self.timers.snapshot_interval_seconds
+        if not self.spec.snapshots_enabled or interval <= 0 or s.last_capture_at is None:
+            return False
+        return now >= s.last_capture_at + timedelta(seconds=interval)
+
+    async def _periodic_capture(self) -> None:
+        s = self.s
+        assert s.envelope is not None
+        envelope, epoch = s.envelope, s.epoch
+        self._inflight += 1
+        try:
+            await self._capture("periodic", only_if_changed=True)
+        except ActivityError as err:
+            if _cause_type(err) == errors.BoxNotFound.error_type:
+                self._box_lost(epoch, envelope.instance_id, "box lost (periodic capture saw NotFound)")
+                return
+            # The next interval tries again; the last good archive still stands.
+            s.last_error = f"periodic capture failed: {_cause_message(err)}"
+            s.last_capture_at = workflow.now()
+            self._touch()
+        finally:
+            self._inflight -= 1
+
+    async def _capture(
+        self, reason: Literal["drain", "periodic", "rotation"], *, only_if_changed: bool = False
+    ) -> None:
+        """Capture the workspace, publish it as current (previous kept), and remember both slots."""
+        s = self.s
+        assert s.envelope is not None
+        t = self.timers
+        ref = await workflow.execute_activity(
+            CAPTURE_WORKSPACE,
+            CaptureRequest(
+                backend=self.spec.backend,
+                envelope=s.envelope,
+                lease_id=self.spec.lease_id,
+                workspace_id=self.spec.workspace_id,
+                group_id=self.spec.group_id,
+                epoch=s.epoch,
+                reason=reason,
+                only_if_changed=only_if_changed,
+                previous_sha256=s.archive_current.sha256 if s.archive_current else None,
+            ),
+            result_type=ArchiveRef,
+            start_to_close_timeout=timedelta(seconds=t.capture_timeout_seconds),
+            heartbeat_timeout=timedelta(seconds=max(t.activity_heartbeat_seconds, 5)),
+            retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=[errors.BoxNotFound.error_type]),
+            summary=f"capture workspace ({reason})",
+        )
+        s.last_capture_at = workflow.now()
+        if ref.unchanged:
+            return
+        await workflow.execute_activity(
+            PUBLISH_SNAPSHOT,
+            PublishRequest(lease_id=self.spec.lease_id, snapshot_id=ref.snapshot_id),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_RETRY_FOREVER,
+            summary="publish snapshot",
+        )
+        s.archive_previous, s.archive_current = s.archive_current, ref
+        self._touch()
 
     async def _tear_down(self) -> None:
         s = self.s
-        reason = s.drain_requested or ("stop" if s.stop_requested else "idle grace expired")
+        reason = s.drain_requested or ("stop" if s.stop_requested else None)
+        reason = reason or ("rotation" if s.rotation_requested else "idle grace expired")
         self._tearing_down = True
         try:
+            if s.envelope is not None and self.spec.snapshots_enabled:
+                # Never terminate a box without a verified archive, unless NotFound proves it is already gone.
+                try:
+                    await self._capture("rotation" if s.rotation_requested else "drain")
+                except ActivityError as err:
+                    if _cause_type(err) != errors.BoxNotFound.error_type:
+                        raise
+                    reason = f"{reason}; box already gone, nothing to capture"
             if s.envelope is not None and s.planes:
                 await self._tear_down_planes(s.envelope)
             if s.envelope is not None:
@@ -258,8 +381,8 @@ class LeaseWorkflow:
                     summary="terminate box",
                 )
         except ActivityError as err:
-            # Keep the lease draining and the box known; try again later rather than forget it.
-            s.last_error = f"terminate failed: {_cause_message(err)}"
+            # Keep the lease draining and the box running and known; try again later rather than lose anything.
+            s.last_error = f"teardown failed, will retry: {_cause_message(err)}"
             self._teardown_retry_at = workflow.now() + _TEARDOWN_RETRY_DELAY
             self._touch()
             return
@@ -270,6 +393,9 @@ class LeaseWorkflow:
         s.envelope = None
         s.drain_deadline = None
         s.drain_requested = None
+        s.rotation_requested = False
+        s.rotation_due_at = None
+        s.warm_since = None
         self._transition("cold", reason, bump=True)
 
     async def _tear_down_planes(self, envelope: BoxEnvelope) -> None:
@@ -309,6 +435,12 @@ class LeaseWorkflow:
         ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
         if s.liveness != "warming":
             candidates += [h.last_heartbeat_at + ttl for h in s.holders]
+        if s.liveness == "warm":
+            if s.rotation_due_at is not None and not s.rotation_requested:
+                candidates.append(s.rotation_due_at)
+            interval = self.timers.snapshot_interval_seconds
+            if self.spec.snapshots_enabled and interval > 0 and s.last_capture_at is not None and s.holders:
+                candidates.append(s.last_capture_at + timedelta(seconds=interval))
         if s.liveness == "draining":
             if s.drain_deadline is not None:
                 candidates.append(s.drain_deadline)
@@ -467,6 +599,9 @@ class LeaseWorkflow:
         s.planes = []
         s.drain_deadline = None
         s.drain_requested = None
+        s.rotation_requested = False
+        s.rotation_due_at = None
+        s.warm_since = None
         self._transition("cold", reason, bump=True)
         return True
 
@@ -516,9 +651,9 @@ class LeaseWorkflow:
             self._touch()
         else:
             holder.last_heartbeat_at = now
-        if s.liveness == "warm" and not self._tearing_down and not s.drain_requested:
+        if s.liveness == "warm" and not self._tearing_down and not self._box_closing():
             return self._grant(req, "attached")
-        if s.liveness == "draining" and not self._tearing_down and not s.drain_requested:
+        if s.liveness == "draining" and not self._tearing_down and not self._box_closing():
             s.drain_deadline = None
             self._transition("warm", f"re-armed by {req.kind} {req.holder_id}")
             return self._grant(req, "rearmed")
@@ -529,7 +664,7 @@ class LeaseWorkflow:
         try:
             await workflow.wait_condition(
                 lambda: (
-                    (s.liveness == "warm" and not self._tearing_down and not s.drain_requested)
+                    (s.liveness == "warm" and not self._tearing_down and not self._box_closing())
                     or self._failures > failures
                     or s.stop_requested
                     or self._find(req.kind, req.holder_id) is None
@@ -607,6 +742,10 @@ class LeaseWorkflow:
                 errors.Unsupported,
                 f"the {req.plane} plane is disabled for lease {self.spec.lease_id} by its policy",
             )
+
+    def _box_closing(self) -> bool:
+        """A drain or rotation is pending: new holders wait for the next box instead of joining this one."""
+        return bool(self.s.drain_requested) or self.s.rotation_requested
 
     def _drop_holder(self, kind: str, holder_id: str) -> None:
         s = self.s
@@ -853,6 +992,10 @@ class LeaseWorkflow:
             stop_requested=s.stop_requested,
             last_error=s.last_error,
             version=s.version,
+            archive_current=s.archive_current,
+            archive_previous=s.archive_previous,
+            restore_status=s.restore_status,
+            rotation_due_at=s.rotation_due_at,
         )
 
 
@@ -861,6 +1004,11 @@ def _check_holder_id(holder_id: str) -> None:
         raise failure(errors.InvalidRequest, "holder_id must not be empty")
     if len(holder_id) > MAX_HOLDER_ID_LENGTH:
         raise failure(errors.InvalidRequest, f"holder_id is longer than {MAX_HOLDER_ID_LENGTH} characters")
+
+
+def _cause_type(err: ActivityError) -> str | None:
+    cause = err.cause
+    return cause.type if isinstance(cause, ApplicationError) else None
 
 
 def _cause_message(err: ActivityError) -> str:

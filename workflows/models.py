@@ -42,6 +42,12 @@ class LeaseTimers(BaseModel):
     probe_timeout_seconds: float = 60.0
     exec_timeout_seconds: float = 600.0
     activity_heartbeat_seconds: float = 10.0
+    snapshot_interval_seconds: float = 900.0
+    """Periodic capture while held (only if the workspace changed); 0 disables it."""
+    capture_timeout_seconds: float = 600.0
+    rotation_lead_seconds: float = 3600.0
+    hard_lifetime_seconds: float | None = None
+    """Overrides the provider's hard lifetime (from its descriptor); None means use the descriptor's."""
     continue_as_new_after_transitions: int = 500
     continue_as_new_after_updates: int = 1000
 
@@ -57,6 +63,8 @@ class LeaseSpec(BaseModel):
     environment: dict[str, str] = Field(default_factory=dict)
     desktop_enabled: bool = False
     terminal_enabled: bool = True
+    snapshots_enabled: bool = False
+    """Capture the workspace on drain (and periodically), restore it into the next box."""
     timers: LeaseTimers = Field(default_factory=LeaseTimers)
 
     @property
@@ -94,6 +102,28 @@ class BoxEnvelope(BaseModel):
     state: dict[str, Any] = Field(default_factory=dict)
 
 
+class ArchiveRef(BaseModel):
+    """A stored workspace archive: enough to verify and restore it without the ledger."""
+
+    snapshot_id: str
+    key: str
+    sha256: str
+    size_bytes: int
+    kind: Literal["tar", "tar+zstd", "native"] = "tar"
+    epoch: int
+    unchanged: bool = False
+
+
+class RestoreOutcome(BaseModel):
+    """How provisioning hydrated the new box from the lease's archives."""
+
+    restored_from: str | None = None
+    """snapshot_id of the archive restored, or None when the box started empty."""
+    degraded: bool = False
+    """True when archives existed but none verified (the box started without the workspace)."""
+    notes: list[str] = Field(default_factory=list)
+
+
 class LeaseState(BaseModel):
     """All mutable state of a lease; carried whole across continue-as-new."""
 
@@ -113,6 +143,14 @@ class LeaseState(BaseModel):
     seeded: bool = False
     planes: list[str] = Field(default_factory=list)
     """Viewer planes brought up on the current box (torn down before it is terminated)."""
+    archive_current: ArchiveRef | None = None
+    archive_previous: ArchiveRef | None = None
+    last_capture_at: datetime | None = None
+    warm_since: datetime | None = None
+    rotation_due_at: datetime | None = None
+    rotation_requested: bool = False
+    restore_status: str | None = None
+    """How the current box was hydrated: ``empty``, ``restored``, ``fell-back`` or ``degraded``."""
 
 
 class LeaseInput(BaseModel):
@@ -290,3 +328,7 @@ class LeaseView(BaseModel):
     stop_requested: bool
     last_error: str | None
     version: int
+    archive_current: ArchiveRef | None = None
+    archive_previous: ArchiveRef | None = None
+    restore_status: str | None = None
+    rotation_due_at: datetime | None = None

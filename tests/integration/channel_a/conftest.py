@@ -24,7 +24,9 @@ ISOLATIONS = ["bubblewrap", "process"]
 
 
 @pytest.fixture(scope="module", params=ISOLATIONS)
-async def provider(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalProvider]:
+async def provider(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[LocalProvider]:
     if request.param == "bubblewrap" and shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed")
     prov = LocalProvider(
