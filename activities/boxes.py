@@ -136,7 +136,10 @@ class BoxActivities:
         """Run one command in the box; output is capped and decoded as UTF-8."""
         try:
             session = await self._session(inp.backend, inp.envelope)
-            result = await session.exec(inp.cmd, workdir=inp.workdir, timeout=inp.timeout_seconds, env=inp.env or None)
+            async with _heartbeating():
+                result = await session.exec(
+                    inp.cmd, workdir=inp.workdir, timeout=inp.timeout_seconds, env=inp.env or None
+                )
         except BoxNotFound:
             self._forget(inp.backend, inp.envelope.instance_id)
             raise

@@ -602,6 +602,13 @@ async def run_interruptible(stack: BenchStack, params: Params, report: Report) -
         _INTERRUPTS.append(signum)
         task.cancel()
 
+    def quiet(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Calls cut short by an interrupt leave cancelled futures nobody reads; that is expected.
+        if _INTERRUPTS and isinstance(context.get("exception"), asyncio.CancelledError):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(quiet)
     for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, cancel, signum)
     try:
@@ -668,6 +675,7 @@ def main() -> int:
             stopping = time.monotonic()
         progress(f"  stopped in {time.monotonic() - stopping:.1f}s")
         if not completed:
+            progress("interrupted; the stack was stopped")
             return 130
     except BaseException:
         # An interrupt may surface as another exception (a Temporal call cancelled under it).

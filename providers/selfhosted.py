@@ -205,7 +205,7 @@ class NatsControlRpc:
                 name=self._name,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=self._reconnect_wait,  # type: ignore[arg-type]
+                reconnect_time_wait=self._reconnect_wait,
                 connect_timeout=max(1, int(self._connect_timeout)),
                 pending_size=0,
                 error_cb=_quiet,
@@ -253,19 +253,22 @@ class NatsControlRpc:
             return _offline(rid, "no connection to the NATS server", never_sent=True)
         payload = encode_message(request)
         if len(payload) > nc.max_payload:
-            response = payload_too_large_response(rid, len(payload), nc.max_payload)
-            return response.model_copy(
-                update={
-                    "error": response.error.model_copy(
-                        update={"detail": {**response.error.detail, NEVER_SENT_DETAIL_KEY: "1"}}
-                    )
-                }  # type: ignore[union-attr]
+            # Refused before publishing: the agent never saw it, so the caller may safely resend smaller.
+            return error_response(
+                rid,
+                ControlErrorCode.PAYLOAD_TOO_LARGE,
+                f"request of {len(payload)} bytes exceeds the server's max payload {nc.max_payload}",
+                detail={
+                    "encoded_bytes": str(len(payload)),
+                    "max_payload": str(nc.max_payload),
+                    NEVER_SENT_DETAIL_KEY: "1",
+                },
             )
         try:
             msg = await nc.request(subject, payload, timeout=timeout)
         except nats_errors.NoRespondersError:
             return _offline(rid, "no agent responded (offline)", never_sent=True)
-        except (nats_errors.TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats_errors.TimeoutError):
             return error_response(rid, ControlErrorCode.TIMEOUT, f"the agent did not answer within {timeout:g}s")
         except nats_errors.MaxPayloadError:
             return payload_too_large_response(rid, len(payload), nc.max_payload)
@@ -506,7 +509,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, jitter: float) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
-        return jitter * min(self.max_delay, self.base_delay * 2**attempt)
+        return jitter * min(self.max_delay, self.base_delay * 2.0**attempt)
 
     def retry_class(self, err: SelfhostedControlError, op_type: str) -> tuple[str, int] | None:
         """The retry class of a failure and its budget, or None when it must not be retried."""
@@ -819,7 +822,14 @@ class SelfhostedSession:
         reply = await self.call(StreamEnsureOp(kind=kind, port=port), StreamEnsureReply)
         channel = reply.channel.channel_id if reply.channel and reply.channel.channel_id else None
         channel = channel or f"{self.workspace_id}:{self.agent_id}:{port}"
-        query = f"ws={quote(self.workspace_id, safe='')}&agent={quote(self.agent_id, safe='')}&port={port}&channel={quote(channel, safe='')}"
+        query = "&".join(
+            (
+                f"ws={quote(self.workspace_id, safe='')}",
+                f"agent={quote(self.agent_id, safe='')}",
+                f"port={port}",
+                f"channel={quote(channel, safe='')}",
+            )
+        )
         return Endpoint(
             host=self.relay.host, port=self.relay.port, tls=self.relay.tls, path=self.relay.path, query=query
         )

@@ -843,7 +843,8 @@ class LeaseWorkflow:
         s = self.s
         assert s.envelope is not None
         envelope, epoch = s.envelope, s.epoch
-        timeout = req.timeout_seconds or self.timers.exec_timeout_seconds
+        t = self.timers
+        timeout = req.timeout_seconds or t.exec_timeout_seconds
         self._inflight += 1
         try:
             out = await workflow.execute_activity(
@@ -858,6 +859,8 @@ class LeaseWorkflow:
                 ),
                 result_type=ExecOutput,
                 start_to_close_timeout=timedelta(seconds=timeout + 30),
+                # A dead worker is noticed within the heartbeat timeout instead of after the command's timeout.
+                heartbeat_timeout=timedelta(seconds=max(t.activity_heartbeat_seconds, 5)),
                 retry_policy=RetryPolicy(maximum_attempts=1),  # never run a command twice
                 summary=" ".join(req.cmd)[:80],
             )

@@ -716,9 +716,9 @@ class ChannelA:
         program = shell or "/bin/bash"
         if not program.startswith("/") or "\0" in program or any(ch.isspace() for ch in program):
             raise ChannelAValidationError(f"shell must be an absolute path to a program, not {program!r}")
+        rel = self._cwd_rel(cwd)
         if self._pty_launcher is None:
             raise ChannelAUnsupported(f"{type(self.session).__name__} boxes have no PTY support")
-        rel = self._cwd_rel(cwd)
         box_cwd = await self._confined_dir(rel, cwd)
         pty = PtyProcess(
             shell=program,
