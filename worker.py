@@ -20,17 +20,25 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities.boxes import BoxActivities
+from activities.orphans import OrphanActivities
+from activities.planes import PlaneActivities
 from activities.projection import ProjectionActivities
+from activities.snapshots import SnapshotActivities
 from providers.registry import ProviderRegistry
 from sandbox.errors import SandboxConfigError
 from sandbox.settings import Settings
+from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database
 from store.leases import LeaseRepository
+from store.snapshots import SnapshotLedger
 from workflows.lease import LeaseWorkflow
+from workflows.orphan_sweep import OrphanSweepWorkflow
+from workflows.schedules import ensure_schedules
+from workflows.snapshot_gc import SnapshotGcWorkflow
 
 log = logging.getLogger("sandbox.worker")
 
-WORKFLOWS: Sequence[type] = (LeaseWorkflow,)
+WORKFLOWS: Sequence[type] = (LeaseWorkflow, SnapshotGcWorkflow, OrphanSweepWorkflow)
 
 
 def configure_tracing(settings: Settings) -> None:
@@ -73,8 +81,11 @@ def build_worker(
     client: Client, settings: Settings, db: Database, providers: ProviderRegistry, **overrides: Any
 ) -> Worker:
     """A worker for the lease workflow and its activities on the configured task queue."""
-    boxes = BoxActivities(providers)
+    artifacts = FilesystemArtifactStore(artifact_root(settings))
+    boxes = BoxActivities(providers, artifacts)
     projection = ProjectionActivities(LeaseRepository(db))
+    snapshots = SnapshotActivities(providers, SnapshotLedger(db), artifacts)
+    orphans = OrphanActivities(providers, LeaseRepository(db))
     options: dict[str, Any] = {
         "task_queue": settings.task_queue,
         "workflows": list(WORKFLOWS),
@@ -86,6 +97,14 @@ def build_worker(
             boxes.check,
             projection.project,
             projection.load_seed,
+            snapshots.capture,
+            snapshots.publish,
+            snapshots.claim_gc,
+            snapshots.delete_objects,
+            snapshots.settle_gc,
+            orphans.scan,
+            orphans.terminate,
+            *PlaneActivities(providers, settings).activities(),
         ],
         "graceful_shutdown_timeout": timedelta(seconds=10),
     }
@@ -101,6 +120,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     db = Database.for_settings(settings)
     await db.migrate()
     client = await connect(settings)
+    await ensure_schedules(client, settings)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -28,10 +28,20 @@ from activities.models import (
     ProvisionResult,
 )
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, BoxSpec, Envelope
+from providers.base import BoxSession, BoxSpec, Envelope, Provider
 from providers.registry import ProviderRegistry
-from sandbox.errors import BoxNotFound, ExecTimeout, ProvisionFailed
-from workflows.models import BoxEnvelope
+from sandbox.errors import (
+    ArchiveCorrupt,
+    ArtifactNotFound,
+    BoxNotFound,
+    ExecTimeout,
+    InvalidRequest,
+    ProvisionFailed,
+    SandboxConfigError,
+    Unsupported,
+)
+from store.artifacts import ArtifactStore, verified
+from workflows.models import ArchiveRef, BoxEnvelope, RestoreOutcome
 
 
 @contextlib.asynccontextmanager
@@ -56,10 +66,16 @@ def _cap(data: bytes, limit: int) -> tuple[str, bool]:
 
 
 class BoxActivities:
-    """Provider-facing activities; one instance per worker, holding the provider registry."""
+    """Provider-facing activities; one instance per worker, holding the provider registry.
 
-    def __init__(self, providers: ProviderRegistry) -> None:
+    Args:
+        providers: The worker's provider registry.
+        artifacts: Where workspace archives are kept; needed to restore them on provision.
+    """
+
+    def __init__(self, providers: ProviderRegistry, artifacts: ArtifactStore | None = None) -> None:
         self._providers = providers
+        self._artifacts = artifacts
         self._sessions: dict[tuple[str, str], BoxSession] = {}
 
     async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
@@ -77,7 +93,11 @@ class BoxActivities:
     @activity.defn(name=PROVISION_BOX)
     @maps_provider_errors
     async def provision(self, inp: ProvisionInput) -> ProvisionResult:
-        """Create (or adopt by idempotency key) the box for a lease epoch and probe it with ``true``."""
+        """Create (or adopt by idempotency key) the box for a lease epoch, restore its workspace, probe it.
+
+        With ``inp.restore`` the archives are tried in order after the box is created and before
+        the probe; the first whose SHA-256 verifies is restored (see :meth:`_restore`).
+        """
         provider = self._providers.get(inp.backend)
         spec = BoxSpec(
             lease_id=inp.lease_id,
@@ -88,8 +108,11 @@ class BoxActivities:
             os=inp.os,
             environment=inp.environment,
         )
+        outcome: RestoreOutcome | None = None
         async with _heartbeating():
             session = await provider.create(spec, inp.idempotency_key)
+            if inp.restore:
+                outcome = await self._restore(provider, session.serialize_state(), inp.restore)
             try:
                 probe = await session.exec(["true"], timeout=inp.probe_timeout_seconds)
             except ExecTimeout as err:
@@ -104,7 +127,33 @@ class BoxActivities:
                 )
         envelope = session.serialize_state()
         self._sessions[(inp.backend, envelope.instance_id)] = session
-        return ProvisionResult(envelope=BoxEnvelope(**envelope.model_dump()))
+        return ProvisionResult(envelope=BoxEnvelope(**envelope.model_dump()), restore=outcome)
+
+    async def _restore(self, provider: Provider, envelope: Envelope, refs: list[ArchiveRef]) -> RestoreOutcome:
+        """Restore the first archive of ``refs`` that verifies; report which failed and why.
+
+        Only proof that an archive is unusable moves on to the next one: it is missing
+        (``ArtifactNotFound``), fails verification or decoding (``ArchiveCorrupt``), or is of a
+        kind this build cannot restore. Anything else (an I/O error of the store, a provider
+        failure, ``BoxNotFound``) fails the activity so it is retried, rather than silently
+        restoring an older archive. The provider discards a tree whose stream did not verify.
+        """
+        if self._artifacts is None:
+            raise SandboxConfigError("this worker has no artifact store, so it cannot restore workspace archives")
+        notes: list[str] = []
+        for ref in refs:
+            if ref.kind == "native":
+                notes.append(f"{ref.snapshot_id}: native snapshots cannot be restored by this build")
+                continue
+            try:
+                chunks = verified(self._artifacts.get(ref.key), sha256=ref.sha256, size_bytes=ref.size_bytes)
+                await provider.restore_workspace(envelope, chunks)
+            except (ArtifactNotFound, ArchiveCorrupt, InvalidRequest, Unsupported) as err:
+                notes.append(f"{ref.snapshot_id}: {err.error_type}: {err.message}")
+                activity.logger.warning("archive %s not restored: %s", ref.snapshot_id, err.message)
+                continue
+            return RestoreOutcome(restored_from=ref.snapshot_id, notes=notes)
+        return RestoreOutcome(restored_from=None, degraded=True, notes=notes)
 
     @activity.defn(name=TERMINATE_BOX)
     @maps_provider_errors

@@ -171,3 +171,61 @@ class PublishRequest(BaseModel):
 
     lease_id: str
     snapshot_id: str
+
+
+ENSURE_DISPLAY_STACK = "ensure_display_stack"
+TEAR_DOWN_DISPLAY_STACK = "tear_down_display_stack"
+ENSURE_TERMINAL_SERVER = "ensure_terminal_server"
+TEAR_DOWN_TERMINAL_SERVER = "tear_down_terminal_server"
+EXPOSE_STREAM_PORT = "expose_stream_port"
+
+
+class DisplayStackRequest(BaseModel):
+    """Bring up (idempotently) a box's desktop: Xvfb, x11vnc and the token-checking websockify edge."""
+
+    backend: str
+    envelope: BoxEnvelope
+    lease_id: str
+    epoch: int
+    geometry: str = "1280x800"
+    dpi: int = 96
+
+
+class DisplayStackResult(BaseModel):
+    """The desktop that is up: its edge port inside the box, geometry and X display number."""
+
+    port: int
+    geometry: str
+    dpi: int
+    display: int
+    already_up: bool
+    marker: str
+
+
+class TerminalServerRequest(BaseModel):
+    """Bring up (idempotently) a box's terminal: ttyd behind the token-checking edge."""
+
+    backend: str
+    envelope: BoxEnvelope
+    lease_id: str
+    epoch: int
+
+
+class TerminalServerResult(BaseModel):
+    """The terminal edge port inside the box, or ``available=False`` with a reason (e.g. no ttyd)."""
+
+    available: bool
+    port: int | None = None
+    already_up: bool = False
+    reason: str | None = None
+    marker: str | None = None
+
+
+class ExposeStreamPortRequest(BaseModel):
+    """Where a viewer outside the box reaches a plane's edge port."""
+
+    backend: str
+    envelope: BoxEnvelope
+    plane: Literal["desktop", "terminal"]
+    port: int
+    resolution: str | None = None

@@ -44,7 +44,8 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from temporalio import workflow  # noqa: E402
-from temporalio.client import Client  # noqa: E402
+from temporalio.api.enums.v1 import EventType  # noqa: E402
+from temporalio.client import Client, RPCError, WorkflowUpdateRPCTimeoutOrCancelledError  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
 
 from bench.stack import BenchStack, bench_stack, process_cpu_seconds  # noqa: E402
@@ -65,6 +66,8 @@ HOLDER_TTL_SECONDS = 3600.0
 IDLE_GRACE_SECONDS = 3600.0
 #: Concurrent cold acquires while warming the leases of the cycling test.
 WARMUP_CONCURRENCY = 16
+#: Cycling leases whose workflow histories are counted (events per cycle).
+HISTORY_SAMPLE = 5
 
 
 # --------------------------------------------------------------------------- the baseline workflow
@@ -152,6 +155,8 @@ class Cycling:
     worker_rss_end_mb: float
     worker_hwm_mb: float
     worker_rss_peak_sampled_mb: float
+    history_per_cycle: dict[str, float]
+    """History events per cycle, by type, over a sample of the leases."""
     cpu_ms_per_cycle: dict[str, float]
     """CPU time per completed cycle of the worker, the Temporal server and this (client) process."""
     box_processes: int
@@ -312,6 +317,14 @@ def _boxes_by_lease(stack: BenchStack) -> Counter[str]:
     return per_lease
 
 
+async def history_counts(leases: LeaseClient, group: str) -> Counter[str]:
+    """How many events of each type the lease's workflow history holds (current run)."""
+    counts: Counter[str] = Counter()
+    async for event in leases.handle(WORKSPACE, group).fetch_history_events():
+        counts[EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").lower()] += 1
+    return counts
+
+
 def cpu_now(stack: BenchStack) -> dict[str, float]:
     """CPU seconds used so far by the worker, the Temporal server and this process."""
     return {
@@ -335,6 +348,9 @@ async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params
     await asyncio.gather(*(warm(g) for g in groups))
     progress(f"  {len(groups)} leases warm in {time.monotonic() - started:.1f}s; cycling for {params.seconds:g}s")
 
+    sample = groups[:HISTORY_SAMPLE]
+    events_before = [await history_counts(leases, g) for g in sample]
+    cycles_per_group: Counter[str] = Counter()
     roles: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     latencies: list[int] = []
@@ -350,11 +366,13 @@ async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params
             try:
                 grant = await leases.acquire(WORKSPACE, group, holder_id=holder)
                 await leases.release(WORKSPACE, group, holder)
-            except errors.SandboxError as err:
+            except (errors.SandboxError, WorkflowUpdateRPCTimeoutOrCancelledError, RPCError) as err:
+                # Under overload an update's RPC can time out; count it and go on cycling.
                 failures[type(err).__name__] += 1
                 continue
             latencies.append(time.perf_counter_ns() - start)
             roles[grant.role] += 1
+            cycles_per_group[group] += 1
 
     async def sample_memory() -> None:
         nonlocal peak
@@ -377,6 +395,13 @@ async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params
     memory = stack.worker_memory()
     processes, processes_rss = stack.worker_children_rss_mb()
     per_lease = _boxes_by_lease(stack)
+    events: Counter[str] = Counter()
+    for group, before in zip(sample, events_before, strict=True):
+        events.update(await history_counts(leases, group))
+        events.subtract(before)
+    sampled_cycles = max(1, sum(cycles_per_group[g] for g in sample))
+    history = {name: count / sampled_cycles for name, count in sorted(events.items()) if count}
+    history["total"] = sum(events.values()) / sampled_cycles
     epochs: Counter[str] = Counter()
     for group in groups:
         epochs[str((await leases.describe(WORKSPACE, group)).epoch)] += 1
@@ -388,6 +413,7 @@ async def measure_cycling(stack: BenchStack, leases: LeaseClient, params: Params
         cycle=summarize(latencies),
         roles=dict(roles),
         errors=dict(failures),
+        history_per_cycle=history,
         cpu_ms_per_cycle={name: (cpu_after[name] - cpu_before[name]) * 1000 / done for name in cpu_before},
         worker_rss_end_mb=memory.rss_mb,
         worker_hwm_mb=memory.hwm_mb,
@@ -494,18 +520,19 @@ def render(report: Report) -> str:
         f"load average (1 min): {m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end (this run included)"
         + ("  <- other work competed for the CPU; absolute figures are inflated" if busy(m) else ""),
         f"stack: temporal dev server ({m['temporal_db']} SQLite), worker subprocess `python -m worker`, "
-        f"SQLite store, local provider (isolation: worker {m.get('isolation_worker', '?')})",
+        f"SQLite store, local provider (isolation: worker {m.get('isolation_worker', '?')})"
+        + (f"; dev server dynamic config {', '.join(m['dynamic_config'])}" if m["dynamic_config"] else ""),
         f"timers: holder TTL {HOLDER_TTL_SECONDS:g}s, idle grace {IDLE_GRACE_SECONDS:g}s -> a released box stays "
         "warm and the next acquire RE-ARMS it (not recreated); cold acquires force teardown with drain --wait",
         "baseline: no-op update on a trivial unsandboxed workflow, worker in the bench process",
         "",
-        f"{'measurement':48} {'n':>5} {'p50 ms':>9} {'p99 ms':>9}  ratio (p50)",
+        f"{'measurement':52} {'n':>5} {'p50 ms':>9} {'p99 ms':>9}  ratio (p50)",
     ]
 
     def row(label: str, key: str, ratio_to: float | None = None, ratio_name: str = "") -> None:
         s = lat[key]
         ratio = f"{s.p50_ms / ratio_to:5.2f}x {ratio_name}" if ratio_to else ""
-        lines.append(f"{label:48} {s.n:5d} {s.p50_ms:9.2f} {s.p99_ms:9.2f}  {ratio}")
+        lines.append(f"{label:52} {s.n:5d} {s.p50_ms:9.2f} {s.p99_ms:9.2f}  {ratio}")
 
     row("bare no-op update (baseline)", "baseline_noop_update")
     row("warm acquire, LeaseClient.acquire (upd-with-start)", "warm_acquire_update_with_start", base, "baseline")
@@ -535,6 +562,9 @@ def render(report: Report) -> str:
             "  CPU per cycle: "
             + ", ".join(f"{name} {ms:.1f} ms" for name, ms in c.cpu_ms_per_cycle.items())
             + f" -> at most ~{cpu_bound_rate(c, report):.0f} cycles/s on {report.meta['cores']} idle cores",
+            f"  history events per cycle ({min(HISTORY_SAMPLE, c.leases)} leases sampled): "
+            f"{c.history_per_cycle.get('total', 0):.1f} = "
+            + ", ".join(f"{name} {n:.2f}" for name, n in c.history_per_cycle.items() if name != "total"),
             f"  worker RSS: end {c.worker_rss_end_mb:.0f} MB, peak VmHWM {c.worker_hwm_mb:.0f} MB "
             f"(sampled peak {c.worker_rss_peak_sampled_mb:.0f} MB); "
             f"{c.box_processes} box processes under it, {c.box_processes_rss_mb:.0f} MB RSS together",
@@ -638,6 +668,13 @@ def main() -> int:
     parser.add_argument(
         "--temporal-db", choices=("file", "memory"), default="file", help="dev server SQLite (default: file)"
     )
+    parser.add_argument(
+        "--dynamic-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dev server dynamic config value, repeatable (e.g. system.enableActivityEagerExecution=true)",
+    )
     parser.add_argument("--keep-data", action="store_true", help="keep the data dir and logs for inspection")
     args = parser.parse_args()
     base = QUICK if args.quick else FULL
@@ -658,6 +695,7 @@ def main() -> int:
             "python": platform.python_version(),
             "temporal_cli": _temporal_version(),
             "temporal_db": args.temporal_db,
+            "dynamic_config": args.dynamic_config,
             "params": asdict(params),
             "holder_ttl_seconds": HOLDER_TTL_SECONDS,
             "idle_grace_seconds": IDLE_GRACE_SECONDS,
@@ -669,7 +707,12 @@ def main() -> int:
     worker_env = {"SANDBOX_IDLE_GRACE_SECONDS": str(IDLE_GRACE_SECONDS), "SANDBOX_HOLDER_TTL_SECONDS": "3600"}
     try:
         progress("starting temporal dev server and worker")
-        with bench_stack(temporal_db=args.temporal_db, worker_env=worker_env, keep_data=args.keep_data) as stack:
+        with bench_stack(
+            temporal_db=args.temporal_db,
+            worker_env=worker_env,
+            dynamic_config=args.dynamic_config,
+            keep_data=args.keep_data,
+        ) as stack:
             completed = asyncio.run(run_interruptible(stack, params, report))
             progress("stopping the stack")
             stopping = time.monotonic()

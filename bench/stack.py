@@ -20,7 +20,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,12 +216,14 @@ def bench_stack(
     task_queue: str = "bench-lease",
     temporal_db: str = "file",
     worker_env: Mapping[str, str] | None = None,
+    dynamic_config: Sequence[str] = (),
     keep_data: bool = False,
 ) -> Iterator[BenchStack]:
     """Start a dev server and a worker under a temporary data dir; stop and remove everything on exit.
 
     ``temporal_db`` is ``file`` (SQLite in the data dir, as ``sandboxctl up`` runs it) or ``memory``
-    (the dev server's in-memory SQLite). ``worker_env`` adds ``SANDBOX_*`` variables for the worker.
+    (the dev server's in-memory SQLite). ``worker_env`` adds ``SANDBOX_*`` variables for the worker;
+    ``dynamic_config`` holds ``KEY=VALUE`` dynamic config values for the dev server.
     A second Ctrl-C while stopping kills the children at once instead of waiting for them.
     """
     if temporal_db not in ("file", "memory"):
@@ -247,6 +249,8 @@ def bench_stack(
             "warn",
             *dev_server_flags(),
         ]
+        for value in dynamic_config:
+            temporal += ["--dynamic-config-value", value]
         if temporal_db == "file":
             temporal += ["--db-filename", str(data / "temporal.db")]
         runner.spawn("temporal", temporal)

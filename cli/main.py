@@ -23,11 +23,14 @@ def _root() -> None:
 
 def _register() -> None:
     # Imported here so each module can import `app` helpers without cycles.
-    from cli import channel_a, lease, stack
+    from cli import channel_a, lease, machines, planes, snapshots, stack
 
     stack.register(app)
     lease.register(app)
     channel_a.register(app)
+    machines.register(app)
+    snapshots.register(app)
+    planes.register(app)
 
 
 def main() -> None:

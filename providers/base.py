@@ -11,7 +11,7 @@ Only :class:`BoxNotFound` proves that a box is gone. A transient failure is
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -196,4 +196,61 @@ class Provider(Protocol):
 
     async def list_owned(self) -> list[OwnedBox]:
         """Every box this provider instance owns (for the orphan sweep)."""
+        ...
+
+    # -- workspace snapshots ------------------------------------------------------------------
+
+    def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
+        """Stream a portable archive of the box's workspace and home directory.
+
+        The archive is a tar stream (zstd-compressed when the provider can; a consumer tells the
+        two apart by the zstd frame magic) with top-level members ``workspace/`` and ``home/``,
+        keeping modes, symbolic links, empty directories and modification times. It is produced
+        while it is read, so memory does not grow with the workspace; the same unchanged tree
+        gives the same bytes. Closing the iterator early stops the capture.
+
+        Raises (while iterating):
+            BoxNotFound: the box is gone.
+            Unsupported: the backend cannot capture workspaces (use native snapshots, or none).
+            ProviderError: the archive could not be produced.
+        """
+        ...
+
+    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
+        """Replace the box's workspace and home directory with the archive streamed by ``chunks``.
+
+        ``chunks`` may be a verifying iterator that raises at its end (SHA-256 mismatch): the
+        provider consumes it completely and commits the restored tree only if it finished without
+        error; otherwise it discards whatever it extracted (the box keeps the tree it had) and
+        re-raises. Accepts both archive kinds :meth:`capture_workspace` produces.
+
+        Raises:
+            BoxNotFound: the box is gone.
+            ArchiveCorrupt: the stream cannot be decoded.
+            Unsupported: the backend cannot restore workspace archives.
+            ProviderUnavailable: extraction failed on a stream that decoded (disk full, ...); retry.
+        """
+        ...
+
+    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
+        """A cheap summary of the workspace's state (no file contents read), or None if unavailable.
+
+        Two equal fingerprints taken from the same box mean the workspace did not change in
+        between, so a periodic capture can be skipped; a None means "cannot tell cheaply" and
+        the caller captures. Fingerprints are only comparable within one provider.
+
+        Raises:
+            BoxNotFound: the box is gone.
+        """
+        ...
+
+    async def delete_snapshot(self, native_id: str) -> None:
+        """Delete a provider-native snapshot (an archive of kind ``native``) by the provider's id.
+
+        Idempotent: a snapshot that is already gone is not an error.
+
+        Raises:
+            Unsupported: the backend has no native snapshots.
+            ProviderUnavailable: transient failure; the caller retries later.
+        """
         ...

@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from pydantic import BaseModel, ValidationError
 
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from providers.workspace_archive import extract_tar, stream_tar, tree_fingerprint
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -108,6 +109,8 @@ _RECORD_FORMAT: Final = 1
 # Top-level entries a box never sees from the host: replaced by the box's own or by fresh mounts.
 _NOT_BOUND: Final = frozenset({"proc", "dev", "tmp", "root", "workspace"})
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+_ARCHIVED_DIRS: Final = ("workspace", "home")
+"""What a workspace archive of a box holds (its /workspace and its HOME)."""
 
 
 def instance_id_for_key(idempotency_key: str) -> str:
@@ -572,6 +575,9 @@ class LocalProvider:
             back to plain processes; ``always`` refuses to run without it; ``never`` never uses it.
         hidden_paths: Host directories a box must not see, besides ``root`` itself (for example
             the data directory holding the database).
+        visible_paths: Host directories boxes must see read-only at the same path even where a
+            box replaces the host's view (``/root``, ``/tmp``): the runtime's own code and
+            site-packages, which in-box helpers such as the stream edge run from.
     """
 
     def __init__(
@@ -580,12 +586,14 @@ class LocalProvider:
         *,
         bubblewrap: BubblewrapMode = "auto",
         hidden_paths: Sequence[Path] = (),
+        visible_paths: Sequence[Path] = (),
     ) -> None:
         if bubblewrap not in ("auto", "always", "never"):
             raise SandboxConfigError(f"bubblewrap must be auto, always or never, not {bubblewrap!r}")
         self._root = Path(os.path.realpath(root))
         self._mode: BubblewrapMode = bubblewrap
         self._hidden = [self._root, *(Path(os.path.realpath(p)) for p in hidden_paths)]
+        self._visible_binds = self._binds_for_visible(visible_paths)
         self._isolation: Isolation | None = None
         self._bwrap: str | None = None
         self._layout: list[str] = []
@@ -699,6 +707,98 @@ class LocalProvider:
                 await holder.process.wait()
             holder.close()
 
+    # -- workspace snapshots --------------------------------------------------------------------
+
+    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
+        """Stream a tar (zstd when ``zstandard`` is installed) of the box's ``workspace`` and ``home``.
+
+        GNU tar runs on the host against the box directory, so nothing runs in the box and memory
+        does not grow with the workspace; see :mod:`providers.workspace_archive` for the format.
+
+        Raises (while iterating):
+            InvalidRequest: the envelope is not a local one.
+            BoxNotFound: the box is gone, or was terminated while it was being archived.
+            ProviderError: tar failed.
+        """
+        box = self._box_path(envelope)
+        self._load_record(box)
+
+        def gone() -> None:
+            if not os.path.exists(box / "box.json"):
+                raise BoxNotFound(f"local box {box.name} was terminated while its workspace was archived")
+
+        async for chunk in stream_tar(box, _ARCHIVED_DIRS, on_error=gone):
+            yield chunk
+        # A box terminated mid-capture may have lost files under tar's feet: never call that complete.
+        gone()
+
+    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
+        """Extract the archive into a staging directory of the box, then swap ``workspace`` and ``home`` in.
+
+        The staging directory sits inside the box directory (same file system, invisible to the
+        box), so the swap is two renames; on any error, including one raised by ``chunks`` at its
+        end, the staged tree is removed and the box keeps the tree it had.
+
+        Raises:
+            InvalidRequest: the envelope is not a local one.
+            BoxNotFound: the box is gone.
+            ArchiveCorrupt: the stream cannot be decoded (or whatever ``chunks`` raised).
+            ProviderUnavailable: tar failed on a stream that decoded.
+        """
+        box = self._box_path(envelope)
+        self._load_record(box)
+        staging = await asyncio.to_thread(self._restore_staging, box)
+        try:
+            await extract_tar(staging, chunks)
+            await asyncio.to_thread(self._swap_in_restored, box, staging)
+        finally:
+            await asyncio.to_thread(_force_rmtree, staging)
+
+    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
+        """A SHA-256 over the metadata (paths, modes, sizes, times, inodes) of ``workspace`` and ``home``.
+
+        Raises:
+            InvalidRequest: the envelope is not a local one.
+            BoxNotFound: the box is gone.
+        """
+        box = self._box_path(envelope)
+        self._load_record(box)
+        return await asyncio.to_thread(tree_fingerprint, box, _ARCHIVED_DIRS)
+
+    async def delete_snapshot(self, native_id: str) -> None:
+        """The local backend has no native snapshots (its archives live in the artifact store).
+
+        Raises:
+            Unsupported: always.
+        """
+        raise Unsupported(f"the local backend has no native snapshots (asked to delete {native_id!r})")
+
+    def _restore_staging(self, box: Path) -> Path:
+        parent = box / ".restore"
+        try:
+            parent.mkdir(mode=0o700, exist_ok=True)
+        except FileNotFoundError:
+            raise BoxNotFound(f"local box {box.name} does not exist") from None
+        _remove_stale(parent)
+        staging = parent / secrets.token_hex(8)
+        staging.mkdir(mode=0o700)
+        return staging
+
+    def _swap_in_restored(self, box: Path, staging: Path) -> None:
+        if not os.path.exists(box / "box.json"):
+            raise BoxNotFound(f"local box {box.name} was terminated while its workspace was restored")
+        for sub in _ARCHIVED_DIRS:
+            restored = staging / sub
+            if restored.is_symlink() or not restored.is_dir():
+                # An archive without this directory restores it empty (never as a file or a link).
+                if os.path.lexists(restored):
+                    os.unlink(restored)
+                restored.mkdir(mode=0o755)
+            current = box / sub
+            if os.path.lexists(current):
+                os.rename(current, staging / f"replaced-{sub}")
+            os.rename(restored, current)
+
     # -- isolation ----------------------------------------------------------------------------
 
     async def _isolation_async(self) -> Isolation:
@@ -731,6 +831,16 @@ class LocalProvider:
         if self._mode == "always":
             raise SandboxConfigError(f"SANDBOX_LOCAL_USE_BUBBLEWRAP=always but bubblewrap does not work: {problem}")
         return "process"
+
+    def _binds_for_visible(self, paths: Sequence[Path]) -> list[str]:
+        args: list[str] = []
+        for raw in paths:
+            path = Path(os.path.realpath(raw))
+            if not path.is_dir() or any(path == h or h in path.parents for h in self._hidden):
+                continue  # never re-expose what is hidden
+            if len(path.parts) > 1 and path.parts[1] in ("root", "tmp"):
+                args += ["--ro-bind", str(path), str(path)]
+        return args
 
     def _host_layout(self) -> list[str]:
         """Read-only binds of the host's top-level directories (computed once per provider)."""
@@ -770,6 +880,7 @@ class LocalProvider:
             "--bind", str(box / "workspace"), WORKSPACE_ROOT,
             "--bind", str(box / "home"), BOX_HOME,
             "--bind", str(box / "tmp"), "/tmp",
+            *self._visible_binds,
             "--dev", "/dev",
             "--proc", "/proc",
             "--remount-ro", "/",

@@ -8,6 +8,7 @@ typed :class:`~sandbox.errors.Unsupported` that tells the caller to pick a real 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
 from providers.base import BoxSession, BoxSpec, Envelope, OwnedBox
@@ -62,3 +63,36 @@ class NoneProvider:
     async def list_owned(self) -> list[OwnedBox]:
         """``none`` owns no boxes."""
         return []
+
+    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
+        """Refuse: there is no workspace to capture.
+
+        Raises:
+            Unsupported: always (on the first iteration).
+        """
+        raise Unsupported(_NO_BOX_MESSAGE.format(action="capture"))
+        yield b""  # pragma: no cover  (makes this an async generator, like the protocol's)
+
+    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
+        """Refuse: there is no workspace to restore into.
+
+        Raises:
+            Unsupported: always.
+        """
+        raise Unsupported(_NO_BOX_MESSAGE.format(action="restore"))
+
+    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
+        """Refuse: there is no workspace.
+
+        Raises:
+            Unsupported: always.
+        """
+        raise Unsupported(_NO_BOX_MESSAGE.format(action="fingerprint"))
+
+    async def delete_snapshot(self, native_id: str) -> None:
+        """Refuse: ``none`` has no native snapshots.
+
+        Raises:
+            Unsupported: always.
+        """
+        raise Unsupported(_NO_BOX_MESSAGE.format(action="delete a snapshot of"))

@@ -7,7 +7,7 @@ from sandbox.errors import UnknownBackend, Unsupported
 from sandbox.settings import Settings
 
 # Backends this build can run boxes on; the descriptor table knows more (their providers come later).
-RUNNABLE_BACKENDS: tuple[str, ...] = ("local", "none")
+RUNNABLE_BACKENDS: tuple[str, ...] = ("local", "none", "selfhosted")
 
 
 class ProviderRegistry:
@@ -46,17 +46,30 @@ class ProviderRegistry:
             raise UnknownBackend(backend, list(SANDBOX_BACKENDS))
         if backend == "local":
             from providers.local import LocalProvider
+            from sandbox.inbox_scripts import runtime_paths
 
             # Boxes must not read the data dir (store, secrets, other boxes) through the host view.
             return LocalProvider(
                 self._settings.boxes_dir(),
                 bubblewrap=self._settings.local_use_bubblewrap,
                 hidden_paths=[self._settings.data_dir.resolve()],
+                visible_paths=runtime_paths(),
             )
         if backend == "none":
             from providers.none import NoneProvider
 
             return NoneProvider()
+        if backend == "selfhosted":
+            from providers.selfhosted import NatsControlRpc, RelayConfig, SelfhostedProvider
+
+            return SelfhostedProvider(
+                NatsControlRpc(self._settings.nats_url),
+                relay=RelayConfig.from_url(self._settings.selfhosted_relay_url),
+                timeout=self._settings.selfhosted_rpc_timeout_seconds,
+                probe_timeout=self._settings.selfhosted_probe_timeout_seconds,
+                default_exec_timeout=self._settings.exec_timeout_seconds,
+                default_agent_id=self._settings.selfhosted_agent_id,
+            )
         raise Unsupported(
             f"backend {backend!r} is known but has no provider in this build yet; "
             f"use one of: {', '.join(RUNNABLE_BACKENDS)}"

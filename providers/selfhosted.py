@@ -33,7 +33,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
@@ -84,6 +84,7 @@ from sandbox.errors import (
     InvalidRequest,
     PathNotFound,
     SelfhostedControlError,
+    Unsupported,
 )
 
 if TYPE_CHECKING:
@@ -193,6 +194,16 @@ class NatsControlRpc:
         self._reconnect_wait = reconnect_wait
         self._nc: _NatsConnection | None = None
         self._lock = asyncio.Lock()
+        self._waiting: set[asyncio.Future[Any]] = set()
+        self._cut_off: set[asyncio.Future[Any]] = set()
+
+    async def _on_disconnect(self) -> None:
+        # A reply cannot cross a dropped link: fail the waiting requests now (ambiguously, they may
+        # have run) instead of letting each wait out its own deadline, which for an exec is minutes.
+        for waiter in list(self._waiting):
+            if not waiter.done():
+                self._cut_off.add(waiter)
+                waiter.cancel()
 
     async def _dial(self) -> _NatsConnection | None:
         import nats
@@ -209,6 +220,7 @@ class NatsControlRpc:
                 connect_timeout=max(1, int(self._connect_timeout)),
                 pending_size=0,
                 error_cb=_quiet,
+                disconnected_cb=self._on_disconnect,
             ),
             timeout=self._connect_timeout,
         )
@@ -264,8 +276,16 @@ class NatsControlRpc:
                     NEVER_SENT_DETAIL_KEY: "1",
                 },
             )
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(nc.request(subject, payload, timeout=timeout))
+        self._waiting.add(waiter)
         try:
-            msg = await nc.request(subject, payload, timeout=timeout)
+            msg = await waiter
+        except asyncio.CancelledError:
+            if waiter not in self._cut_off:
+                raise
+            return error_response(
+                rid, ControlErrorCode.TIMEOUT, "the NATS link dropped while waiting for the agent's reply"
+            )
         except nats_errors.NoRespondersError:
             return _offline(rid, "no agent responded (offline)", never_sent=True)
         except (TimeoutError, nats_errors.TimeoutError):
@@ -277,11 +297,12 @@ class NatsControlRpc:
         except nats_errors.ConnectionClosedError:
             await self._drop(nc)
             return _offline(rid, "the NATS connection is closed", never_sent=True)
-        except asyncio.CancelledError:
-            raise
         except Exception as err:
             await self._drop(nc)
             return _offline(rid, f"NATS request failed: {type(err).__name__}", never_sent=False)
+        finally:
+            self._waiting.discard(waiter)
+            self._cut_off.discard(waiter)
         return decode_response(msg.data, request_id=rid, op_type=request.op.type)
 
     async def close(self) -> None:
@@ -1014,3 +1035,38 @@ class SelfhostedProvider:
     async def list_owned(self) -> list[OwnedBox]:
         """No boxes: selfhosted machines are never swept as orphans."""
         return []
+
+    # -- workspace snapshots: the machine is the persistence, nothing is archived ----------------
+
+    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
+        """Refused: a user's machine is never archived (its files stay where they are).
+
+        Raises (on first iteration):
+            Unsupported: always; a draining selfhosted lease goes cold without a snapshot.
+        """
+        del envelope
+        raise Unsupported("selfhosted machines are not archived: the machine itself is the persistence")
+        yield b""  # pragma: no cover - makes this an async generator
+
+    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
+        """Refused: an archive is never unpacked over a user's machine.
+
+        Raises:
+            Unsupported: always.
+        """
+        del envelope, chunks
+        raise Unsupported("selfhosted machines are never restored from an archive")
+
+    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
+        """None: there is nothing to capture, so there is nothing to compare."""
+        del envelope
+        return None
+
+    async def delete_snapshot(self, native_id: str) -> None:
+        """Refused: selfhosted has no native snapshots.
+
+        Raises:
+            Unsupported: always.
+        """
+        del native_id
+        raise Unsupported("selfhosted has no native snapshots")

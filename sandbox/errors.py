@@ -21,7 +21,11 @@ them back into these classes on the client side.
      │    ├── ExecTimeout            a command ran past its timeout
      │    ├── PathNotFound           a file or directory in the box is missing (never: the box is gone)
      │    ├── Unsupported            the backend cannot do this
+     │    │    ├── DisplayStackUnsupported    this box cannot run a desktop (no exec, Xvfb or x11vnc)
+     │    │    └── TerminalServerUnsupported  this box cannot run a terminal server (no exec or ttyd)
      │    ├── StreamPortUnavailable  no usable endpoint for the box's stream port
+     │    ├── DisplayStackError      a desktop stage (xvfb, x11vnc, websockify, lock, timeout) failed
+     │    ├── TerminalServerError    ttyd or its edge did not come up
      │    ├── SelfhostedControlError a selfhosted agent answered an op with an error (never "box gone")
      │    └── AgentOffline           (a ProviderUnavailable) the selfhosted agent does not answer; retry
      ├── ChannelAError               a Channel-A operation failed after it reached the box
@@ -30,6 +34,12 @@ them back into these classes on the client side.
      │    ├── ChannelAUnavailable    the box gave no usable answer; retry (never a bad path)
      │    ├── ChannelAUnsupported    this box cannot do the operation (no PTY, no exec)
      │    └── ChannelAPartialMutation  a mutation may have partly applied; not retryable
+     ├── SnapshotError               a workspace archive could not be stored, found, verified or published
+     │    ├── ArtifactNotFound       the archive is not in the artifact store
+     │    ├── ArchiveCorrupt         an archive failed verification (SHA-256, size, unreadable stream)
+     │    ├── ArtifactStoreUnavailable  the artifact store failed transiently (I/O); retry
+     │    ├── SnapshotNotFound       the snapshot ledger has no snapshot with this id
+     │    └── SnapshotConflict       the snapshot cannot make this transition (not a candidate, superseded)
      ├── RoutingError                a routed session could not complete an op on its active target
      │    ├── RouteUnresolvable      the session pointer names no usable target (stale, offline, ...)
      │    └── MutationOutcomeUnknown a mutation raced a route change; it was not replayed
@@ -177,6 +187,49 @@ class StreamPortUnavailable(ProviderError):
     error_type = "StreamPortUnavailable"
 
 
+class DisplayStackUnsupported(Unsupported):
+    """The box cannot run the desktop plane: the backend has no exec, or Xvfb/x11vnc are missing."""
+
+    error_type = "DisplayStackUnsupported"
+
+
+class TerminalServerUnsupported(Unsupported):
+    """The box cannot run the terminal plane: the backend has no exec, or there is no ttyd."""
+
+    error_type = "TerminalServerUnsupported"
+
+
+class DisplayStackError(ProviderError):
+    """A stage of the desktop stack failed to come up in the box.
+
+    Attributes:
+        stage: ``xvfb``, ``x11vnc``, ``websockify``, ``lock`` (a concurrent bring-up held the lock
+            too long), ``timeout`` (the whole script ran too long) or ``unknown``.
+    """
+
+    error_type = "DisplayStackError"
+    stage: str = "unknown"
+
+    def __init__(self, message: str, *, stage: str = "unknown", retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.stage = stage
+
+
+class TerminalServerError(ProviderError):
+    """The terminal plane failed to come up in the box.
+
+    Attributes:
+        stage: ``ttyd`` (ttyd or its edge failed), ``lock``, ``timeout`` or ``unknown``.
+    """
+
+    error_type = "TerminalServerError"
+    stage: str = "unknown"
+
+    def __init__(self, message: str, *, stage: str = "unknown", retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.stage = stage
+
+
 class SelfhostedControlError(ProviderError):
     """A selfhosted agent (or the control plane in its name) answered an op with an ``AgentError``.
 
@@ -300,6 +353,52 @@ class ChannelAPartialMutation(ChannelAError):
     """A mutation failed part way and may have changed the workspace; repeating it is unsafe."""
 
     error_type = "ChannelAPartialMutation"
+
+
+class SnapshotError(SandboxError):
+    """A workspace archive could not be captured, stored, found, verified or published."""
+
+    error_type = "SnapshotError"
+
+
+class ArtifactNotFound(SnapshotError):
+    """The artifact store has no object under the key (never written, or already deleted).
+
+    Attributes:
+        key: The artifact key that was looked up.
+    """
+
+    error_type = "ArtifactNotFound"
+    key: str | None = None
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ArchiveCorrupt(SnapshotError):
+    """An archive failed verification: its SHA-256 or size differs from the record, or it cannot be decoded."""
+
+    error_type = "ArchiveCorrupt"
+
+
+class ArtifactStoreUnavailable(SnapshotError):
+    """The artifact store failed with an I/O error that may pass (disk full, permissions, network); retry."""
+
+    error_type = "ArtifactStoreUnavailable"
+    default_retryable = True
+
+
+class SnapshotNotFound(SnapshotError):
+    """The snapshot ledger has no snapshot with this id (or it belongs to another lease)."""
+
+    error_type = "SnapshotNotFound"
+
+
+class SnapshotConflict(SnapshotError):
+    """The snapshot cannot make the requested transition: it is no longer a candidate, or a newer one is current."""
+
+    error_type = "SnapshotConflict"
 
 
 class RoutingError(SandboxError):

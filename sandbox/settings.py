@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     # Stream tokens (root secret; per-lease keys are derived from it)
     stream_token_secret: SecretStr | None = None
 
+    # Selfhosted machines (agents reached over NATS)
+    selfhosted_relay_url: str | None = Field(
+        default=None, description="Relay viewers dial for machine streams (wss://host[:port]/path); unset = default."
+    )
+    selfhosted_rpc_timeout_seconds: float = Field(default=30.0, gt=0, description="Deadline of one control op.")
+    selfhosted_probe_timeout_seconds: float = Field(default=5.0, gt=0, description="Deadline of a liveness ping.")
+    selfhosted_agent_id: str | None = Field(
+        default=None, description="Agent a selfhosted lease binds to when its spec names none."
+    )
+
     def resolved_database_url(self) -> str:
         """The SQLAlchemy async URL: the configured one, or SQLite in the data dir."""
         if self.database_url:

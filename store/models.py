@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -162,3 +164,112 @@ class LeaseEventRow(Base):
     epoch: Mapped[int] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime]
+
+
+ENROLLMENT_STATUSES: tuple[str, ...] = ("pending", "active", "revoked")
+"""Allowed values of ``enrollments.status``."""
+
+ENROLLMENT_EXPOSURES: tuple[str, ...] = ("workspace", "whole-machine")
+"""Allowed values of ``enrollments.exposure``."""
+
+
+class EnrollmentRow(Base):
+    """One selfhosted machine (agent) enrolled in a workspace (``enrollments``)."""
+
+    __tablename__ = "enrollments"
+    __table_args__ = (
+        CheckConstraint(_in_check("status", ENROLLMENT_STATUSES), name="status"),
+        CheckConstraint(_in_check("exposure", ENROLLMENT_EXPOSURES), name="exposure"),
+    )
+
+    workspace_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    agent_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    exposure: Mapped[str] = mapped_column(String(16))
+    allow_screen_control: Mapped[bool]
+    has_display: Mapped[bool]
+    hostname: Mapped[str | None] = mapped_column(Text)
+    os: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime | None]
+    went_offline_at: Mapped[datetime | None]
+    went_offline_reason: Mapped[str | None] = mapped_column(Text)
+    revoked_at: Mapped[datetime | None]
+
+
+class SessionPointerRow(Base):
+    """Where a session's ops go right now (``session_pointers``); swapped by compare-and-set on the epoch."""
+
+    __tablename__ = "session_pointers"
+
+    session_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    active_sandbox_id: Mapped[str | None] = mapped_column(Text)
+    active_epoch: Mapped[int] = mapped_column(BigInteger)
+    working_dir: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime]
+
+
+SNAPSHOT_STATES: tuple[str, ...] = (
+    "candidate",
+    "current",
+    "previous",
+    "delete_pending",
+    "deleting",
+    "deleted",
+    "delete_failed",
+)
+"""Allowed values of ``sandbox_snapshots.state`` (the life of one workspace archive)."""
+
+SNAPSHOT_KINDS: tuple[str, ...] = ("tar", "tar+zstd", "native")
+"""Allowed values of ``sandbox_snapshots.kind``."""
+
+
+class SnapshotRow(Base):
+    """One workspace archive of a lease (``sandbox_snapshots``): the ledger the snapshot GC works from.
+
+    A lease has at most one ``current`` and one ``previous`` row (partial unique indexes); rows in
+    ``deleting`` carry the GC claim (``claim_token``, expiring at ``next_attempt_at``).
+    """
+
+    __tablename__ = "sandbox_snapshots"
+    __table_args__ = (
+        CheckConstraint(_in_check("state", SNAPSHOT_STATES), name="state"),
+        CheckConstraint(_in_check("kind", SNAPSHOT_KINDS), name="kind"),
+        Index(
+            "uq_sandbox_snapshots_current_per_lease",
+            "lease_id",
+            unique=True,
+            sqlite_where=text("state = 'current'"),
+            postgresql_where=text("state = 'current'"),
+        ),
+        Index(
+            "uq_sandbox_snapshots_previous_per_lease",
+            "lease_id",
+            unique=True,
+            sqlite_where=text("state = 'previous'"),
+            postgresql_where=text("state = 'previous'"),
+        ),
+        Index("ix_sandbox_snapshots_workspace_id_group_id", "workspace_id", "group_id"),
+        Index("ix_sandbox_snapshots_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    lease_id: Mapped[str] = mapped_column(Text)
+    workspace_id: Mapped[str] = mapped_column(Text)
+    group_id: Mapped[str] = mapped_column(Text)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))
+    backend: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    published_at: Mapped[datetime | None]
+    delete_after: Mapped[datetime | None]
+    delete_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_delete_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
+    claim_token: Mapped[str | None] = mapped_column(Text)

@@ -75,7 +75,7 @@ def _entry(name: str, rel: str, st: os.stat_result) -> FsEntry:
     return FsEntry(
         name=name,
         path=rel,
-        kind=_kind(st.st_mode),  # type: ignore[arg-type]
+        kind=_kind(st.st_mode),
         size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
         modified_ms=int(st.st_mtime * 1000),
         mode=stat.S_IMODE(st.st_mode),
@@ -131,7 +131,9 @@ class Root:
                         hops += 1
                         if hops > MAX_SYMLINK_HOPS:
                             raise OpRefused(
-                                ControlErrorCode.OS, f"too many symbolic links: {path}", {"errno": "ELOOP", "path": path}
+                                ControlErrorCode.OS,
+                                f"too many symbolic links: {path}",
+                                {"errno": "ELOOP", "path": path},
                             )
                         target = os.readlink(os.path.join(self.real, *resolved, part))
                         if target.startswith("/"):
@@ -231,7 +233,9 @@ class Root:
                     return len(content)
                 keep_mode = mode or self._existing_mode(dfd, name)
                 tmp = f".{name[:64]}.{secrets.token_hex(6)}.sandbox-tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+                fd = os.open(
+                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd
+                )
                 try:
                     _write_all(fd, content)
                     if keep_mode:
@@ -313,7 +317,7 @@ class Root:
             os.close(fd)
         return _entry(parts[-1], "/".join(parts), st)
 
-    def list(self, path: str, *, recursive: bool) -> list[FsEntry]:
+    def list_dir(self, path: str, *, recursive: bool) -> list[FsEntry]:
         """A directory's entries (symlinks listed, never followed), sorted by relative path."""
         parts = self.resolve(path)
         fd = self._open_dir(parts, create=False, path=path)

@@ -186,8 +186,11 @@ class NatsEventSink:
                 self._nc = await nats.connect(
                     servers=[self.nats_url],
                     connect_timeout=self._connect_timeout,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=3,
+                    # nats-py retries a refused connect max_reconnect_attempts times, waiting
+                    # reconnect_time_wait each (minutes by default); this sink retries on its own
+                    # schedule (retry_after) instead.
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.1,
                     error_cb=quiet,
                     disconnected_cb=quiet,
                 )

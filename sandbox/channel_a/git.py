@@ -71,7 +71,8 @@ DISCOVERY_PRUNE: Final = (
 
 _REF_RE: Final = re.compile(r"[A-Za-z0-9_./~^@{}:+\-]{1,256}")
 _IMAGE_RE: Final = re.compile(r"\.(png|jpe?g|gif|webp|bmp|ico|svg|tiff?)$", re.IGNORECASE)
-_SECTION_RE: Final = re.compile(rb"(?:^|\n)(?=diff --git )")
+# Combined diffs ("diff --cc", for unmerged paths) are sections too, never part of the previous one.
+_SECTION_RE: Final = re.compile(rb"(?:^|\n)(?=diff --(?:git|cc|combined) )")
 _BINARY_SNIFF_BYTES: Final = 8192
 
 # Overrides that keep the output parseable whatever the box's git configuration says.
@@ -115,12 +116,10 @@ GIT_NAMESPACE GIT_CONFIG_PARAMETERS GIT_CONFIG_COUNT GIT_EXTERNAL_DIFF
 export GIT_OPTIONAL_LOCKS=0 GIT_TERMINAL_PROMPT=0 GIT_PAGER=cat PAGER=cat LC_ALL=C
 ca_git() {{ {_GIT} "$@"; }}
 ca_repo=0
-ca_top=
-if [ "$(ca_git rev-parse --is-inside-work-tree 2>/dev/null)" = true ] \
-  && ca_top=$(ca_git rev-parse --show-toplevel 2>/dev/null) \
-  && opengeni_resolve "$ca_top" && opengeni_under_root "$opengeni_resolved"; then
+# --show-toplevel fails outside a work tree (and in a .git directory) and prints a real path.
+if ca_top=$(ca_git rev-parse --show-toplevel 2>/dev/null) && [ -n "$ca_top" ] \
+  && opengeni_under_root "$ca_top"; then
   ca_repo=1
-  ca_top=$opengeni_resolved
 fi
 """
 
@@ -333,9 +332,25 @@ def _c_quote(name: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _expected_header(entry: NumstatEntry) -> str:
+def _expected_header(entry: NumstatEntry, conflicted: bool) -> str:
+    if conflicted:
+        return f"diff --cc {_c_quote(entry.new_path)}"
     old = entry.old_path if entry.old_path is not None else entry.new_path
     return f"diff --git {_c_quote('a/' + old)} {_c_quote('b/' + entry.new_path)}"
+
+
+def _merge_unmerged(entries: Sequence[NumstatEntry]) -> list[tuple[NumstatEntry, bool]]:
+    # git lists an unmerged path twice in --numstat (a 0/0 marker, then the combined counts).
+    out: list[tuple[NumstatEntry, bool]] = []
+    index: dict[str, int] = {}
+    for entry in entries:
+        at = index.get(entry.new_path)
+        if at is not None and entry.old_path is None and out[at][0].old_path is None:
+            out[at] = (entry, True)
+        else:
+            index[entry.new_path] = len(out)
+            out.append((entry, False))
+    return out
 
 
 def _sections(patch: bytes) -> list[bytes]:
@@ -396,7 +411,9 @@ def assemble_tracked(
     Sections are matched by their ``diff --git`` header, so a type change (printed as two
     sections) or a missing section cannot shift the pairing. A section above
     ``max_bytes_per_file`` keeps only the hunks that fit and is marked ``truncated``; an entry
-    whose section is missing (the combined patch hit its cap) is ``truncated`` with no hunks.
+    whose section is missing (the combined patch hit its cap) is ``truncated`` with no hunks. An
+    unmerged path (listed twice by numstat, shown as a combined ``diff --cc``) becomes one
+    ``conflicted`` file without hunks.
     Returns the files and whether the combined patch itself was cut.
     """
     patch_truncated = len(patch) > GIT_DIFF_MAX_TOTAL_BYTES
@@ -407,8 +424,8 @@ def assemble_tracked(
         first = section.split(b"\n", 1)[0].decode("utf-8", "replace")
         by_header.setdefault(first, []).append(section)
     files: list[GitDiffFile] = []
-    for entry in entries:
-        chunks = by_header.pop(_expected_header(entry), [])
+    for entry, conflicted in _merge_unmerged(entries):
+        chunks = by_header.pop(_expected_header(entry, conflicted), [])
         budget = max_bytes_per_file
         truncated = not chunks
         header: list[str] = []
@@ -420,9 +437,11 @@ def assemble_tracked(
             budget = max(0, budget - len(chunk))
             text = cut.decode("utf-8", "replace")
             header += _header_lines(text)
-            if not entry.binary:
+            if not entry.binary and not conflicted:
                 hunks += parse_unified_patch(text).hunks
         status, old_mode, new_mode = _status_and_modes(header, entry)
+        if conflicted:
+            status = "conflicted"
         files.append(
             GitDiffFile(
                 path=entry.new_path,

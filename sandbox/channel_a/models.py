@@ -79,7 +79,9 @@ PTY_MAX_ROWS = 300
 
 FsNodeType = Literal["file", "dir", "symlink", "other"]
 FsChangeKind = Literal["created", "modified", "deleted", "renamed"]
-GitDiffFileStatus = Literal["added", "modified", "deleted", "renamed", "copied", "typechange", "untracked"]
+GitDiffFileStatus = Literal[
+    "added", "modified", "deleted", "renamed", "copied", "typechange", "untracked", "conflicted"
+]
 PtyExitReason = Literal["exit", "killed", "owner_gone", "timeout", "lost"]
 
 

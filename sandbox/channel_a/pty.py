@@ -9,7 +9,7 @@ a :class:`PtyLauncher`; :class:`LocalPtyLauncher` does it for the ``local`` prov
 (``path``, ``workspace_path``, ``instance_id`` and ``exec``). In ``process`` isolation the shell
 runs on the host with the box's directories, exactly like an exec. In ``bubblewrap`` isolation it
 builds its own ``bwrap`` sandbox with the same mounts as the box (``/workspace``, ``/root``,
-``/tmp``, the host read-only, the boxes directory hidden) but in a PID namespace of its own: the
+``/tmp``, the host read-only, the boxes and data directories hidden) but in a PID namespace of its own: the
 box's namespace handles are private to the provider. Both carry the box marker variable, so
 ``terminate`` of the box kills the shell too.
 """
@@ -70,10 +70,17 @@ def _take_terminal() -> None:
 
 
 class LocalPtyLauncher:
-    """Runs PTY processes in a ``local`` provider box (see the module docstring for the limits)."""
+    """Runs PTY processes in a ``local`` provider box (see the module docstring for the limits).
 
-    def __init__(self, session: LocalBoxSession) -> None:
+    Args:
+        session: The box.
+        hidden_paths: Host directories the PTY sandbox must not see besides the boxes directory
+            (pass the provider's ``hidden_paths``, such as the data directory); bubblewrap only.
+    """
+
+    def __init__(self, session: LocalBoxSession, *, hidden_paths: Sequence[Path] = ()) -> None:
         self._session = session
+        self._hidden = [session.path.parent, *hidden_paths]
         self._mode: Literal["process", "bubblewrap"] | None = None
 
     async def _isolation(self) -> Literal["process", "bubblewrap"]:
@@ -103,7 +110,7 @@ class LocalPtyLauncher:
             full_env = {**base, "HOME": BOX_HOME, **env, **marker}
             command = [
                 bwrap,
-                *_host_layout(box.parent),
+                *_host_layout(self._hidden),
                 "--bind", str(self._session.workspace_path), WORKSPACE_ROOT,
                 "--bind", str(box / "home"), BOX_HOME,
                 "--bind", str(box / "tmp"), "/tmp",
@@ -131,8 +138,8 @@ class LocalPtyLauncher:
             raise ChannelAUnavailable(f"cannot start the PTY process: {err}") from err
 
 
-def _host_layout(hidden: Path) -> list[str]:
-    """Read-only binds of the host's top-level directories, with the boxes directory hidden."""
+def _host_layout(hidden: Sequence[Path]) -> list[str]:
+    """Read-only binds of the host's top-level directories, with ``hidden`` directories emptied."""
     args: list[str] = []
     bound: set[str] = set()
     for name in sorted(os.listdir("/")):
@@ -144,9 +151,10 @@ def _host_layout(hidden: Path) -> list[str]:
         elif os.path.isdir(host):
             args += ["--ro-bind", host, host]
             bound.add(name)
-    real = Path(os.path.realpath(hidden))
-    if len(real.parts) > 1 and real.parts[1] in bound:
-        args += ["--tmpfs", str(real)]
+    for path in hidden:
+        real = Path(os.path.realpath(path))
+        if len(real.parts) > 1 and real.parts[1] in bound and real.is_dir():
+            args += ["--tmpfs", str(real)]
     return args
 
 
@@ -286,10 +294,13 @@ class PtyProcess:
 
     async def read(self, timeout: float = 0.0, max_bytes: int = _MAX_UNREAD) -> bytes:
         """Unread output, waiting up to ``timeout`` seconds for some; ``b""`` when none came."""
-        if not self._unread and not self._eof and not self.exited and timeout > 0:
+        if not self._unread and timeout > 0 and not self.exited:
+            # After end of output, wait for the exit instead: returning at once would let a
+            # caller polling read() starve the task that notices the exit.
             self._data.clear()
+            waited = self._exited if self._eof else self._data
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._data.wait(), timeout)
+                await asyncio.wait_for(waited.wait(), timeout)
         out = bytes(self._unread[:max_bytes])
         del self._unread[:max_bytes]
         return out

@@ -112,7 +112,8 @@ def capture_script(commands: Sequence[tuple[str, str]]) -> str:
     for name, command in commands:
         if not re.fullmatch(r"[a-z_]+", name):
             raise ValueError(f"capture name must be lowercase letters and _, not {name!r}")
-        lines.append(f'{{ {command}\n}} >"$opengeni_cap/{name}" 2>/dev/null </dev/null')
+        # A subshell, so that an `exit` in one command ends only that capture.
+        lines.append(f'( {command}\n) >"$opengeni_cap/{name}" 2>/dev/null </dev/null')
         lines.append(f"opengeni_st_{name}=$?")
     for name, _ in commands:
         lines.append(

@@ -59,7 +59,14 @@ from sandbox.channel_a.models import (
     TerminalExecResult,
 )
 from sandbox.channel_a.pty import PtyLauncher, PtyProcess, default_pty_launcher
-from sandbox.channel_a.runner import SCRIPT_ROOT, BoxRunner, capture_script, parse_captures, raise_for_confinement
+from sandbox.channel_a.runner import (
+    EXIT_INVALID,
+    SCRIPT_ROOT,
+    BoxRunner,
+    capture_script,
+    parse_captures,
+    raise_for_confinement,
+)
 from sandbox.channel_a.terminal import parse_terminal_output, terminal_command
 from sandbox.errors import (
     ChannelANotFound,
@@ -675,10 +682,11 @@ class ChannelA:
     async def _confined_dir(self, rel: str, shown: str) -> str:
         script = (
             confinement_script(SCRIPT_ROOT, rel)
-            + '[ -d "$opengeni_target" ] || exit 70\nprintf \'__CHANNEL_A_DIR__%s\\0\' "$opengeni_target"\n'
+            + f'[ -d "$opengeni_target" ] || exit {EXIT_INVALID}\n'
+            + "printf '__CHANNEL_A_DIR__%s\\0' \"$opengeni_target\"\n"
         )
         result = await self._runner.run(script, timeout=self._command_timeout)
-        if result.exit_code == 70:
+        if result.exit_code == EXIT_INVALID:
             raise ChannelAValidationError(f"not a directory: {shown}", path=shown)
         if result.exit_code != 0:
             raise_for_confinement(result, shown)
@@ -728,7 +736,6 @@ class ChannelA:
             on_output=lambda chunk: self._pty_output(pty.pty_id, chunk),
             on_exit=lambda code, reason: self._pty_exited(pty.pty_id, code, reason),
         )
-        self._pty_seq[pty.pty_id] = 0
         await pty.start(self._pty_launcher, [program, "-l"], {"TERM": "xterm-256color", **(env or {})})
         self._ptys[pty.pty_id] = pty
         await self._emit(

@@ -1,0 +1,312 @@
+"""``sandboxctl agent run``, ``sandboxctl machine ...`` and ``sandboxctl session swap``: selfhosted machines.
+
+``agent run`` is the daemon a user starts on their own machine; it serves the control ops over
+NATS confined to ``--root``. ``machine enroll|list|revoke`` keep the workspace's ``enrollments``
+(``list`` pings each agent and shows online / reconnecting / offline). ``session swap`` moves a
+session's active pointer by compare-and-set on its epoch. Store commands find the data dir like the
+other commands (``--data-dir``, ``SANDBOX_DATA_DIR`` or ``./.sandbox``) and take ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from cli.output import emit, fail, note
+from cli.stack import resolve_settings
+from sandbox.errors import SandboxError, StaleEpoch
+from sandbox.settings import Settings
+
+T = TypeVar("T")
+
+agent_app = typer.Typer(help="Run the selfhosted agent on this machine.", no_args_is_help=True)
+machine_app = typer.Typer(help="Enroll, list and revoke selfhosted machines.", no_args_is_help=True)
+session_app = typer.Typer(help="Route a session between boxes.", no_args_is_help=True)
+
+DataDir = typer.Option(None, "--data-dir", help="Data dir of the stack (default $SANDBOX_DATA_DIR or ./.sandbox).")
+Json = typer.Option(False, "--json", help="Print one JSON document (for scripts).")
+
+EXIT_REFUSED = 2
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``agent``, ``machine`` and ``session`` to the root app."""
+    app.add_typer(agent_app, name="agent")
+    app.add_typer(machine_app, name="machine")
+    app.add_typer(session_app, name="session")
+
+
+def _settings(data_dir: Path | None) -> Settings:
+    try:
+        return resolve_settings(data_dir)
+    except SandboxError as err:
+        fail(err.message)
+
+
+def _with_store(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Open and migrate the store, run ``action(db)``, close; typed errors become a clear exit."""
+    from store.database import Database
+
+    async def main() -> T:
+        db = Database.for_settings(settings)
+        try:
+            await db.migrate()
+            return await action(db)
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(main())
+    except SandboxError as err:
+        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
+
+
+# --- agent run -------------------------------------------------------------------------------------
+
+
+@agent_app.command("run")
+def agent_run(
+    workspace: str = typer.Option(..., "--workspace", help="Workspace this machine serves."),
+    agent_id: str = typer.Option(..., "--agent-id", help="This machine's agent id (as enrolled)."),
+    root: Path = typer.Option(Path("."), "--root", help="Directory the agent serves; nothing outside it is reachable."),
+    nats: str | None = typer.Option(None, "--nats", help="NATS URL (default $SANDBOX_NATS_URL or the running stack)."),
+    allow_screen_control: bool = typer.Option(
+        False, "--allow-screen-control", help="Let the runtime drive this machine's mouse and keyboard."
+    ),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the fence epoch is kept."),
+    max_concurrent_ops: int = typer.Option(64, "--max-concurrent-ops", min=1, help="Ops run at once before DRAINING."),
+    drain_timeout: float = typer.Option(60.0, "--drain-timeout", min=0, help="Seconds running ops get on SIGTERM."),
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Serve this machine to the runtime until SIGTERM (which drains: running ops finish, new ones wait)."""
+    from sandbox.agent import AgentConfig, AgentDaemon
+    from sandbox.agent.daemon import default_state_dir, use_pidfd_child_watcher
+
+    url = nats or _settings(data_dir).nats_url
+    if not root.is_dir():
+        fail(f"--root {root} is not a directory")
+    try:
+        daemon = AgentDaemon(
+            AgentConfig(
+                workspace_id=workspace,
+                agent_id=agent_id,
+                root=root,
+                nats_url=url,
+                allow_screen_control=allow_screen_control,
+                state_dir=state_dir or default_state_dir(),
+                max_concurrent_ops=max_concurrent_ops,
+                drain_timeout=drain_timeout,
+            )
+        )
+    except SandboxError as err:
+        fail(err.message)
+    note(
+        f"agent {workspace}/{agent_id} serving {root.resolve()} on {daemon.subject} via {url}"
+        f" (screen control {'allowed' if allow_screen_control else 'off'})"
+    )
+    use_pidfd_child_watcher()
+    asyncio.run(daemon.run_until_signalled())
+    note("agent stopped")
+
+
+# --- machine ---------------------------------------------------------------------------------------
+
+
+def _enrollment_json(record: Any, liveness: Any = None, latency_ms: float | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "workspace": record.workspace_id,
+        "agent": record.agent_id,
+        "status": record.status,
+        "exposure": record.exposure,
+        "screen_control": record.allow_screen_control,
+        "display": record.has_display,
+        "hostname": record.hostname,
+        "last_seen": record.last_seen_at,
+    }
+    if liveness is not None:
+        out["liveness"] = liveness.state
+    if latency_ms is not None:
+        out["ping_ms"] = round(latency_ms, 1)
+    return out
+
+
+@machine_app.command("enroll")
+def machine_enroll(
+    workspace: str = typer.Argument(..., help="Workspace id."),
+    agent_id: str = typer.Argument(..., help="Agent id the machine runs with (agent run --agent-id)."),
+    exposure: str = typer.Option("workspace", "--exposure", help="workspace (its root) or whole-machine."),
+    allow_screen_control: bool = typer.Option(False, "--allow-screen-control", help="Owner consents to desktop input."),
+    display: bool = typer.Option(False, "--display/--no-display", help="The machine has a display."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Enroll a machine in a workspace (re-enrolling updates it and lifts a revocation)."""
+    from store.machines import EnrollmentRepository, Exposure
+
+    settings = _settings(data_dir)
+
+    if exposure not in ("workspace", "whole-machine"):
+        fail(f"--exposure must be workspace or whole-machine, not {exposure!r}")
+    exposure_kind: Exposure = "whole-machine" if exposure == "whole-machine" else "workspace"
+
+    async def action(db: Any) -> Any:
+        return await EnrollmentRepository(db).enroll(
+            workspace,
+            agent_id,
+            exposure=exposure_kind,
+            allow_screen_control=allow_screen_control,
+            has_display=display,
+        )
+
+    record = _with_store(settings, action)
+    if json_out:
+        emit(_enrollment_json(record), True)
+    else:
+        emit(f"enrolled {workspace}/{agent_id} ({record.exposure})", False)
+        emit(
+            f"next, on that machine: sandboxctl agent run --workspace {workspace} --agent-id {agent_id} --root DIR",
+            False,
+        )
+
+
+@machine_app.command("list")
+def machine_list(
+    workspace: str | None = typer.Argument(None, help="Only this workspace."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Ping each agent to tell online from offline."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """List enrolled machines with their liveness (online / reconnecting / offline)."""
+    from providers.selfhosted import NatsControlRpc, probe_agent
+    from sandbox.liveness import selfhosted_liveness
+    from store.machines import EnrollmentRepository
+
+    settings = _settings(data_dir)
+
+    async def action(db: Any) -> list[dict[str, Any]]:
+        repo = EnrollmentRepository(db)
+        records = await repo.list(workspace)
+        rpc = NatsControlRpc(settings.nats_url)
+        try:
+
+            async def one(record: Any) -> dict[str, Any]:
+                if not probe or record.status != "active":
+                    return _enrollment_json(record, selfhosted_liveness(record.view(), False))
+                result = await probe_agent(
+                    rpc, record.workspace_id, record.agent_id, timeout=settings.selfhosted_probe_timeout_seconds
+                )
+                if result.responded:
+                    reply = result.reply
+                    await repo.record_seen(
+                        record.workspace_id,
+                        record.agent_id,
+                        hostname=reply.hostname if reply else None,
+                        os=reply.os if reply else None,
+                        has_display=reply.has_display if reply else None,
+                    )
+                    record = await repo.get(record.workspace_id, record.agent_id) or record
+                return _enrollment_json(record, selfhosted_liveness(record.view(), result.responded), result.latency_ms)
+
+            return list(await asyncio.gather(*(one(r) for r in records)))
+        finally:
+            await rpc.close()
+
+    rows = _with_store(settings, action)
+    if json_out:
+        emit(rows, True)
+    elif rows:
+        emit(rows, False)
+    else:
+        emit("no machines enrolled; enroll one with: sandboxctl machine enroll WORKSPACE AGENT_ID", False)
+
+
+@machine_app.command("revoke")
+def machine_revoke(
+    workspace: str = typer.Argument(..., help="Workspace id."),
+    agent_id: str = typer.Argument(..., help="Agent id."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Revoke a machine: it reads as offline and no session is routed to it any more."""
+    from store.machines import EnrollmentRepository
+
+    settings = _settings(data_dir)
+    revoked = _with_store(settings, lambda db: EnrollmentRepository(db).revoke(workspace, agent_id))
+    if not revoked:
+        fail(f"{workspace}/{agent_id} is not enrolled", EXIT_REFUSED)
+    emit(
+        {"workspace": workspace, "agent": agent_id, "status": "revoked"}
+        if json_out
+        else f"revoked {workspace}/{agent_id}",
+        json_out,
+    )
+
+
+# --- session ---------------------------------------------------------------------------------------
+
+
+def _pointer_json(session_id: str, pointer: Any) -> dict[str, Any]:
+    return {
+        "session": session_id,
+        "active_sandbox_id": pointer.active_sandbox_id,
+        "active_epoch": pointer.active_epoch,
+        "working_dir": pointer.working_dir,
+    }
+
+
+@session_app.command("swap")
+def session_swap(
+    session_id: str = typer.Argument(..., help="Session id."),
+    to: str = typer.Option(..., "--to", help="Target: selfhosted:<agent_id>, lease:<group_id>, or home."),
+    expected_epoch: int | None = typer.Option(
+        None, "--expected-epoch", min=0, help="Refuse unless the pointer is at this epoch (default: its current one)."
+    ),
+    working_dir: str | None = typer.Option(None, "--working-dir", help="Working dir on the new target."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Point a session at another box: compare-and-set on the pointer's epoch (a racing swap loses)."""
+    from sandbox.routing import parse_sandbox_id
+    from store.machines import SessionPointerRepository
+
+    target: str | None = None if to == "home" else to
+    if target is not None:
+        try:
+            parse_sandbox_id(target)
+        except SandboxError as err:
+            fail(err.message)
+    settings = _settings(data_dir)
+
+    async def action(db: Any) -> Any:
+        repo = SessionPointerRepository(db)
+        expected = expected_epoch if expected_epoch is not None else (await repo.get(session_id)).active_epoch
+        return await repo.swap(session_id, target, expected_epoch=expected, working_dir=working_dir)
+
+    try:
+        pointer = _with_store(settings, action)
+    except StaleEpoch as err:  # pragma: no cover - _with_store already turns it into an exit
+        fail(err.message, EXIT_REFUSED)
+    emit(
+        _pointer_json(session_id, pointer)
+        if json_out
+        else f"session {session_id} -> {pointer.active_sandbox_id or 'home'} at epoch {pointer.active_epoch}",
+        json_out,
+    )
+
+
+@session_app.command("show")
+def session_show(
+    session_id: str = typer.Argument(..., help="Session id."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Show where a session's ops go right now."""
+    from store.machines import SessionPointerRepository
+
+    settings = _settings(data_dir)
+    pointer = _with_store(settings, lambda db: SessionPointerRepository(db).get(session_id))
+    emit(_pointer_json(session_id, pointer), json_out)

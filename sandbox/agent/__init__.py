@@ -1,0 +1,6 @@
+"""The selfhosted agent: the daemon a user runs on their own machine (``sandboxctl agent run``)."""
+
+from sandbox.agent.daemon import AgentConfig, AgentDaemon
+from sandbox.agent.operations import AgentOperations, DisplayAccess
+
+__all__ = ["AgentConfig", "AgentDaemon", "AgentOperations", "DisplayAccess"]

@@ -1,0 +1,276 @@
+"""The agent daemon: serves control requests for one machine over NATS (``sandboxctl agent run``).
+
+It subscribes to ``agent.<workspace_id>.<agent_id>.rpc`` (in a queue group, so a duplicate daemon
+never runs an op twice) and answers each request from a task of its own, admitting it first:
+
+- while draining (after SIGTERM) or at ``max_concurrent_ops``, a new op gets ``DRAINING``;
+- an op whose epoch is older than the newest seen gets ``FENCED``; the newest epoch is kept in a
+  state file outside the root, so a restart does not reopen the fence;
+- everything else runs through :class:`~sandbox.agent.operations.AgentOperations`, and a reply
+  larger than the server's max payload is replaced by ``PAYLOAD_TOO_LARGE``.
+
+The NATS link is re-established forever (the first dial is retried too), so the daemon outlives
+server restarts. :meth:`AgentDaemon.drain` (SIGTERM) refuses new ops, lets running ones finish
+(killing commands left after ``drain_timeout``), then disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from sandbox.agent.operations import AgentOperations, DisplayAccess
+from sandbox.control_protocol import (
+    ControlErrorCode,
+    ControlResponse,
+    agent_subject,
+    decode_request,
+    encode_message,
+    error_response,
+    payload_too_large_response,
+    salvage_request_id,
+)
+from sandbox.errors import InvalidRequest
+
+__all__ = ["AgentConfig", "AgentDaemon", "default_state_dir", "use_pidfd_child_watcher"]
+
+_MAX_DIAL_WAIT: Final = 2.0
+
+
+def use_pidfd_child_watcher() -> bool:
+    """On Python 3.11 Linux, reap commands with pidfds instead of one waiting thread per command.
+
+    Call before the event loop starts (3.12+ already does this by default; then it is a no-op).
+    Returns whether the watcher was installed.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher") or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+    return True
+
+
+def default_state_dir() -> Path:
+    """Where the agent keeps its fence state: ``$XDG_STATE_HOME/sandbox-agent`` (else ``~/.local/state``)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "sandbox-agent"
+
+
+@dataclass
+class AgentConfig:
+    """How one agent daemon runs."""
+
+    workspace_id: str
+    agent_id: str
+    root: Path
+    nats_url: str = "nats://127.0.0.1:4222"
+    allow_screen_control: bool = False
+    display: str | None = field(default_factory=lambda: os.environ.get("DISPLAY") or None)
+    state_dir: Path = field(default_factory=default_state_dir)
+    max_concurrent_ops: int = 64
+    drain_timeout: float = 60.0
+    reconnect_wait: float = 0.25
+
+
+class AgentDaemon:
+    """One running agent: a NATS subscription, the admission rules and the op handlers."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.subject = agent_subject(config.workspace_id, config.agent_id)
+        self.operations = AgentOperations(
+            workspace_id=config.workspace_id,
+            agent_id=config.agent_id,
+            root=config.root,
+            display=DisplayAccess(config.display, config.allow_screen_control),
+        )
+        self._state_file = config.state_dir / f"{config.workspace_id}.{config.agent_id}.json"
+        self.operations.newest_epoch = self._load_epoch()
+        self.ready = asyncio.Event()
+        self.draining = False
+        self._done = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._nc: Any = None
+
+    # --- fence state ---
+
+    @property
+    def newest_epoch(self) -> int:
+        """The newest epoch any admitted op carried."""
+        return self.operations.newest_epoch
+
+    def _load_epoch(self) -> int:
+        try:
+            value = json.loads(self._state_file.read_text())["newest_epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    def _store_epoch(self, epoch: int) -> None:
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_name(f".{self._state_file.name}.{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps({"newest_epoch": epoch}))
+        os.replace(tmp, self._state_file)
+
+    # --- serving ---
+
+    async def _dial(self) -> Any:
+        import nats
+
+        async def quiet(_err: Exception) -> None:
+            return None
+
+        async def disconnected() -> None:
+            note("NATS link lost; reconnecting")
+
+        async def reconnected() -> None:
+            note("NATS link restored")
+
+        return await nats.connect(
+            self.config.nats_url,
+            name=f"sandbox-agent {self.config.workspace_id}/{self.config.agent_id}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=self.config.reconnect_wait,
+            connect_timeout=2,
+            error_cb=quiet,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+        )
+
+    async def run(self) -> None:
+        """Connect (retrying forever), serve until drained, then disconnect."""
+        wait = self.config.reconnect_wait
+        while self._nc is None and not self.draining:
+            try:
+                self._nc = await asyncio.wait_for(self._dial(), timeout=5)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(wait)
+                wait = min(_MAX_DIAL_WAIT, wait * 2)
+        if self._nc is None:
+            return
+        nc = self._nc
+        self.operations.max_payload = nc.max_payload
+        await nc.subscribe(self.subject, queue=self.subject, cb=self._on_message)
+        await nc.flush()
+        self.ready.set()
+        try:
+            await self._done.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _respond(self, msg: Any, response: ControlResponse) -> None:
+        data = encode_message(response)
+        limit = self._nc.max_payload if self._nc is not None else self.operations.max_payload
+        if len(data) > limit:
+            data = encode_message(payload_too_large_response(response.request_id, len(data), limit))
+        with contextlib.suppress(Exception):
+            # A reply lost with the link is the caller's timeout, which it treats as ambiguous.
+            await msg.respond(data)
+
+    async def _on_message(self, msg: Any) -> None:
+        if not msg.reply:
+            return
+        try:
+            request = decode_request(msg.data)
+        except InvalidRequest as err:
+            await self._respond(
+                msg, error_response(salvage_request_id(msg.data), ControlErrorCode.PROTOCOL, err.message)
+            )
+            return
+        rid = request.request_id
+        if self.draining:
+            await self._respond(
+                msg,
+                error_response(rid, ControlErrorCode.DRAINING, "the agent is shutting down", detail={"draining": "1"}),
+            )
+            return
+        if len(self._inflight) >= self.config.max_concurrent_ops:
+            await self._respond(
+                msg,
+                error_response(
+                    rid,
+                    ControlErrorCode.DRAINING,
+                    "the agent is at capacity",
+                    detail={"in_flight": str(len(self._inflight))},
+                ),
+            )
+            return
+        newest = self.operations.newest_epoch
+        if request.epoch < newest:
+            await self._respond(
+                msg,
+                error_response(
+                    rid,
+                    ControlErrorCode.FENCED,
+                    f"epoch {request.epoch} is older than the newest epoch {newest} this agent has seen",
+                    detail={"epoch": str(request.epoch), "newest_epoch": str(newest)},
+                ),
+            )
+            return
+        if request.epoch > newest:
+            self.operations.newest_epoch = request.epoch
+            try:
+                self._store_epoch(request.epoch)
+            except OSError as err:
+                note(f"cannot persist the fence epoch: {err}")
+
+        async def serve() -> None:
+            await self._respond(msg, await self.operations.handle(request))
+
+        task = asyncio.get_running_loop().create_task(serve())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    # --- draining ---
+
+    async def drain(self) -> None:
+        """Refuse new ops with ``DRAINING``, let running ones finish (bounded), then stop serving."""
+        self.draining = True
+        if self._inflight:
+            _done, pending = await asyncio.wait(set(self._inflight), timeout=self.config.drain_timeout)
+            if pending:
+                self.operations.kill_running()
+                await asyncio.wait(pending, timeout=5)
+        self._done.set()
+
+    async def run_until_signalled(self) -> None:
+        """:meth:`run`, draining on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        drains: list[asyncio.Task[None]] = []
+
+        def on_signal() -> None:
+            if not self.draining:
+                note("draining: finishing running ops, refusing new ones")
+                drains.append(loop.create_task(self.drain()))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await self.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def note(message: str) -> None:
+    """A status line on stderr (the daemon's only output)."""
+    with contextlib.suppress(OSError):
+        print(f"sandbox-agent: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,294 @@
+"""The artifact store: large immutable objects (workspace archives) addressed by key, streamed in and out.
+
+:class:`ArtifactStore` is the protocol (an S3-compatible store can implement it later);
+:class:`FilesystemArtifactStore` keeps each object as one file under a root directory in the data
+dir. Objects are written atomically (temporary file, ``fsync``, rename, ``fsync`` of the directory),
+so a key either names a complete object or nothing, and :meth:`ArtifactStore.put` computes the
+SHA-256 and size while the bytes stream through: memory does not grow with the object's size.
+
+Keys are relative, ``/``-separated paths of safe characters; workspace archives use
+:func:`snapshot_key`: ``snapshots/<workspace>/<group>/<snapshot_id>.tar[.zst]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol, runtime_checkable
+
+from sandbox.errors import ArchiveCorrupt, ArtifactNotFound, ArtifactStoreUnavailable, InvalidRequest
+from sandbox.settings import Settings
+
+__all__ = [
+    "CHUNK_SIZE",
+    "ArtifactStore",
+    "FilesystemArtifactStore",
+    "StoredArtifact",
+    "artifact_root",
+    "snapshot_key",
+    "verified",
+]
+
+CHUNK_SIZE: Final = 1024 * 1024
+"""Size of the chunks :meth:`FilesystemArtifactStore.get` yields."""
+
+_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:+-]*$")
+_MAX_KEY_LEN: Final = 1024
+_TEMP_PREFIX: Final = ".put-"
+_STALE_TEMP_SECONDS: Final = 3600.0
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """What :meth:`ArtifactStore.put` wrote: the key, the SHA-256 (hex) and the size of the bytes."""
+
+    key: str
+    sha256: str
+    size_bytes: int
+
+
+@runtime_checkable
+class ArtifactStore(Protocol):
+    """Streaming object storage for workspace archives."""
+
+    async def put(self, key: str, chunks: AsyncIterable[bytes]) -> StoredArtifact:
+        """Store the bytes of ``chunks`` under ``key`` atomically, replacing any object there.
+
+        The SHA-256 and size are computed while streaming. If ``chunks`` raises, nothing is stored
+        and the error propagates.
+
+        Raises:
+            InvalidRequest: the key is malformed.
+            ArtifactStoreUnavailable: the store failed to write (disk full, permissions, ...).
+        """
+        ...
+
+    def get(self, key: str) -> AsyncIterator[bytes]:
+        """Stream the object's bytes.
+
+        Raises (on the first iteration):
+            InvalidRequest: the key is malformed.
+            ArtifactNotFound: no object under the key.
+            ArtifactStoreUnavailable: the store failed to read.
+        """
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Delete the object; idempotent. Returns whether an object was there.
+
+        Raises:
+            InvalidRequest: the key is malformed.
+            ArtifactStoreUnavailable: the object exists but could not be deleted.
+        """
+        ...
+
+    async def exists(self, key: str) -> bool:
+        """Whether an object is stored under ``key``."""
+        ...
+
+
+def snapshot_key(workspace_id: str, group_id: str, snapshot_id: str, *, compressed: bool) -> str:
+    """The key of a workspace archive: ``snapshots/<workspace>/<group>/<snapshot_id>.tar[.zst]``.
+
+    Raises:
+        InvalidRequest: one of the ids cannot be a key segment.
+    """
+    key = f"snapshots/{workspace_id}/{group_id}/{snapshot_id}.tar" + (".zst" if compressed else "")
+    _key_parts(key)
+    return key
+
+
+def artifact_root(settings: Settings) -> Path:
+    """Where the filesystem artifact store of these settings keeps its objects (``<data>/artifacts``)."""
+    return (settings.data_dir / "artifacts").resolve()
+
+
+def _key_parts(key: str) -> list[str]:
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LEN:
+        raise InvalidRequest(f"artifact key must be 1..{_MAX_KEY_LEN} characters")
+    parts = key.split("/")
+    for part in parts:
+        if not _SEGMENT_RE.match(part) or part.startswith(_TEMP_PREFIX):
+            raise InvalidRequest(
+                f"artifact key {key!r} has an invalid segment {part!r} "
+                "(letters, digits and ._:+- only, not starting with a dot or dash)"
+            )
+    return parts
+
+
+async def verified(chunks: AsyncIterable[bytes], *, sha256: str, size_bytes: int) -> AsyncIterator[bytes]:
+    """Pass ``chunks`` through, checking them against the recorded SHA-256 and size.
+
+    The check of the hash can only complete at the end, so the last step of the iteration raises
+    :class:`ArchiveCorrupt` on a mismatch: a consumer must treat what it received as unverified
+    until the iteration finished without error. A stream longer than ``size_bytes`` fails as soon
+    as it passes the size.
+    """
+    digest = hashlib.sha256()
+    seen = 0
+    async for chunk in chunks:
+        seen += len(chunk)
+        if seen > size_bytes:
+            raise ArchiveCorrupt(f"archive is longer than its recorded {size_bytes} bytes")
+        digest.update(chunk)
+        yield chunk
+    if seen != size_bytes:
+        raise ArchiveCorrupt(f"archive has {seen} bytes, its record says {size_bytes}")
+    actual = digest.hexdigest()
+    if actual != sha256:
+        raise ArchiveCorrupt(f"archive SHA-256 is {actual}, its record says {sha256}")
+
+
+class FilesystemArtifactStore:
+    """An :class:`ArtifactStore` keeping one file per object under ``root`` (created on first write).
+
+    Args:
+        root: The store's directory, normally :func:`artifact_root` of the settings.
+        durable: ``fsync`` each object and its directory before the rename is considered done.
+    """
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
+        self._root = Path(os.path.abspath(root))
+        self._durable = durable
+
+    @property
+    def root(self) -> Path:
+        """The store's directory."""
+        return self._root
+
+    def path_of(self, key: str) -> Path:
+        """The file that holds (or would hold) the object under ``key``.
+
+        Raises:
+            InvalidRequest: the key is malformed.
+        """
+        return self._root.joinpath(*_key_parts(key))
+
+    async def put(self, key: str, chunks: AsyncIterable[bytes]) -> StoredArtifact:
+        """Stream ``chunks`` into a temporary file, then rename it over ``key`` (see :class:`ArtifactStore`)."""
+        final = self.path_of(key)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd, temp = await asyncio.to_thread(self._open_temp, final)
+        except OSError as err:
+            raise ArtifactStoreUnavailable(f"cannot write artifact {key}: {err}") from err
+        try:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                # One thread hop per chunk: hashing and writing both release the GIL.
+                await asyncio.to_thread(_hash_and_write, fd, digest, chunk)
+                size += len(chunk)
+            if self._durable:
+                await asyncio.to_thread(os.fsync, fd)
+            os.close(fd)
+            fd = -1
+            await asyncio.to_thread(self._commit, temp, final)
+        except OSError as err:
+            raise ArtifactStoreUnavailable(f"cannot write artifact {key}: {err}") from err
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        return StoredArtifact(key=key, sha256=digest.hexdigest(), size_bytes=size)
+
+    async def get(self, key: str) -> AsyncIterator[bytes]:
+        """Yield the object's bytes in chunks of :data:`CHUNK_SIZE` (see :class:`ArtifactStore`)."""
+        path = self.path_of(key)
+        try:
+            f = await asyncio.to_thread(open, path, "rb", buffering=0)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ArtifactNotFound(f"no artifact {key} in {self._root}", key=key) from None
+        except OSError as err:
+            raise ArtifactStoreUnavailable(f"cannot read artifact {key}: {err}") from err
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(f.read, CHUNK_SIZE)
+                except OSError as err:
+                    raise ArtifactStoreUnavailable(f"cannot read artifact {key}: {err}") from err
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            f.close()
+
+    async def delete(self, key: str) -> bool:
+        """Unlink the object's file; a missing object is not an error (see :class:`ArtifactStore`)."""
+        path = self.path_of(key)
+        try:
+            await asyncio.to_thread(os.unlink, path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as err:
+            raise ArtifactStoreUnavailable(f"cannot delete artifact {key}: {err}") from err
+        return True
+
+    async def exists(self, key: str) -> bool:
+        """Whether a file holds an object under ``key``."""
+        path = self.path_of(key)
+        return await asyncio.to_thread(path.is_file)
+
+    async def size_of(self, key: str) -> int:
+        """The stored object's size in bytes.
+
+        Raises:
+            ArtifactNotFound: no object under the key.
+        """
+        path = self.path_of(key)
+        try:
+            return (await asyncio.to_thread(os.stat, path)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            raise ArtifactNotFound(f"no artifact {key} in {self._root}", key=key) from None
+
+    def _open_temp(self, final: Path) -> tuple[int, str]:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(final.parent)
+        temp = str(final.parent / f"{_TEMP_PREFIX}{final.name}.{secrets.token_hex(6)}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return fd, temp
+
+    def _commit(self, temp: str, final: Path) -> None:
+        os.replace(temp, final)
+        if self._durable:
+            dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def _hash_and_write(fd: int, digest: hashlib._Hash, chunk: bytes) -> None:
+    digest.update(chunk)
+    view = memoryview(chunk)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except InterruptedError:
+            continue
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                continue
+            raise
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Remove temporary files a crashed ``put`` left behind (older than an hour, so never a live one)."""
+    cutoff = time.time() - _STALE_TEMP_SECONDS
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(_TEMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
