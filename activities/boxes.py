@@ -107,6 +107,7 @@ class BoxActivities:
             image=inp.image,
             os=inp.os,
             environment=inp.environment,
+            agent_id=inp.agent_id,
         )
         outcome: RestoreOutcome | None = None
         async with _heartbeating():

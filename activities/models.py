@@ -39,6 +39,7 @@ class ProvisionInput(BaseModel):
     image: str | None = None
     os: str = "linux"
     environment: dict[str, str] = Field(default_factory=dict)
+    agent_id: str | None = None
     probe_timeout_seconds: float = 60.0
     restore: list[ArchiveRef] = Field(default_factory=list)
     """Archives to restore, best first (current, then previous); the first that verifies wins."""

@@ -7,6 +7,8 @@
 | ProviderQuotaError             | ProviderQuotaError    | yes |
 | ProviderAuthError              | ProviderAuthError     | no  |
 | ExecTimeout                    | ExecTimeout           | no  |
+| SelfhostedControlError, agent  | AgentOffline          | yes (the machine may come back; never NotFound) |
+|   offline or reconnecting      |                       |     |
 | Unsupported                    | Unsupported           | no  |
 | InvalidRequest (and subclasses)| its own error_type    | no  |
 | SandboxConfigError             | SandboxConfigError    | no  |
@@ -25,7 +27,7 @@ from typing import ParamSpec, TypeVar
 
 from temporalio.exceptions import ApplicationError
 
-from sandbox.errors import SandboxError
+from sandbox.errors import AgentOffline, SandboxError, SelfhostedControlError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,6 +45,11 @@ def maps_provider_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
+        except SelfhostedControlError as err:
+            if err.agent_offline or err.reason in ("agent_offline", "agent_reconnecting"):
+                offline = AgentOffline(err.message, reason=err.reason or "agent_offline")
+                raise to_application_error(offline) from err
+            raise to_application_error(err) from err
         except SandboxError as err:
             raise to_application_error(err) from err
 

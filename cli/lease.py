@@ -94,6 +94,7 @@ def acquire(
     holder: str | None = typer.Option(None, "--holder", help="Holder id (default: a new uuid)."),
     subject: str | None = typer.Option(None, "--subject", help="Who the holder acts for."),
     expected_epoch: int | None = typer.Option(None, "--expected-epoch", help="Fail unless the lease is at this epoch."),
+    agent: str | None = typer.Option(None, "--agent", help="Agent id of the machine (backend selfhosted)."),
     data_dir: Path | None = DataDir,
     json_out: bool = Json,
 ) -> None:
@@ -110,6 +111,7 @@ def acquire(
                 subject=subject,
                 expected_epoch=expected_epoch,
                 backend=backend,
+                agent_id=agent,
             )
 
     grant = _run(settings, action)

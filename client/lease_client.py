@@ -188,13 +188,19 @@ class LeaseClient:
         backend: str | None = None,
         image: str | None = None,
         environment: dict[str, str] | None = None,
+        agent_id: str | None = None,
     ) -> LeaseGrant:
         """Hold the lease of a sandbox group, creating its workflow and box as needed; waits until warm."""
         validate_lease_ids(workspace_id, group_id)
         _validate_kind(kind)
         chosen = backend or self.settings.default_backend
         _validate_backend(chosen)
-        spec = self._spec(workspace_id, group_id, chosen, image, environment)
+        if chosen == "selfhosted" and not (agent_id or self.settings.selfhosted_agent_id):
+            raise errors.InvalidRequest(
+                "a selfhosted lease runs on one machine: pass its agent id (--agent AGENT_ID); "
+                "see `sandboxctl machine list`"
+            )
+        spec = self._spec(workspace_id, group_id, chosen, image, environment, agent_id)
         req = AcquireRequest(
             kind=kind,
             holder_id=holder_id or f"{kind}-{uuid.uuid4()}",
@@ -210,7 +216,13 @@ class LeaseClient:
         return result
 
     def _spec(
-        self, workspace_id: str, group_id: str, backend: str, image: str | None, environment: dict[str, str] | None
+        self,
+        workspace_id: str,
+        group_id: str,
+        backend: str,
+        image: str | None,
+        environment: dict[str, str] | None,
+        agent_id: str | None = None,
     ) -> LeaseSpec:
         return LeaseSpec(
             workspace_id=workspace_id,
@@ -218,6 +230,7 @@ class LeaseClient:
             backend=backend,
             image=image,
             environment=environment or {},
+            agent_id=agent_id,
             desktop_enabled=self.settings.desktop_enabled,
             terminal_enabled=self.settings.terminal_enabled,
             snapshots_enabled=self.settings.snapshots_enabled,

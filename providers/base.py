@@ -59,6 +59,8 @@ class BoxSpec(BaseModel):
     image: str | None = None
     os: str = "linux"
     environment: dict[str, str] = Field(default_factory=dict)
+    agent_id: str | None = None
+    """The machine's agent, for the selfhosted backend (the box *is* that machine)."""
 
 
 class Envelope(BaseModel):

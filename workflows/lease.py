@@ -221,9 +221,10 @@ class LeaseWorkflow:
                     image=self.spec.image,
                     os=self.spec.os,
                     environment=self.spec.environment,
+                    agent_id=self.spec.agent_id,
                     probe_timeout_seconds=t.probe_timeout_seconds,
                     restore=[a for a in (s.archive_current, s.archive_previous) if a is not None]
-                    if self.spec.snapshots_enabled
+                    if self._snapshots_on()
                     else [],
                 ),
                 result_type=ProvisionResult,
@@ -279,6 +280,15 @@ class LeaseWorkflow:
         s.restore_status = "restored"
         return f"box ready, restored archive {outcome.restored_from}"
 
+    def _snapshots_on(self) -> bool:
+        """Whether capture/restore apply: on, and the backend keeps snapshots (selfhosted: the machine persists)."""
+        if not self.spec.snapshots_enabled:
+            return False
+        try:
+            return select_backend(self.spec.backend).snapshot.kind != "none"
+        except errors.SandboxError:
+            return False
+
     def _hard_lifetime_seconds(self) -> float | None:
         if self.timers.hard_lifetime_seconds is not None:
             return self.timers.hard_lifetime_seconds
@@ -291,7 +301,7 @@ class LeaseWorkflow:
     def _periodic_capture_due(self, now: datetime) -> bool:
         s = self.s
         interval = self.timers.snapshot_interval_seconds
-        if not self.spec.snapshots_enabled or interval <= 0 or s.last_capture_at is None:
+        if not self._snapshots_on() or interval <= 0 or s.last_capture_at is None:
             return False
         return now >= s.last_capture_at + timedelta(seconds=interval)
 
@@ -358,7 +368,7 @@ class LeaseWorkflow:
         reason = reason or ("rotation" if s.rotation_requested else "idle grace expired")
         self._tearing_down = True
         try:
-            if s.envelope is not None and self.spec.snapshots_enabled:
+            if s.envelope is not None and self._snapshots_on():
                 # Never terminate a box without a verified archive, unless NotFound proves it is already gone.
                 try:
                     await self._capture("rotation" if s.rotation_requested else "drain")
@@ -439,7 +449,7 @@ class LeaseWorkflow:
             if s.rotation_due_at is not None and not s.rotation_requested:
                 candidates.append(s.rotation_due_at)
             interval = self.timers.snapshot_interval_seconds
-            if self.spec.snapshots_enabled and interval > 0 and s.last_capture_at is not None and s.holders:
+            if self._snapshots_on() and interval > 0 and s.last_capture_at is not None and s.holders:
                 candidates.append(s.last_capture_at + timedelta(seconds=interval))
         if s.liveness == "draining":
             if s.drain_deadline is not None:

@@ -61,6 +61,8 @@ class LeaseSpec(BaseModel):
     os: str = "linux"
     image: str | None = None
     environment: dict[str, str] = Field(default_factory=dict)
+    agent_id: str | None = None
+    """For ``selfhosted``: the agent of the user's machine this lease runs on."""
     desktop_enabled: bool = False
     terminal_enabled: bool = True
     snapshots_enabled: bool = False
