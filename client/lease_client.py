@@ -88,6 +88,7 @@ def timers_from_settings(settings: Settings) -> LeaseTimers:
         activity_heartbeat_seconds=settings.activity_heartbeat_seconds,
         snapshot_interval_seconds=settings.snapshot_interval_seconds,
         capture_timeout_seconds=settings.capture_timeout_seconds,
+        teardown_retry_seconds=settings.teardown_retry_seconds,
         rotation_lead_seconds=settings.rotation_lead_seconds,
         hard_lifetime_seconds=settings.hard_lifetime_seconds,
         continue_as_new_after_transitions=settings.continue_as_new_after_transitions,

@@ -40,6 +40,11 @@ them back into these classes on the client side.
      │    ├── ArtifactStoreUnavailable  the artifact store failed transiently (I/O); retry
      │    ├── SnapshotNotFound       the snapshot ledger has no snapshot with this id
      │    └── SnapshotConflict       the snapshot cannot make this transition (not a candidate, superseded)
+     ├── RecordingError              a desktop recording could not be started, found or stored
+     │    └── RecordingNotFound      no recording with this id
+     ├── ComputerUseError            a computer-use action (screenshot, input) failed in the box
+     │    ├── ComputerUseDisabled    computer use is switched off by policy (computer_use_enabled)
+     │    └── ComputerUseReadOnly    input refused: computer use is read-only (screenshots allowed)
      ├── RoutingError                a routed session could not complete an op on its active target
      │    ├── RouteUnresolvable      the session pointer names no usable target (stale, offline, ...)
      │    └── MutationOutcomeUnknown a mutation raced a route change; it was not replayed
@@ -399,6 +404,46 @@ class SnapshotConflict(SnapshotError):
     """The snapshot cannot make the requested transition: it is no longer a candidate, or a newer one is current."""
 
     error_type = "SnapshotConflict"
+
+
+class RecordingError(SandboxError):
+    """A desktop recording could not be started, found or stored.
+
+    Attributes:
+        reason: The recording failure reason when there is one (``ffmpeg-error``, ``box-death``,
+            ``max-bytes-exceeded``, ``display-unavailable``, ``upload-failed``).
+    """
+
+    error_type = "RecordingError"
+    reason: str | None = None
+
+    def __init__(self, message: str, *, reason: str | None = None, retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.reason = reason
+
+
+class RecordingNotFound(RecordingError):
+    """No recording with this id (never started, or its row and workflow are gone)."""
+
+    error_type = "RecordingNotFound"
+
+
+class ComputerUseError(SandboxError):
+    """A computer-use action (screenshot, pointer or keyboard input) failed in the box."""
+
+    error_type = "ComputerUseError"
+
+
+class ComputerUseDisabled(ComputerUseError):
+    """Computer use is switched off by policy (``SANDBOX_COMPUTER_USE_ENABLED=false``)."""
+
+    error_type = "ComputerUseDisabled"
+
+
+class ComputerUseReadOnly(ComputerUseError):
+    """Desktop input was refused because computer use is read-only; screenshots are still allowed."""
+
+    error_type = "ComputerUseReadOnly"
 
 
 class RoutingError(SandboxError):

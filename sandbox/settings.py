@@ -49,11 +49,20 @@ class Settings(BaseSettings):
     continue_as_new_after_updates: int = 1000
 
     # Workspace snapshots and rotation
-    snapshots_enabled: bool = False
+    snapshots_enabled: bool = True
     snapshot_interval_seconds: float = 900.0
     capture_timeout_seconds: float = 600.0
+    teardown_retry_seconds: float = 30.0
     rotation_lead_seconds: float = 3600.0
     hard_lifetime_seconds: float | None = None
+
+    # Maintenance schedules (snapshot GC, orphan sweep)
+    maintenance_schedules_enabled: bool = True
+    snapshot_gc_interval_seconds: float = 300.0
+    snapshot_candidate_ttl_seconds: float = 3600.0
+    orphan_sweep_interval_seconds: float = 900.0
+    orphan_grace_seconds: float = 900.0
+    orphan_recheck_delay_seconds: float = 30.0
 
     # Observability
     otel_exporter: Literal["none", "console", "otlp"] = "none"
@@ -63,6 +72,18 @@ class Settings(BaseSettings):
     desktop_enabled: bool = True
     terminal_enabled: bool = True
     stream_token_ttl_seconds: int = 120
+
+    # Computer use (screenshots and desktop input driven in the box's display)
+    computer_use_enabled: bool = True
+    computer_use_read_only: bool = False
+
+    # Desktop recordings (ffmpeg x11grab in the box, finalized into the artifact store)
+    recording_codec: Literal["h264-mp4", "vp9-webm"] = "h264-mp4"
+    recording_framerate: int = Field(default=15, ge=1, le=60)
+    recording_max_seconds: int = Field(default=600, ge=1, le=14_400)
+    recording_max_bytes: int = Field(default=268_435_456, ge=1)
+    recording_poll_seconds: float = Field(default=5.0, gt=0, description="How often a recording checks ffmpeg.")
+    recording_stop_wait_seconds: float = Field(default=8.0, gt=0, description="Bounded wait for ffmpeg's trailer.")
 
     # Stream tokens (root secret; per-lease keys are derived from it)
     stream_token_secret: SecretStr | None = None

@@ -16,6 +16,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -273,3 +274,62 @@ class SnapshotRow(Base):
     last_delete_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime | None]
     claim_token: Mapped[str | None] = mapped_column(Text)
+
+
+RECORDING_STATES: tuple[str, ...] = ("starting", "recording", "stopping", "finalizing", "available", "failed")
+"""Allowed values of ``recordings.state``."""
+
+RECORDING_REASONS: tuple[str, ...] = (
+    "ffmpeg-error",
+    "box-death",
+    "max-bytes-exceeded",
+    "display-unavailable",
+    "upload-failed",
+)
+"""Allowed values of ``recordings.reason`` (NULL unless the recording failed)."""
+
+RECORDING_CODECS: tuple[str, ...] = ("h264-mp4", "vp9-webm")
+"""Allowed values of ``recordings.codec``."""
+
+
+class RecordingRow(Base):
+    """One desktop recording (``recordings``), projected by its recording workflow.
+
+    ``version`` orders the workflow's writes: a retried or late write never overwrites a newer one.
+    ``storage_key``, ``size_bytes`` and ``sha256`` are set when the recording is ``available``.
+    """
+
+    __tablename__ = "recordings"
+    __table_args__ = (
+        CheckConstraint(_in_check("state", RECORDING_STATES), name="state"),
+        CheckConstraint(f"reason IS NULL OR {_in_check('reason', RECORDING_REASONS)}", name="reason"),
+        CheckConstraint(_in_check("codec", RECORDING_CODECS), name="codec"),
+        Index("ix_recordings_workspace_id_session_id_created_at", "workspace_id", "session_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(Text)
+    session_id: Mapped[str] = mapped_column(Text)
+    group_id: Mapped[str] = mapped_column(Text)
+    lease_id: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+    codec: Mapped[str] = mapped_column(String(16))
+    framerate: Mapped[int] = mapped_column(Integer)
+    max_seconds: Mapped[int] = mapped_column(Integer)
+    max_bytes: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[int | None] = mapped_column(BigInteger)
+    instance_id: Mapped[str | None] = mapped_column(Text)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    storage_key: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    duration_seconds: Mapped[float | None] = mapped_column(Float)
+    version: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finalized_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]

@@ -92,7 +92,6 @@ with workflow.unsafe.imports_passed_through():
 # Activities that must not be retried blindly use explicit policies; the rest retry forever with
 # backoff because the lease cannot move on without them (projection, terminate).
 _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30))
-_TEARDOWN_RETRY_DELAY = timedelta(seconds=30)
 
 
 @workflow.defn(name="LeaseWorkflow")
@@ -393,7 +392,7 @@ class LeaseWorkflow:
         except ActivityError as err:
             # Keep the lease draining and the box running and known; try again later rather than lose anything.
             s.last_error = f"teardown failed, will retry: {_cause_message(err)}"
-            self._teardown_retry_at = workflow.now() + _TEARDOWN_RETRY_DELAY
+            self._teardown_retry_at = workflow.now() + timedelta(seconds=self.timers.teardown_retry_seconds)
             self._touch()
             return
         finally:
@@ -458,7 +457,11 @@ class LeaseWorkflow:
                 candidates.append(s.hold_until)
             if self._teardown_retry_at is not None:
                 candidates.append(self._teardown_retry_at)
-        return min(candidates) if candidates else None
+        # A deadline already past was acted on (or is blocked by something that wakes us): only a
+        # future one is worth a timer, else the loop would spin without yielding.
+        now = workflow.now()
+        future = [c for c in candidates if c > now]
+        return min(future) if future else None
 
     def _expire_holders(self) -> None:
         s = self.s

@@ -45,6 +45,8 @@ class LeaseTimers(BaseModel):
     snapshot_interval_seconds: float = 900.0
     """Periodic capture while held (only if the workspace changed); 0 disables it."""
     capture_timeout_seconds: float = 600.0
+    teardown_retry_seconds: float = 30.0
+    """After a failed capture or terminate the box keeps running; teardown is tried again after this."""
     rotation_lead_seconds: float = 3600.0
     hard_lifetime_seconds: float | None = None
     """Overrides the provider's hard lifetime (from its descriptor); None means use the descriptor's."""

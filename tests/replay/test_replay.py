@@ -26,6 +26,10 @@ REQUIRED = {
     "lease_continue_as_new",
     "lease_provision_failed",
     "lease_stop_and_restart",
+    "lease_drain_capture_restore",
+    "lease_rotation",
+    "snapshot_gc",
+    "orphan_sweep",
 }
 
 

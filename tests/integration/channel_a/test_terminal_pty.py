@@ -143,7 +143,7 @@ async def test_pty_sandbox_hides_the_boxes_and_hidden_directories(
         ca = ChannelA(box, pty_launcher=LocalPtyLauncher(box, hidden_paths=[secret_dir]))
         opened = await ca.pty_open()
         await ca.pty_write(
-            opened.pty_id, f"cat {secret_dir}/secret.txt; ls {box.path.parent} | wc -l; echo END\n", yield_ms=0
+            opened.pty_id, f"cat {secret_dir}/secret.txt; ls {box.path.parent} | wc -l; echo E''ND\n", yield_ms=0
         )
         output = await ca.pty_read_until(opened.pty_id, b"END\r\n", timeout=5)
         await ca.pty_close(opened.pty_id)

