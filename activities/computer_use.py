@@ -133,7 +133,9 @@ def input_script(actions: Sequence[DesktopAction]) -> tuple[str, list[str]]:
         elif isinstance(action, KeyAction):
             lines.append("xdotool key --clearmodifiers -- " + " ".join(ref(k) for k in action.keys))
         elif isinstance(action, ScrollAction):
-            xdotool(*_xy(action.x, action.y), "click", "--repeat", str(action.amount), _SCROLL_BUTTONS[action.direction])
+            xdotool(
+                *_xy(action.x, action.y), "click", "--repeat", str(action.amount), _SCROLL_BUTTONS[action.direction]
+            )
     # Positional parameters above 9 need braces ("${10}"); `ref` always writes them.
     body = "TOOLS='xdotool'\nset -e\n" + _DISPLAY_PREAMBLE + "\n".join(lines) + "\nxdotool getmouselocation --shell\n"
     return body, args
@@ -251,9 +253,7 @@ class ComputerUseActivities:
             # PNG size grows with the pixel count: shrink by the square root of the overshoot, and a bit more.
             scale = round(scale * min(0.9, (inp.max_png_bytes / len(png)) ** 0.5), 3)
             resize = f"{max(1, round(scale * 100))}%"
-            png, _ = await self._run(
-                inp.backend, inp.envelope, inp.lease_id, inp.epoch, inp.geometry, [*argv, resize]
-            )
+            png, _ = await self._run(inp.backend, inp.envelope, inp.lease_id, inp.epoch, inp.geometry, [*argv, resize])
             width, height = png_size(png)
         if len(png) > inp.max_png_bytes:
             raise ComputerUseError(f"the screenshot is {len(png)} bytes even at scale {scale}")

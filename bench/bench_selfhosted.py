@@ -232,9 +232,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     request_bytes = len(
         encode_message(ControlRequest(request_id="0" * 32, epoch=1, op=ExecOp(command=["true"], timeout_ms=600_000)))
     )
-    with tempfile.TemporaryDirectory(prefix="bench-selfhosted-") as tmp, processes(
-        Path(tmp), args.concurrency + 8, args.reply_bytes
-    ) as procs:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-selfhosted-") as tmp,
+        processes(Path(tmp), args.concurrency + 8, args.reply_bytes) as procs,
+    ):
         rpc = NatsControlRpc(procs.nats_url)
         session = SelfhostedSession(rpc, workspace_id=WORKSPACE, agent_id=AGENT, epoch=1)
         import nats
