@@ -30,6 +30,7 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
@@ -176,6 +177,11 @@ class LeaseClient:
             return await fn()
         except (WorkflowUpdateFailedError, WorkflowQueryFailedError, RPCError) as err:
             raise translate(err) from err
+        except WorkflowUpdateRPCTimeoutOrCancelledError as err:
+            # The update may or may not have run: say so, and let the caller decide whether repeating is safe.
+            raise errors.OutcomeUnknown(
+                "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"
+            ) from err
 
     async def acquire(
         self,

@@ -54,6 +54,7 @@ them back into these classes on the client side.
           ├── LeaseNotWarm           an operation that needs a warm box on a cold/draining lease
           ├── LeaseNotFound          no lease workflow for this workspace/group
           ├── LeaseStopping          the lease is stopping and admits no new holder
+          ├── OutcomeUnknown         the call timed out: it may or may not have taken effect
           └── ProvisionFailed        the box could not be created or failed its readiness probe
 """
 
@@ -517,6 +518,13 @@ class LeaseStopping(LeaseError):
     """The lease was asked to stop and admits no new holders."""
 
     error_type = "LeaseStopping"
+
+
+class OutcomeUnknown(LeaseError):
+    """The lease did not answer in time; the request may or may not have been applied."""
+
+    error_type = "OutcomeUnknown"
+    default_retryable = True
 
 
 class ProvisionFailed(LeaseError):
