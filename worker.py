@@ -20,9 +20,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities.boxes import BoxActivities
+from activities.computer_use import ComputerUseActivities
 from activities.orphans import OrphanActivities
 from activities.planes import PlaneActivities
 from activities.projection import ProjectionActivities
+from activities.recording import RecordingActivities
 from activities.snapshots import SnapshotActivities
 from providers.registry import ProviderRegistry
 from sandbox.errors import SandboxConfigError
@@ -30,15 +32,17 @@ from sandbox.settings import Settings
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database
 from store.leases import LeaseRepository
+from store.recordings import RecordingStore
 from store.snapshots import SnapshotLedger
 from workflows.lease import LeaseWorkflow
 from workflows.orphan_sweep import OrphanSweepWorkflow
+from workflows.recording import RecordingWorkflow
 from workflows.schedules import ensure_schedules
 from workflows.snapshot_gc import SnapshotGcWorkflow
 
 log = logging.getLogger("sandbox.worker")
 
-WORKFLOWS: Sequence[type] = (LeaseWorkflow, SnapshotGcWorkflow, OrphanSweepWorkflow)
+WORKFLOWS: Sequence[type] = (LeaseWorkflow, SnapshotGcWorkflow, OrphanSweepWorkflow, RecordingWorkflow)
 
 
 def configure_tracing(settings: Settings) -> None:
@@ -86,6 +90,7 @@ def build_worker(
     projection = ProjectionActivities(LeaseRepository(db))
     snapshots = SnapshotActivities(providers, SnapshotLedger(db), artifacts)
     orphans = OrphanActivities(providers, LeaseRepository(db))
+    planes = PlaneActivities(providers, settings)
     options: dict[str, Any] = {
         "task_queue": settings.task_queue,
         "workflows": list(WORKFLOWS),
@@ -104,7 +109,9 @@ def build_worker(
             snapshots.settle_gc,
             orphans.scan,
             orphans.terminate,
-            *PlaneActivities(providers, settings).activities(),
+            *planes.activities(),
+            *RecordingActivities(providers, RecordingStore(db), artifacts).activities(),
+            *ComputerUseActivities(providers, settings, planes).activities(),
         ],
         "graceful_shutdown_timeout": timedelta(seconds=10),
     }

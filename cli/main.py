@@ -23,7 +23,7 @@ def _root() -> None:
 
 def _register() -> None:
     # Imported here so each module can import `app` helpers without cycles.
-    from cli import channel_a, lease, machines, planes, snapshots, stack
+    from cli import channel_a, computer_use, lease, machines, planes, recording, snapshots, stack
 
     stack.register(app)
     lease.register(app)
@@ -31,6 +31,8 @@ def _register() -> None:
     machines.register(app)
     snapshots.register(app)
     planes.register(app)
+    recording.register(app)
+    computer_use.register(app)
 
 
 def main() -> None:

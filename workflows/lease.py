@@ -29,6 +29,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.models import (
         CAPTURE_WORKSPACE,
         CHECK_BOX,
+        COMPUTER_DESKTOP_INPUT,
+        COMPUTER_SCREENSHOT,
         DISCARD_LEASE_BOXES,
         ENSURE_PLANE,
         EXEC_IN_BOX,
@@ -41,6 +43,9 @@ with workflow.unsafe.imports_passed_through():
         BoxRef,
         CaptureRequest,
         CheckResult,
+        DesktopInputInput,
+        DesktopInputRequest,
+        DesktopInputResult,
         DiscardInput,
         DiscardResult,
         ExecInput,
@@ -50,6 +55,9 @@ with workflow.unsafe.imports_passed_through():
         ProvisionInput,
         ProvisionResult,
         PublishRequest,
+        Screenshot,
+        ScreenshotInput,
+        ScreenshotRequest,
         SeedInput,
         SeedResult,
         TearDownPlanesRequest,
@@ -88,6 +96,8 @@ with workflow.unsafe.imports_passed_through():
         Transition,
         ViewerAttachment,
     )
+    from workflows.recording import start_recording_child
+    from workflows.recording_models import RecordingRequest, RecordingStarted
 
 # Activities that must not be retried blindly use explicit policies; the rest retry forever with
 # backoff because the lease cannot move on without them (projection, terminate).
@@ -944,6 +954,131 @@ class LeaseWorkflow:
                 errors.InvalidRequest,
                 f"instance {report.instance_id!r} is not the lease's box ({s.envelope.instance_id!r})",
             )
+
+    # ------------------------------------------------------------------ recording and computer use
+
+    @workflow.update
+    async def start_recording(self, req: RecordingRequest) -> RecordingStarted:
+        """Record the desktop: start a RecordingWorkflow child, which holds this lease as a ``recording`` holder."""
+        self._run_updates += 1
+        return await start_recording_child(self.spec.workspace_id, self.spec.group_id, req)
+
+    @start_recording.validator
+    def _validate_start_recording(self, req: RecordingRequest) -> None:
+        s = self.s
+        if s.stop_requested:
+            raise failure(errors.LeaseStopping, "the lease is stopping; record after it completes")
+        if not self.spec.desktop_enabled:
+            raise failure(
+                errors.Unsupported, f"the desktop is disabled for lease {self.spec.lease_id}: nothing to record"
+            )
+        if req.expected_epoch is not None and s.seeded and req.expected_epoch != s.epoch:
+            raise failure(
+                errors.StaleEpoch, f"recording for epoch {req.expected_epoch}; the lease is at epoch {s.epoch}"
+            )
+
+    @workflow.update
+    async def screenshot(self, req: ScreenshotRequest) -> Screenshot:
+        """A PNG of the warm box's desktop (brought up if it is not)."""
+        self._run_updates += 1
+        s = self.s
+        assert s.envelope is not None
+        envelope, epoch = s.envelope, s.epoch
+        self._inflight += 1
+        try:
+            shot: Screenshot = await workflow.execute_activity(
+                COMPUTER_SCREENSHOT,
+                ScreenshotInput(
+                    backend=self.spec.backend,
+                    envelope=envelope,
+                    lease_id=self.spec.lease_id,
+                    epoch=epoch,
+                    geometry=req.geometry,
+                ),
+                result_type=Screenshot,
+                start_to_close_timeout=timedelta(seconds=120),
+                retry_policy=RetryPolicy(maximum_attempts=2),
+                summary="screenshot",
+            )
+        except ActivityError as err:
+            raise self._box_op_failure(err, epoch, envelope, "screenshot") from None
+        finally:
+            self._inflight -= 1
+            self._wake = True
+        self._desktop_up()
+        return shot
+
+    @workflow.update
+    async def desktop_input(self, req: DesktopInputRequest) -> DesktopInputResult:
+        """Pointer and keyboard actions on the warm box's desktop, in order; never retried (input is not idempotent)."""
+        self._run_updates += 1
+        s = self.s
+        assert s.envelope is not None
+        envelope, epoch = s.envelope, s.epoch
+        self._inflight += 1
+        try:
+            result: DesktopInputResult = await workflow.execute_activity(
+                COMPUTER_DESKTOP_INPUT,
+                DesktopInputInput(
+                    backend=self.spec.backend,
+                    envelope=envelope,
+                    lease_id=self.spec.lease_id,
+                    epoch=epoch,
+                    actions=req.actions,
+                    geometry=req.geometry,
+                ),
+                result_type=DesktopInputResult,
+                start_to_close_timeout=timedelta(seconds=120),
+                retry_policy=RetryPolicy(maximum_attempts=1),
+                summary=f"desktop input ({len(req.actions)} actions)",
+            )
+        except ActivityError as err:
+            raise self._box_op_failure(err, epoch, envelope, "desktop input") from None
+        finally:
+            self._inflight -= 1
+            self._wake = True
+        self._desktop_up()
+        return result
+
+    @screenshot.validator
+    def _validate_screenshot(self, req: ScreenshotRequest) -> None:
+        self._check_computer_use(req.epoch)
+
+    @desktop_input.validator
+    def _validate_desktop_input(self, req: DesktopInputRequest) -> None:
+        self._check_computer_use(req.epoch)
+
+    def _check_computer_use(self, epoch: int | None) -> None:
+        s = self.s
+        if not self.spec.desktop_enabled:
+            raise failure(errors.Unsupported, f"the desktop is disabled for lease {self.spec.lease_id} by its policy")
+        if epoch is not None and epoch != s.epoch:
+            raise failure(errors.StaleEpoch, f"computer use for epoch {epoch} but the lease is at epoch {s.epoch}")
+        if s.liveness != "warm" or s.envelope is None or self._tearing_down:
+            raise failure(
+                errors.LeaseNotWarm,
+                f"lease {self.spec.lease_id} is {s.liveness}; acquire it first "
+                f"(sandboxctl lease acquire {self.spec.workspace_id} {self.spec.group_id})",
+            )
+
+    def _desktop_up(self) -> None:
+        # Computer use brings the desktop up when it is not: tear it down with the other planes.
+        if "desktop" not in self.s.planes:
+            self.s.planes = [*self.s.planes, "desktop"]
+            self._touch()
+
+    def _box_op_failure(self, err: ActivityError, epoch: int, envelope: BoxEnvelope, what: str) -> ApplicationError:
+        """The typed error for a failed box activity; a NotFound makes the lease lose the box (as ``exec`` does)."""
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.type == errors.BoxNotFound.error_type:
+            self._box_lost(epoch, envelope.instance_id, f"box lost ({what} saw NotFound)")
+            return failure(
+                errors.BoxNotFound,
+                f"the box of epoch {epoch} is gone; the lease is now cold at epoch {self.s.epoch}, acquire again",
+            )
+        if isinstance(cause, ApplicationError):
+            return ApplicationError(cause.message, type=cause.type, non_retryable=True)
+        return failure(errors.ProviderError, f"{what} failed: {_cause_message(err)}")
 
     # ------------------------------------------------------------------ signals and query
 

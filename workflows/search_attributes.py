@@ -12,12 +12,15 @@ LEASE_LIVENESS = SearchAttributeKey.for_keyword("LeaseLiveness")
 LEASE_EPOCH = SearchAttributeKey.for_int("LeaseEpoch")
 SANDBOX_BACKEND = SearchAttributeKey.for_keyword("SandboxBackend")
 WORKSPACE_ID = SearchAttributeKey.for_keyword("WorkspaceId")
+RECORDING_STATE = SearchAttributeKey.for_keyword("RecordingState")
+"""State of a recording workflow: starting, recording, stopping, finalizing, available or failed."""
 
 ALL_KEYS: list[SearchAttributeKey[str] | SearchAttributeKey[int]] = [
     LEASE_LIVENESS,
     LEASE_EPOCH,
     SANDBOX_BACKEND,
     WORKSPACE_ID,
+    RECORDING_STATE,
 ]
 
 

@@ -30,6 +30,11 @@ REQUIRED = {
     "lease_rotation",
     "snapshot_gc",
     "orphan_sweep",
+    "recording_available",
+    "recording_max_seconds",
+    "recording_max_bytes_exceeded",
+    "recording_box_death",
+    "recording_display_unavailable",
 }
 
 
