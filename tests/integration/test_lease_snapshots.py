@@ -136,3 +136,36 @@ async def test_rotation_replaces_the_box_before_the_provider_lifetime_ends(runti
     assert out.stdout == "survives-rotation\n"
     await leases.drain(ws, g, wait=True)
     await record_history(runtime, ws, g, "rotation")
+
+
+MANIFEST = (
+    # Directory sizes are a file-system detail (they do not shrink), so only files carry a size.
+    "cd /workspace && { find . ~ -type f -printf '%p f %m %s\\n'; find . ~ ! -type f -printf '%p %y %m %l\\n'; }"
+    " | sort > /tmp/manifest && find . ~ -type f -print0 | sort -z | xargs -0 sha256sum >> /tmp/manifest"
+    " && sha256sum < /tmp/manifest && grep -v '^[0-9a-f]\\{64\\} ' /tmp/manifest | head -c 200000"
+)
+
+
+async def test_full_size_round_trip_through_the_lease(runtime: Any) -> None:
+    """10,000 small files, one 100 MB file, modes, symlinks and empty dirs survive drain → cold → acquire."""
+    leases = runtime.leases(idle_grace_seconds=0.2, capture_timeout_seconds=300)
+    ws, g = ids()
+    await leases.acquire(ws, g, holder_id="t1")
+    make = (
+        "mkdir -p many empty/nested && cd many && seq 1 10000 | xargs -n 500 sh -c 'for i; do echo $i > f$i; done' _"
+        " && cd .. && head -c 100000000 /dev/urandom > big.bin && chmod 640 big.bin && chmod 711 many"
+        " && ln -s big.bin link-to-big && ln -s /nowhere dangling && mkdir -p ~/.config && echo x > ~/.config/rc"
+    )
+    out = await leases.exec(ws, g, ["sh", "-c", make], timeout_seconds=300)
+    assert out.exit_code == 0, out
+    before = await leases.exec(ws, g, ["sh", "-c", MANIFEST], timeout_seconds=300)
+    assert before.exit_code == 0, before
+    await leases.release(ws, g, "t1")
+    await eventually(lambda: _state(leases, ws, g, "cold"), timeout=300)
+    await leases.acquire(ws, g, holder_id="t2")
+    after = await leases.exec(ws, g, ["sh", "-c", MANIFEST], timeout_seconds=300)
+    # Same paths, kinds, modes, file sizes, link targets and contents.
+    assert after.stdout.splitlines() == before.stdout.splitlines()
+    count = await leases.exec(ws, g, ["sh", "-c", "ls many | wc -l"])
+    assert count.stdout.strip() == "10000"
+    await leases.drain(ws, g, wait=True)
