@@ -89,7 +89,6 @@ def _with_channel(
                 workspace_root=root if isinstance(root, str) and root else "/workspace",
                 events=sink,
                 lease_epoch=grant.epoch,
-                pty_launcher=_pty_launcher(session, settings),
             )
             stack.push_async_callback(channel.aclose)
             return await action(channel)
@@ -98,16 +97,6 @@ def _with_channel(
         return asyncio.run(main())
     except SandboxError as err:
         fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
-
-
-def _pty_launcher(session: Any, settings: Settings) -> Any:
-    """For local boxes, a launcher that also hides the data directory (as the provider does)."""
-    from providers.local import LocalBoxSession
-    from sandbox.channel_a import LocalPtyLauncher
-
-    if isinstance(session, LocalBoxSession):
-        return LocalPtyLauncher(session, hidden_paths=[settings.data_dir.resolve()])
-    return None
 
 
 # --------------------------------------------------------------------------- fs

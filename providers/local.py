@@ -27,6 +27,9 @@ Isolation comes in two modes, chosen once per provider:
   ``terminate`` kills every process that carries the box's marker variable in its environment or
   belongs to a session an exec of the box started.
 
+:meth:`LocalBoxSession.launch` starts a process the same way as an exec but on a terminal the
+caller holds (Channel-A PTYs), leading its own session with that terminal as controlling terminal.
+
 Commands never inherit the worker's environment: they get a fixed PATH, HOME, LANG and TERM, the
 box environment given to ``create`` and the per-call environment.
 """
@@ -49,6 +52,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -488,6 +492,29 @@ async def _run(
     return _Completed(proc.returncode, bytes(out.data), bytes(err.data), timed_out)
 
 
+def _take_terminal() -> None:
+    # Runs in the child between fork and exec: a new session, then fd 0 (the PTY) becomes its
+    # controlling terminal, so job control works and a hang-up reaches the whole session.
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+async def _spawn_on_terminal(
+    argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str], tty_fd: int, pass_fds: Sequence[int] = ()
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` with ``tty_fd`` as stdin, stdout, stderr and controlling terminal."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=tty_fd,
+        stdout=tty_fd,
+        stderr=tty_fd,
+        cwd=cwd,
+        env=dict(env),
+        pass_fds=tuple(pass_fds),
+        preexec_fn=_take_terminal,
+    )
+
+
 # --- the box's PID namespace (bubblewrap) -----------------------------------------------------
 
 
@@ -872,8 +899,12 @@ class LocalProvider:
             "--", "sleep", "infinity",
         ]  # fmt: skip
 
-    def _exec_prefix(self, box: Path, userns_fd: int, pidns_fd: int, chdir: str) -> list[str]:
+    def _exec_prefix(
+        self, box: Path, userns_fd: int, pidns_fd: int, chdir: str, *, new_session: bool = True
+    ) -> list[str]:
         assert self._bwrap is not None
+        # Without --new-session the command keeps the caller's session (and its terminal: PTYs).
+        session = ["--new-session"] if new_session else []
         return [
             self._bwrap,
             *self._layout,
@@ -887,7 +918,7 @@ class LocalProvider:
             "--userns", str(userns_fd),
             "--pidns", str(pidns_fd),
             "--cap-drop", "ALL",
-            "--die-with-parent", "--new-session",
+            "--die-with-parent", *session,
             "--chdir", chdir,
             "--",
         ]  # fmt: skip
@@ -1387,13 +1418,7 @@ class LocalBoxSession:
             raise InvalidRequest(f"timeout must be > 0 seconds, not {timeout}")
         call_env = dict(env or {})
         _check_env(call_env)
-        box_wd = posixpath.normpath(posixpath.join(WORKSPACE_ROOT, workdir or "."))
-        if box_wd.startswith("//"):
-            box_wd = "/" + box_wd.lstrip("/")
-        self._check_alive()
-        host_wd = self._host_path(box_wd)
-        if host_wd is not None and not os.path.isdir(host_wd):
-            raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd)
+        box_wd, host_wd = self._workdir(workdir)
 
         if await self._provider._isolation_async() == "bubblewrap":
             done = await self._exec_bwrap(argv, box_wd, call_env, stdin, timeout)
@@ -1404,6 +1429,107 @@ class LocalBoxSession:
         if done.timed_out:
             raise ExecTimeout(f"{argv[0]} ran past its {timeout} s timeout and was killed", timeout=timeout or 0.0)
         return ExecResult(exit_code=_exit_code(done.returncode), stdout=done.stdout, stderr=done.stderr)
+
+    def _workdir(self, workdir: str | None) -> tuple[str, str | None]:
+        """The working directory as the box sees it and its host path (None where unknown).
+
+        Raises:
+            BoxNotFound: the box is gone.
+            PathNotFound: the directory is known not to exist.
+        """
+        box_wd = posixpath.normpath(posixpath.join(WORKSPACE_ROOT, workdir or "."))
+        if box_wd.startswith("//"):
+            box_wd = "/" + box_wd.lstrip("/")
+        self._check_alive()
+        host_wd = self._host_path(box_wd)
+        if host_wd is not None and not os.path.isdir(host_wd):
+            raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd)
+        return box_wd, host_wd
+
+    async def launch(
+        self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], tty_fd: int
+    ) -> asyncio.subprocess.Process:
+        """Start ``argv`` in the box on the terminal ``tty_fd`` and return without waiting.
+
+        The process gets what an exec gets (the box's namespaces and mounts in bubblewrap
+        isolation, the box environment, marker and ``env``; its session recorded in process
+        isolation, so ``terminate`` ends it) but leads a new session whose controlling terminal is
+        ``tty_fd``, which is also its stdin, stdout and stderr. ``cwd`` is as the box sees it.
+        This makes the session a Channel-A ``PtyLauncher``.
+
+        Raises:
+            InvalidRequest: empty argv, malformed environment, or a program that cannot be run.
+            PathNotFound: the working directory does not exist.
+            BoxNotFound: the box is gone.
+            ProviderUnavailable: bubblewrap failed to enter the box's namespaces.
+        """
+        args = list(argv)
+        if not args or not all(isinstance(a, str) and "\0" not in a for a in args) or not args[0]:
+            raise InvalidRequest("argv must be a non-empty list of strings without NUL bytes")
+        call_env = dict(env)
+        _check_env(call_env)
+        if await self._provider._isolation_async() == "bubblewrap":
+            box_wd, _ = self._workdir(cwd)
+            return await self._launch_bwrap(args, box_wd, call_env, tty_fd)
+        # Commands of a process-isolated box see host paths: one under the box directory is taken
+        # as is (the /tmp mapping of box paths must not catch a box that lives under /tmp).
+        box_dir = os.path.realpath(self._box)
+        if cwd.startswith(box_dir + "/"):
+            self._check_alive()
+            workdir = os.path.normpath(cwd)
+            if not os.path.isdir(workdir):
+                raise PathNotFound(f"working directory {cwd} does not exist in the box", path=cwd)
+        else:
+            box_wd, host_wd = self._workdir(cwd)
+            workdir = host_wd or box_wd
+        env_all = self._env(call_env, str(self._box / "home"), {"TMPDIR": str(self._box / "tmp")})
+        start = _boot_ticks() - 1
+        try:
+            process = await _spawn_on_terminal(args, cwd=workdir, env=env_all, tty_fd=tty_fd)
+        except (FileNotFoundError, PermissionError) as err:
+            raise InvalidRequest(f"cannot run {args[0]} in the box: {err.strerror}") from None
+        _record_session(self._box, process.pid, start)
+        return process
+
+    async def _launch_bwrap(
+        self, argv: list[str], box_wd: str, call_env: Mapping[str, str], tty_fd: int
+    ) -> asyncio.subprocess.Process:
+        env = self._env(call_env, BOX_HOME, {})
+        provider = self._provider
+        for attempt in (1, 2):
+            holder = await provider._holder_for(self._box, self._env({}, BOX_HOME, {}))
+            info_r, info_w = os.pipe2(os.O_CLOEXEC)
+            prefix = provider._exec_prefix(self._box, holder.userns_fd, holder.pidns_fd, box_wd, new_session=False)
+            prefix[-1:-1] = ["--info-fd", str(info_w)]
+            try:
+                process = await _spawn_on_terminal(
+                    [*prefix, *argv],
+                    cwd=None,
+                    env=env,
+                    tty_fd=tty_fd,
+                    pass_fds=(holder.userns_fd, holder.pidns_fd, info_w),
+                )
+            except BaseException:
+                os.close(info_r)
+                raise
+            finally:
+                os.close(info_w)
+            try:
+                started = await _read_json(info_r, process)
+            finally:
+                os.close(info_r)
+            if started is not None:
+                return process
+            # bwrap exited (or hung) before starting the command; its message went to the terminal.
+            # A dead holder is the usual cause: retry once with a new one, as exec does.
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            provider._forget_holder(self.instance_id, holder)
+            self._check_alive()
+            if attempt == 2:
+                raise ProviderUnavailable(f"bubblewrap could not start {argv[0]} in the box's namespaces")
+        raise AssertionError("unreachable")
 
     def _env(self, call_env: Mapping[str, str], home: str, extra: Mapping[str, str]) -> dict[str, str]:
         env = {**_BASE_ENV, "HOME": home, **extra, **self._record.environment, **call_env}

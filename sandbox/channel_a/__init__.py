@@ -6,14 +6,13 @@ production, :class:`MemoryEventSink` in tests).
 """
 
 from sandbox.channel_a.events import ChannelAEvent, EventSink, MemoryEventSink, NatsEventSink, events_subject
-from sandbox.channel_a.pty import LocalPtyLauncher, PtyLauncher
+from sandbox.channel_a.pty import PtyLauncher
 from sandbox.channel_a.service import ChannelA
 
 __all__ = [
     "ChannelA",
     "ChannelAEvent",
     "EventSink",
-    "LocalPtyLauncher",
     "MemoryEventSink",
     "NatsEventSink",
     "PtyLauncher",

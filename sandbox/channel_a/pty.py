@@ -3,15 +3,10 @@
 The worker opens the PTY pair, keeps the master and gives the slave to a process that runs in the
 box as its controlling terminal; resizing is ``TIOCSWINSZ`` on the master, so programs in the box
 get ``SIGWINCH`` and ``stty size`` sees the new size. How the process enters the box is the job of
-a :class:`PtyLauncher`; :class:`LocalPtyLauncher` does it for the ``local`` provider.
-
-``LocalPtyLauncher`` uses only the public surface of :class:`providers.local.LocalBoxSession`
-(``path``, ``workspace_path``, ``instance_id`` and ``exec``). In ``process`` isolation the shell
-runs on the host with the box's directories, exactly like an exec. In ``bubblewrap`` isolation it
-builds its own ``bwrap`` sandbox with the same mounts as the box (``/workspace``, ``/root``,
-``/tmp``, the host read-only, the boxes and data directories hidden) but in a PID namespace of its own: the
-box's namespace handles are private to the provider. Both carry the box marker variable, so
-``terminate`` of the box kills the shell too.
+a :class:`PtyLauncher`: a session that implements ``launch`` is its own launcher. The ``local``
+provider's :class:`providers.local.LocalBoxSession` does, so a PTY shell runs exactly where an
+exec runs (in bubblewrap isolation: the box's own user and PID namespaces and mounts) and
+``terminate`` of the box ends it.
 """
 
 from __future__ import annotations
@@ -21,31 +16,25 @@ import codecs
 import contextlib
 import fcntl
 import os
-import shutil
 import signal
 import struct
 import termios
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from sandbox.channel_a.models import PtyExitReason
 from sandbox.errors import ChannelAConflict, ChannelAUnavailable, ChannelAUnsupported
 
 if TYPE_CHECKING:
     from providers.base import BoxSession
-    from providers.local import LocalBoxSession
 
-__all__ = ["LocalPtyLauncher", "PtyLauncher", "PtyProcess", "default_pty_launcher"]
+__all__ = ["PtyLauncher", "PtyProcess", "default_pty_launcher"]
 
 _READ_CHUNK: Final = 65536
 _MAX_UNREAD: Final = 4 * 1024 * 1024
 _EXIT_DRAIN_SECONDS: Final = 0.05
-_BASE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Top-level host entries the box never sees from the host (mirrors the provider's layout).
-_NOT_BOUND: Final = frozenset({"proc", "dev", "tmp", "root", "workspace"})
 
 
 @runtime_checkable
@@ -63,109 +52,10 @@ class PtyLauncher(Protocol):
         ...
 
 
-def _take_terminal() -> None:
-    # Runs in the child between fork and exec: new session, then fd 0 becomes its terminal.
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-class LocalPtyLauncher:
-    """Runs PTY processes in a ``local`` provider box (see the module docstring for the limits).
-
-    Args:
-        session: The box.
-        hidden_paths: Host directories the PTY sandbox must not see besides the boxes directory
-            (pass the provider's ``hidden_paths``, such as the data directory); bubblewrap only.
-    """
-
-    def __init__(self, session: LocalBoxSession, *, hidden_paths: Sequence[Path] = ()) -> None:
-        self._session = session
-        self._hidden = [session.path.parent, *hidden_paths]
-        self._mode: Literal["process", "bubblewrap"] | None = None
-
-    async def _isolation(self) -> Literal["process", "bubblewrap"]:
-        if self._mode is None:
-            # In process isolation commands see the host path of the workspace; in bubblewrap, /workspace.
-            result = await self._session.exec(["pwd", "-P"], timeout=30)
-            seen = result.stdout.decode(errors="replace").strip()
-            self._mode = "process" if seen == os.path.realpath(self._session.workspace_path) else "bubblewrap"
-        return self._mode
-
-    async def launch(
-        self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], tty_fd: int
-    ) -> asyncio.subprocess.Process:
-        """Start ``argv`` in the box on ``tty_fd``; see :class:`PtyLauncher`."""
-        from providers.local import BOX_HOME, BOX_MARKER_VAR, WORKSPACE_ROOT
-
-        box = self._session.path
-        marker = {BOX_MARKER_VAR: self._session.instance_id}
-        base = {"PATH": _BASE_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
-        if await self._isolation() == "process":
-            full_env = {**base, "HOME": str(box / "home"), "TMPDIR": str(box / "tmp"), **env, **marker}
-            command, workdir = list(argv), cwd
-        else:
-            bwrap = shutil.which("bwrap")
-            if bwrap is None:
-                raise ChannelAUnavailable("bubblewrap disappeared from this host")
-            full_env = {**base, "HOME": BOX_HOME, **env, **marker}
-            command = [
-                bwrap,
-                *_host_layout(self._hidden),
-                "--bind", str(self._session.workspace_path), WORKSPACE_ROOT,
-                "--bind", str(box / "home"), BOX_HOME,
-                "--bind", str(box / "tmp"), "/tmp",
-                "--dev", "/dev",
-                "--proc", "/proc",
-                "--remount-ro", "/",
-                "--unshare-user", "--unshare-pid",
-                "--cap-drop", "ALL",
-                "--die-with-parent",
-                "--chdir", cwd,
-                "--", *argv,
-            ]  # fmt: skip
-            workdir = None
-        try:
-            return await asyncio.create_subprocess_exec(
-                *command,
-                stdin=tty_fd,
-                stdout=tty_fd,
-                stderr=tty_fd,
-                cwd=workdir,
-                env=full_env,
-                preexec_fn=_take_terminal,
-            )
-        except OSError as err:
-            raise ChannelAUnavailable(f"cannot start the PTY process: {err}") from err
-
-
-def _host_layout(hidden: Sequence[Path]) -> list[str]:
-    """Read-only binds of the host's top-level directories, with ``hidden`` directories emptied."""
-    args: list[str] = []
-    bound: set[str] = set()
-    for name in sorted(os.listdir("/")):
-        if name in _NOT_BOUND:
-            continue
-        host = "/" + name
-        if os.path.islink(host):
-            args += ["--symlink", os.readlink(host), host]
-        elif os.path.isdir(host):
-            args += ["--ro-bind", host, host]
-            bound.add(name)
-    for path in hidden:
-        real = Path(os.path.realpath(path))
-        if len(real.parts) > 1 and real.parts[1] in bound and real.is_dir():
-            args += ["--tmpfs", str(real)]
-    return args
-
-
 def default_pty_launcher(session: BoxSession) -> PtyLauncher | None:
-    """The launcher for a session: the session itself if it is one, local boxes, else ``None``."""
+    """The launcher for a session: the session itself when it implements ``launch``, else ``None``."""
     if isinstance(session, PtyLauncher):
         return session
-    from providers.local import LocalBoxSession
-
-    if isinstance(session, LocalBoxSession):
-        return LocalPtyLauncher(session)
     return None
 
 

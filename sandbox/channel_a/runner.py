@@ -7,16 +7,23 @@ the backend mounts the workspace.
 
 Scripts report through *frames*: a marker line the script prints once it has proven what it needs,
 followed by the payload. Output is bytes end to end; text is decoded only where a caller needs it.
+
+Some links cap one exec's request and reply (a selfhosted machine answers over NATS, 1 MiB per
+message). With a *reply budget* the runner spills instead: the script's stdout goes to a temp file
+in the box and comes back in budget-sized ranges, and a large stdin is uploaded in pieces first,
+so the script itself still runs exactly once (mutations are never repeated).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from providers.base import BoxSession, ExecResult
+from sandbox.control_protocol import NATS_DEFAULT_MAX_PAYLOAD, max_chunk_bytes
 from sandbox.errors import (
     BoxNotFound,
     ChannelAConflict,
@@ -39,6 +46,7 @@ from sandbox.paths import (
 )
 
 __all__ = [
+    "DEFAULT_REPLY_BUDGET",
     "EXIT_CONFLICT",
     "EXIT_INVALID",
     "EXIT_OP_FAILED",
@@ -54,6 +62,7 @@ __all__ = [
     "capture_script",
     "parse_captures",
     "raise_for_confinement",
+    "reply_budget_for",
 ]
 
 SCRIPT_ROOT: Final = "."
@@ -84,10 +93,66 @@ _REASON_RE: Final = re.compile(rb"^(__CHANNEL_A_[A-Z_]+__)\t?(.*)$", re.MULTILIN
 _DEFAULT_TIMEOUT: Final = 60.0
 _CONFINED_ATTEMPTS: Final = 2
 
+DEFAULT_REPLY_BUDGET: Final = max_chunk_bytes(NATS_DEFAULT_MAX_PAYLOAD)
+"""Raw bytes one exec may carry each way over a NATS link at the server's default max payload."""
+_SPILL_ERR_BYTES: Final = 16 * 1024  # stderr is only read for diagnostics
+_SPILL_MARGIN: Final = 4096  # headers, the script in the request, JSON around the base64
+_SPILL_RE: Final = re.compile(rb"__CHANNEL_A_SPILL_V1__\t(-?[0-9]+)\t([0-9]+)\t([0-9]+)\t([^\n]+)\n")
 
-def _bash_argv(script: str) -> list[str]:
+# Runs script $1 with stdout and stderr in a temp dir (given as $3 when stdin was uploaded to
+# $3/in), prints a header and the first $2 bytes of stdout, and removes the dir unless more is left.
+_SPILL_SCRIPT: Final = """\
+ca_sp=$3
+if [ -n "$ca_sp" ]; then
+  exec 0<"$ca_sp/in" || exit 1
+else
+  ca_sp=$(mktemp -d 2>/dev/null || mktemp -d -t channel-a) || exit 1
+fi
+bash --noprofile --norc -c "$1" >"$ca_sp/out" 2>"$ca_sp/err"
+ca_st=$?
+exec 0</dev/null
+ca_o=$(wc -c <"$ca_sp/out" | tr -d ' ')
+ca_e=$(wc -c <"$ca_sp/err" | tr -d ' ')
+printf '__CHANNEL_A_SPILL_V1__\\t%s\\t%s\\t%s\\t%s\\n' "$ca_st" "$ca_o" "$ca_e" "$ca_sp"
+head -c "$2" "$ca_sp/out"
+head -c ERR_BYTES "$ca_sp/err"
+if [ "$ca_o" -le "$2" ]; then rm -rf -- "$ca_sp"; else rm -f -- "$ca_sp/err" "$ca_sp/in"; fi
+""".replace("ERR_BYTES", str(_SPILL_ERR_BYTES))
+_SPILL_READ: Final = 'tail -c +"$2" -- "$1/out" | head -c "$3"; if [ "$4" = 1 ]; then rm -rf -- "$1"; fi'
+_UPLOAD_FIRST: Final = (
+    'ca_sp=$(mktemp -d 2>/dev/null || mktemp -d -t channel-a) || exit 1; cat >"$ca_sp/in" || exit 1; printf %s "$ca_sp"'
+)
+_UPLOAD_MORE: Final = 'cat >>"$1/in"'
+_DISCARD: Final = 'rm -rf -- "$1"'
+
+
+def _bash_argv(script: str, *args: str) -> list[str]:
     # Internal scripts must not source a profile, an rc file or $BASH_ENV of the box.
-    return ["env", "-u", "BASH_ENV", "bash", "--noprofile", "--norc", "-c", script]
+    return [
+        "env",
+        "-u",
+        "BASH_ENV",
+        "bash",
+        "--noprofile",
+        "--norc",
+        "-c",
+        script,
+        *(("channel-a", *args) if args else ()),
+    ]
+
+
+def reply_budget_for(session: BoxSession) -> int | None:
+    """The reply budget Channel-A needs for a session: None (no cap) unless it may talk over NATS.
+
+    Selfhosted machines, and routed sessions (which may land on one), answer each exec in one NATS
+    message; local boxes have no cap.
+    """
+    from providers.selfhosted import SelfhostedSession
+    from sandbox.routing import RoutingSession
+
+    if isinstance(session, SelfhostedSession | RoutingSession):
+        return DEFAULT_REPLY_BUDGET
+    return None
 
 
 @dataclass(frozen=True)
@@ -153,11 +218,16 @@ class BoxRunner:
     Args:
         session: The box.
         workspace_root: Where the workspace is in the box; every script runs there.
+        reply_budget: The most bytes one exec may carry each way (None: no cap); larger stdin and
+            stdout are moved in pieces (see the module docstring).
     """
 
-    def __init__(self, session: BoxSession, workspace_root: str) -> None:
+    def __init__(self, session: BoxSession, workspace_root: str, *, reply_budget: int | None = None) -> None:
+        if reply_budget is not None and reply_budget < _SPILL_ERR_BYTES + 2 * _SPILL_MARGIN:
+            raise ValueError(f"reply budget must be at least {_SPILL_ERR_BYTES + 2 * _SPILL_MARGIN} bytes")
         self.session = session
         self.workspace_root = workspace_root
+        self.reply_budget = reply_budget
 
     async def run(self, script: str, *, stdin: bytes | None = None, timeout: float | None = None) -> ExecResult:
         """Run ``script`` with bash in the workspace root.
@@ -167,9 +237,69 @@ class BoxRunner:
             ChannelAUnsupported: the box cannot run commands.
             BoxNotFound: the box is gone (passed through unchanged: it is typed proof).
         """
+        if self.reply_budget is None:
+            return await self._exec(_bash_argv(script), stdin, timeout)
+        return await self._run_spilled(script, stdin, timeout, self.reply_budget)
+
+    async def _run_spilled(self, script: str, stdin: bytes | None, timeout: float | None, budget: int) -> ExecResult:
+        spill = ""
+        try:
+            if stdin and len(stdin) + len(script) + _SPILL_MARGIN > budget:
+                spill = await self._upload(stdin, timeout, budget - _SPILL_MARGIN)
+                stdin = None
+            cap = budget - _SPILL_ERR_BYTES - _SPILL_MARGIN
+            first = await self._exec(_bash_argv(_SPILL_SCRIPT, script, str(cap), spill), stdin, timeout)
+            match = _SPILL_RE.match(first.stdout)
+            if match is None:
+                raise ChannelAUnavailable(f"the box could not run the command (exit {first.exit_code})")
+            status, out_size, err_size = (int(match.group(i)) for i in (1, 2, 3))
+            spill = match.group(4).decode("utf-8", "surrogateescape")
+            body = first.stdout[match.end() :]
+            shown = min(out_size, cap)
+            out = bytearray(body[:shown])
+            err = body[shown : shown + min(err_size, _SPILL_ERR_BYTES)]
+            if len(out) != shown:
+                raise ChannelAUnavailable("the box's answer was cut short")
+            if out_size <= cap:
+                spill = ""  # the box removed it
+            while len(out) < out_size:
+                step = budget - _SPILL_MARGIN
+                last = len(out) + step >= out_size
+                more = await self._exec(
+                    _bash_argv(_SPILL_READ, spill, str(len(out) + 1), str(step), "1" if last else "0"), None, timeout
+                )
+                if last:
+                    spill = ""
+                if not more.stdout:
+                    raise ChannelAUnavailable("the box's spilled answer vanished before it was read")
+                out += more.stdout
+            return ExecResult(exit_code=status, stdout=bytes(out[:out_size]), stderr=err)
+        finally:
+            if spill:
+                with contextlib.suppress(Exception):
+                    await self._exec(_bash_argv(_DISCARD, spill), None, timeout)
+
+    async def _upload(self, data: bytes, timeout: float | None, step: int) -> str:
+        """Store ``data`` as ``<new temp dir>/in`` in the box, ``step`` bytes per exec; the dir."""
+        first = await self._exec(_bash_argv(_UPLOAD_FIRST), data[:step], timeout)
+        spill = first.stdout.decode("utf-8", "surrogateescape")
+        if first.exit_code != 0 or not spill.startswith("/"):
+            raise ChannelAUnavailable(f"the box could not stage the input (exit {first.exit_code})")
+        try:
+            for at in range(step, len(data), step):
+                more = await self._exec(_bash_argv(_UPLOAD_MORE, spill), data[at : at + step], timeout)
+                if more.exit_code != 0:
+                    raise ChannelAUnavailable(f"the box could not stage the input (exit {more.exit_code})")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._exec(_bash_argv(_DISCARD, spill), None, timeout)
+            raise
+        return spill
+
+    async def _exec(self, argv: list[str], stdin: bytes | None, timeout: float | None) -> ExecResult:
         try:
             return await self.session.exec(
-                _bash_argv(script),
+                argv,
                 workdir=self.workspace_root,
                 timeout=timeout or _DEFAULT_TIMEOUT,
                 stdin=stdin,

@@ -66,13 +66,18 @@ from sandbox.channel_a.runner import (
     capture_script,
     parse_captures,
     raise_for_confinement,
+    reply_budget_for,
 )
 from sandbox.channel_a.terminal import parse_terminal_output, terminal_command
 from sandbox.errors import (
+    BoxNotFound,
     ChannelANotFound,
     ChannelAUnavailable,
     ChannelAUnsupported,
     ChannelAValidationError,
+    InvalidRequest,
+    PathNotFound,
+    ProviderError,
 )
 from sandbox.git_parsers import GitStatus, parse_numstat_z, parse_porcelain_v2
 from sandbox.paths import confinement_script
@@ -128,9 +133,13 @@ class ChannelA:
         lease_epoch: The lease epoch of the box, carried by every event.
         revision: Starting value of the mutation counter (to continue a persisted one).
         pty_launcher: How PTY processes enter the box; by default the session itself when it
-            implements :class:`PtyLauncher`, a :class:`LocalPtyLauncher` for local boxes, else none
-            (``pty_open`` then raises :class:`ChannelAUnsupported`).
+            implements :class:`PtyLauncher` (local boxes do), else none (``pty_open`` then raises
+            :class:`ChannelAUnsupported`).
         command_timeout: Seconds any internal file or git command may take.
+        max_reply_bytes: The most bytes one exec of the session may carry each way; larger
+            inputs and answers move in pieces through a temp file in the box. ``"auto"`` picks
+            the NATS message budget for sessions that may reach a selfhosted machine and no cap
+            otherwise; ``None`` means no cap.
     """
 
     def __init__(
@@ -143,13 +152,15 @@ class ChannelA:
         revision: int = 0,
         pty_launcher: PtyLauncher | None = None,
         command_timeout: float = 60.0,
+        max_reply_bytes: int | Literal["auto"] | None = "auto",
     ) -> None:
         self.session = session
         self.workspace_root = workspace_root
         self.events = events
         self.lease_epoch = lease_epoch
         self._revision = revision
-        self._runner = BoxRunner(session, workspace_root)
+        budget = reply_budget_for(session) if max_reply_bytes == "auto" else max_reply_bytes
+        self._runner = BoxRunner(session, workspace_root, reply_budget=budget)
         self._pty_launcher = pty_launcher if pty_launcher is not None else default_pty_launcher(session)
         self._command_timeout = command_timeout
         self._ptys: dict[str, PtyProcess] = {}
@@ -204,13 +215,11 @@ class ChannelA:
         _check_int("maxEntries", max_entries, 1, FS_LIST_MAX_ENTRIES)
         command = fs_scripts.list_command(effective, max_entries, FS_LIST_MAX_OUTPUT_BYTES, include_hidden)
         _, payload = await self._runner.run_confined(rel, command, timeout=self._command_timeout, display=path)
-        entries = fs_scripts.parse_list_output(payload, max_entries, FS_LIST_MAX_OUTPUT_BYTES)
-        return FsListResult(
-            root=fs_scripts.build_tree(rel, effective, entries),
-            truncated=entries.truncated,
-            entry_count=len(entries.records),
-            revision=self._revision,
-        )
+        with fs_scripts.cyclic_gc_paused():
+            entries = fs_scripts.parse_list_output(payload, max_entries, FS_LIST_MAX_OUTPUT_BYTES)
+            root = fs_scripts.build_tree(rel, effective, entries)
+        # The tree is not validated again: pydantic keeps a model instance as it is.
+        return FsListResult(root=root, truncated=entries.truncated, entry_count=len(entries), revision=self._revision)
 
     async def fs_read(
         self, path: str, *, encoding: Encoding = "utf8", max_bytes: int = FS_READ_DEFAULT_BYTES
@@ -717,7 +726,9 @@ class ChannelA:
 
         Raises:
             ChannelAValidationError: size out of range, bad cwd or shell.
+            ChannelANotFound: the directory does not exist.
             ChannelAUnsupported: this box has no PTY support.
+            ChannelAUnavailable: the box could not start the shell.
         """
         _check_int("cols", cols, 1, PTY_MAX_COLS)
         _check_int("rows", rows, 1, PTY_MAX_ROWS)
@@ -736,7 +747,18 @@ class ChannelA:
             on_output=lambda chunk: self._pty_output(pty.pty_id, chunk),
             on_exit=lambda code, reason: self._pty_exited(pty.pty_id, code, reason),
         )
-        await pty.start(self._pty_launcher, [program, "-l"], {"TERM": "xterm-256color", **(env or {})})
+        try:
+            await pty.start(self._pty_launcher, [program, "-l"], {"TERM": "xterm-256color", **(env or {})})
+        except BoxNotFound:
+            raise
+        except PathNotFound as err:
+            raise ChannelANotFound(f"the directory {cwd!r} is gone: {err.message}", path=cwd) from err
+        except InvalidRequest as err:
+            raise ChannelAValidationError(f"cannot start {program}: {err.message}") from err
+        except ProviderError as err:
+            raise ChannelAUnavailable(f"cannot start the PTY shell: {err.message}") from err
+        except OSError as err:
+            raise ChannelAUnavailable(f"cannot start the PTY shell: {err}") from err
         self._ptys[pty.pty_id] = pty
         await self._emit(
             "terminal.pty.started",

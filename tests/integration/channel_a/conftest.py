@@ -1,55 +1,178 @@
-"""Fixtures for the Channel-A suite: real local boxes in both isolation modes, real git on the host.
+"""Fixtures for the Channel-A suite: real boxes of every provider, real git on the host.
 
-The suite is parametrized over providers through ``provider``; a selfhosted session can join the
-list once it exists. Each test gets a fresh box; git tests share one box per module.
+The suite is parametrized over providers through ``provider`` (module scoped): a ``local`` box in
+``bubblewrap`` and in ``process`` isolation, and ``selfhosted``, a :class:`SelfhostedSession` over
+the real nats-server to an in-process agent daemon whose root plays the workspace. What a
+provider cannot do is declared on the test with :func:`unsupported`, which puts the reason into
+the parametrization: with ``raises`` the test still runs there and must fail with exactly that
+typed error (a strict xfail), without it the case is skipped with the reason shown.
+
+Each test gets a fresh :class:`TestBox`; git tests share one box per module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult
+from providers.base import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult
 from providers.local import LocalBoxSession, LocalProvider
+from providers.selfhosted import NatsControlRpc
 from sandbox.channel_a import ChannelA, MemoryEventSink
 from sandbox.errors import SandboxConfigError
+from tests.integration.selfhosted.conftest import Agent, new_id, running_agent, session_for
 
-ISOLATIONS = ["bubblewrap", "process"]
-
-
-@pytest.fixture(scope="module", params=ISOLATIONS)
-async def provider(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[LocalProvider]:
-    if request.param == "bubblewrap" and shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed")
-    prov = LocalProvider(
-        tmp_path_factory.mktemp("boxes"), bubblewrap="always" if request.param == "bubblewrap" else "never"
-    )
-    try:
-        prov.validate_credentials()
-    except SandboxConfigError as err:
-        pytest.skip(f"bubblewrap does not work here: {err.message}")
-    yield prov
-    await prov.aclose()
+ProviderKind = Literal["bubblewrap", "process", "selfhosted"]
+PROVIDERS: tuple[ProviderKind, ...] = ("bubblewrap", "process", "selfhosted")
+BOX_ENV = {"CHANNEL_A_BOX_VAR": "from-the-box-spec"}
+"""The box environment every local test box is created with."""
 
 
-async def new_box(provider: LocalProvider) -> LocalBoxSession:
-    spec = BoxSpec(lease_id="lease/ws1/g1", workspace_id="ws1", group_id="g1", epoch=1)
-    return await provider.create(spec, f"channel-a-test:{uuid.uuid4()}")
+def unsupported(kind: ProviderKind, reason: str, *, raises: type[BaseException] | None = None) -> pytest.MarkDecorator:
+    """Declare that ``kind`` cannot do what the test checks, and why.
+
+    With ``raises`` the test runs on ``kind`` too and must fail with that error (strict xfail):
+    the limit is a typed refusal, checked. Without it the case is skipped with ``reason``.
+    """
+    return pytest.mark.unsupported(kind, reason, raises)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unsupported(kind, reason, raises): a provider cannot do what the test checks")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "provider" not in metafunc.fixturenames:
+        return
+    limits = {m.args[0]: (m.args[1], m.args[2]) for m in metafunc.definition.iter_markers("unsupported")}
+    params = []
+    for kind in PROVIDERS:
+        marks: list[pytest.MarkDecorator] = []
+        if kind in limits:
+            reason, raises = limits[kind]
+            if raises is None:
+                marks.append(pytest.mark.skip(reason=f"{kind}: {reason}"))
+            else:
+                marks.append(pytest.mark.xfail(reason=f"{kind}: {reason}", raises=raises, strict=True))
+        params.append(pytest.param(kind, marks=marks, id=kind))
+    metafunc.parametrize("provider", params, indirect=True, scope="module")
+
+
+@dataclass
+class TestBox:
+    """One box under test and where its pieces are on the host.
+
+    Attributes:
+        kind: Which provider made it.
+        session: The box.
+        workspace: The host directory that is the workspace root.
+        outside: A host directory outside the workspace that commands in the box can reach and
+            write (a local box's HOME; a directory next to the agent's root).
+        parent: A host directory holding the workspace, private to this box.
+    """
+
+    __test__ = False  # not a test class, despite the name
+
+    kind: ProviderKind
+    session: BoxSession
+    workspace: Path
+    outside: Path
+    parent: Path
+    _close: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+    def view(self, host: Path) -> str:
+        """How a command in the box names a host path (of the workspace or ``outside``)."""
+        if self.kind != "bubblewrap":
+            return str(host)
+        assert isinstance(self.session, LocalBoxSession)
+        rel = host.relative_to(self.session.path)
+        top, rest = rel.parts[0], rel.parts[1:]
+        base = {"workspace": "/workspace", "home": "/root", "tmp": "/tmp"}[top]
+        return "/".join([base, *rest])
+
+    @property
+    def local(self) -> LocalBoxSession:
+        """The session as a local box (for tests that only run on the local provider)."""
+        assert isinstance(self.session, LocalBoxSession), self.kind
+        return self.session
+
+
+class Boxes:
+    """Makes and removes test boxes of one provider kind."""
+
+    def __init__(
+        self, kind: ProviderKind, base: Path, *, local: LocalProvider | None = None, nats_url: str = ""
+    ) -> None:
+        self.kind = kind
+        self.base = base
+        self.local = local
+        self.nats_url = nats_url
+        self._rpc: NatsControlRpc | None = None
+
+    async def new(self) -> TestBox:
+        """A fresh, empty box."""
+        if self.local is not None:
+            spec = BoxSpec(lease_id="lease/ws1/g1", workspace_id="ws1", group_id="g1", epoch=1, environment=BOX_ENV)
+            session = await self.local.create(spec, f"channel-a-test:{uuid.uuid4()}")
+            return TestBox(self.kind, session, session.workspace_path, session.path / "home", session.path)
+        if self._rpc is None:
+            self._rpc = NatsControlRpc(self.nats_url)
+        parent = self.base / new_id("machine")
+        (parent / "root").mkdir(parents=True)
+        (parent / "home").mkdir()
+        stack = contextlib.AsyncExitStack()
+        agent = Agent(new_id("ws"), new_id("agent"), parent / "root", parent / "state")
+        await stack.enter_async_context(running_agent(self.nats_url, parent, agent=agent))
+        session = session_for(self._rpc, agent)
+        return TestBox(self.kind, session, agent.root, parent / "home", parent, stack)
+
+    async def drop(self, box: TestBox) -> None:
+        """End the box (terminate a local one, stop the agent of a selfhosted one)."""
+        if self.local is not None:
+            await self.local.terminate(box.local.serialize_state())
+        await box._close.aclose()
+
+    async def aclose(self) -> None:
+        if self.local is not None:
+            await self.local.aclose()
+        if self._rpc is not None:
+            await self._rpc.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def provider(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Boxes]:
+    kind: ProviderKind = request.param
+    base = tmp_path_factory.mktemp(kind)
+    if kind == "selfhosted":
+        boxes = Boxes(kind, base, nats_url=request.getfixturevalue("nats_url"))
+    else:
+        if kind == "bubblewrap" and shutil.which("bwrap") is None:
+            pytest.skip("bubblewrap is not installed")
+        local = LocalProvider(base / "boxes", bubblewrap="always" if kind == "bubblewrap" else "never")
+        try:
+            local.validate_credentials()
+        except SandboxConfigError as err:
+            pytest.skip(f"bubblewrap does not work here: {err.message}")
+        boxes = Boxes(kind, base, local=local)
+    yield boxes
+    await boxes.aclose()
 
 
 @pytest.fixture
-async def box(provider: LocalProvider) -> AsyncIterator[LocalBoxSession]:
-    session = await new_box(provider)
-    yield session
-    await provider.terminate(session.serialize_state())
+async def box(provider: Boxes) -> AsyncIterator[TestBox]:
+    made = await provider.new()
+    yield made
+    await provider.drop(made)
 
 
 @pytest.fixture
@@ -58,20 +181,10 @@ def sink() -> MemoryEventSink:
 
 
 @pytest.fixture
-async def ca(box: LocalBoxSession, sink: MemoryEventSink) -> AsyncIterator[ChannelA]:
-    channel = ChannelA(box, events=sink, lease_epoch=7)
+async def ca(box: TestBox, sink: MemoryEventSink) -> AsyncIterator[ChannelA]:
+    channel = ChannelA(box.session, events=sink, lease_epoch=7)
     yield channel
     await channel.aclose()
-
-
-def box_view(provider: LocalProvider, session: LocalBoxSession, host: Path) -> str:
-    """How a command in the box names a host path under the box directory."""
-    if provider.isolation == "process":
-        return str(host)
-    rel = host.relative_to(session.path)
-    top, rest = rel.parts[0], rel.parts[1:]
-    base = {"workspace": "/workspace", "home": "/root", "tmp": "/tmp"}[top]
-    return "/".join([base, *rest])
 
 
 GIT_ENV = {
@@ -104,7 +217,7 @@ def git(repo: Path, *args: str) -> bytes:
 class CountingSession:
     """A BoxSession that counts what reaches the box (to prove refusals happen before anything runs)."""
 
-    def __init__(self, inner: LocalBoxSession) -> None:
+    def __init__(self, inner: BoxSession) -> None:
         self.inner = inner
         self.calls = 0
 

@@ -1,8 +1,9 @@
 """Every way out of the workspace is refused, and nothing outside it is read or written.
 
-The "outside" is the box's HOME (``/root`` in a bubblewrap box, the box's ``home`` directory in
-process isolation): it exists and is writable from inside the box, so a missing check would show
-up as a changed file there. Lexical refusals must happen before anything reaches the box.
+The "outside" is a directory next to the workspace that commands in the box can reach and write
+(a local box's HOME: ``/root`` in bubblewrap isolation, the box's ``home`` directory in process
+isolation; a directory next to a selfhosted agent's root): a missing check would show up as a
+changed file there. Lexical refusals must happen before anything reaches the box.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from providers.local import LocalBoxSession, LocalProvider
 from sandbox.channel_a import ChannelA
-from sandbox.errors import ChannelAError, ChannelAValidationError
-from tests.integration.channel_a.conftest import CountingSession, box_view
+from sandbox.errors import ChannelAError, ChannelAUnsupported, ChannelAValidationError
+from tests.integration.channel_a.conftest import CountingSession, TestBox
 
 SECRET = "top secret: never leaves home"
 
@@ -39,17 +39,17 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def outside(provider: LocalProvider, box: LocalBoxSession) -> Path:
-    """The box's HOME with a secret in it, plus escape links in the workspace pointing there."""
-    home = box.path / "home"
+def outside(box: TestBox) -> Path:
+    """A directory outside with a secret in it, plus escape links in the workspace pointing there."""
+    home = box.outside
     (home / "secret.txt").write_text(SECRET)
     (home / "sub").mkdir()
-    ws = box.workspace_path
+    ws = box.workspace
     (ws / "keep.txt").write_text("inside")
-    (ws / "out").symlink_to(box_view(provider, box, home))  # absolute link to a directory outside
-    (ws / "secretlink").symlink_to(box_view(provider, box, home / "secret.txt"))  # to a file outside
+    (ws / "out").symlink_to(box.view(home))  # absolute link to a directory outside
+    (ws / "secretlink").symlink_to(box.view(home / "secret.txt"))  # to a file outside
     (ws / "up").symlink_to("../../../../../../../..")  # relative link climbing to /
-    (ws / "dangling-out").symlink_to(box_view(provider, box, home / "not-yet.txt"))
+    (ws / "dangling-out").symlink_to(box.view(home / "not-yet.txt"))
     (ws / "inner").mkdir()
     (ws / "inner" / "back").symlink_to("../out")  # a link chain through an inside link
     return home
@@ -59,8 +59,8 @@ LEXICAL = ["../x", "/etc/passwd", "a/../../x", "..", "/", "//etc", "a/..", "x\0y
 
 
 @pytest.mark.parametrize("bad", LEXICAL)
-async def test_lexical_escapes_are_refused_before_anything_runs(box: LocalBoxSession, bad: str) -> None:
-    counting = CountingSession(box)
+async def test_lexical_escapes_are_refused_before_anything_runs(box: TestBox, bad: str) -> None:
+    counting = CountingSession(box.session)
     ca = ChannelA(counting)
     calls: list[Callable[[], Awaitable[Any]]] = [
         lambda: ca.fs_list(bad),
@@ -89,7 +89,7 @@ ESCAPING_READS = ["out", "out/secret.txt", "secretlink", "up/etc/passwd", "inner
 
 
 async def test_reads_through_links_out_are_refused_and_reveal_nothing(
-    ca: ChannelA, box: LocalBoxSession, outside: Path
+    ca: ChannelA, box: TestBox, outside: Path
 ) -> None:
     before = snapshot(outside)
     calls = [
@@ -109,17 +109,19 @@ async def test_reads_through_links_out_are_refused_and_reveal_nothing(
         assert SECRET not in str(outcome)
     with pytest.raises(ChannelAValidationError, match="outside"):
         await ca.fs_read("out/secret.txt")
-    with pytest.raises(ChannelAValidationError, match="outside"):
-        await ca.pty_open(cwd="out")
+    if box.kind == "selfhosted":  # no PTYs there: refused before the directory is looked at
+        with pytest.raises(ChannelAUnsupported):
+            await ca.pty_open(cwd="out")
+    else:
+        with pytest.raises(ChannelAValidationError, match="outside"):
+            await ca.pty_open(cwd="out")
     # The links themselves are listed (not followed) and nothing of home shows up.
     listing = await ca.fs_list(depth=8)
     assert "secret" not in listing.model_dump_json().replace("secretlink", "")
     assert snapshot(outside) == before
 
 
-async def test_mutations_through_links_out_change_nothing_outside(
-    ca: ChannelA, box: LocalBoxSession, outside: Path
-) -> None:
+async def test_mutations_through_links_out_change_nothing_outside(ca: ChannelA, box: TestBox, outside: Path) -> None:
     before = snapshot(outside)
     attempts: list[Callable[[], Awaitable[Any]]] = [
         lambda: ca.fs_write("out/new.txt", "pwned"),
@@ -145,26 +147,24 @@ async def test_mutations_through_links_out_change_nothing_outside(
     for attempt, outcome in zip(attempts, outcomes, strict=True):
         assert isinstance(outcome, ChannelAValidationError) and "outside" in str(outcome), (attempt, outcome)
     assert snapshot(outside) == before
-    assert (box.workspace_path / "keep.txt").read_text() == "inside"
-    assert not (box.workspace_path / "stolen.txt").exists()
+    assert (box.workspace / "keep.txt").read_text() == "inside"
+    assert not (box.workspace / "stolen.txt").exists()
     assert ca.revision == 0
 
 
-async def test_deleting_or_moving_a_link_out_touches_only_the_link(
-    ca: ChannelA, box: LocalBoxSession, outside: Path
-) -> None:
+async def test_deleting_or_moving_a_link_out_touches_only_the_link(ca: ChannelA, box: TestBox, outside: Path) -> None:
     before = snapshot(outside)
     await ca.fs_move("secretlink", "renamed-link")
-    assert (box.workspace_path / "renamed-link").is_symlink()
+    assert (box.workspace / "renamed-link").is_symlink()
     await ca.fs_delete("renamed-link")
     await ca.fs_delete("out", recursive=True)  # removes the link, never the directory it points to
-    assert not (box.workspace_path / "out").is_symlink()
+    assert not (box.workspace / "out").is_symlink()
     assert snapshot(outside) == before
     assert ca.revision == 3
 
 
-async def test_a_parent_swapped_for_a_link_is_caught(ca: ChannelA, box: LocalBoxSession, outside: Path) -> None:
-    ws = box.workspace_path
+async def test_a_parent_swapped_for_a_link_is_caught(ca: ChannelA, box: TestBox, outside: Path) -> None:
+    ws = box.workspace
     (ws / "dir").mkdir()
     (ws / "dir" / "f.txt").write_text("inside")
     assert (await ca.fs_read("dir/f.txt")).content == "inside"

@@ -9,13 +9,13 @@ from typing import Any
 import nats
 import pytest
 
-from providers.local import LocalBoxSession
 from sandbox.channel_a import ChannelA, ChannelAEvent, NatsEventSink, events_subject
 from sandbox.errors import InvalidRequest
 from tests.conftest import free_port
+from tests.integration.channel_a.conftest import TestBox
 
 
-async def test_mutations_publish_fs_changed_with_epoch_and_revision(nats_url: str, box: LocalBoxSession) -> None:
+async def test_mutations_publish_fs_changed_with_epoch_and_revision(nats_url: str, box: TestBox) -> None:
     nc = await nats.connect(nats_url)
     received: list[tuple[str, dict[str, Any]]] = []
     done = asyncio.Event()
@@ -28,7 +28,7 @@ async def test_mutations_publish_fs_changed_with_epoch_and_revision(nats_url: st
     await nc.subscribe("session.ws1.sess-1.events", cb=on_message)
     await nc.flush()
     sink = NatsEventSink(nats_url, workspace_id="ws1", session_id="sess-1")
-    ca = ChannelA(box, events=sink, lease_epoch=12, revision=40)
+    ca = ChannelA(box.session, events=sink, lease_epoch=12, revision=40)
     try:
         await ca.fs_write("notes/a.txt", "hello")
         await ca.fs_move("notes/a.txt", "notes/b.txt")
@@ -61,22 +61,22 @@ async def test_mutations_publish_fs_changed_with_epoch_and_revision(nats_url: st
     assert len({write["id"], move["id"], output["id"]}) == 3 and write["at"].endswith("+00:00")
 
 
-async def test_an_unreachable_nats_drops_events_without_failing_operations(box: LocalBoxSession) -> None:
+async def test_an_unreachable_nats_drops_events_without_failing_operations(box: TestBox) -> None:
     sink = NatsEventSink(f"nats://127.0.0.1:{free_port()}", workspace_id="ws1", session_id="s", connect_timeout=0.5)
-    ca = ChannelA(box, events=sink)
+    ca = ChannelA(box.session, events=sink)
     result = await ca.fs_write("a.txt", "x")
-    assert result.revision == 1 and (box.workspace_path / "a.txt").read_text() == "x"
+    assert result.revision == 1 and (box.workspace / "a.txt").read_text() == "x"
     await ca.fs_write("b.txt", "y")  # no second connect attempt: retry_after has not passed
     assert ca.revision == 2
     await sink.aclose()
 
 
-async def test_a_failing_sink_never_fails_the_operation(box: LocalBoxSession) -> None:
+async def test_a_failing_sink_never_fails_the_operation(box: TestBox) -> None:
     class Broken:
         async def publish(self, event: ChannelAEvent) -> None:
             raise RuntimeError("sink down")
 
-    ca = ChannelA(box, events=Broken())
+    ca = ChannelA(box.session, events=Broken())
     assert (await ca.fs_mkdir("d")).revision == 1
 
 

@@ -1,6 +1,6 @@
 """Channel-A git against real repositories built by the tests, each checked against git itself.
 
-The repositories live in one box per isolation mode. ``git`` on the host (same repository, same
+The repositories live in one box per provider (see the conftest). ``git`` on the host (same repository, same
 neutral configuration) is the oracle: statuses, numstat counts, patch lines, logs and blobs must
 match what it prints.
 """
@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from providers.local import LocalBoxSession, LocalProvider
 from sandbox.channel_a import ChannelA
 from sandbox.channel_a.models import GitDiffFile, GitShowFileResult, GitShowResult
 from sandbox.errors import ChannelANotFound, ChannelAValidationError
 from sandbox.git_parsers import parse_numstat_z, parse_porcelain_v2
-from tests.integration.channel_a.conftest import git, new_box
+from tests.integration.channel_a.conftest import Boxes, TestBox, git
 
 ODD = ["space name.txt", "tab\tname.txt", "new\nline.txt", "ünïcødé.txt"]
 BINARY = bytes(range(256)) * 4
@@ -120,20 +119,20 @@ def git_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def git_box(provider: LocalProvider, git_template: Path) -> AsyncIterator[LocalBoxSession]:
-    session = await new_box(provider)
-    shutil.copytree(git_template, session.workspace_path, symlinks=True, dirs_exist_ok=True)
-    yield session
-    await provider.terminate(session.serialize_state())
+async def git_box(provider: Boxes, git_template: Path) -> AsyncIterator[TestBox]:
+    made = await provider.new()
+    shutil.copytree(git_template, made.workspace, symlinks=True, dirs_exist_ok=True)
+    yield made
+    await provider.drop(made)
 
 
 @pytest.fixture
-def ca(git_box: LocalBoxSession) -> ChannelA:
-    return ChannelA(git_box)
+def ca(git_box: TestBox) -> ChannelA:
+    return ChannelA(git_box.session)
 
 
-def repo_path(box: LocalBoxSession, name: str) -> Path:
-    return box.workspace_path / name
+def repo_path(box: TestBox, name: str) -> Path:
+    return box.workspace / name
 
 
 def by_path(files: tuple[GitDiffFile, ...]) -> dict[str, GitDiffFile]:
@@ -167,7 +166,7 @@ def our_lines(f: GitDiffFile) -> list[str]:
 # --------------------------------------------------------------------------- status
 
 
-async def test_status_matches_git_for_every_kind_of_change(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_status_matches_git_for_every_kind_of_change(ca: ChannelA, git_box: TestBox) -> None:
     repo = repo_path(git_box, "rich")
     ours = await ca.git_status("rich")
     oracle = parse_porcelain_v2(git(repo, "status", "--porcelain=v2", "--branch", "-z").decode())
@@ -193,7 +192,7 @@ async def test_status_matches_git_for_every_kind_of_change(ca: ChannelA, git_box
     assert (await ca.git_status("rich/subdir")).head == "main"
 
 
-async def test_status_of_conflict_unborn_detached_and_plain_directories(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_status_of_conflict_unborn_detached_and_plain_directories(ca: ChannelA, git_box: TestBox) -> None:
     conflict = await ca.git_status("conflict")
     assert conflict == parse_porcelain_v2(
         git(repo_path(git_box, "conflict"), "status", "--porcelain=v2", "--branch", "-z").decode()
@@ -214,22 +213,22 @@ async def test_status_of_conflict_unborn_detached_and_plain_directories(ca: Chan
     assert (await ca.git_status()).is_repo is False  # the workspace root is not a repository
 
 
-async def test_a_repository_above_the_workspace_is_not_the_workspaces(provider: LocalProvider) -> None:
-    session = await new_box(provider)
+async def test_a_repository_above_the_workspace_is_not_the_workspaces(provider: Boxes) -> None:
+    made = await provider.new()
     try:
-        git(session.path, "init", "-q")  # the box directory, parent of the workspace
-        ca = ChannelA(session)
+        git(made.parent, "init", "-q")  # a directory holding the workspace
+        ca = ChannelA(made.session)
         assert (await ca.git_status()).is_repo is False
         assert (await ca.git_log()).commits == ()
         assert (await ca.git_diff()).is_repo is False
     finally:
-        await provider.terminate(session.serialize_state())
+        await provider.drop(made)
 
 
 # --------------------------------------------------------------------------- diff
 
 
-async def test_staged_diff_has_renames_copies_deletes_binary_and_modes(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_staged_diff_has_renames_copies_deletes_binary_and_modes(ca: ChannelA, git_box: TestBox) -> None:
     repo = repo_path(git_box, "rich")
     diff = await ca.git_diff("rich", staged=True)
     assert diff.is_repo and diff.mode == "staged" and not diff.truncated
@@ -248,7 +247,7 @@ async def test_staged_diff_has_renames_copies_deletes_binary_and_modes(ca: Chann
     assert our_lines(files["delete_me.txt"]) == ["-bye"]
 
 
-async def test_worktree_diff_with_untracked_matches_git_lines(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_worktree_diff_with_untracked_matches_git_lines(ca: ChannelA, git_box: TestBox) -> None:
     repo = repo_path(git_box, "rich")
     diff = await ca.git_diff("rich", include_untracked=True, context_lines=1)
     files = by_path(diff.files)
@@ -282,7 +281,7 @@ async def test_worktree_diff_with_untracked_matches_git_lines(ca: ChannelA, git_
     assert [f.path for f in only.files] == ["keep.txt"]
 
 
-async def test_ref_diffs_unborn_fallback_and_bad_refs(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_ref_diffs_unborn_fallback_and_bad_refs(ca: ChannelA, git_box: TestBox) -> None:
     repo = repo_path(git_box, "rich")
     refs = await ca.git_diff("rich", from_ref="HEAD~1", to_ref="HEAD")
     assert refs.mode == "refs"
@@ -305,7 +304,7 @@ async def test_ref_diffs_unborn_fallback_and_bad_refs(ca: ChannelA, git_box: Loc
         await ca.git_diff("rich", context_lines=11)
 
 
-async def test_per_file_byte_cap_truncates_hunks(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_per_file_byte_cap_truncates_hunks(ca: ChannelA, git_box: TestBox) -> None:
     capped = await ca.git_diff("rich", from_ref="upstream-base~1", to_ref="main", max_bytes_per_file=200)
     assert not capped.truncated
     files = by_path(capped.files)
@@ -321,7 +320,7 @@ async def test_per_file_byte_cap_truncates_hunks(ca: ChannelA, git_box: LocalBox
     assert not by_path(root.files)["delete_me.txt"].truncated
 
 
-async def test_conflicted_paths_are_one_conflicted_entry(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_conflicted_paths_are_one_conflicted_entry(ca: ChannelA, git_box: TestBox) -> None:
     repo = repo_path(git_box, "conflict")
     write(repo / "later.txt", "x\n")  # an untracked file next to the conflict
     try:
@@ -335,7 +334,7 @@ async def test_conflicted_paths_are_one_conflicted_entry(ca: ChannelA, git_box: 
 # --------------------------------------------------------------------------- log, show, discovery
 
 
-async def test_log_pages_and_matches_git(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_log_pages_and_matches_git(ca: ChannelA, git_box: TestBox) -> None:
     repo = repo_path(git_box, "rich")
     log = await ca.git_log("rich")
     assert [c.hash for c in log.commits] == git(repo, "log", "--format=%H").decode().split()
@@ -358,7 +357,7 @@ async def test_log_pages_and_matches_git(ca: ChannelA, git_box: LocalBoxSession)
     assert (await ca.git_log("rich", ref="no-such-ref")).commits == ()
 
 
-async def test_show_commit_root_commit_and_files(ca: ChannelA, git_box: LocalBoxSession) -> None:
+async def test_show_commit_root_commit_and_files(ca: ChannelA, git_box: TestBox) -> None:
     repo = repo_path(git_box, "rich")
     shown = await ca.git_show("rich", ref="HEAD")
     assert isinstance(shown, GitShowResult)
@@ -396,11 +395,11 @@ async def test_repository_discovery(ca: ChannelA) -> None:
     assert found.repos == ("conflict", "detached", "rich", "unborn")  # node_modules is pruned
 
 
-async def test_git_changed_event_reports_the_status(git_box: LocalBoxSession) -> None:
+async def test_git_changed_event_reports_the_status(git_box: TestBox) -> None:
     from sandbox.channel_a import MemoryEventSink
 
     sink = MemoryEventSink()
-    ca = ChannelA(git_box, events=sink, lease_epoch=4)
+    ca = ChannelA(git_box.session, events=sink, lease_epoch=4)
     status = await ca.emit_git_changed("rich", "stage")
     (event,) = sink.of_type("git.changed")
     assert event.payload == {

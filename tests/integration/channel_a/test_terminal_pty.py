@@ -1,23 +1,40 @@
-"""Terminal exec and real PTYs in local boxes (both isolation modes)."""
+"""Terminal exec on every provider; real PTYs in local boxes (both isolation modes).
+
+The selfhosted agent protocol has no PTY operation, so there ``pty_open`` must refuse with
+:class:`ChannelAUnsupported`: the PTY tests are declared unsupported with that error (strict xfail).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from providers.local import LocalBoxSession, LocalProvider
-from sandbox.channel_a import ChannelA, LocalPtyLauncher, MemoryEventSink
-from sandbox.errors import ChannelAConflict, ChannelANotFound, ChannelAUnsupported, ChannelAValidationError
-from tests.integration.channel_a.conftest import CountingSession
+from providers.base import BoxSpec
+from providers.local import LocalProvider
+from sandbox.channel_a import ChannelA, MemoryEventSink
+from sandbox.errors import (
+    ChannelAConflict,
+    ChannelANotFound,
+    ChannelAUnsupported,
+    ChannelAValidationError,
+    SandboxConfigError,
+)
+from tests.integration.channel_a.conftest import BOX_ENV, Boxes, CountingSession, TestBox, unsupported
+
+NO_PTY = unsupported(
+    "selfhosted", "the agent protocol has no PTY op: pty_open refuses as unsupported", raises=ChannelAUnsupported
+)
 
 
-async def test_exec_buffers_output_and_exit_code(ca: ChannelA, box: LocalBoxSession, sink: MemoryEventSink) -> None:
-    (box.workspace_path / "sub dir").mkdir()
+async def test_exec_buffers_output_and_exit_code(ca: ChannelA, box: TestBox, sink: MemoryEventSink) -> None:
+    (box.workspace / "sub dir").mkdir()
     result = await ca.terminal_exec("echo out; echo err >&2; pwd; printf 'ü'; exit 3", cwd="sub dir")
     assert (result.exit_code, result.stderr, result.timed_out, result.running) == (3, "err\n", False, False)
     lines = result.stdout.split("\n")
@@ -34,16 +51,18 @@ async def test_exec_buffers_output_and_exit_code(ca: ChannelA, box: LocalBoxSess
     assert ca.revision == 0  # a terminal command is not a tracked mutation
 
 
-async def test_exec_timeout_returns_early_and_leaves_the_tail_running(ca: ChannelA, box: LocalBoxSession) -> None:
+async def test_exec_timeout_returns_early_and_leaves_the_tail_running(ca: ChannelA, box: TestBox) -> None:
     started = time.monotonic()
     result = await ca.terminal_exec("echo begun; sleep 0.8; echo finished > tail.txt", timeout_ms=300)
     assert time.monotonic() - started < 0.8 + 0.5  # answered at the timeout, not at the end
     assert (result.exit_code, result.timed_out, result.wall_time_seconds) == (124, True, 0.3)
     assert result.stdout == "begun\n" and result.stderr.endswith("Terminal command exceeded 300ms")
     deadline = time.monotonic() + 5
-    while not (box.workspace_path / "tail.txt").exists() and time.monotonic() < deadline:
+    tail = box.workspace / "tail.txt"
+    # The shell creates the file before echo writes to it: wait for the content, not the name.
+    while not (tail.exists() and tail.read_text()) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert (box.workspace_path / "tail.txt").read_text() == "finished\n"
+    assert tail.read_text() == "finished\n"
 
 
 async def test_exec_output_is_bounded(ca: ChannelA) -> None:
@@ -52,8 +71,8 @@ async def test_exec_output_is_bounded(ca: ChannelA) -> None:
     assert result.stderr == "done\n" and not result.stderr_truncated and result.exit_code == 0
 
 
-async def test_exec_refuses_bad_input_before_running(box: LocalBoxSession) -> None:
-    counting = CountingSession(box)
+async def test_exec_refuses_bad_input_before_running(box: TestBox) -> None:
+    counting = CountingSession(box.session)
     ca = ChannelA(counting)
     for kwargs in ({"timeout_ms": 0}, {"timeout_ms": 120_001}, {"cwd": "/etc"}, {"cwd": "../x"}):
         with pytest.raises(ChannelAValidationError):
@@ -66,7 +85,8 @@ async def test_exec_refuses_bad_input_before_running(box: LocalBoxSession) -> No
         await ca.terminal_exec("true", cwd="missing")
 
 
-async def test_pty_echo_resize_and_close(ca: ChannelA, box: LocalBoxSession, sink: MemoryEventSink) -> None:
+@NO_PTY
+async def test_pty_echo_resize_and_close(ca: ChannelA, box: TestBox, sink: MemoryEventSink) -> None:
     opened = await ca.pty_open(cols=80, rows=24)
     assert (opened.cols, opened.rows, opened.shell, opened.cwd) == (80, 24, "/bin/bash", "")
     pty = opened.pty_id
@@ -102,10 +122,11 @@ async def test_pty_echo_resize_and_close(ca: ChannelA, box: LocalBoxSession, sin
         await ca.pty_write(pty, "x")
 
 
+@NO_PTY
 async def test_pty_shell_exit_is_reported_and_writes_after_it_conflict(
-    ca: ChannelA, box: LocalBoxSession, sink: MemoryEventSink
+    ca: ChannelA, box: TestBox, sink: MemoryEventSink
 ) -> None:
-    (box.workspace_path / "start").mkdir()
+    (box.workspace / "start").mkdir()
     opened = await ca.pty_open(cwd="start", rows=10, cols=20)
     await ca.pty_write(opened.pty_id, "pwd; exit 5\n", yield_ms=0)
     exited = await sink.wait_for(lambda e: e.type == "terminal.pty.exited", timeout=5)
@@ -119,34 +140,79 @@ async def test_pty_shell_exit_is_reported_and_writes_after_it_conflict(
     assert (closed.exit_code, closed.reason) == (5, "exit")
 
 
-async def test_pty_refusals(ca: ChannelA, box: LocalBoxSession) -> None:
+async def test_pty_refusals(ca: ChannelA, box: TestBox) -> None:
     for kwargs in ({"cols": 0}, {"rows": 301}, {"shell": "bash"}, {"shell": "/bin/bash -c x"}, {"cwd": "/etc"}):
         with pytest.raises(ChannelAValidationError):
             await ca.pty_open(**kwargs)
-    (box.workspace_path / "file").write_text("x")
-    with pytest.raises(ChannelAValidationError, match="not a directory"):
-        await ca.pty_open(cwd="file")
     with pytest.raises(ChannelANotFound):
         await ca.pty_resize("pty-nope", 10, 10)
     with pytest.raises(ChannelAUnsupported):
-        await ChannelA(CountingSession(box)).pty_open()  # a session type without PTY support
+        await ChannelA(CountingSession(box.session)).pty_open()  # a session type without PTY support
 
 
-async def test_pty_sandbox_hides_the_boxes_and_hidden_directories(
-    provider: LocalProvider, box: LocalBoxSession
-) -> None:
-    if provider.isolation != "bubblewrap":
-        pytest.skip("process isolation has no sandbox to hide directories from")
+@NO_PTY
+async def test_pty_refuses_a_file_or_missing_directory(ca: ChannelA, box: TestBox) -> None:
+    (box.workspace / "file").write_text("x")
+    with pytest.raises(ChannelAValidationError, match="not a directory"):
+        await ca.pty_open(cwd="file")
+    with pytest.raises(ChannelANotFound):
+        await ca.pty_open(cwd="missing")
+
+
+async def shell_says(ca: ChannelA, pty_id: str, command: str) -> str:
+    """Run ``command`` in the PTY shell and return what it printed between two markers."""
+    await ca.pty_write(pty_id, f"echo B''EGIN; {command}; echo E''ND\n", yield_ms=0)
+    out = (await ca.pty_read_until(pty_id, b"END\r\n", timeout=10)).decode(errors="replace")
+    return out.split("BEGIN\r\n", 1)[-1].rsplit("END\r\n", 1)[0]
+
+
+@NO_PTY
+async def test_pty_shell_runs_inside_the_box_and_dies_with_it(provider: Boxes, sink: MemoryEventSink) -> None:
+    made = await provider.new()
+    ca = ChannelA(made.session, events=sink)
+    try:
+        opened = await ca.pty_open()
+        pty = opened.pty_id
+        # A background process started by an exec, and the PID namespace execs run in.
+        naps = f"{random.randrange(10**6, 10**7)}.5"
+        await made.session.exec(["bash", "-c", f"sleep {naps} >/dev/null 2>&1 &"])
+        ns = (await made.session.exec(["readlink", "/proc/self/ns/pid"])).stdout.decode().strip()
+        seen = await shell_says(ca, pty, f"readlink /proc/self/ns/pid; ps -eo args | grep -c '^[s]leep {naps}'")
+        assert seen.split() == [ns, "1"]
+        env = await shell_says(ca, pty, 'echo "$CHANNEL_A_BOX_VAR/$SANDBOX_BOX_ID/$TERM"')
+        assert env.strip() == f"{BOX_ENV['CHANNEL_A_BOX_VAR']}/{made.session.instance_id}/xterm-256color"
+        if made.kind == "bubblewrap":  # the box's own mounts: /workspace is the workspace
+            (made.workspace / "marker.txt").write_text("in the box")
+            assert (await shell_says(ca, pty, "cat /workspace/marker.txt")).strip() == "in the box"
+
+        await provider.drop(made)  # terminate the box: the shell dies with it
+        exited = await sink.wait_for(lambda e: e.type == "terminal.pty.exited", timeout=10)
+        assert exited.payload["ptyId"] == pty and ca.pty_exited(pty)
+    finally:
+        await ca.aclose()
+        await provider.drop(made)
+
+
+async def test_pty_sandbox_hides_the_boxes_and_hidden_directories(tmp_path: Path) -> None:
+    """In bubblewrap isolation the PTY shell sees exactly what an exec sees: no boxes, no hidden paths."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
     secret_dir = Path(tempfile.mkdtemp(prefix="channel-a-hidden-", dir="/var/tmp"))
+    provider = LocalProvider(tmp_path / "boxes", bubblewrap="always", hidden_paths=[secret_dir])
+    try:
+        provider.validate_credentials()
+    except SandboxConfigError as err:
+        pytest.skip(f"bubblewrap does not work here: {err.message}")
+    spec = BoxSpec(lease_id="lease/ws1/g1", workspace_id="ws1", group_id="g1", epoch=1)
+    box = await provider.create(spec, f"channel-a-test:{uuid.uuid4()}")
+    ca = ChannelA(box)
     try:
         (secret_dir / "secret.txt").write_text("hidden")
-        ca = ChannelA(box, pty_launcher=LocalPtyLauncher(box, hidden_paths=[secret_dir]))
         opened = await ca.pty_open()
-        await ca.pty_write(
-            opened.pty_id, f"cat {secret_dir}/secret.txt; ls {box.path.parent} | wc -l; echo E''ND\n", yield_ms=0
-        )
-        output = await ca.pty_read_until(opened.pty_id, b"END\r\n", timeout=5)
-        await ca.pty_close(opened.pty_id)
-        assert b"No such file" in output and b"\r\n0\r\nEND" in output
+        seen = await shell_says(ca, opened.pty_id, f"cat {secret_dir}/secret.txt; ls {box.path.parent} | wc -l")
+        assert "No such file" in seen and seen.endswith("\r\n0\r\n")
     finally:
+        await ca.aclose()
+        await provider.terminate(box.serialize_state())
+        await provider.aclose()
         shutil.rmtree(secret_dir)

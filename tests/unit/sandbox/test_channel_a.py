@@ -6,15 +6,20 @@ round-tripped where a writer exists. Shell framing is checked by running the gen
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from sandbox.channel_a.fs import ListedEntries, build_tree, normalise_rel_path, parse_list_output
+from providers.base import BoxSession, ExecResult
+from sandbox.channel_a.fs import ListedEntries, build_tree, list_command, normalise_rel_path, parse_list_output
 from sandbox.channel_a.git import (
     assemble_tracked,
     parse_log,
@@ -22,7 +27,8 @@ from sandbox.channel_a.git import (
     untracked_file,
     validate_ref,
 )
-from sandbox.channel_a.runner import capture_script, parse_captures
+from sandbox.channel_a.models import FsNode
+from sandbox.channel_a.runner import BoxRunner, capture_script, parse_captures
 from sandbox.channel_a.service import _encode_content
 from sandbox.channel_a.terminal import parse_terminal_output, terminal_command
 from sandbox.errors import ChannelAUnavailable, ChannelAValidationError
@@ -75,20 +81,123 @@ def test_capture_parser_never_crashes(data: bytes) -> None:
         pass
 
 
+# --------------------------------------------------------------------------- spilled exec (capped links)
+
+
+class CappedBox:
+    """A box whose every exec may carry at most ``cap`` bytes each way, like a NATS link."""
+
+    def __init__(self, cap: int, tmp: Path) -> None:
+        self.cap = cap
+        self.tmp = tmp
+        self.calls = 0
+        self.biggest = 0
+        self.instance_id = "capped"
+
+    async def exec(
+        self,
+        cmd: Sequence[str],
+        *,
+        workdir: str | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> ExecResult:
+        assert len(stdin or b"") <= self.cap, "request over the cap"
+        self.calls += 1
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            cwd=workdir,
+            env={"PATH": os.environ["PATH"], "TMPDIR": str(self.tmp)},
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(stdin or b"")
+        self.biggest = max(self.biggest, len(out) + len(err))
+        assert len(out) + len(err) <= self.cap, "reply over the cap"
+        assert proc.returncode is not None
+        return ExecResult(exit_code=proc.returncode, stdout=out, stderr=err)
+
+
+@pytest.mark.parametrize("size", [0, 10, 40_000, 300_001])
+async def test_spilled_runs_move_big_input_and_output_in_pieces_and_run_once(tmp_path: Path, size: int) -> None:
+    spills = tmp_path / "tmp"
+    spills.mkdir()
+    box = CappedBox(32 * 1024, spills)
+    runner = BoxRunner(cast(BoxSession, box), str(tmp_path), reply_budget=box.cap)
+    data = os.urandom(size)
+    # Echo the input back, count the runs in a file, complain on stderr, exit 7.
+    result = await runner.run("cat; echo run >>runs; echo warn >&2; exit 7", stdin=data)
+    assert (result.exit_code, result.stdout, result.stderr) == (7, data, b"warn\n")
+    assert (tmp_path / "runs").read_text() == "run\n"  # the script ran exactly once
+    assert list(spills.iterdir()) == []  # every temp dir is gone
+    if size > box.cap:
+        assert box.calls > 2 and box.biggest <= box.cap
+
+
+async def test_spilled_runs_report_a_box_that_cannot_run_the_wrapper(tmp_path: Path) -> None:
+    class Broken(CappedBox):
+        async def exec(self, cmd: Sequence[str], **kwargs: object) -> ExecResult:
+            return ExecResult(exit_code=127, stdout=b"", stderr=b"bash: not found")
+
+    runner = BoxRunner(cast(BoxSession, Broken(32 * 1024, tmp_path)), str(tmp_path), reply_budget=32 * 1024)
+    with pytest.raises(ChannelAUnavailable, match="exit 127"):
+        await runner.run("true")
+    with pytest.raises(ValueError):
+        BoxRunner(cast(BoxSession, Broken(1, tmp_path)), str(tmp_path), reply_budget=100)
+
+
 # --------------------------------------------------------------------------- listing
 
 
 def test_list_parser_flags_truncation_and_cut_records() -> None:
-    rec = b"f\t3\t1700000000.5\t644\ta.txt\0d\t4096\t1700000001.25\t755\tsub\0"
+    rec = b"f\x003\x001700000000.5\x00644\x00a.txt\x00d\x004096\x001700000001.25\x00755\x00sub\x00"
     parsed = parse_list_output(rec, 10, 1000)
     assert parsed.records == [("file", 3, 1700000000500, 0o644, "a.txt"), ("dir", 4096, 1700000001250, 0o755, "sub")]
     assert not parsed.truncated
     assert parse_list_output(rec, 1, 1000).truncated and len(parse_list_output(rec, 1, 1000).records) == 1
     cut = parse_list_output(rec[:-3], 10, 1000)  # the byte cap cut the last record
     assert cut.truncated and len(cut.records) == 1
+    cut_at_field = parse_list_output(rec[: rec.index(b"755") + 4], 10, 1000)  # cut between two fields
+    assert cut_at_field.truncated and len(cut_at_field.records) == 1
     assert parse_list_output(rec, 10, 10).truncated
-    odd = parse_list_output(b"l\t9\tx\tzz\tname\twith\ttabs\0p\t0\t1.0\t600\tfifo\0", 10, 1000)
-    assert odd.records == [("symlink", 0, None, None, "name\twith\ttabs"), ("other", 0, 1000, 0o600, "fifo")]
+    odd = parse_list_output(
+        b"l\x009\x00x\x00zz\x00name\twith\ttabs\nand lines\x00p\x000\x001.0\x00600\x00fifo\x00", 10, 1000
+    )
+    assert odd.records == [("symlink", 0, None, None, "name\twith\ttabs\nand lines"), ("other", 0, 1000, 0o600, "fifo")]
+    assert parse_list_output(b"f\x001\x001.0\x00644\x00\x00", 10, 1000).records == []  # no name: skipped
+
+
+def test_list_command_output_parses_back(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "in.txt").write_text("x")
+    (tmp_path / "tab\tname").write_text("abc")
+    (tmp_path / ".hidden").write_text("h")
+    os.chmod(tmp_path / "tab\tname", 0o640)
+    out = bash(list_command(2, 100, 10_000, include_hidden=False), cwd=tmp_path)
+    parsed = parse_list_output(out, 100, 10_000)
+    by_path = {r[4]: r for r in parsed.records}
+    assert set(by_path) == {"sub", "sub/in.txt", "tab\tname"} and not parsed.truncated
+    kind, size, mtime, mode, _ = by_path["tab\tname"]
+    assert (kind, size, mode) == ("file", 3, 0o640)
+    assert mtime == round((tmp_path / "tab\tname").stat().st_mtime * 1000)
+    capped = parse_list_output(bash(list_command(2, 1, 10_000, include_hidden=True), cwd=tmp_path), 1, 10_000)
+    assert capped.truncated and len(capped.records) == 1
+
+
+def test_trusted_nodes_behave_like_validated_ones() -> None:
+    entries = ListedEntries.from_records(
+        [("dir", 0, 5, 0o755, "d"), ("file", 3, 7, 0o644, "d/f"), ("symlink", 9, None, None, "l")], False
+    )
+    fast = build_tree("top", 3, entries)
+    slow = FsNode.model_validate(fast.model_dump())
+    assert fast == slow and hash(fast) == hash(slow)
+    assert fast.model_dump() == slow.model_dump() and fast.model_dump_json() == slow.model_dump_json()
+    assert repr(fast) == repr(slow) and fast.model_fields_set == slow.model_fields_set
+    assert fast.model_copy(update={"name": "x"}).name == "x"
+    with pytest.raises(ValidationError):
+        fast.name = "changed"  # still frozen
 
 
 @given(st.binary(max_size=400), st.integers(1, 50), st.integers(1, 500), st.integers(1, 8))
@@ -101,7 +210,7 @@ def test_list_parser_and_tree_never_crash(data: bytes, entries: int, cap: int, d
 
 
 def test_tree_nests_by_path_sorts_and_marks_the_depth_limit() -> None:
-    entries = ListedEntries(
+    entries = ListedEntries.from_records(
         [
             ("dir", 0, 1, 0o755, "b"),
             ("file", 5, 1, 0o644, "b/z.txt"),
