@@ -1193,11 +1193,9 @@ class LocalProvider:
             sessions = _read_sessions(box / "sessions")
         marker = f"{BOX_MARKER_VAR}={instance_id}".encode()
         for _ in range(50):
-            victims = {
-                p.pid
-                for p in _processes()
-                if any(p.sid == sid and p.start >= start for sid, start in sessions) or _has_marker(p.pid, marker)
-            }
+            procs = list(_processes())
+            live_sids = _our_sessions(sessions, procs)
+            victims = {p.pid for p in procs if p.sid in live_sids or _has_marker(p.pid, marker)}
             if not victims:
                 return
             _kill(victims)
@@ -1266,8 +1264,31 @@ def _read_sessions(path: Path) -> list[tuple[int, int]]:
     return out
 
 
+def _our_sessions(sessions: list[tuple[int, int]], procs: list[_Proc]) -> set[int]:
+    """The recorded session ids that are still ours.
+
+    A session id is a pid: while any member lives the kernel does not hand that number out again,
+    so members of a session whose leader exited are ours. If a *different* process now has that pid
+    (another start time), the number was reused by someone else's session and must be left alone.
+    """
+    leaders = {p.pid: p.start for p in procs}
+    ours: set[int] = set()
+    for sid, start in sessions:
+        leader_start = leaders.get(sid)
+        if leader_start is None or leader_start == start:
+            ours.add(sid)
+    return ours
+
+
 def _record_session(box: Path, sid: int, start: int) -> None:
-    """Append an exec's session to ``sessions``, dropping sessions with no process left when it grows."""
+    """Append an exec's session to ``sessions``, dropping sessions with no process left when it grows.
+
+    ``start`` is a lower bound taken before the spawn; the leader's exact start time is recorded
+    when it can still be read, so a later reuse of the pid is recognisable.
+    """
+    leader = _read_proc(sid)
+    if leader is not None and leader.start >= start:
+        start = leader.start
     path = box / "sessions"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -1277,8 +1298,10 @@ def _record_session(box: Path, sid: int, start: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, f"{sid} {start}\n".encode())
         if os.fstat(fd).st_size > _SESSIONS_COMPACT_BYTES:
-            live = {(p.sid, p.start) for p in _processes()}
-            keep = [(s, t) for s, t in _read_sessions(path) if any(ls == s and lt >= t for ls, lt in live)]
+            procs = list(_processes())
+            ours = _our_sessions(_read_sessions(path), procs)
+            live_sids = {p.sid for p in procs}
+            keep = [(s, t) for s, t in _read_sessions(path) if s in ours and s in live_sids]
             _atomic_write(path, "".join(f"{s} {t}\n" for s, t in keep).encode())
     finally:
         os.close(fd)

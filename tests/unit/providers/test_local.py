@@ -735,3 +735,17 @@ async def test_serialize_state(box: LocalBoxSession) -> None:
     assert envelope.instance_id == box.instance_id
     assert Path(envelope.state["box_path"]) == box.path
     assert json.loads(json.dumps(envelope.state)) == envelope.state
+
+
+def test_a_reused_session_id_is_never_killed_as_ours() -> None:
+    """Terminate kills by recorded session id; a pid reused by someone else's session must be spared."""
+    from providers.local import _our_sessions, _Proc
+
+    recorded = [(100, 5000), (200, 6000), (300, 7000)]
+    procs = [
+        _Proc(pid=100, ppid=1, sid=100, start=5000, zombie=False),  # our leader, still alive: ours
+        _Proc(pid=201, ppid=1, sid=200, start=6001, zombie=False),  # leader 200 gone, member left: ours
+        _Proc(pid=300, ppid=1, sid=300, start=9000, zombie=False),  # pid 300 reused by a new session: not ours
+        _Proc(pid=301, ppid=300, sid=300, start=9001, zombie=False),
+    ]
+    assert _our_sessions(recorded, procs) == {100, 200}
