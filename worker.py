@@ -21,6 +21,7 @@ from temporalio.worker import Worker
 
 from activities.boxes import BoxActivities
 from activities.computer_use import ComputerUseActivities
+from activities.events import SessionEventActivities
 from activities.orphans import OrphanActivities
 from activities.planes import PlaneActivities
 from activities.projection import ProjectionActivities
@@ -110,6 +111,7 @@ def build_worker(
             orphans.scan,
             orphans.terminate,
             *planes.activities(),
+            *SessionEventActivities(settings).activities(),
             *RecordingActivities(providers, RecordingStore(db), artifacts).activities(),
             *ComputerUseActivities(providers, settings, planes).activities(),
         ],

@@ -15,7 +15,11 @@ In this process, a :class:`~providers.selfhosted.SelfhostedSession` over
 round by round so that machine noise hits all of them alike, N sequential calls each of: the bare
 request/reply, ``exec true``, ``ping`` and ``fs_stat``; p50/p99 in ms and ratio to the bare p50.
 Then C tasks run ops concurrently for S seconds per op kind (``exec true``, ``ping``, bare):
-completed ops per second, errors, and the daemon's CPU per op (from ``/proc``).
+completed ops per second, errors, and the CPU per op of every process involved (the agent, the
+commands it ran, this process, nats-server, the bare responder; from ``/proc``), whose sum bounds
+the rate the machine's cores allow. Last, without any RPC, ``true`` is started in this process the
+agent's ways (:mod:`sandbox.agent.spawn`: ``posix_spawn`` in the daemon's own directory, ``Popen``
+elsewhere, asyncio as before) next to a bare ``posix_spawn`` + ``waitpid``: the spawn path alone.
 
 Targets (issue 6): ``exec true`` p50 <= 3 ms and <= 3x the bare request/reply; >= 1,000 ops/s
 (``exec true`` with C concurrent callers). Information, never a gate: exit 0 whatever the figures
@@ -48,6 +52,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from bench.stack import process_cpu_seconds  # noqa: E402
 from providers.selfhosted import NatsControlRpc, SelfhostedSession, probe_agent  # noqa: E402
+from sandbox.agent.spawn import start_command  # noqa: E402
 from sandbox.control_protocol import ControlRequest, ExecOp, encode_message  # noqa: E402
 
 WORKSPACE = "bench"
@@ -74,6 +79,14 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+def _cpu_with_children(pid: int) -> float:
+    """User + system CPU of ``pid`` plus its reaped children (the commands the daemon ran), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -106,6 +119,7 @@ class Processes:
     """The processes of one run."""
 
     nats_url: str
+    nats: subprocess.Popen[bytes]
     daemon: subprocess.Popen[bytes]
     responder: subprocess.Popen[bytes]
 
@@ -154,7 +168,7 @@ def processes(tmp: Path, max_concurrent_ops: int, reply_bytes: int) -> Iterator[
             env=env,
         )
         responder = spawn([sys.executable, "-c", _RESPONDER, url, BARE_SUBJECT, str(reply_bytes)], "bare.log")
-        yield Processes(url, daemon, responder)
+        yield Processes(url, nats, daemon, responder)
     finally:
         for proc in started:
             with contextlib.suppress(ProcessLookupError):
@@ -228,6 +242,60 @@ async def _throughput(op: Callable[[], Awaitable[object]], concurrency: int, sec
     return done, failed, time.perf_counter() - started
 
 
+async def measure_spawn(n: int, root: Path) -> dict[str, dict[str, float]]:
+    """``true`` started the agent's ways, in this process, against a bare ``posix_spawn`` + ``waitpid``.
+
+    Separates the spawn path from the RPC. Like the daemon, this process works in the root while
+    measuring: a command there is started with ``posix_spawn``, one in a subdirectory with
+    ``Popen`` (both watched by pidfd), and the asyncio way is what the agent used before (and
+    still uses where pidfds do not exist).
+    """
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    sub = root / "sub"
+    sub.mkdir()
+
+    async def agent_way(cwd: Path, use_pidfd: bool, expected: str) -> None:
+        command = await start_command(["true"], cwd=str(cwd), env={}, cap=1 << 16, use_pidfd=use_pidfd)
+        await command.wait(None)
+        await command.finish_output(0.2)
+        command.close()
+        assert command.returncode == 0 and command.way == expected, (command.returncode, command.way)
+
+    environment = dict(os.environ)
+
+    async def bare() -> None:
+        pid = os.posix_spawn("/usr/bin/true", ["true"], environment)
+        os.waitpid(pid, 0)
+
+    ways: dict[str, Callable[[], Awaitable[None]]] = {
+        "agent: posix_spawn": lambda: agent_way(root, True, "posix_spawn"),
+        "agent: popen (subdir)": lambda: agent_way(sub, True, "popen"),
+        "agent: asyncio (before)": lambda: agent_way(root, False, "asyncio"),
+        "bare posix_spawn+wait": bare,
+    }
+    walls: dict[str, list[float]] = {name: [] for name in ways}
+    cpus: dict[str, float] = {name: 0.0 for name in ways}
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        for _ in range(n):
+            for name, way in ways.items():
+                cpu_start = cpu()
+                walls[name].append(await _timed(way))
+                cpus[name] += cpu() - cpu_start
+    finally:
+        os.chdir(here)
+    out: dict[str, dict[str, float]] = {}
+    for name in ways:
+        out[name] = {**_summary(walls[name]), "cpu_ms_per_op": cpus[name] / n * 1000}
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     request_bytes = len(
         encode_message(ControlRequest(request_id="0" * 32, epoch=1, op=ExecOp(command=["true"], timeout_ms=600_000)))
@@ -277,20 +345,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for stats in latency.values():
                 stats["ratio_to_bare"] = stats["p50_ms"] / bare_p50
 
-            throughput: dict[str, dict[str, float]] = {}
+            throughput: dict[str, dict[str, Any]] = {}
+            watched = {
+                "agent": (procs.daemon.pid, process_cpu_seconds),
+                "commands": (procs.daemon.pid, lambda pid: _cpu_with_children(pid) - process_cpu_seconds(pid)),
+                "bench": (os.getpid(), process_cpu_seconds),
+                "nats-server": (procs.nats.pid, process_cpu_seconds),
+                "bare responder": (procs.responder.pid, process_cpu_seconds),
+            }
             for name, op in (("exec true", exec_true), ("ping", ops["ping"]), ("bare request/reply", bare)):
-                cpu_before = process_cpu_seconds(procs.daemon.pid)
+                cpu_start = {who: read(pid) for who, (pid, read) in watched.items()}
                 done, failed, wall = await _throughput(op, args.concurrency, args.seconds)
-                cpu = process_cpu_seconds(procs.daemon.pid) - cpu_before
+                per_op = {
+                    who: max(0.0, read(pid) - cpu_start[who]) / max(done, 1) * 1000
+                    for who, (pid, read) in watched.items()
+                }
+                total_cpu = sum(per_op.values())
                 throughput[name] = {
                     "ops": done,
                     "errors": failed,
                     "ops_per_second": done / wall,
-                    "daemon_cpu_ms_per_op": cpu / max(done, 1) * 1000 if name != "bare request/reply" else 0.0,
+                    "cpu_ms_per_op": per_op,
+                    "cpu_ms_per_op_total": total_cpu,
+                    # What the measured CPU per op allows on this machine's cores if nothing else ran.
+                    "cpu_bound_ops_per_second": (os.cpu_count() or 1) * 1000 / total_cpu if total_cpu else 0.0,
                 }
         finally:
             await bare_nc.close()
             await rpc.close()
+    with tempfile.TemporaryDirectory(prefix="bench-spawn-") as spawn_root:
+        spawn = await measure_spawn(args.spawn_n, Path(spawn_root).resolve())
     exec_stats = latency["exec true"]
     return {
         "python": platform.python_version(),
@@ -302,6 +386,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "request_bytes": request_bytes,
         "latency": latency,
         "throughput": throughput,
+        "spawn": spawn,
         "targets": {
             "exec_p50": exec_stats["p50_ms"] <= TARGET_EXEC_P50_MS,
             "exec_ratio": exec_stats["ratio_to_bare"] <= TARGET_RATIO,
@@ -321,9 +406,20 @@ def _print(report: dict[str, Any]) -> None:
             f"{name:22} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {s['max_ms']:8.2f} {s['ratio_to_bare']:6.2f}x "
             f"{s['daemon_cpu_ms_per_op']:16.3f}"
         )
-    print(f"{'concurrent':22} {'ops/s':>8} {'errors':>8} {'agent CPU ms/op':>16}")
+    print(
+        f"{'concurrent':22} {'ops/s':>8} {'errors':>6}  CPU ms per op: "
+        f"{'agent':>6} {'cmds':>6} {'bench':>6} {'nats':>6} {'bare':>6} {'total':>6}  {'CPU-bound max':>13}"
+    )
     for name, t in report["throughput"].items():
-        print(f"{name:22} {t['ops_per_second']:8.0f} {t['errors']:8d} {t['daemon_cpu_ms_per_op']:16.3f}")
+        c = t["cpu_ms_per_op"]
+        print(
+            f"{name:22} {t['ops_per_second']:8.0f} {t['errors']:6d}  {'':14}"
+            f"{c['agent']:6.3f} {c['commands']:6.3f} {c['bench']:6.3f} {c['nats-server']:6.3f} "
+            f"{c['bare responder']:6.3f} {t['cpu_ms_per_op_total']:6.3f}  {t['cpu_bound_ops_per_second']:10.0f}/s"
+        )
+    print(f"{'spawn in-process':22} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/op':>10}  (true, no RPC)")
+    for name, sp in report["spawn"].items():
+        print(f"{name:22} {sp['p50_ms']:8.3f} {sp['p99_ms']:8.3f} {sp['cpu_ms_per_op']:10.3f}")
     e = report["latency"]["exec true"]
     targets = report["targets"]
     verdict = {True: "MET", False: "MISSED"}
@@ -339,7 +435,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent callers (default 32)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per concurrent op kind (default 5)")
-    parser.add_argument("--reply-bytes", type=int, default=220, help="size of the bare reply (an exec reply's)")
+    parser.add_argument("--reply-bytes", type=int, default=165, help="size of the bare reply (an exec reply's)")
+    parser.add_argument("--spawn-n", type=int, default=500, help="in-process spawns per way (default 500)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
     try:

@@ -4,12 +4,17 @@
 short-lived stream token, expiry); ``--json`` prints it whole for scripts, token included, which is
 the only way a token leaves this command. ``open`` does the same, then serves a local page
 (noVNC for the desktop, xterm.js for the terminal) on 127.0.0.1 that fetches the cell from this
-process and offers the token as a WebSocket subprotocol (never in a URL). It renews the token
-(re-attaching with the same viewer id, which also keeps the viewer holder alive) well before it
-expires, and releases the viewer holder when interrupted.
+process and offers the token as a WebSocket subprotocol (never in a URL). While it runs,
+:class:`ViewerSession` keeps the cell valid and current: it renews the token (re-attaching with
+the same viewer id, which also refreshes the viewer holder) well before it expires, heartbeats the
+holder in between, and re-attaches at once when the lease's epoch changes, learnt from a
+``stream.url.rotated`` event on the session's NATS subject (:class:`SessionEventFeed`) or from a
+heartbeat refused with ``StaleEpoch``; the page sees the new cell and reconnects. Interrupted, it
+releases the viewer holder.
 
 The page URL carries a random path segment so that other local users cannot read the cell; it is
-not the stream token.
+not the stream token. Its scripts and styles come from local files only (Debian's ``novnc``, the
+npm package ``@xterm/xterm`` installed by ``scripts/install``); nothing is loaded from the internet.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import mimetypes
 import os
 import secrets
 import signal
+import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,13 +55,24 @@ PagePort = typer.Option(0, "--port", help="Local port of the viewer page (defaul
 
 NOVNC_DIRS = (Path("/usr/share/novnc"),)
 """Where noVNC is looked for (Debian ``novnc``); ``SANDBOX_NOVNC_DIR`` comes first."""
+XTERM_PREFIX = Path(sys.prefix) / "share" / "sandbox-web"
+"""Where ``scripts/install`` puts the npm package ``@xterm/xterm`` (under the venv, no root needed)."""
+XTERM_VERSION = "5.5.0"
+XTERM_INSTALL = (
+    f"npm install --prefix {XTERM_PREFIX} --no-save --no-package-lock --no-audit --no-fund @xterm/xterm@{XTERM_VERSION}"
+)
+"""The command that installs xterm.js where :func:`find_assets` looks first."""
 XTERM_DIRS = (
+    XTERM_PREFIX / "node_modules" / "@xterm" / "xterm",
     Path("/usr/share/nodejs/@xterm/xterm"),
     Path("/usr/local/lib/node_modules/@xterm/xterm"),
     Path("/usr/lib/node_modules/@xterm/xterm"),
 )
 """Where the npm ``@xterm/xterm`` package is looked for; ``SANDBOX_XTERM_DIR`` comes first."""
 RENEW_MARGIN_SECONDS = 30.0
+"""Renew a token this long before it expires (a quarter of its lifetime when that is shorter)."""
+RETRY_MAX_SECONDS = 10.0
+"""Longest wait between attempts to re-attach after a failure."""
 
 
 def register(app: typer.Typer) -> None:
@@ -76,19 +93,39 @@ DESKTOP_PAGE = """<!doctype html>
 import RFB from './novnc/core/rfb.js';
 const status = document.getElementById('status');
 window.viewerState = 'connecting';
+window.viewerEpoch = null;
 function show(state) { window.viewerState = state; status.textContent = state; }
-async function connect() {
-  const cell = await (await fetch('./cell.json', {cache: 'no-store'})).json();
+let rfb = null;
+let cell = null;
+function connect(next) {
+  cell = next;
+  window.viewerEpoch = cell.epoch;
+  show('connecting');
   // The token travels as a WebSocket subprotocol; 'binary' must come first for websockify.
-  const rfb = new RFB(document.getElementById('screen'), cell.url, {wsProtocols: ['binary', cell.token]});
-  rfb.scaleViewport = true;
-  rfb.addEventListener('connect', () => show('connected'));
-  rfb.addEventListener('disconnect', (e) => {
-    show(e.detail.clean ? 'disconnected' : 'refused');
-    if (window.viewerState === 'disconnected') setTimeout(connect, 1000);
+  const current = new RFB(document.getElementById('screen'), cell.url, {wsProtocols: ['binary', cell.token]});
+  rfb = current;
+  current.scaleViewport = true;
+  current.addEventListener('connect', () => { if (rfb === current) show('connected'); });
+  current.addEventListener('disconnect', (e) => {
+    if (rfb === current) show(e.detail.clean ? 'disconnected' : 'refused');
   });
 }
-connect().catch((e) => show('error: ' + e));
+// The cell changes when the token is renewed and when the lease's box is replaced (new epoch,
+// new URL): reconnect for a new box, after a clean disconnect, or after a refusal once renewed.
+async function watch() {
+  try {
+    const next = await (await fetch('./cell.json', {cache: 'no-store'})).json();
+    const moved = !cell || next.epoch !== cell.epoch || next.url !== cell.url;
+    const renewed = window.viewerState === 'refused' && next.token !== cell.token;
+    const retry = window.viewerState === 'disconnected' || renewed;
+    if (moved || retry) {
+      if (rfb) { const old = rfb; rfb = null; try { old.disconnect(); } catch (e) {} }
+      connect(next);
+    }
+  } catch (e) { show('error: ' + e); }
+  setTimeout(watch, 1000);
+}
+watch();
 </script></body></html>
 """
 
@@ -102,27 +139,57 @@ TERMINAL_PAGE = """<!doctype html>
 <script>
 const status = document.getElementById('status');
 window.viewerState = 'connecting';
+window.viewerEpoch = null;
 function show(state) { window.viewerState = state; status.textContent = state; }
 const term = new Terminal({cols: 100, rows: 30});
+window.term = term;
 term.open(document.getElementById('term'));
+term.focus();
 const enc = new TextEncoder();
-async function connect() {
-  const cell = await (await fetch('./cell.json', {cache: 'no-store'})).json();
-  // ttyd's protocol: 'tty' subprotocol; frames start with a command byte ('0' data).
-  const ws = new WebSocket(cell.url, ['tty', cell.token]);
-  ws.binaryType = 'arraybuffer';
-  ws.onopen = () => {
-    show('connected');
-    ws.send(enc.encode(JSON.stringify({AuthToken: '', columns: term.cols, rows: term.rows})));
+let ws = null;
+let cell = null;
+// ttyd's protocol: the 'tty' subprotocol; each frame starts with a command byte,
+// '0' input/output, '1' resize (client to server).
+function connect(next) {
+  cell = next;
+  window.viewerEpoch = cell.epoch;
+  show('connecting');
+  let opened = false;
+  const sock = new WebSocket(cell.url, ['tty', cell.token]);
+  ws = sock;
+  sock.binaryType = 'arraybuffer';
+  sock.onopen = () => {
+    opened = true;
+    if (ws === sock) show('connected');
+    sock.send(enc.encode(JSON.stringify({AuthToken: '', columns: term.cols, rows: term.rows})));
   };
-  ws.onmessage = (ev) => {
+  sock.onmessage = (ev) => {
     const data = new Uint8Array(ev.data);
-    if (data[0] === 48) term.write(new TextDecoder().decode(data.slice(1)));
+    if (data[0] === 48) term.write(data.subarray(1));
   };
-  ws.onclose = () => { show('disconnected'); };
-  term.onData((d) => { if (ws.readyState === 1) ws.send(enc.encode('0' + d)); });
+  sock.onclose = () => { if (ws === sock) show(opened ? 'disconnected' : 'refused'); };
 }
-connect().catch((e) => show('error: ' + e));
+term.onData((d) => { if (ws && ws.readyState === 1) ws.send(enc.encode('0' + d)); });
+term.onResize((size) => {
+  if (ws && ws.readyState === 1) ws.send(enc.encode('1' + JSON.stringify({columns: size.cols, rows: size.rows})));
+});
+// The cell changes when the token is renewed and when the lease's box is replaced (new epoch,
+// new URL): reconnect for a new box, after a clean disconnect, or after a refusal once renewed.
+async function watch() {
+  try {
+    const next = await (await fetch('./cell.json', {cache: 'no-store'})).json();
+    const moved = !cell || next.epoch !== cell.epoch || next.url !== cell.url;
+    const renewed = window.viewerState === 'refused' && next.token !== cell.token;
+    const retry = window.viewerState === 'disconnected' || renewed;
+    if (moved || retry) {
+      if (ws) { const old = ws; ws = null; old.close(); }
+      if (cell && moved) term.reset();
+      connect(next);
+    }
+  } catch (e) { show('error: ' + e); }
+  setTimeout(watch, 1000);
+}
+watch();
 </script></body></html>
 """
 
@@ -140,7 +207,7 @@ def find_assets(plane: Plane) -> Path:
     for directory in [*candidates, *dirs]:
         if (directory / probe).is_file():
             return directory
-    hint = "apt-get install novnc" if plane == "desktop" else "npm install --global @xterm/xterm"
+    hint = "apt-get install novnc" if plane == "desktop" else XTERM_INSTALL
     raise FileNotFoundError(f"{probe} not found in {[str(d) for d in [*candidates, *dirs]]}: {hint} or set {env}")
 
 
@@ -269,6 +336,236 @@ def _attach_command(plane: Plane) -> Callable[..., None]:
     return attach
 
 
+class ViewerSession:
+    """Keeps one viewer's cell valid and current for as long as ``open`` runs, then releases the viewer.
+
+    - The token is renewed by re-attaching (same viewer id, which also refreshes the viewer holder)
+      ``min(renew_margin, a quarter of its lifetime)`` before it expires.
+    - In between, the viewer holder is heartbeaten; a heartbeat refused with ``StaleEpoch`` or
+      ``HolderNotFound`` means the box was replaced or the viewer dropped: re-attach at once.
+    - :meth:`notice_rotation` (fed by :class:`SessionEventFeed`) re-attaches at once when an event
+      names an epoch newer than the cell's.
+    - A failed re-attach keeps the old cell and is retried with backoff up to :data:`RETRY_MAX_SECONDS`.
+
+    Args:
+        attach: Attaches the viewer (idempotent) and returns a fresh cell.
+        heartbeat: Heartbeats the viewer holder of a cell; returns the holder's new expiry, if known.
+        release: Releases the viewer holder.
+        heartbeat_interval: Seconds between heartbeats (shortened to a third of the holder's TTL
+            once a heartbeat reports its expiry).
+        renew_margin: Renew this long before the token expires, at most.
+        report: Called with a short line whenever the cell changes or something fails.
+    """
+
+    def __init__(
+        self,
+        attach: Callable[[], Awaitable[Any]],
+        heartbeat: Callable[[Any], Awaitable[datetime | None]],
+        release: Callable[[], Awaitable[object]],
+        *,
+        heartbeat_interval: float,
+        renew_margin: float = RENEW_MARGIN_SECONDS,
+        report: Callable[[str], None] = lambda _line: None,
+    ) -> None:
+        self._attach = attach
+        self._heartbeat = heartbeat
+        self._release = release
+        self._interval = heartbeat_interval
+        self._margin = renew_margin
+        self._report = report
+        self.cell: Any = None
+        self.attaches = 0
+        self._rotated = asyncio.Event()
+        self._renew_at = 0.0
+        self._beat_at = 0.0
+        self._retry = 1.0
+
+    def snapshot(self) -> dict[str, Any]:
+        """The current cell as the page reads it (token included)."""
+        return _cell_json(self.cell, with_token=True)
+
+    async def start(self) -> Any:
+        """The first attach (errors propagate: there is nothing to show yet)."""
+        self._adopt(await self._attach())
+        return self.cell
+
+    def notice_rotation(self, epoch: int) -> None:
+        """An event says the lease moved to ``epoch``: re-attach if that is newer than the cell's."""
+        if self.cell is not None and epoch > self.cell.epoch:
+            self._rotated.set()
+
+    def _adopt(self, cell: Any) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        left = (cell.expires_at - datetime.now(UTC)).total_seconds()
+        self._renew_at = now + max(left - min(self._margin, left / 4), 0.5)
+        self._beat_at = now + self._interval
+        self.cell = cell
+        self.attaches += 1
+        self._retry = 1.0
+
+    async def _reattach(self, why: str) -> None:
+        from sandbox.errors import SandboxError
+
+        before = self.cell
+        try:
+            cell = await self._attach()
+        except SandboxError as err:
+            self._report(f"re-attaching ({why}) failed: {err.error_type}: {err.message}; retrying in {self._retry:g}s")
+            self._renew_at = asyncio.get_running_loop().time() + self._retry
+            self._retry = min(self._retry * 2, RETRY_MAX_SECONDS)
+            return
+        self._adopt(cell)
+        if before is None or cell.epoch != before.epoch or cell.url != before.url:
+            self._report(f"re-attached ({why}): epoch {getattr(before, 'epoch', None)} -> {cell.epoch}, {cell.url}")
+
+    async def _beat(self) -> None:
+        from sandbox.errors import HolderNotFound, SandboxError, StaleEpoch
+
+        loop = asyncio.get_running_loop()
+        try:
+            expires = await self._heartbeat(self.cell)
+        except (StaleEpoch, HolderNotFound) as err:
+            await self._reattach(f"heartbeat: {err.error_type}")
+            return
+        except SandboxError as err:  # transient: the holder's TTL decides, and the next beat retries
+            self._report(f"heartbeat failed: {err.error_type}: {err.message}")
+            self._beat_at = loop.time() + min(self._interval, RETRY_MAX_SECONDS)
+            return
+        interval = self._interval
+        if expires is not None:
+            interval = max(0.5, min(interval, (expires - datetime.now(UTC)).total_seconds() / 3))
+        self._beat_at = loop.time() + interval
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the cell fresh until ``stop`` is set; then release the viewer holder (best effort)."""
+        from sandbox.errors import SandboxError
+
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                wake = min(self._renew_at, self._beat_at) - loop.time()
+                rotated = asyncio.ensure_future(self._rotated.wait())
+                await asyncio.wait({stopped, rotated}, timeout=max(wake, 0), return_when=asyncio.FIRST_COMPLETED)
+                rotated.cancel()
+                if stop.is_set():
+                    break
+                # Each step may wait on Temporal (a re-attach waits for a new box): Ctrl-C must not.
+                step = asyncio.ensure_future(self._step(loop.time()))
+                await asyncio.wait({stopped, step}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await step
+        finally:
+            stopped.cancel()
+            with contextlib.suppress(SandboxError):
+                await self._release()
+
+    async def _step(self, now: float) -> None:
+        if self._rotated.is_set():
+            self._rotated.clear()
+            await self._reattach("stream.url.rotated")
+        elif now >= self._renew_at:
+            await self._reattach("token renewal")
+        elif now >= self._beat_at:
+            await self._beat()
+
+
+class SessionEventFeed:
+    """Follows a session's NATS events subject and hands each ``stream.url.rotated`` epoch to ``on_rotated``.
+
+    Optional by design: without NATS, viewers still learn of a new epoch from their heartbeat. The
+    connection is made in the background and retried every ``retry_after`` seconds.
+
+    Args:
+        nats_url: The NATS server.
+        subject: ``session.<workspace>.<group>.events``.
+        on_rotated: Called with the new lease epoch of each rotation event.
+        report: Called with a short line when NATS cannot be reached.
+        retry_after: Seconds between connect attempts.
+        connect_timeout: Seconds one connect attempt may take.
+    """
+
+    def __init__(
+        self,
+        nats_url: str,
+        subject: str,
+        on_rotated: Callable[[int], None],
+        *,
+        report: Callable[[str], None] = lambda _line: None,
+        retry_after: float = 10.0,
+        connect_timeout: float = 3.0,
+    ) -> None:
+        self.nats_url = nats_url
+        self.subject = subject
+        self._on_rotated = on_rotated
+        self._report = report
+        self._retry_after = retry_after
+        self._connect_timeout = connect_timeout
+        self._task: asyncio.Task[None] | None = None
+        self._nc: Any = None
+        self.subscribed = asyncio.Event()
+
+    def start(self) -> SessionEventFeed:
+        """Begin connecting and following in the background."""
+        self._task = asyncio.ensure_future(self._follow())
+        return self
+
+    async def _follow(self) -> None:
+        import nats
+
+        from activities.events import parse_stream_url_rotated
+
+        async def quiet(*_args: Any) -> None:
+            return None
+
+        async def on_message(msg: Any) -> None:
+            event = parse_stream_url_rotated(msg.data)
+            if event is not None:
+                self._on_rotated(event.lease_epoch)
+
+        warned = False
+        while self._nc is None:
+            try:
+                self._nc = await asyncio.wait_for(
+                    nats.connect(
+                        self.nats_url,
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        connect_timeout=max(1, int(self._connect_timeout)),
+                        error_cb=quiet,
+                        disconnected_cb=quiet,
+                    ),
+                    timeout=self._connect_timeout,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if not warned:
+                    self._report(
+                        f"no session events from NATS at {self.nats_url} ({type(err).__name__}); "
+                        "a replaced box is noticed at the next heartbeat"
+                    )
+                    warned = True
+                await asyncio.sleep(self._retry_after)
+        await self._nc.subscribe(self.subject, cb=on_message)
+        await self._nc.flush()
+        self.subscribed.set()
+
+    async def aclose(self) -> None:
+        """Stop following and disconnect."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
 def _open_command(plane: Plane) -> Callable[..., None]:
     def open_(
         workspace: str = typer.Argument(..., help="Workspace id."),
@@ -279,8 +576,10 @@ def _open_command(plane: Plane) -> Callable[..., None]:
         port: int = PagePort,
         data_dir: Path | None = DataDir,
     ) -> None:
+        from activities.events import session_events_subject
         from cli.lease import _settings
         from client import LeaseClient
+        from client.lease_client import HEARTBEAT_INTERVAL_SECONDS, validate_lease_ids
         from sandbox.errors import SandboxError
         from worker import connect
 
@@ -290,6 +589,10 @@ def _open_command(plane: Plane) -> Callable[..., None]:
             fail(str(err))
         settings = _settings(data_dir)
         viewer_id = viewer or str(uuid.uuid4())
+        try:
+            validate_lease_ids(workspace, group)
+        except SandboxError as err:
+            fail(f"{err.error_type}: {err.message}", 2)
 
         async def main() -> None:
             leases = LeaseClient(await connect(settings), settings)
@@ -299,8 +602,26 @@ def _open_command(plane: Plane) -> Callable[..., None]:
                     workspace, group, viewer_id=viewer_id, subject=subject, plane=plane, geometry=geometry
                 )
 
-            current = await attach()
-            page = ViewerPage(plane, lambda: _cell_json(current, with_token=True), assets, port=port).start()
+            async def heartbeat(cell: Any) -> datetime | None:
+                result = await leases.heartbeat(workspace, group, cell.viewer_id, cell.epoch, kind="viewer")
+                expires: datetime | None = result.expires_at
+                return expires
+
+            async def release() -> object:
+                return await leases.release(workspace, group, viewer_id, kind="viewer")
+
+            session = ViewerSession(
+                attach,
+                heartbeat,
+                release,
+                heartbeat_interval=min(HEARTBEAT_INTERVAL_SECONDS["viewer"], settings.holder_ttl_seconds / 3),
+                report=note,
+            )
+            current = await session.start()
+            page = ViewerPage(plane, session.snapshot, assets, port=port).start()
+            feed = SessionEventFeed(
+                settings.nats_url, session_events_subject(workspace, group), session.notice_rotation, report=note
+            ).start()
             emit(page.url, False)
             note(f"viewing the {plane} of {current.lease_id}; Ctrl-C to stop (the viewer holder is released)")
             stop = asyncio.Event()
@@ -308,16 +629,11 @@ def _open_command(plane: Plane) -> Callable[..., None]:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             try:
-                while not stop.is_set():
-                    left = (current.expires_at - datetime.now(UTC)).total_seconds()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), max(1.0, left - RENEW_MARGIN_SECONDS))
-                    if not stop.is_set():
-                        current = await attach()  # a fresh token, and the viewer holder stays alive
+                await session.run(stop)
             finally:
                 page.stop()
-                with contextlib.suppress(SandboxError):
-                    await leases.release(workspace, group, viewer_id, kind="viewer")
+                await feed.aclose()
+            note("viewer released")
 
         try:
             asyncio.run(main())
@@ -325,7 +641,8 @@ def _open_command(plane: Plane) -> Callable[..., None]:
             fail(f"{err.error_type}: {err.message}", 2)
 
     open_.__doc__ = (
-        f"Attach a viewer and serve a local {plane} page; prints its URL, renews the token, releases on exit."
+        f"Attach a viewer and serve a local {plane} page; prints its URL, keeps the token and the box current, "
+        "releases on exit."
     )
     return open_
 

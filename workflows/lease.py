@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.events import PUBLISH_SESSION_EVENT, session_events_subject, stream_url_rotated
     from activities.models import (
         CAPTURE_WORKSPACE,
         CHECK_BOX,
@@ -102,6 +103,8 @@ with workflow.unsafe.imports_passed_through():
 # Activities that must not be retried blindly use explicit policies; the rest retry forever with
 # backoff because the lease cannot move on without them (projection, terminate).
 _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30))
+# Histories recorded before the lease published stream.url.rotated replay without it.
+_STREAM_URL_ROTATED_PATCH = "stream-url-rotated-event"
 
 
 @workflow.defn(name="LeaseWorkflow")
@@ -124,6 +127,8 @@ class LeaseWorkflow:
         self._pending_events: list[Transition] = []
         self._run_transitions = 0
         self._run_updates = 0
+        self._session_events: list[dict[str, Any]] = []
+        self._publishing_events = False
 
     # ------------------------------------------------------------------ main loop
 
@@ -134,6 +139,7 @@ class LeaseWorkflow:
             await self._seed()
         self._publish()
         projector = asyncio.create_task(self._project_loop())
+        publisher = asyncio.create_task(self._session_event_loop())
         while True:
             self._wake = False
             self._expire_holders()
@@ -150,6 +156,7 @@ class LeaseWorkflow:
             await self._sleep_until_woken()
         await workflow.wait_condition(lambda: workflow.all_handlers_finished() and self._projection_idle())
         projector.cancel()
+        publisher.cancel()
         return self._view()
 
     async def _seed(self) -> None:
@@ -373,6 +380,7 @@ class LeaseWorkflow:
 
     async def _tear_down(self) -> None:
         s = self.s
+        viewed = self._viewed()
         reason = s.drain_requested or ("stop" if s.stop_requested else None)
         reason = reason or ("rotation" if s.rotation_requested else "idle grace expired")
         self._tearing_down = True
@@ -415,7 +423,7 @@ class LeaseWorkflow:
         s.rotation_requested = False
         s.rotation_due_at = None
         s.warm_since = None
-        self._transition("cold", reason, bump=True)
+        self._transition("cold", reason, bump=True, viewed=viewed)
 
     async def _tear_down_planes(self, envelope: BoxEnvelope) -> None:
         # Best effort: the box is terminated next anyway, so a failure here only costs a log line.
@@ -507,7 +515,12 @@ class LeaseWorkflow:
     # ------------------------------------------------------------------ projection
 
     def _projection_idle(self) -> bool:
-        return not self._projecting and self._projected_version >= self.s.version
+        return (
+            not self._projecting
+            and self._projected_version >= self.s.version
+            and not self._session_events
+            and not self._publishing_events
+        )
 
     async def _project_loop(self) -> None:
         while True:
@@ -529,6 +542,27 @@ class LeaseWorkflow:
             finally:
                 self._projecting = False
             self._projected_version = version
+
+    async def _session_event_loop(self) -> None:
+        # Best effort, in order: a lost event costs a viewer one heartbeat interval, never the lease.
+        subject = session_events_subject(self.spec.workspace_id, self.spec.group_id)
+        while True:
+            await workflow.wait_condition(lambda: bool(self._session_events))
+            payload = self._session_events.pop(0)
+            self._publishing_events = True
+            try:
+                await workflow.execute_activity(
+                    PUBLISH_SESSION_EVENT,
+                    args=[subject, payload],
+                    result_type=bool,
+                    start_to_close_timeout=timedelta(seconds=10),
+                    retry_policy=RetryPolicy(maximum_attempts=2),
+                    summary=f"publish {payload['type']} epoch {payload['leaseEpoch']}",
+                )
+            except ActivityError as err:
+                workflow.logger.warning("publishing %s failed: %s", payload["type"], _cause_message(err))
+            finally:
+                self._publishing_events = False
 
     def _record(self) -> LeaseRecord:
         s = self.s
@@ -574,8 +608,9 @@ class LeaseWorkflow:
     def _touch(self) -> None:
         self.s.version += 1
 
-    def _transition(self, to: Liveness, reason: str, *, bump: bool = False) -> None:
+    def _transition(self, to: Liveness, reason: str, *, bump: bool = False, viewed: bool = False) -> None:
         s = self.s
+        previous = s.epoch
         if bump:
             s.epoch += 1
         self._touch()
@@ -593,6 +628,11 @@ class LeaseWorkflow:
         self._run_transitions += 1
         self._wake = True
         self._publish()
+        # Viewers of the box just left hold tokens of a dead epoch: tell them to re-attach.
+        if bump and viewed and workflow.patched(_STREAM_URL_ROTATED_PATCH):
+            self._session_events.append(
+                stream_url_rotated(self.spec.lease_id, s.epoch, previous, workflow.now(), reason=reason)
+            )
 
     def _publish(self) -> None:
         s = self.s
@@ -607,6 +647,10 @@ class LeaseWorkflow:
         box = s.envelope.instance_id if s.envelope else "no box"
         workflow.set_current_details(f"**{s.liveness}** · epoch {s.epoch} · {len(s.holders)} holder(s) · {box}")
 
+    def _viewed(self) -> bool:
+        """Whether a viewer watches the current box (a plane is up for one, or a viewer holds the lease)."""
+        return bool(self.s.planes) or any(h.kind == "viewer" for h in self.s.holders)
+
     def _find(self, kind: str, holder_id: str) -> Holder | None:
         for h in self.s.holders:
             if h.kind == kind and h.holder_id == holder_id:
@@ -617,6 +661,7 @@ class LeaseWorkflow:
         s = self.s
         if s.epoch != epoch or s.envelope is None or s.envelope.instance_id != instance_id or self._tearing_down:
             return False
+        viewed = self._viewed()
         s.envelope = None
         s.holders = []
         s.planes = []
@@ -625,7 +670,7 @@ class LeaseWorkflow:
         s.rotation_requested = False
         s.rotation_due_at = None
         s.warm_since = None
-        self._transition("cold", reason, bump=True)
+        self._transition("cold", reason, bump=True, viewed=viewed)
         return True
 
     def _grant(self, req: AcquireRequest, role: Role) -> LeaseGrant:

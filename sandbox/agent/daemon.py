@@ -98,7 +98,8 @@ class AgentDaemon:
             root=config.root,
             display=DisplayAccess(config.display, config.allow_screen_control),
         )
-        self._state_file = config.state_dir / f"{config.workspace_id}.{config.agent_id}.json"
+        # Absolute: the daemon process works in its root (run_until_signalled), not where it started.
+        self._state_file = config.state_dir.absolute() / f"{config.workspace_id}.{config.agent_id}.json"
         self.operations.newest_epoch = self._load_epoch()
         self.ready = asyncio.Event()
         self.draining = False
@@ -252,7 +253,13 @@ class AgentDaemon:
         self._done.set()
 
     async def run_until_signalled(self) -> None:
-        """:meth:`run`, draining on SIGTERM or SIGINT."""
+        """:meth:`run` as the agent's process, draining on SIGTERM or SIGINT.
+
+        The process moves into the agent's root first: commands run there unless an op names
+        another directory, and a command started in the process's own directory can be started
+        with ``posix_spawn`` (:mod:`sandbox.agent.spawn`).
+        """
+        os.chdir(self.operations.root.real)
         loop = asyncio.get_running_loop()
         drains: list[asyncio.Task[None]] = []
 

@@ -20,12 +20,12 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from sandbox.agent.confinement import OpRefused, Root
+from sandbox.agent.spawn import start_command
 from sandbox.control_protocol import (
     NATS_DEFAULT_MAX_PAYLOAD,
     ControlErrorCode,
@@ -62,7 +62,6 @@ __all__ = ["AgentOperations", "DisplayAccess"]
 
 _PIPE_GRACE_SECONDS: Final = 0.2
 """How long to keep reading output that a background child of a finished command still holds open."""
-_READ_CHUNK: Final = 65536
 _BUTTONS: Final = {"left": "1", "middle": "2", "right": "3"}
 
 
@@ -90,22 +89,6 @@ def _no_display() -> OpRefused:
     return OpRefused(ControlErrorCode.UNSUPPORTED, "this machine has no display", {"reason": "display_unavailable"})
 
 
-class _Output:
-    """Collects one stream of a command, keeping at most ``cap`` bytes but counting them all."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.data = bytearray()
-        self.total = 0
-
-    async def pump(self, stream: asyncio.StreamReader) -> None:
-        while chunk := await stream.read(_READ_CHUNK):
-            self.total += len(chunk)
-            room = self.cap - len(self.data)
-            if room > 0:
-                self.data += chunk[:room]
-
-
 class AgentOperations:
     """The op handlers of one agent: its root, its display access and its identity."""
 
@@ -125,6 +108,8 @@ class AgentOperations:
         self.max_payload = max_payload
         self.newest_epoch = 0
         self._groups: set[int] = set()
+        # Commands get the agent's environment as it was at start (plus the op's), copied once.
+        self._environment = dict(os.environb)
         self._hostname = socket.gethostname()
         self._os = {"Darwin": "macos", "Windows": "windows"}.get(platform.system(), "linux")
 
@@ -214,53 +199,33 @@ class AgentOperations:
         """Run a command with its cwd under the root; kill its process group at the deadline."""
         cwd = self.root.directory(op.cwd)
         argv = ["/bin/sh", "-c", " ".join(op.command)] if op.shell else list(op.command)
-        env: Mapping[str, str] = {**os.environ, **op.env}
         started = time.monotonic()
+        cap = self.payload_budget
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.PIPE if op.stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
+            command = await start_command(
+                argv, cwd=cwd, env=op.env, stdin=op.stdin, cap=cap, base_env=self._environment
             )
         except FileNotFoundError:
             return ExecReply(exit_code=127, stderr=f"{argv[0]}: command not found\n".encode())
         except PermissionError:
             return ExecReply(exit_code=126, stderr=f"{argv[0]}: permission denied\n".encode())
-        self._groups.add(proc.pid)
-        cap = self.payload_budget
-        out, err = _Output(cap), _Output(cap)
-        assert proc.stdout is not None and proc.stderr is not None
-        readers = [asyncio.ensure_future(out.pump(proc.stdout)), asyncio.ensure_future(err.pump(proc.stderr))]
+        self._groups.add(command.pid)
         timed_out = False
         try:
-            if op.stdin and proc.stdin is not None:
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    proc.stdin.write(op.stdin)
-                    await proc.stdin.drain()
-                proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), op.timeout_ms / 1000 if op.timeout_ms else None)
-            except TimeoutError:
+            if not await command.wait(op.timeout_ms / 1000 if op.timeout_ms else None):
                 timed_out = True
-                self._kill_group(proc.pid)
-                await proc.wait()
+                self._kill_group(command.pid)
+                await command.wait(None)
             # A background child may keep the pipes open: read what is there, then stop.
-            _done, pending = await asyncio.wait(readers, timeout=_PIPE_GRACE_SECONDS)
-            for task in pending:
-                task.cancel()
+            await command.finish_output(_PIPE_GRACE_SECONDS)
         finally:
-            self._groups.discard(proc.pid)
-            if proc.returncode is None:
-                self._kill_group(proc.pid)
-            for task in readers:
-                if not task.done():
-                    task.cancel()
-        returncode = proc.returncode if proc.returncode is not None else -9
+            self._groups.discard(command.pid)
+            if command.returncode is None:
+                self._kill_group(command.pid)
+            command.close()
+        returncode = command.returncode if command.returncode is not None else -9
         exit_code = 128 - returncode if returncode < 0 else returncode
+        out, err = command.stdout, command.stderr
         total = out.total + err.total
         if total > cap:
             encoded = (total + 2) // 3 * 4
