@@ -119,6 +119,25 @@ def _pg_bin() -> Path:
     return versions[0]
 
 
+@contextlib.contextmanager
+def fresh_postgres_database(postgres_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty database on the test PostgreSQL server (dropped on exit); yields its SQLAlchemy URL."""
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    admin = make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a free port; yields an async SQLAlchemy URL.
@@ -232,20 +251,14 @@ async def pg_runtime(
     temporal_client: Client, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Runtime]:
     """Like ``runtime`` but the store is a fresh PostgreSQL database."""
-    import psycopg
-
     from sandbox.settings import Settings
 
-    name = f"lease_{uuid.uuid4().hex[:12]}"
-    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    data_dir = tmp_path_factory.mktemp("sandbox-pg-data")
-    settings = Settings(
-        data_dir=data_dir,
-        task_queue=f"test-pg-{uuid.uuid4()}",
-        database_url=postgres_url.rsplit("/", 1)[0] + f"/{name}",
-        **FAST_TIMERS,
-    )
-    async with running_runtime(temporal_client, settings) as rt:
-        yield rt
+    with fresh_postgres_database(postgres_url, "lease") as url:
+        settings = Settings(
+            data_dir=tmp_path_factory.mktemp("sandbox-pg-data"),
+            task_queue=f"test-pg-{uuid.uuid4()}",
+            database_url=url,
+            **FAST_TIMERS,
+        )
+        async with running_runtime(temporal_client, settings) as rt:
+            yield rt

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
-from sqlalchemy.engine import make_url
 
 from sandbox.errors import InvalidRequest, StaleEpoch
 from sandbox.liveness import selfhosted_liveness
@@ -21,25 +18,17 @@ from sandbox.routing import ActivePointer
 from store.database import Database
 from store.machines import EnrollmentRepository, SessionPointerRepository
 from store.models import Base
+from tests.conftest import fresh_postgres_database
 
 T0 = datetime(2026, 5, 10, 12, 0, 0, tzinfo=UTC)
 OUR_TABLES = {"enrollments", "session_pointers"}
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="module")
 def pg_url(postgres_url: str) -> Iterator[str]:
-    name = f"machines_test_{secrets.token_hex(6)}"
-    with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A fresh PostgreSQL database for this module, dropped afterwards."""
+    with fresh_postgres_database(postgres_url, "machines_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

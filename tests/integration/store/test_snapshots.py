@@ -8,38 +8,27 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from sandbox.errors import InvalidRequest, SnapshotConflict, SnapshotNotFound
 from store.database import Database
 from store.models import Base, SnapshotRow
 from store.snapshots import GcPolicy, SnapshotLedger, SnapshotRecord
+from tests.conftest import fresh_postgres_database
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 LEASE = "lease/ws1/g1"
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="module")
 def pg_snapshots_url(postgres_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for this module, dropped afterwards."""
-    name = f"snapshots_test_{secrets.token_hex(6)}"
-    with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database(postgres_url, "snapshots_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
