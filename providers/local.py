@@ -76,6 +76,7 @@ from sandbox.errors import (
 
 if TYPE_CHECKING:
     from providers.descriptors import CapabilityDescriptor
+    from sandbox.settings import Settings
 
 __all__ = [
     "BACKEND_ID",
@@ -605,6 +606,9 @@ class LocalProvider:
         visible_paths: Host directories boxes must see read-only at the same path even where a
             box replaces the host's view (``/root``, ``/tmp``): the runtime's own code and
             site-packages, which in-box helpers such as the stream edge run from.
+        workspace_aliases: More absolute paths where boxes see their workspace besides
+            ``/workspace`` (bubblewrap only): the fakes of cloud services whose workspace root is
+            elsewhere (``/home/user``, ``/vercel/sandbox``) run their boxes with it.
     """
 
     def __init__(
@@ -614,6 +618,7 @@ class LocalProvider:
         bubblewrap: BubblewrapMode = "auto",
         hidden_paths: Sequence[Path] = (),
         visible_paths: Sequence[Path] = (),
+        workspace_aliases: Sequence[str] = (),
     ) -> None:
         if bubblewrap not in ("auto", "always", "never"):
             raise SandboxConfigError(f"bubblewrap must be auto, always or never, not {bubblewrap!r}")
@@ -621,6 +626,10 @@ class LocalProvider:
         self._mode: BubblewrapMode = bubblewrap
         self._hidden = [self._root, *(Path(os.path.realpath(p)) for p in hidden_paths)]
         self._visible_binds = self._binds_for_visible(visible_paths)
+        self._aliases = [posixpath.normpath(a) for a in workspace_aliases]
+        for alias in self._aliases:
+            if not alias.startswith("/") or alias in ("/", WORKSPACE_ROOT, BOX_HOME, "/tmp"):
+                raise SandboxConfigError(f"workspace alias must be an absolute path of its own, not {alias!r}")
         self._isolation: Isolation | None = None
         self._bwrap: str | None = None
         self._layout: list[str] = []
@@ -911,6 +920,7 @@ class LocalProvider:
             "--bind", str(box / "workspace"), WORKSPACE_ROOT,
             "--bind", str(box / "home"), BOX_HOME,
             "--bind", str(box / "tmp"), "/tmp",
+            *self._alias_binds(box),
             *self._visible_binds,
             "--dev", "/dev",
             "--proc", "/proc",
@@ -922,6 +932,16 @@ class LocalProvider:
             "--chdir", chdir,
             "--",
         ]  # fmt: skip
+
+    def _alias_binds(self, box: Path) -> list[str]:
+        args: list[str] = []
+        for alias in self._aliases:
+            top = "/" + alias.strip("/").split("/")[0]
+            if top != alias and os.path.isdir(top) and not os.path.exists(alias):
+                # The host's directory is bound read-only: bubblewrap cannot create the mount point in it.
+                args += ["--tmpfs", top]
+            args += ["--bind", str(box / "workspace"), alias]
+        return args
 
     def _probe_bubblewrap(self) -> str | None:
         """Start a holder and join it once, exactly as boxes will; the error text, or None if it works."""
@@ -1790,3 +1810,15 @@ def _translate_bwrap_failure(done: _Completed) -> _Completed:
             "the working directory is not available in the box: " + done.stderr.decode(errors="replace").strip()
         )
     return done
+
+
+def build_provider(settings: Settings) -> LocalProvider:
+    """The local provider the worker runs: boxes under the data dir, which boxes never see."""
+    from sandbox.inbox_scripts import runtime_paths
+
+    return LocalProvider(
+        settings.boxes_dir(),
+        bubblewrap=settings.local_use_bubblewrap,
+        hidden_paths=[settings.data_dir.resolve()],
+        visible_paths=runtime_paths(),
+    )

@@ -14,6 +14,7 @@ from typing import Final
 from providers.base import BoxSession, BoxSpec, Envelope, OwnedBox
 from providers.descriptors import CapabilityDescriptor, select_backend
 from sandbox.errors import Unsupported
+from sandbox.settings import Settings
 
 __all__ = ["NoneProvider"]
 
@@ -96,3 +97,8 @@ class NoneProvider:
             Unsupported: always.
         """
         raise Unsupported(_NO_BOX_MESSAGE.format(action="delete a snapshot of"))
+
+
+def build_provider(settings: Settings) -> NoneProvider:
+    """The ``none`` backend needs no settings."""
+    return NoneProvider()

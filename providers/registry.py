@@ -1,33 +1,110 @@
-"""Builds the provider for a backend name from settings, once per worker process."""
+"""Builds the provider (the "sandbox client") for a backend name from settings, once per worker process.
+
+Every backend of the descriptor table that this build can run has a module
+``providers/<module>.py`` with a module-level ``build_provider(settings) -> Provider`` that reads
+the backend's own settings (``SANDBOX_<BACKEND>_*``) from the environment. Modules are imported
+lazily, so a worker that only runs local boxes never imports a cloud SDK.
+
+Invariant (checked on every build, as upstream asserts at import): the client's ``backend_id``
+equals its descriptor's ``backend_id`` (``unix_local`` for ``local``).
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
+from typing import Final
+
 from providers.base import Provider
-from sandbox.errors import UnknownBackend, Unsupported
+from sandbox.errors import SandboxConfigError, UnknownBackend, Unsupported
 from sandbox.settings import Settings
 
-# Backends this build can run boxes on; the descriptor table knows more (their providers come later).
-RUNNABLE_BACKENDS: tuple[str, ...] = ("local", "none", "selfhosted")
+__all__ = [
+    "PROVIDER_MODULES",
+    "RUNNABLE_BACKENDS",
+    "ProviderRegistry",
+    "create_sandbox_client",
+    "create_sandbox_client_for_backend",
+]
+
+PROVIDER_MODULES: Final[Mapping[str, str]] = {
+    "local": "providers.local",
+    "none": "providers.none",
+    "selfhosted": "providers.selfhosted",
+    "modal": "providers.modal",
+    "docker": "providers.docker",
+    "e2b": "providers.e2b",
+    "daytona": "providers.daytona",
+    "runloop": "providers.runloop",
+    "blaxel": "providers.blaxel",
+    "vercel": "providers.vercel",
+    "cloudflare": "providers.cloudflare",
+}
+"""Backend → the module whose ``build_provider(settings)`` builds its client."""
+
+RUNNABLE_BACKENDS: Final[tuple[str, ...]] = tuple(PROVIDER_MODULES)
+"""Backends this build can run boxes on (the descriptor table also knows ``opensandbox``)."""
+
+
+def create_sandbox_client_for_backend(backend: str, settings: Settings) -> Provider:
+    """Build the provider for ``backend`` and validate its settings offline.
+
+    Raises:
+        UnknownBackend: no descriptor knows this name.
+        Unsupported: the backend is known but this build has no provider for it.
+        SandboxConfigError: the backend's settings are missing or malformed (the message names
+            the setting), or the client's backend id contradicts its descriptor.
+    """
+    from providers.descriptors import SANDBOX_BACKENDS, select_backend
+
+    if backend not in SANDBOX_BACKENDS:
+        raise UnknownBackend(backend, list(SANDBOX_BACKENDS))
+    module_name = PROVIDER_MODULES.get(backend)
+    if module_name is None:
+        raise Unsupported(
+            f"backend {backend!r} is known but has no provider in this build; "
+            f"use one of: {', '.join(RUNNABLE_BACKENDS)}"
+        )
+    module = importlib.import_module(module_name)
+    provider: Provider = module.build_provider(settings)
+    expected = select_backend(backend).backend_id
+    if provider.backend_id != expected:
+        raise SandboxConfigError(
+            f"[sandbox:{backend}] the client's backend id {provider.backend_id!r} is not the descriptor's {expected!r}"
+        )
+    provider.validate_credentials()
+    return provider
+
+
+def create_sandbox_client(settings: Settings) -> Provider:
+    """Build the provider for the configured default backend (``SANDBOX_DEFAULT_BACKEND``)."""
+    return create_sandbox_client_for_backend(settings.default_backend, settings)
 
 
 class ProviderRegistry:
-    """Lazily constructs and caches one provider instance per backend."""
+    """Lazily constructs and caches one provider instance per backend.
 
-    def __init__(self, settings: Settings) -> None:
+    Args:
+        settings: The runtime settings.
+        providers: Ready-made providers by backend name, used instead of building them (a
+            worker pointed at a fake service in tests, or an embedding application's own).
+    """
+
+    def __init__(self, settings: Settings, providers: Mapping[str, Provider] | None = None) -> None:
         self._settings = settings
-        self._providers: dict[str, Provider] = {}
+        self._providers: dict[str, Provider] = dict(providers or {})
 
     def get(self, backend: str) -> Provider:
         """The provider for ``backend``.
 
         Raises:
             UnknownBackend: no descriptor knows this name.
-            Unsupported: the backend is known but this build has no provider for it yet.
+            Unsupported: the backend is known but this build has no provider for it.
+            SandboxConfigError: the backend's settings are missing or malformed.
         """
         provider = self._providers.get(backend)
         if provider is None:
-            provider = self._build(backend)
-            provider.validate_credentials()
+            provider = create_sandbox_client_for_backend(backend, self._settings)
             self._providers[backend] = provider
         return provider
 
@@ -38,39 +115,3 @@ class ProviderRegistry:
             if close is not None:
                 await close()
         self._providers.clear()
-
-    def _build(self, backend: str) -> Provider:
-        from providers.descriptors import SANDBOX_BACKENDS
-
-        if backend not in SANDBOX_BACKENDS:
-            raise UnknownBackend(backend, list(SANDBOX_BACKENDS))
-        if backend == "local":
-            from providers.local import LocalProvider
-            from sandbox.inbox_scripts import runtime_paths
-
-            # Boxes must not read the data dir (store, secrets, other boxes) through the host view.
-            return LocalProvider(
-                self._settings.boxes_dir(),
-                bubblewrap=self._settings.local_use_bubblewrap,
-                hidden_paths=[self._settings.data_dir.resolve()],
-                visible_paths=runtime_paths(),
-            )
-        if backend == "none":
-            from providers.none import NoneProvider
-
-            return NoneProvider()
-        if backend == "selfhosted":
-            from providers.selfhosted import NatsControlRpc, RelayConfig, SelfhostedProvider
-
-            return SelfhostedProvider(
-                NatsControlRpc(self._settings.nats_url),
-                relay=RelayConfig.from_url(self._settings.selfhosted_relay_url),
-                timeout=self._settings.selfhosted_rpc_timeout_seconds,
-                probe_timeout=self._settings.selfhosted_probe_timeout_seconds,
-                default_exec_timeout=self._settings.exec_timeout_seconds,
-                default_agent_id=self._settings.selfhosted_agent_id,
-            )
-        raise Unsupported(
-            f"backend {backend!r} is known but has no provider in this build yet; "
-            f"use one of: {', '.join(RUNNABLE_BACKENDS)}"
-        )

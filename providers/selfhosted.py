@@ -89,6 +89,7 @@ from sandbox.errors import (
 
 if TYPE_CHECKING:
     from providers.descriptors import CapabilityDescriptor
+    from sandbox.settings import Settings
 
 __all__ = [
     "BACKEND_ID",
@@ -1070,3 +1071,15 @@ class SelfhostedProvider:
         """
         del native_id
         raise Unsupported("selfhosted has no native snapshots")
+
+
+def build_provider(settings: Settings) -> SelfhostedProvider:
+    """The selfhosted provider: control RPC over the runtime's NATS, relay from ``SANDBOX_SELFHOSTED_RELAY_URL``."""
+    return SelfhostedProvider(
+        NatsControlRpc(settings.nats_url),
+        relay=RelayConfig.from_url(settings.selfhosted_relay_url),
+        timeout=settings.selfhosted_rpc_timeout_seconds,
+        probe_timeout=settings.selfhosted_probe_timeout_seconds,
+        default_exec_timeout=settings.exec_timeout_seconds,
+        default_agent_id=settings.selfhosted_agent_id,
+    )
