@@ -23,7 +23,7 @@ def _root() -> None:
 
 def _register() -> None:
     # Imported here so each module can import `app` helpers without cycles.
-    from cli import channel_a, computer_use, lease, machines, planes, recording, snapshots, stack
+    from cli import channel_a, computer_use, lease, machines, planes, providers, recording, snapshots, stack
 
     stack.register(app)
     lease.register(app)
@@ -33,6 +33,7 @@ def _register() -> None:
     planes.register(app)
     recording.register(app)
     computer_use.register(app)
+    providers.register(app)
 
 
 def main() -> None:

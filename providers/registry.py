@@ -65,7 +65,11 @@ def create_sandbox_client_for_backend(backend: str, settings: Settings) -> Provi
             f"backend {backend!r} is known but has no provider in this build; "
             f"use one of: {', '.join(RUNNABLE_BACKENDS)}"
         )
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        # Most likely the backend's SDK is not installed in this environment.
+        raise Unsupported(f"the {backend} provider cannot be loaded here: {err}") from err
     provider: Provider = module.build_provider(settings)
     expected = select_backend(backend).backend_id
     if provider.backend_id != expected:
