@@ -194,3 +194,19 @@ async def test_transient_errors_are_unavailable_never_not_found(harness: Provide
             harness.faults.clear()
     # Once the service recovers, the same box is there.
     assert (await (await provider.resume(envelope)).exec(["true"])).exit_code == 0
+
+
+async def test_orphan_sweep_view_and_terminate_by_id_alone(harness: ProviderHarness) -> None:
+    """The orphan sweep lists owned boxes (lease, age, epoch) and terminates one knowing only its id."""
+    provider = harness.provider
+    spec, _, box = await _new_box(provider, "sweep")
+    owned = {o.instance_id: o for o in await provider.list_owned()}
+    mine = owned[box.instance_id]
+    assert mine.lease_id == spec.lease_id
+    assert mine.created_at is not None and abs(time.time() - mine.created_at) < 600
+    assert mine.labels.get("epoch") == str(spec.epoch)
+    full = _roundtrip(box.serialize_state())
+    await provider.terminate(Envelope(backend_id=provider.backend_id, instance_id=box.instance_id, state={}))
+    with pytest.raises(BoxNotFound):
+        resumed = await provider.resume(full)
+        await resumed.exec(["true"])
