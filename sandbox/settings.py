@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     orphan_sweep_interval_seconds: float = 900.0
     orphan_grace_seconds: float = 900.0
     orphan_recheck_delay_seconds: float = 30.0
+    orphan_sweep_backends: str = Field(
+        default="",
+        description="Comma-separated backends the orphan sweep lists; empty means local plus the default backend.",
+    )
 
     # Observability
     otel_exporter: Literal["none", "console", "otlp"] = "none"

@@ -217,21 +217,24 @@ FAST_TIMERS: dict[str, float] = {
 
 
 @contextlib.asynccontextmanager
-async def running_runtime(client: Client, settings: Any) -> AsyncIterator[Runtime]:
-    """Migrate the store and run the lease worker in this process for the block's duration."""
+async def running_runtime(client: Client, settings: Any, providers: Any = None) -> AsyncIterator[Runtime]:
+    """Migrate the store and run the lease worker in this process for the block's duration.
+
+    ``providers`` maps backend names to ready-made providers (a cloud provider wired to its fake).
+    """
     from providers.registry import ProviderRegistry
     from store.database import Database
     from worker import build_worker
 
     db = Database.for_settings(settings)
     await db.migrate()
-    providers = ProviderRegistry(settings)
-    worker = build_worker(client, settings, db, providers, graceful_shutdown_timeout=timedelta(seconds=1))
+    registry = ProviderRegistry(settings, providers)
+    worker = build_worker(client, settings, db, registry, graceful_shutdown_timeout=timedelta(seconds=1))
     try:
         async with worker:
             yield Runtime(client, settings, db)
     finally:
-        await providers.aclose()
+        await registry.aclose()
         await db.dispose()
 
 

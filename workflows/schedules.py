@@ -86,6 +86,7 @@ class MaintenancePolicy(BaseModel):
         ):
             if setting in defined:
                 target[field] = getattr(settings, setting)
+        values["orphan_backends"] = _sweep_backends(settings)
         return cls(**values, gc=GcSettings(**gc))
 
     def gc_input(self) -> SnapshotGcInput:
@@ -99,6 +100,15 @@ class MaintenancePolicy(BaseModel):
             grace_seconds=self.orphan_grace_seconds,
             recheck_delay_seconds=self.orphan_recheck_delay_seconds,
         )
+
+
+def _sweep_backends(settings: Settings) -> list[str]:
+    """The backends to sweep: the configured list, else ``local`` and the default backend."""
+    configured = getattr(settings, "orphan_sweep_backends", "")
+    if configured:
+        return [name.strip() for name in configured.split(",") if name.strip()]
+    default = getattr(settings, "default_backend", "local")
+    return ["local"] if default in ("local", "none", "selfhosted") else ["local", default]
 
 
 def snapshot_gc_schedule_id(task_queue: str) -> str:
