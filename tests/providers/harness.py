@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from providers.base import Provider
@@ -21,6 +21,11 @@ class ProviderHarness:
         workspace_root: Where relative paths land inside the box.
         unknown_id: A well-formed instance id that no box has (the suite swaps it into a live
             envelope's JSON in place of the real id to ask for a box that never existed).
+        sdk_exec: Runs ``true`` in the box with the given instance id by calling the SDK directly,
+            exactly the call the provider's ``exec`` wraps (``bench/bench_providers.py`` times
+            our layer against it).
+        sdk_create: Creates a box by calling the SDK directly as the provider's ``create`` would
+            (same image/options, no lookup for an existing box) and returns its instance id.
     """
 
     provider: Provider
@@ -28,3 +33,5 @@ class ProviderHarness:
     transient_error: Callable[[], BaseException] | None = None
     workspace_root: str = "/workspace"
     unknown_id: str | None = None
+    sdk_exec: Callable[[str], Awaitable[object]] | None = None
+    sdk_create: Callable[[], Awaitable[str]] | None = None
