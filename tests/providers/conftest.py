@@ -3,6 +3,10 @@
 A harness module exposes ``harness(tmp_path)``: an async context manager yielding a
 :class:`~tests.providers.harness.ProviderHarness` (the provider wired to its fake service, or to the
 real thing for ``local``). Adding a backend to the suite is adding its harness module.
+
+``selfhosted`` is not in this suite on purpose: its "box" is the user's own machine, which
+terminate never destroys and whose workspace is never archived (snapshot kind ``none``); its
+behaviour is covered by ``tests/integration/selfhosted`` and the Channel-A suite.
 """
 
 from __future__ import annotations
