@@ -153,7 +153,11 @@ class Root:
     # --- descriptors ---
 
     def _open_dir(self, parts: list[str], *, create: bool, path: str) -> int:
-        fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            # The root itself vanished (or is no longer a directory): a typed refusal, so the caller gets a reply.
+            raise os_refusal(err, path) from None
         try:
             for part in parts:
                 try:

@@ -20,7 +20,7 @@ from sandbox.errors import (
     ChannelAUnavailable,
     ChannelAValidationError,
 )
-from tests.integration.channel_a.conftest import Boxes, TestBox, unsupported
+from tests.integration.channel_a.conftest import Boxes, TestBox
 
 ODD_NAMES = ["with space.txt", "tab\there.txt", "new\nline.txt", "ünïcødé ✓.txt", "quote'\"$(x).txt", "-dash.txt"]
 
@@ -314,11 +314,6 @@ async def test_mkdir_recursive_is_idempotent_and_strict_mode_refuses(ca: Channel
         await ca.fs_mkdir("file")
 
 
-@unsupported(
-    "selfhosted",
-    "the agent daemon never answers an op once its root directory is gone (sandbox/agent/confinement.py "
-    "opens the root outside its error handling), so this would be a 65 s exec timeout, not a prompt answer",
-)
 async def test_a_missing_workspace_is_unavailable_not_a_bad_path(ca: ChannelA, box: TestBox) -> None:
     ws(box).rename(box.parent / "moved-away")
     with pytest.raises(ChannelAUnavailable):
