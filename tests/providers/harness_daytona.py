@@ -1,0 +1,44 @@
+"""Conformance harness: the Daytona provider against the fake ``AsyncDaytona`` (sandboxes on a FakeMachine)."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import uuid
+from collections.abc import AsyncIterator
+
+from daytona.common.errors import DaytonaError, create_daytona_error
+from pydantic import SecretStr
+
+from providers.daytona import WORKSPACE_ROOT, DaytonaProvider, DaytonaSettings
+from providers.testing.daytona_fake import FakeDaytonaCloud
+from providers.testing.faults import FaultPlan
+from providers.testing.machine import FakeMachine
+from tests.providers.harness import ProviderHarness
+
+
+def transient_error() -> DaytonaError:
+    """What the SDK raises when the API answers 503 (the service is briefly refusing traffic)."""
+    return create_daytona_error("Service Unavailable", status_code=503)
+
+
+@contextlib.asynccontextmanager
+async def harness(tmp_path: pathlib.Path) -> AsyncIterator[ProviderHarness]:
+    """A DaytonaProvider whose client is a fresh fake Daytona service."""
+    machine = FakeMachine(tmp_path / "daytona-machine", workspace_root=WORKSPACE_ROOT)
+    cloud = FakeDaytonaCloud(machine, faults=FaultPlan())
+    settings = DaytonaSettings(api_key=SecretStr(cloud.api_key))
+    provider = DaytonaProvider(settings, client=cloud.client(settings.config()))
+    provider.validate_credentials()
+    try:
+        yield ProviderHarness(
+            provider=provider,
+            faults=cloud.faults,
+            transient_error=transient_error,
+            workspace_root=WORKSPACE_ROOT,
+            unknown_id=str(uuid.UUID(int=0)),
+        )
+    finally:
+        await provider.aclose()
+        await cloud.aclose()
+        await machine.aclose()
