@@ -6,6 +6,7 @@ import contextlib
 import pathlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from daytona.common.errors import DaytonaError, create_daytona_error
 from pydantic import SecretStr
@@ -30,6 +31,16 @@ async def harness(tmp_path: pathlib.Path) -> AsyncIterator[ProviderHarness]:
     settings = DaytonaSettings(api_key=SecretStr(cloud.api_key))
     provider = DaytonaProvider(settings, client=cloud.client(settings.config()))
     provider.validate_credentials()
+    direct = cloud.client(settings.config())
+    fetched: dict[str, Any] = {}
+
+    async def sdk_exec(instance_id: str) -> object:
+        # What DaytonaBoxSession.exec wraps: process.exec on a fetched sandbox (fetched once, as a session is).
+        sandbox = fetched.get(instance_id)
+        if sandbox is None:
+            sandbox = fetched[instance_id] = await direct.get(instance_id)
+        return await sandbox.process.exec("true")
+
     try:
         yield ProviderHarness(
             provider=provider,
@@ -37,6 +48,7 @@ async def harness(tmp_path: pathlib.Path) -> AsyncIterator[ProviderHarness]:
             transient_error=transient_error,
             workspace_root=WORKSPACE_ROOT,
             unknown_id=str(uuid.UUID(int=0)),
+            sdk_exec=sdk_exec,
         )
     finally:
         await provider.aclose()

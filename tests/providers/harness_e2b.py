@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from e2b import ServiceBusyException
 from pydantic import SecretStr
@@ -28,6 +29,15 @@ async def harness(tmp_path: pathlib.Path) -> AsyncIterator[ProviderHarness]:
     cloud = FakeE2BCloud(machine, faults=FaultPlan())
     provider = E2BProvider(E2BSettings(api_key=SecretStr(cloud.api_key)), sdk=cloud.sdk)
     provider.validate_credentials()
+    connected: dict[str, Any] = {}
+
+    async def sdk_exec(instance_id: str) -> object:
+        # What E2BBoxSession.exec wraps: commands.run on a connected sandbox (connected once, as a session is).
+        sandbox = connected.get(instance_id)
+        if sandbox is None:
+            sandbox = connected[instance_id] = await cloud.sdk.connect(instance_id, **provider.api_params())
+        return await sandbox.commands.run("true")
+
     try:
         yield ProviderHarness(
             provider=provider,
@@ -35,6 +45,7 @@ async def harness(tmp_path: pathlib.Path) -> AsyncIterator[ProviderHarness]:
             transient_error=transient_error,
             workspace_root=WORKSPACE_ROOT,
             unknown_id="i0000000000000000000",
+            sdk_exec=sdk_exec,
         )
     finally:
         await provider.aclose()
