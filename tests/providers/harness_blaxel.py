@@ -1,0 +1,41 @@
+"""Blaxel in the conformance suite: the provider against the SDK-object-level fake (see blaxel_fake)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from providers.blaxel import BlaxelProvider, BlaxelSettings
+from providers.testing.blaxel_fake import BlaxelFake
+from providers.testing.faults import FaultPlan
+from providers.testing.machine import FakeMachine
+from tests.providers.harness import ProviderHarness
+
+
+@contextlib.asynccontextmanager
+async def fake_blaxel(tmp_path: Path, **settings: object) -> AsyncIterator[tuple[BlaxelProvider, BlaxelFake]]:
+    """A Blaxel provider built as production builds it, its SDK entry point swapped for a fresh fake."""
+    machine = FakeMachine(tmp_path / "blaxel-machine")
+    fake = BlaxelFake(machine, faults=FaultPlan())
+    config = BlaxelSettings(api_key=SecretStr("bl_fake_key"), workspace=fake.workspace, **settings)  # type: ignore[arg-type]
+    provider = BlaxelProvider(config, api=fake.api)
+    provider.validate_credentials()
+    try:
+        yield provider, fake
+    finally:
+        await fake.aclose()
+        await machine.aclose()
+
+
+@contextlib.asynccontextmanager
+async def harness(tmp_path: Path) -> AsyncIterator[ProviderHarness]:
+    async with fake_blaxel(tmp_path) as (provider, fake):
+        yield ProviderHarness(
+            provider=provider,
+            faults=fake.faults,
+            transient_error=BlaxelFake.transient_error,
+            unknown_id="sbx-" + "0" * 32,
+        )
