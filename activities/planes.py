@@ -12,6 +12,10 @@ free port (chosen atomically by the kernel) and their X displays are picked by X
 (``-displayfd``): two warm leases get two independent desktops. Other backends use the fixed
 in-box ports (6080 desktop, 7681 terminal) and let the provider expose them.
 
+:func:`runtime_desktop` tells capability negotiation what desktop the worker can run in a
+backend's boxes beyond the backend's static descriptor: for ``local``, whether the host has the
+desktop stack's tools (boxes run the host's binaries), ffmpeg and xdotool.
+
 Errors: :class:`~sandbox.errors.DisplayStackError` (with ``stage``),
 :class:`~sandbox.errors.DisplayStackUnsupported`, :class:`~sandbox.errors.TerminalServerError`,
 :class:`~sandbox.errors.TerminalServerUnsupported` and
@@ -24,7 +28,9 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from temporalio import activity
@@ -48,6 +54,7 @@ from activities.models import (
 from activities.provider_errors import maps_provider_errors
 from providers.base import BoxSession, Envelope
 from providers.registry import ProviderRegistry
+from sandbox.capabilities import RuntimeDesktop
 from sandbox.errors import (
     BoxNotFound,
     DisplayStackError,
@@ -77,7 +84,7 @@ from sandbox.stream_token import DEFAULT_STREAM_PORT, derive_lease_key, root_sec
 from sandbox.stream_url import build_stream_url
 from workflows.models import BoxEnvelope, PlaneEndpoint
 
-__all__ = ["PlaneActivities"]
+__all__ = ["LOCAL_BOX_PATH", "PlaneActivities", "runtime_desktop"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,12 @@ TEAR_DOWN_TIMEOUT_SECONDS: Final = 30.0
 # Backends whose boxes share the worker host's network namespace (ports must not collide) and
 # see its file system (scripts, edge interpreter and ttyd run in place).
 _HOST_SHARING_BACKENDS: Final = frozenset({"local"})
+LOCAL_BOX_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""The PATH commands in a local box get (the host's binaries, see :mod:`providers.local`)."""
+# What desktop-up, the recording's ffmpeg and computer use run (sandbox/scripts, activities/*).
+_DESKTOP_TOOLS: Final = ("Xvfb", "x11vnc", "xauth", "setsid", "flock")
+_RECORDING_TOOLS: Final = ("ffmpeg", "ffprobe")
+_COMPUTER_USE_TOOLS: Final = ("xdotool", "import")
 _GEOMETRY_RE: Final = re.compile(r"^([1-9][0-9]{2,4})x([1-9][0-9]{2,4})$")
 _MAX_SIDE: Final = 8192
 _TEAR_DOWN_SCRIPT: Final = (
@@ -126,6 +139,29 @@ def _parse_geometry(geometry: str) -> tuple[int, int]:
 
 def _tail(data: bytes, limit: int = 400) -> str:
     return data.decode("utf-8", errors="replace").strip()[-limit:]
+
+
+def runtime_desktop(backend: str, *, path: str = LOCAL_BOX_PATH) -> RuntimeDesktop | None:
+    """What desktop this worker can run in ``backend``'s boxes beyond its descriptor (for negotiation).
+
+    Only ``local`` boxes run the host's binaries, so only there does the host decide: the desktop
+    stack's tools and the edge's interpreter on ``path`` make ``display``; ffmpeg and ffprobe add
+    ``recording``; xdotool and ``import`` add ``computer_use``. None for every other backend (its
+    descriptor decides). Pass the result as the negotiation context's ``runtime_desktop``.
+    """
+    if backend not in _HOST_SHARING_BACKENDS:
+        return None
+
+    def have(tools: Iterable[str]) -> bool:
+        return all(shutil.which(tool, path=path) is not None for tool in tools)
+
+    edge = Path(host_edge_environment()["SANDBOX_EDGE_PYTHON"])
+    display = have(_DESKTOP_TOOLS) and edge.is_file()
+    return RuntimeDesktop(
+        display=display,
+        recording=display and have(_RECORDING_TOOLS),
+        computer_use=display and have(_COMPUTER_USE_TOOLS),
+    )
 
 
 class PlaneActivities:

@@ -10,9 +10,11 @@ Box side (one short command each, so no exec ever blocks on ffmpeg):
 - ``inspect``: ``stat`` the file against the size gate, and ``ffprobe`` it (duration, geometry), so a
   missing file proves ``box-death``, an empty or unreadable one ``ffmpeg-error``, and one above
   ``max_bytes`` ``max-bytes-exceeded`` (the file is left on the box).
-- ``upload``: stream the file into the artifact store, chunk by chunk: memory does not grow with the
-  file. A local box's file is read on the host (its ``/tmp`` is ``<box>/tmp``; opened without
-  following symbolic links); other boxes are read through ``dd`` one chunk per exec.
+- ``upload``: copy the file into the artifact store without holding it in memory. A local box's file
+  is opened on the host (its ``/tmp`` is ``<box>/tmp``; without following symbolic links) and, when
+  the store can take a file (:class:`~store.artifacts.LocalFileArtifactStore`, the filesystem
+  store), copied by the kernel; otherwise it is streamed chunk by chunk. Other boxes are read
+  through ``dd`` one chunk per exec.
 - ``delete``: ``rm -f`` the file, pid file and log; the workflow calls it only after the row committed.
 
 Files live in the box's temp directory, outside the workspace: ``${TMPDIR:-/tmp}/og-rec-<id>.<ext>``,
@@ -43,7 +45,7 @@ from providers.base import BoxSession, Envelope
 from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
 from sandbox.errors import BoxNotFound, HolderNotFound, LeaseNotFound, RecordingError
-from store.artifacts import CHUNK_SIZE, ArtifactStore
+from store.artifacts import CHUNK_SIZE, ArtifactStore, LocalFileArtifactStore, StoredArtifact
 from store.recordings import RecordingStore
 from workflows.lease import LeaseWorkflow
 from workflows.models import (
@@ -94,7 +96,7 @@ EXIT_START_FAILED: Final = 21
 EXIT_MISSING_TOOL: Final = 16
 LOG_TAIL_BYTES: Final = 600
 READ_CHUNK: Final = CHUNK_SIZE
-"""Chunks of a host-visible box file: at most two are in memory at once (one read ahead)."""
+"""Chunks of a host-visible box file streamed to a store that cannot copy files: at most two in memory."""
 
 # Shared by every box script: names of the files from "$1" (og-rec-<id>) and "$2" (the extension), and
 # `alive`, true while the process in the pid file is the one that was recorded (builtins only).
@@ -427,7 +429,8 @@ class RecordingActivities:
         # Both isolation modes give the box <box>/tmp as its temp directory.
         return session.path / "tmp" / box_file_name(inp.recording_id, inp.codec)
 
-    async def _host_chunks(self, path: Path, size: int) -> AsyncIterator[bytes]:
+    @staticmethod
+    async def _open_host_file(path: Path) -> int:
         try:
             # O_NOFOLLOW: whatever runs in the box must not be able to point us at a host file.
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -435,10 +438,27 @@ class RecordingActivities:
             raise RecordingError("the video file disappeared from the box before the upload") from None
         except OSError as err:
             raise RecordingError(f"cannot open the video on the box: {err}") from err
-        pending: asyncio.Future[bytes] | None = None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise RecordingError("the video in the box is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def _put_host_file(self, key: str, path: Path, size: int) -> StoredArtifact:
+        fd = await self._open_host_file(path)
+        try:
+            if isinstance(self._artifacts, LocalFileArtifactStore):
+                return await self._artifacts.put_file(key, fd, size)
+            return await self._artifacts.put(key, self._fd_chunks(fd, size))
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    async def _fd_chunks(fd: int, size: int) -> AsyncIterator[bytes]:
+        pending: asyncio.Future[bytes] | None = None
+        try:
             sent = 0
             # One read ahead: the next chunk is read while the store hashes and writes this one.
             pending = asyncio.ensure_future(asyncio.to_thread(os.read, fd, min(READ_CHUNK, size)))
@@ -453,9 +473,8 @@ class RecordingActivities:
                 yield chunk
         finally:
             if pending is not None:
-                # Never close the descriptor under a read in flight.
+                # Never let the caller close the descriptor under a read in flight.
                 await asyncio.gather(pending, return_exceptions=True)
-            os.close(fd)
 
     async def _exec_chunks(self, inp: RecordingBoxInput, size: int) -> AsyncIterator[bytes]:
         base = box_file_name(inp.recording_id, inp.codec).rsplit(".", 1)[0]
@@ -487,9 +506,11 @@ class RecordingActivities:
         """
         session = await self._session(inp.backend, inp.envelope)
         host = self._host_file(inp, session)
-        chunks = self._host_chunks(host, inp.size_bytes) if host is not None else self._exec_chunks(inp, inp.size_bytes)
         async with _heartbeating():
-            stored = await self._artifacts.put(inp.key, chunks)
+            if host is not None:
+                stored = await self._put_host_file(inp.key, host, inp.size_bytes)
+            else:
+                stored = await self._artifacts.put(inp.key, self._exec_chunks(inp, inp.size_bytes))
         if stored.size_bytes != inp.size_bytes:
             await self._artifacts.delete(inp.key)
             raise RecordingError(

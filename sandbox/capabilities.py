@@ -19,6 +19,14 @@ validated; malformed input raises :class:`~sandbox.errors.InvalidRequest`, an un
 Later layers refine the base document without re-deriving it: pass ``overlays`` (each a
 :data:`CapabilityOverlay`, e.g. the selfhosted agent-liveness overlay) and they are applied in
 order to the frozen result, replacing cells with ``model_copy(update=...)``.
+
+**Runtime desktops.** The static descriptor of ``local`` (tier ``dev``) has no desktop, as upstream's
+does, and the base document says so (the upstream vectors pin it). This runtime, though, runs a real
+desktop in local boxes (Xvfb, x11vnc and the edge from the host, ffmpeg, xdotool). The worker says
+what it can run through the context's ``runtime_desktop`` (:class:`RuntimeDesktop`, absent by
+default); when present, :func:`runtime_desktop_overlay` — applied by :func:`negotiate_capabilities`
+before any caller overlay — re-derives the DesktopStream, Recording and ComputerUse cells as if the
+descriptor had a ``vnc-ws`` desktop, under the same OS, policy and liveness gates.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from pydantic.alias_generators import to_camel
 from providers.descriptors import (
     CapabilityDescriptor,
     CapabilityUnavailableReason,
+    DesktopStreamCapability,
+    RecordingCapability,
     SandboxBackend,
     backend_supports_os,
     select_backend,
@@ -66,9 +76,11 @@ __all__ = [
     "MintedTerminalStream",
     "NegotiationContext",
     "RecordingCell",
+    "RuntimeDesktop",
     "SessionCapabilities",
     "TerminalCell",
     "negotiate_capabilities",
+    "runtime_desktop_overlay",
     "to_js_iso",
 ]
 
@@ -139,6 +151,19 @@ class MintedTerminalStream(_WireModel):
     transport: Literal["pty-ws", "relay-pty"] | None = None
 
 
+class RuntimeDesktop(_WireModel):
+    """What the worker can run on a desktop in this backend's boxes, beyond the static descriptor.
+
+    ``display``: the desktop stack (Xvfb, x11vnc, the stream edge) can come up; ``recording``:
+    ffmpeg is there too; ``computer_use``: xdotool and a screenshot tool are there too. The
+    recording and computer-use cells need ``display`` as well.
+    """
+
+    display: StrictBool
+    recording: StrictBool = False
+    computer_use: StrictBool = False
+
+
 class NegotiationContext(_WireModel):
     """Everything negotiation looks at (upstream ``NegotiationContext``; camelCase or snake_case keys).
 
@@ -167,6 +192,8 @@ class NegotiationContext(_WireModel):
     desktop_stream: MintedDesktopStream | None = None
     terminal_stream: MintedTerminalStream | None = None
     now: AwareDatetime | None = None
+    runtime_desktop: RuntimeDesktop | None = None
+    """Set by the worker when it runs a desktop in boxes whose descriptor has none (local)."""
 
 
 # --- the document -------------------------------------------------------------------------------
@@ -394,6 +421,37 @@ def _computer_use(
     return ComputerUseCell(available=reason is None, read_only=ctx.computer_use_read_only, reason=reason)
 
 
+_RUNTIME_DESKTOP_STREAM: Final = DesktopStreamCapability(available=True, transport="vnc-ws")
+
+
+def runtime_desktop_overlay(ctx: NegotiationContext, document: SessionCapabilities) -> SessionCapabilities:
+    """Make the desktop cells available where the worker itself runs the desktop (``ctx.runtime_desktop``).
+
+    A no-op without ``runtime_desktop``, or for a backend whose descriptor already has a desktop
+    (the static table decides there). Otherwise each cell the runtime can serve is re-derived as for
+    a ``vnc-ws`` desktop backend, so the OS, policy toggles and liveness still gate it; a cell the
+    runtime cannot serve keeps its base reason.
+    """
+    runtime = ctx.runtime_desktop
+    descriptor = select_backend(ctx.backend)
+    if runtime is None or not runtime.display or descriptor.capabilities.desktop_stream.available:
+        return document
+    capable = descriptor.model_copy(
+        update={
+            "capabilities": descriptor.capabilities.model_copy(
+                update={"desktop_stream": _RUNTIME_DESKTOP_STREAM, "recording": RecordingCapability(available=True)}
+            )
+        }
+    )
+    os_reason = None if backend_supports_os(descriptor, ctx.os) else Reason.OS_UNSUPPORTED
+    cells: dict[str, Any] = {"desktop_stream": _desktop_stream(ctx, capable, os_reason)}
+    if runtime.recording:
+        cells["recording"] = _recording(ctx, capable, os_reason)
+    if runtime.computer_use:
+        cells["computer_use"] = _computer_use(ctx, capable, os_reason)
+    return document.model_copy(update=cells)
+
+
 def _parse_context(ctx: NegotiationContext | Mapping[str, Any]) -> NegotiationContext:
     if isinstance(ctx, NegotiationContext):
         return ctx
@@ -421,7 +479,8 @@ def negotiate_capabilities(
     keys. The backend's static descriptor decides what is feasible at all; the OS, then the
     descriptor, then policy toggles and lease liveness decide each cell's reason, in that order.
     ``overlays`` are applied in order to the base document, so a caller with live knowledge (e.g.
-    the selfhosted agent's state) can refine it without re-deriving it.
+    the selfhosted agent's state) can refine it without re-deriving it; when the context carries
+    ``runtime_desktop``, :func:`runtime_desktop_overlay` is applied first.
 
     Raises:
         InvalidRequest: the context is malformed (missing ``desktopEnabled``, a negative epoch,
@@ -450,6 +509,8 @@ def negotiate_capabilities(
         computer_use=_computer_use(context, descriptor, os_reason),
         negotiated_at=now,
     )
+    if context.runtime_desktop is not None:
+        document = runtime_desktop_overlay(context, document)
     for overlay in overlays:
         document = overlay(context, document)
     return document

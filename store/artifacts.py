@@ -6,6 +6,12 @@ dir. Objects are written atomically (temporary file, ``fsync``, rename, ``fsync`
 so a key either names a complete object or nothing, and :meth:`ArtifactStore.put` computes the
 SHA-256 and size while the bytes stream through: memory does not grow with the object's size.
 
+A file the worker can open itself (a local box's recording) takes a faster path,
+:meth:`FilesystemArtifactStore.put_file`: the kernel copies it (``copy_file_range``, falling back to
+``pread``/``pwrite``) with write-back started chunk by chunk, and the SHA-256 is computed by reading
+the copy back while the final ``fsync`` waits for the disk, so the digest is that of the stored
+bytes and hashing costs no wall time of its own.
+
 Keys are relative, ``/``-separated paths of safe characters; workspace archives use
 :func:`snapshot_key`: ``snapshots/<workspace>/<group>/<snapshot_id>.tar[.zst]``.
 """
@@ -14,16 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
 from sandbox.errors import ArchiveCorrupt, ArtifactNotFound, ArtifactStoreUnavailable, InvalidRequest
 from sandbox.settings import Settings
@@ -31,7 +39,9 @@ from sandbox.settings import Settings
 __all__ = [
     "CHUNK_SIZE",
     "ArtifactStore",
+    "COPY_CHUNK_SIZE",
     "FilesystemArtifactStore",
+    "LocalFileArtifactStore",
     "StoredArtifact",
     "artifact_root",
     "snapshot_key",
@@ -41,10 +51,18 @@ __all__ = [
 CHUNK_SIZE: Final = 1024 * 1024
 """Size of the chunks :meth:`FilesystemArtifactStore.get` yields."""
 
+COPY_CHUNK_SIZE: Final = 8 * 1024 * 1024
+"""Bytes per kernel copy (and per read when hashing) in :meth:`FilesystemArtifactStore.put_file`."""
+
 _SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:+-]*$")
 _MAX_KEY_LEN: Final = 1024
 _TEMP_PREFIX: Final = ".put-"
 _STALE_TEMP_SECONDS: Final = 3600.0
+# copy_file_range refuses these file pairs (another file system on an old kernel, special files):
+# copy through user space instead.
+_NO_KERNEL_COPY: Final = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+_SYNC_FILE_RANGE_WRITE: Final = 2
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,23 @@ class ArtifactStore(Protocol):
 
     async def exists(self, key: str) -> bool:
         """Whether an object is stored under ``key``."""
+        ...
+
+
+@runtime_checkable
+class LocalFileArtifactStore(ArtifactStore, Protocol):
+    """An :class:`ArtifactStore` that can also copy a file the worker has open (faster than streaming)."""
+
+    async def put_file(self, key: str, source_fd: int, size_bytes: int) -> StoredArtifact:
+        """Store the first ``size_bytes`` bytes of the open regular file ``source_fd`` under ``key`` atomically.
+
+        A source shorter than ``size_bytes`` stores what is there (the returned size says how much);
+        the caller owns ``source_fd`` and closes it.
+
+        Raises:
+            InvalidRequest: the key is malformed.
+            ArtifactStoreUnavailable: reading the source or writing the store failed.
+        """
         ...
 
 
@@ -187,7 +222,7 @@ class FilesystemArtifactStore:
                 if not chunk:
                     continue
                 # One thread hop per chunk: hashing and writing both release the GIL.
-                await asyncio.to_thread(_hash_and_write, fd, digest, chunk)
+                await asyncio.to_thread(_hash_and_write, fd, digest, chunk, size if self._durable else None)
                 size += len(chunk)
             if self._durable:
                 await asyncio.to_thread(os.fsync, fd)
@@ -202,6 +237,39 @@ class FilesystemArtifactStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         return StoredArtifact(key=key, sha256=digest.hexdigest(), size_bytes=size)
+
+    async def put_file(self, key: str, source_fd: int, size_bytes: int) -> StoredArtifact:
+        """Copy an open file into a temporary file in the kernel, then rename it over ``key``.
+
+        See :class:`LocalFileArtifactStore`. The copy starts write-back as it goes; the SHA-256 is
+        read back from the temporary file while ``fsync`` waits, so it is the digest of what is stored.
+        """
+        if size_bytes < 0:
+            raise InvalidRequest(f"size_bytes must be >= 0, not {size_bytes}")
+        final = self.path_of(key)
+        try:
+            fd, temp = await asyncio.to_thread(self._open_temp, final, os.O_RDWR)
+        except OSError as err:
+            raise ArtifactStoreUnavailable(f"cannot write artifact {key}: {err}") from err
+        stop = threading.Event()
+        try:
+            size = await _in_thread(stop, _copy_into, source_fd, fd, size_bytes, stop, self._durable)
+            hashing = _in_thread(stop, _sha256_of, fd, size, stop)
+            if self._durable:
+                _, sha256 = await asyncio.gather(_in_thread(stop, os.fsync, fd), hashing)
+            else:
+                sha256 = await hashing
+            os.close(fd)
+            fd = -1
+            await asyncio.to_thread(self._commit, temp, final)
+        except OSError as err:
+            raise ArtifactStoreUnavailable(f"cannot write artifact {key}: {err}") from err
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        return StoredArtifact(key=key, sha256=sha256, size_bytes=size)
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
         """Yield the object's bytes in chunks of :data:`CHUNK_SIZE` (see :class:`ArtifactStore`)."""
@@ -252,11 +320,11 @@ class FilesystemArtifactStore:
         except (FileNotFoundError, NotADirectoryError):
             raise ArtifactNotFound(f"no artifact {key} in {self._root}", key=key) from None
 
-    def _open_temp(self, final: Path) -> tuple[int, str]:
+    def _open_temp(self, final: Path, access: int = os.O_WRONLY) -> tuple[int, str]:
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(final.parent)
         temp = str(final.parent / f"{_TEMP_PREFIX}{final.name}.{secrets.token_hex(6)}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(temp, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return fd, temp
 
     def _commit(self, temp: str, final: Path) -> None:
@@ -269,7 +337,8 @@ class FilesystemArtifactStore:
                 os.close(dir_fd)
 
 
-def _hash_and_write(fd: int, digest: hashlib._Hash, chunk: bytes) -> None:
+def _hash_and_write(fd: int, digest: hashlib._Hash, chunk: bytes, writeback_at: int | None) -> None:
+    """Hash and append ``chunk``; with ``writeback_at`` (its offset) start its write-back at once."""
     digest.update(chunk)
     view = memoryview(chunk)
     while view:
@@ -281,6 +350,106 @@ def _hash_and_write(fd: int, digest: hashlib._Hash, chunk: bytes) -> None:
             if err.errno == errno.EINTR:
                 continue
             raise
+    if writeback_at is not None:
+        _start_writeback(fd, writeback_at, len(chunk))
+
+
+async def _in_thread(stop: threading.Event, func: Callable[..., _T], *args: object) -> _T:
+    """Run ``func`` in a thread; on cancellation ask it to stop (``stop``) and wait for it to return.
+
+    Waiting matters: the caller closes the descriptors the thread uses once this returns, and a
+    descriptor closed under a running copy could be reused by an unrelated ``open``.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+
+
+def _copy_into(src: int, dst: int, size: int, stop: threading.Event, writeback: bool) -> int:
+    """Copy the first ``size`` bytes of ``src`` to the start of ``dst``; returns the bytes copied.
+
+    ``copy_file_range`` keeps the bytes in the kernel; where it is refused, ``pread``/``pwrite``
+    through one reused buffer. With ``writeback`` each chunk's write-back starts at once, so the
+    final ``fsync`` finds little left to write.
+    """
+    offset = 0
+    kernel = True
+    buffer: bytearray | None = None
+    while offset < size and not stop.is_set():
+        want = min(COPY_CHUNK_SIZE, size - offset)
+        try:
+            if kernel:
+                n = os.copy_file_range(src, dst, want, offset, offset)
+            else:
+                if buffer is None:
+                    buffer = bytearray(COPY_CHUNK_SIZE)
+                view = memoryview(buffer)[:want]
+                n = os.preadv(src, [view], offset)
+                _pwrite_all(dst, view[:n], offset)
+        except InterruptedError:
+            continue
+        except OSError as err:
+            if kernel and err.errno in _NO_KERNEL_COPY:
+                kernel = False
+                continue
+            raise
+        if n == 0:
+            break  # the source is shorter than size
+        if writeback:
+            _start_writeback(dst, offset, n)
+        offset += n
+    return offset
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        try:
+            n = os.pwrite(fd, data, offset)
+        except InterruptedError:
+            continue
+        data, offset = data[n:], offset + n
+
+
+def _sha256_of(fd: int, size: int, stop: threading.Event) -> str:
+    """SHA-256 of the first ``size`` bytes of ``fd`` (read with ``pread``; hashlib releases the GIL)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(min(COPY_CHUNK_SIZE, max(size, 1)))
+    offset = 0
+    while offset < size and not stop.is_set():
+        view = memoryview(buffer)[: min(len(buffer), size - offset)]
+        try:
+            n = os.preadv(fd, [view], offset)
+        except InterruptedError:
+            continue
+        if n == 0:
+            raise OSError(errno.EIO, f"the copy ended at {offset} of {size} bytes while hashing it")
+        digest.update(view[:n])
+        offset += n
+    return digest.hexdigest()
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    call: Callable[[int, int, int, int], int] = func
+    return call
+
+
+_sync_file_range: Final = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range to disk now (a hint: failures are ignored)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _remove_stale_temps(directory: Path) -> None:

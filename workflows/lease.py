@@ -13,6 +13,12 @@ Concurrency: handlers run as asyncio tasks on one deterministic loop. The main l
 handlers only change in-memory state and wake it, except ``exec`` and ``report_box_lost``, which
 run their own activity while counting as in-flight operations so the box is never torn down
 under them.
+
+Box loss reaches recordings: when the lease loses its box (an ``exec`` or box operation saw
+NotFound, a ``report_box_lost`` was confirmed, a periodic capture saw NotFound), every
+``recording`` holder of that box gets the ``box_lost`` signal, so its RecordingWorkflow stops and
+finalizes as ``box-death`` at once instead of at its next check (patch
+``recording-box-lost-signal``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.events import PUBLISH_SESSION_EVENT, session_events_subject, stream_url_rotated
@@ -97,14 +103,21 @@ with workflow.unsafe.imports_passed_through():
         Transition,
         ViewerAttachment,
     )
-    from workflows.recording import start_recording_child
-    from workflows.recording_models import RecordingRequest, RecordingStarted
+    from workflows.recording import RecordingWorkflow, start_recording_child
+    from workflows.recording_models import (
+        BoxLostNotice,
+        RecordingRequest,
+        RecordingStarted,
+        recording_workflow_id,
+    )
 
 # Activities that must not be retried blindly use explicit policies; the rest retry forever with
 # backoff because the lease cannot move on without them (projection, terminate).
 _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=30))
 # Histories recorded before the lease published stream.url.rotated replay without it.
 _STREAM_URL_ROTATED_PATCH = "stream-url-rotated-event"
+# Histories recorded before the lease told its recordings about a lost box replay without the signals.
+_RECORDING_BOX_LOST_PATCH = "recording-box-lost-signal"
 
 
 @workflow.defn(name="LeaseWorkflow")
@@ -129,6 +142,7 @@ class LeaseWorkflow:
         self._run_updates = 0
         self._session_events: list[dict[str, Any]] = []
         self._publishing_events = False
+        self._notifying: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ main loop
 
@@ -520,6 +534,7 @@ class LeaseWorkflow:
             and self._projected_version >= self.s.version
             and not self._session_events
             and not self._publishing_events
+            and not self._notifying
         )
 
     async def _project_loop(self) -> None:
@@ -662,6 +677,7 @@ class LeaseWorkflow:
         if s.epoch != epoch or s.envelope is None or s.envelope.instance_id != instance_id or self._tearing_down:
             return False
         viewed = self._viewed()
+        recordings = [h.holder_id for h in s.holders if h.kind == "recording"]
         s.envelope = None
         s.holders = []
         s.planes = []
@@ -671,7 +687,21 @@ class LeaseWorkflow:
         s.rotation_due_at = None
         s.warm_since = None
         self._transition("cold", reason, bump=True, viewed=viewed)
+        if recordings and workflow.patched(_RECORDING_BOX_LOST_PATCH):
+            for recording_id in recordings:
+                task = asyncio.create_task(self._tell_recording_box_lost(recording_id, epoch))
+                self._notifying.add(task)
+                task.add_done_callback(self._notifying.discard)
         return True
+
+    async def _tell_recording_box_lost(self, recording_id: str, epoch: int) -> None:
+        """Signal a recording that held the lost box; it stops and finalizes as ``box-death`` now."""
+        handle = workflow.get_external_workflow_handle_for(RecordingWorkflow.run, recording_workflow_id(recording_id))
+        try:
+            await handle.signal(RecordingWorkflow.box_lost, BoxLostNotice(epoch=epoch))
+        except FailureError as err:
+            # Already finished (or never started under that id): nothing left to stop.
+            workflow.logger.info("recording %s was not told about the lost box: %s", recording_id, err)
 
     def _grant(self, req: AcquireRequest, role: Role) -> LeaseGrant:
         s = self.s

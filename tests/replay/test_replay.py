@@ -35,6 +35,9 @@ REQUIRED = {
     "recording_max_bytes_exceeded",
     "recording_box_death",
     "recording_display_unavailable",
+    # The lease signals its recordings when it loses their box (patch recording-box-lost-signal).
+    "lease_box_lost_recording_signal",
+    "recording_box_lost_signal",
 }
 
 

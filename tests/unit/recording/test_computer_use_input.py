@@ -6,6 +6,7 @@ import base64
 import struct
 import subprocess
 import zlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -77,7 +78,7 @@ def test_actions_become_xdotool_calls_in_order() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=60)
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1, max_size=60)
 )
 def test_typed_text_reaches_xdotool_verbatim_never_as_shell(text: str) -> None:
     script, args = input_script([TypeAction(text=text), TypeAction(text=text)])
@@ -99,6 +100,7 @@ def test_malformed_key_chords_are_refused(chord: str) -> None:
 
 
 def test_bad_actions_are_refused_before_anything_runs() -> None:
+    bad: dict[str, Any]
     for bad in (
         {"actions": []},
         {"actions": [{"action": "teleport"}]},

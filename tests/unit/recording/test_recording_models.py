@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -72,7 +74,7 @@ def test_every_accepted_id_is_a_safe_key_segment_and_file_name(rid: str) -> None
     req = RecordingRequest(recording_id=rid)
     assert req.recording_id == rid
     # The artifact store accepts the key, and the box file name has no path in it.
-    FilesystemArtifactStore("/nonexistent").path_of(recording_storage_key("ws", "s", rid, "h264-mp4"))
+    FilesystemArtifactStore(Path("/nonexistent")).path_of(recording_storage_key("ws", "s", rid, "h264-mp4"))
     assert "/" not in box_file_name(rid, "h264-mp4")
 
 
