@@ -217,6 +217,36 @@ def describe(
     )
 
 
+@lease_app.command("capabilities")
+def capabilities(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Show the session's negotiated capabilities: each cell available or the reason it is not."""
+    from activities.planes import runtime_desktop
+
+    settings = _settings(data_dir)
+
+    async def negotiate(leases: Any) -> Any:
+        view = await leases.describe(workspace, group)
+        # The embedded stack's worker runs on this host, so this host decides what a local box can run.
+        return await leases.capabilities(workspace, group, runtime_desktop=runtime_desktop(view.backend))
+
+    doc = _run(settings, negotiate)
+    if json_out:
+        emit(doc.model_dump(mode="json", by_alias=True), True)
+        return
+    plain = doc.model_dump(mode="json", by_alias=True)
+    rows = []
+    for name, cell in plain.items():
+        if isinstance(cell, dict) and ("available" in cell or "reason" in cell):
+            available = cell.get("available", cell.get("reason") is None)
+            rows.append({"capability": name, "available": available, "reason": cell.get("reason") or ""})
+    emit(rows, False)
+
+
 @lease_app.command("list")
 def list_leases(
     liveness: str | None = typer.Option(

@@ -37,6 +37,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCStatusCode
 
 from sandbox import errors
+from sandbox.capabilities import NegotiationContext, RuntimeDesktop, SessionCapabilities, negotiate_capabilities
 from sandbox.settings import Settings
 from workflows.lease import LeaseWorkflow
 from workflows.models import (
@@ -337,6 +338,32 @@ class LeaseClient:
         h = self.handle(workspace_id, group_id)
         result: LeaseView = await self._call(lambda: h.query(LeaseWorkflow.describe))
         return result
+
+    async def capabilities(
+        self, workspace_id: str, group_id: str, *, runtime_desktop: RuntimeDesktop | None = None
+    ) -> SessionCapabilities:
+        """The negotiated capability document of the lease's session, as the agent turn sees it.
+
+        Negotiated from the lease's backend, OS, liveness and epoch and this client's settings
+        (desktop/terminal/computer-use toggles, whether a stream-token secret is configured).
+        ``runtime_desktop`` is what the worker can run beyond the backend's descriptor (see
+        :func:`activities.planes.runtime_desktop`; the local backend's desktop).
+        """
+        view = await self.describe(workspace_id, group_id)
+        context = NegotiationContext(
+            session_id=view.lease_id,
+            backend=view.backend,
+            os=view.os,
+            liveness=view.liveness,
+            lease_epoch=view.epoch,
+            desktop_enabled=self.settings.desktop_enabled,
+            terminal_enabled=self.settings.terminal_enabled,
+            computer_use_enabled=self.settings.computer_use_enabled,
+            computer_use_read_only=self.settings.computer_use_read_only,
+            stream_token_secret_available=self.settings.stream_token_secret is not None,
+            runtime_desktop=runtime_desktop,
+        )
+        return negotiate_capabilities(context)
 
     async def drain(
         self, workspace_id: str, group_id: str, *, reason: str = "operator", wait: bool = False
