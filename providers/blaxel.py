@@ -19,9 +19,10 @@ Identity (upstream ``sandboxIdentity``): the envelope keeps the sandbox name, it
 the workspace. A name re-used by a newer sandbox is a different box: resuming the old envelope
 says :class:`BoxNotFound`, and terminating it leaves the newer sandbox alone.
 
-Exec: the sandbox API returns stdout/stderr as JSON text, so commands run in a small POSIX wrapper
-(argv shell-quoted; the output goes to files; the wrapper prints the exit status and base64 of each
-stream, or a file path for a stream over 256 KiB, read with ``read_binary``): output is byte-exact.
+Exec: the sandbox API returns stdout/stderr as JSON text, so commands run in the POSIX wrapper of
+:func:`providers.shell_exec.exec_script` (argv shell-quoted; the output goes to files; the wrapper
+prints the exit status and base64 of each stream, or a file path for a stream over 256 KiB, read
+with ``read_binary``): output is byte-exact.
 
 NotFound rule: ``get`` answers 404 for a name never used and, during the retention window, the
 record with status ``TERMINATED`` (``DELETING`` while it goes; ``FAILED`` for a sandbox whose
@@ -58,14 +59,13 @@ Snapshots are tar-only (:class:`~providers.remote_workspace.RemoteWorkspace`).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 import posixpath
 import re
 import secrets
 import shlex
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlencode, urlsplit
@@ -74,8 +74,17 @@ import httpx
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers import box_labels
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
-from providers.remote_workspace import RemoteWorkspace
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.shell_exec import (
+    LIST_DIR_SCRIPT,
+    check_env_names,
+    dir_listing,
+    exec_script,
+    parse_exec_report,
+    stage_stdin,
+)
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -105,9 +114,6 @@ __all__ = [
 
 BACKEND: Final = "blaxel"
 HOME: Final = "/root"
-KEY_LABEL: Final = "sandbox.key"
-LEASE_LABEL: Final = "sandbox.lease_id"
-EPOCH_LABEL: Final = "sandbox.epoch"
 
 _GONE: Final = frozenset({"TERMINATED", "DELETING", "FAILED"})
 _NOT_FOUND_CODES: Final = frozenset({"NOT_FOUND", "RESOURCE_NOT_FOUND", "SANDBOX_NOT_FOUND", "WORKLOAD_NOT_FOUND",
@@ -122,31 +128,8 @@ _TRANSIENT_CODES: Final = frozenset({"SERVICE_UNAVAILABLE", "WORKLOAD_UNAVAILABL
                                      "GATEWAY_INTERNAL_ERROR", "DATABASE_ERROR", "LOCK_ACQUISITION_FAILED",
                                      "CREATION_TIMEOUT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"})  # fmt: skip
 _TTL: Final = re.compile(r"[1-9][0-9]*[smhdw]")
-_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MARKER: Final = "SANDBOX-EXEC-V1"
 _INLINE_LIMIT: Final = 256 * 1024
 _LIST_PAGE: Final = 100
-
-# The wrapper every command runs in (placeholders already shell-quoted); see the module docstring.
-_WRAPPER: Final = r"""__sbx_d=$(mktemp -d /tmp/.sandbox-exec.XXXXXXXX) || exit 97
-(cd -- {workdir} && exec {command}) <{stdin} >"$__sbx_d/o" 2>"$__sbx_d/e"
-__sbx_rc=$?
-{cleanup}
-__sbx_emit() {{
-  if [ "$(wc -c <"$1")" -le {limit} ]; then printf 'b64 '; base64 <"$1" | tr -d '\n'; printf '\n'; rm -f -- "$1"
-  else printf 'file %s\n' "$1"; fi
-}}
-printf '{marker} %s\n' "$__sbx_rc"
-__sbx_emit "$__sbx_d/o"
-__sbx_emit "$__sbx_d/e"
-rmdir -- "$__sbx_d" 2>/dev/null
-exit 0"""
-
-_LIST_SCRIPT: Final = (
-    'test -d "$1" || { test -e "$1" && { echo "Not a directory" >&2; exit 3; }; exit 2; }; '
-    'find "$1" -mindepth 1 -maxdepth 1 -printf "%f\\0%y\\0%s\\0%m\\0"'
-)
-_KINDS: Final = {"f": "file", "d": "dir", "l": "symlink"}
 
 
 # -- the SDK surface we use, typed ---------------------------------------------------------------
@@ -350,16 +333,6 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _created_at(metadata: Any) -> float | None:
-    text = _text(getattr(metadata, "created_at", None))
-    if text is None:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 # -- session -------------------------------------------------------------------------------------
 
 
@@ -400,21 +373,15 @@ class BlaxelBoxSession:
             raise InvalidRequest("exec needs a non-empty command")
         if timeout is not None and not timeout > 0:
             raise InvalidRequest(f"timeout must be > 0 seconds, not {timeout}")
-        for name in env or {}:
-            if not _ENV_NAME.fullmatch(name):
-                raise InvalidRequest(f"invalid environment variable name {name!r}")
-        stdin_path = "/dev/null"
-        if stdin is not None:
-            stdin_path = f"/tmp/.sandbox-stdin-{secrets.token_hex(8)}"
-            await self._write(stdin_path, stdin)
-        assignments = [f"{k}={v}" for k, v in (env or {}).items()]
-        script = _WRAPPER.format(
-            workdir=shlex.quote(self._path(workdir or ".")),
-            command=shlex.join(["env", "--", *assignments, *argv] if assignments else argv),
-            stdin=shlex.quote(stdin_path),
-            cleanup=f"rm -f -- {shlex.quote(stdin_path)}" if stdin is not None else ":",
-            limit=_INLINE_LIMIT,
-            marker=_MARKER,
+        check_env_names(env or {})
+        stdin_path = await stage_stdin(stdin, self._write)
+        script = exec_script(
+            argv,
+            workdir=self._path(workdir or "."),
+            missing_workdir_is_result=True,
+            stdin_file=stdin_path,
+            env=env,
+            spill_over=_INLINE_LIMIT,
         )
         name = f"sandbox-exec-{secrets.token_hex(6)}"
         request: dict[str, Any] = {"command": shlex.join(["sh", "-c", script]), "name": name, "working_dir": "/"}
@@ -439,27 +406,18 @@ class BlaxelBoxSession:
         return await self._result(str(getattr(done, "stdout", "") or ""))
 
     async def _result(self, stdout: str) -> ExecResult:
-        lines = stdout.splitlines()
-        for i in range(len(lines) - 1, -1, -1):
-            if lines[i].startswith(_MARKER + " ") and i + 2 < len(lines):
-                exit_code = int(lines[i].split()[1])
-                return ExecResult(exit_code, await self._stream(lines[i + 1]), await self._stream(lines[i + 2]))
-        raise ProviderError(f"blaxel: the command wrapper in sandbox {self._name} gave no result")
-
-    async def _stream(self, line: str) -> bytes:
-        kind, _, value = line.partition(" ")
-        if kind == "b64":
-            return base64.b64decode(value)
-        if kind == "file":
-            data = await self.read_file(value)
-            try:
-                await self._sandbox.process.exec(
-                    {"command": f"rm -rf -- {shlex.quote(posixpath.dirname(value))}", "working_dir": "/"}
-                )
-            except Exception:  # best effort: a leftover file in /tmp harms nothing
-                pass
-            return data
-        raise ProviderError(f"blaxel: unexpected command wrapper output {line[:80]!r}")
+        report = parse_exec_report(stdout)
+        if report is None:
+            raise ProviderError(f"blaxel: the command wrapper in sandbox {self._name} gave no result")
+        try:
+            return await report.result(self.read_file)
+        finally:
+            cleanup = report.cleanup_command()
+            if cleanup is not None:
+                try:
+                    await self._sandbox.process.exec({"command": cleanup, "working_dir": "/"})
+                except Exception:  # best effort: a leftover file in /tmp harms nothing
+                    pass
 
     async def read_file(self, path: str) -> bytes:
         """The bytes of a file in the sandbox (relative paths are under the workspace).
@@ -495,24 +453,8 @@ class BlaxelBoxSession:
             InvalidRequest: the path is not a directory.
             BoxNotFound: the sandbox is gone.
         """
-        done = await self.exec(["sh", "-c", _LIST_SCRIPT, "sh", self._path(path)], workdir="/")
-        if done.exit_code == 2:
-            raise PathNotFound(f"no such directory: {path}", path=path)
-        if done.exit_code == 3:
-            raise InvalidRequest(f"{path!r} is not a directory")
-        if done.exit_code != 0:
-            raise ProviderError(f"blaxel: listing {path} failed: {done.stderr.decode(errors='replace').strip()}")
-        fields = done.stdout.split(b"\0")[:-1]
-        entries = [
-            DirEntry(
-                name=fields[i].decode(errors="surrogateescape"),
-                kind=_KINDS.get(fields[i + 1].decode(), "other"),
-                size=int(fields[i + 2]),
-                mode=int(fields[i + 3], 8),
-            )
-            for i in range(0, len(fields) - 3, 4)
-        ]
-        return sorted(entries, key=lambda e: e.name)
+        done = await self.exec(["sh", "-c", LIST_DIR_SCRIPT, "sh", self._path(path)], workdir="/")
+        return dir_listing(done, path, backend="blaxel")
 
     async def path_exists(self, path: str) -> bool:
         """Whether the path exists in the sandbox (a dangling symbolic link counts)."""
@@ -557,10 +499,10 @@ class BlaxelBoxSession:
         if self._created_at is not None:
             identity["createdAt"] = self._created_at
         state: dict[str, Any] = {"sandboxIdentity": identity}
-        if KEY_LABEL in self._labels:
-            state["idempotencyKey"] = self._labels[KEY_LABEL]
-        if LEASE_LABEL in self._labels:
-            state["leaseId"] = self._labels[LEASE_LABEL]
+        if box_labels.KEY in self._labels:
+            state["idempotencyKey"] = self._labels[box_labels.KEY]
+        if box_labels.LEASE_ID in self._labels:
+            state["leaseId"] = self._labels[box_labels.LEASE_ID]
         return Envelope(backend_id=self._provider.backend_id, instance_id=self._name, state=state)
 
     def _path(self, path: str) -> str:
@@ -572,7 +514,7 @@ class BlaxelBoxSession:
 # -- provider ------------------------------------------------------------------------------------
 
 
-class BlaxelProvider:
+class BlaxelProvider(RemoteWorkspaceSnapshots):
     """Blaxel sandboxes as sandbox boxes.
 
     Args:
@@ -587,7 +529,7 @@ class BlaxelProvider:
         self.settings = settings
         self.api: BlaxelApi = api if api is not None else BlaxelSdk(settings)
         self._descriptor = CAPABILITY_DESCRIPTORS[BACKEND]
-        self._workspace = RemoteWorkspace(workspace_root=self._descriptor.workspace_root, home_dir=HOME)
+        self.remote_workspace = RemoteWorkspace(workspace_root=self._descriptor.workspace_root, home_dir=HOME)
 
     @property
     def descriptor(self) -> CapabilityDescriptor:
@@ -613,14 +555,13 @@ class BlaxelProvider:
         """
         if not idempotency_key:
             raise InvalidRequest("an idempotency key is required")
-        for name in spec.environment:
-            if not _ENV_NAME.fullmatch(name):
-                raise InvalidRequest(f"invalid environment variable name {name!r}")
+        check_env_names(spec.environment)
         settings = self.settings
         config: dict[str, Any] = {
             "name": sandbox_name_for_key(idempotency_key),
-            "labels": {LEASE_LABEL: spec.lease_id, KEY_LABEL: idempotency_key, EPOCH_LABEL: str(spec.epoch),
-                       "sandbox.workspace_id": spec.workspace_id, "sandbox.group_id": spec.group_id},
+            "labels": {box_labels.LEASE_ID: spec.lease_id, box_labels.KEY: idempotency_key,
+                       box_labels.EPOCH: str(spec.epoch), "sandbox.workspace_id": spec.workspace_id,
+                       "sandbox.group_id": spec.group_id},
             "envs": [{"name": k, "value": v} for k, v in spec.environment.items()],
         }  # fmt: skip
         image = spec.image or settings.image
@@ -677,7 +618,7 @@ class BlaxelProvider:
     async def list_owned(self) -> list[OwnedBox]:
         """Every live sandbox of the workspace that carries our ``sandbox.key`` label.
 
-        ``labels`` holds the sandbox labels plus ``epoch`` (from ``sandbox.epoch``) for the orphan sweep.
+        ``labels`` holds the sandbox labels, ``sandbox.*`` ones also under their bare names (``epoch``).
         """
         owned: list[OwnedBox] = []
         cursor: str | None = None
@@ -686,14 +627,13 @@ class BlaxelProvider:
                 page = await self.api.list(limit=_LIST_PAGE, cursor=cursor)
                 for sandbox in page.data:
                     labels = _labels(sandbox.metadata)
-                    if KEY_LABEL not in labels or _text(sandbox.status) in _GONE:
+                    if box_labels.KEY not in labels or _text(sandbox.status) in _GONE:
                         continue
                     owned.append(
-                        OwnedBox(
-                            instance_id=str(sandbox.metadata.name),
-                            lease_id=labels.get(LEASE_LABEL),
-                            created_at=_created_at(sandbox.metadata),
-                            labels={**labels, "epoch": labels.get(EPOCH_LABEL, "")},
+                        box_labels.owned_box(
+                            str(sandbox.metadata.name),
+                            labels,
+                            created_at=box_labels.iso_seconds(_text(getattr(sandbox.metadata, "created_at", None))),
                         )
                     )
                 cursor = page.next_cursor if page.has_more else None
@@ -701,22 +641,6 @@ class BlaxelProvider:
                     return owned
         except Exception as err:
             raise _translate(err) from err
-
-    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
-        """Stream a portable tar of ``/workspace`` and ``/root`` (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        async for chunk in self._workspace.capture(session):
-            yield chunk
-
-    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
-        """Replace ``/workspace`` and ``/root`` with the archive (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        await self._workspace.restore(session, chunks)
-
-    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
-        """A metadata-only fingerprint of the workspace (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        return await self._workspace.fingerprint(session)
 
     async def delete_snapshot(self, native_id: str) -> None:
         """Blaxel workspaces are captured as tar archives only; there are no native snapshots to delete."""

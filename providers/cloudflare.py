@@ -67,8 +67,7 @@ import base64
 import hashlib
 import posixpath
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -76,8 +75,9 @@ import httpx
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers import box_labels
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
-from providers.remote_workspace import RemoteWorkspace
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -97,9 +97,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LABEL_EPOCH",
-    "LABEL_KEY",
-    "LABEL_LEASE_ID",
-    "LABEL_MANAGED_BY",
     "CloudflareBoxSession",
     "CloudflareProvider",
     "CloudflareSettings",
@@ -109,11 +106,8 @@ __all__ = [
 ]
 
 BACKEND: Final = "cloudflare"
-LABEL_LEASE_ID: Final = "sandbox.lease_id"
-LABEL_KEY: Final = "sandbox.key"
-LABEL_MANAGED_BY: Final = "sandbox.managed_by"
+#: Sandboxes carry the lease epoch under the bare label ``epoch`` (the others: :mod:`providers.box_labels`).
 LABEL_EPOCH: Final = "epoch"
-MANAGED_BY: Final = "sandbox-runtime"
 
 _KINDS: Final = {"file": "file", "directory": "dir", "symlink": "symlink"}
 _TRANSIENT_CODES: Final = frozenset(
@@ -217,16 +211,6 @@ def _worker_error(response: httpx.Response) -> WorkerError:
     elif response.text:
         message = response.text[:500]
     return WorkerError(response.status_code, code, message)
-
-
-def _created_at(sandbox: Mapping[str, Any]) -> float | None:
-    raw = sandbox.get("createdAt")
-    if not isinstance(raw, str):
-        return None
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 class _WorkerClient:
@@ -456,7 +440,7 @@ def _file_error(err: WorkerError, path: str) -> ProviderError | InvalidRequest:
     return _translate(err)
 
 
-class CloudflareProvider:
+class CloudflareProvider(RemoteWorkspaceSnapshots):
     """Boxes are Cloudflare Sandbox containers driven through a Sandbox Worker (see the module doc).
 
     Args:
@@ -468,7 +452,7 @@ class CloudflareProvider:
     def __init__(self, settings: CloudflareSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
         self._client = _WorkerClient(settings, transport)
-        self._workspace = RemoteWorkspace(workspace_root=self.descriptor.workspace_root, home_dir="/root")
+        self.remote_workspace = RemoteWorkspace(workspace_root=self.descriptor.workspace_root, home_dir="/root")
 
     @property
     def descriptor(self) -> CapabilityDescriptor:
@@ -504,10 +488,10 @@ class CloudflareProvider:
         """
         sandbox_id = sandbox_id_for_key(idempotency_key)
         labels = {
-            LABEL_LEASE_ID: spec.lease_id,
-            LABEL_KEY: idempotency_key,
+            box_labels.LEASE_ID: spec.lease_id,
+            box_labels.KEY: idempotency_key,
             LABEL_EPOCH: str(spec.epoch),
-            LABEL_MANAGED_BY: MANAGED_BY,
+            box_labels.MANAGED_BY: box_labels.MANAGED_BY_US,
         }
         response = await self._client.call(
             "PUT", f"/v1/sandboxes/{sandbox_id}", json={"labels": labels, "envVars": dict(spec.environment)}
@@ -539,36 +523,19 @@ class CloudflareProvider:
 
     async def list_owned(self) -> list[OwnedBox]:
         """Every live sandbox labelled ``sandbox.managed_by=sandbox-runtime``, with its lease id."""
-        response = await self._client.call("GET", "/v1/sandboxes", params={"label": f"{LABEL_MANAGED_BY}={MANAGED_BY}"})
+        response = await self._client.call(
+            "GET", "/v1/sandboxes", params={"label": f"{box_labels.MANAGED_BY}={box_labels.MANAGED_BY_US}"}
+        )
         try:
             sandboxes = response.json()["sandboxes"]
             return [
-                OwnedBox(
-                    instance_id=str(s["id"]),
-                    lease_id=(s.get("labels") or {}).get(LABEL_LEASE_ID),
-                    created_at=_created_at(s),
-                    labels=dict(s.get("labels") or {}),
+                box_labels.owned_box(
+                    str(s["id"]), s.get("labels") or {}, created_at=box_labels.iso_seconds(s.get("createdAt"))
                 )
                 for s in sandboxes
             ]
         except (ValueError, KeyError, TypeError, ValidationError) as err:
             raise ProviderError(f"cloudflare worker answered a malformed sandbox list: {err}") from err
-
-    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
-        """Stream a tar of ``/workspace`` and ``/root`` made by GNU tar in the sandbox."""
-        session = await self.resume(envelope)
-        async for chunk in self._workspace.capture(session):
-            yield chunk
-
-    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
-        """Replace ``/workspace`` and ``/root`` with the archive in ``chunks``."""
-        session = await self.resume(envelope)
-        await self._workspace.restore(session, chunks)
-
-    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
-        """A metadata fingerprint of ``/workspace`` and ``/root`` computed in the sandbox."""
-        session = await self.resume(envelope)
-        return await self._workspace.fingerprint(session)
 
     async def delete_snapshot(self, native_id: str) -> None:
         """Cloudflare sandboxes have no native snapshots (archives are tar-only).

@@ -15,9 +15,9 @@ its access token, kept verbatim in the :class:`Endpoint`), ``create_snapshot(nam
 creates a sandbox from one).
 
 ``process.exec`` answers one text ``result`` (UTF-8) and an exit code, so
-:class:`DaytonaBoxSession.exec` wraps the command: its stdout and stderr go to scratch files and
-come back base64-encoded after a marker, byte-exact and separate. Input for ``stdin`` is uploaded
-to a scratch file first.
+:class:`DaytonaBoxSession.exec` wraps the command in :func:`providers.shell_exec.exec_script`: its
+stdout and stderr go to scratch files and come back base64-encoded in one report line, byte-exact
+and separate. Input for ``stdin`` is uploaded to a scratch file first.
 
 NotFound rule: only the control plane proves a box gone — ``get(id)`` answering 404
 (``DaytonaNotFoundError``) or a sandbox in state ``destroyed``/``destroying``. A toolbox call
@@ -47,8 +47,6 @@ anything else                                         :class:`ProviderError`
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import math
 import posixpath
@@ -56,8 +54,7 @@ import secrets
 import shlex
 import time
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from daytona.common.daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, DaytonaConfig
@@ -79,9 +76,11 @@ from daytona_toolbox_api_client_async import FileInfo
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers import box_labels
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.descriptors import CAPABILITY_DESCRIPTORS
-from providers.remote_workspace import RemoteWorkspace
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.shell_exec import NO_WORKDIR, exec_script, parse_exec_report, stage_stdin
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -112,13 +111,7 @@ __all__ = [
 WORKSPACE_ROOT: Final = "/workspace"
 #: ``BoxSpec.image`` with this prefix names a Daytona snapshot to create the sandbox from.
 SNAPSHOT_IMAGE_PREFIX: Final = "snapshot:"
-LEASE_KEY: Final = "sandbox.lease_id"
-IDEMPOTENCY_KEY: Final = "sandbox.key"
-MANAGED_KEY: Final = "sandbox.managed_by"
-MANAGED_VALUE: Final = "sandbox-runtime"
 
-_EXEC_MARKER: Final = "SANDBOX_DAYTONA_EXEC_V1"
-_NO_WORKDIR: Final = 97
 _LIST_PAGE: Final = 100
 _GONE_STATES: Final = frozenset({"destroyed", "destroying"})
 
@@ -342,36 +335,6 @@ def _box_path(path: str) -> str:
     return posixpath.normpath(posixpath.join(WORKSPACE_ROOT, path))
 
 
-def _exec_script(argv: Sequence[str], workdir: str, stdin_path: str | None) -> str:
-    source = shlex.quote(stdin_path) if stdin_path else "/dev/null"
-    scratch = f"rm -f -- {shlex.quote(stdin_path)}; " if stdin_path else ""
-    return (
-        f"cd -- {shlex.quote(workdir)} 2>/dev/null || {{ {scratch}exit {_NO_WORKDIR}; }}\n"
-        "__o=$(mktemp) && __e=$(mktemp) || exit 125\n"
-        f'{shlex.join(argv)} <{source} >"$__o" 2>"$__e"\n'
-        "__rc=$?\n"
-        f"printf '{_EXEC_MARKER} %s ' \"$__rc\"; base64 -w0 <\"$__o\"; printf ' '; base64 -w0 <\"$__e\"; printf '\\n'\n"
-        f'rm -f -- "$__o" "$__e"; {scratch}exit "$__rc"\n'
-    )
-
-
-def _parse_exec_output(text: str) -> ExecResult | None:
-    at = text.rfind(_EXEC_MARKER + " ")
-    if at < 0:
-        return None
-    fields = text[at:].split("\n", 1)[0].split(" ")
-    if len(fields) != 4:
-        return None
-    try:
-        return ExecResult(
-            exit_code=int(fields[1]),
-            stdout=base64.b64decode(fields[2], validate=True),
-            stderr=base64.b64decode(fields[3], validate=True),
-        )
-    except (ValueError, binascii.Error):
-        return None
-
-
 def _kind(info: FileInfo) -> str:
     if info.mode.startswith("L"):  # Go's FileMode.String() marks symbolic links with L
         return "symlink"
@@ -441,11 +404,8 @@ class DaytonaBoxSession:
         if not cmd:
             raise ProviderError("exec needs a non-empty argv")
         wd = _box_path(workdir or ".")
-        stdin_path = None
-        if stdin is not None:
-            stdin_path = f"/tmp/.sandbox-stdin-{secrets.token_hex(8)}"
-            await self.write_file(stdin_path, stdin)
-        command = shlex.join(["sh", "-c", _exec_script(cmd, wd, stdin_path)])
+        stdin_path = await stage_stdin(stdin, self.write_file)
+        command = shlex.join(["sh", "-c", exec_script(cmd, workdir=wd, stdin_file=stdin_path)])
         started = time.monotonic()
         try:
             done = await self._sandbox.process.exec(
@@ -462,12 +422,12 @@ class DaytonaBoxSession:
             raise await self._failed(err) from err
         except Exception as err:
             raise await self._failed(err) from err
-        result = _parse_exec_output(done.result or "")
-        if result is None:
-            if done.exit_code == _NO_WORKDIR:
+        report = parse_exec_report(done.result or "")
+        if report is None:
+            if done.exit_code == NO_WORKDIR:
                 raise PathNotFound(f"working directory {wd} does not exist in the box", path=wd)
             raise ProviderError(f"Daytona sandbox {self.instance_id} returned no exec report: {done.result[-300:]!r}")
-        return result
+        return await report.result()
 
     async def read_file(self, path: str) -> bytes:
         """Read a whole file.
@@ -560,25 +520,7 @@ def sandbox_name_for_key(idempotency_key: str) -> str:
     return "sbx-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:40]
 
 
-def _labels(labels: Mapping[str, str]) -> dict[str, str]:
-    """The sandbox's labels, with our ``sandbox.*`` keys also under their bare names (``epoch``, ``lease_id``)."""
-    out = dict(labels)
-    for key, value in labels.items():
-        if key.startswith("sandbox."):
-            out.setdefault(key.removeprefix("sandbox."), value)
-    return out
-
-
-def _timestamp(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-class DaytonaProvider:
+class DaytonaProvider(RemoteWorkspaceSnapshots):
     """Boxes on Daytona.
 
     Args:
@@ -592,7 +534,7 @@ class DaytonaProvider:
         self._client = client
         self._owns_client = client is None
         # HOME (/home/daytona for the default user) is not archived: only the workspace persists.
-        self._workspace = RemoteWorkspace(workspace_root=WORKSPACE_ROOT, home_dir=None)
+        self.remote_workspace = RemoteWorkspace(workspace_root=WORKSPACE_ROOT, home_dir=None)
 
     @property
     def descriptor(self) -> CapabilityDescriptor:
@@ -634,11 +576,11 @@ class DaytonaProvider:
         common: dict[str, Any] = {
             "name": sandbox_name_for_key(idempotency_key),
             "labels": {
-                LEASE_KEY: spec.lease_id,
-                IDEMPOTENCY_KEY: idempotency_key,
-                MANAGED_KEY: MANAGED_VALUE,
+                box_labels.LEASE_ID: spec.lease_id,
+                box_labels.KEY: idempotency_key,
+                box_labels.MANAGED_BY: box_labels.MANAGED_BY_US,
                 "sandbox.workspace_id": spec.workspace_id,
-                "sandbox.epoch": str(spec.epoch),
+                box_labels.EPOCH: str(spec.epoch),
             },
             "env_vars": dict(spec.environment),
             "auto_stop_interval": self.settings.auto_stop_interval,
@@ -658,7 +600,7 @@ class DaytonaProvider:
             ProviderAuthError, ProviderQuotaError, ProviderUnavailable, ProviderError: Daytona refused or failed.
         """
         self.settings.check()
-        for sandbox in await self._find({IDEMPOTENCY_KEY: idempotency_key}):
+        for sandbox in await self._find({box_labels.KEY: idempotency_key}):
             try:
                 return await self._started(sandbox)
             except BoxNotFound:
@@ -725,13 +667,8 @@ class DaytonaProvider:
     async def list_owned(self) -> list[OwnedBox]:
         """Live sandboxes this runtime created (label ``sandbox.managed_by``)."""
         return [
-            OwnedBox(
-                instance_id=sandbox.id,
-                lease_id=sandbox.labels.get(LEASE_KEY),
-                created_at=_timestamp(sandbox.created_at),
-                labels=_labels(sandbox.labels),
-            )
-            for sandbox in await self._find({MANAGED_KEY: MANAGED_VALUE})
+            box_labels.owned_box(sandbox.id, sandbox.labels, created_at=box_labels.iso_seconds(sandbox.created_at))
+            for sandbox in await self._find({box_labels.MANAGED_BY: box_labels.MANAGED_BY_US})
         ]
 
     async def aclose(self) -> None:
@@ -739,24 +676,6 @@ class DaytonaProvider:
         if self._owns_client and self._client is not None:
             await self._client.close()
             self._client = None
-
-    # -- workspace snapshots ------------------------------------------------------------------
-
-    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
-        """Stream a tar of ``/workspace`` (member ``workspace/``), built by tar inside the sandbox."""
-        session = await self.resume(envelope)
-        async for chunk in self._workspace.capture(session):
-            yield chunk
-
-    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
-        """Replace ``/workspace`` with the archive streamed by ``chunks`` (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        await self._workspace.restore(session, chunks)
-
-    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
-        """A metadata-only digest of the workspace, or None if the sandbox cannot tell."""
-        session = await self.resume(envelope)
-        return await self._workspace.fingerprint(session)
 
     async def native_snapshot(self, envelope: Envelope, name: str | None = None) -> str:
         """Snapshot the sandbox's filesystem as a Daytona snapshot; returns its name.

@@ -12,9 +12,10 @@ to adopt a box created under the same idempotency key and for :meth:`E2BProvider
 (preview URL ``<port>-<sandbox id>.<domain>``, always TLS on 443).
 
 ``commands.run`` decodes output as UTF-8 text and raises ``CommandExitException`` for a non-zero
-exit, so :class:`E2BBoxSession.exec` wraps the command: it runs with its output redirected to
-scratch files, prints both base64-encoded after one marker and exits with the command's status;
-stdout and stderr come back byte-exact and a non-zero exit is an :class:`ExecResult`, not an error.
+exit, so :class:`E2BBoxSession.exec` wraps the command in :func:`providers.shell_exec.exec_script`:
+it runs with its output redirected to scratch files, and the wrapper prints the exit status and both
+streams base64-encoded in one report line and exits 0; stdout and stderr come back byte-exact and a
+non-zero exit is an :class:`ExecResult`, not an error.
 Input for ``stdin`` is uploaded to a scratch file first. A command with a timeout also runs under
 ``timeout -s KILL`` a few seconds past it, so it cannot outlive the SDK's deadline for long.
 
@@ -45,15 +46,11 @@ anything else (``InvalidArgumentException``, ...)      :class:`ProviderError`
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import posixpath
-import secrets
-import shlex
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast
 
@@ -80,9 +77,11 @@ from e2b.sandbox.commands.command_handle import CommandResult
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers import box_labels
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.descriptors import CAPABILITY_DESCRIPTORS
-from providers.remote_workspace import RemoteWorkspace
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.shell_exec import MARKER, NO_WORKDIR, exec_script, parse_exec_report, stage_stdin
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -114,14 +113,7 @@ __all__ = [
 WORKSPACE_ROOT: Final = "/home/user"
 #: Prefix of a native snapshot reference (upstream ``E2B_SANDBOX_SNAPSHOT_V1``).
 E2B_SNAPSHOT_REF_PREFIX: Final = b"E2B_SANDBOX_SNAPSHOT_V1\n"
-#: Metadata keys recorded on every sandbox we create.
-LEASE_KEY: Final = "sandbox.lease_id"
-IDEMPOTENCY_KEY: Final = "sandbox.key"
-MANAGED_KEY: Final = "sandbox.managed_by"
-MANAGED_VALUE: Final = "sandbox-runtime"
 
-_EXEC_MARKER: Final = "SANDBOX_E2B_EXEC_V1"
-_NO_WORKDIR: Final = 97  # exit status of the wrapper when the working directory is missing
 _KILL_GRACE_SECONDS: Final = 5
 _LIST_PAGE: Final = 100
 _KINDS: Final = {FileType.FILE: "file", FileType.DIR: "dir", FileType.SYMLINK: "symlink"}
@@ -337,38 +329,6 @@ def _box_path(path: str) -> str:
     return posixpath.normpath(posixpath.join(WORKSPACE_ROOT, path))
 
 
-def _exec_script(argv: Sequence[str], workdir: str, timeout: float | None, stdin_path: str | None) -> str:
-    """The bash line that runs ``argv`` and reports its output byte-exact (see the module docstring)."""
-    guard = f"timeout -s KILL {int(timeout) + _KILL_GRACE_SECONDS} " if timeout else ""
-    source = shlex.quote(stdin_path) if stdin_path else "/dev/null"
-    scratch = f"rm -f -- {shlex.quote(stdin_path)}; " if stdin_path else ""
-    return (
-        f"cd -- {shlex.quote(workdir)} 2>/dev/null || {{ {scratch}exit {_NO_WORKDIR}; }}\n"
-        "__o=$(mktemp) && __e=$(mktemp) || exit 125\n"
-        f'{guard}{shlex.join(argv)} <{source} >"$__o" 2>"$__e"\n'
-        "__rc=$?\n"
-        f"printf '{_EXEC_MARKER} %s ' \"$__rc\"; base64 -w0 <\"$__o\"; printf ' '; base64 -w0 <\"$__e\"; printf '\\n'\n"
-        f'rm -f -- "$__o" "$__e"; {scratch}exit "$__rc"\n'
-    )
-
-
-def _parse_exec_output(stdout: str) -> ExecResult | None:
-    at = stdout.rfind(_EXEC_MARKER + " ")
-    if at < 0:
-        return None
-    fields = stdout[at:].split("\n", 1)[0].split(" ")
-    if len(fields) != 4:
-        return None
-    try:
-        return ExecResult(
-            exit_code=int(fields[1]),
-            stdout=base64.b64decode(fields[2], validate=True),
-            stderr=base64.b64decode(fields[3], validate=True),
-        )
-    except (ValueError, binascii.Error):
-        return None
-
-
 class E2BBoxSession:
     """A connected E2B sandbox. Relative paths are under ``/home/user``; absolute paths are allowed."""
 
@@ -413,11 +373,9 @@ class E2BBoxSession:
         if not cmd:
             raise ProviderError("exec needs a non-empty argv")
         wd = _box_path(workdir or ".")
-        stdin_path = None
-        if stdin is not None:
-            stdin_path = f"/tmp/.sandbox-stdin-{secrets.token_hex(8)}"
-            await self.write_file(stdin_path, stdin)
-        script = _exec_script(cmd, wd, timeout, stdin_path)
+        stdin_path = await stage_stdin(stdin, self.write_file)
+        guard = int(timeout) + _KILL_GRACE_SECONDS if timeout else None
+        script = exec_script(cmd, workdir=wd, stdin_file=stdin_path, kill_after=guard)
         started = time.monotonic()
         try:
             done = await self._sandbox.commands.run(
@@ -429,7 +387,7 @@ class E2BBoxSession:
             stdout = done.stdout
         except CommandExitException as err:
             stdout = err.stdout or ""
-            if err.exit_code == _NO_WORKDIR and _EXEC_MARKER not in stdout:
+            if err.exit_code == NO_WORKDIR and MARKER not in stdout:
                 raise PathNotFound(f"working directory {wd} does not exist in the box", path=wd) from None
         except TimeoutException as err:
             if timeout and not isinstance(err, SandboxNotRunningException) and time.monotonic() - started >= timeout:
@@ -439,10 +397,10 @@ class E2BBoxSession:
             raise await self._failed(err) from err
         except Exception as err:
             raise await self._failed(err) from err
-        result = _parse_exec_output(stdout)
-        if result is None:
+        report = parse_exec_report(stdout)
+        if report is None:
             raise ProviderError(f"E2B sandbox {self.instance_id} returned no exec report: {stdout[-300:]!r}")
-        return result
+        return await report.result()
 
     async def read_file(self, path: str) -> bytes:
         """Read a whole file.
@@ -527,21 +485,12 @@ def _idempotency_header(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _labels(metadata: Mapping[str, str]) -> dict[str, str]:
-    """The sandbox's metadata, with our ``sandbox.*`` keys also under their bare names (``epoch``, ``lease_id``)."""
-    labels = dict(metadata)
-    for key, value in metadata.items():
-        if key.startswith("sandbox."):
-            labels.setdefault(key.removeprefix("sandbox."), value)
-    return labels
-
-
 def _created_at(info: SandboxInfo) -> float | None:
     started = info.started_at
     return started.timestamp() if isinstance(started, datetime) else None
 
 
-class E2BProvider:
+class E2BProvider(RemoteWorkspaceSnapshots):
     """Boxes on E2B.
 
     Args:
@@ -556,7 +505,7 @@ class E2BProvider:
 
             sdk = cast(E2BSdk, AsyncSandbox)
         self.sdk = sdk
-        self._workspace = RemoteWorkspace(workspace_root=WORKSPACE_ROOT, home_dir=None)
+        self.remote_workspace = RemoteWorkspace(workspace_root=WORKSPACE_ROOT, home_dir=None)
 
     @property
     def descriptor(self) -> CapabilityDescriptor:
@@ -601,7 +550,7 @@ class E2BProvider:
             ProviderAuthError, ProviderQuotaError, ProviderUnavailable, ProviderError: E2B refused or failed.
         """
         self.settings.check()
-        for info in await self._find({IDEMPOTENCY_KEY: idempotency_key}):
+        for info in await self._find({box_labels.KEY: idempotency_key}):
             try:
                 return await self._connect(info.sandbox_id)
             except BoxNotFound:
@@ -614,11 +563,11 @@ class E2BProvider:
                 template=spec.image or self.settings.template,
                 timeout=self.settings.timeout_seconds,
                 metadata={
-                    LEASE_KEY: spec.lease_id,
-                    IDEMPOTENCY_KEY: idempotency_key,
-                    MANAGED_KEY: MANAGED_VALUE,
+                    box_labels.LEASE_ID: spec.lease_id,
+                    box_labels.KEY: idempotency_key,
+                    box_labels.MANAGED_BY: box_labels.MANAGED_BY_US,
                     "sandbox.workspace_id": spec.workspace_id,
-                    "sandbox.epoch": str(spec.epoch),
+                    box_labels.EPOCH: str(spec.epoch),
                 },
                 envs=dict(spec.environment),
                 allow_internet_access=self.settings.allow_internet_access,
@@ -667,35 +616,12 @@ class E2BProvider:
     async def list_owned(self) -> list[OwnedBox]:
         """Running and paused sandboxes this runtime created (metadata ``sandbox.managed_by``)."""
         return [
-            OwnedBox(
-                instance_id=info.sandbox_id,
-                lease_id=info.metadata.get(LEASE_KEY),
-                created_at=_created_at(info),
-                labels=_labels(info.metadata),
-            )
-            for info in await self._find({MANAGED_KEY: MANAGED_VALUE})
+            box_labels.owned_box(info.sandbox_id, info.metadata, created_at=_created_at(info))
+            for info in await self._find({box_labels.MANAGED_BY: box_labels.MANAGED_BY_US})
         ]
 
     async def aclose(self) -> None:
         """Nothing to release: the SDK's connection pools are process-wide."""
-
-    # -- workspace snapshots ------------------------------------------------------------------
-
-    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
-        """Stream a tar of ``/home/user`` (member ``workspace/``), built by tar inside the sandbox."""
-        session = await self.resume(envelope)
-        async for chunk in self._workspace.capture(session):
-            yield chunk
-
-    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
-        """Replace ``/home/user`` with the archive streamed by ``chunks`` (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        await self._workspace.restore(session, chunks)
-
-    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
-        """A metadata-only digest of ``/home/user``, or None if the sandbox cannot tell."""
-        session = await self.resume(envelope)
-        return await self._workspace.fingerprint(session)
 
     async def native_snapshot(self, envelope: Envelope) -> str:
         """Take an E2B snapshot of the sandbox and return its id (pass it as ``BoxSpec.image`` to restore).

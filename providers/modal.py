@@ -71,12 +71,13 @@ import math
 import posixpath
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, cast
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers import box_labels
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.descriptors import (
     BROWSER_CONTROL_PORT,
@@ -85,7 +86,7 @@ from providers.descriptors import (
     CapabilityDescriptor,
     select_backend,
 )
-from providers.remote_workspace import RemoteWorkspace
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -106,8 +107,6 @@ if TYPE_CHECKING:
     from sandbox.settings import Settings
 
 __all__ = [
-    "KEY_TAG",
-    "LEASE_TAG",
     "ModalBoxSession",
     "ModalProvider",
     "ModalSdk",
@@ -117,8 +116,6 @@ __all__ = [
 ]
 
 BACKEND: Final = "modal"
-LEASE_TAG: Final = "sandbox.lease_id"
-KEY_TAG: Final = "sandbox.key"
 CREATED_TAG: Final = "sandbox.created_at"
 HOME_DIR: Final = "/root"
 SCRATCH_DIR: Final = "/tmp"
@@ -595,7 +592,7 @@ def _sandbox_name(idempotency_key: str) -> str:
 # -- the provider ----------------------------------------------------------------------------------
 
 
-class ModalProvider:
+class ModalProvider(RemoteWorkspaceSnapshots):
     """Modal Sandboxes as boxes.
 
     Args:
@@ -622,7 +619,7 @@ class ModalProvider:
         self._client_ready = False
         self._app: ModalApp | None = None
         self._setup_lock = asyncio.Lock()
-        self._workspace = RemoteWorkspace(
+        self.remote_workspace = RemoteWorkspace(
             workspace_root=self.descriptor.workspace_root, home_dir=HOME_DIR, scratch_dir=SCRATCH_DIR
         )
 
@@ -754,15 +751,14 @@ class ModalProvider:
                     if isinstance(translated, BoxNotFound):
                         continue  # it finished while we listed
                     raise
-                if LEASE_TAG not in tags:
+                if box_labels.LEASE_ID not in tags:
                     continue
                 created = tags.get(CREATED_TAG)
                 owned.append(
-                    OwnedBox(
-                        instance_id=sandbox.object_id,
-                        lease_id=tags[LEASE_TAG],
+                    box_labels.owned_box(
+                        sandbox.object_id,
+                        tags,
                         created_at=float(created) if created and _is_number(created) else None,
-                        labels=_labels(tags),
                     )
                 )
         except ProviderError:
@@ -779,38 +775,16 @@ class ModalProvider:
         self._client_ready = False
         self._app = None
 
-    # -- workspace snapshots --------------------------------------------------------------------
+    @property
+    def native_workspace_snapshots(self) -> bool:
+        """Whether leases persist this provider's workspaces as Modal directory snapshots.
 
-    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
-        """Stream a portable tar of the box's workspace and ``/root`` (made by GNU tar in the box).
-
-        Raises (while iterating):
-            BoxNotFound: the box is gone.
-            ProviderError: tar failed in the box.
+        True for ``SANDBOX_MODAL_WORKSPACE_PERSISTENCE=snapshot_directory``: the lease snapshots the
+        workspace root and mounts it back on restore; HOME is not kept. ``snapshot_filesystem`` images
+        can only seed a new box (``BoxSpec.image``), which the lease does not do, so with it (and with
+        ``tar``) the lease keeps portable tar archives.
         """
-        session = await self.resume(envelope)
-        async for chunk in self._workspace.capture(session):
-            yield chunk
-
-    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
-        """Replace the box's workspace and ``/root`` with a portable tar (staged, then swapped in).
-
-        Raises:
-            BoxNotFound: the box is gone.
-            ArchiveCorrupt: the stream is not a workspace archive.
-            ProviderUnavailable: extraction failed in the box.
-        """
-        session = await self.resume(envelope)
-        await self._workspace.restore(session, chunks)
-
-    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
-        """A digest of the workspace tree's metadata, computed in the box; None if it cannot tell.
-
-        Raises:
-            BoxNotFound: the box is gone.
-        """
-        session = await self.resume(envelope)
-        return await self._workspace.fingerprint(session)
+        return self._settings.workspace_persistence == "snapshot_directory"
 
     async def snapshot_native(
         self,
@@ -934,7 +908,7 @@ class ModalProvider:
 
     async def _adopt(self, sdk: ModalSdk, client: Any | None, app: ModalApp, key: str) -> ModalSandbox | None:
         try:
-            async for sandbox in sdk.Sandbox.list.aio(app_id=app.app_id, tags={KEY_TAG: key}, client=client):
+            async for sandbox in sdk.Sandbox.list.aio(app_id=app.app_id, tags={box_labels.KEY: key}, client=client):
                 if sandbox.returncode is None:
                     return sandbox
         except Exception as err:
@@ -964,10 +938,10 @@ class ModalProvider:
 
         name = _sandbox_name(key)
         tags = {
-            LEASE_TAG: spec.lease_id,
-            KEY_TAG: key,
+            box_labels.LEASE_ID: spec.lease_id,
+            box_labels.KEY: key,
             CREATED_TAG: str(int(time.time())),
-            "sandbox.epoch": str(spec.epoch),
+            box_labels.EPOCH: str(spec.epoch),
             "sandbox.workspace_id": spec.workspace_id,
             "sandbox.group_id": spec.group_id,
         }
@@ -1275,15 +1249,6 @@ class ModalBoxSession:
 
 
 _KIND: Final = {"file": "file", "directory": "dir", "symlink": "symlink"}
-
-
-def _labels(tags: Mapping[str, str]) -> dict[str, str]:
-    """The tags, plus each ``sandbox.<name>`` tag under its bare ``<name>`` (``epoch``, ``lease_id``, ...)."""
-    labels = dict(tags)
-    for key, value in tags.items():
-        if key.startswith("sandbox."):
-            labels.setdefault(key.removeprefix("sandbox."), value)
-    return labels
 
 
 def _as_bytes(data: bytes | str) -> bytes:

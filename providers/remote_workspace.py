@@ -5,7 +5,8 @@ Blaxel, Vercel, Cloudflare) capture and restore workspaces through the box's com
 API: :class:`RemoteWorkspace` runs GNU tar inside the box into a scratch file, downloads it with
 the box's binary file read, and for a restore uploads the archive, extracts it into a staging
 directory and only then swaps it in, so a failed or corrupt restore leaves the box's tree as it
-was.
+was. Providers mix in :class:`RemoteWorkspaceSnapshots` for their ``capture_workspace``,
+``restore_workspace`` and ``workspace_fingerprint`` (resume the box, then delegate).
 
 The archive has the same layout as the local provider's (:mod:`providers.workspace_archive`): a
 POSIX (pax) tar, members in name order, numeric owners, no access or change times, top-level
@@ -27,11 +28,11 @@ import tarfile
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
-from providers.base import BoxSession
+from providers.base import BoxSession, Envelope
 from providers.workspace_archive import CHUNK_SIZE, ZSTD_MAGIC
 from sandbox.errors import ArchiveCorrupt, ProviderError, ProviderUnavailable, SandboxConfigError
 
-__all__ = ["FINGERPRINT_PREFIX", "RemoteWorkspace"]
+__all__ = ["FINGERPRINT_PREFIX", "RemoteWorkspace", "RemoteWorkspaceSnapshots"]
 
 FINGERPRINT_PREFIX: Final = "rw1:"
 _CAPTURE_ATTEMPTS: Final = 3
@@ -181,6 +182,58 @@ class RemoteWorkspace:
         if done.exit_code != 0 or len(digest) != 64:
             return None
         return FINGERPRINT_PREFIX + digest
+
+
+class RemoteWorkspaceSnapshots:
+    """The workspace-snapshot methods of a provider whose boxes are archived by :class:`RemoteWorkspace`.
+
+    A provider class mixes this in and sets ``remote_workspace``; each method resumes the box of
+    the envelope (the provider's own ``resume``) and delegates to the :class:`RemoteWorkspace` that
+    :meth:`workspace_of` picks for that box (``remote_workspace`` unless a provider overrides it,
+    e.g. to ask the box where its HOME is).
+    """
+
+    remote_workspace: RemoteWorkspace
+
+    async def resume(self, envelope: Envelope) -> BoxSession:
+        """Find the box of ``envelope`` again (the provider's own method)."""
+        raise NotImplementedError
+
+    async def workspace_of(self, session: BoxSession) -> RemoteWorkspace:
+        """The :class:`RemoteWorkspace` that archives ``session``'s box."""
+        del session
+        return self.remote_workspace
+
+    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
+        """Stream a portable tar of the box's workspace (and HOME), made by GNU tar in the box.
+
+        Raises (while iterating):
+            BoxNotFound: the box is gone.
+            ProviderError: tar failed in the box.
+        """
+        session = await self.resume(envelope)
+        async for chunk in (await self.workspace_of(session)).capture(session):
+            yield chunk
+
+    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
+        """Replace the box's workspace (and HOME) with the archive in ``chunks`` (staged, then swapped in).
+
+        Raises:
+            BoxNotFound: the box is gone.
+            ArchiveCorrupt: the stream is not a workspace archive.
+            ProviderUnavailable: extraction failed in the box.
+        """
+        session = await self.resume(envelope)
+        await (await self.workspace_of(session)).restore(session, chunks)
+
+    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
+        """A digest of the workspace tree's metadata, computed in the box; None if it cannot tell.
+
+        Raises:
+            BoxNotFound: the box is gone.
+        """
+        session = await self.resume(envelope)
+        return await (await self.workspace_of(session)).fingerprint(session)
 
 
 async def _remove(session: BoxSession, path: str) -> None:

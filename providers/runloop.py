@@ -19,10 +19,11 @@ and is not shut down (suspended ones are resumed). Devboxes run as root (``user_
 workspace is ``/workspace`` and HOME is ``/root``, as on every other backend.
 
 Exec: Runloop runs a command *string* in a login shell and returns stdout/stderr as JSON text (the
-last 100 lines). Commands therefore go through a small POSIX wrapper: argv is shell-quoted, the
-output goes to files in the devbox, and the wrapper prints the exit status and base64 of each
-stream (or, for a stream larger than 256 KiB, the file's path, downloaded with ``download_file``),
-so output is byte-exact and never truncated. stdin is uploaded to a file first.
+last 100 lines). Commands therefore go through the POSIX wrapper of
+:func:`providers.shell_exec.exec_script`: argv is shell-quoted, the output goes to files in the
+devbox, and the wrapper prints the exit status and base64 of each stream (or, for a stream larger
+than 256 KiB, the file's path, downloaded with ``download_file``), so output is byte-exact and never
+truncated. stdin is uploaded to a file first.
 
 NotFound rule: Runloop answers ``GET /v1/devboxes/{id}`` with 404 for an id it never had, but keeps
 a shut-down devbox, with status ``shutdown`` (or ``failure``). Both prove the box is gone
@@ -56,15 +57,11 @@ takes a native disk snapshot (ref ``RUNLOOP_SANDBOX_SNAPSHOT_V1\\n{"snapshot_id"
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import posixpath
-import re
-import secrets
-import shlex
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -72,8 +69,17 @@ import httpx
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers import box_labels
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
-from providers.remote_workspace import RemoteWorkspace
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.shell_exec import (
+    LIST_DIR_SCRIPT,
+    check_env_names,
+    dir_listing,
+    exec_script,
+    parse_exec_report,
+    stage_stdin,
+)
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -108,40 +114,12 @@ __all__ = [
 BACKEND: Final = "runloop"
 SNAPSHOT_REF_PREFIX: Final = "RUNLOOP_SANDBOX_SNAPSHOT_V1\n"
 HOME: Final = "/root"
-KEY_LABEL: Final = "sandbox.key"
-LEASE_LABEL: Final = "sandbox.lease_id"
-EPOCH_LABEL: Final = "sandbox.epoch"
 
 _TERMINAL: Final = frozenset({"shutdown", "failure"})
 _SUSPENDED: Final = frozenset({"suspending", "suspended"})
-_MARKER: Final = "SANDBOX-EXEC-V1"
 _INLINE_LIMIT: Final = 256 * 1024
 _LONG_POLL_MAX: Final = 25
 _LIST_PAGE: Final = 100
-_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-# The wrapper every command runs in. Placeholders (already shell-quoted): WORKDIR, COMMAND, STDIN.
-# A stream up to _INLINE_LIMIT bytes is printed as base64 on one line; a larger one stays in its
-# file, whose path is printed instead, for download_file.
-_WRAPPER: Final = r"""__sbx_d=$(mktemp -d /tmp/.sandbox-exec.XXXXXXXX) || exit 97
-(cd -- {workdir} && exec {command}) <{stdin} >"$__sbx_d/o" 2>"$__sbx_d/e"
-__sbx_rc=$?
-{cleanup}
-__sbx_emit() {{
-  if [ "$(wc -c <"$1")" -le {limit} ]; then printf 'b64 '; base64 <"$1" | tr -d '\n'; printf '\n'; rm -f -- "$1"
-  else printf 'file %s\n' "$1"; fi
-}}
-printf '{marker} %s\n' "$__sbx_rc"
-__sbx_emit "$__sbx_d/o"
-__sbx_emit "$__sbx_d/e"
-rmdir -- "$__sbx_d" 2>/dev/null
-exit 0"""
-
-_LIST_SCRIPT: Final = (
-    'test -d "$1" || { test -e "$1" && { echo "Not a directory" >&2; exit 3; }; exit 2; }; '
-    'find "$1" -mindepth 1 -maxdepth 1 -printf "%f\\0%y\\0%s\\0%m\\0"'
-)
-_KINDS: Final = {"f": "file", "d": "dir", "l": "symlink"}
 
 
 class RunloopSettings(BaseSettings):
@@ -280,8 +258,8 @@ class RunloopBoxSession:
     def __init__(self, provider: RunloopProvider, devbox: DevboxView, *, idempotency_key: str | None) -> None:
         self._provider = provider
         self._id = devbox.id
-        self._key = idempotency_key if idempotency_key is not None else devbox.metadata.get(KEY_LABEL)
-        self._lease_id = devbox.metadata.get(LEASE_LABEL)
+        self._key = idempotency_key if idempotency_key is not None else devbox.metadata.get(box_labels.KEY)
+        self._lease_id = devbox.metadata.get(box_labels.LEASE_ID)
         self._tunnel_key = devbox.tunnel.tunnel_key if devbox.tunnel is not None else None
 
     @property
@@ -310,23 +288,16 @@ class RunloopBoxSession:
             raise InvalidRequest("exec needs a non-empty command")
         if timeout is not None and not timeout > 0:
             raise InvalidRequest(f"timeout must be > 0 seconds, not {timeout}")
-        for name in env or {}:
-            if not _ENV_NAME.fullmatch(name):
-                raise InvalidRequest(f"invalid environment variable name {name!r}")
+        check_env_names(env or {})
         client = self._provider.client
-        stdin_path = "/dev/null"
-        if stdin is not None:
-            stdin_path = f"/tmp/.sandbox-stdin-{secrets.token_hex(8)}"
-            await self._upload(stdin_path, stdin)
-        assignments = [f"{k}={v}" for k, v in (env or {}).items()]
-        command = shlex.join(["env", "--", *assignments, *argv] if assignments else argv)
-        script = _WRAPPER.format(
-            workdir=shlex.quote(self._path(workdir or ".")),
-            command=command,
-            stdin=shlex.quote(stdin_path),
-            cleanup=f"rm -f -- {shlex.quote(stdin_path)}" if stdin is not None else ":",
-            limit=_INLINE_LIMIT,
-            marker=_MARKER,
+        stdin_path = await stage_stdin(stdin, self._upload)
+        script = exec_script(
+            argv,
+            workdir=self._path(workdir or "."),
+            missing_workdir_is_result=True,
+            stdin_file=stdin_path,
+            env=env,
+            spill_over=_INLINE_LIMIT,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -371,31 +342,20 @@ class RunloopBoxSession:
             raise await self._provider._classify(self._id, err) from err
 
     async def _result(self, stdout: str, truncated: bool) -> ExecResult:
-        lines = stdout.splitlines()
-        for i in range(len(lines) - 1, -1, -1):
-            if lines[i].startswith(_MARKER + " ") and i + 2 < len(lines):
-                exit_code = int(lines[i].split()[1])
-                out = await self._stream(lines[i + 1])
-                err = await self._stream(lines[i + 2])
-                return ExecResult(exit_code=exit_code, stdout=out, stderr=err)
-        hint = " (Runloop truncated the output)" if truncated else ""
-        raise ProviderError(f"runloop: the command wrapper in devbox {self._id} gave no result{hint}")
-
-    async def _stream(self, line: str) -> bytes:
-        kind, _, value = line.partition(" ")
-        if kind == "b64":
-            return base64.b64decode(value)
-        if kind == "file":
-            data = await self.read_file(value)
-            await self._remove(value)
-            return data
-        raise ProviderError(f"runloop: unexpected command wrapper output {line[:80]!r}")
-
-    async def _remove(self, path: str) -> None:
+        report = parse_exec_report(stdout)
+        if report is None:
+            hint = " (Runloop truncated the output)" if truncated else ""
+            raise ProviderError(f"runloop: the command wrapper in devbox {self._id} gave no result{hint}")
         try:
-            execution = await self._provider.client.devboxes.execute_async(
-                self._id, command=f"rm -f -- {shlex.quote(path)}; rmdir -- {shlex.quote(posixpath.dirname(path))}"
-            )
+            return await report.result(self.read_file)
+        finally:
+            cleanup = report.cleanup_command()
+            if cleanup is not None:
+                await self._discard(cleanup)
+
+    async def _discard(self, command: str) -> None:
+        try:
+            execution = await self._provider.client.devboxes.execute_async(self._id, command=command)
             del execution  # best effort cleanup of /tmp; no need to wait for it
         except Exception:  # a leftover file in /tmp harms nothing
             pass
@@ -438,24 +398,8 @@ class RunloopBoxSession:
             InvalidRequest: the path is not a directory.
             BoxNotFound: the devbox is gone.
         """
-        done = await self.exec(["sh", "-c", _LIST_SCRIPT, "sh", self._path(path)], workdir="/")
-        if done.exit_code == 2:
-            raise PathNotFound(f"no such directory: {path}", path=path)
-        if done.exit_code == 3:
-            raise InvalidRequest(f"{path!r} is not a directory")
-        if done.exit_code != 0:
-            raise ProviderError(f"runloop: listing {path} failed: {done.stderr.decode(errors='replace').strip()}")
-        fields = done.stdout.split(b"\0")[:-1]
-        entries = [
-            DirEntry(
-                name=fields[i].decode(errors="surrogateescape"),
-                kind=_KINDS.get(fields[i + 1].decode(), "other"),
-                size=int(fields[i + 2]),
-                mode=int(fields[i + 3], 8),
-            )
-            for i in range(0, len(fields) - 3, 4)
-        ]
-        return sorted(entries, key=lambda e: e.name)
+        done = await self.exec(["sh", "-c", LIST_DIR_SCRIPT, "sh", self._path(path)], workdir="/")
+        return dir_listing(done, path, backend="runloop")
 
     async def path_exists(self, path: str) -> bool:
         """Whether the path exists in the devbox (a dangling symbolic link counts)."""
@@ -500,7 +444,7 @@ class RunloopBoxSession:
         return posixpath.normpath(posixpath.join(root, path))
 
 
-class RunloopProvider:
+class RunloopProvider(RemoteWorkspaceSnapshots):
     """Runloop devboxes as sandbox boxes.
 
     Args:
@@ -516,7 +460,7 @@ class RunloopProvider:
         self._client = client
         self._owns_client = client is None
         self._descriptor = CAPABILITY_DESCRIPTORS[BACKEND]
-        self._workspace = RemoteWorkspace(workspace_root=self._descriptor.workspace_root, home_dir=HOME)
+        self.remote_workspace = RemoteWorkspace(workspace_root=self._descriptor.workspace_root, home_dir=HOME)
 
     @property
     def descriptor(self) -> CapabilityDescriptor:
@@ -559,9 +503,7 @@ class RunloopProvider:
 
         if not idempotency_key:
             raise InvalidRequest("an idempotency key is required")
-        for name in spec.environment:
-            if not _ENV_NAME.fullmatch(name):
-                raise InvalidRequest(f"invalid environment variable name {name!r}")
+        check_env_names(spec.environment)
         try:
             existing = await self._find(idempotency_key)
             if existing is not None:
@@ -589,11 +531,11 @@ class RunloopProvider:
         params: dict[str, Any] = {
             "name": f"sandbox-{spec.workspace_id}-{spec.group_id}"[:120],
             "metadata": {
-                KEY_LABEL: key,
-                LEASE_LABEL: spec.lease_id,
+                box_labels.KEY: key,
+                box_labels.LEASE_ID: spec.lease_id,
                 "sandbox.workspace_id": spec.workspace_id,
                 "sandbox.group_id": spec.group_id,
-                EPOCH_LABEL: str(spec.epoch),
+                box_labels.EPOCH: str(spec.epoch),
             },
             "environment_variables": dict(spec.environment),
         }
@@ -615,7 +557,7 @@ class RunloopProvider:
     async def _find(self, key: str) -> DevboxView | None:
         newest: DevboxView | None = None
         async for devbox in self.client.devboxes.list(limit=_LIST_PAGE):
-            if devbox.metadata.get(KEY_LABEL) == key and devbox.status not in _TERMINAL:
+            if devbox.metadata.get(box_labels.KEY) == key and devbox.status not in _TERMINAL:
                 if newest is None or devbox.create_time_ms > newest.create_time_ms:
                     newest = devbox
         return newest
@@ -667,42 +609,17 @@ class RunloopProvider:
     async def list_owned(self) -> list[OwnedBox]:
         """Every devbox that is not shut down and carries our ``sandbox.key`` metadata.
 
-        ``labels`` is the devbox metadata plus ``epoch`` (from ``sandbox.epoch``) for the orphan sweep.
+        ``labels`` is the devbox metadata, ``sandbox.*`` keys also under their bare names (``epoch``).
         """
         owned: list[OwnedBox] = []
         try:
             async for devbox in self.client.devboxes.list(limit=_LIST_PAGE):
-                if devbox.status in _TERMINAL or KEY_LABEL not in devbox.metadata:
+                if devbox.status in _TERMINAL or box_labels.KEY not in devbox.metadata:
                     continue
-                owned.append(
-                    OwnedBox(
-                        instance_id=devbox.id,
-                        lease_id=devbox.metadata.get(LEASE_LABEL),
-                        created_at=devbox.create_time_ms / 1000,
-                        labels={**devbox.metadata, "epoch": devbox.metadata.get(EPOCH_LABEL, "")},
-                    )
-                )
+                owned.append(box_labels.owned_box(devbox.id, devbox.metadata, created_at=devbox.create_time_ms / 1000))
         except Exception as err:
             raise _translate(err) from err
         return owned
-
-    # -- workspace snapshots --------------------------------------------------------------------
-
-    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
-        """Stream a portable tar of ``/workspace`` and ``/root`` (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        async for chunk in self._workspace.capture(session):
-            yield chunk
-
-    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
-        """Replace ``/workspace`` and ``/root`` with the archive (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        await self._workspace.restore(session, chunks)
-
-    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
-        """A metadata-only fingerprint of the workspace (see :class:`RemoteWorkspace`)."""
-        session = await self.resume(envelope)
-        return await self._workspace.fingerprint(session)
 
     async def snapshot_disk(self, envelope: Envelope, *, name: str | None = None) -> str:
         """Take a native disk snapshot of the devbox and return its reference text.

@@ -10,13 +10,13 @@ SDK calls (all async, on one ``vercel.sandbox.SandboxClient`` built with explici
   ``epoch`` and ``sandbox.managed_by=sandbox-runtime`` record the owner.
 - resume: ``get_sandbox(name=...)``; the envelope keeps ``createdAt`` too, so a sandbox re-created
   under the same name after a terminate is not mistaken for the old one (``BoxNotFound``).
-- exec: ``Sandbox.run_process("sh", ["-c", wrapper, "sh", *argv], cwd, env, kill_after,
-  capture_output=True, input=stdin)``. Vercel streams process output as JSON text, which cannot
-  carry arbitrary bytes, so a small ``sh`` wrapper sends the command's stdout and stderr to files in
-  ``/tmp`` and prints them base64-encoded with the exit code: exec output is binary safe (it needs
-  ``sh`` and GNU ``base64`` in the image, and leaves empty ``/tmp/.sandbox-exec-<pid>.*`` files). The timeout is
-  enforced here (the process is killed with ``Process.kill()``); ``kill_after`` is a server-side
-  backstop a little later.
+- exec: ``Sandbox.run_process("sh", ["-c", wrapper], cwd, env, kill_after, capture_output=True,
+  input=stdin)``. Vercel streams process output as JSON text, which cannot carry arbitrary bytes, so
+  the wrapper of :func:`providers.shell_exec.exec_script` sends the command's stdout and stderr to
+  files in ``/tmp`` and prints them base64-encoded with the exit code: exec output is binary safe
+  (it needs ``sh``, ``mktemp``, ``base64`` and ``tr`` in the image). The timeout is enforced here
+  (the process is killed with ``Process.kill()``); ``kill_after`` is a server-side backstop a little
+  later.
 - files: ``fs.read_bytes`` / ``fs.write_bytes``; listings and existence checks run ``find``/``test``
   in the sandbox. Relative paths are under ``/vercel/sandbox``.
 - ports: the ``routes`` of the sandbox (``https://sb-<id>.vercel.run``) for the ports declared at
@@ -51,11 +51,10 @@ anything else (other 4xx, ``SandboxResponseError``)                ProviderError
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import posixpath
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
@@ -84,8 +83,10 @@ from vercel.sandbox import (
 )
 from vercel.sandbox._internal.log_stream import _TruncatedStreamError
 
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
-from providers.remote_workspace import RemoteWorkspace
+from providers import box_labels
+from providers.base import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.shell_exec import LIST_DIR_SCRIPT, exec_script, parse_dir_listing, parse_exec_report
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -105,9 +106,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TAG_EPOCH",
-    "TAG_KEY",
-    "TAG_LEASE_ID",
-    "TAG_MANAGED_BY",
     "VercelBoxSession",
     "VercelProvider",
     "VercelSettings",
@@ -116,11 +114,8 @@ __all__ = [
 ]
 
 BACKEND: Final = "vercel"
-TAG_LEASE_ID: Final = "sandbox.lease_id"
-TAG_KEY: Final = "sandbox.key"
-TAG_MANAGED_BY: Final = "sandbox.managed_by"
+#: Vercel sandboxes carry the lease epoch under the bare tag ``epoch`` (the others: :mod:`providers.box_labels`).
 TAG_EPOCH: Final = "epoch"
-MANAGED_BY: Final = "sandbox-runtime"
 DEFAULT_API_URL: Final = "https://vercel.com/api"
 # Past the exec timeout we kill the process ourselves; the server-side kill is only a backstop.
 _SERVER_KILL_GRACE_SECONDS: Final = 30.0
@@ -130,27 +125,6 @@ _TRANSIENT_CODES: Final = frozenset(
     {"CANCELLED", "UNKNOWN", "DEADLINE_EXCEEDED", "INTERNAL", "UNAVAILABLE", "ECONNRESET", "ECONNREFUSED",
      "ETIMEDOUT", "EAI_AGAIN", "ENOTFOUND"}
 )  # fmt: skip
-_KINDS: Final = {"f": "file", "d": "dir", "l": "symlink"}
-# Vercel streams process output as JSON text, which cannot carry arbitrary bytes: the command's
-# stdout and stderr go to files in the box and come back base64-encoded, then its exit code. Cheap
-# on purpose: base64 runs only for a non-empty stream, and there is no mktemp or rm (the pid names
-# the files; the shell itself truncates them afterwards, leaving empty files behind).
-_EXEC_WRAPPER: Final = r"""
-o=/tmp/.sandbox-exec-$$.out; e=/tmp/.sandbox-exec-$$.err
-"$@" >"$o" 2>"$e"
-rc=$?
-w=0
-if [ -s "$o" ]; then base64 -w0 "$o" || w=125; fi; echo
-if [ -s "$e" ]; then base64 -w0 "$e" || w=125; fi; echo
-echo "$rc"
-: >"$o"; : >"$e"
-exit $w
-"""
-_LIST_SCRIPT: Final = (
-    'test -d "$1" || { test -e "$1" && echo "Not a directory" >&2; exit 2; }; '
-    'find "$1" -mindepth 1 -maxdepth 1 -printf "%f\\0%y\\0%s\\0%m\\0"'
-)
-
 HttpxClientFactory = Callable[[], httpx2.AsyncClient]
 
 
@@ -241,23 +215,6 @@ def _translated() -> Iterator[None]:
         raise _translate(err) from err
 
 
-def _unwrap(wrapper_code: int, stdout: str, stderr: str) -> ExecResult:
-    """The command's result from the output of :data:`_EXEC_WRAPPER`."""
-    lines = stdout.split("\n")
-    try:
-        if wrapper_code != 0 or len(lines) < 3:
-            raise ValueError(f"exit {wrapper_code}")
-        return ExecResult(
-            exit_code=int(lines[2]),
-            stdout=base64.b64decode(lines[0], validate=True),
-            stderr=base64.b64decode(lines[1], validate=True),
-        )
-    except ValueError as err:
-        raise ProviderError(
-            f"vercel: the exec wrapper (sh, base64) failed in the sandbox ({err}): {stderr.strip()[-300:]}"
-        ) from err
-
-
 class VercelBoxSession:
     """A handle on one Vercel sandbox. Relative paths are under ``/vercel/sandbox``."""
 
@@ -295,7 +252,7 @@ class VercelBoxSession:
         started: list[Process] = []
         run = self._sandbox.run_process(
             "sh",
-            ["-c", _EXEC_WRAPPER, "sh", *cmd],
+            ["-c", exec_script(cmd, inherit_stdin=True)],
             cwd=self._path(workdir or "."),
             env=dict(env) if env else None,
             kill_after=None if timeout is None else timeout + _SERVER_KILL_GRACE_SECONDS,
@@ -316,7 +273,13 @@ class VercelBoxSession:
                     f"{cmd[0]} ran past {timeout}s in vercel sandbox {self.instance_id} and was killed",
                     timeout=timeout or 0.0,
                 ) from None
-        return _unwrap(done.returncode, done.stdout or "", done.stderr or "")
+        report = parse_exec_report(done.stdout or "")
+        if report is None:
+            raise ProviderError(
+                f"vercel: the exec wrapper (sh, base64) failed in the sandbox (exit {done.returncode}): "
+                f"{(done.stderr or '').strip()[-300:]}"
+            )
+        return await report.result()
 
     async def read_file(self, path: str) -> bytes:
         """Read a whole file (binary safe).
@@ -345,23 +308,10 @@ class VercelBoxSession:
             BoxNotFound: the sandbox is gone.
         """
         target = self._path(path)
-        done = await self.exec(["sh", "-c", _LIST_SCRIPT, "sh", target], workdir="/")
+        done = await self.exec(["sh", "-c", LIST_DIR_SCRIPT, "sh", target], workdir="/")
         if done.exit_code != 0:
             raise PathNotFound(f"no such directory in the sandbox: {target}", path=target)
-        fields = done.stdout.split(b"\0")[:-1]
-        try:
-            entries = [
-                DirEntry(
-                    name=fields[i].decode(),
-                    kind=_KINDS.get(fields[i + 1].decode(), "other"),
-                    size=int(fields[i + 2]),
-                    mode=int(fields[i + 3], 8),
-                )
-                for i in range(0, len(fields) - 3, 4)
-            ]
-        except ValueError as err:
-            raise ProviderError(f"vercel: malformed listing of {target}: {err}") from err
-        return sorted(entries, key=lambda e: e.name)
+        return parse_dir_listing(done.stdout, backend=BACKEND)
 
     async def path_exists(self, path: str) -> bool:
         """Whether the path exists (a dangling symbolic link counts).
@@ -406,7 +356,7 @@ class VercelBoxSession:
         )
 
 
-class VercelProvider:
+class VercelProvider(RemoteWorkspaceSnapshots):
     """Boxes are Vercel Sandboxes (see the module doc).
 
     Args:
@@ -419,7 +369,7 @@ class VercelProvider:
         self.settings = settings
         self._factory = httpx_client_factory
         self._client: SandboxClient | None = None
-        self._workspace = RemoteWorkspace(workspace_root=self.descriptor.workspace_root, home_dir=None)
+        self.remote_workspace = RemoteWorkspace(workspace_root=self.descriptor.workspace_root, home_dir=None)
 
     @property
     def descriptor(self) -> CapabilityDescriptor:
@@ -469,10 +419,10 @@ class VercelProvider:
         """
         name = sandbox_name_for_key(idempotency_key)
         tags = {
-            TAG_LEASE_ID: spec.lease_id,
-            TAG_KEY: idempotency_key,
+            box_labels.LEASE_ID: spec.lease_id,
+            box_labels.KEY: idempotency_key,
             TAG_EPOCH: str(spec.epoch),
-            TAG_MANAGED_BY: MANAGED_BY,
+            box_labels.MANAGED_BY: box_labels.MANAGED_BY_US,
         }
         with _translated():
             try:
@@ -520,36 +470,13 @@ class VercelProvider:
 
     async def list_owned(self) -> list[OwnedBox]:
         """Every sandbox of the project tagged ``sandbox.managed_by=sandbox-runtime``."""
-        query = SandboxQueryByCreatedAt(tag=TagFilter(key=TAG_MANAGED_BY, value=MANAGED_BY))
+        query = SandboxQueryByCreatedAt(tag=TagFilter(key=box_labels.MANAGED_BY, value=box_labels.MANAGED_BY_US))
         owned: list[OwnedBox] = []
         with _translated():
             async for sandbox in self.client.query_sandboxes(query=query):
-                tags = sandbox.tags or {}
-                owned.append(
-                    OwnedBox(
-                        instance_id=sandbox.name,
-                        lease_id=tags.get(TAG_LEASE_ID),
-                        created_at=None if sandbox.created_at is None else sandbox.created_at / 1000,
-                        labels=dict(tags),
-                    )
-                )
+                created_at = None if sandbox.created_at is None else sandbox.created_at / 1000
+                owned.append(box_labels.owned_box(sandbox.name, sandbox.tags or {}, created_at=created_at))
         return owned
-
-    async def capture_workspace(self, envelope: Envelope) -> AsyncIterator[bytes]:
-        """Stream a tar of ``/vercel/sandbox`` made by GNU tar in the sandbox (``home/`` when HOME is elsewhere)."""
-        session = await self.resume(envelope)
-        async for chunk in (await self._remote(session)).capture(session):
-            yield chunk
-
-    async def restore_workspace(self, envelope: Envelope, chunks: AsyncIterable[bytes]) -> None:
-        """Replace the workspace (and HOME) with the archive in ``chunks``."""
-        session = await self.resume(envelope)
-        await (await self._remote(session)).restore(session, chunks)
-
-    async def workspace_fingerprint(self, envelope: Envelope) -> str | None:
-        """A metadata fingerprint of the workspace (and HOME) computed in the sandbox."""
-        session = await self.resume(envelope)
-        return await (await self._remote(session)).fingerprint(session)
 
     async def delete_snapshot(self, native_id: str) -> None:
         """Workspace archives of this backend are tar-only: there is no native snapshot to delete.
@@ -565,12 +492,12 @@ class VercelProvider:
             await self._client.aclose()
             self._client = None
 
-    async def _remote(self, session: VercelBoxSession) -> RemoteWorkspace:
-        # The sandbox user's HOME differs between images (/root, /home/vercel-sandbox): ask the box.
+    async def workspace_of(self, session: BoxSession) -> RemoteWorkspace:
+        """The workspace and the sandbox user's HOME, which differs between images (/root, /home/vercel-sandbox)."""
         done = await session.exec(["sh", "-c", 'printf %s "$HOME"'], workdir="/")
         home = done.stdout.decode(errors="replace").strip()
         if done.exit_code != 0 or not home.startswith("/") or posixpath.normpath(home) == "/":
-            return self._workspace
+            return self.remote_workspace
         return RemoteWorkspace(workspace_root=self.descriptor.workspace_root, home_dir=home)
 
     def _identity(self, envelope: Envelope) -> tuple[str, int | None]:

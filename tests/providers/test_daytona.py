@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 import typing
 import uuid
@@ -56,6 +55,7 @@ from sandbox.errors import (
     SandboxConfigError,
 )
 from sandbox.settings import Settings
+from tests.providers.sdk_parity import assert_fake_signature_matches
 
 
 @dataclass
@@ -333,23 +333,7 @@ _PARITY: list[tuple[Callable[..., Any], Callable[..., Any]]] = [
 
 @pytest.mark.parametrize(("fake", "real"), _PARITY, ids=[fake.__qualname__ for fake, _ in _PARITY])
 def test_fake_signatures_match_the_sdk(fake: Callable[..., Any], real: Callable[..., Any]) -> None:
-    name = fake.__qualname__
-    fake_params = inspect.signature(fake).parameters
-    real_params = inspect.signature(real).parameters
-    for param in fake_params.values():
-        if param.name == "self" or param.kind is inspect.Parameter.VAR_KEYWORD:
-            continue
-        assert param.name in real_params, f"{name}: the SDK has no parameter {param.name!r}"
-        assert real_params[param.name].kind == param.kind, f"{name}: {param.name!r} is passed differently"
-    fake_positional = [p for p in fake_params if fake_params[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    real_positional = [p for p in real_params if real_params[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    assert fake_positional == real_positional[: len(fake_positional)], f"{name}: positional order differs"
-    for param in real_params.values():
-        if param.default is inspect.Parameter.empty and param.kind not in (
-            inspect.Parameter.VAR_KEYWORD,
-            inspect.Parameter.VAR_POSITIONAL,
-        ):
-            assert param.name in fake_params, f"{name}: the fake lacks the required {param.name!r}"
+    assert_fake_signature_matches(fake, real)
 
 
 def test_fake_file_errors_are_the_daemons() -> None:

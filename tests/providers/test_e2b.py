@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -63,6 +62,7 @@ from sandbox.errors import (
     SandboxConfigError,
 )
 from sandbox.settings import Settings
+from tests.providers.sdk_parity import assert_fake_signature_matches
 
 
 @dataclass
@@ -355,24 +355,4 @@ _PARITY: list[tuple[Callable[..., Any], Callable[..., Any]]] = [
 
 @pytest.mark.parametrize(("fake", "real"), _PARITY, ids=[fake.__qualname__ for fake, _ in _PARITY])
 def test_fake_signatures_match_the_sdk(fake: Callable[..., Any], real: Callable[..., Any]) -> None:
-    name = fake.__qualname__
-    fake_params = inspect.signature(fake).parameters
-    real_params = inspect.signature(real).parameters
-    real_named = [p for p in real_params.values() if p.name not in ("self", "cls")]
-    for param in fake_params.values():
-        if param.name in ("self", "cls") or param.kind is inspect.Parameter.VAR_KEYWORD:
-            continue
-        assert param.name in real_params, f"{name}: the SDK has no parameter {param.name!r}"
-        assert real_params[param.name].kind == param.kind, f"{name}: {param.name!r} is passed differently"
-    positional = [p.name for p in fake_params.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    positional = [n for n in positional if n not in ("self", "cls")]
-    assert positional == [p.name for p in real_named[: len(positional)]], f"{name}: positional order differs"
-    for param in real_named:
-        if param.default is inspect.Parameter.empty and param.kind not in (
-            inspect.Parameter.VAR_KEYWORD,
-            inspect.Parameter.VAR_POSITIONAL,
-        ):
-            assert param.name in fake_params, f"{name}: the fake lacks the required {param.name!r}"
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in real_params.values()):
-        return
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in fake_params.values()), name
+    assert_fake_signature_matches(fake, real)

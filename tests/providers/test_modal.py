@@ -22,9 +22,8 @@ import pytest
 from pydantic import SecretStr
 
 from providers.base import BoxSpec, Envelope
+from providers.box_labels import KEY, LEASE_ID
 from providers.modal import (
-    KEY_TAG,
-    LEASE_TAG,
     ModalProvider,
     ModalSettings,
     _translate,
@@ -146,7 +145,7 @@ async def test_create_sends_image_env_workdir_timeouts_ports_and_lease_tags(fake
     assert record.workdir == "/workspace"
     assert (record.timeout, record.idle_timeout) == (86400, 1200)
     assert record.encrypted_ports == (6080, 7681, 7682)
-    assert record.tags[LEASE_TAG] == spec.lease_id and record.tags[KEY_TAG] == "key-1"
+    assert record.tags[LEASE_ID] == spec.lease_id and record.tags[KEY] == "key-1"
     assert record.tags["sandbox.epoch"] == "2"
     assert (await box.exec(["sh", "-c", 'printf "$A"'])).stdout == b"1"
 

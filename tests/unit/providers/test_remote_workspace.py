@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import DirEntry, Endpoint, Envelope, ExecResult
-from providers.remote_workspace import RemoteWorkspace
+from providers.base import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from providers.testing.machine import FakeMachine
 from sandbox.errors import ArchiveCorrupt
 
@@ -146,3 +146,44 @@ async def test_a_corrupt_or_hostile_archive_leaves_the_box_untouched(machines: t
     with pytest.raises(ArchiveCorrupt, match="sha256"):
         await ws.restore(box, failing())
     assert await box.read_file("keep.txt") == b"kept"
+
+
+class SnapshotsProvider(RemoteWorkspaceSnapshots):
+    """A provider that only resumes boxes of one machine; the snapshot methods come from the mixin."""
+
+    def __init__(self, machine: FakeMachine, *, home_from_box: bool = False) -> None:
+        self.machine = machine
+        self.home_from_box = home_from_box
+        self.remote_workspace = RemoteWorkspace(workspace_root="/workspace", home_dir=None)
+        self.resumed: list[str] = []
+
+    async def resume(self, envelope: Envelope) -> MachineSession:
+        self.resumed.append(envelope.instance_id)
+        return MachineSession(self.machine, envelope.instance_id)
+
+    async def workspace_of(self, session: BoxSession) -> RemoteWorkspace:
+        if self.home_from_box:
+            return RemoteWorkspace(workspace_root="/workspace", home_dir="/root")
+        return await super().workspace_of(session)
+
+
+async def test_the_snapshot_mixin_resumes_the_box_and_delegates(machines: tuple[FakeMachine, FakeMachine]) -> None:
+    a, _ = machines
+    await a.start("m")
+    box = MachineSession(a, "m")
+    await box.write_file("w.txt", b"workspace")
+    await box.write_file("/root/h.txt", b"home")
+    envelope = Envelope(backend_id="fake", instance_id="m")
+    plain, with_home = SnapshotsProvider(a), SnapshotsProvider(a, home_from_box=True)
+
+    archive = b"".join([chunk async for chunk in plain.capture_workspace(envelope)])
+    assert "home/h.txt" not in tarfile.open(fileobj=io.BytesIO(archive)).getnames()
+    full = b"".join([chunk async for chunk in with_home.capture_workspace(envelope)])
+    assert "home/h.txt" in tarfile.open(fileobj=io.BytesIO(full)).getnames()
+
+    fingerprint = await plain.workspace_fingerprint(envelope)
+    await box.write_file("w.txt", b"changed")
+    assert fingerprint is not None and await plain.workspace_fingerprint(envelope) != fingerprint
+    await with_home.restore_workspace(envelope, _chunks(full))
+    assert await box.read_file("w.txt") == b"workspace"
+    assert plain.resumed == ["m"] * 3 and with_home.resumed == ["m"] * 2
