@@ -89,7 +89,9 @@ def build_worker(
     artifacts = FilesystemArtifactStore(artifact_root(settings))
     boxes = BoxActivities(providers, artifacts)
     projection = ProjectionActivities(LeaseRepository(db))
-    snapshots = SnapshotActivities(providers, SnapshotLedger(db), artifacts)
+    snapshots = SnapshotActivities(
+        providers, SnapshotLedger(db), artifacts, native_ttl_seconds=settings.native_snapshot_ttl_seconds
+    )
     orphans = OrphanActivities(providers, LeaseRepository(db))
     planes = PlaneActivities(providers, settings)
     options: dict[str, Any] = {

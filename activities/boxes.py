@@ -28,7 +28,8 @@ from activities.models import (
     ProvisionResult,
 )
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, BoxSpec, Envelope, Provider
+from activities.snapshots import native_ref_sha256
+from providers.base import BoxSession, BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
 from providers.registry import ProviderRegistry
 from sandbox.errors import (
     ArchiveCorrupt,
@@ -36,6 +37,10 @@ from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
     InvalidRequest,
+    ProviderAuthError,
+    ProviderError,
+    ProviderQuotaError,
+    ProviderUnavailable,
     ProvisionFailed,
     SandboxConfigError,
     Unsupported,
@@ -144,7 +149,8 @@ class BoxActivities:
         notes: list[str] = []
         for ref in refs:
             if ref.kind == "native":
-                notes.append(f"{ref.snapshot_id}: native snapshots cannot be restored by this build")
+                if await self._restore_native(provider, envelope, ref, notes):
+                    return RestoreOutcome(restored_from=ref.snapshot_id, notes=notes)
                 continue
             try:
                 chunks = verified(self._artifacts.get(ref.key), sha256=ref.sha256, size_bytes=ref.size_bytes)
@@ -155,6 +161,26 @@ class BoxActivities:
                 continue
             return RestoreOutcome(restored_from=ref.snapshot_id, notes=notes)
         return RestoreOutcome(restored_from=None, degraded=True, notes=notes)
+
+    async def _restore_native(self, provider: Provider, envelope: Envelope, ref: ArchiveRef, notes: list[str]) -> bool:
+        """Mount a provider-native snapshot; False (with a note) when this one is unusable."""
+        if not isinstance(provider, NativeWorkspaceSnapshots):
+            notes.append(f"{ref.snapshot_id}: this backend cannot restore native snapshots")
+            return False
+        if native_ref_sha256(ref.key) != ref.sha256:
+            notes.append(f"{ref.snapshot_id}: ArchiveCorrupt: the row does not name the snapshot it recorded")
+            return False
+        try:
+            await provider.mount_native(envelope, ref.key)
+        except BoxNotFound:
+            raise
+        except (ProviderUnavailable, ProviderAuthError, ProviderQuotaError):
+            raise  # transient or credentials: retry the activity rather than fall back to an older archive
+        except (ProviderError, InvalidRequest) as err:
+            notes.append(f"{ref.snapshot_id}: {err.error_type}: {err.message}")
+            activity.logger.warning("native snapshot %s not restored: %s", ref.snapshot_id, err.message)
+            return False
+        return True
 
     @activity.defn(name=TERMINATE_BOX)
     @maps_provider_errors

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -35,7 +36,7 @@ from activities.maintenance_models import (
 )
 from activities.models import CAPTURE_WORKSPACE, PUBLISH_SNAPSHOT, CaptureRequest, PublishRequest
 from activities.provider_errors import maps_provider_errors
-from providers.base import Envelope, Provider
+from providers.base import Envelope, NativeWorkspaceSnapshots, Provider
 from providers.registry import ProviderRegistry
 from providers.workspace_archive import archive_kind
 from sandbox.errors import ProviderError, SandboxError, SnapshotConflict
@@ -43,7 +44,7 @@ from store.artifacts import ArtifactStore, snapshot_key
 from store.snapshots import GcClaim, GcPolicy, SnapshotLedger, SnapshotRecord, new_snapshot_id
 from workflows.models import ArchiveRef
 
-__all__ = ["SnapshotActivities", "archive_ref"]
+__all__ = ["SnapshotActivities", "archive_ref", "native_ref_sha256"]
 
 _HEARTBEAT_SECONDS = 1.0
 
@@ -61,6 +62,11 @@ def archive_ref(record: SnapshotRecord, *, unchanged: bool = False) -> ArchiveRe
             "unchanged": unchanged,
         }
     )
+
+
+def native_ref_sha256(native_id: str) -> str:
+    """The SHA-256 a ``native`` archive row records: of the provider's snapshot id (there are no bytes)."""
+    return hashlib.sha256(native_id.encode()).hexdigest()
 
 
 def _policy(settings: GcSettings) -> GcPolicy:
@@ -106,10 +112,18 @@ class SnapshotActivities:
         artifacts: Where archives are kept.
     """
 
-    def __init__(self, providers: ProviderRegistry, ledger: SnapshotLedger, artifacts: ArtifactStore) -> None:
+    def __init__(
+        self,
+        providers: ProviderRegistry,
+        ledger: SnapshotLedger,
+        artifacts: ArtifactStore,
+        *,
+        native_ttl_seconds: int | None = 30 * 24 * 3600,
+    ) -> None:
         self._providers = providers
         self._ledger = ledger
         self._artifacts = artifacts
+        self._native_ttl = native_ttl_seconds
 
     # -- capture and publish --------------------------------------------------------------------
 
@@ -135,6 +149,8 @@ class SnapshotActivities:
                 previous = await self._ledger.find_published(req.lease_id, req.previous_sha256)
                 if previous is not None and fingerprint is not None and previous.fingerprint == fingerprint:
                     return archive_ref(previous, unchanged=True)
+            if isinstance(provider, NativeWorkspaceSnapshots) and provider.native_workspace_snapshots:
+                return await self._capture_native(req, provider, envelope, started, fingerprint)
             record, stored_sha, stored_size = await self._stream_into_store(req, provider, envelope, started, progress)
             if previous is not None and stored_sha == previous.sha256:
                 # Same bytes as the previous archive: keep that one, drop this copy, remember the fingerprint.
@@ -155,6 +171,37 @@ class SnapshotActivities:
                 with contextlib.suppress(SandboxError):
                     await self._artifacts.delete(record.key)
                 raise SnapshotConflict(f"{err.message}; capture again", retryable=True) from err
+        return archive_ref(done)
+
+    async def _capture_native(
+        self,
+        req: CaptureRequest,
+        provider: NativeWorkspaceSnapshots,
+        envelope: Envelope,
+        started: datetime,
+        fingerprint: str | None,
+    ) -> ArchiveRef:
+        """Take a provider-native snapshot and record it as a complete ``native`` candidate.
+
+        The snapshot exists before its row (its id is only known then); one orphaned by a crash in
+        between expires at the provider after ``native_ttl_seconds``. Its "hash" is the SHA-256 of
+        its id, which restore checks so a row can only ever name the snapshot it recorded.
+        """
+        native_id = await provider.snapshot_native(envelope, ttl_seconds=self._native_ttl)
+        record = await self._ledger.record_candidate(
+            snapshot_id=new_snapshot_id(),
+            lease_id=req.lease_id,
+            workspace_id=req.workspace_id,
+            group_id=req.group_id,
+            epoch=req.epoch,
+            key=native_id,
+            kind="native",
+            backend=req.backend,
+            created_at=started,
+        )
+        done = await self._ledger.complete_candidate(
+            record.snapshot_id, sha256=native_ref_sha256(native_id), size_bytes=0, fingerprint=fingerprint
+        )
         return archive_ref(done)
 
     async def _stream_into_store(

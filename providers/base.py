@@ -39,6 +39,7 @@ __all__ = [
     "Envelope",
     "ExecResult",
     "ExecTimeout",
+    "NativeWorkspaceSnapshots",
     "OwnedBox",
     "Provider",
     "ProviderAuthError",
@@ -254,5 +255,42 @@ class Provider(Protocol):
         Raises:
             Unsupported: the backend has no native snapshots.
             ProviderUnavailable: transient failure; the caller retries later.
+        """
+        ...
+
+
+@runtime_checkable
+class NativeWorkspaceSnapshots(Protocol):
+    """Optional: a provider that can persist workspaces with the service's own snapshots.
+
+    When :attr:`native_workspace_snapshots` is true (configured per backend, e.g.
+    ``SANDBOX_MODAL_WORKSPACE_PERSISTENCE=snapshot_directory``), the lease's captures take a native
+    snapshot instead of streaming a tar into the artifact store; the ledger keeps its id as an
+    archive of kind ``native`` and the GC deletes it with :meth:`Provider.delete_snapshot`.
+    """
+
+    @property
+    def native_workspace_snapshots(self) -> bool:
+        """Whether workspaces of this provider are persisted natively (else as portable tar)."""
+        ...
+
+    async def snapshot_native(self, envelope: Envelope, *, ttl_seconds: int | None) -> str:
+        """Snapshot the box's workspace; returns the service's id for it.
+
+        ``ttl_seconds`` bounds how long the service keeps a snapshot nobody deletes (a capture
+        that crashed before the ledger recorded it); None keeps it until deleted.
+
+        Raises:
+            BoxNotFound: the box is gone.
+            ProviderUnavailable: transient failure; retry.
+        """
+        ...
+
+    async def mount_native(self, envelope: Envelope, native_id: str) -> None:
+        """Put a workspace snapshot back into the box (replacing its workspace).
+
+        Raises:
+            BoxNotFound: the box is gone.
+            ProviderError: the snapshot is unknown or cannot be used.
         """
         ...

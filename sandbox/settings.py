@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # Workspace snapshots and rotation
     snapshots_enabled: bool = True
     snapshot_interval_seconds: float = 900.0
+    native_snapshot_ttl_seconds: int | None = Field(
+        default=30 * 24 * 3600,
+        description="How long a provider keeps a native workspace snapshot nobody deletes (bounds leaks).",
+    )
     capture_timeout_seconds: float = 600.0
     teardown_retry_seconds: float = 30.0
     rotation_lead_seconds: float = 3600.0

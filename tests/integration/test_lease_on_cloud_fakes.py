@@ -19,13 +19,18 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.maintenance_models import OrphanSweepInput
+from activities.maintenance_models import GcSettings, OrphanSweepInput, SnapshotGcInput
 from providers.base import BoxSpec
+from providers.modal import ModalProvider, ModalSettings
+from providers.testing.faults import FaultPlan
+from providers.testing.machine import FakeMachine
+from providers.testing.modal_fake import FakeModal
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, running_runtime
 from tests.integration.test_lease_workflow import eventually
 from tests.providers.harness import ProviderHarness
 from workflows.orphan_sweep import OrphanSweepWorkflow
+from workflows.snapshot_gc import SnapshotGcWorkflow
 
 BACKENDS = ("modal", "docker")
 
@@ -145,3 +150,61 @@ async def test_orphan_sweep_takes_an_unleased_tagged_box_and_spares_a_live_one(c
 def test_the_suite_covers_the_backends_the_issue_names() -> None:
     for backend in BACKENDS:
         assert (Path(__file__).parents[1] / "providers" / f"harness_{backend}.py").exists(), backend
+
+
+@pytest.fixture(scope="module")
+async def modal_native(
+    temporal_client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Any, FakeModal]]:
+    """A worker whose Modal provider persists workspaces as Modal directory snapshots."""
+    root = tmp_path_factory.mktemp("modal-native")
+    machine = FakeMachine(root / "machine")
+    fake = FakeModal(machine, faults=FaultPlan())
+    provider = ModalProvider(
+        ModalSettings(app_name="native-test", workspace_persistence="snapshot_directory"), sdk=fake
+    )
+    settings = Settings(
+        data_dir=root / "data",
+        task_queue=f"test-modal-native-{uuid.uuid4()}",
+        native_snapshot_ttl_seconds=3600,
+        **FAST_TIMERS,
+    )
+    try:
+        async with running_runtime(temporal_client, settings, {"modal": provider}) as runtime:
+            yield runtime, fake
+    finally:
+        await fake.aclose()
+        await machine.aclose()
+
+
+async def test_native_modal_snapshots_persist_restore_and_are_collected(modal_native: tuple[Any, FakeModal]) -> None:
+    runtime, fake = modal_native
+    leases = runtime.leases(idle_grace_seconds=0.2)
+    ws, g = f"native-{uuid.uuid4().hex[:6]}", "g1"
+    images: list[str] = []
+    for round_ in range(3):
+        await leases.acquire(ws, g, holder_id=f"t{round_}", backend="modal")
+        if round_:
+            out = await leases.exec(ws, g, ["sh", "-c", "cat src/main.py && cat round.txt"])
+            assert out.stdout.split() == ["print(1)", str(round_ - 1)], out
+            assert (await leases.describe(ws, g)).restore_status == "restored"
+        write = f"mkdir -p src && printf 'print(1)\\n' > src/main.py && printf {round_} > round.txt"
+        assert (await leases.exec(ws, g, ["sh", "-c", write])).exit_code == 0
+        await leases.release(ws, g, f"t{round_}")
+        cold = await eventually(lambda: _cold(leases, ws, g), timeout=60)
+        current = cold.archive_current
+        assert current is not None and current.kind == "native" and current.key.startswith("im-")
+        assert current.key in fake.image_ids(), "the snapshot is a real image at the provider"
+        images.append(current.key)
+
+    # Three captures: the first is superseded twice, so the GC deletes its image at the provider.
+    handle = await runtime.client.start_workflow(
+        SnapshotGcWorkflow.run,
+        SnapshotGcInput(settings=GcSettings()),
+        id=f"gc-native-{uuid.uuid4().hex[:8]}",
+        task_queue=runtime.settings.task_queue,
+    )
+    result = await handle.result()
+    assert result.deleted >= 1
+    assert images[0] not in fake.image_ids()
+    assert images[1] in fake.image_ids() and images[2] in fake.image_ids()
