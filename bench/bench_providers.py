@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -145,6 +146,9 @@ def _print(backend: str, figures: Any) -> None:
 
 
 def main() -> None:
+    # Some SDKs log every HTTP request at INFO; the figures are what this prints.
+    for name in ("httpx", "httpx2", "httpcore", "e2b", "daytona", "blaxel", "vercel"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=60, help="exec calls per side (default 60)")
     parser.add_argument("--create-rounds", type=int, default=8, help="creates per side (default 8)")
