@@ -143,11 +143,13 @@ def exec_script(
         emit = f'if [ -s "$1" ]; then {base64_of}; fi'
         tidy = 'rm -rf -- "$__sbx_d"'
     else:
+        # A spilled stream stays in the scratch directory (the caller downloads it, then runs
+        # cleanup_command); otherwise the whole directory goes with one rm.
         emit = (
             f'if [ ! -s "$1" ]; then :; elif [ "$(wc -c <"$1")" -gt {int(spill_over)} ]; then printf \'@%s\' "$1"; '
-            f'return; else {base64_of}; fi; rm -f -- "$1"'
+            f"__sbx_spilled=1; else {base64_of}; fi"
         )
-        tidy = 'rmdir -- "$__sbx_d" 2>/dev/null'
+        tidy = '[ -n "${__sbx_spilled:-}" ] || rm -rf -- "$__sbx_d"'
     lines += [
         f"__sbx_d=$(mktemp -d /tmp/.sandbox-exec.XXXXXXXX) || exit {_SCRATCH_FAILED}",
         f'{run} >"$__sbx_d/o" 2>"$__sbx_d/e"',
@@ -209,8 +211,8 @@ class ExecReport:
         paths = [s.path for s in (self.stdout, self.stderr) if isinstance(s, Spilled)]
         if not paths:
             return None
-        scratch = shlex.quote(posixpath.dirname(paths[0]))
-        return f"rm -f -- {shlex.join(paths)}; rmdir -- {scratch} 2>/dev/null"
+        # The directory is the wrapper's own mktemp directory: it holds only this command's streams.
+        return f"rm -rf -- {shlex.quote(posixpath.dirname(paths[0]))}"
 
 
 def parse_exec_report(text: str) -> ExecReport | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -33,9 +35,21 @@ async def fake_blaxel(tmp_path: Path, **settings: object) -> AsyncIterator[tuple
 @contextlib.asynccontextmanager
 async def harness(tmp_path: Path) -> AsyncIterator[ProviderHarness]:
     async with fake_blaxel(tmp_path) as (provider, fake):
+        fetched: dict[str, object] = {}
+
+        async def sdk_exec(instance_id: str) -> object:
+            # What BlaxelBoxSession.exec wraps: process.exec (not waiting), then process.wait.
+            sandbox: Any = fetched.get(instance_id)
+            if sandbox is None:
+                sandbox = fetched[instance_id] = await fake.api.get(instance_id)
+            name = f"bench-{uuid.uuid4().hex[:12]}"
+            await sandbox.process.exec({"command": "true", "name": name, "working_dir": "/"})
+            return await sandbox.process.wait(name, max_wait=-1, interval=200)
+
         yield ProviderHarness(
             provider=provider,
             faults=fake.faults,
             transient_error=BlaxelFake.transient_error,
             unknown_id="sbx-" + "0" * 32,
+            sdk_exec=sdk_exec,
         )

@@ -36,9 +36,21 @@ async def fake_runloop(tmp_path: Path, **settings: object) -> AsyncIterator[tupl
 @contextlib.asynccontextmanager
 async def harness(tmp_path: Path) -> AsyncIterator[ProviderHarness]:
     async with fake_runloop(tmp_path) as (provider, fake):
+
+        async def sdk_exec(instance_id: str) -> object:
+            # What RunloopBoxSession.exec wraps: execute_async, then wait_for_command until completed.
+            client = provider.client
+            execution = await client.devboxes.execute_async(instance_id, command="true")
+            while execution.status != "completed":
+                execution = await client.devboxes.wait_for_command(
+                    execution.execution_id, devbox_id=instance_id, statuses=["completed"], timeout_seconds=30
+                )
+            return execution
+
         yield ProviderHarness(
             provider=provider,
             faults=fake.faults,
             transient_error=RunloopFake.service_unavailable,
             unknown_id="dbx_" + "0" * 21,
+            sdk_exec=sdk_exec,
         )
