@@ -70,7 +70,9 @@ import docker.errors  # type: ignore[import-untyped]
 import requests
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from providers import box_labels
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from providers.box_labels import owned_box
 from providers.remote_workspace import RemoteWorkspace
 from sandbox.errors import (
     BoxNotFound,
@@ -114,8 +116,8 @@ PLANE_PORTS: Final = (6080, 7681, 7682)
 CONTAINER_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 LABEL_OWNER: Final = "sandbox.owner"
-LABEL_LEASE: Final = "sandbox.lease_id"
-LABEL_KEY: Final = "sandbox.key"
+LABEL_LEASE: Final = box_labels.LEASE_ID
+LABEL_KEY: Final = box_labels.KEY
 LABEL_VOLUME: Final = "sandbox.workspace_volume"
 
 _NO_SUCH_CONTAINER_RE: Final = re.compile(r"^(?:Error(?: response from daemon)?: )?No such (?:object|container): ")
@@ -664,17 +666,10 @@ class DockerProvider:
             if summary.get("State") == "removing":
                 continue
             labels = {str(k): str(v) for k, v in (summary.get("Labels") or {}).items()}
-            # The sweep reads the lease coordinates under their plain names, as every provider reports them.
-            for plain in ("workspace_id", "group_id", "epoch"):
-                if f"sandbox.{plain}" in labels:
-                    labels[plain] = labels[f"sandbox.{plain}"]
             created = summary.get("Created")
             owned.append(
-                OwnedBox(
-                    instance_id=str(summary["Id"]),
-                    lease_id=labels.get(LABEL_LEASE),
-                    created_at=float(created) if isinstance(created, int | float) else None,
-                    labels=labels,
+                owned_box(
+                    str(summary["Id"]), labels, created_at=float(created) if isinstance(created, int | float) else None
                 )
             )
         return owned
@@ -748,7 +743,7 @@ class DockerProvider:
             LABEL_KEY: key,
             "sandbox.workspace_id": spec.workspace_id,
             "sandbox.group_id": spec.group_id,
-            "sandbox.epoch": str(spec.epoch),
+            box_labels.EPOCH: str(spec.epoch),
         }
         volume: str | None = None
         if settings.workspace_base_dir:
