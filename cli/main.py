@@ -6,6 +6,10 @@ Sub-commands live in one module each (``cli/stack.py`` for ``up``, ``cli/lease.p
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import typer
 
 app = typer.Typer(
@@ -37,9 +41,28 @@ def _register() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Ends the process with ``os._exit`` once the command has finished and its output is flushed:
+    the Temporal SDK's native runtime threads can still call into the interpreter while it
+    finalizes, which aborted about one command in ten ("PyGILState_Release ... must be current")
+    after the command itself had succeeded. Every command's own cleanup (``finally`` blocks,
+    stopping child processes) has run by then.
+    """
     _register()
-    app()
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        if done.code is None or isinstance(done.code, int):
+            code = done.code or 0
+        else:
+            print(done.code, file=sys.stderr)
+            code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -360,7 +360,10 @@ class LeaseClient:
             terminal_enabled=self.settings.terminal_enabled,
             computer_use_enabled=self.settings.computer_use_enabled,
             computer_use_read_only=self.settings.computer_use_read_only,
-            stream_token_secret_available=self.settings.stream_token_secret is not None,
+            # Without SANDBOX_STREAM_TOKEN_SECRET the worker creates its root secret in the data dir.
+            stream_token_secret_available=(
+                self.settings.stream_token_secret is None or bool(self.settings.stream_token_secret.get_secret_value())
+            ),
             runtime_desktop=runtime_desktop,
         )
         return negotiate_capabilities(context)

@@ -18,11 +18,9 @@ async def test_a_warm_local_lease_offers_desktop_recording_and_computer_use(runt
         doc = (await leases.capabilities(ws, g, runtime_desktop=host)).model_dump(mode="json", by_alias=True)
         assert doc["ComputerUse"]["available"] is True and doc["ComputerUse"]["readOnly"] is False
         assert doc["Recording"]["available"] is True
-        if leases.settings.stream_token_secret is None:
-            # No secret to mint stream tokens with: the desktop cannot be streamed, and the cell says so.
-            assert doc["DesktopStream"]["reason"] is not None
-        else:
-            assert doc["DesktopStream"]["transport"] == "vnc-ws" and doc["DesktopStream"]["reason"] is None
+        # The root secret for stream tokens exists (env or data dir), so the desktop can be streamed.
+        assert doc["DesktopStream"]["transport"] == "vnc-ws" and doc["DesktopStream"]["reason"] is None
+        assert doc["Terminal"]["reason"] is None
         assert doc["FileSystem"]["available"] is True
 
         # The static descriptor alone (a worker that cannot run a desktop) says why not.
