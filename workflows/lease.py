@@ -1055,60 +1055,56 @@ class LeaseWorkflow:
     @workflow.update
     async def screenshot(self, req: ScreenshotRequest) -> Screenshot:
         """A PNG of the warm box's desktop (brought up if it is not)."""
-        self._run_updates += 1
         s = self.s
         assert s.envelope is not None
-        envelope, epoch = s.envelope, s.epoch
-        self._inflight += 1
-        try:
-            shot: Screenshot = await workflow.execute_activity(
-                COMPUTER_SCREENSHOT,
-                ScreenshotInput(
-                    backend=self.spec.backend,
-                    envelope=envelope,
-                    lease_id=self.spec.lease_id,
-                    epoch=epoch,
-                    geometry=req.geometry,
-                ),
-                result_type=Screenshot,
-                start_to_close_timeout=timedelta(seconds=120),
-                retry_policy=RetryPolicy(maximum_attempts=2),
-                summary="screenshot",
-            )
-        except ActivityError as err:
-            raise self._box_op_failure(err, epoch, envelope, "screenshot") from None
-        finally:
-            self._inflight -= 1
-            self._wake = True
-        self._desktop_up()
+        arg = ScreenshotInput(
+            backend=self.spec.backend, envelope=s.envelope, lease_id=self.spec.lease_id, epoch=s.epoch,
+            geometry=req.geometry,
+        )  # fmt: skip
+        shot: Screenshot = await self._desktop_activity(
+            COMPUTER_SCREENSHOT, arg, Screenshot, attempts=2, summary="screenshot", op="screenshot"
+        )
         return shot
 
     @workflow.update
     async def desktop_input(self, req: DesktopInputRequest) -> DesktopInputResult:
         """Pointer and keyboard actions on the warm box's desktop, in order; never retried (input is not idempotent)."""
+        s = self.s
+        assert s.envelope is not None
+        arg = DesktopInputInput(
+            backend=self.spec.backend, envelope=s.envelope, lease_id=self.spec.lease_id, epoch=s.epoch,
+            actions=req.actions, geometry=req.geometry,
+        )  # fmt: skip
+        result: DesktopInputResult = await self._desktop_activity(
+            COMPUTER_DESKTOP_INPUT,
+            arg,
+            DesktopInputResult,
+            attempts=1,
+            summary=f"desktop input ({len(req.actions)} actions)",
+            op="desktop input",
+        )
+        return result
+
+    async def _desktop_activity(
+        self, activity: str, arg: Any, result_type: type[Any], *, attempts: int, summary: str, op: str
+    ) -> Any:
+        """Run one computer-use activity against the warm box as an in-flight operation (no teardown under it)."""
         self._run_updates += 1
         s = self.s
         assert s.envelope is not None
         envelope, epoch = s.envelope, s.epoch
         self._inflight += 1
         try:
-            result: DesktopInputResult = await workflow.execute_activity(
-                COMPUTER_DESKTOP_INPUT,
-                DesktopInputInput(
-                    backend=self.spec.backend,
-                    envelope=envelope,
-                    lease_id=self.spec.lease_id,
-                    epoch=epoch,
-                    actions=req.actions,
-                    geometry=req.geometry,
-                ),
-                result_type=DesktopInputResult,
+            result = await workflow.execute_activity(
+                activity,
+                arg,
+                result_type=result_type,
                 start_to_close_timeout=timedelta(seconds=120),
-                retry_policy=RetryPolicy(maximum_attempts=1),
-                summary=f"desktop input ({len(req.actions)} actions)",
+                retry_policy=RetryPolicy(maximum_attempts=attempts),
+                summary=summary,
             )
         except ActivityError as err:
-            raise self._box_op_failure(err, epoch, envelope, "desktop input") from None
+            raise self._box_op_failure(err, epoch, envelope, op) from None
         finally:
             self._inflight -= 1
             self._wake = True

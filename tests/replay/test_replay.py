@@ -38,6 +38,8 @@ REQUIRED = {
     # The lease signals its recordings when it loses their box (patch recording-box-lost-signal).
     "lease_box_lost_recording_signal",
     "recording_box_lost_signal",
+    # Screenshot and desktop input through the lease (in-flight operations on the warm box).
+    "lease_computer_use",
 }
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cli.main import _register, app
 from tests.integration.recording.conftest import ffprobe, ids
+from tests.integration.test_lease_workflow import record_history
 from workflows.lease import LeaseWorkflow
 
 _register()
@@ -103,3 +104,4 @@ async def test_desktop_screenshot_click_type_key(runtime: Any, cli_env: None, tm
         assert res.exit_code == 2 and "InvalidRequest" in res.output
         res = await sandboxctl("desktop", "screenshot", ws, group, "-o", str(png), "--epoch", "999")
         assert res.exit_code == 2 and "StaleEpoch" in res.output
+        await record_history(runtime, ws, group, "computer_use")
