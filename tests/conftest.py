@@ -138,6 +138,24 @@ def fresh_postgres_database(postgres_url: str, prefix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextlib.asynccontextmanager
+async def migrated_store(url: str, *, empty: tuple[str, ...] = ()) -> AsyncIterator[Any]:
+    """A migrated store at ``url`` with the ``empty`` tables cleared, disposed on exit (store tests, both databases)."""
+    from sqlalchemy import text
+
+    from store.database import Database
+
+    database = Database.from_url(url)
+    await database.migrate()
+    async with database.engine.begin() as conn:
+        for table in empty:
+            await conn.execute(text(f"DELETE FROM {table}"))
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a free port; yields an async SQLAlchemy URL.

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from sandbox.errors import InvalidRequest
 from store.database import Database
 from store.models import Base, RecordingRow
 from store.recordings import RecordingStore
-from tests.conftest import fresh_postgres_database
+from tests.conftest import fresh_postgres_database, migrated_store
 from workflows.recording_models import RecordingRecord
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -35,14 +35,8 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
     else:
         url = request.getfixturevalue("pg_recordings_url")
-    database = Database.from_url(url)
-    await database.migrate()
-    async with database.engine.begin() as conn:
-        await conn.execute(text("DELETE FROM recordings"))
-    try:
+    async with migrated_store(url, empty=("recordings",)) as database:
         yield database
-    finally:
-        await database.dispose()
 
 
 def record(rid: str = "rec-1", *, version: int = 1, minutes: float = 0, **fields: object) -> RecordingRecord:

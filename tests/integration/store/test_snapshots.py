@@ -18,7 +18,7 @@ from sandbox.errors import InvalidRequest, SnapshotConflict, SnapshotNotFound
 from store.database import Database
 from store.models import Base, SnapshotRow
 from store.snapshots import GcPolicy, SnapshotLedger, SnapshotRecord
-from tests.conftest import fresh_postgres_database
+from tests.conftest import fresh_postgres_database, migrated_store
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 LEASE = "lease/ws1/g1"
@@ -37,14 +37,8 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
         url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
     else:
         url = request.getfixturevalue("pg_snapshots_url")
-    database = Database.from_url(url)
-    await database.migrate()
-    async with database.engine.begin() as conn:
-        await conn.execute(text("DELETE FROM sandbox_snapshots"))
-    try:
+    async with migrated_store(url, empty=("sandbox_snapshots",)) as database:
         yield database
-    finally:
-        await database.dispose()
 
 
 @pytest.fixture
