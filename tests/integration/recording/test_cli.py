@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from cli.main import _register, app
 from tests.integration.recording.conftest import ffprobe, ids
 from tests.integration.test_lease_workflow import record_history
-from workflows.lease import LeaseWorkflow
 
 _register()
 pytestmark = pytest.mark.timeout(90)
@@ -77,12 +76,6 @@ async def test_record_errors_are_typed_one_liners(runtime: Any, cli_env: None, t
     assert res.exit_code == 2 and "InvalidRequest" in res.output
 
 
-integrated = pytest.mark.skipif(
-    not hasattr(LeaseWorkflow, "screenshot"), reason="the lease's screenshot/desktop_input updates are not in yet"
-)
-
-
-@integrated
 async def test_desktop_screenshot_click_type_key(runtime: Any, cli_env: None, tmp_path: Path) -> None:
     ws, group = ids()
     async with runtime.leases().hold(ws, group):

@@ -14,13 +14,9 @@ from temporalio.client import WorkflowUpdateFailedError
 from activities.models import Screenshot, ScreenshotRequest
 from cli.recording import RecordingClient
 from tests.integration.recording.conftest import ids, wait_state
-from workflows.lease import LeaseWorkflow
 from workflows.recording_models import RecordingRequest, RecordingStarted
 
-pytestmark = [
-    pytest.mark.timeout(90),
-    pytest.mark.skipif(not hasattr(LeaseWorkflow, "start_recording"), reason="lease recording updates not in yet"),
-]
+pytestmark = pytest.mark.timeout(90)
 
 
 async def test_start_recording_on_the_lease_runs_a_child_that_holds_the_lease(
