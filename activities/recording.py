@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from temporalio import activity
-from temporalio.client import RPCError, WorkflowUpdateFailedError
 
 from activities.provider_errors import maps_provider_errors
 from providers.base import BoxSession, Envelope
@@ -540,15 +539,12 @@ class RecordingActivities:
     # -- the lease ------------------------------------------------------------------------------
 
     async def _lease_update(self, inp: LeaseHolderInput | LeaseBoxLostInput, update: Any, arg: Any) -> Any:
-        from client.lease_client import translate
+        from client.lease_client import call_workflow
 
         handle = activity.client().get_workflow_handle_for(
             LeaseWorkflow.run, lease_workflow_id(inp.workspace_id, inp.group_id)
         )
-        try:
-            return await handle.execute_update(update, arg)
-        except (WorkflowUpdateFailedError, RPCError) as err:
-            raise translate(err) from err
+        return await call_workflow(lambda: handle.execute_update(update, arg))
 
     @activity.defn(name=HOLD_LEASE)
     @maps_provider_errors

@@ -41,19 +41,14 @@ def register(app: typer.Typer) -> None:
 
 
 def _update(data_dir: Path | None, workspace: str, group: str, name: str, arg: Any, result_type: type) -> Any:
-    from temporalio.client import RPCError, WorkflowUpdateFailedError
-
     from cli.lease import _run, _settings
-    from client.lease_client import translate
+    from client.lease_client import call_workflow
 
     settings = _settings(data_dir)
 
     async def action(leases: Any) -> Any:
         handle = leases.handle(workspace, group)
-        try:
-            return await handle.execute_update(name, arg, result_type=result_type)
-        except (WorkflowUpdateFailedError, RPCError) as err:
-            raise translate(err) from err
+        return await call_workflow(lambda: handle.execute_update(name, arg, result_type=result_type))
 
     return _run(settings, action)
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -138,6 +138,27 @@ def translate(err: BaseException) -> errors.SandboxError:
     return errors.SandboxError(str(cause or err))
 
 
+async def call_workflow(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run one Temporal client call (update, query, signal) and raise the runtime's typed errors.
+
+    The SDK turns the cancellation of the calling task into ``WorkflowUpdateRPCTimeoutOrCancelledError``;
+    that is given back as ``CancelledError`` so ``task.cancel()`` and ``asyncio.timeout`` keep working (a
+    loop catching ``SandboxError`` would otherwise swallow its own cancellation). A real RPC timeout is
+    ``OutcomeUnknown``: the update may or may not have run.
+    """
+    try:
+        return await fn()
+    except (WorkflowUpdateFailedError, WorkflowQueryFailedError, RPCError) as err:
+        raise translate(err) from err
+    except WorkflowUpdateRPCTimeoutOrCancelledError as err:
+        task = asyncio.current_task()
+        if isinstance(err.__cause__, asyncio.CancelledError) or (task is not None and task.cancelling()):
+            raise asyncio.CancelledError() from err
+        raise errors.OutcomeUnknown(
+            "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"
+        ) from err
+
+
 PLANE_PORTS = {"desktop": 6080, "terminal": 7681}
 """The in-box ports of the planes (upstream DESKTOP_STREAM_PORT / TERMINAL_STREAM_PORT), carried in the token."""
 
@@ -174,15 +195,7 @@ class LeaseClient:
         return self.client.get_workflow_handle_for(LeaseWorkflow.run, lease_workflow_id(workspace_id, group_id))
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return await fn()
-        except (WorkflowUpdateFailedError, WorkflowQueryFailedError, RPCError) as err:
-            raise translate(err) from err
-        except WorkflowUpdateRPCTimeoutOrCancelledError as err:
-            # The update may or may not have run: say so, and let the caller decide whether repeating is safe.
-            raise errors.OutcomeUnknown(
-                "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"
-            ) from err
+        return await call_workflow(fn)
 
     async def acquire(
         self,

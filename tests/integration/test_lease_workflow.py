@@ -317,6 +317,27 @@ async def test_hold_context_manager_heartbeats_and_releases(runtime: Any) -> Non
     await leases.drain(ws, g, wait=True)
 
 
+async def test_cancelling_a_call_in_flight_raises_cancelled_not_outcome_unknown(runtime: Any) -> None:
+    # The SDK reports a cancelled update as an RPC timeout; a heartbeat loop catching SandboxError then
+    # swallowed its own cancellation and ``hold`` never exited (seen once in CI as a 180 s hang).
+    leases = runtime.leases(idle_grace_seconds=30)
+    ws, g = ids()
+    await leases.acquire(ws, g, holder_id="t1")
+    task = asyncio.create_task(leases.exec(ws, g, ["sleep", "3"]))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await leases.exec(ws, g, ["sleep", "3"])
+    assert time.monotonic() - started < 2.5
+    out = await leases.exec(ws, g, ["echo", "still usable"])
+    assert out.stdout == "still usable\n"
+    await leases.drain(ws, g, wait=True)
+
+
 async def test_projection_on_postgresql(pg_runtime: Any) -> None:
     leases = pg_runtime.leases(idle_grace_seconds=0.2)
     ws, g = ids()
