@@ -52,7 +52,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import termios
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from pydantic import BaseModel, ValidationError
 
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.workspace_archive import extract_tar, stream_tar, tree_fingerprint
+from sandbox.channel_a.pty import spawn_on_terminal
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -491,29 +491,6 @@ async def _run(
         err.close()
     assert proc.returncode is not None
     return _Completed(proc.returncode, bytes(out.data), bytes(err.data), timed_out)
-
-
-def _take_terminal() -> None:
-    # Runs in the child between fork and exec: a new session, then fd 0 (the PTY) becomes its
-    # controlling terminal, so job control works and a hang-up reaches the whole session.
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-async def _spawn_on_terminal(
-    argv: Sequence[str], *, cwd: str | None, env: Mapping[str, str], tty_fd: int, pass_fds: Sequence[int] = ()
-) -> asyncio.subprocess.Process:
-    """Start ``argv`` with ``tty_fd`` as stdin, stdout, stderr and controlling terminal."""
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=tty_fd,
-        stdout=tty_fd,
-        stderr=tty_fd,
-        cwd=cwd,
-        env=dict(env),
-        pass_fds=tuple(pass_fds),
-        preexec_fn=_take_terminal,
-    )
 
 
 # --- the box's PID namespace (bubblewrap) -----------------------------------------------------
@@ -1528,7 +1505,7 @@ class LocalBoxSession:
         env_all = self._env(call_env, str(self._box / "home"), {"TMPDIR": str(self._box / "tmp")})
         start = _boot_ticks() - 1
         try:
-            process = await _spawn_on_terminal(args, cwd=workdir, env=env_all, tty_fd=tty_fd)
+            process = await spawn_on_terminal(args, cwd=workdir, env=env_all, tty_fd=tty_fd)
         except (FileNotFoundError, PermissionError) as err:
             raise InvalidRequest(f"cannot run {args[0]} in the box: {err.strerror}") from None
         _record_session(self._box, process.pid, start)
@@ -1545,7 +1522,7 @@ class LocalBoxSession:
             prefix = provider._exec_prefix(self._box, holder.userns_fd, holder.pidns_fd, box_wd, new_session=False)
             prefix[-1:-1] = ["--info-fd", str(info_w)]
             try:
-                process = await _spawn_on_terminal(
+                process = await spawn_on_terminal(
                     [*prefix, *argv],
                     cwd=None,
                     env=env,

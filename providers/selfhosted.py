@@ -63,6 +63,8 @@ from sandbox.control_protocol import (
     PingOp,
     PingReply,
     PointerEvent,
+    PtyOpenOp,
+    PtyOpenReply,
     ScreenshotOp,
     ScreenshotReply,
     ScrollEvent,
@@ -80,6 +82,7 @@ from sandbox.control_protocol import (
 )
 from sandbox.errors import (
     AgentOffline,
+    ChannelAUnsupported,
     ExecTimeout,
     InvalidRequest,
     PathNotFound,
@@ -89,6 +92,8 @@ from sandbox.errors import (
 
 if TYPE_CHECKING:
     from providers.descriptors import CapabilityDescriptor
+    from providers.selfhosted_terminal import RemotePty
+    from sandbox.channel_a.pty import ExitCallback, OutputCallback
     from sandbox.settings import Settings
 
 __all__ = [
@@ -676,6 +681,11 @@ class SelfhostedSession:
         """``<workspace_id>/<agent_id>@<epoch>``."""
         return self._instance_id
 
+    @property
+    def chunk_bytes(self) -> int:
+        """The most payload bytes one request carries (file pieces, typed input)."""
+        return self._chunk
+
     # --- the one call path ---
 
     async def call(self, op: ControlOp, reply_type: type[_R], *, timeout: float | None = None) -> _R:
@@ -885,6 +895,42 @@ class SelfhostedSession:
     async def desktop_input(self, event: PointerEvent | KeyEvent | ScrollEvent) -> None:
         """Inject one input event (``CONSENT_REQUIRED`` unless the owner allowed screen control)."""
         await self.call(DesktopInputOp(event=event), DesktopInputReply)
+
+    async def open_pty(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str,
+        env: Mapping[str, str],
+        cols: int,
+        rows: int,
+        on_output: OutputCallback,
+        on_exit: ExitCallback,
+    ) -> RemotePty:
+        """Start ``argv`` on a PTY the agent holds, in ``cwd`` on the machine (a Channel-A ``PtyHost``).
+
+        Raises:
+            PathNotFound: ``cwd`` does not exist on the machine.
+            InvalidRequest: ``cwd`` is outside the agent's root.
+            ChannelAUnsupported: the agent predates the PTY ops.
+            SelfhostedControlError: the agent is offline, draining, fenced, or could not start the shell.
+        """
+        from providers.selfhosted_terminal import RemotePty
+
+        op = PtyOpenOp(argv=list(argv), cwd=self._path(cwd), env=dict(env), cols=cols, rows=rows)
+        try:
+            reply = await self.call(op, PtyOpenReply)
+        except SelfhostedControlError as err:
+            code = ControlErrorCode.from_wire(err.code)
+            if code in (ControlErrorCode.UNSUPPORTED, ControlErrorCode.PROTOCOL):
+                raise ChannelAUnsupported(
+                    f"the agent on {self.agent_id} cannot open PTYs ({err.message}); "
+                    "upgrade it to this runtime's version"
+                ) from err
+            raise self._typed(err, cwd) from err
+        pty = RemotePty(self, reply.pty_id, cols=cols, rows=rows, on_output=on_output, on_exit=on_exit)
+        pty.start()
+        return pty
 
     async def view_image(self, path: str) -> tuple[bytes, str]:
         """An image file's bytes and MIME type (sniffed from magic bytes, else the extension)."""

@@ -4,7 +4,13 @@ A request goes to the subject ``agent.<workspace_id>.<agent_id>.rpc`` (:func:`ag
 :class:`ControlRequest` ``{v, request_id, epoch, op}``; the agent answers with one
 :class:`ControlResponse` ``{v, request_id, result | error}``. ``op`` and ``result`` are tagged by
 ``type`` (``exec``, ``fs_read``, ``fs_write``, ``fs_list``, ``fs_stat``, ``ping``, ``screenshot``,
-``desktop_input``, ``stream_ensure``), and a result always has the type of its op. Binary payloads
+``desktop_input``, ``stream_ensure``, and the PTY ops ``pty_open``, ``pty_write``, ``pty_read``,
+``pty_resize``, ``pty_close``), and a result always has the type of its op.
+
+The PTY ops are ours (upstream relays a PTY over a stream channel): the shell runs on the machine
+on a pseudo-terminal the agent holds; the runtime types into it with ``pty_write`` and collects its
+output with ``pty_read``, a long poll that answers as soon as output is there (or the shell has
+exited) and after ``wait_ms`` otherwise. An agent without them answers ``UNSUPPORTED``. Binary payloads
 (file content, command output, PNGs) travel as standard base64 strings, so any byte survives.
 
 Every request carries the epoch it was resolved under; the agent refuses an epoch older than the
@@ -49,6 +55,7 @@ __all__ = [
     "NATS_DEFAULT_MAX_PAYLOAD",
     "NEVER_SENT_DETAIL_KEY",
     "PROTOCOL_VERSION",
+    "PTY_MAX_WAIT_MS",
     "AgentError",
     "ControlErrorCode",
     "ControlOp",
@@ -73,6 +80,16 @@ __all__ = [
     "PingOp",
     "PingReply",
     "PointerEvent",
+    "PtyCloseOp",
+    "PtyCloseReply",
+    "PtyOpenOp",
+    "PtyOpenReply",
+    "PtyReadOp",
+    "PtyReadReply",
+    "PtyResizeOp",
+    "PtyResizeReply",
+    "PtyWriteOp",
+    "PtyWriteReply",
     "ScreenshotOp",
     "ScreenshotReply",
     "ScrollEvent",
@@ -105,6 +122,9 @@ _ENVELOPE_OVERHEAD: Final = 4096
 _TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _REQUEST_ID_RE: Final = re.compile(r"^[\x21-\x7e]{1,128}$")
 _UPLOAD_ID_RE: Final = r"^[A-Za-z0-9_-]{1,64}$"
+_PTY_ID_RE: Final = r"^pty-[A-Za-z0-9_-]{1,64}$"
+PTY_MAX_WAIT_MS: Final = 10_000
+"""The longest a ``pty_read`` may wait for output (its RPC timeout is a little longer)."""
 
 
 # --- subjects -----------------------------------------------------------------------------------
@@ -355,8 +375,70 @@ class StreamEnsureOp(_Message):
     height: NonNegative = 0
 
 
+class PtyOpenOp(_Message):
+    """Start ``argv`` on a new ``cols`` x ``rows`` pseudo-terminal, in ``cwd`` (under the agent's root)."""
+
+    type: Literal["pty_open"] = "pty_open"
+    argv: list[StrictStr] = Field(min_length=1)
+    cwd: WirePath = ""
+    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    cols: Annotated[StrictInt, Field(ge=1, le=500)] = 80
+    rows: Annotated[StrictInt, Field(ge=1, le=300)] = 24
+
+
+PtyId = Annotated[StrictStr, Field(pattern=_PTY_ID_RE)]
+
+
+class PtyWriteOp(_Message):
+    """Type ``data`` into a PTY (``NOT_FOUND`` with reason ``pty_exited`` once its shell has exited)."""
+
+    type: Literal["pty_write"] = "pty_write"
+    pty_id: PtyId
+    data: WireBytes
+
+
+class PtyReadOp(_Message):
+    """Take a PTY's unread output (at most ``max_bytes``, 0 = what fits one reply), waiting up to
+    ``wait_ms`` for some when there is none."""
+
+    type: Literal["pty_read"] = "pty_read"
+    pty_id: PtyId
+    max_bytes: NonNegative = 0
+    wait_ms: Annotated[StrictInt, Field(ge=0, le=PTY_MAX_WAIT_MS)] = 0
+
+
+class PtyResizeOp(_Message):
+    """Set a PTY's size (its foreground program gets ``SIGWINCH``)."""
+
+    type: Literal["pty_resize"] = "pty_resize"
+    pty_id: PtyId
+    cols: Annotated[StrictInt, Field(ge=1, le=500)]
+    rows: Annotated[StrictInt, Field(ge=1, le=300)]
+
+
+class PtyCloseOp(_Message):
+    """Hang up a PTY (``SIGKILL`` after ``grace_ms``) and forget it; closing an unknown id is ``NOT_FOUND``."""
+
+    type: Literal["pty_close"] = "pty_close"
+    pty_id: PtyId
+    grace_ms: Annotated[StrictInt, Field(ge=0, le=60_000)] = 1000
+
+
 ControlOp = Annotated[
-    ExecOp | FsReadOp | FsWriteOp | FsListOp | FsStatOp | PingOp | ScreenshotOp | DesktopInputOp | StreamEnsureOp,
+    ExecOp
+    | FsReadOp
+    | FsWriteOp
+    | FsListOp
+    | FsStatOp
+    | PingOp
+    | ScreenshotOp
+    | DesktopInputOp
+    | StreamEnsureOp
+    | PtyOpenOp
+    | PtyWriteOp
+    | PtyReadOp
+    | PtyResizeOp
+    | PtyCloseOp,
     Field(discriminator="type"),
 ]
 
@@ -474,6 +556,49 @@ class StreamEnsureReply(_Reply):
     display: DisplayInfo | None = None
 
 
+class PtyOpenReply(_Reply):
+    """The new PTY's id (``pty-...``) and the pid of its process on the machine."""
+
+    type: Literal["pty_open"] = "pty_open"
+    pty_id: StrictStr
+    pid: NonNegative = 0
+
+
+class PtyWriteReply(_Reply):
+    """How many bytes were typed."""
+
+    type: Literal["pty_write"] = "pty_write"
+    bytes_written: NonNegative
+
+
+class PtyReadReply(_Reply):
+    """Output taken from the PTY; once ``exited`` (and nothing is left unread) the exit status.
+
+    ``dropped`` counts bytes the agent discarded because nobody read them in time (its buffer is bounded).
+    """
+
+    type: Literal["pty_read"] = "pty_read"
+    data: WireBytes = b""
+    exited: StrictBool = False
+    exit_code: StrictInt | None = None
+    reason: Literal["exit", "killed"] | None = None
+    dropped: NonNegative = 0
+
+
+class PtyResizeReply(_Reply):
+    """The PTY has its new size."""
+
+    type: Literal["pty_resize"] = "pty_resize"
+
+
+class PtyCloseReply(_Reply):
+    """The PTY is gone; how its process ended."""
+
+    type: Literal["pty_close"] = "pty_close"
+    exit_code: StrictInt | None = None
+    reason: Literal["exit", "killed"] = "killed"
+
+
 ControlReply = Annotated[
     ExecReply
     | FsReadReply
@@ -483,7 +608,12 @@ ControlReply = Annotated[
     | PingReply
     | ScreenshotReply
     | DesktopInputReply
-    | StreamEnsureReply,
+    | StreamEnsureReply
+    | PtyOpenReply
+    | PtyWriteReply
+    | PtyReadReply
+    | PtyResizeReply
+    | PtyCloseReply,
     Field(discriminator="type"),
 ]
 

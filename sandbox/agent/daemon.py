@@ -245,6 +245,8 @@ class AgentDaemon:
     async def drain(self) -> None:
         """Refuse new ops with ``DRAINING``, let running ones finish (bounded), then stop serving."""
         self.draining = True
+        # Shells end with the agent; this also answers the PTY output polls that are waiting.
+        await self.operations.terminals.close_all()
         if self._inflight:
             _done, pending = await asyncio.wait(set(self._inflight), timeout=self.config.drain_timeout)
             if pending:

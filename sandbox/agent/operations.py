@@ -6,7 +6,8 @@
 root and its whole process group killed at the deadline; output that could not travel in one
 message is refused (``PAYLOAD_TOO_LARGE``), never cut. ``desktop_input`` needs the owner's
 screen-control consent (``CONSENT_REQUIRED`` otherwise) and a display; ``screenshot`` and desktop
-streams need a display (``UNSUPPORTED`` with reason ``display_unavailable`` otherwise).
+streams need a display (``UNSUPPORTED`` with reason ``display_unavailable`` otherwise). The
+``pty_*`` ops are served by :class:`~sandbox.agent.terminals.AgentTerminals`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Final
 
 from sandbox.agent.confinement import OpRefused, Root
 from sandbox.agent.spawn import start_command
+from sandbox.agent.terminals import AgentTerminals, machine_environment
 from sandbox.control_protocol import (
     NATS_DEFAULT_MAX_PAYLOAD,
     ControlErrorCode,
@@ -48,6 +50,16 @@ from sandbox.control_protocol import (
     PingOp,
     PingReply,
     PointerEvent,
+    PtyCloseOp,
+    PtyCloseReply,
+    PtyOpenOp,
+    PtyOpenReply,
+    PtyReadOp,
+    PtyReadReply,
+    PtyResizeOp,
+    PtyResizeReply,
+    PtyWriteOp,
+    PtyWriteReply,
     ScreenshotOp,
     ScreenshotReply,
     ScrollEvent,
@@ -110,6 +122,7 @@ class AgentOperations:
         self._groups: set[int] = set()
         # Commands get the agent's environment as it was at start (plus the op's), copied once.
         self._environment = dict(os.environb)
+        self.terminals = AgentTerminals(self.root, machine_environment(self._environment))
         self._hostname = socket.gethostname()
         self._os = {"Darwin": "macos", "Windows": "windows"}.get(platform.system(), "linux")
 
@@ -141,6 +154,11 @@ class AgentOperations:
         | ScreenshotReply
         | DesktopInputReply
         | StreamEnsureReply
+        | PtyOpenReply
+        | PtyWriteReply
+        | PtyReadReply
+        | PtyResizeReply
+        | PtyCloseReply
     ):
         if isinstance(op, PingOp):
             return self.ping(op)
@@ -177,6 +195,16 @@ class AgentOperations:
             return await self.desktop_input(op)
         if isinstance(op, StreamEnsureOp):
             return self.stream_ensure(op)
+        if isinstance(op, PtyOpenOp):
+            return await self.terminals.open(op)
+        if isinstance(op, PtyWriteOp):
+            return await self.terminals.write(op)
+        if isinstance(op, PtyReadOp):
+            return await self.terminals.read(op, reply_budget=self.payload_budget)
+        if isinstance(op, PtyResizeOp):
+            return await self.terminals.resize(op)
+        if isinstance(op, PtyCloseOp):
+            return await self.terminals.close(op)
         raise OpRefused(ControlErrorCode.UNSUPPORTED, f"this agent does not implement {type(op).__name__}")
 
     # --- ping ---

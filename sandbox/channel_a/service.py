@@ -58,7 +58,7 @@ from sandbox.channel_a.models import (
     RepoDiscovery,
     TerminalExecResult,
 )
-from sandbox.channel_a.pty import PtyLauncher, PtyProcess, default_pty_launcher
+from sandbox.channel_a.pty import LauncherPtyHost, Pty, PtyHost, PtyLauncher, default_pty_host
 from sandbox.channel_a.runner import (
     EXIT_INVALID,
     SCRIPT_ROOT,
@@ -71,6 +71,7 @@ from sandbox.channel_a.runner import (
 from sandbox.channel_a.terminal import parse_terminal_output, terminal_command
 from sandbox.errors import (
     BoxNotFound,
+    ChannelAError,
     ChannelANotFound,
     ChannelAUnavailable,
     ChannelAUnsupported,
@@ -132,9 +133,10 @@ class ChannelA:
         events: Where change events go (none are published without a sink).
         lease_epoch: The lease epoch of the box, carried by every event.
         revision: Starting value of the mutation counter (to continue a persisted one).
-        pty_launcher: How PTY processes enter the box; by default the session itself when it
-            implements :class:`PtyLauncher` (local boxes do), else none (``pty_open`` then raises
-            :class:`ChannelAUnsupported`).
+        pty_launcher: How PTYs reach the box (a :class:`PtyHost`, or a :class:`PtyLauncher` that
+            starts processes on a PTY held here); by default the session itself when it is either
+            (local boxes are launchers, selfhosted sessions hosts), else none (``pty_open`` then
+            raises :class:`ChannelAUnsupported`).
         command_timeout: Seconds any internal file or git command may take.
         max_reply_bytes: The most bytes one exec of the session may carry each way; larger
             inputs and answers move in pieces through a temp file in the box. ``"auto"`` picks
@@ -150,7 +152,7 @@ class ChannelA:
         events: EventSink | None = None,
         lease_epoch: int = 0,
         revision: int = 0,
-        pty_launcher: PtyLauncher | None = None,
+        pty_launcher: PtyHost | PtyLauncher | None = None,
         command_timeout: float = 60.0,
         max_reply_bytes: int | Literal["auto"] | None = "auto",
     ) -> None:
@@ -161,9 +163,12 @@ class ChannelA:
         self._revision = revision
         budget = reply_budget_for(session) if max_reply_bytes == "auto" else max_reply_bytes
         self._runner = BoxRunner(session, workspace_root, reply_budget=budget)
-        self._pty_launcher = pty_launcher if pty_launcher is not None else default_pty_launcher(session)
+        if pty_launcher is None:
+            self._pty_host = default_pty_host(session)
+        else:
+            self._pty_host = pty_launcher if isinstance(pty_launcher, PtyHost) else LauncherPtyHost(pty_launcher)
         self._command_timeout = command_timeout
-        self._ptys: dict[str, PtyProcess] = {}
+        self._ptys: dict[str, Pty] = {}
         self._pty_seq: dict[str, int] = {}
 
     @property
@@ -707,7 +712,7 @@ class ChannelA:
             raise ChannelAUnavailable("the box's answer is missing the directory", path=shown)
         return result.stdout[at + len(marker) : end].decode("utf-8", "surrogateescape")
 
-    def _pty(self, pty_id: str) -> PtyProcess:
+    def _pty(self, pty_id: str) -> Pty:
         pty = self._ptys.get(pty_id)
         if pty is None:
             raise ChannelANotFound(f"no PTY {pty_id!r}")
@@ -736,29 +741,34 @@ class ChannelA:
         if not program.startswith("/") or "\0" in program or any(ch.isspace() for ch in program):
             raise ChannelAValidationError(f"shell must be an absolute path to a program, not {program!r}")
         rel = self._cwd_rel(cwd)
-        if self._pty_launcher is None:
+        if self._pty_host is None:
             raise ChannelAUnsupported(f"{type(self.session).__name__} boxes have no PTY support")
         box_cwd = await self._confined_dir(rel, cwd)
-        pty = PtyProcess(
-            shell=program,
-            cwd=box_cwd,
-            cols=cols,
-            rows=rows,
-            on_output=lambda chunk: self._pty_output(pty.pty_id, chunk),
-            on_exit=lambda code, reason: self._pty_exited(pty.pty_id, code, reason),
-        )
+        # The callbacks route by the id open_pty returns (a host never calls them before it returns).
+        opened: list[str] = []
         try:
-            await pty.start(self._pty_launcher, [program, "-l"], {"TERM": "xterm-256color", **(env or {})})
+            pty = await self._pty_host.open_pty(
+                [program, "-l"],
+                cwd=box_cwd,
+                env={"TERM": "xterm-256color", **(env or {})},
+                cols=cols,
+                rows=rows,
+                on_output=lambda chunk: self._pty_output(opened[0], chunk),
+                on_exit=lambda code, reason: self._pty_exited(opened[0], code, reason),
+            )
         except BoxNotFound:
             raise
         except PathNotFound as err:
             raise ChannelANotFound(f"the directory {cwd!r} is gone: {err.message}", path=cwd) from err
         except InvalidRequest as err:
             raise ChannelAValidationError(f"cannot start {program}: {err.message}") from err
+        except ChannelAError:
+            raise
         except ProviderError as err:
             raise ChannelAUnavailable(f"cannot start the PTY shell: {err.message}") from err
         except OSError as err:
             raise ChannelAUnavailable(f"cannot start the PTY shell: {err}") from err
+        opened.append(pty.pty_id)
         self._ptys[pty.pty_id] = pty
         await self._emit(
             "terminal.pty.started",
@@ -817,7 +827,7 @@ class ChannelA:
         """
         _check_int("cols", cols, 1, PTY_MAX_COLS)
         _check_int("rows", rows, 1, PTY_MAX_ROWS)
-        self._pty(pty_id).resize(cols, rows)
+        await self._pty(pty_id).resize(cols, rows)
 
     def pty_exited(self, pty_id: str) -> bool:
         """Whether the shell on the PTY has ended (it stays listed until closed)."""

@@ -2,10 +2,8 @@
 
 The suite is parametrized over providers through ``provider`` (module scoped): a ``local`` box in
 ``bubblewrap`` and in ``process`` isolation, and ``selfhosted``, a :class:`SelfhostedSession` over
-the real nats-server to an in-process agent daemon whose root plays the workspace. What a
-provider cannot do is declared on the test with :func:`unsupported`, which puts the reason into
-the parametrization: with ``raises`` the test still runs there and must fail with exactly that
-typed error (a strict xfail), without it the case is skipped with the reason shown.
+the real nats-server to an in-process agent daemon whose root plays the workspace. Every test
+runs on every provider: none is allowed to skip a capability.
 
 Each test gets a fresh :class:`TestBox`; git tests share one box per module.
 """
@@ -37,34 +35,9 @@ BOX_ENV = {"CHANNEL_A_BOX_VAR": "from-the-box-spec"}
 """The box environment every local test box is created with."""
 
 
-def unsupported(kind: ProviderKind, reason: str, *, raises: type[BaseException] | None = None) -> pytest.MarkDecorator:
-    """Declare that ``kind`` cannot do what the test checks, and why.
-
-    With ``raises`` the test runs on ``kind`` too and must fail with that error (strict xfail):
-    the limit is a typed refusal, checked. Without it the case is skipped with ``reason``.
-    """
-    return pytest.mark.unsupported(kind, reason, raises)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "unsupported(kind, reason, raises): a provider cannot do what the test checks")
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "provider" not in metafunc.fixturenames:
-        return
-    limits = {m.args[0]: (m.args[1], m.args[2]) for m in metafunc.definition.iter_markers("unsupported")}
-    params = []
-    for kind in PROVIDERS:
-        marks: list[pytest.MarkDecorator] = []
-        if kind in limits:
-            reason, raises = limits[kind]
-            if raises is None:
-                marks.append(pytest.mark.skip(reason=f"{kind}: {reason}"))
-            else:
-                marks.append(pytest.mark.xfail(reason=f"{kind}: {reason}", raises=raises, strict=True))
-        params.append(pytest.param(kind, marks=marks, id=kind))
-    metafunc.parametrize("provider", params, indirect=True, scope="module")
+    if "provider" in metafunc.fixturenames:
+        metafunc.parametrize("provider", list(PROVIDERS), indirect=True, scope="module", ids=list(PROVIDERS))
 
 
 @dataclass

@@ -1,7 +1,5 @@
-"""Terminal exec on every provider; real PTYs in local boxes (both isolation modes).
-
-The selfhosted agent protocol has no PTY operation, so there ``pty_open`` must refuse with
-:class:`ChannelAUnsupported`: the PTY tests are declared unsupported with that error (strict xfail).
+"""Terminal exec and real PTYs on every provider: local boxes (both isolation modes), where the
+worker holds the PTY, and a selfhosted machine, where the agent holds it (``pty_*`` ops over NATS).
 """
 
 from __future__ import annotations
@@ -26,11 +24,7 @@ from sandbox.errors import (
     ChannelAValidationError,
     SandboxConfigError,
 )
-from tests.integration.channel_a.conftest import BOX_ENV, Boxes, CountingSession, TestBox, unsupported
-
-NO_PTY = unsupported(
-    "selfhosted", "the agent protocol has no PTY op: pty_open refuses as unsupported", raises=ChannelAUnsupported
-)
+from tests.integration.channel_a.conftest import BOX_ENV, Boxes, CountingSession, TestBox
 
 
 async def test_exec_buffers_output_and_exit_code(ca: ChannelA, box: TestBox, sink: MemoryEventSink) -> None:
@@ -85,7 +79,6 @@ async def test_exec_refuses_bad_input_before_running(box: TestBox) -> None:
         await ca.terminal_exec("true", cwd="missing")
 
 
-@NO_PTY
 async def test_pty_echo_resize_and_close(ca: ChannelA, box: TestBox, sink: MemoryEventSink) -> None:
     opened = await ca.pty_open(cols=80, rows=24)
     assert (opened.cols, opened.rows, opened.shell, opened.cwd) == (80, 24, "/bin/bash", "")
@@ -122,7 +115,6 @@ async def test_pty_echo_resize_and_close(ca: ChannelA, box: TestBox, sink: Memor
         await ca.pty_write(pty, "x")
 
 
-@NO_PTY
 async def test_pty_shell_exit_is_reported_and_writes_after_it_conflict(
     ca: ChannelA, box: TestBox, sink: MemoryEventSink
 ) -> None:
@@ -150,7 +142,6 @@ async def test_pty_refusals(ca: ChannelA, box: TestBox) -> None:
         await ChannelA(CountingSession(box.session)).pty_open()  # a session type without PTY support
 
 
-@NO_PTY
 async def test_pty_refuses_a_file_or_missing_directory(ca: ChannelA, box: TestBox) -> None:
     (box.workspace / "file").write_text("x")
     with pytest.raises(ChannelAValidationError, match="not a directory"):
@@ -166,7 +157,6 @@ async def shell_says(ca: ChannelA, pty_id: str, command: str) -> str:
     return out.split("BEGIN\r\n", 1)[-1].rsplit("END\r\n", 1)[0]
 
 
-@NO_PTY
 async def test_pty_shell_runs_inside_the_box_and_dies_with_it(provider: Boxes, sink: MemoryEventSink) -> None:
     made = await provider.new()
     ca = ChannelA(made.session, events=sink)
@@ -179,8 +169,13 @@ async def test_pty_shell_runs_inside_the_box_and_dies_with_it(provider: Boxes, s
         ns = (await made.session.exec(["readlink", "/proc/self/ns/pid"])).stdout.decode().strip()
         seen = await shell_says(ca, pty, f"readlink /proc/self/ns/pid; ps -eo args | grep -c '^[s]leep {naps}'")
         assert seen.split() == [ns, "1"]
-        env = await shell_says(ca, pty, 'echo "$CHANNEL_A_BOX_VAR/$SANDBOX_BOX_ID/$TERM"')
-        assert env.strip() == f"{BOX_ENV['CHANNEL_A_BOX_VAR']}/{made.session.instance_id}/xterm-256color"
+        # The shell gets what an exec gets, plus TERM.
+        probe = 'echo "$CHANNEL_A_BOX_VAR/$SANDBOX_BOX_ID"'
+        via_exec = (await made.session.exec(["sh", "-c", probe])).stdout.decode().strip()
+        assert (await shell_says(ca, pty, probe)).strip() == via_exec
+        assert (await shell_says(ca, pty, 'echo "$TERM"')).strip() == "xterm-256color"
+        if made.kind != "selfhosted":  # the box environment of the spec (a machine has its own)
+            assert via_exec == f"{BOX_ENV['CHANNEL_A_BOX_VAR']}/{made.session.instance_id}"
         if made.kind == "bubblewrap":  # the box's own mounts: /workspace is the workspace
             (made.workspace / "marker.txt").write_text("in the box")
             assert (await shell_says(ca, pty, "cat /workspace/marker.txt")).strip() == "in the box"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,31 @@ async def test_offline_agent_never_makes_a_box_anywhere(
         assert (view.liveness, view.epoch, view.instance_id) == ("cold", 1, None)
         boxes = machine_settings.boxes_dir()
         assert not boxes.exists() or not [p for p in boxes.iterdir() if not p.name.startswith(".")]
+
+
+async def test_sandboxctl_pty_is_a_shell_on_the_machine(
+    temporal_client: Client,
+    nats_url: str,
+    tmp_path: Path,
+    machine_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.integration.channel_a.test_cli import sandboxctl_pty
+
+    async with (
+        running_agent(nats_url, tmp_path) as agent,
+        running_runtime(temporal_client, machine_settings) as rt,
+    ):
+        for name in [k for k in os.environ if k.startswith("SANDBOX_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("SANDBOX_DATA_DIR", str(machine_settings.data_dir))
+        monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", temporal_client.service_client.config.target_host)
+        monkeypatch.setenv("SANDBOX_TASK_QUEUE", machine_settings.task_queue)
+        monkeypatch.setenv("SANDBOX_NATS_URL", nats_url)
+        leases: Any = rt.leases()
+        ws = agent.workspace_id
+        await leases.acquire(ws, "g1", backend="selfhosted", agent_id=agent.agent_id, holder_id="t1")
+        code, output = await sandboxctl_pty(ws, "g1", stdin=b"pwd; echo $((6*7))\nexit 3\n")
+        assert code == 3, output
+        assert b"42\r\n" in output and str(agent.root.resolve()).encode() in output
+        await leases.drain(ws, "g1", wait=True)
