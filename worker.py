@@ -83,9 +83,19 @@ async def connect(settings: Settings) -> Client:
 
 
 def build_worker(
-    client: Client, settings: Settings, db: Database, providers: ProviderRegistry, **overrides: Any
+    client: Client,
+    settings: Settings,
+    db: Database,
+    providers: ProviderRegistry,
+    *,
+    events: SessionEventActivities | None = None,
+    **overrides: Any,
 ) -> Worker:
-    """A worker for the lease workflow and its activities on the configured task queue."""
+    """A worker for the lease workflow and its activities on the configured task queue.
+
+    ``events`` is the session-event activity to register (a new one when omitted); the caller that
+    passes it closes it after the worker stops.
+    """
     artifacts = FilesystemArtifactStore(artifact_root(settings))
     boxes = BoxActivities(providers, artifacts)
     projection = ProjectionActivities(LeaseRepository(db))
@@ -113,7 +123,7 @@ def build_worker(
             orphans.scan,
             orphans.terminate,
             *planes.activities(),
-            *SessionEventActivities(settings).activities(),
+            *(events or SessionEventActivities(settings)).activities(),
             *RecordingActivities(providers, RecordingStore(db), artifacts).activities(),
             *ComputerUseActivities(providers, settings, planes).activities(),
         ],
@@ -138,12 +148,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     providers = ProviderRegistry(settings)
-    worker = build_worker(client, settings, db, providers)
+    events = SessionEventActivities(settings)
+    worker = build_worker(client, settings, db, providers, events=events)
     log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
     try:
         async with worker:
             await stop.wait()
     finally:
+        await events.aclose()
         await providers.aclose()
         await db.dispose()
     log.info("worker stopped")

@@ -15,6 +15,10 @@ is not JSON; it never raises. The NATS connection is made on first use from
 ``Settings.nats_url`` (a worker boots without NATS), and after a failed connect the activity
 stops trying for ``retry_after`` seconds rather than making every event wait for a connect
 timeout. The payload builders are pure so that the workflow can call them.
+
+The dial goes through :func:`sandbox.nats_dial.dial_within`: the activity never waits on a dial
+past the connect timeout or its own cancellation (a dial stuck in nats-py's connect loop once hung
+the activity, and with it the worker's shutdown).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any, Final
 
 from temporalio import activity
 
+from sandbox.nats_dial import dial_within, settle_abandoned_dials
 from sandbox.settings import Settings
 
 __all__ = [
@@ -54,6 +59,7 @@ STREAM_URL_ROTATED: Final = "stream.url.rotated"
 _TOKEN: Final = r"[^.*>\s]+"
 _SUBJECT_RE: Final = re.compile(rf"session\.{_TOKEN}\.{_TOKEN}\.events")
 _FLUSH_TIMEOUT_SECONDS: Final = 2.0
+_ACLOSE_WAIT_SECONDS: Final = 2.0
 
 
 def session_events_subject(workspace_id: str, group_id: str) -> str:
@@ -174,7 +180,7 @@ class SessionEventActivities:
             if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry_after:
                 return None
             try:
-                self._nc = await asyncio.wait_for(self._connect(), self._connect_timeout)
+                self._nc = await dial_within(self._connect, self._connect_timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # nats-py raises several unrelated types for "cannot connect"
@@ -219,11 +225,12 @@ class SessionEventActivities:
         return True
 
     async def aclose(self) -> None:
-        """Drain and close the connection, if one was made."""
+        """Drain and close the connection, if one was made, and stop dials still running (bounded wait)."""
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.drain()
+        await settle_abandoned_dials(_ACLOSE_WAIT_SECONDS)
 
 
 def _event_type(payload: Mapping[str, Any]) -> str:

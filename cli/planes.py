@@ -517,6 +517,7 @@ class SessionEventFeed:
         import nats
 
         from activities.events import parse_stream_url_rotated
+        from sandbox.nats_dial import dial_within
 
         async def quiet(*_args: Any) -> None:
             return None
@@ -529,8 +530,8 @@ class SessionEventFeed:
         warned = False
         while self._nc is None:
             try:
-                self._nc = await asyncio.wait_for(
-                    nats.connect(
+                self._nc = await dial_within(
+                    lambda: nats.connect(
                         self.nats_url,
                         allow_reconnect=True,
                         max_reconnect_attempts=-1,
@@ -538,7 +539,7 @@ class SessionEventFeed:
                         error_cb=quiet,
                         disconnected_cb=quiet,
                     ),
-                    timeout=self._connect_timeout,
+                    self._connect_timeout,
                 )
             except asyncio.CancelledError:
                 raise

@@ -89,6 +89,7 @@ from sandbox.errors import (
     SelfhostedControlError,
     Unsupported,
 )
+from sandbox.nats_dial import dial_within
 
 if TYPE_CHECKING:
     from providers.descriptors import CapabilityDescriptor
@@ -216,8 +217,8 @@ class NatsControlRpc:
 
         # Reconnect forever once connected; the first dial is bounded so a caller is never stuck.
         # A publish while reconnecting fails fast (no pending buffer) instead of being replayed later.
-        connection: _NatsConnection = await asyncio.wait_for(
-            nats.connect(
+        connection: _NatsConnection = await dial_within(
+            lambda: nats.connect(
                 self._servers,
                 name=self._name,
                 allow_reconnect=True,
@@ -228,7 +229,7 @@ class NatsControlRpc:
                 error_cb=_quiet,
                 disconnected_cb=self._on_disconnect,
             ),
-            timeout=self._connect_timeout,
+            self._connect_timeout,
         )
         return connection
 

@@ -98,3 +98,5 @@ async def test_desktop_screenshot_click_type_key(runtime: Any, cli_env: None, tm
         res = await sandboxctl("desktop", "screenshot", ws, group, "-o", str(png), "--epoch", "999")
         assert res.exit_code == 2 and "StaleEpoch" in res.output
         await record_history(runtime, ws, group, "computer_use")
+    # Right after desktop activity the drain publishes stream.url.rotated; the worker must still stop promptly.
+    assert (await runtime.leases().drain(ws, group, wait=True)).liveness == "cold"
