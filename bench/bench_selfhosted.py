@@ -20,6 +20,8 @@ commands it ran, this process, nats-server, the bare responder; from ``/proc``),
 the rate the machine's cores allow. Last, without any RPC, ``true`` is started in this process the
 agent's ways (:mod:`sandbox.agent.spawn`: ``posix_spawn`` in the daemon's own directory, ``Popen``
 elsewhere, asyncio as before) next to a bare ``posix_spawn`` + ``waitpid``: the spawn path alone.
+A keystroke's echo through a PTY the agent holds (``pty_write``, then the echo back through the
+``pty_read`` long poll) is measured next to the same on a PTY held in this process.
 
 Targets (issue 6): ``exec true`` p50 <= 3 ms and <= 3x the bare request/reply; >= 1,000 ops/s
 (``exec true`` with C concurrent callers). Information, never a gate: exit 0 whatever the figures
@@ -296,6 +298,44 @@ async def measure_spawn(n: int, root: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+async def measure_pty_echo(
+    session: SelfhostedSession, n: int, warmup: int, bare_p50: float
+) -> dict[str, dict[str, float]]:
+    """A keystroke's echo: typed into ``cat`` on a PTY at the agent (over NATS) and on one held here."""
+    from sandbox.channel_a.pty import PtyProcess, spawn_on_terminal
+
+    async def ignore(*_args: object) -> None:
+        return None
+
+    class HereLauncher:
+        async def launch(self, argv: Any, *, cwd: str, env: Any, tty_fd: int) -> asyncio.subprocess.Process:
+            return await spawn_on_terminal(argv, cwd=cwd, env=env, tty_fd=tty_fd)
+
+    remote = await session.open_pty(["/bin/cat"], cwd="", env={}, cols=80, rows=24, on_output=ignore, on_exit=ignore)
+    local = PtyProcess(shell="/bin/cat", cwd="/", cols=80, rows=24)
+    await local.start(HereLauncher(), ["/bin/cat"], dict(os.environ))
+    ptys: dict[str, Any] = {"pty echo, agent (NATS)": remote, "pty echo, held here": local}
+    samples: dict[str, list[float]] = {name: [] for name in ptys}
+    try:
+        for i in range(warmup + n):
+            for name, pty in ptys.items():
+                key = b"abcdefghijklmnopqrstuvwxyz"[i % 26 : i % 26 + 1]
+                started = time.perf_counter()
+                await pty.write(key)
+                echoed = await pty.read_until(key, timeout=10)
+                elapsed = time.perf_counter() - started
+                assert key in echoed, (name, echoed)
+                if i >= warmup:
+                    samples[name].append(elapsed)
+    finally:
+        await remote.close()
+        await local.close()
+    stats = {name: _summary(values) for name, values in samples.items()}
+    for value in stats.values():
+        value["ratio_to_bare"] = value["p50_ms"] / bare_p50
+    return stats
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     request_bytes = len(
         encode_message(ControlRequest(request_id="0" * 32, epoch=1, op=ExecOp(command=["true"], timeout_ms=600_000)))
@@ -345,6 +385,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for stats in latency.values():
                 stats["ratio_to_bare"] = stats["p50_ms"] / bare_p50
 
+            pty_echo = await measure_pty_echo(session, args.n, args.warmup, bare_p50)
+
             throughput: dict[str, dict[str, Any]] = {}
             watched = {
                 "agent": (procs.daemon.pid, process_cpu_seconds),
@@ -387,6 +429,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency": latency,
         "throughput": throughput,
         "spawn": spawn,
+        "pty_echo": pty_echo,
         "targets": {
             "exec_p50": exec_stats["p50_ms"] <= TARGET_EXEC_P50_MS,
             "exec_ratio": exec_stats["ratio_to_bare"] <= TARGET_RATIO,
@@ -417,6 +460,9 @@ def _print(report: dict[str, Any]) -> None:
             f"{c['agent']:6.3f} {c['commands']:6.3f} {c['bench']:6.3f} {c['nats-server']:6.3f} "
             f"{c['bare responder']:6.3f} {t['cpu_ms_per_op_total']:6.3f}  {t['cpu_bound_ops_per_second']:10.0f}/s"
         )
+    print(f"{'keystroke echo':22} {'p50 ms':>8} {'p99 ms':>8} {'x bare':>7}")
+    for name, pe in report["pty_echo"].items():
+        print(f"{name:22} {pe['p50_ms']:8.3f} {pe['p99_ms']:8.3f} {pe['ratio_to_bare']:6.2f}x")
     print(f"{'spawn in-process':22} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/op':>10}  (true, no RPC)")
     for name, sp in report["spawn"].items():
         print(f"{name:22} {sp['p50_ms']:8.3f} {sp['p99_ms']:8.3f} {sp['cpu_ms_per_op']:10.3f}")
