@@ -338,7 +338,7 @@ class KeyAction(BaseModel):
     @classmethod
     def _chords(cls, keys: list[str]) -> list[str]:
         for chord in keys:
-            if not _KEY_CHORD_RE.match(chord):
+            if not _KEY_CHORD_RE.fullmatch(chord):
                 raise ValueError(f"{chord!r} is not a key chord such as ctrl+a, Return or ctrl+shift+t")
         return keys
 

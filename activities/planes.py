@@ -131,7 +131,7 @@ async def _heartbeating(interval: float = 2.0) -> AsyncIterator[None]:
 
 
 def _parse_geometry(geometry: str) -> tuple[int, int]:
-    m = _GEOMETRY_RE.match(geometry)
+    m = _GEOMETRY_RE.fullmatch(geometry)
     if m is None or int(m[1]) > _MAX_SIDE or int(m[2]) > _MAX_SIDE:
         raise InvalidRequest(f"geometry must be <width>x<height> with sides 100..{_MAX_SIDE}, not {geometry!r}")
     return int(m[1]), int(m[2])

@@ -112,7 +112,7 @@ class RecordingClient:
         Raises:
             InvalidRequest: The id is malformed.
         """
-        if not RECORDING_ID_PATTERN.match(recording_id):
+        if not RECORDING_ID_PATTERN.fullmatch(recording_id):
             raise InvalidRequest(f"{recording_id!r} is not a recording id")
         return self.client.get_workflow_handle_for(RecordingWorkflow.run, recording_workflow_id(recording_id))
 

@@ -105,7 +105,7 @@ def validate_lease_ids(workspace_id: str, group_id: str) -> None:
             raise errors.InvalidRequest(f"{name} must not be empty")
         if len(value) > MAX_ID_LENGTH:
             raise errors.InvalidRequest(f"{name} is longer than {MAX_ID_LENGTH} characters")
-        if not ID_PATTERN.match(value):
+        if not ID_PATTERN.fullmatch(value):
             raise errors.InvalidRequest(
                 f"{name} {value!r} may only contain letters, digits and . _ : - (and must start with a letter or digit)"
             )

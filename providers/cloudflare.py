@@ -184,7 +184,7 @@ def _translate(err: BaseException) -> ProviderError:
         text = f"cloudflare worker: {err}"
         if code in _TRANSIENT_CODES:
             return ProviderUnavailable(text)
-        if err.status == 404 or code in _NOT_FOUND_CODES or _GONE_MESSAGE.match(err.message):
+        if err.status == 404 or code in _NOT_FOUND_CODES or _GONE_MESSAGE.fullmatch(err.message):
             return BoxNotFound(text)
         if err.status in (401, 403):
             return ProviderAuthError(text)

@@ -195,7 +195,7 @@ class DockerSettings(BaseSettings):
                 "[sandbox:docker] SANDBOX_DOCKER_IMAGE must name an image (build deploy/desktop/Dockerfile "
                 f"and tag it, e.g. {DEFAULT_IMAGE})"
             )
-        if self.network is not None and not _NETWORK_RE.match(self.network):
+        if self.network is not None and not _NETWORK_RE.fullmatch(self.network):
             raise SandboxConfigError(f"[sandbox:docker] SANDBOX_DOCKER_NETWORK is not a network name: {self.network!r}")
         self.ports()
         if self.workspace_base_dir is not None and not self.workspace_base_dir.startswith("/"):
@@ -203,7 +203,7 @@ class DockerSettings(BaseSettings):
                 "[sandbox:docker] SANDBOX_DOCKER_WORKSPACE_BASE_DIR must be an absolute path, "
                 f"not {self.workspace_base_dir!r}"
             )
-        if not self.owner or not _NETWORK_RE.match(self.owner):
+        if not self.owner or not _NETWORK_RE.fullmatch(self.owner):
             raise SandboxConfigError(
                 f"[sandbox:docker] SANDBOX_DOCKER_OWNER must be a plain label value, not {self.owner!r}"
             )
@@ -263,7 +263,7 @@ def container_name_for_key(owner: str, idempotency_key: str) -> str:
 
 
 def _validate_container_id(container_id: str) -> str:
-    if not isinstance(container_id, str) or not CONTAINER_ID_RE.match(container_id):
+    if not isinstance(container_id, str) or not CONTAINER_ID_RE.fullmatch(container_id):
         raise InvalidRequest(f"not a Docker container id: {container_id!r} (must match {CONTAINER_ID_RE.pattern})")
     return container_id
 
@@ -379,7 +379,7 @@ class DockerBoxSession:
             raise InvalidRequest("a command must be a non-empty argv without NUL bytes")
         environment: list[str] = []
         for name, value in (env or {}).items():
-            if not _ENV_NAME_RE.match(name) or "\0" in value:
+            if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
                 raise InvalidRequest(f"invalid environment variable {name!r}")
             environment.append(f"{name}={value}")
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
@@ -561,7 +561,7 @@ class DockerProvider:
         if not idempotency_key:
             raise InvalidRequest("the idempotency key must not be empty")
         for name in spec.environment:
-            if not _ENV_NAME_RE.match(name):
+            if not _ENV_NAME_RE.fullmatch(name):
                 raise InvalidRequest(f"invalid environment variable {name!r}")
         await self._ensure_client()
         api = self._api_sync()
@@ -645,7 +645,7 @@ class DockerProvider:
             except BoxNotFound:
                 pass
         # Only ever a workspace volume this provider named (the envelope's state is not trusted for more).
-        if isinstance(volume, str) and _VOLUME_NAME_RE.match(volume):
+        if isinstance(volume, str) and _VOLUME_NAME_RE.fullmatch(volume):
             try:
                 await self._call(lambda: api.remove_volume(volume))
             except ProviderError as err:

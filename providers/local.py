@@ -1152,7 +1152,7 @@ class LocalProvider:
         if envelope.backend_id != BACKEND_ID:
             raise InvalidRequest(f"envelope is for backend {envelope.backend_id!r}, not {BACKEND_ID!r}")
         instance_id = envelope.instance_id
-        if not _INSTANCE_ID_RE.match(instance_id):
+        if not _INSTANCE_ID_RE.fullmatch(instance_id):
             raise InvalidRequest(f"{instance_id!r} is not a local box id")
         expected = self._root / instance_id
         raw = envelope.state.get("box_path", str(expected))
@@ -1205,7 +1205,7 @@ class LocalProvider:
             return []
         owned: list[OwnedBox] = []
         for name in names:
-            if not _INSTANCE_ID_RE.match(name):
+            if not _INSTANCE_ID_RE.fullmatch(name):
                 continue
             try:
                 record = self._load_record(self._root / name)
@@ -1350,7 +1350,7 @@ async def _read_json(fd: int, process: asyncio.subprocess.Process) -> dict[str, 
 
 def _check_env(env: Mapping[str, str]) -> None:
     for name, value in env.items():
-        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
+        if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
             raise InvalidRequest(f"invalid environment variable name {name!r}")
         if not isinstance(value, str) or "\0" in value:
             raise InvalidRequest(f"environment variable {name} has an invalid value")

@@ -545,7 +545,7 @@ def _translate(err: BaseException, *, sandbox_id: str | None = None) -> Provider
     if isinstance(err, mx.ResourceExhaustedError) or grpc_status == "RESOURCE_EXHAUSTED":
         return ProviderQuotaError(f"{subject}: quota or rate limit ({name}: {text})")
     if sandbox_id is not None:
-        match = _GONE_MESSAGE.match(text)
+        match = _GONE_MESSAGE.fullmatch(text)
         if match is not None and match.group(1) == sandbox_id:
             return BoxNotFound(text)
         if isinstance(err, (mx.NotFoundError, mx.SandboxTerminatedError)) or grpc_status == "NOT_FOUND":

@@ -584,7 +584,7 @@ def parse_instance_id(instance_id: str) -> tuple[str, str, int]:
     Raises:
         InvalidRequest: the id is not ``<workspace>/<agent>@<epoch>``.
     """
-    match = _INSTANCE_RE.match(instance_id) if isinstance(instance_id, str) else None
+    match = _INSTANCE_RE.fullmatch(instance_id) if isinstance(instance_id, str) else None
     if match is None:
         raise InvalidRequest(f"not a selfhosted instance id (<workspace>/<agent>@<epoch>): {instance_id!r}")
     return match["ws"], match["agent"], int(match["epoch"])

@@ -136,7 +136,7 @@ def validate_agent_token(value: str, what: str) -> str:
     Raises:
         InvalidRequest: ``value`` is empty, too long or holds ``.``, ``*``, ``>``, spaces or other characters.
     """
-    if not isinstance(value, str) or not _TOKEN_RE.match(value):
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
         raise InvalidRequest(f"{what} must be 1-128 letters, digits, '_' or '-', got {value!r}")
     return value
 
@@ -670,7 +670,7 @@ def salvage_request_id(data: bytes) -> str:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return ""
     value = raw.get("request_id") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) and _REQUEST_ID_RE.match(value) else ""
+    return value if isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value) else ""
 
 
 def decode_request(data: bytes) -> ControlRequest:

@@ -85,7 +85,7 @@ def parse_sandbox_id(sandbox_id: str) -> SandboxTarget:
     Raises:
         RouteUnresolvable: (code ``unsupported_backend_context``) any other form.
     """
-    match = _TARGET_RE.match(sandbox_id) if isinstance(sandbox_id, str) else None
+    match = _TARGET_RE.fullmatch(sandbox_id) if isinstance(sandbox_id, str) else None
     if match is None:
         raise RouteUnresolvable(
             f"sandbox id {sandbox_id!r} is neither selfhosted:<agent_id> nor lease:<group_id>",

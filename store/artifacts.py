@@ -152,7 +152,7 @@ def _key_parts(key: str) -> list[str]:
         raise InvalidRequest(f"artifact key must be 1..{_MAX_KEY_LEN} characters")
     parts = key.split("/")
     for part in parts:
-        if not _SEGMENT_RE.match(part) or part.startswith(_TEMP_PREFIX):
+        if not _SEGMENT_RE.fullmatch(part) or part.startswith(_TEMP_PREFIX):
             raise InvalidRequest(
                 f"artifact key {key!r} has an invalid segment {part!r} "
                 "(letters, digits and ._:+- only, not starting with a dot or dash)"

@@ -82,7 +82,7 @@ def box_file_name(recording_id: str, codec: str) -> str:
 
 
 def _check_id(name: str, value: str) -> str:
-    if not value or len(value) > MAX_ID_LENGTH or not ID_PATTERN.match(value):
+    if not value or len(value) > MAX_ID_LENGTH or not ID_PATTERN.fullmatch(value):
         raise ValueError(f"{name} {value!r} must be 1..{MAX_ID_LENGTH} letters, digits or . _ : - (starting alnum)")
     return value
 
@@ -130,7 +130,7 @@ class RecordingRequest(BaseModel):
     @field_validator("recording_id")
     @classmethod
     def _recording_id(cls, value: str | None) -> str | None:
-        if value is not None and not RECORDING_ID_PATTERN.match(value):
+        if value is not None and not RECORDING_ID_PATTERN.fullmatch(value):
             raise ValueError("recording_id must be 1..64 letters, digits, _ or - (starting with a letter or digit)")
         return value
 
@@ -159,7 +159,7 @@ class RecordingInput(BaseModel):
     @field_validator("recording_id")
     @classmethod
     def _recording_id(cls, value: str) -> str:
-        if not RECORDING_ID_PATTERN.match(value):
+        if not RECORDING_ID_PATTERN.fullmatch(value):
             raise ValueError("recording_id must be 1..64 letters, digits, _ or - (starting with a letter or digit)")
         return value
 

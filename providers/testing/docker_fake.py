@@ -434,7 +434,7 @@ class FakeDockerEngine:
     async def _create(self, query: dict[str, list[str]], body: bytes) -> _Reply:
         config: dict[str, Any] = json.loads(body or b"{}")
         name = (query.get("name") or [""])[0]
-        if name and not _NAME_RE.match(name):
+        if name and not _NAME_RE.fullmatch(name):
             return _error(400, f"Invalid container name ({name}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
         name = name.lstrip("/")
         for other in self.containers.values():
@@ -465,7 +465,7 @@ class FakeDockerEngine:
                      "RW": "ro" not in mode.split(","), "Propagation": "rprivate"}
                 )  # fmt: skip
                 continue
-            if not _VOLUME_NAME_RE.match(source):
+            if not _VOLUME_NAME_RE.fullmatch(source):
                 return _error(
                     400,
                     f'create {source}: "{source}" includes invalid characters for a local volume name, '

@@ -737,7 +737,7 @@ class FakeModal:
             raise mx.AuthError("Token ID or secret is invalid.")
 
     async def _lookup(self, sandbox_id: str) -> FakeSandboxRecord:
-        if not _ID_RE.match(sandbox_id):
+        if not _ID_RE.fullmatch(sandbox_id):
             raise mx.InvalidError(f"Invalid sandbox id: {sandbox_id!r}")
         record = self._sandboxes.get(sandbox_id)
         if record is None:
@@ -787,7 +787,7 @@ class FakeModal:
         create_if_missing: bool = False,
     ) -> FakeApp:
         await self._before("lookup_app", client)
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise mx.InvalidError(f"Invalid App name: '{name}'.")
         key = (environment_name or self.environment, name)
         record = self._apps.get(key)
@@ -836,7 +836,7 @@ class FakeModal:
             raise mx.InvalidError("`timeout=None` is only supported for experimental persistent Sandboxes.")
         if not all(isinstance(a, str) for a in args):
             raise mx.InvalidError("All entrypoint arguments must be strings")
-        if name is not None and not _NAME_RE.match(name):
+        if name is not None and not _NAME_RE.fullmatch(name):
             raise mx.InvalidError(f"Invalid Sandbox name: '{name}'.")
         if workdir is not None and not workdir.startswith("/"):
             raise mx.InvalidError(f"workdir must be an absolute path, got: {workdir}")

@@ -117,7 +117,7 @@ def test_defaults_validate_offline_and_publish_the_plane_ports(monkeypatch: pyte
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(bad=st.text(max_size=140).filter(lambda s: not CONTAINER_ID_RE.match(s)))
+@given(bad=st.text(max_size=140).filter(lambda s: not CONTAINER_ID_RE.fullmatch(s)))
 async def test_malformed_container_ids_are_refused_before_any_request(
     provider: DockerProvider, engine: FakeDockerEngine, bad: str
 ) -> None:

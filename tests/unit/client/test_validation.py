@@ -23,7 +23,7 @@ def test_any_id_is_accepted_or_refused_with_a_typed_error(workspace: str, group:
     for value in (workspace, group):
         assert 0 < len(value) <= MAX_ID_LENGTH
         assert "/" not in value and not any(c.isspace() for c in value)
-        assert ID_PATTERN.match(value)
+        assert ID_PATTERN.fullmatch(value)
     assert lease_workflow_id(workspace, group).count("/") == 2
 
 

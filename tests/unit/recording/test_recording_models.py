@@ -67,7 +67,7 @@ def test_malformed_requests_are_refused(fields: dict[str, object]) -> None:
 
 @given(st.text(min_size=1, max_size=80))
 def test_every_accepted_id_is_a_safe_key_segment_and_file_name(rid: str) -> None:
-    if not RECORDING_ID_PATTERN.match(rid):
+    if not RECORDING_ID_PATTERN.fullmatch(rid):
         with pytest.raises(ValidationError):
             RecordingRequest(recording_id=rid)
         return
