@@ -40,6 +40,7 @@ from sandbox.control_protocol import (
     salvage_request_id,
 )
 from sandbox.errors import InvalidRequest
+from sandbox.nats_dial import dial_within
 
 __all__ = ["AgentConfig", "AgentDaemon", "default_state_dir", "use_pidfd_child_watcher"]
 
@@ -153,19 +154,34 @@ class AgentDaemon:
             reconnected_cb=reconnected,
         )
 
-    async def run(self) -> None:
-        """Connect (retrying forever), serve until drained, then disconnect."""
+    async def _dial_until_connected(self) -> Any:
         wait = self.config.reconnect_wait
-        while self._nc is None and not self.draining:
+        while not self.draining:
             try:
-                self._nc = await asyncio.wait_for(self._dial(), timeout=5)
+                return await dial_within(self._dial, 5)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 await asyncio.sleep(wait)
                 wait = min(_MAX_DIAL_WAIT, wait * 2)
-        if self._nc is None:
+        return None
+
+    async def run(self) -> None:
+        """Connect (retrying forever), serve until drained, then disconnect."""
+        # A drain (SIGTERM) ends the dialling at once, even in the middle of a dial.
+        dialling = asyncio.ensure_future(self._dial_until_connected())
+        stopped = asyncio.ensure_future(self._done.wait())
+        try:
+            await asyncio.wait([dialling, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not dialling.done():
+                dialling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dialling
+        if dialling.cancelled() or dialling.result() is None:
             return
+        self._nc = dialling.result()
         nc = self._nc
         self.operations.max_payload = nc.max_payload
         await nc.subscribe(self.subject, queue=self.subject, cb=self._on_message)

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from sandbox.errors import InvalidRequest
+from sandbox.nats_dial import dial_within
 
 __all__ = [
     "EVENT_TYPES",
@@ -183,16 +184,19 @@ class NatsEventSink:
                 return None
 
             try:
-                self._nc = await nats.connect(
-                    servers=[self.nats_url],
-                    connect_timeout=self._connect_timeout,
-                    # nats-py retries a refused connect max_reconnect_attempts times, waiting
-                    # reconnect_time_wait each (minutes by default); this sink retries on its own
-                    # schedule (retry_after) instead.
-                    max_reconnect_attempts=1,
-                    reconnect_time_wait=0.1,
-                    error_cb=quiet,
-                    disconnected_cb=quiet,
+                self._nc = await dial_within(
+                    lambda: nats.connect(
+                        servers=[self.nats_url],
+                        connect_timeout=self._connect_timeout,
+                        # nats-py retries a refused connect max_reconnect_attempts times, waiting
+                        # reconnect_time_wait each (minutes by default); this sink retries on its own
+                        # schedule (retry_after) instead.
+                        max_reconnect_attempts=1,
+                        reconnect_time_wait=0.1,
+                        error_cb=quiet,
+                        disconnected_cb=quiet,
+                    ),
+                    2 * self._connect_timeout + 1,
                 )
             except Exception as err:  # nats-py raises several unrelated types for "cannot connect"
                 self._failed_at = time.monotonic()

@@ -280,3 +280,15 @@ async def test_provider_binds_without_creating_and_never_reports_not_found(
         await provider.resume(
             Envelope(backend_id="selfhosted", instance_id=envelope.instance_id, state={"agentId": "other"})
         )
+
+
+async def test_sigterm_stops_an_agent_that_cannot_reach_nats(agent_process: Callable[..., Agent]) -> None:
+    """A daemon still dialling an absent server (it retries for ever) exits promptly when told to."""
+    agent = agent_process(f"nats://127.0.0.1:{free_port()}")
+    assert agent.process is not None
+    await asyncio.sleep(2.5)  # let it go through a few dials and back-offs
+    assert agent.process.poll() is None
+    started = time.monotonic()
+    agent.process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(agent.process.wait, 15)
+    assert code == 0 and time.monotonic() - started < 3
