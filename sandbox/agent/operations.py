@@ -134,7 +134,13 @@ class AgentOperations:
     async def handle(self, request: ControlRequest) -> ControlResponse:
         """Run the request's op and answer it (errors are answers too; this never raises an op failure)."""
         rid = request.request_id
+        # A newer binding of this machine fences the older one: its shells end like a replaced box's.
+        self.terminals.fence(request.epoch)
         try:
+            if isinstance(request.op, PtyOpenOp):
+                return ControlResponse(
+                    request_id=rid, result=await self.terminals.open(request.op, epoch=request.epoch)
+                )
             result = await self._dispatch(request.op)
         except OpRefused as refusal:
             return error_response(
@@ -195,8 +201,6 @@ class AgentOperations:
             return await self.desktop_input(op)
         if isinstance(op, StreamEnsureOp):
             return self.stream_ensure(op)
-        if isinstance(op, PtyOpenOp):
-            return await self.terminals.open(op)
         if isinstance(op, PtyWriteOp):
             return await self.terminals.write(op)
         if isinstance(op, PtyReadOp):

@@ -5,7 +5,8 @@ controlling terminal and its cwd under the agent's root (the same place an ``exe
 :class:`~sandbox.channel_a.pty.PtyProcess` held here. The runtime types into it (``pty_write``) and
 long-polls its output (``pty_read``); unread output is bounded (the oldest bytes are dropped and
 counted). Nothing is left behind on the user's machine by a runtime that went away: a PTY no op
-has touched for ``idle_seconds`` is closed, at most ``max_open`` shells run at once, and draining
+has touched for ``idle_seconds`` is closed, at most ``max_open`` shells run at once, a request of a
+newer epoch (the machine was bound again) closes the PTYs opened under older ones, and draining
 the agent closes every PTY.
 """
 
@@ -57,6 +58,7 @@ class _MachineLauncher:
 class _Terminal:
     pty: PtyProcess
     touched: float
+    epoch: int = 0
 
 
 def _unknown(pty_id: str) -> OpRefused:
@@ -87,6 +89,8 @@ class AgentTerminals:
         self.idle_seconds = idle_seconds
         self._terminals: dict[str, _Terminal] = {}
         self._launcher = _MachineLauncher()
+        self._newest_epoch = 0
+        self._closing: set[asyncio.Task[object]] = set()
 
     @property
     def running(self) -> int:
@@ -111,8 +115,20 @@ class AgentTerminals:
             terminal = self._terminals.pop(pty_id)
             await terminal.pty.close()
 
-    async def open(self, op: PtyOpenOp) -> PtyOpenReply:
-        """Start ``op.argv`` on a new PTY in ``op.cwd``."""
+    def fence(self, epoch: int) -> None:
+        """A request of ``epoch`` arrived: close (in the background) the PTYs of older epochs."""
+        if epoch <= self._newest_epoch:
+            return
+        self._newest_epoch = epoch
+        for pty_id, terminal in list(self._terminals.items()):
+            if terminal.epoch < epoch:
+                self._terminals.pop(pty_id)
+                task: asyncio.Task[object] = asyncio.get_running_loop().create_task(terminal.pty.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def open(self, op: PtyOpenOp, *, epoch: int = 0) -> PtyOpenReply:
+        """Start ``op.argv`` on a new PTY in ``op.cwd``, owned by the binding of ``epoch``."""
         await self._reap()
         if self.running >= self.max_open:
             raise OpRefused(
@@ -130,7 +146,7 @@ class AgentTerminals:
                 f"cannot start {op.argv[0]}: {err.strerror or err}",
                 {"reason": "spawn_failed", "program": op.argv[0]},
             ) from None
-        self._terminals[pty.pty_id] = _Terminal(pty, time.monotonic())
+        self._terminals[pty.pty_id] = _Terminal(pty, time.monotonic(), epoch)
         return PtyOpenReply(pty_id=pty.pty_id, pid=pty.pid or 0)
 
     async def write(self, op: PtyWriteOp) -> PtyWriteReply:
@@ -180,6 +196,8 @@ class AgentTerminals:
         for terminal in terminals:
             with contextlib.suppress(Exception):
                 await terminal.pty.close()
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=5)
 
 
 def machine_environment(environb: Mapping[bytes, bytes]) -> dict[str, str]:

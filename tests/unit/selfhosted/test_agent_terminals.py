@@ -137,6 +137,32 @@ async def test_at_most_max_open_shells_and_draining_closes_them(ops: AgentOperat
     assert gone.error is not None and gone.error.code == ControlErrorCode.NOT_FOUND
 
 
+async def test_a_newer_binding_closes_the_shells_of_older_ones(ops: AgentOperations) -> None:
+    async def at_epoch(epoch: int, op: ControlOp) -> ControlResponse:
+        return await ops.handle(ControlRequest(request_id="r1", epoch=epoch, op=op))
+
+    old = await at_epoch(1, PtyOpenOp(argv=["/bin/sh"]))
+    assert isinstance(old.result, PtyOpenReply)
+    same = await at_epoch(1, PtyOpenOp(argv=["/bin/sh"]))
+    assert isinstance(same.result, PtyOpenReply) and ops.terminals.running == 2
+    newer = await at_epoch(2, PtyOpenOp(argv=["/bin/sh"]))
+    assert isinstance(newer.result, PtyOpenReply)
+    deadline = time.monotonic() + 5
+    while (_alive(old.result.pid) or _alive(same.result.pid)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not _alive(old.result.pid) and not _alive(same.result.pid) and _alive(newer.result.pid)
+    assert ops.terminals.running == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 async def test_a_pty_nobody_touches_is_closed(ops: AgentOperations) -> None:
     ops.terminals.idle_seconds = 0.2
     abandoned = await open_shell(ops)
