@@ -240,6 +240,7 @@ async def running_runtime(client: Client, settings: Any, providers: Any = None) 
 
     ``providers`` maps backend names to ready-made providers (a cloud provider wired to its fake).
     """
+    from activities.events import SessionEventActivities
     from providers.registry import ProviderRegistry
     from store.database import Database
     from worker import build_worker
@@ -247,11 +248,13 @@ async def running_runtime(client: Client, settings: Any, providers: Any = None) 
     db = Database.for_settings(settings)
     await db.migrate()
     registry = ProviderRegistry(settings, providers)
-    worker = build_worker(client, settings, db, registry, graceful_shutdown_timeout=timedelta(seconds=1))
+    events = SessionEventActivities(settings)
+    worker = build_worker(client, settings, db, registry, events=events, graceful_shutdown_timeout=timedelta(seconds=1))
     try:
         async with worker:
             yield Runtime(client, settings, db)
     finally:
+        await events.aclose()
         await registry.aclose()
         await db.dispose()
 
