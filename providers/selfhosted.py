@@ -918,7 +918,9 @@ class SelfhostedSession:
         """
         from providers.selfhosted_terminal import RemotePty
 
-        op = PtyOpenOp(argv=list(argv), cwd=self._path(cwd), env=dict(env), cols=cols, rows=rows)
+        term = env.get("TERM", "xterm-256color")
+        rest = {name: value for name, value in env.items() if name != "TERM"}
+        op = PtyOpenOp(command=list(argv), cwd=self._path(cwd), env=rest, cols=cols, rows=rows, term=term)
         try:
             reply = await self.call(op, PtyOpenReply)
         except SelfhostedControlError as err:

@@ -7,10 +7,11 @@ A request goes to the subject ``agent.<workspace_id>.<agent_id>.rpc`` (:func:`ag
 ``desktop_input``, ``stream_ensure``, and the PTY ops ``pty_open``, ``pty_write``, ``pty_read``,
 ``pty_resize``, ``pty_close``), and a result always has the type of its op.
 
-The PTY ops are ours (upstream relays a PTY over a stream channel): the shell runs on the machine
-on a pseudo-terminal the agent holds; the runtime types into it with ``pty_write`` and collects its
-output with ``pty_read``, a long poll that answers as soon as output is there (or the shell has
-exited) and after ``wait_ms`` otherwise. An agent without them answers ``UNSUPPORTED``. Binary payloads
+The PTY ops carry upstream's ``PtyOpen``/``PtyWrite``/``PtyResize``/``PtyClose`` fields; the shell
+runs on the machine on a pseudo-terminal the agent holds. Upstream streams its output over a relay
+channel; here the runtime collects it with ``pty_read`` (ours), a long poll that answers as soon as
+output is there (or the shell has exited) and after ``wait_ms`` otherwise. An agent without them
+answers ``UNSUPPORTED`` (or ``PROTOCOL``: it cannot parse the op). Binary payloads
 (file content, command output, PNGs) travel as standard base64 strings, so any byte survives.
 
 Every request carries the epoch it was resolved under; the agent refuses an epoch older than the
@@ -376,14 +377,22 @@ class StreamEnsureOp(_Message):
 
 
 class PtyOpenOp(_Message):
-    """Start ``argv`` on a new ``cols`` x ``rows`` pseudo-terminal, in ``cwd`` (under the agent's root)."""
+    """Start ``command`` (empty: the machine's login shell) on a new ``cols`` x ``rows`` pseudo-terminal
+    (0: 80 x 24) in ``cwd`` under the agent's root, with ``TERM=term``.
+
+    A non-empty ``scope_id`` names the PTY: opening the same scope again while its shell runs returns
+    that PTY (``reused``) instead of a second shell, so a repeated open is harmless. The fields are
+    upstream's ``PtyOpen``; the output comes back through ``pty_read`` instead of a relay stream.
+    """
 
     type: Literal["pty_open"] = "pty_open"
-    argv: list[StrictStr] = Field(min_length=1)
+    command: list[StrictStr] = Field(default_factory=list)
     cwd: WirePath = ""
     env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
-    cols: Annotated[StrictInt, Field(ge=1, le=500)] = 80
-    rows: Annotated[StrictInt, Field(ge=1, le=300)] = 24
+    cols: Annotated[StrictInt, Field(ge=0, le=500)] = 0
+    rows: Annotated[StrictInt, Field(ge=0, le=300)] = 0
+    term: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._+-]{1,64}$")] = "xterm-256color"
+    scope_id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_:.-]{0,128}$")] = ""
 
 
 PtyId = Annotated[StrictStr, Field(pattern=_PTY_ID_RE)]
@@ -557,11 +566,12 @@ class StreamEnsureReply(_Reply):
 
 
 class PtyOpenReply(_Reply):
-    """The new PTY's id (``pty-...``) and the pid of its process on the machine."""
+    """The PTY's id (``pty-...``), the pid of its process on the machine, and whether it already ran (same scope)."""
 
     type: Literal["pty_open"] = "pty_open"
     pty_id: StrictStr
     pid: NonNegative = 0
+    reused: StrictBool = False
 
 
 class PtyWriteReply(_Reply):

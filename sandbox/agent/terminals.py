@@ -59,6 +59,7 @@ class _Terminal:
     pty: PtyProcess
     touched: float
     epoch: int = 0
+    scope_id: str = ""
 
 
 def _unknown(pty_id: str) -> OpRefused:
@@ -128,8 +129,14 @@ class AgentTerminals:
                 task.add_done_callback(self._closing.discard)
 
     async def open(self, op: PtyOpenOp, *, epoch: int = 0) -> PtyOpenReply:
-        """Start ``op.argv`` on a new PTY in ``op.cwd``, owned by the binding of ``epoch``."""
+        """Start ``op.command`` (or the login shell) on a new PTY in ``op.cwd``, owned by the binding of
+        ``epoch``; a running PTY of the same non-empty scope is returned instead."""
         await self._reap()
+        if op.scope_id:
+            for terminal in self._terminals.values():
+                if terminal.scope_id == op.scope_id and not terminal.pty.exited:
+                    terminal.touched = time.monotonic()
+                    return PtyOpenReply(pty_id=terminal.pty.pty_id, pid=terminal.pty.pid or 0, reused=True)
         if self.running >= self.max_open:
             raise OpRefused(
                 ControlErrorCode.OS,
@@ -137,17 +144,24 @@ class AgentTerminals:
                 {"reason": "pty_limit", "max_open": str(self.max_open)},
             )
         cwd = self.root.directory(op.cwd)
-        pty = PtyProcess(shell=op.argv[0], cwd=cwd, cols=op.cols, rows=op.rows)
+        argv = list(op.command) or [self.login_shell(), "-l"]
+        env = {**self.environment, **op.env, "TERM": op.term}
+        pty = PtyProcess(shell=argv[0], cwd=cwd, cols=op.cols or 80, rows=op.rows or 24)
         try:
-            await pty.start(self._launcher, op.argv, {**self.environment, **op.env})
+            await pty.start(self._launcher, argv, env)
         except OSError as err:
             raise OpRefused(
                 ControlErrorCode.OS,
-                f"cannot start {op.argv[0]}: {err.strerror or err}",
-                {"reason": "spawn_failed", "program": op.argv[0]},
+                f"cannot start {argv[0]}: {err.strerror or err}",
+                {"reason": "spawn_failed", "program": argv[0]},
             ) from None
-        self._terminals[pty.pty_id] = _Terminal(pty, time.monotonic(), epoch)
+        self._terminals[pty.pty_id] = _Terminal(pty, time.monotonic(), epoch, op.scope_id)
         return PtyOpenReply(pty_id=pty.pty_id, pid=pty.pid or 0)
+
+    def login_shell(self) -> str:
+        """The shell a PTY without a command runs: ``$SHELL`` of the agent when it exists, else ``/bin/sh``."""
+        shell = self.environment.get("SHELL", "")
+        return shell if shell.startswith("/") and os.access(shell, os.X_OK) else "/bin/sh"
 
     async def write(self, op: PtyWriteOp) -> PtyWriteReply:
         """Type ``op.data`` into the PTY."""

@@ -49,7 +49,7 @@ async def run(ops: AgentOperations, op: ControlOp) -> ControlResponse:
 
 
 async def open_shell(ops: AgentOperations, **kwargs: object) -> str:
-    resp = await run(ops, PtyOpenOp(argv=["/bin/sh"], **kwargs))  # type: ignore[arg-type]
+    resp = await run(ops, PtyOpenOp(command=["/bin/sh"], **kwargs))  # type: ignore[arg-type]
     assert isinstance(resp.result, PtyOpenReply), resp.error
     assert resp.result.pty_id.startswith("pty-") and resp.result.pid > 0
     return resp.result.pty_id
@@ -77,6 +77,23 @@ async def test_shell_runs_in_the_requested_directory_and_sees_its_size(ops: Agen
     assert b"43 132" in (await read_until(ops, pty, b"43 132")).data
 
 
+async def test_no_command_is_the_login_shell_with_term_and_a_scope_opens_once(ops: AgentOperations) -> None:
+    ops.terminals.environment["SHELL"] = "/bin/sh"
+    first = await run(ops, PtyOpenOp(scope_id="session-1:terminal", term="vt100"))
+    assert isinstance(first.result, PtyOpenReply) and not first.result.reused
+    again = await run(ops, PtyOpenOp(scope_id="session-1:terminal"))
+    assert isinstance(again.result, PtyOpenReply) and again.result.reused
+    assert (again.result.pty_id, again.result.pid) == (first.result.pty_id, first.result.pid)
+    pty = first.result.pty_id
+    await run(ops, PtyWriteOp(pty_id=pty, data=b'echo "T=$TERM"; stty size\n'))
+    out = await read_until(ops, pty, b"24 80")
+    assert b"T=vt100" in out.data and b"24 80" in out.data and ops.terminals.running == 1
+    await run(ops, PtyWriteOp(pty_id=pty, data=b"exit\n"))
+    await read_until(ops, pty, b"\0never")
+    fresh = await run(ops, PtyOpenOp(scope_id="session-1:terminal"))  # its shell exited: a new one
+    assert isinstance(fresh.result, PtyOpenReply) and not fresh.result.reused and fresh.result.pty_id != pty
+
+
 async def test_exit_is_reported_after_the_last_output_and_writes_then_refused(ops: AgentOperations) -> None:
     pty = await open_shell(ops)
     await run(ops, PtyWriteOp(pty_id=pty, data=b"echo bye; exit 7\n"))
@@ -90,7 +107,7 @@ async def test_exit_is_reported_after_the_last_output_and_writes_then_refused(op
 
 async def test_close_kills_the_shell_and_forgets_the_id(ops: AgentOperations) -> None:
     pty = await open_shell(ops)
-    resp = await run(ops, PtyOpenOp(argv=["/bin/sh", "-c", "echo $$; sleep 60"]))
+    resp = await run(ops, PtyOpenOp(command=["/bin/sh", "-c", "echo $$; sleep 60"]))
     assert isinstance(resp.result, PtyOpenReply)
     sleeper = resp.result
     await read_until(ops, sleeper.pty_id, b"\n")
@@ -114,11 +131,11 @@ async def test_close_kills_the_shell_and_forgets_the_id(ops: AgentOperations) ->
 
 
 async def test_directory_outside_the_root_or_missing_is_refused(ops: AgentOperations, root: Path) -> None:
-    escape = await run(ops, PtyOpenOp(argv=["/bin/sh"], cwd=str(root.parent / "outside")))
+    escape = await run(ops, PtyOpenOp(command=["/bin/sh"], cwd=str(root.parent / "outside")))
     assert escape.error is not None and escape.error.detail.get("reason") == "path_escape"
-    missing = await run(ops, PtyOpenOp(argv=["/bin/sh"], cwd="nope"))
+    missing = await run(ops, PtyOpenOp(command=["/bin/sh"], cwd="nope"))
     assert missing.error is not None and missing.error.code == ControlErrorCode.NOT_FOUND
-    no_program = await run(ops, PtyOpenOp(argv=["/no/such/shell"]))
+    no_program = await run(ops, PtyOpenOp(command=["/no/such/shell"]))
     assert no_program.error is not None and no_program.error.detail["reason"] == "spawn_failed"
     assert ops.terminals.running == 0
 
@@ -126,7 +143,7 @@ async def test_directory_outside_the_root_or_missing_is_refused(ops: AgentOperat
 async def test_at_most_max_open_shells_and_draining_closes_them(ops: AgentOperations) -> None:
     ops.terminals.max_open = 2
     first, second = await open_shell(ops), await open_shell(ops)
-    third = await run(ops, PtyOpenOp(argv=["/bin/sh"]))
+    third = await run(ops, PtyOpenOp(command=["/bin/sh"]))
     assert third.error is not None and third.error.detail["reason"] == "pty_limit"
     await run(ops, PtyWriteOp(pty_id=first, data=b"exit\n"))
     await read_until(ops, first, b"\0never")
@@ -141,11 +158,11 @@ async def test_a_newer_binding_closes_the_shells_of_older_ones(ops: AgentOperati
     async def at_epoch(epoch: int, op: ControlOp) -> ControlResponse:
         return await ops.handle(ControlRequest(request_id="r1", epoch=epoch, op=op))
 
-    old = await at_epoch(1, PtyOpenOp(argv=["/bin/sh"]))
+    old = await at_epoch(1, PtyOpenOp(command=["/bin/sh"]))
     assert isinstance(old.result, PtyOpenReply)
-    same = await at_epoch(1, PtyOpenOp(argv=["/bin/sh"]))
+    same = await at_epoch(1, PtyOpenOp(command=["/bin/sh"]))
     assert isinstance(same.result, PtyOpenReply) and ops.terminals.running == 2
-    newer = await at_epoch(2, PtyOpenOp(argv=["/bin/sh"]))
+    newer = await at_epoch(2, PtyOpenOp(command=["/bin/sh"]))
     assert isinstance(newer.result, PtyOpenReply)
     deadline = time.monotonic() + 5
     while (_alive(old.result.pid) or _alive(same.result.pid)) and time.monotonic() < deadline:
@@ -175,7 +192,7 @@ async def test_a_pty_nobody_touches_is_closed(ops: AgentOperations) -> None:
 
 async def test_output_nobody_reads_is_bounded_and_counted(ops: AgentOperations) -> None:
     command = "head -c 6000000 /dev/zero | tr '\\0' a; echo; echo END"
-    resp = await run(ops, PtyOpenOp(argv=["/bin/sh", "-c", command]))
+    resp = await run(ops, PtyOpenOp(command=["/bin/sh", "-c", command]))
     assert isinstance(resp.result, PtyOpenReply)
     pty = resp.result.pty_id
 
@@ -205,8 +222,9 @@ async def test_output_nobody_reads_is_bounded_and_counted(ops: AgentOperations) 
     [
         b'{"request_id":"r","epoch":0,"op":{"type":"pty_read","pty_id":"../x"}}',
         b'{"request_id":"r","epoch":0,"op":{"type":"pty_read","pty_id":"pty-1","wait_ms":10001}}',
-        b'{"request_id":"r","epoch":0,"op":{"type":"pty_open","argv":[]}}',
-        b'{"request_id":"r","epoch":0,"op":{"type":"pty_open","argv":["/bin/sh"],"cols":501}}',
+        b'{"request_id":"r","epoch":0,"op":{"type":"pty_open","command":["/bin/sh"],"term":"x\\ny"}}',
+        b'{"request_id":"r","epoch":0,"op":{"type":"pty_open","scope_id":"a b"}}',
+        b'{"request_id":"r","epoch":0,"op":{"type":"pty_open","command":["/bin/sh"],"cols":501}}',
         b'{"request_id":"r","epoch":0,"op":{"type":"pty_write","pty_id":"pty-1","data":"not base64!"}}',
         b'{"request_id":"r","epoch":0,"op":{"type":"pty_close","pty_id":"pty-1","signal":9}}',
     ],
