@@ -92,6 +92,7 @@ class AgentTerminals:
         self._launcher = _MachineLauncher()
         self._newest_epoch = 0
         self._closing: set[asyncio.Task[object]] = set()
+        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> int:
@@ -115,6 +116,12 @@ class AgentTerminals:
         for pty_id in exited[: max(0, len(exited) - _KEEP_EXITED)]:
             terminal = self._terminals.pop(pty_id)
             await terminal.pty.close()
+
+    async def _reap_while_open(self) -> None:
+        # Runs while PTYs exist, so an abandoned one is closed even if no op ever comes again.
+        while self._terminals:
+            await asyncio.sleep(min(self.idle_seconds / 2, 30.0))
+            await self._reap()
 
     def fence(self, epoch: int) -> None:
         """A request of ``epoch`` arrived: close (in the background) the PTYs of older epochs."""
@@ -156,6 +163,8 @@ class AgentTerminals:
                 {"reason": "spawn_failed", "program": argv[0]},
             ) from None
         self._terminals[pty.pty_id] = _Terminal(pty, time.monotonic(), epoch, op.scope_id)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_while_open())
         return PtyOpenReply(pty_id=pty.pty_id, pid=pty.pid or 0)
 
     def login_shell(self) -> str:
@@ -205,6 +214,8 @@ class AgentTerminals:
 
     async def close_all(self) -> None:
         """Close every PTY (the agent is draining)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
         terminals = list(self._terminals.values())
         self._terminals.clear()
         for terminal in terminals:

@@ -180,13 +180,17 @@ def _alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def test_a_pty_nobody_touches_is_closed(ops: AgentOperations) -> None:
-    ops.terminals.idle_seconds = 0.2
+async def test_a_pty_nobody_touches_is_closed_without_any_other_op(ops: AgentOperations) -> None:
+    ops.terminals.idle_seconds = 0.3
     abandoned = await open_shell(ops)
-    await asyncio.sleep(0.3)
-    await open_shell(ops)  # any PTY op reaps the idle ones
+    deadline = time.monotonic() + 5
+    while ops.terminals.running and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # no op at all: the agent's own reaper closes it
     answer = await run(ops, PtyReadOp(pty_id=abandoned))
     assert answer.error is not None and answer.error.code == ControlErrorCode.NOT_FOUND
+    kept = await open_shell(ops)
+    for _ in range(8):  # one that is read keeps living
+        await run(ops, PtyReadOp(pty_id=kept, wait_ms=100))
     assert ops.terminals.running == 1
 
 
