@@ -40,7 +40,7 @@ from sandbox.control_protocol import (
     salvage_request_id,
 )
 from sandbox.errors import InvalidRequest
-from sandbox.nats_dial import dial_within
+from sandbox.nats_dial import dial_within, settle_abandoned_dials
 
 __all__ = ["AgentConfig", "AgentDaemon", "default_state_dir", "use_pidfd_child_watcher"]
 
@@ -293,6 +293,9 @@ class AgentDaemon:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            # End abandoned dials while the loop still runs: asyncio.run's own shutdown cancels each
+            # task once, and a dial that swallows that cancellation would keep the process alive.
+            await settle_abandoned_dials(2.0)
 
 
 def note(message: str) -> None:
