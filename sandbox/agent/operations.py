@@ -137,11 +137,7 @@ class AgentOperations:
         # A newer binding of this machine fences the older one: its shells end like a replaced box's.
         self.terminals.fence(request.epoch)
         try:
-            if isinstance(request.op, PtyOpenOp):
-                return ControlResponse(
-                    request_id=rid, result=await self.terminals.open(request.op, epoch=request.epoch)
-                )
-            result = await self._dispatch(request.op)
+            result = await self._dispatch(request.op, request.epoch)
         except OpRefused as refusal:
             return error_response(
                 rid, refusal.code, refusal.message, retryable=refusal.retryable, detail=refusal.detail
@@ -149,7 +145,7 @@ class AgentOperations:
         return ControlResponse(request_id=rid, result=result)
 
     async def _dispatch(
-        self, op: object
+        self, op: object, epoch: int
     ) -> (
         ExecReply
         | FsReadReply
@@ -201,6 +197,8 @@ class AgentOperations:
             return await self.desktop_input(op)
         if isinstance(op, StreamEnsureOp):
             return self.stream_ensure(op)
+        if isinstance(op, PtyOpenOp):
+            return await self.terminals.open(op, epoch=epoch)
         if isinstance(op, PtyWriteOp):
             return await self.terminals.write(op)
         if isinstance(op, PtyReadOp):

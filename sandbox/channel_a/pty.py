@@ -152,13 +152,14 @@ class LauncherPtyHost:
         return pty
 
 
-def default_pty_host(session: BoxSession) -> PtyHost | None:
-    """How PTYs reach ``session``'s box: the session itself when it is a :class:`PtyHost`, a
-    :class:`LauncherPtyHost` when it is a :class:`PtyLauncher`, else ``None`` (no PTY support)."""
-    if isinstance(session, PtyHost):
-        return session
-    if isinstance(session, PtyLauncher):
-        return LauncherPtyHost(session)
+def default_pty_host(source: BoxSession | PtyHost | PtyLauncher) -> PtyHost | None:
+    """How PTYs reach a box: ``source`` itself when it is a :class:`PtyHost` (a selfhosted session),
+    a :class:`LauncherPtyHost` when it is a :class:`PtyLauncher` (a local box), else ``None`` (no PTY
+    support)."""
+    if isinstance(source, PtyHost):
+        return source
+    if isinstance(source, PtyLauncher):
+        return LauncherPtyHost(source)
     return None
 
 
@@ -304,9 +305,8 @@ class PtyProcess:
         rows: int,
         on_output: OutputCallback = _ignore_output,
         on_exit: ExitCallback = _ignore_exit,
-        pty_id: str | None = None,
     ) -> None:
-        self.pty_id = pty_id or f"pty-{uuid.uuid4().hex[:16]}"
+        self.pty_id = f"pty-{uuid.uuid4().hex[:16]}"
         self.shell = shell
         self.cwd = cwd
         self.cols = cols

@@ -58,7 +58,7 @@ from sandbox.channel_a.models import (
     RepoDiscovery,
     TerminalExecResult,
 )
-from sandbox.channel_a.pty import LauncherPtyHost, Pty, PtyHost, PtyLauncher, default_pty_host
+from sandbox.channel_a.pty import Pty, PtyHost, PtyLauncher, default_pty_host
 from sandbox.channel_a.runner import (
     EXIT_INVALID,
     SCRIPT_ROOT,
@@ -71,7 +71,6 @@ from sandbox.channel_a.runner import (
 from sandbox.channel_a.terminal import parse_terminal_output, terminal_command
 from sandbox.errors import (
     BoxNotFound,
-    ChannelAError,
     ChannelANotFound,
     ChannelAUnavailable,
     ChannelAUnsupported,
@@ -163,10 +162,7 @@ class ChannelA:
         self._revision = revision
         budget = reply_budget_for(session) if max_reply_bytes == "auto" else max_reply_bytes
         self._runner = BoxRunner(session, workspace_root, reply_budget=budget)
-        if pty_launcher is None:
-            self._pty_host = default_pty_host(session)
-        else:
-            self._pty_host = pty_launcher if isinstance(pty_launcher, PtyHost) else LauncherPtyHost(pty_launcher)
+        self._pty_host = default_pty_host(session if pty_launcher is None else pty_launcher)
         self._command_timeout = command_timeout
         self._ptys: dict[str, Pty] = {}
         self._pty_seq: dict[str, int] = {}
@@ -744,17 +740,16 @@ class ChannelA:
         if self._pty_host is None:
             raise ChannelAUnsupported(f"{type(self.session).__name__} boxes have no PTY support")
         box_cwd = await self._confined_dir(rel, cwd)
-        # The callbacks route by the id open_pty returns (a host never calls them before it returns).
-        opened: list[str] = []
         try:
+            # The callbacks name ``pty``, bound when open_pty returns (a host never calls them before).
             pty = await self._pty_host.open_pty(
                 [program, "-l"],
                 cwd=box_cwd,
                 env={"TERM": "xterm-256color", **(env or {})},
                 cols=cols,
                 rows=rows,
-                on_output=lambda chunk: self._pty_output(opened[0], chunk),
-                on_exit=lambda code, reason: self._pty_exited(opened[0], code, reason),
+                on_output=lambda chunk: self._pty_output(pty.pty_id, chunk),
+                on_exit=lambda code, reason: self._pty_exited(pty.pty_id, code, reason),
             )
         except BoxNotFound:
             raise
@@ -762,13 +757,10 @@ class ChannelA:
             raise ChannelANotFound(f"the directory {cwd!r} is gone: {err.message}", path=cwd) from err
         except InvalidRequest as err:
             raise ChannelAValidationError(f"cannot start {program}: {err.message}") from err
-        except ChannelAError:
-            raise
         except ProviderError as err:
             raise ChannelAUnavailable(f"cannot start the PTY shell: {err.message}") from err
         except OSError as err:
             raise ChannelAUnavailable(f"cannot start the PTY shell: {err}") from err
-        opened.append(pty.pty_id)
         self._ptys[pty.pty_id] = pty
         await self._emit(
             "terminal.pty.started",

@@ -6,10 +6,7 @@ The happy paths (echo, resize, job control, exit, close, cwd checks) run for eve
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import pytest
 from providers.selfhosted import NatsControlRpc
 from sandbox.channel_a import ChannelA, MemoryEventSink
 from sandbox.errors import ChannelAConflict
+from tests.conftest import process_alive, wait_until_gone
 from tests.integration.selfhosted.conftest import Agent, running_agent, session_for, wait_until_answers
 
 
@@ -29,15 +27,6 @@ async def shell_pid(ca: ChannelA, pty_id: str) -> int:
     return int(out.split("PID=", 1)[1].split()[0])
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 async def test_a_killed_agent_loses_the_pty_and_takes_the_shell_with_it(
     nats_url: str, rpc: NatsControlRpc, agent_process: Callable[..., Agent]
 ) -> None:
@@ -47,17 +36,15 @@ async def test_a_killed_agent_loses_the_pty_and_takes_the_shell_with_it(
     ca = ChannelA(session_for(rpc, agent, timeout=3.0), events=sink)
     opened = await ca.pty_open()
     pid = await shell_pid(ca, opened.pty_id)
-    assert agent.process is not None and alive(pid)
+    assert agent.process is not None and process_alive(pid)
     agent.process.send_signal(signal.SIGKILL)
     agent.process.wait(timeout=10)
     exited = await sink.wait_for(lambda e: e.type == "terminal.pty.exited", timeout=15)
     assert (exited.payload["exitCode"], exited.payload["reason"]) == (None, "lost")
     assert ca.pty_exited(opened.pty_id)
     # The master end died with the agent: the shell got its hang-up instead of lingering.
-    deadline = time.monotonic() + 5
-    while alive(pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert not alive(pid)
+    await wait_until_gone(pid)
+    assert not process_alive(pid)
     assert (await ca.pty_close(opened.pty_id)).reason == "lost"
 
 
@@ -73,10 +60,8 @@ async def test_a_newer_binding_fences_the_old_pty(nats_url: str, rpc: NatsContro
         exited = await sink.wait_for(lambda e: e.type == "terminal.pty.exited", timeout=15)
         # "killed" when an output poll saw the agent close it, "lost" when the next poll was fenced.
         assert exited.payload["reason"] in ("killed", "lost")
-        deadline = time.monotonic() + 5
-        while alive(pid) and time.monotonic() < deadline:  # the old binding's shell does not linger
-            await asyncio.sleep(0.05)
-        assert not alive(pid)
+        await wait_until_gone(pid)  # the old binding's shell does not linger
+        assert not process_alive(pid)
         with pytest.raises(ChannelAConflict, match="session lost"):
             await ca.pty_write(opened.pty_id, "echo stale\n", yield_ms=0)
         await ca.pty_close(opened.pty_id)
@@ -98,6 +83,6 @@ async def test_draining_the_agent_ends_its_shells(nats_url: str, rpc: NatsContro
     # "killed" when an output poll was waiting at the agent as it closed the PTY, else "lost" (the
     # next poll found the agent draining, then gone): either way the end is reported, once.
     assert exited.payload["ptyId"] == opened.pty_id and exited.payload["reason"] in ("killed", "lost")
-    assert not alive(pid)
+    assert not process_alive(pid)
     await ca.aclose()
     assert len(sink.of_type("terminal.pty.exited")) == 1

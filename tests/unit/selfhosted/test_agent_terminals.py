@@ -27,6 +27,7 @@ from sandbox.control_protocol import (
     decode_request,
 )
 from sandbox.errors import InvalidRequest
+from tests.conftest import process_alive, wait_until_gone
 
 
 @pytest.fixture
@@ -164,20 +165,9 @@ async def test_a_newer_binding_closes_the_shells_of_older_ones(ops: AgentOperati
     assert isinstance(same.result, PtyOpenReply) and ops.terminals.running == 2
     newer = await at_epoch(2, PtyOpenOp(command=["/bin/sh"]))
     assert isinstance(newer.result, PtyOpenReply)
-    deadline = time.monotonic() + 5
-    while (_alive(old.result.pid) or _alive(same.result.pid)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert not _alive(old.result.pid) and not _alive(same.result.pid) and _alive(newer.result.pid)
+    await wait_until_gone(old.result.pid, same.result.pid)
+    assert not process_alive(old.result.pid) and not process_alive(same.result.pid) and process_alive(newer.result.pid)
     assert ops.terminals.running == 1
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def test_a_pty_nobody_touches_is_closed_without_any_other_op(ops: AgentOperations) -> None:
