@@ -59,11 +59,22 @@ async def wait_until_gone(*pids: int, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.05)
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on 127.0.0.1 right now and was not handed out before in this run.
+
+    The kernel may offer a port again as soon as the probing socket closes, so two calls in a row
+    could name the same port (``sandboxctl up`` then refused "--ui-port and --nats-port are both N").
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
