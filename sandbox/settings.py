@@ -8,12 +8,15 @@ contradictory timer values at boot, as upstream does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandbox.errors import SandboxConfigError
+
+if TYPE_CHECKING:
+    from sandbox.box_limits import BoxLimits
 
 
 class Settings(BaseSettings):
@@ -36,7 +39,22 @@ class Settings(BaseSettings):
 
     # Providers
     default_backend: str = "local"
-    local_use_bubblewrap: Literal["auto", "always", "never"] = "auto"
+
+    # Local boxes (the security model: README "Security model", providers/local.py)
+    local_isolation: Literal["bubblewrap", "none"] = Field(
+        default="bubblewrap", description="bubblewrap, or none: no isolation at all (unsafe; every create warns)."
+    )
+    local_egress: Literal["proxy", "none"] = Field(
+        default="proxy", description="proxy: only through the egress proxy's allowlist; none: no network."
+    )
+    local_egress_allow: str = Field(
+        default="", description="Destinations boxes may reach through the proxy (host patterns, optional ports)."
+    )
+    local_pids_max: int = Field(default=512, ge=0, description="Processes and threads per box (0: no limit).")
+    local_memory_max: str = Field(default="2G", description="Memory per box, e.g. 512M, 2G (0: no limit).")
+    local_cpu_max: float = Field(default=2.0, ge=0, description="CPUs per box, e.g. 0.5 (0: no limit).")
+    local_disk_max: str = Field(default="10G", description="Workspace+home+/tmp per box, e.g. 10G (0: no limit).")
+    local_box_uid: int = Field(default=61000, ge=1, description="Host uid (and gid) box users map to.")
 
     # Lease timers (seconds)
     holder_ttl_seconds: float = 90.0
@@ -111,6 +129,25 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'sandbox.db').resolve()}"
+
+    def local_limits(self) -> BoxLimits:
+        """The per-box limits of local boxes.
+
+        Raises:
+            SandboxConfigError: a size is malformed or a limit is too small to run anything.
+        """
+        from sandbox.box_limits import BoxLimits, parse_size
+
+        return BoxLimits(
+            pids_max=self.local_pids_max or None,
+            memory_max=parse_size(self.local_memory_max, setting="SANDBOX_LOCAL_MEMORY_MAX"),
+            cpu_max=self.local_cpu_max or None,
+            disk_max=parse_size(self.local_disk_max, setting="SANDBOX_LOCAL_DISK_MAX"),
+        )
+
+    def runtime_endpoint_urls(self) -> list[str | None]:
+        """The runtime's own service endpoints: boxes' egress always refuses them."""
+        return [self.temporal_address, self.nats_url, self.resolved_database_url(), self.otel_endpoint]
 
     def boxes_dir(self) -> Path:
         """Where the local provider keeps one directory per box."""
