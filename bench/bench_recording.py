@@ -108,7 +108,7 @@ async def run(mib: int, exec_mib: int, rounds: int) -> dict[str, Any]:
         session = await _box(provider)
         envelope = BoxEnvelope(**session.serialize_state().model_dump())
         rid = f"bench-{uuid.uuid4().hex[:8]}"
-        box_file = session.path / "tmp" / box_file_name(rid, "h264-mp4")
+        box_file = session.tmp_path / box_file_name(rid, "h264-mp4")
         log(f"writing a {mib} MiB box file (isolation: {provider.isolation})")
         await asyncio.to_thread(_write_file, box_file, mib)
         size = box_file.stat().st_size
@@ -164,7 +164,7 @@ async def run(mib: int, exec_mib: int, rounds: int) -> dict[str, Any]:
         if exec_mib > 0:
             # The path of boxes whose files the worker cannot see: one `dd` chunk per exec.
             small_rid = f"{rid}-x"
-            small = session.path / "tmp" / box_file_name(small_rid, "h264-mp4")
+            small = session.tmp_path / box_file_name(small_rid, "h264-mp4")
             await asyncio.to_thread(_write_file, small, exec_mib)
             chunks = activities._exec_chunks(inp.model_copy(update={"recording_id": small_rid}), exec_mib * MIB)
             started = time.perf_counter()

@@ -110,7 +110,7 @@ def build_tree(box: LocalBoxSession, files: int, big_mb: int) -> tuple[int, int]
     (ws / "empty").mkdir()
     os.symlink("data.bin", ws / "data.link")
     os.chmod(ws / "src", 0o750)
-    (box.path / "home" / ".profile").write_text("export A=1\n")
+    (box.home_path / ".profile").write_text("export A=1\n")
     entries = sum(len(dirs) + len(names) for _, dirs, names in os.walk(ws))
     return total, entries
 

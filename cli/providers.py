@@ -29,15 +29,17 @@ def register(app: typer.Typer) -> None:
     app.add_typer(providers_app, name="providers")
 
 
-def _check(backend: str, settings: Settings) -> tuple[bool, str]:
-    """Whether ``backend``'s client builds and validates offline, and why not."""
+def _check(backend: str, settings: Settings) -> tuple[bool, str, dict[str, str] | None]:
+    """Whether ``backend``'s client builds and validates offline, why not, and what isolation it enforces."""
     from providers.registry import create_sandbox_client_for_backend
 
     try:
-        create_sandbox_client_for_backend(backend, settings)
+        provider = create_sandbox_client_for_backend(backend, settings)
+        report = getattr(provider, "isolation_report", None)
+        isolation = report() if callable(report) else None
     except SandboxError as err:
-        return False, err.message
-    return True, "settings valid"
+        return False, err.message, None
+    return True, "settings valid", isolation
 
 
 def _row(backend: str, settings: Settings) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def _row(backend: str, settings: Settings) -> dict[str, Any]:
 
     d = select_backend(backend)
     runnable = backend in PROVIDER_MODULES
-    ok, detail = _check(backend, settings) if runnable else (False, "no provider in this build")
+    ok, detail, isolation = _check(backend, settings) if runnable else (False, "no provider in this build", None)
     hard_ms = d.lifetime.hard_lifetime_ms
     return {
         "backend": backend,
@@ -60,6 +62,7 @@ def _row(backend: str, settings: Settings) -> dict[str, Any]:
         "workspace_root": d.workspace_root,
         "hard_lifetime_hours": None if hard_ms is None else round(hard_ms / 3_600_000, 2),
         "default": backend == settings.default_backend,
+        "isolation": isolation,
     }
 
 
@@ -106,3 +109,5 @@ def check(backend: str = typer.Argument(..., help="Backend name, e.g. modal."), 
     if not row["configured"]:
         fail(f"{backend}: {row['detail']}", EXIT_NOT_USABLE)
     emit(f"{backend}: ok ({row['detail']}; snapshot {row['snapshot']}, ports {row['ports']})", False)
+    for feature, enforced in (row["isolation"] or {}).items():
+        print(f"  {feature}: {enforced}")

@@ -128,11 +128,21 @@ class EgressProxy:
             async with limit:
                 await self.handle(reader, writer, box=box)
 
-        server = await asyncio.start_unix_server(on_client, path=str(path), limit=_CHUNK)
-        if owner is not None:
-            os.chown(path, *owner)
-        os.chmod(path, 0o600)
-        return server
+        # Bound through the directory's descriptor: box directories can be deeper than the
+        # 108 bytes a unix socket path may have.
+        dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"/proc/self/fd/{dir_fd}/{path.name}")
+            if owner is not None:
+                os.chown(path.name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(path, 0o600)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.close(dir_fd)
+        return await asyncio.start_unix_server(on_client, sock=sock, limit=_CHUNK)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, box: str) -> None:
         """Serve one client connection to its end; never raises."""

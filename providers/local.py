@@ -1170,7 +1170,8 @@ class LocalProvider:
                 raw = _read_json_blocking(info_r)
             finally:
                 os.close(info_r)
-            os.write(block_w, b"x")
+            with contextlib.suppress(BrokenPipeError):
+                os.write(block_w, b"x")
             os.close(block_w)
             if raw is None:
                 holder_process.kill()
@@ -1427,13 +1428,16 @@ class LocalProvider:
         if record.format < 2:
             return  # a box of an older runtime: workspace, home and tmp sit in the box directory
         data = box / "data"
-        if os.path.exists(box / "disk.img"):
+        if os.path.exists(box / "disk.img") and not os.path.ismount(data):
+            lock_fd = _lock_box(box)  # one mount per box, also across worker processes
             try:
                 BoxDisk(box).ensure_mounted()
             except OSError as err:
                 if not os.path.exists(box / "box.json"):
                     raise BoxNotFound(f"local box {box.name} is gone") from None
                 raise ProviderUnavailable(f"cannot mount the disk of box {box.name}: {err}") from err
+            finally:
+                os.close(lock_fd)
         owner = self.box_owner
         if owner is not None:
             st = os.stat(data)
@@ -1745,6 +1749,11 @@ class LocalBoxSession:
     def workspace_path(self) -> Path:
         """The host directory seen as ``/workspace`` inside the box."""
         return Path(self._workspace)
+
+    @property
+    def data_path(self) -> Path:
+        """The host directory holding the box's workspace, home and tmp (its disk's mount point)."""
+        return self._data
 
     @property
     def home_path(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -92,6 +93,47 @@ def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes
 
 
 # --------------------------------------------------------------------------- Temporal
+
+
+_pytest_mktemp = pytest.TempPathFactory.mktemp
+
+
+def _traversable_mktemp(self: pytest.TempPathFactory, basename: str, numbered: bool = True) -> Path:
+    path = _pytest_mktemp(self, basename, numbered)
+    path.chmod(0o711)
+    return path
+
+
+# Isolated local boxes run as an unprivileged uid that resolves its directories by path (see
+# providers/local.py), so boxes under tmp_path need pytest's 0700 directories to be passable
+# (0711: passing through, never listing).
+pytest.TempPathFactory.mktemp = _traversable_mktemp  # type: ignore[method-assign]
+
+
+_BOX_DISK_MOUNT = re.compile(r"/box-[0-9a-f]{16}(?:\.[0-9a-f]+)?/data$")
+
+
+def _unmount_box_disks(under: tuple[str, ...]) -> None:
+    """Detach the disks of boxes tests left behind (boxes outlive providers by design; tests end)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        mount_point = line.split()[4].encode().decode("unicode_escape")
+        if _BOX_DISK_MOUNT.search(mount_point) and mount_point.startswith(under):
+            subprocess.run(["umount", "-l", mount_point], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _boxes_can_live_in_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    base = tmp_path_factory.getbasetemp()
+    for directory in (base, base.parent):
+        with contextlib.suppress(OSError):
+            if directory.stat().st_uid == os.geteuid():
+                directory.chmod(0o711)
+    yield
+    _unmount_box_disks((str(base.parent) + "/", "/dev/shm/", "/var/tmp/sandbox-", "/tmp/sandbox-"))
 
 
 @pytest.fixture(scope="session")
@@ -315,3 +357,44 @@ async def pg_runtime(
         )
         async with running_runtime(temporal_client, settings) as rt:
             yield rt
+
+
+# --------------------------------------------------------------------------- host edges
+
+
+def kill_host_edges_under(base: Path) -> list[int]:
+    """Kill the host edges (``python -m sandbox.edge``, detached by design) whose key file is under ``base``.
+
+    A local box's edges run on the host and outlive the worker that started them; boxes that a
+    test leaves behind would leave their edges running after the session. Returns the pids killed.
+    """
+    import signal
+
+    prefix = str(base.resolve()) + "/"
+    killed: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sandbox.edge" not in argv or b"--key-file" not in argv[:-1]:
+            continue
+        if not argv[argv.index(b"--key-file") + 1].decode(errors="replace").startswith(prefix):
+            continue
+        pid = int(entry)
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_host_edge_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of the session, kill the host edges of boxes under this session's temp directory."""
+    yield
+    kill_host_edges_under(tmp_path_factory.getbasetemp())

@@ -24,6 +24,7 @@ class ProviderHarness:
         sdk_exec: Runs ``true`` in the box with the given instance id by calling the SDK directly,
             exactly the call the provider's ``exec`` wraps (``bench/bench_providers.py`` times
             our layer against it).
+        ports_reachable: Whether a box's exposed port resolves to an endpoint (not for isolated local boxes).
         sdk_create: Creates a box by calling the SDK directly as the provider's ``create`` would
             (same image/options, no lookup for an existing box) and returns its instance id.
     """
@@ -35,3 +36,5 @@ class ProviderHarness:
     unknown_id: str | None = None
     sdk_exec: Callable[[str], Awaitable[object]] | None = None
     sdk_create: Callable[[], Awaitable[str]] | None = None
+    ports_reachable: bool = True
+    """False for boxes with a network namespace of their own (local): their ports are never reachable."""

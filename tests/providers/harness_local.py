@@ -15,6 +15,6 @@ async def harness(tmp_path: Path) -> AsyncIterator[ProviderHarness]:
     provider = LocalProvider(tmp_path / "boxes")
     provider.validate_credentials()
     try:
-        yield ProviderHarness(provider=provider, unknown_id="box-0123456789abcdef")
+        yield ProviderHarness(provider=provider, unknown_id="box-0123456789abcdef", ports_reachable=False)
     finally:
         await provider.aclose()

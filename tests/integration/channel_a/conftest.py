@@ -67,7 +67,7 @@ class TestBox:
         if self.kind != "bubblewrap":
             return str(host)
         assert isinstance(self.session, LocalBoxSession)
-        rel = host.relative_to(self.session.path)
+        rel = host.relative_to(self.session.path / "data")
         top, rest = rel.parts[0], rel.parts[1:]
         base = {"workspace": "/workspace", "home": "/root", "tmp": "/tmp"}[top]
         return "/".join([base, *rest])
@@ -96,7 +96,7 @@ class Boxes:
         if self.local is not None:
             spec = BoxSpec(lease_id="lease/ws1/g1", workspace_id="ws1", group_id="g1", epoch=1, environment=BOX_ENV)
             session = await self.local.create(spec, f"channel-a-test:{uuid.uuid4()}")
-            return TestBox(self.kind, session, session.workspace_path, session.path / "home", session.path)
+            return TestBox(self.kind, session, session.workspace_path, session.home_path, session.path)
         if self._rpc is None:
             self._rpc = NatsControlRpc(self.nats_url)
         parent = self.base / new_id("machine")

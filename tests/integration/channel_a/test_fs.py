@@ -93,6 +93,7 @@ async def tmpfs_box(request: pytest.FixtureRequest) -> AsyncIterator[TestBox]:
     """
     shm = Path("/dev/shm")
     base = Path(tempfile.mkdtemp(prefix="channel-a-", dir=shm if shm.is_dir() else None))
+    base.chmod(0o711)  # boxes run as another uid that passes through (tests/conftest.py)
     if request.param == "local":
         boxes = Boxes("bubblewrap", base, local=LocalProvider(base / "boxes", bubblewrap="auto"))
     else:

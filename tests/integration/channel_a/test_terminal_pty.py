@@ -193,7 +193,7 @@ async def test_pty_sandbox_hides_the_boxes_and_hidden_directories(tmp_path: Path
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed")
     secret_dir = Path(tempfile.mkdtemp(prefix="channel-a-hidden-", dir="/var/tmp"))
-    provider = LocalProvider(tmp_path / "boxes", bubblewrap="always", hidden_paths=[secret_dir])
+    provider = LocalProvider(tmp_path / "boxes", bubblewrap="always")
     try:
         provider.validate_credentials()
     except SandboxConfigError as err:

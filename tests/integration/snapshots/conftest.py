@@ -111,6 +111,7 @@ def _fast_dir(tmp_path: Path) -> Iterator[Path]:
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):
         with tempfile.TemporaryDirectory(prefix="sandbox-snapshots-", dir=shm) as tmp:
+            os.chmod(tmp, 0o711)  # boxes run as another uid that passes through (tests/conftest.py)
             yield Path(tmp)
     else:
         yield tmp_path

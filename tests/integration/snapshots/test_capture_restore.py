@@ -41,7 +41,7 @@ def write_small_files(root: Path, count: int) -> None:
 async def test_round_trip_of_10k_files_and_100mb_restores_an_identical_tree(rig: SnapshotRig) -> None:
     first = await rig.provision(epoch=1)
     box = await rig.box(first)
-    ws, home = box.workspace_path, box.path / "home"
+    ws, home = box.workspace_path, box.home_path
     await asyncio.to_thread(write_small_files, ws / "many", SMALL_FILES)
     await asyncio.to_thread(write_big_file, ws / "big.bin", BIG_FILE_MB)
     # Written from inside the box: modes, links, empty dirs, a read-only dir.
@@ -82,7 +82,7 @@ async def test_round_trip_of_10k_files_and_100mb_restores_an_identical_tree(rig:
     assert (second.restore.restored_from, second.restore.degraded, second.restore.notes) == (ref.snapshot_id, False, [])
     restored = await rig.box(second)
     assert restored.instance_id != box.instance_id
-    after = {"workspace": manifest(restored.workspace_path), "home": manifest(restored.path / "home")}
+    after = {"workspace": manifest(restored.workspace_path), "home": manifest(restored.home_path)}
     assert after == before
     run = await restored.exec(["./run"])
     assert run.stdout == b"ok\n"

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +43,12 @@ def spec(**overrides: object) -> BoxSpec:
     }
     fields.update(overrides)
     return BoxSpec.model_validate(fields)
+
+
+def remove_box_directory(path: Path) -> None:
+    """What an operator's ``rm -rf`` of a box does (its disk unmounted first)."""
+    subprocess.run(["umount", "-l", str(path / "data")], capture_output=True, check=False)
+    shutil.rmtree(path)
 
 
 def key() -> str:
@@ -110,26 +117,33 @@ def test_backend_id_is_unix_local(tmp_path: Path) -> None:
 
 
 def test_isolation_modes(tmp_path: Path) -> None:
-    assert LocalProvider(tmp_path, bubblewrap="never").isolation == "process"
-    expected = "bubblewrap" if HAVE_BWRAP else "process"
-    assert LocalProvider(tmp_path, bubblewrap="auto").isolation == expected
+    assert LocalProvider(tmp_path, isolation="none").isolation == "process"
+    assert LocalProvider(tmp_path, bubblewrap="never").isolation == "process"  # the legacy spelling
+    if HAVE_BWRAP:
+        assert LocalProvider(tmp_path, bubblewrap="auto").isolation == "bubblewrap"
+        assert LocalProvider(tmp_path).isolation == "bubblewrap"
 
 
-def test_always_without_bwrap_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_missing_bwrap_is_a_config_error_never_a_silent_downgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(SandboxConfigError, match="bubblewrap"):
-        LocalProvider(tmp_path, bubblewrap="always").validate_credentials()
-    assert LocalProvider(tmp_path, bubblewrap="auto").isolation == "process"
+    with pytest.raises(SandboxConfigError, match="apt install bubblewrap.*SANDBOX_LOCAL_ISOLATION=none"):
+        LocalProvider(tmp_path, bubblewrap=mode).validate_credentials()  # type: ignore[arg-type]
+    # Positive control: the explicit opt-out still works without bubblewrap.
+    assert LocalProvider(tmp_path, isolation="none").isolation == "process"
 
 
-def test_broken_bwrap_falls_back_in_auto_and_fails_in_always(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broken_bwrap_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(shutil, "which", lambda name: str(fake))
-    assert LocalProvider(tmp_path / "a", bubblewrap="auto").isolation == "process"
-    with pytest.raises(SandboxConfigError, match="does not work"):
-        LocalProvider(tmp_path / "b", bubblewrap="always").validate_credentials()
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: str(fake) if name == "bwrap" else real_which(name))
+    for mode in ("auto", "always"):
+        with pytest.raises(SandboxConfigError, match="does not work.*No permissions to create new namespace"):
+            LocalProvider(tmp_path / mode, bubblewrap=mode).validate_credentials()  # type: ignore[arg-type]
 
 
 def test_unknown_bubblewrap_mode_is_refused(tmp_path: Path) -> None:
@@ -169,7 +183,9 @@ async def test_box_metadata(provider: LocalProvider) -> None:
     assert record["epoch"] == 7
     assert record["environment"] == {"BOX_VAR": "from-box"}
     assert record["created_at"] <= time.time()
-    assert {p.name for p in session.path.iterdir()} >= {"workspace", "home", "tmp", "box.json"}
+    assert {p.name for p in session.path.iterdir()} >= {"data", "box.json", "run", "private"}
+    assert {p.name for p in (session.path / "data").iterdir()} >= {"workspace", "home", "tmp"}
+    assert session.workspace_path == session.path / "data" / "workspace"
 
 
 async def test_create_recovers_from_a_crashed_attempt(provider: LocalProvider) -> None:
@@ -279,8 +295,8 @@ async def test_exec_workdir(box: LocalBoxSession) -> None:
 async def test_exec_home_and_tmp_are_the_boxs(box: LocalBoxSession) -> None:
     result = await box.exec(["sh", "-c", 'echo h > "$HOME/h.txt" && echo t > "${TMPDIR:-/tmp}/t.txt"'])
     assert result.exit_code == 0, result.stderr
-    assert (box.path / "home" / "h.txt").read_text() == "h\n"
-    assert (box.path / "tmp" / "t.txt").read_text() == "t\n"
+    assert (box.home_path / "h.txt").read_text() == "h\n"
+    assert (box.tmp_path / "t.txt").read_text() == "t\n"
 
 
 async def test_exec_timeout_kills_the_whole_process_group(box: LocalBoxSession) -> None:
@@ -374,16 +390,17 @@ async def test_bwrap_absolute_symlinks_mean_box_paths(bwrap_provider: LocalProvi
 def host_dir() -> Iterator[Path]:
     """A directory under /var/tmp: a host path that boxes would see read-only unless hidden."""
     path = Path(tempfile.mkdtemp(prefix="sandbox-local-test-", dir="/var/tmp"))
+    path.chmod(0o711)  # boxes under it run as another uid (see tests/conftest.py)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @needs_bwrap
-async def test_bwrap_box_cannot_see_other_boxes_or_hidden_paths(host_dir: Path) -> None:
+async def test_bwrap_box_sees_nothing_of_the_host_but_the_system(host_dir: Path) -> None:
     private = host_dir / "data"
     private.mkdir()
     (private / "sandbox.db").write_text("worker state")
-    provider = LocalProvider(host_dir / "boxes", bubblewrap="always", hidden_paths=[private])
+    provider = LocalProvider(host_dir / "boxes", bubblewrap="always")
     try:
         a = await provider.create(spec(), key())
         b = await provider.create(spec(), key())
@@ -391,8 +408,9 @@ async def test_bwrap_box_cannot_see_other_boxes_or_hidden_paths(host_dir: Path) 
         result = await a.exec(["cat", str(b.workspace_path / "secret.txt"), str(private / "sandbox.db")])
         assert result.exit_code != 0
         assert result.stdout == b""
-        assert (await a.exec(["ls", "-A", str(host_dir / "boxes")])).stdout == b""
-        assert (await a.exec(["test", "-d", str(host_dir)])).exit_code == 0  # the rest stays visible
+        for host_path in (host_dir, host_dir / "boxes", "/var/lib", "/work", "/srv", "/mnt", sys.prefix):
+            assert (await a.exec(["test", "-e", str(host_path)])).exit_code != 0, host_path
+        assert (await a.exec(["test", "-d", "/usr/bin"])).exit_code == 0  # positive control: the system is there
     finally:
         for owned in await provider.list_owned():
             await provider.terminate(Envelope(backend_id="unix_local", instance_id=owned.instance_id))
@@ -486,7 +504,7 @@ async def test_resume_from_a_new_provider_instance(provider: LocalProvider, tmp_
 
 async def test_resume_of_a_deleted_box_is_box_not_found(provider: LocalProvider) -> None:
     gone = await provider.create(spec(), key())
-    shutil.rmtree(gone.path)
+    remove_box_directory(gone.path)
     with pytest.raises(BoxNotFound):
         await provider.resume(gone.serialize_state())
     no_metadata = await provider.create(spec(), key())
@@ -498,7 +516,7 @@ async def test_resume_of_a_deleted_box_is_box_not_found(provider: LocalProvider)
 async def test_operations_on_a_deleted_box_are_box_not_found(provider: LocalProvider) -> None:
     session = await provider.create(spec(), key())
     await session.exec(["true"])
-    shutil.rmtree(session.path)
+    remove_box_directory(session.path)
     with pytest.raises(BoxNotFound):
         await session.exec(["true"])
     with pytest.raises(BoxNotFound):
@@ -722,9 +740,14 @@ def _snapshot_outside(root: Path, ws: Path) -> set[str]:
 # --- ports and state ------------------------------------------------------------------------
 
 
-async def test_exposed_ports_are_loopback(box: LocalBoxSession) -> None:
-    endpoint = await box.resolve_exposed_port(6080)
-    assert (endpoint.host, endpoint.port, endpoint.tls) == ("127.0.0.1", 6080, False)
+async def test_exposed_ports(box: LocalBoxSession, provider: LocalProvider) -> None:
+    if provider.isolation == "bubblewrap":
+        # The box has its own network namespace: the host cannot reach its ports (edges are host-side).
+        with pytest.raises(Unsupported, match="own network namespace"):
+            await box.resolve_exposed_port(6080)
+    else:
+        endpoint = await box.resolve_exposed_port(6080)
+        assert (endpoint.host, endpoint.port, endpoint.tls) == ("127.0.0.1", 6080, False)
     with pytest.raises(InvalidRequest):
         await box.resolve_exposed_port(0)
 

@@ -86,7 +86,7 @@ def populate(box: LocalBoxSession) -> None:
     os.symlink("does-not-exist", ws / "link-dangling")
     os.link(ws / "run.sh", ws / "hardlink.sh")
     os.utime(ws / "src" / "pkg" / "mod.py", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
-    home = box.path / "home"
+    home = box.home_path
     (home / ".config").mkdir()
     (home / ".config" / "tool.toml").write_text("x = 1\n")
 
@@ -109,7 +109,7 @@ async def test_capture_restore_round_trip_preserves_the_tree(provider: LocalProv
     assert os.stat(ws / "run.sh").st_ino == os.stat(ws / "hardlink.sh").st_ino
     assert (ws / "locked").stat().st_mode & 0o777 == 0o555
     assert os.readlink(ws / "link-abs") == "/workspace/run.sh"
-    assert not (target.path / ".restore").exists() or not any((target.path / ".restore").iterdir())
+    assert not (target.path / ".restore").exists() or not any((target.data_path / ".restore").iterdir())
     # The restored box works: its exec sees the files.
     out = await target.exec(["sh", "-c", "cat src/pkg/mod.py && ./run.sh"])
     assert out.stdout == b"print('hi')\nrun\n"
@@ -134,14 +134,14 @@ async def test_a_stream_that_fails_verification_leaves_the_box_as_it_was(provide
     archive = await capture(provider, source)
     target = await new_box(provider)
     (target.workspace_path / "keep.txt").write_text("the tree the box had")
-    before = listing(target.path / "workspace")
+    before = listing(target.workspace_path)
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(ArchiveCorrupt):
         await provider.restore_workspace(
             target.serialize_state(), verified(stream([archive]), sha256=wrong, size_bytes=len(archive))
         )
-    assert listing(target.path / "workspace") == before
-    assert not any((target.path / ".restore").iterdir()), "the staged tree must be discarded"
+    assert listing(target.workspace_path) == before
+    assert not any((target.data_path / ".restore").iterdir()), "the staged tree must be discarded"
 
 
 async def test_undecodable_and_empty_archives_are_corrupt(provider: LocalProvider) -> None:
@@ -208,9 +208,9 @@ async def test_fingerprint_sees_every_change_but_no_reads(provider: LocalProvide
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert await provider.workspace_fingerprint(envelope) != fp
     fp2 = await provider.workspace_fingerprint(envelope)
-    (box.path / "home" / "new").mkdir()
+    (box.home_path / "new").mkdir()
     assert await provider.workspace_fingerprint(envelope) != fp2
-    assert tree_fingerprint(box.path, ["workspace", "home"]) == await provider.workspace_fingerprint(envelope)
+    assert tree_fingerprint(box.data_path, ["workspace", "home"]) == await provider.workspace_fingerprint(envelope)
 
 
 async def test_none_provider_refuses_snapshots() -> None:
