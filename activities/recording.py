@@ -426,7 +426,7 @@ class RecordingActivities:
         if not isinstance(provider, LocalProvider) or not isinstance(session, LocalBoxSession):
             return None
         # Both isolation modes give the box <box>/tmp as its temp directory.
-        return session.path / "tmp" / box_file_name(inp.recording_id, inp.codec)
+        return session.tmp_path / box_file_name(inp.recording_id, inp.codec)
 
     @staticmethod
     async def _open_host_file(path: Path) -> int:
