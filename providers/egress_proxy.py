@@ -323,6 +323,24 @@ async def _splice(
     await asyncio.gather(pump(c_reader, u_writer), pump(u_reader, c_writer))
 
 
+def _someone_listens(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            probe.connect(f"/proc/self/fd/{dir_fd}/{path.name}")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(dir_fd)
+
+
 class EgressGateway:
     """An :class:`EgressProxy` on an event loop of its own thread, with one listener per box.
 
@@ -349,10 +367,18 @@ class EgressGateway:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
         return future.result(timeout=30)
 
-    def ensure(self, box: str, path: Path, *, owner: tuple[int, int] | None = None) -> None:
-        """Make sure this process serves the box's egress on ``path`` (idempotent)."""
+    def serves(self, box: str, path: Path) -> bool:
+        """Whether this process serves the box's egress on ``path`` right now."""
         current = self._servers.get(box)
-        if current is not None and current[0] == path and current[1].is_serving() and path.exists():
+        return current is not None and current[0] == path and current[1].is_serving() and path.exists()
+
+    def ensure(self, box: str, path: Path, *, owner: tuple[int, int] | None = None) -> None:
+        """Make sure the box's egress is served on ``path``: by this process, unless another one already does.
+
+        Another worker process (or a CLI's provider) may serve it; its socket is left alone while
+        it accepts connections, and taken over once nobody answers on it.
+        """
+        if self.serves(box, path) or _someone_listens(path):
             return
 
         async def start() -> None:

@@ -1233,6 +1233,11 @@ class LocalProvider:
         instance_id = box.name
         holder = self._holders.get(instance_id)
         if holder is not None and holder.alive():
+            if self._egress == "proxy" and not (
+                self._gateway and self._gateway.serves(instance_id, box / "run" / "egress.sock")
+            ):
+                # Another process served this box's egress and may have gone: serve it if nobody does.
+                await asyncio.to_thread(self._serve_egress, box)
             return holder
         async with self._lock(instance_id):
             holder = self._holders.get(instance_id)

@@ -110,10 +110,36 @@ def _traversable_mktemp(self: pytest.TempPathFactory, basename: str, numbered: b
 pytest.TempPathFactory.mktemp = _traversable_mktemp  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def box_visible_bin(scripts: dict[str, str]) -> Iterator[Path]:
+    """A host directory of executable scripts that local boxes see at the same path.
+
+    Boxes see nothing of the host but its system (``/usr``, read-only), so the directory is made
+    under ``/usr/local/lib/sandbox-tests`` (root only) and removed afterwards.
+    """
+    parent = Path("/usr/local/lib/sandbox-tests")
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="bin-", dir=parent))
+    path.chmod(0o755)
+    try:
+        for name, text in scripts.items():
+            (path / name).write_text(text)
+            (path / name).chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_box_directory(path: Path) -> None:
+    """What an operator's ``rm -rf`` of a local box does (its disk detached first): the box is lost."""
+    subprocess.run(["umount", "-l", str(path / "data")], capture_output=True, check=False)
+    shutil.rmtree(path)
+
+
 _BOX_DISK_MOUNT = re.compile(r"/box-[0-9a-f]{16}(?:\.[0-9a-f]+)?/data$")
 
 
-def _unmount_box_disks(under: tuple[str, ...]) -> None:
+def unmount_box_disks(under: tuple[str, ...]) -> None:
     """Detach the disks of boxes tests left behind (boxes outlive providers by design; tests end)."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
@@ -133,7 +159,7 @@ def _boxes_can_live_in_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Ite
             if directory.stat().st_uid == os.geteuid():
                 directory.chmod(0o711)
     yield
-    _unmount_box_disks((str(base.parent) + "/", "/dev/shm/", "/var/tmp/sandbox-", "/tmp/sandbox-"))
+    unmount_box_disks((str(base.parent) + "/", "/dev/shm/", "/var/tmp/sandbox-", "/tmp/sandbox-"))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ box loss restores the last archive, periodic capture, and rotation ahead of the 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from sandbox import errors
 from store.snapshots import SnapshotLedger
+from tests.conftest import remove_box_directory
 from tests.integration.test_lease_workflow import box_dir_of, eventually, record_history
 
 
@@ -104,7 +104,7 @@ async def test_lost_box_is_restored_from_the_last_archive(runtime: Any) -> None:
     await asyncio.sleep(1.5)  # more intervals pass with no change: no new snapshot
     assert (await leases.describe(ws, g)).archive_current == first.archive_current
 
-    shutil.rmtree(box_dir_of(runtime, grant.instance_id))
+    remove_box_directory(box_dir_of(runtime, grant.instance_id))
     with pytest.raises(errors.BoxNotFound):
         await leases.exec(ws, g, ["true"])
     again = await leases.acquire(ws, g, holder_id="t1")

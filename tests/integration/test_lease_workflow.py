@@ -19,6 +19,7 @@ from temporalio.client import WorkflowExecutionStatus
 
 from sandbox import errors
 from store.leases import LeaseRepository
+from tests.conftest import remove_box_directory
 from workflows.models import LeaseView, lease_workflow_id
 
 HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
@@ -194,9 +195,7 @@ async def test_box_lost_goes_cold_and_next_acquire_gets_a_new_box(runtime: Any) 
     not_lost = await leases.report_box_lost(ws, g, grant.epoch, grant.instance_id)
     assert not not_lost.lost and not_lost.liveness == "warm"
 
-    import shutil
-
-    shutil.rmtree(box_dir_of(runtime, grant.instance_id))
+    remove_box_directory(box_dir_of(runtime, grant.instance_id))
     with pytest.raises(errors.BoxNotFound):
         await leases.exec(ws, g, ["true"])
     view = await leases.describe(ws, g)

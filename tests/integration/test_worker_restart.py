@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from client import LeaseClient
 from sandbox.settings import Settings
+from tests.conftest import box_visible_bin
 
 
 class WorkerProcess:
@@ -66,16 +65,9 @@ class WorkerProcess:
 
 @pytest.fixture
 def slow_true() -> Iterator[Path]:
-    """A directory whose ``true`` sleeps 2 s (outside /tmp, which bubblewrap replaces in the box)."""
-    root = Path(tempfile.mkdtemp(prefix="sandbox-slowbin-", dir="/var/tmp"))
-    script = root / "true"
-    script.write_text("#!/bin/sh\nsleep 2\nexit 0\n")
-    script.chmod(0o755)
-    root.chmod(0o755)
-    try:
+    """A directory whose ``true`` sleeps 2 s, visible inside boxes."""
+    with box_visible_bin({"true": "#!/bin/sh\nsleep 2\nexit 0\n"}) as root:
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_worker_killed_during_warming_resumes_without_a_second_box(

@@ -72,6 +72,16 @@ class TestBox:
         base = {"workspace": "/workspace", "home": "/root", "tmp": "/tmp"}[top]
         return "/".join([base, *rest])
 
+    def hand_over(self) -> None:
+        """Give what the test wrote on the host to the box user (as the provider's own writes are)."""
+        owner = self.session.owner if isinstance(self.session, LocalBoxSession) else None
+        if owner is None:
+            return
+        for top in (self.workspace, self.outside):
+            for directory, dirs, files in os.walk(top):
+                for name in (".", *dirs, *files):
+                    os.lchown(os.path.join(directory, name), *owner)
+
     @property
     def local(self) -> LocalBoxSession:
         """The session as a local box (for tests that only run on the local provider)."""

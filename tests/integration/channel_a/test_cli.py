@@ -95,7 +95,7 @@ async def test_fs_git_and_pty_commands_attach_as_direct_and_release(runtime: Any
         view = await runtime.leases().describe(ws, group)
         # The direct holder was released: no holders, the box idles in its grace period.
         assert view.holders == [] and view.liveness == "draining", view.transitions
-        workspace = runtime.settings.boxes_dir() / view.instance_id / "workspace"
+        workspace = runtime.settings.boxes_dir() / view.instance_id / "data" / "workspace"
         assert (workspace / "notes/hello.txt").read_text() == "hello\n"
         repo = workspace / "repo"
         repo.mkdir()

@@ -242,6 +242,7 @@ async def test_write_through_an_inner_symlink_writes_its_target(ca: ChannelA, bo
     root = ws(box)
     (root / "real.txt").write_text("old")
     (root / "alias.txt").symlink_to("real.txt")
+    box.hand_over()
     await ca.fs_write("alias.txt", "new")
     assert (root / "real.txt").read_text() == "new" and (root / "alias.txt").is_symlink()
 
@@ -253,6 +254,7 @@ async def test_delete_files_links_and_directories(ca: ChannelA, box: TestBox) ->
     (root / "empty").mkdir()
     (root / "f.txt").write_text("x")
     (root / "link").symlink_to("d")
+    box.hand_over()
 
     assert (await ca.fs_delete("f.txt")).changes[0].is_dir is False
     assert not (root / "f.txt").exists()
@@ -316,6 +318,6 @@ async def test_mkdir_recursive_is_idempotent_and_strict_mode_refuses(ca: Channel
 
 
 async def test_a_missing_workspace_is_unavailable_not_a_bad_path(ca: ChannelA, box: TestBox) -> None:
-    ws(box).rename(box.parent / "moved-away")
+    ws(box).rename(ws(box).parent / "moved-away")
     with pytest.raises(ChannelAUnavailable):
         await ca.fs_list()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 from cli.recording import RecordingClient
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.recordings import RecordingStore
+from tests.conftest import box_visible_bin
 from tests.integration.recording.conftest import FAST, box_tmp, eventually, ffprobe, ids, wait_state
 from workflows.recording_models import recording_workflow_id
 
@@ -136,12 +135,8 @@ async def test_terminating_the_box_mid_recording_is_box_death(runtime: Any, reco
 
 
 async def test_no_display_is_display_unavailable(runtime: Any, recordings: RecordingClient) -> None:
-    # Xvfb on the box's PATH fails at once: the desktop cannot come up. (Not under /tmp: boxes get their own.)
-    bindir = Path(tempfile.mkdtemp(prefix="sandbox-noxvfb-", dir="/var/tmp"))
-    try:
-        bindir.chmod(0o755)
-        (bindir / "Xvfb").write_text("#!/bin/sh\necho 'no display for you' >&2\nexit 1\n")
-        (bindir / "Xvfb").chmod(0o755)
+    # Xvfb on the box's PATH fails at once: the desktop cannot come up.
+    with box_visible_bin({"Xvfb": "#!/bin/sh\necho 'no display for you' >&2\nexit 1\n"}) as bindir:
         ws, group = ids()
         env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin"}
         grant = await runtime.leases().acquire(ws, group, holder_id="t1", environment=env)
@@ -152,8 +147,6 @@ async def test_no_display_is_display_unavailable(runtime: Any, recordings: Recor
         lease = await runtime.leases().describe(ws, group)
         assert "recording" not in {h.kind for h in lease.holders}
         await runtime.leases().release(ws, group, "t1")
-    finally:
-        shutil.rmtree(bindir, ignore_errors=True)
     await record_history(runtime, started.recording_id, "display_unavailable")
 
 

@@ -23,6 +23,7 @@ from sandbox.settings import Settings
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database
 from store.snapshots import SnapshotLedger
+from tests.conftest import unmount_box_disks
 from workflows.models import ArchiveRef, BoxEnvelope
 
 
@@ -112,7 +113,10 @@ def _fast_dir(tmp_path: Path) -> Iterator[Path]:
     if shm.is_dir() and os.access(shm, os.W_OK):
         with tempfile.TemporaryDirectory(prefix="sandbox-snapshots-", dir=shm) as tmp:
             os.chmod(tmp, 0o711)  # boxes run as another uid that passes through (tests/conftest.py)
-            yield Path(tmp)
+            try:
+                yield Path(tmp)
+            finally:
+                unmount_box_disks((tmp + "/",))
     else:
         yield tmp_path
 

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from sandbox.errors import (
     SandboxConfigError,
     Unsupported,
 )
+from tests.conftest import remove_box_directory
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed")
@@ -43,12 +43,6 @@ def spec(**overrides: object) -> BoxSpec:
     }
     fields.update(overrides)
     return BoxSpec.model_validate(fields)
-
-
-def remove_box_directory(path: Path) -> None:
-    """What an operator's ``rm -rf`` of a box does (its disk unmounted first)."""
-    subprocess.run(["umount", "-l", str(path / "data")], capture_output=True, check=False)
-    shutil.rmtree(path)
 
 
 def key() -> str:
