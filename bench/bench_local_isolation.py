@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,7 +117,7 @@ def main() -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{'variant':<24}{'bring-up p50':>14}{'p99':>10}{'exec true p50':>16}{'p99':>10}")
-    for name, values in figures.items():
+    for name in figures:
         s = summary[name]
         print(
             f"{name:<24}{s['bring_up']['p50_ms']:>12.1f}ms{s['bring_up']['p99_ms']:>8.1f}ms"

@@ -1,13 +1,15 @@
 """``sandboxctl desktop attach|open`` and ``sandboxctl terminal attach|open``: watch a lease's box.
 
 ``attach`` holds the lease as a viewer, brings the plane up and prints the viewer cell (edge URL,
-short-lived stream token, expiry); ``--json`` prints it whole for scripts, token included, which is
-the only way a token leaves this command. ``open`` does the same, then serves a local page
-(noVNC for the desktop, xterm.js for the terminal) on 127.0.0.1 that fetches the cell from this
-process and offers the token as a WebSocket subprotocol (never in a URL). While it runs,
-:class:`ViewerSession` keeps the cell valid and current: it renews the token (re-attaching with
-the same viewer id, which also refreshes the viewer holder) well before it expires, heartbeats the
-holder in between, and re-attaches at once when the lease's epoch changes, learnt from a
+short-lived stream token, expiry, mode); ``--json`` prints it whole for scripts, token included,
+which is the only way a token leaves this command. The token is a ``view`` token (watch only)
+unless ``--control`` asks for one that may also type and move the pointer; the edge enforces it.
+``open`` does the same, then serves a local page (noVNC for the desktop, xterm.js for the
+terminal) on 127.0.0.1 that fetches the cell from this process and offers the token as a
+WebSocket subprotocol (never in a URL). While it runs, :class:`ViewerSession` keeps the cell
+valid and current: it renews the token (re-attaching with the same viewer id, which also
+refreshes the viewer holder) well before it expires, heartbeats the holder in between, and
+re-attaches at once when the lease's epoch changes, learnt from a
 ``stream.url.rotated`` event on the session's NATS subject (:class:`SessionEventFeed`) or from a
 heartbeat refused with ``StaleEpoch``; the page sees the new cell and reconnects. Interrupted, it
 releases the viewer holder.
@@ -51,6 +53,9 @@ Json = typer.Option(False, "--json", help="Print the cell as one JSON document, 
 Viewer = typer.Option(None, "--viewer", help="Viewer id (default: a new uuid).")
 Subject = typer.Option(None, "--subject", help="Who is watching (recorded with the viewer holder).")
 Geometry = typer.Option("1280x800", "--geometry", help="Desktop size for a desktop that is not up yet.")
+Control = typer.Option(
+    False, "--control", help="Mint a control token (input allowed); the default is a view token (watch only)."
+)
 PagePort = typer.Option(0, "--port", help="Local port of the viewer page (default: any free port).")
 
 NOVNC_DIRS = (Path("/usr/share/novnc"),)
@@ -105,6 +110,8 @@ function connect(next) {
   const current = new RFB(document.getElementById('screen'), cell.url, {wsProtocols: ['binary', cell.token]});
   rfb = current;
   current.scaleViewport = true;
+  // A view token reaches a view-only VNC server anyway; this only stops sending input.
+  current.viewOnly = cell.mode !== 'control';
   current.addEventListener('connect', () => { if (rfb === current) show('connected'); });
   current.addEventListener('disconnect', (e) => {
     if (rfb === current) show(e.detail.clean ? 'disconnected' : 'refused');
@@ -153,6 +160,8 @@ let cell = null;
 function connect(next) {
   cell = next;
   window.viewerEpoch = cell.epoch;
+  // A view token reaches a read-only ttyd anyway; this only stops sending keystrokes.
+  term.options.disableStdin = cell.mode !== 'control';
   show('connecting');
   let opened = false;
   const sock = new WebSocket(cell.url, ['tty', cell.token]);
@@ -301,6 +310,7 @@ def _attach(
     subject: str | None,
     geometry: str,
     data_dir: Path | None,
+    mode: Literal["view", "control"] = "view",
 ) -> Any:
     from cli.lease import _run, _settings
 
@@ -308,7 +318,7 @@ def _attach(
 
     async def action(leases: Any) -> Any:
         return await leases.attach_viewer(
-            workspace, group, viewer_id=viewer, subject=subject, plane=plane, geometry=geometry
+            workspace, group, viewer_id=viewer, subject=subject, plane=plane, geometry=geometry, mode=mode
         )
 
     return _run(settings, action)
@@ -321,18 +331,23 @@ def _attach_command(plane: Plane) -> Callable[..., None]:
         viewer: str | None = Viewer,
         subject: str | None = Subject,
         geometry: str = Geometry,
+        control: bool = Control,
         data_dir: Path | None = DataDir,
         json_out: bool = Json,
     ) -> None:
-        cell = _attach(plane, workspace, group, viewer, subject, geometry, data_dir)
+        mode: Literal["view", "control"] = "control" if control else "view"
+        cell = _attach(plane, workspace, group, viewer, subject, geometry, data_dir, mode)
         if json_out:
             emit(_cell_json(cell, with_token=True), True)
             return
-        emit(f"{plane} of {cell.lease_id} epoch={cell.epoch}: {cell.url} ({cell.transport})", False)
+        emit(f"{plane} of {cell.lease_id} epoch={cell.epoch}: {cell.url} ({cell.transport}, {cell.mode})", False)
         emit(f"viewer={cell.viewer_id} token expires {cell.expires_at.isoformat()} (token: use --json)", False)
-        note(f"next: sandboxctl {plane} open {workspace} {group} --viewer {cell.viewer_id}")
+        again = " --control" if control else ""
+        note(f"next: sandboxctl {plane} open {workspace} {group} --viewer {cell.viewer_id}{again}")
 
-    attach.__doc__ = f"Hold the lease as a viewer, bring the {plane} up and print the viewer cell."
+    attach.__doc__ = (
+        f"Hold the lease as a viewer, bring the {plane} up and print the viewer cell (view only unless --control)."
+    )
     return attach
 
 
@@ -574,6 +589,7 @@ def _open_command(plane: Plane) -> Callable[..., None]:
         viewer: str | None = Viewer,
         subject: str | None = Subject,
         geometry: str = Geometry,
+        control: bool = Control,
         port: int = PagePort,
         data_dir: Path | None = DataDir,
     ) -> None:
@@ -600,7 +616,13 @@ def _open_command(plane: Plane) -> Callable[..., None]:
 
             async def attach() -> Any:
                 return await leases.attach_viewer(
-                    workspace, group, viewer_id=viewer_id, subject=subject, plane=plane, geometry=geometry
+                    workspace,
+                    group,
+                    viewer_id=viewer_id,
+                    subject=subject,
+                    plane=plane,
+                    geometry=geometry,
+                    mode="control" if control else "view",
                 )
 
             async def heartbeat(cell: Any) -> datetime | None:
@@ -624,7 +646,8 @@ def _open_command(plane: Plane) -> Callable[..., None]:
                 settings.nats_url, session_events_subject(workspace, group), session.notice_rotation, report=note
             ).start()
             emit(page.url, False)
-            note(f"viewing the {plane} of {current.lease_id}; Ctrl-C to stop (the viewer holder is released)")
+            what = "controlling" if current.mode == "control" else "viewing"
+            note(f"{what} the {plane} of {current.lease_id}; Ctrl-C to stop (the viewer holder is released)")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -643,7 +666,7 @@ def _open_command(plane: Plane) -> Callable[..., None]:
 
     open_.__doc__ = (
         f"Attach a viewer and serve a local {plane} page; prints its URL, keeps the token and the box current, "
-        "releases on exit."
+        "releases on exit (view only unless --control)."
     )
     return open_
 

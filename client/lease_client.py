@@ -167,6 +167,7 @@ class ViewerCell(BaseModel):
     """What a viewer needs to connect: the edge URL and a short-lived token to offer in-band.
 
     The token goes in the WebSocket subprotocol list (``["binary", token]``), never in the URL.
+    ``mode`` is what the token allows: ``view`` (watch only) or ``control`` (input too).
     """
 
     lease_id: str
@@ -179,6 +180,7 @@ class ViewerCell(BaseModel):
     expires_at: datetime
     transport: str
     resolution: str | None = None
+    mode: Literal["view", "control"] = "view"
 
 
 class LeaseClient:
@@ -278,23 +280,37 @@ class LeaseClient:
         subject: str | None = None,
         plane: Literal["desktop", "terminal"] = "desktop",
         geometry: str = "1280x800",
+        mode: Literal["view", "control"] = "view",
     ) -> ViewerCell:
-        """Hold the lease as a viewer, bring up the plane and mint a stream token for it (here, not in history)."""
+        """Hold the lease as a viewer, bring up the plane and mint a stream token for it (here, not in history).
+
+        ``mode="view"`` (the default) lets the viewer watch only; ``"control"`` also lets it type
+        and move the pointer (the edge routes the token to the plane's input-taking server).
+        """
         validate_lease_ids(workspace_id, group_id)
+        if mode not in ("view", "control"):
+            raise errors.InvalidRequest(f"mode must be 'view' or 'control', not {mode!r}")
         backend = self.settings.default_backend
         spec = self._spec(workspace_id, group_id, backend, None, None)
         req = AttachViewerRequest(
-            viewer_id=viewer_id or str(uuid.uuid4()), subject=subject, plane=plane, geometry=geometry
+            viewer_id=viewer_id or str(uuid.uuid4()), subject=subject, plane=plane, geometry=geometry, mode=mode
         )
         attachment: ViewerAttachment = await self._call(
             lambda: self.client.execute_update_with_start_workflow(
                 LeaseWorkflow.attach_viewer, req, start_workflow_operation=self._start_operation(spec)
             )
         )
-        return self.mint_viewer_cell(attachment.grant, attachment.endpoint, subject=subject)
+        return self.mint_viewer_cell(attachment.grant, attachment.endpoint, subject=subject, mode=attachment.mode)
 
-    def mint_viewer_cell(self, grant: LeaseGrant, endpoint: PlaneEndpoint, *, subject: str | None = None) -> ViewerCell:
-        """A fresh token for a viewer of ``grant``'s epoch; call again (after a heartbeat) to renew it."""
+    def mint_viewer_cell(
+        self,
+        grant: LeaseGrant,
+        endpoint: PlaneEndpoint,
+        *,
+        subject: str | None = None,
+        mode: Literal["view", "control"] = "view",
+    ) -> ViewerCell:
+        """A fresh token of ``mode`` for a viewer of ``grant``'s epoch; call again (after a heartbeat) to renew it."""
         from sandbox.stream_token import StreamTokenKey, claim_id, root_secret_for
 
         ttl = self.settings.stream_token_ttl_seconds
@@ -306,7 +322,7 @@ class LeaseClient:
                 "session_id": claim_id(grant.lease_id),
                 "viewer_id": claim_id(grant.holder_id),
                 "lease_epoch": grant.epoch,
-                "mode": "view",
+                "mode": mode,
                 "port": PLANE_PORTS[endpoint.plane],
                 "subject_id": subject,
             },
@@ -324,6 +340,7 @@ class LeaseClient:
             expires_at=datetime.fromtimestamp(now + ttl, tz=UTC),
             transport=endpoint.transport,
             resolution=endpoint.resolution,
+            mode=mode,
         )
 
     async def heartbeat(

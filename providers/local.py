@@ -1697,17 +1697,32 @@ def _read_json_blocking(fd: int, timeout: float = _HOLDER_START_TIMEOUT) -> dict
 
 
 async def _read_json(fd: int, process: asyncio.subprocess.Process) -> dict[str, Any] | None:
-    """Async variant of :func:`_read_json_blocking` for a holder started on the event loop."""
+    """Async variant of :func:`_read_json_blocking`: woken by the pipe, not by polling.
+
+    bwrap holds the pipe's only write end, so its exit (having written nothing) reads as EOF.
+    """
+    del process  # its exit closes the pipe
+    loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     buf = b""
-    deadline = time.monotonic() + _HOLDER_START_TIMEOUT
-    while time.monotonic() < deadline:
+    deadline = loop.time() + _HOLDER_START_TIMEOUT
+    while True:
         try:
             chunk = os.read(fd, 4096)
         except BlockingIOError:
-            if process.returncode is not None:
+            readable: asyncio.Future[None] = loop.create_future()
+
+            def wake(readable: asyncio.Future[None] = readable) -> None:
+                if not readable.done():
+                    readable.set_result(None)
+
+            loop.add_reader(fd, wake)
+            try:
+                await asyncio.wait_for(readable, max(0.0, deadline - loop.time()))
+            except TimeoutError:
                 return None
-            await asyncio.sleep(0.001)
+            finally:
+                loop.remove_reader(fd)
             continue
         if not chunk:
             return None
@@ -1716,7 +1731,6 @@ async def _read_json(fd: int, process: asyncio.subprocess.Process) -> dict[str, 
             parsed = json.loads(buf)
             if isinstance(parsed, dict):
                 return parsed
-    return None
 
 
 def _check_env(env: Mapping[str, str]) -> None:

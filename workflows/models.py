@@ -203,19 +203,26 @@ class PlaneEndpoint(BaseModel):
 
 
 class AttachViewerRequest(BaseModel):
-    """Watch the box: hold the lease as a viewer and bring up one plane's edge."""
+    """Watch the box: hold the lease as a viewer and bring up one plane's edge.
+
+    ``mode`` is what the viewer's stream token will allow: ``view`` (the default, and what every
+    request recorded before modes existed means) sees the plane only; ``control`` may also type
+    and move the pointer. The edge enforces it.
+    """
 
     viewer_id: str
     subject: str | None = None
     plane: Literal["desktop", "terminal"] = "desktop"
     geometry: str = "1280x800"
+    mode: Literal["view", "control"] = "view"
 
 
 class ViewerAttachment(BaseModel):
-    """The viewer's grant and where its plane listens; the client mints the stream token."""
+    """The viewer's grant, where its plane listens and the mode granted; the client mints the stream token."""
 
     grant: LeaseGrant
     endpoint: PlaneEndpoint
+    mode: Literal["view", "control"] = "view"
 
 
 class HolderRef(BaseModel):

@@ -2,14 +2,22 @@
 
 Both planes listen on one TCP port each and admit a WebSocket upgrade only when it offers a valid
 stream token as a WebSocket subprotocol (never in the URL). Tokens are checked with the box's
-derived key (:func:`sandbox.stream_token.derive_lease_key`), read from a 0600 key file the control
-plane writes into the box, so a token of another lease or of an older epoch is refused, and the
-refusal is an HTTP 403 before anything reaches the VNC server or the PTY.
+derived key (:func:`sandbox.stream_token.derive_lease_key`), read from a 0600 key file, and must
+carry the lease epoch the edge was started for, so a token of another lease or of another epoch
+is refused, and the refusal is an HTTP 403 before anything reaches the VNC server or the PTY. An
+admitted token is routed by its mode: ``control`` to the server that takes input, ``view`` to
+the view-only one (``x11vnc -viewonly``, ``ttyd`` without ``--writable``).
+
+A remote box runs its edges itself (the in-box scripts start them, the key file is in the box);
+a local box's edges run on the worker host (:mod:`sandbox.edge.host`), the key in the box's
+private directory, out of the box's sight.
 
 - :mod:`sandbox.edge.admission`: the token check shared by both planes.
-- :mod:`sandbox.edge.desktop`: the websockify auth plugin and the desktop edge launcher.
+- :mod:`sandbox.edge.desktop`: websockify with the token check, routing by mode.
 - :mod:`sandbox.edge.terminal`: a small proxy in front of ttyd.
-- ``python -m sandbox.edge desktop|terminal ...`` starts an edge (the in-box scripts do).
+- :mod:`sandbox.edge.target`: connecting to a plane's socket without following links.
+- :mod:`sandbox.edge.host`: starting, reusing and stopping local boxes' edges on the host.
+- ``python -m sandbox.edge desktop|terminal ...`` starts an edge.
 """
 
 from __future__ import annotations

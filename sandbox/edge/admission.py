@@ -2,12 +2,17 @@
 
 The token travels as one of the offered WebSocket subprotocols (``Sec-WebSocket-Protocol:
 binary, ogs_...``). It is verified with the box's derived key, which the control plane writes as
-64 hex digits into a key file; the file is re-read whenever it changes, so a new epoch's key
-takes effect for the next connection without restarting the edge. Without a readable key the
-edge admits nothing.
+64 hex digits into a key file; the file is re-read whenever it changes (a rewritten key takes
+effect for the next connection). Without a readable key the edge admits nothing.
 
 The ``port`` claim names the plane a token was minted for (6080 desktop, 7681 terminal, as
-upstream), so a desktop token does not open the terminal.
+upstream), so a desktop token does not open the terminal. The ``leaseEpoch`` claim must be the
+epoch the edge was started for (``--epoch``): the key is derived per (lease, epoch) already, so
+this only matters when the key file and the edge disagree (a key rewritten for a new epoch under
+an edge of the old one), and then the edge refuses rather than trusting either; whoever starts
+edges restarts them for a new epoch. The ``mode`` claim
+(``view`` or ``control``) is returned with the claims; the planes route on it (a view-only VNC
+server, a read-only ttyd for ``view``).
 
 Reasons are short fixed words; neither a token nor a key is ever part of a reason or a log line.
 """
@@ -22,7 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from sandbox.stream_token import DEFAULT_STREAM_PORT, STREAM_TOKEN_PREFIX, StreamTokenClaims, StreamTokenKey
+from sandbox.stream_token import (
+    DEFAULT_STREAM_PORT,
+    STREAM_TOKEN_PREFIX,
+    StreamMode,
+    StreamTokenClaims,
+    StreamTokenKey,
+)
 
 __all__ = [
     "DESKTOP_TOKEN_PORT",
@@ -39,7 +50,7 @@ DESKTOP_TOKEN_PORT: Final = DEFAULT_STREAM_PORT
 TERMINAL_TOKEN_PORT: Final = 7681
 """The ``port`` claim of a terminal token (7681)."""
 
-AdmissionReason = Literal["ok", "no_token", "no_key", "invalid_token", "wrong_plane"]
+AdmissionReason = Literal["ok", "no_token", "no_key", "invalid_token", "wrong_plane", "wrong_epoch"]
 
 _KEY_HEX_LENGTH: Final = 64
 _MAX_KEY_FILE_BYTES: Final = 4096
@@ -68,7 +79,8 @@ class Admission:
         admitted: Whether the request may reach the plane.
         reason: ``ok`` or why not: ``no_token``, ``no_key`` (the edge has no usable key),
             ``invalid_token`` (bad signature, malformed, expired, another lease or epoch),
-            ``wrong_plane`` (a valid token minted for the other plane).
+            ``wrong_plane`` (a valid token minted for the other plane), ``wrong_epoch`` (a valid
+            token whose ``leaseEpoch`` is not the epoch this edge serves).
         protocols: The offered subprotocols without any token, to forward upstream.
         claims: The verified claims when admitted.
     """
@@ -77,6 +89,11 @@ class Admission:
     reason: AdmissionReason
     protocols: tuple[str, ...]
     claims: StreamTokenClaims | None = None
+
+    @property
+    def mode(self) -> StreamMode | None:
+        """The admitted token's mode (``view`` or ``control``); ``None`` when refused."""
+        return self.claims.mode if self.admitted and self.claims is not None else None
 
 
 class EdgeKey:
@@ -126,17 +143,26 @@ class EdgeKey:
 
 
 class EdgeGate:
-    """Admits an upgrade request when one offered subprotocol is a valid token for this plane.
+    """Admits an upgrade request when one offered subprotocol is a valid token for this plane and epoch.
 
     Args:
         key: The box's key (see :class:`EdgeKey`).
         plane_port: The ``port`` claim this plane accepts (:data:`DESKTOP_TOKEN_PORT` or
             :data:`TERMINAL_TOKEN_PORT`).
+        epoch: The lease epoch this edge serves; a token with another ``leaseEpoch`` is refused.
     """
 
-    def __init__(self, key: EdgeKey, plane_port: int) -> None:
+    def __init__(self, key: EdgeKey, plane_port: int, *, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"the edge's epoch must be an integer >= 0, not {epoch!r}")
         self._key = key
         self._plane_port = plane_port
+        self._epoch = epoch
+
+    @property
+    def epoch(self) -> int:
+        """The lease epoch this edge serves."""
+        return self._epoch
 
     def admit(self, header_values: Iterable[str], *, now: float | None = None) -> Admission:
         """Judge the ``Sec-WebSocket-Protocol`` header values of one request; never raises on their content."""
@@ -155,6 +181,9 @@ class EdgeGate:
                 continue
             if claims.port != self._plane_port:
                 reason = "wrong_plane"
+                continue
+            if claims.lease_epoch != self._epoch:
+                reason = "wrong_epoch"
                 continue
             return Admission(True, "ok", rest, claims)
         return Admission(False, reason, rest)

@@ -1,9 +1,9 @@
 """The edge's listening socket: bound before anything else starts, its port published in a file.
 
-The local provider's boxes share the host's network namespace, so an edge asks for port 0 (any
-free port, chosen atomically by the kernel) or for the port it had before, and the in-box script
-reads the port back from the port file. The file appears only once the socket is listening, so
-its presence means connections will be accepted (queued until the server loop runs).
+Local boxes' edges run on the host, side by side, so each asks for port 0 (any free port, chosen
+atomically by the kernel) or for the port it had before, and whoever started it reads the port
+back from the port file. The file appears only once the socket is listening, so its presence
+means connections will be accepted (queued until the server loop runs).
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """The terminal edge: a token-checking front for ttyd, which listens on a unix socket in the box.
 
 The edge reads the viewer's HTTP upgrade request, admits it only when an offered subprotocol is a
-valid terminal stream token (:class:`~sandbox.edge.admission.EdgeGate`), and otherwise answers
-``403`` and closes: nothing reaches ttyd. An admitted request is forwarded to ttyd with the token
-removed from ``Sec-WebSocket-Protocol`` and the path set to ttyd's ``/ws``; from then on the edge
-copies bytes both ways, so the WebSocket session itself is ttyd's, end to end.
+valid terminal stream token of the edge's epoch (:class:`~sandbox.edge.admission.EdgeGate`), and
+otherwise answers ``403`` and closes: nothing reaches ttyd. An admitted request is forwarded, by
+the token's mode, to the writable ttyd (``control``) or to the one started without
+``--writable`` (``view``, which drops every keystroke), with the token removed from
+``Sec-WebSocket-Protocol`` and the path set to ttyd's ``/ws``; from then on the edge copies bytes
+both ways, so the WebSocket session itself is ttyd's, end to end. The socket is reached without
+following symbolic links (:mod:`sandbox.edge.target`): a local box's edge runs on the host and the
+box owns the socket directory.
 
 Viewers offer ``tty`` (ttyd's subprotocol) and the token: ``Sec-WebSocket-Protocol: tty, ogs_...``.
 Any request path is accepted; the token is never read from the URL.
@@ -22,6 +26,8 @@ from typing import Final
 
 from sandbox.edge.admission import TERMINAL_TOKEN_PORT, EdgeGate, EdgeKey
 from sandbox.edge.listener import bind_listener, publish_port
+from sandbox.edge.target import open_unix_target
+from sandbox.stream_token import StreamMode
 
 __all__ = ["TTYD_SUBPROTOCOL", "TerminalEdge", "serve_terminal_edge"]
 
@@ -73,16 +79,23 @@ class TerminalEdge:
 
     Args:
         gate: The token check (terminal plane).
-        unix_target: ttyd's socket.
+        unix_target: The writable ttyd's socket (``control`` tokens).
+        view_target: The read-only ttyd's socket (``view`` tokens).
         upstream_path: ttyd's WebSocket path.
         handshake_timeout: How long a client may take to send its request head.
     """
 
     def __init__(
-        self, gate: EdgeGate, unix_target: Path, *, upstream_path: str = "/ws", handshake_timeout: float = 10.0
+        self,
+        gate: EdgeGate,
+        unix_target: Path,
+        view_target: Path,
+        *,
+        upstream_path: str = "/ws",
+        handshake_timeout: float = 10.0,
     ) -> None:
         self._gate = gate
-        self._target = unix_target
+        self._targets: dict[StreamMode, Path] = {"control": unix_target, "view": view_target}
         self._path = upstream_path
         self._timeout = handshake_timeout
 
@@ -142,10 +155,12 @@ class TerminalEdge:
             log.info("refused %s: the %r subprotocol was not offered", where, TTYD_SUBPROTOCOL)
             writer.write(_response("400 Bad Request"))
             return None
+        mode = verdict.mode or "view"
         try:
-            up_reader, up_writer = await asyncio.open_unix_connection(str(self._target), limit=_COPY_CHUNK)
-        except OSError:
-            log.warning("admitted %s but ttyd is not answering on its socket", where)
+            sock = await open_unix_target(self._targets[mode])
+            up_reader, up_writer = await asyncio.open_unix_connection(sock=sock, limit=_COPY_CHUNK)
+        except OSError as err:
+            log.warning("admitted %s (%s) but ttyd is not answering on its socket: %s", where, mode, err.strerror)
             writer.write(_response("502 Bad Gateway"))
             return None
         lines = [f"GET {self._path} HTTP/1.1"]
@@ -154,7 +169,7 @@ class TerminalEdge:
                 lines.append(f"{name}: {value}")
         lines.append(f"Sec-WebSocket-Protocol: {', '.join(verdict.protocols)}")
         up_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        log.info("admitted %s", where)
+        log.info("admitted %s (%s)", where, mode)
         return up_reader, up_writer
 
     @staticmethod
@@ -178,16 +193,28 @@ async def _serve(edge: TerminalEdge, sock: socket.socket) -> None:
 
 
 def serve_terminal_edge(
-    *, port: int, any_port: bool, port_file: Path, unix_target: Path, key_file: Path, host: str = "127.0.0.1"
+    *,
+    port: int,
+    any_port: bool,
+    port_file: Path,
+    unix_target: Path,
+    view_target: Path,
+    key_file: Path,
+    epoch: int,
+    host: str = "127.0.0.1",
 ) -> None:
-    """Run the terminal edge on ``host:port`` (or any free port) in front of ttyd's ``unix_target``.
+    """Run the terminal edge on ``host:port`` (or any free port) in front of ttyd's sockets.
+
+    ``control`` tokens reach ``unix_target`` (the writable ttyd), ``view`` tokens ``view_target``;
+    tokens of another ``epoch`` are refused.
 
     Raises:
         OSError: The port cannot be bound.
     """
+    gate = EdgeGate(EdgeKey(key_file), TERMINAL_TOKEN_PORT, epoch=epoch)
     sock = bind_listener(host, port, any_port=any_port)
     actual = int(sock.getsockname()[1])
-    edge = TerminalEdge(EdgeGate(EdgeKey(key_file), TERMINAL_TOKEN_PORT), unix_target)
+    edge = TerminalEdge(gate, unix_target, view_target)
     publish_port(port_file, actual)
     log.info("terminal edge listening on %s:%d", host, actual)
     with contextlib.suppress(KeyboardInterrupt):

@@ -53,7 +53,13 @@ class OpenCommand:
 
 @contextlib.asynccontextmanager
 async def terminal_open(
-    runtime: Runtime, nats_url: str, group: str, viewer_id: str, tmp_path: Path, **env: str
+    runtime: Runtime,
+    nats_url: str,
+    group: str,
+    viewer_id: str,
+    tmp_path: Path,
+    *options: str,
+    **env: str,
 ) -> AsyncIterator[OpenCommand]:
     s = runtime.settings
     environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("SANDBOX_")}
@@ -79,6 +85,7 @@ async def terminal_open(
             group,
             "--viewer",
             viewer_id,
+            *options,
             cwd=REPO,
             env=environ,
             stdout=asyncio.subprocess.PIPE,
@@ -126,6 +133,7 @@ async def test_open_renews_the_token_before_it_expires_and_releases_the_viewer_o
                 renewed = await asyncio.to_thread(cmd.cell)
             assert datetime.fromisoformat(renewed["expires_at"]) > expires
             assert renewed["epoch"] == first["epoch"] and await _admitted(renewed)
+            assert renewed["mode"] == "view"  # without --control
             assert await cmd.stop(signal.SIGINT) == 0
             assert "viewer released" in cmd.notes()
         assert await _viewer_holders(runtime, group) == []
@@ -140,8 +148,12 @@ async def test_a_rotated_lease_reconnects_the_open_page_to_the_new_box(
     group, viewer = f"g-{uuid.uuid4().hex[:8]}", f"viewer-{uuid.uuid4().hex[:8]}"
     grant = await leases.acquire(WORKSPACE, group, holder_id="turn-1")
     # A 60 s holder TTL makes the command heartbeat every 20 s: a quicker reaction is the event's.
-    async with terminal_open(runtime, nats_url, group, viewer, tmp_path, SANDBOX_HOLDER_TTL_SECONDS="60") as cmd:
+    # --control: the page types into the new box's terminal at the end.
+    async with terminal_open(
+        runtime, nats_url, group, viewer, tmp_path, "--control", SANDBOX_HOLDER_TTL_SECONDS="60"
+    ) as cmd:
         before = await asyncio.to_thread(cmd.cell)
+        assert before["mode"] == "control"
         page = await browser.new_page(viewport={"width": 1000, "height": 700})
         await page.goto(cmd.page_url)
         await page.wait_for_function("window.viewerState === 'connected'", timeout=15000)

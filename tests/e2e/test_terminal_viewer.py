@@ -36,8 +36,8 @@ async def _open(browser: Any, url: str) -> tuple[Any, list[str]]:
 
 async def test_a_command_typed_in_the_page_runs_in_the_box(planes: PlaneHarness, browser: Any, tmp_path: Path) -> None:
     box, port = await _terminal_port(planes)
-    token = planes.mint(box.lease_id, box.epoch, plane="terminal")
-    cell = {"url": f"ws://127.0.0.1:{port}/", "token": token, "epoch": box.epoch}
+    token = planes.mint(box.lease_id, box.epoch, plane="terminal", mode="control")
+    cell = {"url": f"ws://127.0.0.1:{port}/", "token": token, "epoch": box.epoch, "mode": "control"}
     viewer = ViewerPage("terminal", lambda: cell, find_assets("terminal")).start()
     try:
         assert token not in viewer.url

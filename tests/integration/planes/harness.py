@@ -1,19 +1,30 @@
-"""A plane test harness: local boxes (bubblewrap when available) plus the plane activities, no Temporal."""
+"""A plane test harness: local boxes (bubblewrap when available) plus the plane activities, no Temporal.
+
+A local box's planes have two halves: the servers in the box (state under ``/tmp/.sandbox-edge``
+of the box, on the host at :attr:`Box.state_dir`) and the edges on the host (key, pid, port and
+log files in the box's private directory, :attr:`Box.private_dir`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import stat
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from activities.models import DisplayStackRequest, TearDownPlanesRequest, TerminalServerRequest
-from activities.planes import PlaneActivities
+from activities.planes import LocalBoxLayout, PlaneActivities, local_box_layout
 from providers.base import BoxSpec, Envelope
-from providers.local import LocalBoxSession, LocalProvider
+from providers.local import BOX_MARKER_VAR, LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
 from sandbox.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
+from sandbox.inbox_scripts import ScriptName, parse_status
 from sandbox.settings import Settings
 from sandbox.stream_token import StreamTokenKey, derive_lease_key, root_secret_for
 from workflows.models import BoxEnvelope
@@ -31,9 +42,32 @@ class Box:
     envelope: BoxEnvelope
 
     @property
-    def edge_dir(self) -> Path:
-        """The box's edge state directory on the host."""
-        return self.session.path / "tmp" / ".sandbox-edge"
+    def layout(self) -> LocalBoxLayout:
+        """Where the plane activities find this box's parts."""
+        return local_box_layout(self.session)
+
+    @property
+    def state_dir(self) -> Path:
+        """The in-box scripts' state directory (the box's ``/tmp/.sandbox-edge``), on the host."""
+        return self.layout.edge.box_tmp / ".sandbox-edge"
+
+    @property
+    def private_dir(self) -> Path:
+        """The box's host-only directory: edge key, pid, port and log files."""
+        return self.layout.edge.private
+
+    def edge_log(self, plane: str) -> Path:
+        """The log of the box's host edge of ``plane``."""
+        return self.private_dir / f"{plane}.log"
+
+    async def status(self, script: ScriptName) -> tuple[int, dict[str, bool]]:
+        """``<script> --status`` in the box, as the activities run it: (exit code, part -> up)."""
+        layout = self.layout
+        argv = layout.scripts.command(script, "--status")
+        result = await self.session.exec(argv, env={**layout.env, "SANDBOX_EDGE_EXTERNAL": "1"}, timeout=30)
+        status = parse_status(result.stdout.decode())
+        assert status is not None, result
+        return result.exit_code, status.parts
 
     def desktop_request(self, **overrides: object) -> DisplayStackRequest:
         fields: dict[str, object] = {
@@ -55,6 +89,94 @@ class Box:
         """Run a shell snippet in the box; (exit code, stdout + stderr)."""
         result = await self.session.exec(["bash", "-c", script], env=env, timeout=timeout)
         return result.exit_code, (result.stdout + result.stderr).decode(errors="replace")
+
+
+_MAX_SCANNED_BYTES = 8 << 20
+
+
+def box_files(box: Box) -> list[Path]:
+    """Every file of the box on the host (its directory, its private directory), for content checks.
+
+    Regular files only, not followed through links, and none over 8 MiB (a box's disk image: its
+    contents are scanned through the mounted directories instead).
+    """
+    found: set[Path] = set()
+    for root in (box.session.path, box.private_dir):
+        for path in root.rglob("*"):
+            with contextlib.suppress(OSError):
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode) and st.st_size <= _MAX_SCANNED_BYTES:
+                    found.add(path)
+    return sorted(found)
+
+
+X_ENV = (  # a shell prefix that points X clients at the box's desktop
+    'EDGE=/tmp/.sandbox-edge; read -r n <"$EDGE/desktop/display"; '
+    'export DISPLAY=":$n" XAUTHORITY="$EDGE/desktop/xauth"; '
+)
+
+
+class Rfb:
+    """Just enough of an RFB 3.8 client over the edge's WebSocket to send input (no framebuffer)."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.buffer = b""
+
+    async def read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            frame = await asyncio.wait_for(self.ws.recv(), 5)
+            self.buffer += frame if isinstance(frame, bytes) else frame.encode()
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    async def handshake(self) -> tuple[int, int]:
+        assert await self.read(12) == b"RFB 003.008\n"
+        await self.ws.send(b"RFB 003.008\n")
+        (count,) = await self.read(1)
+        assert 1 in await self.read(count), "x11vnc runs without a password behind the edge"
+        await self.ws.send(b"\x01")  # security type None
+        assert await self.read(4) == b"\0\0\0\0"
+        await self.ws.send(b"\x01")  # ClientInit: shared
+        width, height = struct.unpack(">HH", await self.read(4))
+        await self.read(16)  # pixel format
+        (name_length,) = struct.unpack(">I", await self.read(4))
+        await self.read(name_length)
+        return width, height
+
+    async def pointer(self, x: int, y: int, buttons: int = 0) -> None:
+        await self.ws.send(struct.pack(">BBHH", 5, buttons, x, y))
+
+    async def key(self, keysym: int) -> None:
+        await self.ws.send(struct.pack(">BBxxI", 4, 1, keysym))
+        await self.ws.send(struct.pack(">BBxxI", 4, 0, keysym))
+
+
+async def pointer_at(box: Box) -> tuple[int, int]:
+    """Where the box's X pointer is (``xdotool getmouselocation``)."""
+    code, out = await box.sh(X_ENV + "xdotool getmouselocation --shell")
+    assert code == 0, out
+    values = dict(line.split("=", 1) for line in out.split())
+    return int(values["X"]), int(values["Y"])
+
+
+def host_edges(box: Box, plane: str) -> list[int]:
+    """The host edge processes of ``box``'s ``plane`` that lead their session (not per-connection children)."""
+    marker = f"{BOX_MARKER_VAR}={box.session.instance_id}".encode()
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            leader = os.getsid(pid) == pid
+        except OSError:
+            continue
+        if leader and marker in environ and b"sandbox.edge" in cmdline and plane.encode() in cmdline:
+            found.append(pid)
+    return found
 
 
 class PlaneHarness:
@@ -90,14 +212,16 @@ class PlaneHarness:
         now: float | None = None,
         ttl: int = 120,
         root: bytes | None = None,
+        mode: str = "view",
     ) -> str:
-        """A stream token for (lease, epoch), as the client mints it."""
+        """A stream token of ``mode`` for (lease, epoch), as the client mints it."""
         key = StreamTokenKey(derive_lease_key(root or self.root, lease_id, epoch))
         fields = {
             "workspace_id": str(uuid.uuid4()),
             "session_id": str(uuid.uuid4()),
             "viewer_id": str(uuid.uuid4()),
             "lease_epoch": epoch,
+            "mode": mode,
             "port": DESKTOP_TOKEN_PORT if plane == "desktop" else TERMINAL_TOKEN_PORT,
         }
         return key.mint_for(fields, now=now, ttl_seconds=ttl)

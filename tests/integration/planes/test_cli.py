@@ -42,9 +42,15 @@ async def test_attach_prints_the_cell_token_only_with_json(runtime: Any, cli_env
     async with websockets.connect(cell["url"], subprotocols=["binary", cell["token"]]) as conn:  # type: ignore[list-item]
         assert await asyncio.wait_for(conn.recv(), 5) == b"RFB 003.008\n"
 
+    assert cell["mode"] == "view"
+
     res = await sandboxctl("terminal", "attach", ws, group, "--viewer", cell["viewer_id"])
     assert res.exit_code == 0, res.output
-    assert "ogs_" not in res.stdout and "pty-ws" in res.stdout
+    assert "ogs_" not in res.stdout and "pty-ws" in res.stdout and ", view)" in res.stdout
+
+    res = await sandboxctl("terminal", "attach", ws, group, "--viewer", cell["viewer_id"], "--control", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["mode"] == "control"
     await runtime.leases().release(ws, group, cell["viewer_id"], kind="viewer")
 
 

@@ -12,7 +12,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from sandbox.stream_token import STREAM_TOKEN_PREFIX
-from tests.integration.planes.harness import Box, PlaneHarness
+from tests.integration.planes.harness import Box, PlaneHarness, box_files
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,7 +73,7 @@ def _bad_tokens(planes: PlaneHarness, up: Planes, plane: str) -> dict[str, list[
 @pytest.mark.parametrize("plane", ["desktop", "terminal"])
 async def test_bad_tokens_are_refused_before_the_upgrade(planes: PlaneHarness, up: Planes, plane: str) -> None:
     url = f"ws://127.0.0.1:{up.port(plane)}/"
-    log = up.box.edge_dir / plane / ("websockify.log" if plane == "desktop" else "edge.log")
+    log = up.box.edge_log(plane)
     before = log.read_text()
     for case, protocols in _bad_tokens(planes, up, plane).items():
         assert await _refused(url, protocols) == 403, case
@@ -97,16 +97,16 @@ async def test_a_valid_desktop_token_reaches_vnc(planes: PlaneHarness, up: Plane
         assert await asyncio.wait_for(ws.recv(), 5) == b"RFB 003.008\n"
 
 
-async def test_a_new_epoch_key_retires_old_tokens_without_a_restart(planes: PlaneHarness) -> None:
+async def test_a_new_epoch_retires_old_tokens_on_the_same_url(planes: PlaneHarness) -> None:
     box = await planes.box(epoch=1)
     first = await planes.activities.ensure_display_stack(box.desktop_request())
     old = planes.mint(box.lease_id, 1)
     url = f"ws://127.0.0.1:{first.port}/"
     async with websockets.connect(url, subprotocols=["binary", old]) as ws:  # type: ignore[list-item]
         assert await asyncio.wait_for(ws.recv(), 5) == b"RFB 003.008\n"
-    # The same box ensured under epoch 2 gets the new key; the running edge picks it up.
+    # The same box ensured under epoch 2 gets the new key and an edge of epoch 2, on the same port.
     second = await planes.activities.ensure_display_stack(box.desktop_request(epoch=2))
-    assert second.already_up and second.port == first.port
+    assert not second.already_up and second.port == first.port and second.display == first.display
     assert await _refused(url, ["binary", old]) == 403
     new = planes.mint(box.lease_id, 2)
     async with websockets.connect(url, subprotocols=["binary", new]) as ws:  # type: ignore[list-item]
@@ -133,9 +133,10 @@ async def test_tokens_never_appear_in_any_log(
                 await asyncio.wait_for(ws.recv(), 5)
     await planes.activities.ensure_display_stack(up.box.desktop_request())
     await asyncio.sleep(0.2)
-    key_hex = (up.box.edge_dir / "key").read_text().strip()
-    files = [p for p in up.box.session.path.rglob("*") if p.is_file() and not p.is_symlink()]
+    key_hex = (up.box.private_dir / "key").read_text().strip()
+    files = box_files(up.box)
     assert any(p.name.endswith(".log") for p in files)
+    assert up.box.edge_log("desktop") in files and up.box.edge_log("terminal") in files
     for path in files:
         data = path.read_bytes()
         for token in tokens:

@@ -7,19 +7,16 @@ from temporalio.exceptions import ApplicationError
 
 import activities.planes as planes_module
 from activities.models import ExposeStreamPortRequest, PlaneRequest
+from activities.planes import LocalBoxLayout
 from sandbox.errors import StreamPortUnavailable, TerminalServerUnsupported
-from sandbox.inbox_scripts import EXIT_DOWN, InboxScripts, host_edge_environment, parse_status
+from sandbox.inbox_scripts import EXIT_DOWN
 from tests.integration.planes.harness import Box, PlaneHarness
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def _status(box: Box) -> tuple[int, dict[str, bool]]:
-    argv = InboxScripts.on_host().command("terminal-up", "--status")
-    result = await box.session.exec(argv, env=host_edge_environment(), timeout=30)
-    status = parse_status(result.stdout.decode())
-    assert status is not None, result
-    return result.exit_code, status.parts
+    return await box.status("terminal-up")
 
 
 async def test_terminal_is_idempotent_and_heals(planes: PlaneHarness) -> None:
@@ -29,9 +26,10 @@ async def test_terminal_is_idempotent_and_heals(planes: PlaneHarness) -> None:
     again = await planes.activities.ensure_terminal_server(box.terminal_request())
     assert again.already_up and again.port == first.port
 
-    await box.sh("pkill -KILL -x ttyd; sleep 0.1")
+    assert await box.sh("pgrep -cx ttyd") == (0, "2\n")  # writable and read-only
+    await box.sh("pkill -KILL -f '^[^ ]*ttyd --writable'; sleep 0.1")
     code, parts = await _status(box)
-    assert code == EXIT_DOWN and parts == {"ttyd": False, "edge": True}
+    assert code == EXIT_DOWN and parts == {"ttyd": False, "ttyd_view": True}
     healed = await planes.activities.ensure_terminal_server(box.terminal_request())
     assert healed.available and not healed.already_up and healed.port == first.port
     assert (await _status(box))[0] == 0
@@ -40,12 +38,14 @@ async def test_terminal_is_idempotent_and_heals(planes: PlaneHarness) -> None:
 async def test_without_ttyd_the_terminal_degrades_to_a_value(
     planes: PlaneHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def without_ttyd() -> dict[str, str]:
-        env = host_edge_environment()
-        env.pop("TTYD_SOURCE", None)
-        return env
+    real = planes_module.local_box_layout
 
-    monkeypatch.setattr(planes_module, "host_edge_environment", without_ttyd)
+    def without_ttyd(session: object) -> LocalBoxLayout:
+        layout = real(session)  # type: ignore[arg-type]
+        # A PATH without ttyd, and no copy of the wheel's either.
+        return LocalBoxLayout(layout.edge, layout.scripts, {"PATH": "/usr/bin:/bin", "TTYD_SOURCE": ""})
+
+    monkeypatch.setattr(planes_module, "local_box_layout", without_ttyd)
     box = await planes.box()
     result = await planes.activities.ensure_terminal_server(box.terminal_request())
     assert not result.available and result.port is None

@@ -6,7 +6,6 @@ import asyncio
 import re
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from temporalio.exceptions import ApplicationError
@@ -76,7 +75,7 @@ async def test_typed_text_reaches_a_window_and_the_screen_changes(planes: PlaneH
 
     code, out = await box.sh(XEV)
     assert code == 0, out
-    log = Path(box.session.path) / "tmp" / "xev.log"
+    log = box.session.tmp_path / "xev.log"
     text = f"Hello, sandbox {secrets.token_hex(3)}!"
 
     async def window_up() -> bool:

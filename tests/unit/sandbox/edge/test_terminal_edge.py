@@ -1,4 +1,4 @@
-"""The terminal edge against a fake ttyd on a unix socket: what reaches upstream, and what never does."""
+"""The terminal edge against fake ttyds on unix sockets: what reaches upstream, where, and what never does."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ ROOT = b"unit-root"
 LEASE = "lease/ws/g"
 
 
-def _token(port: int = TERMINAL_TOKEN_PORT) -> str:
+def _token(port: int = TERMINAL_TOKEN_PORT, *, mode: str = "view", epoch: int = 1) -> str:
     key = StreamTokenKey(derive_lease_key(ROOT, LEASE, 1))
     ids = {name: str(uuid.uuid4()) for name in ("workspace_id", "session_id", "viewer_id")}
-    return key.mint_for({**ids, "lease_epoch": 1, "port": port})
+    return key.mint_for({**ids, "lease_epoch": epoch, "mode": mode, "port": port})
 
 
 class FakeTtyd:
@@ -40,23 +41,44 @@ class FakeTtyd:
         writer.close()
 
 
+@dataclass
+class Edge:
+    port: int
+    control: FakeTtyd
+    view: FakeTtyd
+    run: Path
+
+
 @pytest.fixture
-async def edge(tmp_path: Path) -> AsyncIterator[tuple[int, FakeTtyd]]:
+async def both(tmp_path: Path) -> AsyncIterator[Edge]:
+    """An edge of epoch 1 in front of a control ttyd and a view ttyd (both fakes)."""
     key_file = tmp_path / "key"
     key_file.write_text(derive_lease_key(ROOT, LEASE, 1).hex())
-    sock_path = tmp_path / "ttyd.sock"
-    fake = FakeTtyd()
-    upstream = await asyncio.start_unix_server(fake.handle, path=str(sock_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    control, view = FakeTtyd(), FakeTtyd()
+    servers = [
+        await asyncio.start_unix_server(control.handle, path=str(run / "ttyd.sock")),
+        await asyncio.start_unix_server(view.handle, path=str(run / "ttyd-view.sock")),
+    ]
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    terminal = TerminalEdge(EdgeGate(EdgeKey(key_file), TERMINAL_TOKEN_PORT), sock_path)
+    gate = EdgeGate(EdgeKey(key_file), TERMINAL_TOKEN_PORT, epoch=1)
+    terminal = TerminalEdge(gate, run / "ttyd.sock", run / "ttyd-view.sock")
     task = asyncio.create_task(terminal.serve(listener))
     try:
-        yield listener.getsockname()[1], fake
+        yield Edge(listener.getsockname()[1], control, view, run)
     finally:
         task.cancel()
-        upstream.close()
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture
+def edge(both: Edge) -> tuple[int, FakeTtyd]:
+    """The edge's port and the fake that control tokens reach."""
+    return both.port, both.control
 
 
 async def _request(port: int, protocols: str | None, *, path: str = "/", extra: bytes = b"") -> bytes:
@@ -74,7 +96,7 @@ async def _request(port: int, protocols: str | None, *, path: str = "/", extra: 
 
 async def test_an_admitted_request_reaches_ttyd_without_its_token(edge: tuple[int, FakeTtyd]) -> None:
     port, fake = edge
-    token = _token()
+    token = _token(mode="control")
     answer = await _request(port, f"tty, {token}", path="/anything?x=1", extra=b"hello")
     assert answer.startswith(b"HTTP/1.1 101")
     await asyncio.sleep(0.05)
@@ -86,21 +108,54 @@ async def test_an_admitted_request_reaches_ttyd_without_its_token(edge: tuple[in
 
 @pytest.mark.parametrize(
     "protocols",
-    [None, "tty", "tty, ogs_bad.sig", "tty, {desktop_token}"],
-    ids=["none", "no-token", "bad", "desktop"],
+    [None, "tty", "tty, ogs_bad.sig", "tty, {desktop_token}", "tty, {epoch2_token}"],
+    ids=["none", "no-token", "bad", "desktop", "other-epoch"],
 )
-async def test_refused_requests_get_403_and_never_reach_ttyd(edge: tuple[int, FakeTtyd], protocols: str | None) -> None:
-    port, fake = edge
+async def test_refused_requests_get_403_and_never_reach_ttyd(both: Edge, protocols: str | None) -> None:
     if protocols is not None:  # minted now, not at collection, so a long suite cannot expire it
-        protocols = protocols.format(desktop_token=_token(port=6080))
-    answer = await _request(port, protocols, extra=b"0ls\r")
+        protocols = protocols.format(
+            desktop_token=_token(port=6080, mode="control"), epoch2_token=_token(mode="control", epoch=2)
+        )
+    answer = await _request(both.port, protocols, extra=b"0ls\r")
     assert answer.startswith(b"HTTP/1.1 403 ")
-    assert fake.heads == []
+    assert both.control.heads == [] and both.view.heads == []
+
+
+@pytest.mark.parametrize("mode", ["view", "control"])
+async def test_the_token_mode_picks_the_ttyd(both: Edge, mode: str) -> None:
+    answer = await _request(both.port, f"tty, {_token(mode=mode)}")
+    assert answer.startswith(b"HTTP/1.1 101")
+    await asyncio.sleep(0.05)
+    reached, spared = (both.view, both.control) if mode == "view" else (both.control, both.view)
+    assert len(reached.heads) == 1 and spared.heads == []
+
+
+async def test_a_symlink_planted_for_a_socket_is_not_followed(both: Edge, tmp_path: Path) -> None:
+    # The box owns the socket directory: it replaces the view socket with a link to the control one.
+    (both.run / "ttyd-view.sock").unlink()
+    (both.run / "ttyd-view.sock").symlink_to(both.run / "ttyd.sock")
+    answer = await _request(both.port, f"tty, {_token(mode='view')}")
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    # ...or the whole directory with a link to another directory holding a socket.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (both.run / "ttyd.sock").rename(elsewhere / "ttyd.sock")
+    moved = both.run.rename(tmp_path / "moved")
+    both.run.symlink_to(elsewhere)
+    answer = await _request(both.port, f"tty, {_token(mode='control')}")
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    await asyncio.sleep(0.05)
+    assert both.control.heads == [] and both.view.heads == []
+    # Positive control: the real directory back in place, control tokens get through again.
+    both.run.unlink()
+    moved.rename(both.run)
+    (elsewhere / "ttyd.sock").rename(both.run / "ttyd.sock")
+    assert (await _request(both.port, f"tty, {_token(mode='control')}")).startswith(b"HTTP/1.1 101")
 
 
 async def test_a_valid_token_without_the_tty_subprotocol_is_a_bad_request(edge: tuple[int, FakeTtyd]) -> None:
     port, fake = edge
-    answer = await _request(port, f"binary, {_token()}")
+    answer = await _request(port, f"binary, {_token(mode='control')}")
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert fake.heads == []
 
