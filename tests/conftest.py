@@ -130,6 +130,16 @@ def box_visible_bin(scripts: dict[str, str]) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def give_to_box_user(path: Path, owner: tuple[int, int] | None = None) -> None:
+    """Give a tree a test wrote on the host to the box user, as the provider's own writes are."""
+    from providers.local import DEFAULT_BOX_HOST_UID
+
+    uid, gid = owner or (DEFAULT_BOX_HOST_UID, DEFAULT_BOX_HOST_UID)
+    for directory, dirs, files in os.walk(path):
+        for name in (".", *dirs, *files):
+            os.lchown(os.path.join(directory, name), uid, gid)
+
+
 def remove_box_directory(path: Path) -> None:
     """What an operator's ``rm -rf`` of a local box does (its disk detached first): the box is lost."""
     subprocess.run(["umount", "-l", str(path / "data")], capture_output=True, check=False)

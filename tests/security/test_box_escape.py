@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from providers.base import BoxSpec, Envelope, ExecResult
+from providers.egress_proxy import _someone_listens
 from providers.local import LocalBoxSession, LocalProvider
 from sandbox.box_limits import BoxLimits
 
@@ -459,3 +460,26 @@ def test_missing_isolation_refuses_with_what_to_install(tmp_path: Path, monkeypa
             LocalProvider(tmp_path / tool).validate_credentials()
     monkeypatch.setattr(shutil, "which", real_which)
     assert LocalProvider(tmp_path / "ok").isolation == "bubblewrap", "positive control"
+
+
+async def test_a_restarted_worker_serves_the_egress_of_boxes_it_adopts(
+    make_provider: ProviderFactory, outside: Outside
+) -> None:
+    allow = f"{outside.address}:{outside.port}"
+    first = await make_provider(egress_allow=allow)
+    box = await new_box(first)
+    url = f"http://{outside.address}:{outside.port}/hello.txt"
+    assert (await sh(box, f"curl -sS {url}")).stdout == b"hello from outside\n"
+    # The worker dies: its proxy goes with it; the box (its holder) lives on.
+    assert first._gateway is not None
+    first._gateway.close()
+    first._gateway = None
+    socket_path = box.path / "run" / "egress.sock"
+    assert not _someone_listens(socket_path), "positive control: nobody serves the egress now"
+    second = LocalProvider(first.root, egress_allow=allow)
+    adopted = await second.resume(box.serialize_state())
+    try:
+        again = await sh(adopted, f"curl -sS {url}")
+        assert again.stdout == b"hello from outside\n", again.stderr
+    finally:
+        await second.aclose()

@@ -21,7 +21,7 @@ import typer
 from typer.testing import CliRunner
 
 from cli import main as cli_main
-from tests.conftest import FAST_TIMERS
+from tests.conftest import FAST_TIMERS, give_to_box_user
 from tests.integration.channel_a.conftest import git
 
 
@@ -101,6 +101,7 @@ async def test_fs_git_and_pty_commands_attach_as_direct_and_release(runtime: Any
         repo.mkdir()
         git(repo, "init", "-q")
         (repo / "a.txt").write_text("a\n")
+        give_to_box_user(repo)
 
         code, out, err = await sandboxctl("fs", "ls", ws, group, "--depth", "2", "--json")
         assert code == 0, err

@@ -111,7 +111,7 @@ def box_files(box: Box) -> list[Path]:
 
 
 X_ENV = (  # a shell prefix that points X clients at the box's desktop
-    'EDGE=/tmp/.sandbox-edge; read -r n <"$EDGE/desktop/display"; '
+    'EDGE=${TMPDIR:-/tmp}/.sandbox-edge; read -r n <"$EDGE/desktop/display"; '
     'export DISPLAY=":$n" XAUTHORITY="$EDGE/desktop/xauth"; '
 )
 
@@ -228,9 +228,9 @@ class PlaneHarness:
 
 
 @contextlib.asynccontextmanager
-async def plane_harness(data_dir: Path) -> AsyncIterator[PlaneHarness]:
+async def plane_harness(data_dir: Path, **settings_fields: Any) -> AsyncIterator[PlaneHarness]:
     """A harness whose boxes and processes are gone when the block ends."""
-    settings = Settings(data_dir=data_dir, stream_token_secret=ROOT_SECRET)
+    settings = Settings(data_dir=data_dir, stream_token_secret=ROOT_SECRET, **settings_fields)
     registry = ProviderRegistry(settings)
     harness = PlaneHarness(settings, registry)
     try:

@@ -1,9 +1,9 @@
 """The in-box edge, as remote backends' boxes run it: key on stdin, ``--epoch``, view and control servers.
 
 Remote boxes (Docker, the clouds) run the edge inside the box through the same scripts. A local
-box that still sees the host's file system and network can run them the same way, which is how
-this is tested without a cloud; a box in its own network namespace without the runtime's code
-(the local provider's isolated boxes) cannot, and the test is skipped there.
+box of ``SANDBOX_LOCAL_ISOLATION=none`` sees the host's file system and network, so it runs them
+the same way: that is how this is tested without a cloud (an isolated local box cannot run the
+runtime's code, and its edge runs on the host instead: see test_modes.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sandbox.inbox_scripts import (
     parse_terminal_up,
 )
 from sandbox.stream_token import derive_lease_key
-from tests.integration.planes.harness import X_ENV, Box, PlaneHarness, Rfb, pointer_at
+from tests.integration.planes.harness import X_ENV, Box, PlaneHarness, Rfb, plane_harness, pointer_at
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,10 +53,17 @@ async def _up(planes: PlaneHarness, box: Box, script: ScriptName, epoch: int, **
 
 
 @pytest.fixture(scope="module")
+async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PlaneHarness]:
+    """Boxes that share the host's file system and network, as a remote backend's box has its own."""
+    # A short directory name: in these boxes the X and VNC unix sockets have host paths (108 bytes at most).
+    async with plane_harness(tmp_path_factory.mktemp("ib"), local_isolation="none") as harness:
+        yield harness
+
+
+@pytest.fixture(scope="module")
 async def inbox(planes: PlaneHarness) -> AsyncIterator[InBox]:
     box = await planes.box()
-    if box.layout.scripts.directory == BOX_TOOLS_BIN:
-        pytest.skip("isolated local boxes cannot run an edge of their own (it runs on the host)")
+    assert box.layout.scripts.directory != BOX_TOOLS_BIN
     desktop = parse_desktop_up(await _up(planes, box, "desktop-up", box.epoch, STREAM_PORT="0", DESKTOP_W="800"))
     terminal = parse_terminal_up(await _up(planes, box, "terminal-up", box.epoch, TERMINAL_PORT="0"))
     assert desktop is not None and desktop.port > 0 and terminal is not None and terminal.port > 0

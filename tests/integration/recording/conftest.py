@@ -73,7 +73,7 @@ def ffprobe(path: Path) -> dict[str, Any]:
 
 def box_tmp(runtime: Any, instance_id: str) -> Path:
     """The host directory that is /tmp inside a local box."""
-    path: Path = runtime.settings.boxes_dir() / instance_id / "tmp"
+    path: Path = runtime.settings.boxes_dir() / instance_id / "data" / "tmp"
     return path
 
 

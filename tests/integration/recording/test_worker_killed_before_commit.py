@@ -103,7 +103,7 @@ async def test_worker_killed_between_upload_and_commit_ends_available_once(
 
         store = FilesystemArtifactStore(artifact_root(settings))
         key = f"recordings/ws-rec-restart/g1/{rid}.mp4"
-        box_file = settings.boxes_dir() / grant.instance_id / "tmp" / f"og-rec-{rid}.mp4"
+        box_file = settings.boxes_dir() / grant.instance_id / "data" / "tmp" / f"og-rec-{rid}.mp4"
         assert store.path_of(key).is_file(), "the upload completed before the commit"
         assert box_file.is_file(), "the box file is still there while the row is not committed"
         first.kill()
