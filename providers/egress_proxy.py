@@ -109,6 +109,8 @@ class EgressProxy:
         self._is_local = is_local
         self._connect_timeout = connect_timeout
         self._logged: set[tuple[str, str, int]] = set()
+        self.labels: dict[str, str] = {}
+        """Names listeners were started under -> the box's name now (see ``EgressGateway.rekey``)."""
         self.refusals: list[tuple[str, str, int, str]] = []
         """Every refusal as ``(box, host, port, reason)``: what tests and ``describe`` read."""
 
@@ -234,6 +236,7 @@ class EgressProxy:
         return seen
 
     def _refuse(self, box: str, host: str, port: int, reason: str) -> None:
+        box = self.labels.get(box, box)
         self.refusals.append((box, host, port, reason))
         key = (box, host, port)
         if key not in self._logged:
@@ -388,6 +391,16 @@ class EgressGateway:
             self._servers[box] = (path, await self.proxy.serve(path, box=box, owner=owner))
 
         self._run(start())
+
+    def rekey(self, old: str, new: str, path: Path) -> None:
+        """The box served as ``old`` is now ``new`` at ``path`` (a box made ahead was handed out and moved).
+
+        The listening socket moved with its directory, so it keeps serving; refusals get the new name.
+        """
+        entry = self._servers.pop(old, None)
+        if entry is not None:
+            self._servers[new] = (path, entry[1])
+        self.proxy.labels[old] = new
 
     def close_box(self, box: str) -> None:
         """Stop serving the box (its socket file goes with its directory)."""

@@ -141,6 +141,8 @@ _BASE_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 _BOX_PATH: Final = f"{_BASE_PATH}:{TOOLS_BIN}"
 _BASE_ENV: Final[Mapping[str, str]] = {"PATH": _BASE_PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
 _INSTANCE_ID_RE: Final = re.compile(r"^box-[0-9a-f]{16}$")
+_SPARE_CGROUP_RE: Final = re.compile(r"^spare-[0-9a-f]{16}$")
+_SPARE_TOKEN_RE: Final = re.compile(r"^[0-9a-f]{16}$")
 _ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _WORKSPACE_PREFIX_RE: Final = re.compile("^/+" + re.escape(WORKSPACE_ROOT.strip("/")) + "(?=/|$)")
 _MAX_KEY_LEN: Final = 1024
@@ -566,6 +568,7 @@ class _Holder:
     pidns_fd: int
     netns_fd: int
     process: asyncio.subprocess.Process | None  # set when this provider started it
+    cgroup: str = ""  # the name of the box's cgroup (its instance id, or the spare's it was made as)
 
     @property
     def fds(self) -> tuple[int, ...]:
@@ -584,7 +587,9 @@ class _Holder:
                 os.close(fd)
 
 
-def _open_holder(init_pid: int, init_start: int, process: asyncio.subprocess.Process | None) -> _Holder | None:
+def _open_holder(
+    init_pid: int, init_start: int, process: asyncio.subprocess.Process | None, cgroup: str = ""
+) -> _Holder | None:
     proc = _read_proc(init_pid)
     if proc is None or proc.zombie or proc.start != init_start:
         return None
@@ -599,7 +604,7 @@ def _open_holder(init_pid: int, init_start: int, process: asyncio.subprocess.Pro
         for fd in opened:
             os.close(fd)
         return None
-    holder = _Holder(init_pid, init_start, opened[0], opened[3], opened[1], opened[2], process)
+    holder = _Holder(init_pid, init_start, opened[0], opened[3], opened[1], opened[2], process, cgroup)
     if not holder.alive():  # the pid was reused between the reads
         holder.close()
         return None
@@ -656,6 +661,8 @@ class LocalProvider:
             ``/workspace``: the fakes of cloud services whose workspace root is elsewhere
             (``/home/user``, ``/vercel/sandbox``) run their boxes with it.
         bubblewrap: Legacy: ``never`` means ``isolation="none"``.
+        warm_boxes: How many boxes to keep made ahead (disk mounted, namespaces and cgroup up, egress
+            served), so that a ``create`` only names one (``SANDBOX_LOCAL_WARM_BOXES``; the worker's).
         is_local_address: For tests of the proxy only; see :class:`providers.egress_proxy.EgressProxy`.
     """
 
@@ -672,6 +679,7 @@ class LocalProvider:
         workspace_aliases: Sequence[str] = (),
         bubblewrap: BubblewrapMode | None = None,
         is_local_address: Callable[[Any], bool] | None = None,
+        warm_boxes: int = 0,
     ) -> None:
         if bubblewrap is not None:
             if bubblewrap not in ("auto", "always", "never"):
@@ -706,6 +714,12 @@ class LocalProvider:
         self._gateway: EgressGateway | None = None
         self._holders: dict[str, _Holder] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        if warm_boxes < 0:
+            raise SandboxConfigError(f"SANDBOX_LOCAL_WARM_BOXES must be >= 0, not {warm_boxes}")
+        self._warm = warm_boxes
+        self._spares: set[str] = set()  # tokens of the spares this provider made and has not handed out
+        self._refill_task: asyncio.Task[None] | None = None
+        self._closed = False
 
     # -- protocol surface ---------------------------------------------------------------------
 
@@ -811,9 +825,18 @@ class LocalProvider:
                 spec.lease_id,
             )
         instance_id = instance_id_for_key(idempotency_key)
-        record = await asyncio.to_thread(self._create_box, spec, idempotency_key, instance_id)
+        record, spare = await asyncio.to_thread(self._create_box, spec, idempotency_key, instance_id)
         box = self._root / instance_id
+        if spare is not None:
+            # The box was made ahead: its holder and egress listener are now this box's.
+            self._spares.discard(spare)
+            holder = self._holders.pop(spare, None)
+            if holder is not None:
+                self._holders[instance_id] = holder
+            if self._gateway is not None:
+                self._gateway.rekey(spare, instance_id, box / "run" / "egress.sock")
         await asyncio.to_thread(self._ensure_data, box, record)
+        self._refill()
         return LocalBoxSession(self, box, record)
 
     async def resume(self, envelope: Envelope) -> LocalBoxSession:
@@ -853,9 +876,9 @@ class LocalProvider:
         self._locks.pop(instance_id, None)
 
     def _remove_trashed(self, trash: Path) -> None:
+        cgroup = self._cgroup_of(trash)
         BoxDisk(trash).unmount()
         _force_rmtree(trash)
-        cgroup = self._cgroup(trash.name.split(".")[0])
         if cgroup is not None:
             cgroup.remove()
 
@@ -865,6 +888,8 @@ class LocalProvider:
 
     async def aclose(self) -> None:
         """Stop every holder this provider started (their boxes' processes die with them) and the proxy."""
+        self._closed = True
+        await self._discard_spares()
         if self._gateway is not None:
             await asyncio.to_thread(self._gateway.close)
             self._gateway = None
@@ -1061,10 +1086,20 @@ class LocalProvider:
             )
         return "bubblewrap"
 
-    def _cgroup(self, instance_id: str) -> BoxCgroup | None:
-        if self._cgroups is None or not self._cgroups.controllers or not _INSTANCE_ID_RE.fullmatch(instance_id):
+    def _cgroup(self, name: str) -> BoxCgroup | None:
+        """The cgroup called ``name`` (a box's instance id, or ``spare-<token>`` for a box made ahead)."""
+        if self._cgroups is None or not self._cgroups.controllers:
             return None
-        return BoxCgroup(self._cgroups, instance_id)
+        if not (_INSTANCE_ID_RE.fullmatch(name) or _SPARE_CGROUP_RE.fullmatch(name)):
+            return None
+        return BoxCgroup(self._cgroups, name)
+
+    def _cgroup_of(self, box: Path) -> BoxCgroup | None:
+        """The cgroup of the box in directory ``box`` (as its holder.json names it)."""
+        name = box.name.split(".")[0]
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            name = str(json.loads((box / "holder.json").read_bytes()).get("cgroup") or name)
+        return self._cgroup(name)
 
     def _serve_egress(self, box: Path) -> None:
         """Make this process serve the box's egress socket (after a worker restart too)."""
@@ -1266,13 +1301,15 @@ class LocalProvider:
     def _adopt_recorded_holder(self, box: Path) -> _Holder | None:
         try:
             info = json.loads((box / "holder.json").read_bytes())
-            return _open_holder(int(info["init_pid"]), int(info["init_start"]), None)
+            cgroup = str(info.get("cgroup") or box.name)
+            return _open_holder(int(info["init_pid"]), int(info["init_start"]), None, cgroup)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    async def _start_holder(self, box: Path, data: Path) -> _Holder:
+    async def _start_holder(self, box: Path, data: Path, *, cgroup_name: str | None = None) -> _Holder:
         assert self._view is not None
-        cgroup = self._cgroup(box.name)
+        cgroup_name = cgroup_name or box.name
+        cgroup = self._cgroup(cgroup_name)
         if cgroup is not None:
             try:
                 await asyncio.to_thread(cgroup.create, self._limits)
@@ -1321,7 +1358,7 @@ class LocalProvider:
                     await asyncio.sleep(0.001)
                 proc = _read_proc(init_pid)
                 if proc is not None and _holder_ready(init_pid):
-                    holder = _open_holder(init_pid, proc.start, process)
+                    holder = _open_holder(init_pid, proc.start, process, cgroup_name)
         finally:
             os.close(block_w)
             if holder is None:  # failed or cancelled: leave nothing behind
@@ -1334,11 +1371,16 @@ class LocalProvider:
             raise ProviderUnavailable(
                 f"bubblewrap could not start the namespace holder of {box.name}; see {box / 'holder.log'}"
             )
-        record = {"init_pid": holder.init_pid, "init_start": holder.init_start, "bwrap_pid": process.pid}
+        record = {
+            "init_pid": holder.init_pid,
+            "init_start": holder.init_start,
+            "bwrap_pid": process.pid,
+            "cgroup": cgroup_name,
+        }
         _atomic_write(box / "holder.json", json.dumps(record).encode())
         return holder
 
-    async def _enter(self, instance_id: str, process: asyncio.subprocess.Process, info_r: int, block_w: int) -> bool:
+    async def _enter(self, holder: _Holder, process: asyncio.subprocess.Process, info_r: int, block_w: int) -> bool:
         """Let a spawned exec bubblewrap run its command once it is inside the box's cgroup.
 
         Closes both descriptors. False when bubblewrap exited before it got that far.
@@ -1350,16 +1392,14 @@ class LocalProvider:
                 os.close(info_r)
             if info is None:
                 return False
-            cgroup = self._cgroup(instance_id)
+            cgroup = self._cgroup(holder.cgroup)
             if cgroup is not None:
                 try:
                     cgroup.add([int(info["child-pid"])])
                 except (OSError, ValueError, KeyError, TypeError) as err:
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
-                    raise ProviderUnavailable(
-                        f"cannot place a command in the cgroup of box {instance_id}: {err}"
-                    ) from err
+                    raise ProviderUnavailable(f"cannot place a command in the cgroup {holder.cgroup}: {err}") from err
             os.write(block_w, b"x")
             return True
         finally:
@@ -1372,15 +1412,18 @@ class LocalProvider:
 
     # -- boxes on disk --------------------------------------------------------------------------
 
-    def _create_box(self, spec: BoxSpec, key: str, instance_id: str) -> _BoxRecord:
+    def _create_box(self, spec: BoxSpec, key: str, instance_id: str) -> tuple[_BoxRecord, str | None]:
+        """Make (or adopt) the box; also says which spare it was made from, if any."""
         final = self._root / instance_id
         existing = self._adopt(final, key)
         if existing is not None:
-            return existing
+            return existing, None
         staging_root = self._root / ".staging"
         staging_root.mkdir(exist_ok=True)
         _remove_stale(staging_root)
-        staging = staging_root / f"{instance_id}.{secrets.token_hex(6)}"
+        claimed = self._claim_spare(staging_root)
+        spare = None if claimed is None else claimed.name.removeprefix("spare-")
+        staging = claimed or staging_root / f"{instance_id}.{secrets.token_hex(6)}"
         record = _BoxRecord(
             instance_id=instance_id,
             idempotency_key=key,
@@ -1393,17 +1436,8 @@ class LocalProvider:
             environment=dict(spec.environment),
         )
         try:
-            staging.mkdir(mode=0o700)
-            if self._isolation == "bubblewrap":
-                os.chmod(staging, 0o711)  # the box uid passes through to data/ and run/, reads nothing
-            if self._disk_quota:
-                assert self._limits.disk_max is not None
-                # The file system is made here; it is mounted (and filled) once the box is in place.
-                BoxDisk(staging).make(self._limits.disk_max, self.box_owner or (0, 0))
-            else:
-                (staging / "data").mkdir(mode=0o755)
-            (staging / "run").mkdir(mode=0o755)
-            (staging / "private").mkdir(mode=0o700)
+            if claimed is None:
+                self._build_box_dir(staging)
             _atomic_write(staging / "box.json", record.model_dump_json(indent=2).encode(), durable=True)
             _fsync_dir(staging)
             try:
@@ -1414,7 +1448,7 @@ class LocalProvider:
                 # A concurrent create with the same key won the rename: adopt its box.
                 adopted = self._adopt(final, key)
                 if adopted is not None:
-                    return adopted
+                    return adopted, None
                 # A directory without box.json is debris (boxes appear by rename, complete): clear it.
                 debris = self._move_to_trash(final)
                 if debris is not None:
@@ -1425,8 +1459,134 @@ class LocalProvider:
             raise ProviderUnavailable(f"cannot create box {instance_id} under {self._root}: {err}") from err
         finally:
             if staging.exists():
-                _force_rmtree(staging)
-        return record
+                if claimed is not None:
+                    self._destroy_spare_dir(staging)
+                else:
+                    _force_rmtree(staging)
+        return record, spare
+
+    def _build_box_dir(self, staging: Path) -> None:
+        """The directory of a new box, without its record: disk made (not mounted), run/, private/."""
+        staging.mkdir(mode=0o700)
+        if self._isolation == "bubblewrap":
+            os.chmod(staging, 0o711)  # the box uid passes through to data/ and run/, reads nothing
+        if self._disk_quota:
+            assert self._limits.disk_max is not None
+            # The file system is made here; it is mounted (and filled) once the box is in place.
+            BoxDisk(staging).make(self._limits.disk_max, self.box_owner or (0, 0))
+        else:
+            (staging / "data").mkdir(mode=0o755)
+        (staging / "run").mkdir(mode=0o755)
+        (staging / "private").mkdir(mode=0o700)
+
+    # -- boxes made ahead -----------------------------------------------------------------------
+
+    def _claim_spare(self, staging_root: Path) -> Path | None:
+        """Take a ready spare (of any process sharing this root) by renaming it into staging."""
+        if not self._warm or self._isolation != "bubblewrap":
+            return None
+        spares = self._root / ".spares"
+        try:
+            names = sorted(os.listdir(spares))
+        except FileNotFoundError:
+            return None
+        for name in names:
+            if not _SPARE_TOKEN_RE.fullmatch(name) or not os.path.exists(spares / name / ".ready"):
+                continue
+            claimed = staging_root / f"spare-{name}"
+            try:
+                os.rename(spares / name, claimed)
+            except OSError:
+                continue  # another create took it first
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(claimed / ".ready")
+            return claimed
+        return None
+
+    def _refill(self) -> None:
+        """Start making spares in the background until ``warm_boxes`` are ready (never blocks a create)."""
+        if not self._warm or self._closed or self._isolation != "bubblewrap":
+            return
+        if self._refill_task is not None and not self._refill_task.done():
+            return
+        self._refill_task = asyncio.get_running_loop().create_task(self._keep_spares())
+
+    async def _keep_spares(self) -> None:
+        while not self._closed and len(self._spares) < self._warm:
+            try:
+                await self._make_spare()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a spare is an optimisation: a failure only means the next create is slower
+                _log.warning("could not make a local box ahead of time", exc_info=True)
+                return
+
+    async def _make_spare(self) -> None:
+        """One box made ahead: its disk mounted and filled, its holder (namespaces, cgroup) up, egress served."""
+        token = secrets.token_hex(8)
+        spares = self._root / ".spares"
+        spare = spares / token
+        await asyncio.to_thread(self._prepare_spare_dir, spares, spare)
+        holder: _Holder | None = None
+        try:
+            await asyncio.to_thread(self._serve_egress, spare)
+            holder = await self._start_holder(spare, spare / "data", cgroup_name=f"spare-{token}")
+            self._holders[token] = holder
+            self._spares.add(token)
+            (spare / ".ready").touch()
+        except BaseException:
+            self._spares.discard(token)
+            if holder is not None:
+                self._forget_holder(token, holder)
+            await asyncio.to_thread(self._destroy_spare_dir, spare)
+            raise
+
+    def _prepare_spare_dir(self, spares: Path, spare: Path) -> None:
+        spares.mkdir(exist_ok=True)
+        os.chmod(spares, 0o711)
+        self._build_box_dir(spare)
+        if self._disk_quota:
+            BoxDisk(spare).ensure_mounted()
+        self._fill_data(spare)
+
+    def _destroy_spare_dir(self, spare: Path) -> None:
+        """Kill a spare's holder, detach its disk, remove its cgroup and directory; best effort."""
+        cgroup = self._cgroup_of(spare)
+        _kill_holder_file(spare / "holder.json")
+        if cgroup is not None:
+            for _ in range(50):
+                pids = cgroup.pids()
+                if not pids:
+                    break
+                _kill(pids)
+                time.sleep(0.005)
+        BoxDisk(spare).unmount()
+        _force_rmtree(spare)
+        if cgroup is not None:
+            cgroup.remove()
+
+    async def _discard_spares(self) -> None:
+        """Remove the spares this provider made and nobody took."""
+        if self._refill_task is not None:
+            self._refill_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refill_task
+        for token in list(self._spares):
+            self._spares.discard(token)
+            spare = self._root / ".spares" / token
+            holder = self._holders.pop(token, None)
+            if holder is not None:
+                _kill({holder.init_pid})
+                if holder.process is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        holder.process.kill()
+                    await holder.process.wait()
+                holder.close()
+            if self._gateway is not None:
+                await asyncio.to_thread(self._gateway.close_box, token)
+            # A concurrent create may have claimed it: then it is not in .spares any more.
+            if os.path.lexists(spare):
+                await asyncio.to_thread(self._destroy_spare_dir, spare)
 
     def _ensure_data(self, box: Path, record: _BoxRecord) -> None:
         """Make the box's disk usable: mounted (its image, after a reboot or a crash mid-create) and filled.
@@ -1448,6 +1608,11 @@ class LocalProvider:
                 raise ProviderUnavailable(f"cannot mount the disk of box {box.name}: {err}") from err
             finally:
                 os.close(lock_fd)
+        self._fill_data(box)
+
+    def _fill_data(self, box: Path) -> None:
+        """The directories of a box on its (mounted) disk, owned by the box user, and run/ and private/."""
+        data = box / "data"
         owner = self.box_owner
         if owner is not None:
             st = os.stat(data)
@@ -1536,7 +1701,12 @@ class LocalProvider:
             _kill_holder_file(box / "holder.json")
             sessions = _read_sessions(box / "sessions")
         marker = f"{BOX_MARKER_VAR}={instance_id}".encode()
-        cgroup = self._cgroup(instance_id)
+        if holder is not None:
+            cgroup = self._cgroup(holder.cgroup or instance_id)
+        elif box is not None:
+            cgroup = self._cgroup_of(box)
+        else:
+            cgroup = None
         for _ in range(50):
             procs = list(_processes())
             live_sids = _our_sessions(sessions, procs)
@@ -1877,7 +2047,10 @@ class LocalBoxSession:
         box_wd, host_wd = self._workdir(workdir)
 
         if await self._provider._isolation_async() == "bubblewrap":
-            cgroup = self._provider._cgroup(self.instance_id)
+            holder = self._provider._holders.get(self.instance_id)
+            cgroup = (
+                self._provider._cgroup(holder.cgroup) if holder is not None else self._provider._cgroup_of(self._box)
+            )
             ooms = cgroup.oom_kills() if cgroup is not None else 0
             done = await self._exec_bwrap(argv, box_wd, call_env, stdin, timeout)
             if cgroup is not None and done.returncode in (_OOM_EXIT, -signal.SIGKILL) and cgroup.oom_kills() > ooms:
@@ -1988,7 +2161,7 @@ class LocalBoxSession:
             finally:
                 os.close(info_w)
                 os.close(block_r)
-            if await provider._enter(self.instance_id, process, info_r, block_w):
+            if await provider._enter(holder, process, info_r, block_w):
                 return process
             # bwrap exited (or hung) before starting the command; its message went to the terminal.
             # A dead holder is the usual cause: retry once with a new one, as exec does.
@@ -2050,11 +2223,15 @@ class LocalBoxSession:
                     block_r, block_w = os.pipe2(os.O_CLOEXEC)
 
                     async def on_spawn(
-                        _pid: int, process: asyncio.subprocess.Process, info_r: int = info_r, block_w: int = block_w
+                        _pid: int,
+                        process: asyncio.subprocess.Process,
+                        info_r: int = info_r,
+                        block_w: int = block_w,
+                        holder: _Holder = holder,
                     ) -> None:
                         nonlocal started, entered
                         entered = True  # _enter closes info_r and block_w, whatever happens
-                        started = await provider._enter(self.instance_id, process, info_r, block_w)
+                        started = await provider._enter(holder, process, info_r, block_w)
 
                     done = await _run(
                         [*provider._exec_prefix(holder, sources, box_wd, info_w, block_r), *argv],
@@ -2279,4 +2456,5 @@ def build_provider(settings: Settings) -> LocalProvider:
         runtime_endpoints=settings.runtime_endpoint_urls(),
         limits=settings.local_limits(),
         box_uid=settings.local_box_uid,
+        warm_boxes=settings.local_warm_boxes,
     )

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     local_cpu_max: float = Field(default=2.0, ge=0, description="CPUs per box, e.g. 0.5 (0: no limit).")
     local_disk_max: str = Field(default="10G", description="Workspace+home+/tmp per box, e.g. 10G (0: no limit).")
     local_box_uid: int = Field(default=61000, ge=1, description="Host uid (and gid) box users map to.")
+    local_warm_boxes: int = Field(default=1, ge=0, description="Boxes a worker keeps made ahead (0: none).")
 
     # Lease timers (seconds)
     holder_ttl_seconds: float = 90.0

@@ -146,7 +146,7 @@ def remove_box_directory(path: Path) -> None:
     shutil.rmtree(path)
 
 
-_BOX_DISK_MOUNT = re.compile(r"/box-[0-9a-f]{16}(?:\.[0-9a-f]+)?/data$")
+_BOX_DISK_MOUNT = re.compile(r"/(?:box-[0-9a-f]{16}(?:\.[0-9a-f]+)?|[0-9a-f]{16}|spare-[0-9a-f]{16})/data$")
 
 
 def unmount_box_disks(under: tuple[str, ...]) -> None:

@@ -18,7 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from providers.base import BoxSpec, Envelope
-from providers.local import BOX_MARKER_VAR, LocalBoxSession, LocalProvider, instance_id_for_key
+from providers.local import (
+    BOX_MARKER_VAR,
+    DEFAULT_BOX_HOST_UID,
+    LocalBoxSession,
+    LocalProvider,
+    instance_id_for_key,
+)
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -766,3 +772,50 @@ def test_a_reused_session_id_is_never_killed_as_ours() -> None:
         _Proc(pid=301, ppid=300, sid=300, start=9001, zombie=False),
     ]
     assert _our_sessions(recorded, procs) == {100, 200}
+
+
+# --- boxes made ahead ------------------------------------------------------------------------
+
+
+async def _ready_spares(root: Path, timeout: float = 10.0) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = [p for p in (root / ".spares").glob("*") if (p / ".ready").exists()]
+        if ready:
+            return ready
+        await asyncio.sleep(0.02)
+    return []
+
+
+@needs_bwrap
+async def test_a_box_made_ahead_is_handed_out_whole_and_isolated(tmp_path: Path) -> None:
+    provider = LocalProvider(tmp_path / "boxes", warm_boxes=1)
+    try:
+        first = await provider.create(spec(), key())  # no spare yet: made on the spot, then one ahead
+        (spare,) = await _ready_spares(provider.root)
+        spare_holder = json.loads((spare / "holder.json").read_text())
+        second = await provider.create(spec(), key())
+        assert not spare.exists(), "the spare was taken"
+        holder = json.loads((second.path / "holder.json").read_text())
+        assert holder["init_pid"] == spare_holder["init_pid"], "its namespaces were made ahead"
+        result = await second.exec(["sh", "-c", "id -u; echo hi > f; cat f; cat /proc/self/cgroup | grep pids"])
+        assert result.stdout.decode().splitlines()[:2] == ["1000", "hi"]
+        cgroup = result.stdout.decode().splitlines()[2].rsplit("/", 1)[1]
+        assert cgroup == holder["cgroup"] and (Path("/sys/fs/cgroup/pids/sandbox") / cgroup / "pids.max").exists()
+        assert (second.workspace_path / "f").stat().st_uid == DEFAULT_BOX_HOST_UID
+        assert (await first.exec(["cat", "f"])).exit_code != 0, "boxes made ahead are not shared"
+        # Its egress answers for this box now (an empty allowlist: a refusal that names the box).
+        refused = await second.exec(["curl", "-sS", "-w", "%{http_code}", "http://192.0.2.1/"], timeout=20)
+        assert refused.stdout.endswith(b"403")
+        assert provider.egress_proxy is not None and provider.egress_proxy.refusals[-1][0] == second.instance_id
+        await provider.terminate(second.serialize_state())
+        assert not (Path("/sys/fs/cgroup/pids/sandbox") / cgroup).exists()
+        await _ready_spares(provider.root)
+    finally:
+        for owned in await provider.list_owned():
+            await provider.terminate(Envelope(backend_id="unix_local", instance_id=owned.instance_id))
+        await provider.aclose()
+    # aclose leaves no spare behind: no directory, no mount, no cgroup.
+    assert not list((provider.root / ".spares").glob("*"))
+    assert str(provider.root) not in Path("/proc/self/mountinfo").read_text()
+    assert not list(Path("/sys/fs/cgroup/pids/sandbox").glob("spare-*"))
