@@ -1420,7 +1420,7 @@ class LocalProvider:
             return existing, None
         staging_root = self._root / ".staging"
         staging_root.mkdir(exist_ok=True)
-        _remove_stale(staging_root)
+        self._remove_stale_staging(staging_root)
         claimed = self._claim_spare(staging_root)
         spare = None if claimed is None else claimed.name.removeprefix("spare-")
         staging = claimed or staging_root / f"{instance_id}.{secrets.token_hex(6)}"
@@ -1465,6 +1465,20 @@ class LocalProvider:
                     _force_rmtree(staging)
         return record, spare
 
+    def _remove_stale_staging(self, staging_root: Path) -> None:
+        """Remove what crashed creates left in staging (a claimed spare has a disk and a holder to end)."""
+        cutoff = time.time() - _STALE_TEMP_SECONDS
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(staging_root):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                        continue
+                    if entry.name.startswith("spare-"):
+                        self._destroy_spare_dir(Path(entry.path))
+                    else:
+                        BoxDisk(Path(entry.path)).unmount()
+                        _force_rmtree(Path(entry.path))
+
     def _build_box_dir(self, staging: Path) -> None:
         """The directory of a new box, without its record: disk made (not mounted), run/, private/."""
         staging.mkdir(mode=0o700)
@@ -1495,6 +1509,8 @@ class LocalProvider:
                 continue
             claimed = staging_root / f"spare-{name}"
             try:
+                # Fresh before it appears in staging, where entries older than a few minutes are debris.
+                os.utime(spares / name)
                 os.rename(spares / name, claimed)
             except OSError:
                 continue  # another create took it first
@@ -1566,14 +1582,26 @@ class LocalProvider:
             cgroup.remove()
 
     async def _discard_spares(self) -> None:
-        """Remove the spares this provider made and nobody took."""
+        """Remove the spares this provider made and nobody took.
+
+        A spare being made is finished first (its disk is mounted by a thread a cancellation would
+        not stop), then removed. A spare another process claimed meanwhile is that process's box:
+        it is taken back by a rename first, so a claimed one is never touched.
+        """
         if self._refill_task is not None:
-            self._refill_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._refill_task
+            with contextlib.suppress(Exception):
+                await self._refill_task  # _closed is set: it ends after the spare in hand
         for token in list(self._spares):
             self._spares.discard(token)
             spare = self._root / ".spares" / token
+            doomed = self._root / ".spares" / f".discard-{token}"
+            try:
+                os.rename(spare, doomed)
+            except OSError:
+                holder = self._holders.pop(token, None)
+                if holder is not None:
+                    holder.close()  # claimed by another process: its box now, alive
+                continue
             holder = self._holders.pop(token, None)
             if holder is not None:
                 _kill({holder.init_pid})
@@ -1584,9 +1612,7 @@ class LocalProvider:
                 holder.close()
             if self._gateway is not None:
                 await asyncio.to_thread(self._gateway.close_box, token)
-            # A concurrent create may have claimed it: then it is not in .spares any more.
-            if os.path.lexists(spare):
-                await asyncio.to_thread(self._destroy_spare_dir, spare)
+            await asyncio.to_thread(self._destroy_spare_dir, doomed)
 
     def _ensure_data(self, box: Path, record: _BoxRecord) -> None:
         """Make the box's disk usable: mounted (its image, after a reboot or a crash mid-create) and filled.

@@ -146,6 +146,7 @@ def remove_box_directory(path: Path) -> None:
     shutil.rmtree(path)
 
 
+_BOX_CGROUP = re.compile(r"(?:box|spare)-[0-9a-f]{16}")
 _BOX_DISK_MOUNT = re.compile(r"/(?:box-[0-9a-f]{16}(?:\.[0-9a-f]+)?|[0-9a-f]{16}|spare-[0-9a-f]{16})/data$")
 
 
@@ -170,6 +171,11 @@ def _boxes_can_live_in_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Ite
                 directory.chmod(0o711)
     yield
     unmount_box_disks((str(base.parent) + "/", "/dev/shm/", "/var/tmp/sandbox-", "/tmp/sandbox-"))
+    # The cgroups of boxes tests left behind: rmdir refuses any that still has a process.
+    for group in Path("/sys/fs/cgroup").glob("**/sandbox/*"):
+        if _BOX_CGROUP.fullmatch(group.name):
+            with contextlib.suppress(OSError):
+                group.rmdir()
 
 
 @pytest.fixture(scope="session")

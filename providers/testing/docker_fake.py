@@ -824,7 +824,8 @@ class FakeDockerEngine:
         if done.exit_code == _NOT_DIR_EXIT:
             return _error(400, "extraction point is not a directory")
         if done.exit_code != 0:
-            return _error(500, f"Error processing tar file: {done.stderr.decode(errors='replace').strip()}")
+            detail = done.stderr.decode(errors="replace").strip() or f"tar exited {done.exit_code}"
+            return _error(500, f"Error processing tar file: {detail}")
         return _Reply(200, b"", content_type="text/plain")
 
     # -- images and volumes ---------------------------------------------------------------------

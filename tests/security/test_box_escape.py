@@ -295,6 +295,7 @@ async def test_the_box_sees_none_of_the_host(make_provider: ProviderFactory) -> 
     assert (await sh(other, "cat private.txt")).stdout == b"other box's secret", "positive control: other box"
     hidden = [
         provider.root,  # every box, the data dir's boxes
+        provider.root.parent,  # the data dir (the store, the stream-token secret)
         other.workspace_path / "private.txt",
         REPO / "pyproject.toml",  # the runtime's checkout
         Path(sys.prefix) / "bin" / "python",  # its virtualenv
@@ -373,6 +374,38 @@ def _cmdline(pid: str) -> bytes:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     return b""
+
+
+async def test_a_box_cannot_reach_another_boxs_edge(make_provider: ProviderFactory, tmp_path: Path) -> None:
+    """A real edge of another box, as the planes start it on the host (127.0.0.1, any port)."""
+    provider = await make_provider()
+    attacker, victim = await new_box(provider), await new_box(provider)
+    key = victim.private_path / "key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    key.chmod(0o600)
+    port_file = victim.private_path / "terminal.port"
+    edge = subprocess.Popen(
+        [sys.executable, "-P", "-s", "-m", "sandbox.edge", "terminal", "--port", "0", "--any-port",
+         "--port-file", str(port_file), "--unix-target", str(victim.tmp_path / "ttyd.sock"),
+         "--view-target", str(victim.tmp_path / "ttyd-view.sock"),
+         "--key-file", str(key), "--epoch", "1"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while not (port_file.exists() and port_file.read_text().strip()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        port = int(port_file.read_text())
+        assert host_connects("127.0.0.1", port), "positive control: the host reaches the edge"
+        for address in ("127.0.0.1", *host_addresses()):
+            assert (await sh(attacker, tcp_probe(address, port))).exit_code != 0, address
+        assert (await sh(victim, tcp_probe("127.0.0.1", port))).exit_code != 0, "nor its own box: host-side"
+    finally:
+        edge.kill()
+        edge.wait()
 
 
 async def test_a_box_cannot_reach_a_host_loopback_listener(box: LocalBoxSession) -> None:

@@ -810,7 +810,9 @@ async def test_a_box_made_ahead_is_handed_out_whole_and_isolated(tmp_path: Path)
         assert provider.egress_proxy is not None and provider.egress_proxy.refusals[-1][0] == second.instance_id
         await provider.terminate(second.serialize_state())
         assert not (Path("/sys/fs/cgroup/pids/sandbox") / cgroup).exists()
-        await _ready_spares(provider.root)
+        (last,) = await _ready_spares(provider.root)
+        last_cgroup = json.loads((last / "holder.json").read_text())["cgroup"]
+        assert (Path("/sys/fs/cgroup/pids/sandbox") / last_cgroup).exists()
     finally:
         for owned in await provider.list_owned():
             await provider.terminate(Envelope(backend_id="unix_local", instance_id=owned.instance_id))
@@ -818,4 +820,4 @@ async def test_a_box_made_ahead_is_handed_out_whole_and_isolated(tmp_path: Path)
     # aclose leaves no spare behind: no directory, no mount, no cgroup.
     assert not list((provider.root / ".spares").glob("*"))
     assert str(provider.root) not in Path("/proc/self/mountinfo").read_text()
-    assert not list(Path("/sys/fs/cgroup/pids/sandbox").glob("spare-*"))
+    assert not (Path("/sys/fs/cgroup/pids/sandbox") / last_cgroup).exists()
