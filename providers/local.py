@@ -611,6 +611,16 @@ def _open_holder(
     return holder
 
 
+async def _stop_holder(holder: _Holder) -> None:
+    """Kill a holder this process knows (its box's processes die with its PID namespace) and reap it."""
+    _kill({holder.init_pid})
+    if holder.process is not None:
+        with contextlib.suppress(ProcessLookupError):
+            holder.process.kill()
+        await holder.process.wait()
+    holder.close()
+
+
 def _holder_ready(init_pid: int) -> bool:
     """Whether a holder finished its setup and may be joined.
 
@@ -894,13 +904,7 @@ class LocalProvider:
             await asyncio.to_thread(self._gateway.close)
             self._gateway = None
         for instance_id in list(self._holders):
-            holder = self._holders.pop(instance_id)
-            _kill({holder.init_pid})
-            if holder.process is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    holder.process.kill()
-                await holder.process.wait()
-            holder.close()
+            await _stop_holder(self._holders.pop(instance_id))
 
     # -- workspace snapshots --------------------------------------------------------------------
 
@@ -1604,12 +1608,7 @@ class LocalProvider:
                 continue
             holder = self._holders.pop(token, None)
             if holder is not None:
-                _kill({holder.init_pid})
-                if holder.process is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        holder.process.kill()
-                    await holder.process.wait()
-                holder.close()
+                await _stop_holder(holder)
             if self._gateway is not None:
                 await asyncio.to_thread(self._gateway.close_box, token)
             await asyncio.to_thread(self._destroy_spare_dir, doomed)
