@@ -127,6 +127,7 @@ BACKEND_ID: Final = "unix_local"
 WORKSPACE_ROOT: Final = "/workspace"
 BOX_MARKER_VAR: Final = "SANDBOX_BOX_ID"
 """Environment variable carried by every process of a box; ``terminate`` kills by it."""
+_EXEC_MARKER_VAR: Final = "SANDBOX_EXEC_ID"  # one per exec: a cancelled or timed-out exec is killed by it
 DEFAULT_BOX_HOST_UID: Final = 61000
 """The host uid box users are mapped to when the worker runs as root (``SANDBOX_LOCAL_BOX_UID``)."""
 
@@ -233,11 +234,13 @@ def _kill(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _kill_exec_tree(leader: int) -> None:
+def _kill_exec_tree(leader: int, marker: bytes | None = None) -> None:
     """SIGKILL an exec's process tree: its descendants and every member of their sessions.
 
-    Sessions catch background children that were re-parented away from the tree; the scan repeats
-    until nothing is left so that a process forking while we kill it does not survive.
+    Sessions catch background children that were re-parented away from the tree; ``marker``
+    (``NAME=value`` in the environment of every process of this exec) catches a bubblewrap child
+    orphaned into the box's PID namespace before it ran the command. The scan repeats until
+    nothing is left so that a process forking while we kill it does not survive.
     """
     for _ in range(20):
         procs = list(_processes())
@@ -253,6 +256,8 @@ def _kill_exec_tree(leader: int) -> None:
                 todo.extend(children.get(pid, ()))
         sids = {p.sid for p in procs if p.pid in tree} | {leader}
         victims = {p.pid for p in procs if p.pid in tree or p.sid in sids}
+        if marker is not None:
+            victims |= {p.pid for p in procs if p.pid not in victims and _has_marker(p.pid, marker)}
         if not victims:
             return
         _kill(victims)
@@ -494,6 +499,7 @@ async def _run(
     pass_fds: Sequence[int] = (),
     on_spawn: Callable[[int, asyncio.subprocess.Process], Awaitable[None]] | None = None,
     close_after_spawn: Sequence[int] = (),
+    marker: bytes | None = None,
 ) -> _Completed:
     """Run ``argv`` in a new session, collecting output; kill its tree on timeout or cancellation.
 
@@ -533,7 +539,7 @@ async def _run(
             try:
                 await on_spawn(proc.pid, proc)
             except BaseException:
-                _kill_exec_tree(proc.pid)
+                _kill_exec_tree(proc.pid, marker)
                 await proc.wait()
                 raise
         timed_out = False
@@ -541,10 +547,10 @@ async def _run(
             await asyncio.wait_for(proc.wait(), timeout)
         except TimeoutError:
             timed_out = True
-            await asyncio.to_thread(_kill_exec_tree, proc.pid)
+            await asyncio.to_thread(_kill_exec_tree, proc.pid, marker)
             await proc.wait()
         except BaseException:
-            _kill_exec_tree(proc.pid)
+            _kill_exec_tree(proc.pid, marker)
             raise
         await asyncio.wait([out.eof, err.eof], timeout=_PIPE_GRACE_SECONDS)
     finally:
@@ -2235,7 +2241,9 @@ class LocalBoxSession:
     async def _exec_bwrap(
         self, argv: list[str], box_wd: str, call_env: Mapping[str, str], stdin: bytes | None, timeout: float | None
     ) -> _Completed:
-        env = self._box_env(call_env)
+        exec_id = secrets.token_hex(8)
+        env = {**self._box_env(call_env), _EXEC_MARKER_VAR: exec_id}
+        marker = f"{_EXEC_MARKER_VAR}={exec_id}".encode()
         provider = self._provider
         assert provider._view is not None
         for attempt in (1, 2):
@@ -2267,6 +2275,7 @@ class LocalBoxSession:
                         pass_fds=(*holder.fds, info_w, block_r, *sources.pass_fds),
                         on_spawn=on_spawn,
                         close_after_spawn=(info_w, block_r),
+                        marker=marker,
                     )
             except FileNotFoundError:
                 self._check_alive()  # a box directory vanished: the box was terminated
