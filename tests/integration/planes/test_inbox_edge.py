@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import websockets
@@ -27,6 +30,7 @@ from sandbox.inbox_scripts import (
     parse_terminal_up,
 )
 from sandbox.stream_token import derive_lease_key
+from tests.conftest import unmount_box_disks
 from tests.integration.planes.harness import X_ENV, Box, PlaneHarness, Rfb, plane_harness, pointer_at
 
 pytestmark = pytest.mark.timeout(90)
@@ -53,11 +57,18 @@ async def _up(planes: PlaneHarness, box: Box, script: ScriptName, epoch: int, **
 
 
 @pytest.fixture(scope="module")
-async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PlaneHarness]:
+async def planes() -> AsyncIterator[PlaneHarness]:
     """Boxes that share the host's file system and network, as a remote backend's box has its own."""
-    # A short directory name: in these boxes the X and VNC unix sockets have host paths (108 bytes at most).
-    async with plane_harness(tmp_path_factory.mktemp("ib"), local_isolation="none") as harness:
-        yield harness
+    # A short directory: in these boxes the X, VNC and ttyd unix sockets have host paths (108 bytes at
+    # most), and pytest's own directories grow with the run number.
+    base = Path(tempfile.mkdtemp(prefix="sandbox-ib-", dir="/tmp"))
+    base.chmod(0o711)
+    try:
+        async with plane_harness(base, local_isolation="none") as harness:
+            yield harness
+    finally:
+        unmount_box_disks((str(base) + "/",))
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
