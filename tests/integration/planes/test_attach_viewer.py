@@ -13,6 +13,7 @@ from websockets.exceptions import InvalidStatus
 
 from sandbox.errors import InvalidRequest
 from tests.conftest import Runtime
+from tests.integration.test_lease_workflow import record_history
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -58,8 +59,10 @@ async def test_attach_viewer_in_control_mode_mints_a_control_token(runtime: Runt
             assert ws.subprotocol == "tty"
         with pytest.raises(InvalidRequest):
             await leases.attach_viewer("ws-planes", group, plane="terminal", mode="admin")  # type: ignore[arg-type]
+        await leases.attach_viewer("ws-planes", group, plane="desktop", viewer_id=cell.viewer_id)  # view
     finally:
         await leases.release("ws-planes", group, "turn-1")
+    await record_history(runtime, "ws-planes", group, "attach_viewer_modes")
 
 
 def _claims(token: str) -> dict[str, object]:
