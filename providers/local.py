@@ -1576,20 +1576,9 @@ class LocalProvider:
         self._fill_data(spare)
 
     def _destroy_spare_dir(self, spare: Path) -> None:
-        """Kill a spare's holder, detach its disk, remove its cgroup and directory; best effort."""
-        cgroup = self._cgroup_of(spare)
-        _kill_holder_file(spare / "holder.json")
-        if cgroup is not None:
-            for _ in range(50):
-                pids = cgroup.pids()
-                if not pids:
-                    break
-                _kill(pids)
-                time.sleep(0.005)
-        BoxDisk(spare).unmount()
-        _force_rmtree(spare)
-        if cgroup is not None:
-            cgroup.remove()
+        """End a spare as ``terminate`` ends a box: its processes (by its cgroup), disk, directory, cgroup."""
+        self._kill_box_processes(spare.name, spare, None)
+        self._remove_trashed(spare)
 
     async def _discard_spares(self) -> None:
         """Remove the spares this provider made and nobody took.

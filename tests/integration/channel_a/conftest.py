@@ -27,6 +27,7 @@ from providers.local import LocalBoxSession, LocalProvider
 from providers.selfhosted import NatsControlRpc
 from sandbox.channel_a import ChannelA, MemoryEventSink
 from sandbox.errors import SandboxConfigError
+from tests.conftest import give_to_box_user
 from tests.integration.selfhosted.conftest import Agent, new_id, running_agent, session_for
 
 ProviderKind = Literal["bubblewrap", "process", "selfhosted"]
@@ -75,12 +76,9 @@ class TestBox:
     def hand_over(self) -> None:
         """Give what the test wrote on the host to the box user (as the provider's own writes are)."""
         owner = self.session.owner if isinstance(self.session, LocalBoxSession) else None
-        if owner is None:
-            return
-        for top in (self.workspace, self.outside):
-            for directory, dirs, files in os.walk(top):
-                for name in (".", *dirs, *files):
-                    os.lchown(os.path.join(directory, name), *owner)
+        if owner is not None:
+            for top in (self.workspace, self.outside):
+                give_to_box_user(top, owner)
 
     @property
     def local(self) -> LocalBoxSession:
