@@ -145,6 +145,7 @@ class SessionEventActivities:
         retry_after: float = 10.0,
     ) -> None:
         self._url = settings.nats_url
+        self._settings = settings
         self._connect = connect or self._dial
         self._connect_timeout = connect_timeout
         self._retry_after = retry_after
@@ -159,9 +160,14 @@ class SessionEventActivities:
     async def _dial(self) -> Any:
         import nats
 
+        from sandbox.nats_auth import NatsAuth
+
+        # Read per dial: a missing credential is a failed connect (logged), never a failed lease.
+        auth = NatsAuth.for_role(self._settings, "runtime")
         return await nats.connect(
             self._url,
             name="sandbox-runtime events",
+            **auth.connect_options(),
             allow_reconnect=True,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,

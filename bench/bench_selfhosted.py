@@ -55,26 +55,30 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from bench.stack import process_cpu_seconds  # noqa: E402
 from providers.selfhosted import NatsControlRpc, SelfhostedSession, probe_agent  # noqa: E402
 from sandbox.agent.spawn import start_command  # noqa: E402
+from sandbox.control_auth import ControlSigningKey  # noqa: E402
 from sandbox.control_protocol import ControlRequest, ExecOp, encode_message  # noqa: E402
+from sandbox.nats_auth import AgentNatsUser, NatsAuth, NatsAuthority  # noqa: E402
 
 WORKSPACE = "bench"
 AGENT = "bench-agent"
-BARE_SUBJECT = "bench.bare.echo"
+BARE_AGENT = "bench-bare"
+# The baseline answers on an agent subject of its own: the server admits nothing else (auth is on).
+BARE_SUBJECT = f"agent.{WORKSPACE}.{BARE_AGENT}.rpc"
 TARGET_EXEC_P50_MS = 3.0
 TARGET_RATIO = 3.0
 TARGET_OPS_PER_SECOND = 1000.0
 
 # The bare responder: answers with a fixed body the size of an exec reply, nothing decoded.
 _RESPONDER = """
-import asyncio, sys
+import asyncio, os, sys
 import nats
 
 async def main():
-    nc = await nats.connect(sys.argv[1])
+    nc = await nats.connect(sys.argv[1], nkeys_seed_str=os.environ["BENCH_NATS_SEED"])
     body = b"x" * int(sys.argv[3])
     async def answer(msg):
         await msg.respond(body)
-    await nc.subscribe(sys.argv[2], cb=answer)
+    await nc.subscribe(sys.argv[2], queue=sys.argv[2], cb=answer)
     await nc.flush()
     print("ready", flush=True)
     await asyncio.Event().wait()
@@ -124,6 +128,8 @@ class Processes:
     nats: subprocess.Popen[bytes]
     daemon: subprocess.Popen[bytes]
     responder: subprocess.Popen[bytes]
+    signing_key: ControlSigningKey
+    auth: NatsAuth
 
 
 @contextlib.contextmanager
@@ -138,8 +144,21 @@ def processes(tmp: Path, max_concurrent_ops: int, reply_bytes: int) -> Iterator[
         return proc
 
     try:
+        # Auth on, as deployed: the generated config, an enrolled agent, signed requests and replies.
+        authority = NatsAuthority(tmp / "ids")
+        authority.ensure_roles()
+        signing_key = ControlSigningKey.load(tmp / "ids" / "secrets" / "control-signing.key")
+        credential = signing_key.issue_credential(WORKSPACE, AGENT)
+        bare = signing_key.issue_credential(WORKSPACE, BARE_AGENT)
+        authority.write(
+            [
+                AgentNatsUser(WORKSPACE, AGENT, credential.nats_public_key),
+                AgentNatsUser(WORKSPACE, BARE_AGENT, bare.nats_public_key),
+            ]
+        )
+        credential.write(tmp / "agent.credential")
         port = _free_port()
-        nats = spawn([_nats_server(), "-a", "127.0.0.1", "-p", str(port)], "nats.log")
+        nats = spawn([_nats_server(), "-c", str(authority.config_path), "-a", "127.0.0.1", "-p", str(port)], "nats.log")
         _wait_port(port, nats)
         url = f"nats://127.0.0.1:{port}"
         root = tmp / "root"
@@ -152,6 +171,8 @@ def processes(tmp: Path, max_concurrent_ops: int, reply_bytes: int) -> Iterator[
                 "cli.main",
                 "agent",
                 "run",
+                "--credential",
+                str(tmp / "agent.credential"),
                 "--workspace",
                 WORKSPACE,
                 "--agent-id",
@@ -169,8 +190,14 @@ def processes(tmp: Path, max_concurrent_ops: int, reply_bytes: int) -> Iterator[
             cwd=REPO,
             env=env,
         )
-        responder = spawn([sys.executable, "-c", _RESPONDER, url, BARE_SUBJECT, str(reply_bytes)], "bare.log")
-        yield Processes(url, nats, daemon, responder)
+        responder = spawn(
+            [sys.executable, "-c", _RESPONDER, url, BARE_SUBJECT, str(reply_bytes)],
+            "bare.log",
+            env={**env, "BENCH_NATS_SEED": bare.nats_seed.get_secret_value()},
+        )
+        yield Processes(
+            url, nats, daemon, responder, signing_key, NatsAuth.from_file(authority.role_seed_path("runtime"))
+        )
     finally:
         for proc in started:
             with contextlib.suppress(ProcessLookupError):
@@ -344,11 +371,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="bench-selfhosted-") as tmp,
         processes(Path(tmp), args.concurrency + 8, args.reply_bytes) as procs,
     ):
-        rpc = NatsControlRpc(procs.nats_url)
+        rpc = NatsControlRpc(procs.nats_url, signing_key=procs.signing_key, auth=procs.auth)
         session = SelfhostedSession(rpc, workspace_id=WORKSPACE, agent_id=AGENT, epoch=1)
         import nats
 
-        bare_nc = await nats.connect(procs.nats_url)
+        bare_nc = await nats.connect(procs.nats_url, **procs.auth.connect_options())
         try:
             await _wait_for_agent(rpc, procs.daemon)
             await _bare_ready(bare_nc, procs.responder)

@@ -26,6 +26,7 @@ from cli.lease import EXIT_REFUSED, EXIT_UNREACHABLE, DataDir, Json
 from cli.output import emit, fail, progress
 from cli.stack import resolve_settings
 from sandbox.errors import SandboxError
+from sandbox.nats_auth import NatsAuth
 from sandbox.settings import Settings
 
 T = TypeVar("T")
@@ -81,7 +82,12 @@ def _with_channel(
             session = await provider.resume(Envelope(**grant.envelope.model_dump()))
             root = grant.envelope.state.get("workspace_root")
             sink = NatsEventSink(
-                settings.nats_url, workspace_id=workspace, session_id=group, connect_timeout=1.0, retry_after=3600.0
+                settings.nats_url,
+                workspace_id=workspace,
+                session_id=group,
+                connect_timeout=1.0,
+                retry_after=3600.0,
+                auth=NatsAuth.best_effort(settings, "runtime"),
             )
             stack.push_async_callback(sink.aclose)
             channel = ChannelA(

@@ -10,6 +10,7 @@ other commands (``--data-dir``, ``SANDBOX_DATA_DIR`` or ``./.sandbox``) and take
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,8 +71,18 @@ def _with_store(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
 
 @agent_app.command("run")
 def agent_run(
-    workspace: str = typer.Option(..., "--workspace", help="Workspace this machine serves."),
-    agent_id: str = typer.Option(..., "--agent-id", help="This machine's agent id (as enrolled)."),
+    credential_file: Path = typer.Option(
+        ...,
+        "--credential",
+        envvar="SANDBOX_AGENT_CREDENTIAL",
+        help="The credential `sandboxctl machine enroll` made for this machine (keep it 0600).",
+    ),
+    workspace: str | None = typer.Option(
+        None, "--workspace", help="Workspace this machine serves (default: the credential's)."
+    ),
+    agent_id: str | None = typer.Option(
+        None, "--agent-id", help="This machine's agent id (default: the credential's)."
+    ),
     root: Path = typer.Option(Path("."), "--root", help="Directory the agent serves; nothing outside it is reachable."),
     nats: str | None = typer.Option(None, "--nats", help="NATS URL (default $SANDBOX_NATS_URL or the running stack)."),
     allow_screen_control: bool = typer.Option(
@@ -85,16 +96,30 @@ def agent_run(
     """Serve this machine to the runtime until SIGTERM (which drains: running ops finish, new ones wait)."""
     from sandbox.agent import AgentConfig, AgentDaemon
     from sandbox.agent.daemon import default_state_dir, use_pidfd_child_watcher
+    from sandbox.control_auth import AgentCredential
+    from sandbox.nats_auth import NatsAuth
 
-    url = nats or _settings(data_dir).nats_url
+    settings = _settings(data_dir)
+    try:
+        credential = AgentCredential.read(credential_file)
+    except SandboxError as err:
+        fail(err.message)
+    workspace = workspace or credential.workspace_id
+    agent_id = agent_id or credential.agent_id
+    url = nats or credential.nats_url or settings.nats_url
     if not root.is_dir():
         fail(f"--root {root} is not a directory")
+    if settings.nats_auth == "off":
+        note("SANDBOX_NATS_AUTH=off: connecting without a NATS identity (requests are still verified)")
+    nats_auth = NatsAuth.for_agent(settings, credential)
     try:
         daemon = AgentDaemon(
             AgentConfig(
                 workspace_id=workspace,
                 agent_id=agent_id,
                 root=root,
+                credential=credential,
+                nats_auth=nats_auth,
                 nats_url=url,
                 allow_screen_control=allow_screen_control,
                 state_dir=state_dir or default_state_dir(),
@@ -141,36 +166,74 @@ def machine_enroll(
     exposure: str = typer.Option("workspace", "--exposure", help="workspace (its root) or whole-machine."),
     allow_screen_control: bool = typer.Option(False, "--allow-screen-control", help="Owner consents to desktop input."),
     display: bool = typer.Option(False, "--display/--no-display", help="The machine has a display."),
+    credential_out: Path | None = typer.Option(
+        None,
+        "--credential-out",
+        help="Write the machine's credential to this file (mode 0600) instead of printing it.",
+    ),
     data_dir: Path | None = DataDir,
     json_out: bool = Json,
 ) -> None:
-    """Enroll a machine in a workspace (re-enrolling updates it and lifts a revocation)."""
+    """Enroll a machine in a workspace and issue its credential, shown once (re-enrolling replaces it).
+
+    The credential holds the machine's NATS identity and reply-signing key and the runtime's
+    public key; the runtime keeps only the public halves. Re-enrolling lifts a revocation and
+    issues a new credential (the old one stops working).
+    """
+    from cli.stack import sync_nats_users
+    from sandbox.control_auth import ControlSigningKey
+    from sandbox.control_protocol import validate_agent_token
     from store.machines import EnrollmentRepository, Exposure
 
     settings = _settings(data_dir)
+    try:
+        validate_agent_token(workspace, "workspace id")
+        validate_agent_token(agent_id, "agent id")
+        signing_key = ControlSigningKey.load(settings.control_key_path())
+    except SandboxError as err:
+        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
+    credential = signing_key.issue_credential(workspace, agent_id, nats_url=settings.nats_url)
 
     if exposure not in ("workspace", "whole-machine"):
         fail(f"--exposure must be workspace or whole-machine, not {exposure!r}")
     exposure_kind: Exposure = "whole-machine" if exposure == "whole-machine" else "workspace"
 
     async def action(db: Any) -> Any:
-        return await EnrollmentRepository(db).enroll(
+        record = await EnrollmentRepository(db).enroll(
             workspace,
             agent_id,
             exposure=exposure_kind,
             allow_screen_control=allow_screen_control,
             has_display=display,
+            nats_public_key=credential.nats_public_key,
+            reply_key_id=credential.reply_key_id,
         )
+        await sync_nats_users(settings, db)
+        return record
 
+    if credential_out is not None:
+        try:
+            credential.write(credential_out)
+        except OSError as err:
+            fail(f"cannot write the credential to {credential_out}: {err.strerror}", EXIT_REFUSED)
     record = _with_store(settings, action)
+    secret_text = None if credential_out is not None else credential.to_file_bytes().decode()
     if json_out:
-        emit(_enrollment_json(record), True)
+        out = _enrollment_json(record)
+        out["credential_file"] = str(credential_out) if credential_out is not None else None
+        if secret_text is not None:
+            out["credential"] = json.loads(secret_text)
+        emit(out, True)
     else:
         emit(f"enrolled {workspace}/{agent_id} ({record.exposure})", False)
-        emit(
-            f"next, on that machine: sandboxctl agent run --workspace {workspace} --agent-id {agent_id} --root DIR",
-            False,
-        )
+        if secret_text is not None:
+            note("the machine's credential follows; it is shown once: save it as a 0600 file on that machine")
+            emit(secret_text.rstrip("\n"), False)
+            where = "FILE"
+        else:
+            note(f"credential written to {credential_out} (mode 0600); move it to the machine")
+            where = str(credential_out)
+        note(f"next, on that machine: sandboxctl agent run --credential {where} --root DIR")
 
 
 @machine_app.command("list")
@@ -190,7 +253,7 @@ def machine_list(
     async def action(db: Any) -> list[dict[str, Any]]:
         repo = EnrollmentRepository(db)
         records = await repo.list(workspace)
-        rpc = NatsControlRpc(settings.nats_url)
+        rpc = NatsControlRpc.for_settings(settings)
         try:
 
             async def one(record: Any) -> dict[str, Any]:
@@ -232,10 +295,19 @@ def machine_revoke(
     json_out: bool = Json,
 ) -> None:
     """Revoke a machine: it reads as offline and no session is routed to it any more."""
+    from cli.stack import sync_nats_users
     from store.machines import EnrollmentRepository
 
     settings = _settings(data_dir)
-    revoked = _with_store(settings, lambda db: EnrollmentRepository(db).revoke(workspace, agent_id))
+
+    async def action(db: Any) -> bool:
+        revoked = await EnrollmentRepository(db).revoke(workspace, agent_id)
+        if revoked:
+            # The server drops the machine's NATS identity now: its connection closes, NATS keeps running.
+            await sync_nats_users(settings, db)
+        return revoked
+
+    revoked = _with_store(settings, action)
     if not revoked:
         fail(f"{workspace}/{agent_id} is not enrolled", EXIT_REFUSED)
     emit(

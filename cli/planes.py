@@ -40,6 +40,7 @@ from typing import Any, Literal
 import typer
 
 from cli.output import emit, fail, note
+from sandbox.nats_auth import NatsAuth
 
 Plane = Literal["desktop", "terminal"]
 
@@ -501,6 +502,7 @@ class SessionEventFeed:
         report: Called with a short line when NATS cannot be reached.
         retry_after: Seconds between connect attempts.
         connect_timeout: Seconds one connect attempt may take.
+        auth: The read-only event identity (``NatsAuth.for_role(settings, "events")``).
     """
 
     def __init__(
@@ -512,8 +514,10 @@ class SessionEventFeed:
         report: Callable[[str], None] = lambda _line: None,
         retry_after: float = 10.0,
         connect_timeout: float = 3.0,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self._auth = auth or NatsAuth()
         self.subject = subject
         self._on_rotated = on_rotated
         self._report = report
@@ -553,6 +557,7 @@ class SessionEventFeed:
                         connect_timeout=max(1, int(self._connect_timeout)),
                         error_cb=quiet,
                         disconnected_cb=quiet,
+                        **self._auth.connect_options(),
                     ),
                     self._connect_timeout,
                 )
@@ -643,7 +648,11 @@ def _open_command(plane: Plane) -> Callable[..., None]:
             current = await session.start()
             page = ViewerPage(plane, session.snapshot, assets, port=port).start()
             feed = SessionEventFeed(
-                settings.nats_url, session_events_subject(workspace, group), session.notice_rotation, report=note
+                settings.nats_url,
+                session_events_subject(workspace, group),
+                session.notice_rotation,
+                report=note,
+                auth=NatsAuth.best_effort(settings, "events"),
             ).start()
             emit(page.url, False)
             what = "controlling" if current.mode == "control" else "viewing"

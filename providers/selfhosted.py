@@ -40,6 +40,7 @@ from urllib.parse import quote, urlsplit
 
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.descriptors import DESKTOP_STREAM_PORT, NEVER_SENT_DETAIL_KEY, get_descriptor
+from sandbox.control_auth import REQUEST_VALIDITY_SECONDS, ControlSigningKey, ReplyVerifier
 from sandbox.control_protocol import (
     NATS_DEFAULT_MAX_PAYLOAD,
     ControlErrorCode,
@@ -83,12 +84,14 @@ from sandbox.control_protocol import (
 from sandbox.errors import (
     AgentOffline,
     ChannelAUnsupported,
+    ControlUnauthenticated,
     ExecTimeout,
     InvalidRequest,
     PathNotFound,
     SelfhostedControlError,
     Unsupported,
 )
+from sandbox.nats_auth import NatsAuth
 from sandbox.nats_dial import dial_within
 
 if TYPE_CHECKING:
@@ -164,7 +167,13 @@ class _NatsConnection(Protocol):
     @property
     def max_payload(self) -> int: ...
 
-    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5) -> Any: ...
+    def new_inbox(self) -> str: ...
+
+    async def subscribe(self, subject: str, *, cb: Callable[[Any], Awaitable[None]]) -> Any: ...
+
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, str] | None = None
+    ) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -174,8 +183,27 @@ async def _quiet(_err: Exception) -> None:
     return None
 
 
+_NO_RESPONDERS: Final = "503"
+_HEADER_ALLOWANCE: Final = 512
+"""Bytes a request's signature headers take from the message limit (key id and signature: ~150)."""
+
+
+class _ReplyBox:
+    """The replies that arrived for one request, until one verifies."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.rejected: ControlUnauthenticated | None = None
+
+
 class NatsControlRpc:
     """A :class:`ControlRpc` over NATS request/reply, connected lazily and shared by concurrent callers.
+
+    Every request is signed with the deployment's :class:`~sandbox.control_auth.ControlSigningKey`
+    and carries an expiry; a reply counts only if the agent the subject names signed it over this
+    exact request (:class:`~sandbox.control_auth.ReplyVerifier`). Replies that do not verify are
+    dropped and the wait goes on, so an impostor that answers first cannot displace the real
+    agent's answer; if nothing genuine arrives, the outcome is ``UNAUTHENTICATED``.
 
     Outcomes (upstream §8.2): no connection, no responders, or a publish refused while the link
     reconnects → ``AGENT_OFFLINE`` marked never-sent; a request over the server's max payload →
@@ -189,12 +217,17 @@ class NatsControlRpc:
         self,
         servers: str | Sequence[str] = "nats://127.0.0.1:4222",
         *,
+        signing_key: ControlSigningKey,
+        auth: NatsAuth | None = None,
         connect: Callable[[], Awaitable[_NatsConnection | None]] | None = None,
         name: str = "sandbox-runtime",
         connect_timeout: float = 2.0,
         reconnect_wait: float = 0.25,
     ) -> None:
         self._servers = [servers] if isinstance(servers, str) else list(servers)
+        self._key = signing_key
+        self._verifier = ReplyVerifier(signing_key.public)
+        self._auth = auth or NatsAuth()
         self._connect = connect or self._dial
         self._name = name
         self._connect_timeout = connect_timeout
@@ -203,6 +236,22 @@ class NatsControlRpc:
         self._lock = asyncio.Lock()
         self._waiting: set[asyncio.Future[Any]] = set()
         self._cut_off: set[asyncio.Future[Any]] = set()
+        self._inbox_prefix = ""
+        self._boxes: dict[str, _ReplyBox] = {}
+
+    @classmethod
+    def for_settings(cls, settings: Settings, **kwargs: Any) -> NatsControlRpc:
+        """The runtime's control RPC: ``SANDBOX_NATS_URL``, its NATS credential and the deployment key.
+
+        Raises:
+            SandboxConfigError: no NATS credential (while auth is on) or an unreadable signing key.
+        """
+        return cls(
+            settings.nats_url,
+            signing_key=ControlSigningKey.load(settings.control_key_path()),
+            auth=NatsAuth.for_role(settings, "runtime"),
+            **kwargs,
+        )
 
     async def _on_disconnect(self) -> None:
         # A reply cannot cross a dropped link: fail the waiting requests now (ambiguously, they may
@@ -217,6 +266,7 @@ class NatsControlRpc:
 
         # Reconnect forever once connected; the first dial is bounded so a caller is never stuck.
         # A publish while reconnecting fails fast (no pending buffer) instead of being replayed later.
+        options = self._auth.connect_options()
         connection: _NatsConnection = await dial_within(
             lambda: nats.connect(
                 self._servers,
@@ -228,10 +278,16 @@ class NatsControlRpc:
                 pending_size=0,
                 error_cb=_quiet,
                 disconnected_cb=self._on_disconnect,
+                **options,
             ),
             self._connect_timeout,
         )
         return connection
+
+    async def _on_reply(self, msg: Any) -> None:
+        box = self._boxes.get(msg.subject.rpartition(".")[2])
+        if box is not None:
+            box.queue.put_nowait(msg)
 
     async def _connection(self) -> _NatsConnection | None:
         nc = self._nc
@@ -243,6 +299,11 @@ class NatsControlRpc:
                 return nc
             try:
                 nc = await self._connect()
+                if nc is None:
+                    return None
+                # One wildcard inbox per connection; each request waits on its own last token.
+                self._inbox_prefix = nc.new_inbox()
+                await nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_reply)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -262,16 +323,39 @@ class NatsControlRpc:
         nc = self._nc
         return nc.max_payload if nc is not None else NATS_DEFAULT_MAX_PAYLOAD
 
+    async def _genuine_reply(
+        self, box: _ReplyBox, subject: str, workspace_id: str, agent_id: str, payload: bytes, timeout: float
+    ) -> Any:
+        """The first reply in ``box`` that verifies, a no-responders notice, or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            msg = await asyncio.wait_for(box.queue.get(), remaining)
+            headers = msg.headers or {}
+            if not msg.data and headers.get("Status") == _NO_RESPONDERS:
+                return msg
+            try:
+                self._verifier.verify(subject, workspace_id, agent_id, payload, msg.data, headers)
+            except ControlUnauthenticated as err:
+                box.rejected = err
+                continue
+            return msg
+
     async def request(self, subject: str, request: ControlRequest, *, timeout: float) -> ControlResponse:
-        """Send ``request`` and return the agent's response or a synthesized error response; never raises."""
+        """Send ``request`` signed and return the agent's verified response or a synthesized error; never raises."""
         from nats import errors as nats_errors
 
         rid = request.request_id
+        workspace_id, agent_id = parse_agent_subject(subject)
         nc = await self._connection()
         if nc is None:
             return _offline(rid, "no connection to the NATS server", never_sent=True)
-        payload = encode_message(request)
-        if len(payload) > nc.max_payload:
+        expires = int((time.time() + REQUEST_VALIDITY_SECONDS) * 1000)
+        payload = encode_message(request.model_copy(update={"expires_at_ms": expires}))
+        if len(payload) + _HEADER_ALLOWANCE > nc.max_payload:
             # Refused before publishing: the agent never saw it, so the caller may safely resend smaller.
             return error_response(
                 rid,
@@ -283,33 +367,59 @@ class NatsControlRpc:
                     NEVER_SENT_DETAIL_KEY: "1",
                 },
             )
-        waiter: asyncio.Future[Any] = asyncio.ensure_future(nc.request(subject, payload, timeout=timeout))
-        self._waiting.add(waiter)
+        token = uuid.uuid4().hex
+        box = _ReplyBox()
+        self._boxes[token] = box
         try:
-            msg = await waiter
-        except asyncio.CancelledError:
-            if waiter not in self._cut_off:
-                raise
-            return error_response(
-                rid, ControlErrorCode.TIMEOUT, "the NATS link dropped while waiting for the agent's reply"
+            try:
+                await nc.publish(
+                    subject,
+                    payload,
+                    reply=f"{self._inbox_prefix}.{token}",
+                    headers=self._key.sign_request(subject, payload),
+                )
+            except nats_errors.MaxPayloadError:
+                return payload_too_large_response(rid, len(payload), nc.max_payload)
+            except (nats_errors.OutboundBufferLimitError, nats_errors.ConnectionReconnectingError):
+                return _offline(rid, "the NATS link is reconnecting", never_sent=True)
+            except nats_errors.ConnectionClosedError:
+                await self._drop(nc)
+                return _offline(rid, "the NATS connection is closed", never_sent=True)
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(
+                self._genuine_reply(box, subject, workspace_id, agent_id, payload, timeout)
             )
-        except nats_errors.NoRespondersError:
-            return _offline(rid, "no agent responded (offline)", never_sent=True)
-        except (TimeoutError, nats_errors.TimeoutError):
-            return error_response(rid, ControlErrorCode.TIMEOUT, f"the agent did not answer within {timeout:g}s")
-        except nats_errors.MaxPayloadError:
-            return payload_too_large_response(rid, len(payload), nc.max_payload)
-        except (nats_errors.OutboundBufferLimitError, nats_errors.ConnectionReconnectingError):
-            return _offline(rid, "the NATS link is reconnecting", never_sent=True)
-        except nats_errors.ConnectionClosedError:
-            await self._drop(nc)
-            return _offline(rid, "the NATS connection is closed", never_sent=True)
+            self._waiting.add(waiter)
+            try:
+                msg = await waiter
+            except asyncio.CancelledError:
+                if waiter not in self._cut_off:
+                    raise
+                return error_response(
+                    rid, ControlErrorCode.TIMEOUT, "the NATS link dropped while waiting for the agent's reply"
+                )
+            except (TimeoutError, nats_errors.TimeoutError):
+                if box.rejected is not None:
+                    return error_response(
+                        rid,
+                        ControlErrorCode.UNAUTHENTICATED,
+                        f"no reply from the agent verified within {timeout:g}s ({box.rejected.message})",
+                        retryable=False,
+                        detail={"reason": box.rejected.reason},
+                    )
+                return error_response(rid, ControlErrorCode.TIMEOUT, f"the agent did not answer within {timeout:g}s")
+            except Exception as err:
+                await self._drop(nc)
+                return _offline(rid, f"NATS request failed: {type(err).__name__}", never_sent=False)
+            finally:
+                self._waiting.discard(waiter)
+                self._cut_off.discard(waiter)
         except Exception as err:
             await self._drop(nc)
             return _offline(rid, f"NATS request failed: {type(err).__name__}", never_sent=False)
         finally:
-            self._waiting.discard(waiter)
-            self._cut_off.discard(waiter)
+            self._boxes.pop(token, None)
+        if not msg.data and (msg.headers or {}).get("Status") == _NO_RESPONDERS:
+            return _offline(rid, "no agent responded (offline)", never_sent=True)
         return decode_response(msg.data, request_id=rid, op_type=request.op.type)
 
     async def close(self) -> None:
@@ -1123,9 +1233,13 @@ class SelfhostedProvider:
 
 
 def build_provider(settings: Settings) -> SelfhostedProvider:
-    """The selfhosted provider: control RPC over the runtime's NATS, relay from ``SANDBOX_SELFHOSTED_RELAY_URL``."""
+    """The selfhosted provider: signed control RPC over the runtime's NATS, relay from ``SANDBOX_SELFHOSTED_RELAY_URL``.
+
+    Raises:
+        SandboxConfigError: no NATS credential (while auth is on) or an unreadable signing key.
+    """
     return SelfhostedProvider(
-        NatsControlRpc(settings.nats_url),
+        NatsControlRpc.for_settings(settings),
         relay=RelayConfig.from_url(settings.selfhosted_relay_url),
         timeout=settings.selfhosted_rpc_timeout_seconds,
         probe_timeout=settings.selfhosted_probe_timeout_seconds,

@@ -183,6 +183,7 @@ class ControlErrorCode(StrEnum):
     AGENT_OFFLINE = "AGENT_OFFLINE"
     FENCED = "FENCED"
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
     @property
     def number(self) -> int:
@@ -651,6 +652,8 @@ class ControlRequest(_Message):
     request_id: Annotated[StrictStr, Field(pattern=_REQUEST_ID_RE.pattern)]
     epoch: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH)]
     op: ControlOp
+    # Unix ms after which the agent refuses to start it (signed with the rest: sandbox.control_auth).
+    expires_at_ms: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class ControlResponse(_Reply):
@@ -851,6 +854,9 @@ def agent_error_to_control_error(
         flags = {"fenced": True}
     elif code == AgentErrorCode.ERROR_CODE_NOT_FOUND:
         flags = {"os_not_found": True}
+    elif code == AgentErrorCode.ERROR_CODE_UNAUTHENTICATED:
+        # A signature, expiry or replay check failed: repeating the same bytes cannot help.
+        reason, retryable = "unauthenticated", False
     return SelfhostedControlError(
         text,
         code=code,

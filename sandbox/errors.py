@@ -12,6 +12,7 @@ them back into these classes on the client side.
      ├── InvalidRequest              malformed input: empty/oversized ids, bad kinds, bad paths
      │    ├── UnknownBackend         a backend name that no descriptor knows
      │    ├── ChannelAValidationError  a Channel-A path or argument refused before anything runs (400)
+     │    ├── ControlUnauthenticated  a control message is unsigned, forged, expired or replayed
      │    └── StreamTokenError       a stream token cannot be minted: empty secret, invalid claims
      ├── ProviderError               raised by providers (see providers/base.py)
      │    ├── BoxNotFound            typed proof the box is gone (the only licence for cold restore)
@@ -116,6 +117,25 @@ class ChannelAValidationError(InvalidRequest):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class ControlUnauthenticated(InvalidRequest):
+    """A control request or reply failed authentication: unsigned, wrong key, forged, expired or replayed.
+
+    The agent answers such a request with ``UNAUTHENTICATED`` and does nothing else (no fence
+    move, no side effect); the runtime drops such a reply and keeps waiting for a genuine one.
+
+    Attributes:
+        reason: ``unsigned``, ``wrong_key``, ``bad_signature``, ``malformed``, ``no_expiry``,
+            ``expired``, ``too_long``, ``replayed``, ``replay_window_full`` or ``wrong_agent``.
+    """
+
+    error_type = "ControlUnauthenticated"
+    reason: str = "unsigned"
+
+    def __init__(self, message: str, *, reason: str = "unsigned") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StreamTokenError(InvalidRequest):

@@ -31,8 +31,25 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     task_queue: str = "sandbox-runtime"
 
-    # NATS
+    # NATS (who may connect and with what: sandbox/nats_auth.py; signed control: sandbox/control_auth.py)
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_auth: Literal["on", "off"] = Field(
+        default="on", description="on: every connection authenticates; off: trusted network only (warns)."
+    )
+    nats_creds: Path | None = Field(
+        default=None, description="The runtime's NATS credential: a .creds file or an nkey seed file."
+    )
+    nats_events_creds: Path | None = Field(
+        default=None, description="Credential of read-only event consumers (default: the runtime's)."
+    )
+    nats_tls_ca: Path | None = Field(default=None, description="CA bundle that signed the NATS server's certificate.")
+    nats_tls_cert: Path | None = Field(default=None, description="Client certificate for NATS (with _KEY).")
+    nats_tls_key: Path | None = Field(default=None, description="Client key for NATS (with _CERT).")
+    control_key_file: Path | None = Field(
+        default=None,
+        description="Ed25519 key signing control requests (default <data_dir>/secrets/control-signing.key; "
+        "share it between workers: agents pin its public half at enrollment).",
+    )
 
     # Store: None means SQLite under the data dir.
     database_url: str | None = None
@@ -130,6 +147,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'sandbox.db').resolve()}"
+
+    def control_key_path(self) -> Path:
+        """The deployment's control-signing key file."""
+        return self.control_key_file or self.data_dir / "secrets" / "control-signing.key"
 
     def local_limits(self) -> BoxLimits:
         """The per-box limits of local boxes.

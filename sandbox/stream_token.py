@@ -27,10 +27,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import secrets
-import stat
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -41,6 +37,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from pydantic.alias_generators import to_camel
 
 from sandbox.errors import SandboxConfigError, StreamTokenError
+from sandbox.secret_files import load_or_create_secret
 from sandbox.settings import Settings
 
 __all__ = [
@@ -471,39 +468,14 @@ def derive_lease_key(root_secret: bytes, lease_id: str, epoch: int) -> bytes:
 def load_or_create_root_secret(path: Path) -> bytes:
     """Return the root stream-token secret stored at ``path``, creating it first if missing.
 
-    A new secret is 32 random bytes written to a private temporary file (mode 0600) and linked into
-    place atomically, so concurrent first starts agree on one secret and no reader sees a partial
-    file. A missing directory is created (the last level with mode 0700). The file's raw bytes are the
+    A new secret is 32 random bytes in a private file (mode 0600) made by
+    :func:`sandbox.secret_files.load_or_create_secret`, so concurrent first starts agree on one
     secret; a file readable by group or others is used but logged as a warning.
 
     Raises:
         SandboxConfigError: The file exists but is empty, or cannot be read or created.
     """
-    path = Path(path)
-    try:
-        if not path.exists():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-            try:
-                with os.fdopen(fd, "wb") as tmp:
-                    tmp.write(secrets.token_bytes(_ROOT_SECRET_BYTES))
-                    tmp.flush()
-                    os.fsync(tmp.fileno())
-                try:
-                    os.link(tmp_name, path)  # fails if another process created it first: use theirs
-                except FileExistsError:
-                    pass
-            finally:
-                os.unlink(tmp_name)
-        mode = path.stat().st_mode
-        secret = path.read_bytes()
-    except OSError as exc:
-        raise SandboxConfigError(f"cannot read or create the stream token root secret at {path}: {exc}") from exc
-    if not secret:
-        raise SandboxConfigError(f"the stream token root secret file {path} is empty; delete it or fill it")
-    if stat.S_IMODE(mode) & 0o077:
-        _log.warning("stream token root secret %s is readable by group or others (mode %o)", path, mode & 0o777)
-    return secret
+    return load_or_create_secret(path, what="stream token root secret", size=_ROOT_SECRET_BYTES)
 
 
 ROOT_SECRET_FILENAME: Final = "stream-token.secret"

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sandbox.control_protocol import validate_agent_token
 from sandbox.errors import InvalidRequest, StaleEpoch
 from sandbox.liveness import EnrollmentView
+from sandbox.nats_auth import AgentNatsUser
 from sandbox.routing import ActivePointer
 from store.database import Database
 from store.models import ENROLLMENT_EXPOSURES, EnrollmentRow, SessionPointerRow
@@ -61,6 +62,8 @@ class EnrollmentRecord(BaseModel):
         went_offline_at: Set when the agent was seen going away cleanly; cleared when it answers again.
         went_offline_reason: Why it went away.
         revoked_at: When it was revoked.
+        nats_public_key: The public nkey of the machine's NATS identity (None before credentials existed).
+        reply_key_id: Id of the machine's reply-signing key (its certificate names the key itself).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -79,6 +82,8 @@ class EnrollmentRecord(BaseModel):
     went_offline_at: UtcDatetime | None = None
     went_offline_reason: str | None = None
     revoked_at: UtcDatetime | None = None
+    nats_public_key: str | None = None
+    reply_key_id: str | None = None
 
     def view(self) -> EnrollmentView:
         """The slice liveness is computed from."""
@@ -109,6 +114,8 @@ def _record(row: EnrollmentRow) -> EnrollmentRecord:
         went_offline_at=row.went_offline_at,
         went_offline_reason=row.went_offline_reason,
         revoked_at=row.revoked_at,
+        nats_public_key=row.nats_public_key,
+        reply_key_id=row.reply_key_id,
     )
 
 
@@ -129,9 +136,14 @@ class EnrollmentRepository:
         exposure: Exposure = "workspace",
         allow_screen_control: bool = False,
         has_display: bool = False,
+        nats_public_key: str | None = None,
+        reply_key_id: str | None = None,
         now: datetime | None = None,
     ) -> EnrollmentRecord:
         """Enroll an agent as active (re-enrolling replaces its exposure and consent and lifts a revocation).
+
+        ``nats_public_key`` and ``reply_key_id`` are the public halves of a credential issued for
+        this enrollment; re-enrolling with new ones replaces the old (whose NATS identity stops working).
 
         Raises:
             InvalidRequest: an id cannot be a subject token, or an unknown exposure.
@@ -151,13 +163,24 @@ class EnrollmentRepository:
             "created_at": at,
             "updated_at": at,
             "revoked_at": None,
+            "nats_public_key": nats_public_key,
+            "reply_key_id": reply_key_id,
         }
         insert = self._insert().values(values)
         upsert = insert.on_conflict_do_update(
             index_elements=[_ENROLLMENTS.c.workspace_id, _ENROLLMENTS.c.agent_id],
             set_={
                 name: insert.excluded[name]
-                for name in ("status", "exposure", "allow_screen_control", "has_display", "updated_at", "revoked_at")
+                for name in (
+                    "status",
+                    "exposure",
+                    "allow_screen_control",
+                    "has_display",
+                    "updated_at",
+                    "revoked_at",
+                    "nats_public_key",
+                    "reply_key_id",
+                )
             },
         )
         async with self._db.sessionmaker.begin() as session:
@@ -183,6 +206,13 @@ class EnrollmentRepository:
             stmt = stmt.where(EnrollmentRow.status != "revoked")
         async with self._db.sessionmaker() as session:
             return [_record(row) for row in (await session.execute(stmt)).scalars()]
+
+    async def nats_users(self) -> builtins.list[AgentNatsUser]:
+        """The NATS identities of active enrollments (what the embedded server's config lists)."""
+        stmt = select(EnrollmentRow).where(EnrollmentRow.status == "active", EnrollmentRow.nats_public_key.is_not(None))
+        async with self._db.sessionmaker() as session:
+            rows = (await session.execute(stmt)).scalars()
+            return [AgentNatsUser(row.workspace_id, row.agent_id, row.nats_public_key or "") for row in rows]
 
     async def revoke(self, workspace_id: str, agent_id: str, *, now: datetime | None = None) -> bool:
         """Revoke an enrollment (the agent reads as offline from then on); False if it was not enrolled."""

@@ -197,6 +197,9 @@ class EnrollmentRow(Base):
     went_offline_at: Mapped[datetime | None]
     went_offline_reason: Mapped[str | None] = mapped_column(Text)
     revoked_at: Mapped[datetime | None]
+    # Public halves only (the machine holds the secrets): what NATS lists, and the reply key's id.
+    nats_public_key: Mapped[str | None] = mapped_column(Text)
+    reply_key_id: Mapped[str | None] = mapped_column(Text)
 
 
 class SessionPointerRow(Base):

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -204,21 +205,171 @@ def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
 # --------------------------------------------------------------------------- NATS
 
 
-@pytest.fixture(scope="session")
-def nats_url() -> Iterator[str]:
-    """A real nats-server on a free loopback port."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+class AuthenticatedNats:
+    """A real nats-server run the way ``sandboxctl up`` runs it: the generated authorization, auth on.
+
+    All servers of a test session share one set of role keys and one control-signing key (the
+    session's ``SANDBOX_NATS_CREDS`` and ``SANDBOX_CONTROL_KEY_FILE`` point at them, so every
+    ``Settings()`` a test makes uses them); each server has its own config and enrolled agents.
+    :meth:`enroll` issues a credential and reloads the server, as ``sandboxctl machine enroll`` does.
+    """
+
+    def __init__(self, identities: Path, *, port: int | None = None) -> None:
+        from sandbox.control_auth import ControlSigningKey
+        from sandbox.nats_auth import AgentNatsUser, NatsAuthority
+
+        self.port = port or free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        name = f"nats-{self.port}"
+        self.authority = NatsAuthority(
+            identities, config_path=identities / f"{name}.conf", pid_path=identities / f"{name}.pid"
+        )
+        self.authority.ensure_roles()
+        self.key_file = identities / "secrets" / "control-signing.key"
+        self.signing_key = ControlSigningKey.load(self.key_file)
+        self.agents: dict[tuple[str, str], AgentNatsUser] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.authority.write([])
+        _NATS_SERVERS[self.url] = self
+
+    def start(self) -> AuthenticatedNats:
+        """Start (or restart) the server on its port."""
+        self.proc = subprocess.Popen(
+            [
+                find_binary("nats-server"),
+                "-c",
+                str(self.authority.config_path),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-P",
+                str(self.authority.pid_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (its config and enrollments stay for a restart)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def _sync(self) -> None:
+        self.authority.write(self.agents.values())
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    def enroll(self, workspace_id: str, agent_id: str) -> Any:
+        """Issue a credential for ``workspace_id/agent_id`` and let its NATS identity in."""
+        from sandbox.nats_auth import AgentNatsUser
+
+        credential = self.signing_key.issue_credential(workspace_id, agent_id, nats_url=self.url)
+        self.agents[(workspace_id, agent_id)] = AgentNatsUser(workspace_id, agent_id, credential.nats_public_key)
+        self._sync()
+        return credential
+
+    def revoke(self, workspace_id: str, agent_id: str) -> None:
+        """Drop an agent's NATS identity (the server closes its connection)."""
+        self.agents.pop((workspace_id, agent_id), None)
+        self._sync()
+
+    def auth(self, role: str = "runtime") -> Any:
+        """The NATS identity of a role (``runtime`` or ``events``)."""
+        from sandbox.nats_auth import NatsAuth
+
+        return NatsAuth.from_file(self.authority.role_seed_path(role))  # type: ignore[arg-type]
+
+    def control_rpc(self, **kwargs: Any) -> Any:
+        """A signed NatsControlRpc to this server, as the worker makes one."""
+        from providers.selfhosted import NatsControlRpc
+
+        return NatsControlRpc(self.url, signing_key=self.signing_key, auth=self.auth(), **kwargs)
+
+    async def connect(self, role: str = "runtime", **kwargs: Any) -> Any:
+        """A raw nats-py connection as ``role``."""
+        import nats
+
+        return await nats.connect(self.url, **{**self.auth(role).connect_options(), **kwargs})
+
+
+_NATS_SERVERS: dict[str, AuthenticatedNats] = {}
+
+
+def nats_server_at(url: str) -> AuthenticatedNats:
+    """The test server serving ``url`` (every fixture server registers itself)."""
+    return _NATS_SERVERS[url]
+
+
+NATS_IDENTITY_VARS = ("SANDBOX_NATS_CREDS", "SANDBOX_NATS_EVENTS_CREDS", "SANDBOX_CONTROL_KEY_FILE")
+
+
+def nats_identity_env() -> dict[str, str]:
+    """The session's NATS identity settings, for a test that clears every ``SANDBOX_*`` variable."""
+    return {name: os.environ[name] for name in NATS_IDENTITY_VARS if name in os.environ}
+
+
+def agent_credential(url: str, workspace_id: str, agent_id: str) -> Any:
+    """A credential for an agent of the server at ``url``: enrolled there, or (no server of ours there)
+    issued with the session's control key only."""
+    server = _NATS_SERVERS.get(url)
+    if server is not None:
+        return server.enroll(workspace_id, agent_id)
+    from sandbox.control_auth import ControlSigningKey
+
+    key = ControlSigningKey.load(Path(os.environ["SANDBOX_CONTROL_KEY_FILE"]))
+    return key.issue_credential(workspace_id, agent_id, nats_url=url)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nats_identities(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's NATS role keys and control key, exported as the ``SANDBOX_*`` settings that name them."""
+    from sandbox.nats_auth import NatsAuthority
+
+    base = tmp_path_factory.mktemp("nats-identities")
+    authority = NatsAuthority(base)
+    authority.ensure_roles()
+    names = dict(
+        zip(
+            NATS_IDENTITY_VARS,
+            (
+                str(authority.role_seed_path("runtime")),
+                str(authority.role_seed_path("events")),
+                str(base / "secrets" / "control-signing.key"),
+            ),
+            strict=True,
+        )
     )
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
     try:
-        wait_for_port(port, proc=proc)
-        yield f"nats://127.0.0.1:{port}"
+        yield base
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def nats_server(nats_identities: Path) -> Iterator[AuthenticatedNats]:
+    """The session's shared authenticated nats-server."""
+    server = AuthenticatedNats(nats_identities).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: AuthenticatedNats) -> str:
+    """The URL of the shared authenticated nats-server."""
+    return nats_server.url
 
 
 # --------------------------------------------------------------------------- PostgreSQL

@@ -1,13 +1,20 @@
 """The agent daemon: serves control requests for one machine over NATS (``sandboxctl agent run``).
 
-It subscribes to ``agent.<workspace_id>.<agent_id>.rpc`` (in a queue group, so a duplicate daemon
-never runs an op twice) and answers each request from a task of its own, admitting it first:
+It connects with its enrollment credential (:class:`~sandbox.control_auth.AgentCredential`: the
+NATS server lets it subscribe only to its own subject and publish only replies), subscribes to
+``agent.<workspace_id>.<agent_id>.rpc`` (in a queue group, so a duplicate daemon never runs an op
+twice) and answers each request from a task of its own, admitting it first:
 
+- a request that is unsigned, signed by a key other than the one pinned at enrollment, expired or
+  replayed gets ``UNAUTHENTICATED`` and changes nothing (the fence only moves on verified requests);
 - while draining (after SIGTERM) or at ``max_concurrent_ops``, a new op gets ``DRAINING``;
 - an op whose epoch is older than the newest seen gets ``FENCED``; the newest epoch is kept in a
   state file outside the root, so a restart does not reopen the fence;
 - everything else runs through :class:`~sandbox.agent.operations.AgentOperations`, and a reply
   larger than the server's max payload is replaced by ``PAYLOAD_TOO_LARGE``.
+
+Every reply, refusals included, is signed with the agent's reply key (the runtime drops replies
+that do not verify, so an impostor on the subject cannot answer for this machine).
 
 The NATS link is re-established forever (the first dial is retried too), so the daemon outlives
 server restarts. :meth:`AgentDaemon.drain` (SIGTERM) refuses new ops, lets running ones finish
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from sandbox.agent.operations import AgentOperations, DisplayAccess
+from sandbox.control_auth import AgentCredential, ReplayGuard, RequestVerifier, sign_reply
 from sandbox.control_protocol import (
     ControlErrorCode,
     ControlResponse,
@@ -39,12 +47,14 @@ from sandbox.control_protocol import (
     payload_too_large_response,
     salvage_request_id,
 )
-from sandbox.errors import InvalidRequest
+from sandbox.errors import ControlUnauthenticated, InvalidRequest, SandboxConfigError
+from sandbox.nats_auth import NatsAuth
 from sandbox.nats_dial import dial_within, settle_abandoned_dials
 
 __all__ = ["AgentConfig", "AgentDaemon", "default_state_dir", "use_pidfd_child_watcher"]
 
 _MAX_DIAL_WAIT: Final = 2.0
+_REPLY_HEADER_BYTES: Final = 1024
 
 
 def use_pidfd_child_watcher() -> bool:
@@ -78,7 +88,10 @@ class AgentConfig:
     workspace_id: str
     agent_id: str
     root: Path
+    credential: AgentCredential | None = None
     nats_url: str = "nats://127.0.0.1:4222"
+    # None: the credential's nkey (the normal case); NatsAuth() without identity for SANDBOX_NATS_AUTH=off.
+    nats_auth: NatsAuth | None = None
     allow_screen_control: bool = False
     display: str | None = field(default_factory=lambda: os.environ.get("DISPLAY") or None)
     state_dir: Path = field(default_factory=default_state_dir)
@@ -91,8 +104,27 @@ class AgentDaemon:
     """One running agent: a NATS subscription, the admission rules and the op handlers."""
 
     def __init__(self, config: AgentConfig) -> None:
+        """Check the config against its credential and load the fence and replay state.
+
+        Raises:
+            SandboxConfigError: no credential, or one made for another workspace or agent id.
+            InvalidRequest: the ids cannot form a subject.
+        """
         self.config = config
         self.subject = agent_subject(config.workspace_id, config.agent_id)
+        credential = config.credential
+        if credential is None:
+            raise SandboxConfigError(
+                "the agent needs its enrollment credential: `sandboxctl machine enroll` makes it, "
+                "`sandboxctl agent run --credential FILE` uses it"
+            )
+        if (credential.workspace_id, credential.agent_id) != (config.workspace_id, config.agent_id):
+            raise SandboxConfigError(
+                f"the credential is for {credential.workspace_id}/{credential.agent_id}, "
+                f"not {config.workspace_id}/{config.agent_id}"
+            )
+        self.credential = credential
+        self.nats_auth = config.nats_auth or NatsAuth(nkey_seed=credential.nats_seed)
         self.operations = AgentOperations(
             workspace_id=config.workspace_id,
             agent_id=config.agent_id,
@@ -102,6 +134,10 @@ class AgentDaemon:
         # Absolute: the daemon process works in its root (run_until_signalled), not where it started.
         self._state_file = config.state_dir.absolute() / f"{config.workspace_id}.{config.agent_id}.json"
         self.operations.newest_epoch = self._load_epoch()
+        self.verifier = RequestVerifier(
+            credential.runtime_public(),
+            ReplayGuard(config.state_dir.absolute() / f"{config.workspace_id}.{config.agent_id}.seen"),
+        )
         self.ready = asyncio.Event()
         self.draining = False
         self._done = asyncio.Event()
@@ -152,6 +188,7 @@ class AgentDaemon:
             error_cb=quiet,
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
+            **self.nats_auth.connect_options(),
         )
 
     async def _dial_until_connected(self) -> Any:
@@ -196,14 +233,35 @@ class AgentDaemon:
     async def _respond(self, msg: Any, response: ControlResponse) -> None:
         data = encode_message(response)
         limit = self._nc.max_payload if self._nc is not None else self.operations.max_payload
-        if len(data) > limit:
+        # Headers count against the limit too: a certificate and a signature, well under 1 KiB.
+        if len(data) + _REPLY_HEADER_BYTES > limit:
             data = encode_message(payload_too_large_response(response.request_id, len(data), limit))
+        headers = sign_reply(self.credential, self.subject, msg.data, data)
         with contextlib.suppress(Exception):
             # A reply lost with the link is the caller's timeout, which it treats as ambiguous.
-            await msg.respond(data)
+            await self._nc.publish(msg.reply, data, headers=headers)
+
+    async def _refuse_unauthenticated(self, msg: Any, request_id: str, err: ControlUnauthenticated) -> None:
+        note(f"refused a request ({err.reason}): {err.message}")
+        await self._respond(
+            msg,
+            error_response(
+                request_id,
+                ControlErrorCode.UNAUTHENTICATED,
+                err.message,
+                retryable=False,
+                detail={"reason": err.reason},
+            ),
+        )
 
     async def _on_message(self, msg: Any) -> None:
         if not msg.reply:
+            return
+        # Authenticity first: nothing of an unverified request is trusted, not even its shape.
+        try:
+            self.verifier.verify_signature(self.subject, msg.data, msg.headers)
+        except ControlUnauthenticated as err:
+            await self._refuse_unauthenticated(msg, salvage_request_id(msg.data), err)
             return
         try:
             request = decode_request(msg.data)
@@ -213,6 +271,11 @@ class AgentDaemon:
             )
             return
         rid = request.request_id
+        try:
+            self.verifier.admit(rid, request.expires_at_ms)
+        except ControlUnauthenticated as err:
+            await self._refuse_unauthenticated(msg, rid, err)
+            return
         if self.draining:
             await self._respond(
                 msg,

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 from sandbox.errors import InvalidRequest
+from sandbox.nats_auth import NatsAuth
 from sandbox.nats_dial import dial_within
 
 __all__ = [
@@ -149,6 +150,7 @@ class NatsEventSink:
         session_id: Second subject token (the CLI uses the sandbox group).
         connect_timeout: Seconds to wait for a connection.
         retry_after: Seconds to wait after a failed connect before trying again.
+        auth: The NATS identity to publish with (the runtime's; none on an open server).
     """
 
     def __init__(
@@ -159,8 +161,10 @@ class NatsEventSink:
         session_id: str,
         connect_timeout: float = 2.0,
         retry_after: float = 30.0,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self._auth = auth or NatsAuth()
         self.workspace_id = workspace_id
         self.session_id = session_id
         self.subject = events_subject(workspace_id, session_id)
@@ -195,6 +199,7 @@ class NatsEventSink:
                         reconnect_time_wait=0.1,
                         error_cb=quiet,
                         disconnected_cb=quiet,
+                        **self._auth.connect_options(),
                     ),
                     2 * self._connect_timeout + 1,
                 )

@@ -22,7 +22,7 @@ import websockets
 
 from activities.events import SessionEventActivities, session_events_subject, stream_url_rotated
 from sandbox.settings import Settings
-from tests.conftest import REPO, Runtime
+from tests.conftest import REPO, Runtime, nats_identity_env
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -69,6 +69,7 @@ async def terminal_open(
             "SANDBOX_TEMPORAL_ADDRESS": runtime.client.service_client.config.target_host,
             "SANDBOX_TASK_QUEUE": s.task_queue,
             "SANDBOX_NATS_URL": nats_url,
+            **nats_identity_env(),
             "PYTHONPATH": str(REPO),
             **env,
         }

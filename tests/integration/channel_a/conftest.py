@@ -27,7 +27,7 @@ from providers.local import LocalBoxSession, LocalProvider
 from providers.selfhosted import NatsControlRpc
 from sandbox.channel_a import ChannelA, MemoryEventSink
 from sandbox.errors import SandboxConfigError
-from tests.conftest import give_to_box_user
+from tests.conftest import give_to_box_user, nats_server_at
 from tests.integration.selfhosted.conftest import Agent, new_id, running_agent, session_for
 
 ProviderKind = Literal["bubblewrap", "process", "selfhosted"]
@@ -106,7 +106,7 @@ class Boxes:
             session = await self.local.create(spec, f"channel-a-test:{uuid.uuid4()}")
             return TestBox(self.kind, session, session.workspace_path, session.home_path, session.path)
         if self._rpc is None:
-            self._rpc = NatsControlRpc(self.nats_url)
+            self._rpc = nats_server_at(self.nats_url).control_rpc()
         parent = self.base / new_id("machine")
         (parent / "root").mkdir(parents=True)
         (parent / "home").mkdir()

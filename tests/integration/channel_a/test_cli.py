@@ -15,24 +15,26 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from cli import main as cli_main
-from tests.conftest import FAST_TIMERS, give_to_box_user
+from tests.conftest import FAST_TIMERS, give_to_box_user, nats_identity_env, nats_server_at
 from tests.integration.channel_a.conftest import git
 
 
 @pytest.fixture
 def cli_env(runtime: Any, nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    identities = nats_identity_env()
     for name in [k for k in os.environ if k.startswith("SANDBOX_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("SANDBOX_DATA_DIR", str(runtime.settings.data_dir))
     monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", runtime.client.service_client.config.target_host)
     monkeypatch.setenv("SANDBOX_TASK_QUEUE", runtime.settings.task_queue)
     monkeypatch.setenv("SANDBOX_NATS_URL", nats_url)
+    for name, value in identities.items():
+        monkeypatch.setenv(name, value)
     for name, value in FAST_TIMERS.items():
         monkeypatch.setenv(f"SANDBOX_{name.upper()}", str(value))
     # Long enough for the box to stay warm between the commands of one test (drained at the end).
@@ -79,7 +81,7 @@ async def sandboxctl_pty(workspace: str, group: str, *, stdin: bytes) -> tuple[i
 
 async def test_fs_git_and_pty_commands_attach_as_direct_and_release(runtime: Any, nats_url: str, cli_env: None) -> None:
     ws, group = f"ws-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:6]}"
-    nc = await nats.connect(nats_url)
+    nc = await nats_server_at(nats_url).connect("events")
     events: list[dict[str, Any]] = []
 
     async def on_event(msg: Any) -> None:

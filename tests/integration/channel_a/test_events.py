@@ -6,17 +6,16 @@ import asyncio
 import json
 from typing import Any
 
-import nats
 import pytest
 
 from sandbox.channel_a import ChannelA, ChannelAEvent, NatsEventSink, events_subject
 from sandbox.errors import InvalidRequest
-from tests.conftest import free_port
+from tests.conftest import free_port, nats_server_at
 from tests.integration.channel_a.conftest import TestBox
 
 
 async def test_mutations_publish_fs_changed_with_epoch_and_revision(nats_url: str, box: TestBox) -> None:
-    nc = await nats.connect(nats_url)
+    nc = await nats_server_at(nats_url).connect("events")
     received: list[tuple[str, dict[str, Any]]] = []
     done = asyncio.Event()
 
@@ -27,7 +26,7 @@ async def test_mutations_publish_fs_changed_with_epoch_and_revision(nats_url: st
 
     await nc.subscribe("session.ws1.sess-1.events", cb=on_message)
     await nc.flush()
-    sink = NatsEventSink(nats_url, workspace_id="ws1", session_id="sess-1")
+    sink = NatsEventSink(nats_url, workspace_id="ws1", session_id="sess-1", auth=nats_server_at(nats_url).auth())
     ca = ChannelA(box.session, events=sink, lease_epoch=12, revision=40)
     try:
         await ca.fs_write("notes/a.txt", "hello")

@@ -8,19 +8,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import nats
 import pytest
 
 from activities.events import SessionEventActivities, session_events_subject, stream_url_rotated
 from cli.planes import SessionEventFeed
 from sandbox.settings import Settings
+from tests.conftest import nats_server_at
 
 pytestmark = pytest.mark.timeout(30)
 
 
 async def test_a_rotation_reaches_subscribers_of_the_session_subject(nats_url: str) -> None:
     subject = session_events_subject("ws-events", f"g-{uuid.uuid4().hex[:8]}")
-    nc = await nats.connect(nats_url)
+    nc = await nats_server_at(nats_url).connect("events")
     received: asyncio.Queue[Any] = asyncio.Queue()
     await nc.subscribe(subject, cb=received.put)
     await nc.flush()
@@ -38,7 +38,7 @@ async def test_a_rotation_reaches_subscribers_of_the_session_subject(nats_url: s
 async def test_the_viewer_feed_hands_over_newer_epochs_only_of_rotations(nats_url: str) -> None:
     subject = session_events_subject("ws-events", f"g-{uuid.uuid4().hex[:8]}")
     epochs: list[int] = []
-    feed = SessionEventFeed(nats_url, subject, epochs.append).start()
+    feed = SessionEventFeed(nats_url, subject, epochs.append, auth=nats_server_at(nats_url).auth("events")).start()
     events = SessionEventActivities(Settings(nats_url=nats_url))
     try:
         await asyncio.wait_for(feed.subscribed.wait(), 5)

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import pytest
 from temporalio.client import Client
 
@@ -16,7 +15,7 @@ from activities.events import STREAM_URL_ROTATED, session_events_subject
 from providers.base import Envelope
 from providers.registry import ProviderRegistry
 from sandbox.settings import Settings
-from tests.conftest import FAST_TIMERS, Runtime, running_runtime
+from tests.conftest import FAST_TIMERS, Runtime, nats_server_at, running_runtime
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,7 +37,7 @@ async def events_runtime(
 @pytest.fixture
 async def events(nats_url: str) -> AsyncIterator[tuple[Any, str, asyncio.Queue[dict[str, Any]]]]:
     group = f"g-{uuid.uuid4().hex[:8]}"
-    nc = await nats.connect(nats_url)
+    nc = await nats_server_at(nats_url).connect("events")
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def on_message(msg: Any) -> None:

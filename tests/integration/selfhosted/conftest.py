@@ -19,7 +19,8 @@ import pytest
 
 from providers.selfhosted import NatsControlRpc, RelayConfig, RetryPolicy, SelfhostedSession, probe_agent
 from sandbox.agent import AgentConfig, AgentDaemon
-from tests.conftest import REPO, find_binary, free_port, wait_for_port
+from sandbox.control_auth import AgentCredential
+from tests.conftest import REPO, AuthenticatedNats, agent_credential, nats_server_at
 
 FAST_RETRY = RetryPolicy(base_delay=0.01, max_delay=0.05)
 
@@ -38,11 +39,12 @@ class Agent:
     state_dir: Path
     daemon: AgentDaemon | None = None
     process: subprocess.Popen[bytes] | None = None
+    credential: AgentCredential | None = None
 
 
 @pytest.fixture
 async def rpc(nats_url: str) -> AsyncIterator[NatsControlRpc]:
-    client = NatsControlRpc(nats_url)
+    client: NatsControlRpc = nats_server_at(nats_url).control_rpc()
     yield client
     await client.close()
 
@@ -68,11 +70,14 @@ async def running_agent(
         root = tmp_path / new_id("root")
         root.mkdir()
         agent = Agent(new_id("ws"), new_id("agent"), root, tmp_path / new_id("state"))
+    if agent.credential is None:
+        agent.credential = agent_credential(nats_url, agent.workspace_id, agent.agent_id)
     daemon = AgentDaemon(
         AgentConfig(
             workspace_id=agent.workspace_id,
             agent_id=agent.agent_id,
             root=agent.root,
+            credential=agent.credential,
             nats_url=nats_url,
             state_dir=agent.state_dir,
             **config,
@@ -99,6 +104,10 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             root = tmp_path / new_id("root")
             root.mkdir()
             agent = Agent(new_id("ws"), new_id("agent"), root, tmp_path / new_id("state"))
+        if agent.credential is None:
+            agent.credential = agent_credential(nats_url, agent.workspace_id, agent.agent_id)
+        credential_file = tmp_path / f"{agent.agent_id}.credential"
+        agent.credential.write(credential_file)
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -106,6 +115,8 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
                 "cli.main",
                 "agent",
                 "run",
+                "--credential",
+                str(credential_file),
                 "--workspace",
                 agent.workspace_id,
                 "--agent-id",
@@ -145,32 +156,13 @@ async def wait_until_answers(rpc: NatsControlRpc, agent: Agent, timeout: float =
     raise AssertionError(f"agent {agent.agent_id} did not answer within {timeout}s")
 
 
-class NatsServer:
-    """A nats-server of the test's own on a fixed port, so it can be stopped and started again."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, proc=self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
+NatsServer = AuthenticatedNats
+"""A nats-server of the test's own on a fixed port, so it can be stopped and started again."""
 
 
 @pytest.fixture
-def own_nats() -> Iterator[NatsServer]:
-    server = NatsServer()
+def own_nats(nats_identities: Path) -> Iterator[AuthenticatedNats]:
+    server = AuthenticatedNats(nats_identities)
     server.start()
     try:
         yield server

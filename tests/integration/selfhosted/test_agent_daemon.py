@@ -15,6 +15,7 @@ import pytest
 
 from providers.base import BoxSpec, Envelope
 from providers.selfhosted import NatsControlRpc, RetryPolicy, SelfhostedProvider, probe_agent
+from sandbox.control_auth import ControlSigningKey
 from sandbox.control_protocol import ControlErrorCode, KeyEvent, PointerEvent
 from sandbox.errors import (
     AgentOffline,
@@ -218,7 +219,7 @@ async def test_sigterm_drains_running_ops(
 
 
 async def test_nats_restart_mid_run_both_sides_recover(own_nats: NatsServer, tmp_path: Path) -> None:
-    rpc = NatsControlRpc(own_nats.url)
+    rpc = own_nats.control_rpc()
     try:
         async with running_agent(own_nats.url, tmp_path) as agent:
             s = session_for(rpc, agent, timeout=2.0)
@@ -242,7 +243,9 @@ async def test_rpc_to_nobody_and_to_no_server_are_offline_responses(nats_url: st
     assert not probe.responded and probe.error is not None
     assert probe.error.agent_offline and probe.error.never_sent and probe.latency_ms < 1000
     # Building a client never dials; a dead server is an AGENT_OFFLINE answer, not an exception.
-    dead = NatsControlRpc(f"nats://127.0.0.1:{free_port()}", connect_timeout=0.5)
+    dead = NatsControlRpc(
+        f"nats://127.0.0.1:{free_port()}", signing_key=ControlSigningKey.generate(), connect_timeout=0.5
+    )
     try:
         probe = await probe_agent(dead, "ws", "agent", timeout=1)
         assert not probe.responded and probe.error is not None and probe.error.never_sent

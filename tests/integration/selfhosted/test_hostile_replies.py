@@ -1,4 +1,9 @@
-"""NatsControlRpc against a hostile responder on a real nats-server: every reply is a typed answer."""
+"""NatsControlRpc against a hostile responder on a real nats-server: every reply is a typed answer.
+
+The responder is an enrolled machine gone bad: it holds a genuine credential and signs whatever
+it sends, so these replies pass authentication and test the decoding behind it (replies that do
+not verify are tests/security/test_hostile_nats.py's).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from providers.selfhosted import NatsControlRpc
+from sandbox.control_auth import sign_reply
 from sandbox.control_protocol import (
     ControlErrorCode,
     ControlRequest,
@@ -21,6 +27,7 @@ from sandbox.control_protocol import (
     agent_subject,
     encode_message,
 )
+from tests.conftest import nats_server_at
 from tests.integration.selfhosted.conftest import new_id
 
 
@@ -33,20 +40,25 @@ class Hostile:
 
 @pytest.fixture
 async def hostile(nats_url: str) -> AsyncIterator[tuple[Hostile, str, Any]]:
-    nc = await nats.connect(nats_url)
+    ws, agent = new_id("ws"), new_id("evil")
+    server = nats_server_at(nats_url)
+    credential = server.enroll(ws, agent)
+    nc = await nats.connect(nats_url, nkeys_seed_str=credential.nats_seed.get_secret_value())
     state = Hostile()
-    subject = agent_subject(new_id("ws"), new_id("evil"))
+    subject = agent_subject(ws, agent)
 
     async def answer(msg: Any) -> None:
         try:
-            await msg.respond(state.reply(msg.data))
+            body = state.reply(msg.data)
+            await nc.publish(msg.reply, body, headers=sign_reply(credential, subject, msg.data, body))
         except Exception:
             pass  # an oversized reply cannot even be published
 
-    await nc.subscribe(subject, cb=answer)
+    await nc.subscribe(subject, queue=subject, cb=answer)
     await nc.flush()
     yield state, subject, nc
     await nc.close()
+    server.revoke(ws, agent)
 
 
 def request(rid: str = "req-1") -> ControlRequest:
@@ -86,7 +98,7 @@ async def test_oversized_and_mistyped_replies(hostile: tuple[Hostile, str, Any],
     resp = await rpc.request(subject, request(), timeout=0.5)
     assert resp.error is not None and resp.error.code is ControlErrorCode.TIMEOUT and resp.error.retryable
     # Exactly at the limit but not a reply: PROTOCOL.
-    state.reply = lambda _data: b"{" * nc.max_payload
+    state.reply = lambda _data: b"{" * (nc.max_payload - 1024)  # the signature headers take the rest
     resp = await rpc.request(subject, request(), timeout=2)
     assert resp.error is not None and resp.error.code is ControlErrorCode.PROTOCOL
     # A well-formed reply echoing the id: accepted.

@@ -12,7 +12,7 @@ from temporalio.client import Client
 
 from sandbox import errors
 from sandbox.settings import Settings
-from tests.conftest import FAST_TIMERS, running_runtime
+from tests.conftest import FAST_TIMERS, nats_identity_env, running_runtime
 from tests.integration.selfhosted.conftest import running_agent
 
 
@@ -80,12 +80,15 @@ async def test_sandboxctl_pty_is_a_shell_on_the_machine(
         running_agent(nats_url, tmp_path) as agent,
         running_runtime(temporal_client, machine_settings) as rt,
     ):
+        identities = nats_identity_env()
         for name in [k for k in os.environ if k.startswith("SANDBOX_")]:
             monkeypatch.delenv(name)
         monkeypatch.setenv("SANDBOX_DATA_DIR", str(machine_settings.data_dir))
         monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", temporal_client.service_client.config.target_host)
         monkeypatch.setenv("SANDBOX_TASK_QUEUE", machine_settings.task_queue)
         monkeypatch.setenv("SANDBOX_NATS_URL", nats_url)
+        for name, value in identities.items():
+            monkeypatch.setenv(name, value)
         leases: Any = rt.leases()
         ws = agent.workspace_id
         await leases.acquire(ws, "g1", backend="selfhosted", agent_id=agent.agent_id, holder_id="t1")

@@ -254,10 +254,13 @@ _segment = st.sampled_from(["..", ".", "", "a", "b", "link", "out", "x.txt", "/"
 @given(st.lists(_segment, min_size=1, max_size=6), st.booleans())
 async def test_no_path_writes_outside_the_root(layout: tuple[Path, Path], segments: list[str], absolute: bool) -> None:
     root, outside = layout
-    if not (root / "link").is_symlink():
-        (root / "link").symlink_to("../outside")
-        (root / "a").mkdir()
-        (root / "a/out").symlink_to(outside)
+    # An example may have replaced a link by a file it wrote (inside the root): set the links up again.
+    for link, target in ((root / "link", Path("../outside")), (root / "a/out", outside)):
+        if not link.is_symlink():
+            link.parent.mkdir(exist_ok=True)
+            if link.exists():
+                link.unlink()
+            link.symlink_to(target)
     path = "/".join(segments)
     if absolute:
         path = "/" + path

@@ -20,6 +20,7 @@ from providers.selfhosted import (
     selfhosted_instance_id,
     to_machine_path,
 )
+from sandbox.control_auth import ControlSigningKey
 from sandbox.control_protocol import (
     ControlErrorCode,
     ControlRequest,
@@ -244,7 +245,7 @@ def test_registry_builds_selfhosted_without_dialling() -> None:
 
 
 async def test_nats_rpc_never_raises_when_the_server_is_unreachable() -> None:
-    rpc = NatsControlRpc("nats://127.0.0.1:1", connect_timeout=0.3)
+    rpc = NatsControlRpc("nats://127.0.0.1:1", signing_key=ControlSigningKey.generate(), connect_timeout=0.3)
     s = SelfhostedSession(rpc, workspace_id="ws1", agent_id="a1", retry=RetryPolicy(never_sent=0))
     with pytest.raises(SelfhostedControlError) as err:
         await s.exec(["true"])

@@ -1,0 +1,83 @@
+"""Secrets kept as private files in the data dir (mode 0600, in directories of mode 0700).
+
+Every secret the runtime makes for itself lives in one of these: the stream-token root secret,
+the control-signing key, the embedded NATS server's role keys. :func:`load_or_create_secret`
+creates one on first use so that concurrent first starts agree on a single value (the file is
+written privately and linked into place, so no reader sees a partial file), and
+:func:`write_private_file` replaces a file atomically with the same mode. A secret file that group
+or others can read is still used, but logged as a warning: the operator should fix its mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from sandbox.errors import SandboxConfigError
+
+__all__ = ["load_or_create_secret", "write_private_file"]
+
+_log = logging.getLogger(__name__)
+
+
+def load_or_create_secret(path: Path, *, what: str, make: Callable[[], bytes] | None = None, size: int = 32) -> bytes:
+    """The bytes of the secret file ``path``, creating it first with ``make()`` (default: ``size`` random bytes).
+
+    A missing directory is created (the last level with mode 0700).
+
+    Raises:
+        SandboxConfigError: the file exists but is empty, or cannot be read or created (the
+            message names ``what`` and the path).
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+            try:
+                with os.fdopen(fd, "wb") as tmp:
+                    tmp.write(make() if make is not None else secrets.token_bytes(size))
+                    tmp.flush()
+                    os.fsync(tmp.fileno())
+                try:
+                    os.link(tmp_name, path)  # fails if another process created it first: use theirs
+                except FileExistsError:
+                    pass
+            finally:
+                os.unlink(tmp_name)
+        mode = path.stat().st_mode
+        value = path.read_bytes()
+    except OSError as exc:
+        raise SandboxConfigError(f"cannot read or create the {what} at {path}: {exc}") from exc
+    if not value:
+        raise SandboxConfigError(f"the {what} file {path} is empty; delete it or fill it")
+    if stat.S_IMODE(mode) & 0o077:
+        _log.warning("%s %s is readable by group or others (mode %o)", what, path, mode & 0o777)
+    return value
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data``, mode 0600 (its directory is created with mode 0700).
+
+    Raises:
+        OSError: the directory or file cannot be written.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
