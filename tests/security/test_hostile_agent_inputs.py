@@ -1,0 +1,126 @@
+"""Hostile requests against the agent's decoder and file operations, without NATS.
+
+A caller that can publish to an agent's subject may send any bytes. Each attack here goes through
+:func:`~sandbox.control_protocol.decode_request` (what the daemon runs on every message) or
+:meth:`~sandbox.agent.operations.AgentOperations.handle` (what it runs on every decoded request) and
+must end in a typed refusal, never an untyped exception or a crash of the serve loop. Every attack
+has a positive control: the same request made valid, which must decode or succeed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sandbox.control_protocol import (
+    MAX_ARGV_ITEMS,
+    MAX_ENV_ENTRIES,
+    MAX_SCROLL_STEPS,
+    ControlRequest,
+    DesktopInputOp,
+    ExecOp,
+    PtyOpenOp,
+    ScrollEvent,
+    decode_request,
+)
+from sandbox.errors import InvalidRequest
+
+
+def _wire(op: dict[str, Any]) -> bytes:
+    return json.dumps({"v": 1, "request_id": "r-1", "epoch": 1, "op": op}).encode()
+
+
+def _decode(op: dict[str, Any]) -> ControlRequest:
+    return decode_request(_wire(op))
+
+
+# --- 1. argv / env / numeric bounds ------------------------------------------------------------
+
+_ARGV_OPS = ["exec", "pty_open"]
+
+
+@pytest.mark.parametrize("op_type", _ARGV_OPS)
+def test_valid_argv_and_env_decode(op_type: str) -> None:
+    request = _decode({"type": op_type, "command": ["echo", "héllo", ""], "env": {"A_B": "x=y", "Z": ""}})
+    assert isinstance(request.op, (ExecOp, PtyOpenOp))
+    assert request.op.command == ["echo", "héllo", ""]
+    assert request.op.env == {"A_B": "x=y", "Z": ""}
+
+
+@pytest.mark.parametrize("op_type", _ARGV_OPS)
+@pytest.mark.parametrize(
+    ("command", "env"),
+    [
+        (["echo", "a\0b"], {}),
+        (["\0"], {}),
+        (["echo"], {"": "v"}),
+        (["echo"], {"A=B": "v"}),
+        (["echo"], {"A\0B": "v"}),
+        (["echo"], {"A": "v\0w"}),
+    ],
+    ids=["nul-in-arg", "nul-arg", "empty-env-name", "eq-in-env-name", "nul-in-env-name", "nul-in-env-value"],
+)
+def test_nul_and_bad_env_names_are_protocol_errors(op_type: str, command: list[str], env: dict[str, str]) -> None:
+    with pytest.raises(InvalidRequest, match="malformed control request"):
+        _decode({"type": op_type, "command": command, "env": env})
+
+
+@pytest.mark.parametrize("op_type", _ARGV_OPS)
+def test_argv_item_count_is_bounded(op_type: str) -> None:
+    assert len(_decode({"type": op_type, "command": ["x"] * MAX_ARGV_ITEMS}).op.command) == MAX_ARGV_ITEMS  # type: ignore[union-attr]
+    with pytest.raises(InvalidRequest):
+        _decode({"type": op_type, "command": ["x"] * (MAX_ARGV_ITEMS + 1)})
+
+
+@pytest.mark.parametrize("op_type", _ARGV_OPS)
+def test_env_entry_count_is_bounded(op_type: str) -> None:
+    env = {f"V{i}": "" for i in range(MAX_ENV_ENTRIES)}
+    assert len(_decode({"type": op_type, "command": ["x"], "env": env}).op.env) == MAX_ENV_ENTRIES  # type: ignore[union-attr]
+    env["ONE_MORE"] = ""
+    with pytest.raises(InvalidRequest):
+        _decode({"type": op_type, "command": ["x"], "env": env})
+
+
+@pytest.mark.parametrize("op_type", _ARGV_OPS)
+def test_argv_and_env_total_size_is_bounded(op_type: str) -> None:
+    assert _decode({"type": op_type, "command": ["x" * 500_000, "y" * 500_000]})
+    with pytest.raises(InvalidRequest):
+        _decode({"type": op_type, "command": ["x" * 600_000, "y" * 600_000]})
+    with pytest.raises(InvalidRequest):
+        _decode({"type": op_type, "command": ["x"], "env": {"A": "x" * 600_000, "B": "y" * 600_000}})
+
+
+@pytest.mark.parametrize("field", ["delta_x", "delta_y"])
+def test_scroll_deltas_are_bounded(field: str) -> None:
+    for ok in (MAX_SCROLL_STEPS, -MAX_SCROLL_STEPS, 0):
+        op = _decode({"type": "desktop_input", "event": {"kind": "scroll", "x": 1, "y": 1, field: ok}}).op
+        assert isinstance(op, DesktopInputOp) and isinstance(op.event, ScrollEvent)
+        assert getattr(op.event, field) == ok
+    for bad in (MAX_SCROLL_STEPS + 1, -MAX_SCROLL_STEPS - 1, 10**30):
+        with pytest.raises(InvalidRequest):
+            _decode({"type": "desktop_input", "event": {"kind": "scroll", "x": 1, "y": 1, field: bad}})
+
+
+def test_nul_in_key_text_is_a_protocol_error() -> None:
+    assert _decode({"type": "desktop_input", "event": {"kind": "key", "key": "abc", "is_text": True}})
+    with pytest.raises(InvalidRequest):
+        _decode({"type": "desktop_input", "event": {"kind": "key", "key": "a\0c", "is_text": True}})
+
+
+@pytest.mark.parametrize(
+    ("op", "field"),
+    [
+        ({"type": "fs_read", "path": "f"}, "offset"),
+        ({"type": "fs_read", "path": "f"}, "length"),
+        ({"type": "fs_write", "path": "f", "upload_id": "u"}, "upload_offset"),
+        ({"type": "exec", "command": ["true"]}, "timeout_ms"),
+        ({"type": "pty_read", "pty_id": "pty-1"}, "max_bytes"),
+    ],
+)
+def test_offsets_and_sizes_stay_within_int64(op: dict[str, Any], field: str) -> None:
+    # Past int64 os.pread / os.ftruncate raise OverflowError, not a typed OSError: refuse at the door.
+    assert _decode({**op, field: 2**63 - 1})
+    with pytest.raises(InvalidRequest):
+        _decode({**op, field: 2**63})
