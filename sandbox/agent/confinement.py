@@ -99,7 +99,9 @@ class Root:
         ``path`` is relative to the root, or absolute and inside the root's real path.
 
         Raises:
-            OpRefused: the path leaves the root (``path_escape``), has a NUL, or loops.
+            OpRefused: the path leaves the root (``path_escape``), has a NUL, or loops; any other
+                ``OSError`` on the way (a name too long, a directory it may not search) is mapped by
+                :func:`os_refusal`.
         """
         if "\0" in path:
             raise OpRefused(ControlErrorCode.OS, "path contains a NUL byte", {"errno": "EINVAL", "path": path})
@@ -126,6 +128,9 @@ class Root:
                     st = os.lstat(os.path.join(self.real, *resolved, part))
                 except (FileNotFoundError, NotADirectoryError):
                     exists = False
+                except OSError as err:
+                    # ENAMETOOLONG, EACCES, ELOOP...: the op still gets a typed reply, not an exception.
+                    raise os_refusal(err, path) from None
                 else:
                     if stat.S_ISLNK(st.st_mode):
                         hops += 1
@@ -135,7 +140,10 @@ class Root:
                                 f"too many symbolic links: {path}",
                                 {"errno": "ELOOP", "path": path},
                             )
-                        target = os.readlink(os.path.join(self.real, *resolved, part))
+                        try:
+                            target = os.readlink(os.path.join(self.real, *resolved, part))
+                        except OSError as err:
+                            raise os_refusal(err, path) from None
                         if target.startswith("/"):
                             if target != self.real and not target.startswith(self.real.rstrip("/") + "/"):
                                 raise _escape(path, f"goes through a symlink to {target!r} outside the root")
@@ -303,7 +311,10 @@ class Root:
         """The entry a path names, or None when it does not exist."""
         parts = self.resolve(path)
         if not parts:
-            st = os.stat(self.real)
+            try:
+                st = os.stat(self.real)
+            except OSError as err:
+                raise os_refusal(err, path) from None
             return _entry("", "", st)
         try:
             fd = self._open_dir(parts[:-1], create=False, path=path)
@@ -328,6 +339,9 @@ class Root:
         entries: list[FsEntry] = []
         try:
             self._walk(fd, "", recursive, entries, path)
+        except OSError as err:
+            # Only the top directory's scandir can get here (below it unreadable entries are skipped).
+            raise os_refusal(err, path) from None
         finally:
             os.close(fd)
         entries.sort(key=lambda e: e.path)

@@ -9,18 +9,26 @@ has a positive control: the same request made valid, which must decode or succee
 
 from __future__ import annotations
 
+import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sandbox.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_protocol import (
     MAX_ARGV_ITEMS,
     MAX_ENV_ENTRIES,
     MAX_SCROLL_STEPS,
+    ControlErrorCode,
     ControlRequest,
+    ControlResponse,
     DesktopInputOp,
     ExecOp,
+    FsReadReply,
+    FsStatReply,
+    FsWriteReply,
     PtyOpenOp,
     ScrollEvent,
     decode_request,
@@ -124,3 +132,49 @@ def test_offsets_and_sizes_stay_within_int64(op: dict[str, Any], field: str) -> 
     assert _decode({**op, field: 2**63 - 1})
     with pytest.raises(InvalidRequest):
         _decode({**op, field: 2**63})
+
+
+# --- 2. every OSError is a typed refusal --------------------------------------------------------
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> AgentOperations:
+    root = tmp_path / "root"
+    root.mkdir()
+    return AgentOperations(workspace_id="ws", agent_id="ag", root=root, display=DisplayAccess(display=None))
+
+
+async def _handle(ops: AgentOperations, op: dict[str, Any]) -> ControlResponse:
+    return await ops.handle(_decode(op))
+
+
+_LONG_NAME = "n" * 300
+"""Longer than NAME_MAX (255): every call on it fails with ENAMETOOLONG."""
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        {"type": "fs_write", "path": _LONG_NAME, "content": base64.b64encode(b"x").decode()},
+        {"type": "fs_write", "path": f"sub/{_LONG_NAME}", "content": ""},
+        {"type": "fs_stat", "path": _LONG_NAME},
+        {"type": "fs_read", "path": _LONG_NAME},
+        {"type": "fs_list", "path": _LONG_NAME},
+        {"type": "fs_write", "path": _LONG_NAME, "upload_id": "u1", "content": ""},
+    ],
+    ids=["write", "write-nested", "stat", "read", "list", "upload"],
+)
+async def test_name_too_long_is_a_typed_os_error(ops: AgentOperations, op: dict[str, Any]) -> None:
+    response = await _handle(ops, op)
+    assert response.result is None and response.error is not None
+    assert response.error.code is ControlErrorCode.OS
+    assert response.error.detail["errno"] == "ENAMETOOLONG"
+
+
+async def test_normal_name_positive_control(ops: AgentOperations) -> None:
+    wrote = await _handle(ops, {"type": "fs_write", "path": "n" * 200, "content": base64.b64encode(b"hi").decode()})
+    assert isinstance(wrote.result, FsWriteReply) and wrote.result.bytes_written == 2
+    stat_reply = await _handle(ops, {"type": "fs_stat", "path": "n" * 200})
+    assert isinstance(stat_reply.result, FsStatReply) and stat_reply.result.exists
+    read = await _handle(ops, {"type": "fs_read", "path": "n" * 200})
+    assert isinstance(read.result, FsReadReply) and read.result.content == b"hi"
