@@ -340,6 +340,10 @@ class FsWriteOp(_Message):
     With ``upload_id`` the content lands at ``upload_offset`` in a staging file next to ``path``
     (a repeated chunk overwrites itself, so resending is harmless) and ``final`` renames the staging
     file onto ``path`` in one step: a reader never sees half a file.
+
+    ``mode`` (0 = keep the existing file's, or the default) accepts ``0o7777`` but the setuid,
+    setgid and sticky bits are masked, not refused: the file gets ``mode & 0o777``, and a rewrite
+    never keeps the set-id bits of the file it replaces.
     """
 
     type: Literal["fs_write"] = "fs_write"

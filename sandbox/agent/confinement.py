@@ -6,6 +6,10 @@ root: a ``..`` above it, an absolute path outside it, a symlink whose target is 
 resulting components are then opened one at a time relative to directory file descriptors with
 ``O_NOFOLLOW``, so a symlink swapped in after the check fails the open instead of escaping.
 
+A written file never gets the setuid, setgid or sticky bit: a requested mode is masked to its
+permission bits (``0o777``), not refused, and so is the mode a rewrite keeps from the file it
+replaces, so no request can plant a set-id program for whoever runs it later.
+
 Failures raise :class:`OpRefused` carrying the wire error (code, message, detail); the operations
 layer turns it into the agent's error reply.
 """
@@ -30,6 +34,8 @@ MAX_SYMLINK_HOPS: Final = 40
 MAX_LIST_ENTRIES: Final = 100_000
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _UPLOAD_PREFIX: Final = ".sandbox-upload-"
+_PERMISSION_BITS: Final = 0o777
+"""The mode bits a write may set: setuid, setgid and sticky are masked off."""
 
 
 @dataclass
@@ -229,7 +235,12 @@ class Root:
                 os.close(fd)
 
     def write(self, path: str, content: bytes, *, create_parents: bool, append: bool, mode: int) -> int:
-        """Write a whole file atomically (temp file + rename), or append to it."""
+        """Write a whole file atomically (temp file + rename), or append to it.
+
+        ``mode`` (0 = keep the file's mode, or the default for a new file) is masked to ``0o777``;
+        a mode that is only set-id or sticky bits therefore counts as 0.
+        """
+        mode &= _PERMISSION_BITS
         with self.parent(path, create=create_parents) as (dfd, name):
             try:
                 if append:
@@ -238,8 +249,11 @@ class Root:
                     )
                     try:
                         _write_all(fd, content)
-                        if mode:
-                            os.fchmod(fd, mode)
+                        # Appending changes the program a set-id file runs, so its set-id bits go too.
+                        current = stat.S_IMODE(os.fstat(fd).st_mode)
+                        wanted = mode or current & _PERMISSION_BITS
+                        if wanted != current:
+                            os.fchmod(fd, wanted)
                     finally:
                         os.close(fd)
                     return len(content)
@@ -270,7 +284,8 @@ class Root:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError:
             return 0
-        return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0
+        # A rewrite keeps the old file's permissions but never its set-id bits (the content is new).
+        return stat.S_IMODE(st.st_mode) & _PERMISSION_BITS if stat.S_ISREG(st.st_mode) else 0
 
     def write_chunk(
         self, path: str, content: bytes, *, upload_id: str, offset: int, final: bool, create_parents: bool, mode: int
@@ -279,7 +294,9 @@ class Root:
 
         A resent chunk overwrites itself (the staging file is cut at ``offset`` first), so the
         sender may repeat a chunk whose reply it lost. A chunk that would leave a gap is refused.
+        ``mode`` is masked to ``0o777`` as in :meth:`write`.
         """
+        mode &= _PERMISSION_BITS
         with self.parent(path, create=create_parents) as (dfd, name):
             staging = f"{_UPLOAD_PREFIX}{upload_id}"
             try:

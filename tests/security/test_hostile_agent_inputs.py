@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,46 @@ async def test_normal_name_positive_control(ops: AgentOperations) -> None:
     assert isinstance(stat_reply.result, FsStatReply) and stat_reply.result.exists
     read = await _handle(ops, {"type": "fs_read", "path": "n" * 200})
     assert isinstance(read.result, FsReadReply) and read.result.content == b"hi"
+
+
+# --- 3. no set-id bits from a write -------------------------------------------------------------
+
+_SET_ID = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+
+
+def _write_op(path: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "fs_write", "path": path, "content": base64.b64encode(b"#!/bin/sh\n").decode(), **fields}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"append": True}, {"upload_id": "u1"}],
+    ids=["atomic", "append", "upload"],
+)
+async def test_requested_set_id_bits_are_masked(ops: AgentOperations, fields: dict[str, Any]) -> None:
+    target = Path(ops.root.real) / "prog"
+    response = await _handle(ops, _write_op("prog", mode=0o6777, **fields))
+    assert isinstance(response.result, FsWriteReply)
+    assert target.stat().st_mode & _SET_ID == 0
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777
+    # Positive control: an ordinary mode is applied exactly.
+    response = await _handle(ops, _write_op("prog2", mode=0o755, **fields))
+    assert isinstance(response.result, FsWriteReply)
+    assert stat.S_IMODE((Path(ops.root.real) / "prog2").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"append": True}, {"upload_id": "u1"}],
+    ids=["atomic", "append", "upload"],
+)
+async def test_rewrite_does_not_keep_set_id_bits(ops: AgentOperations, fields: dict[str, Any]) -> None:
+    target = Path(ops.root.real) / "prog"
+    target.write_bytes(b"old")
+    target.chmod(0o4755)
+    assert target.stat().st_mode & stat.S_ISUID, "the host must be able to set setuid for this attack"
+    response = await _handle(ops, _write_op("prog", **fields))
+    assert isinstance(response.result, FsWriteReply)
+    assert target.stat().st_mode & _SET_ID == 0
+    # Positive control: the permission bits themselves are kept.
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
