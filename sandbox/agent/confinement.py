@@ -28,10 +28,12 @@ from typing import Final
 
 from sandbox.control_protocol import ControlErrorCode, FsEntry
 
-__all__ = ["MAX_LIST_ENTRIES", "OpRefused", "Root", "os_refusal"]
+__all__ = ["MAX_LIST_DEPTH", "MAX_LIST_ENTRIES", "OpRefused", "Root", "os_refusal"]
 
 MAX_SYMLINK_HOPS: Final = 40
 MAX_LIST_ENTRIES: Final = 100_000
+MAX_LIST_DEPTH: Final = 256
+"""The deepest level a recursive listing returns; an entry below it refuses the listing (each level holds an fd)."""
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _UPLOAD_PREFIX: Final = ".sandbox-upload-"
 _PERMISSION_BITS: Final = 0o777
@@ -355,7 +357,7 @@ class Root:
         fd = self._open_dir(parts, create=False, path=path)
         entries: list[FsEntry] = []
         try:
-            self._walk(fd, "", recursive, entries, path)
+            self._walk(fd, recursive, entries, path)
         except OSError as err:
             # Only the top directory's scandir can get here (below it unreadable entries are skipped).
             raise os_refusal(err, path) from None
@@ -364,33 +366,61 @@ class Root:
         entries.sort(key=lambda e: e.path)
         return entries
 
-    def _walk(self, fd: int, prefix: str, recursive: bool, out: list[FsEntry], path: str) -> None:
-        with os.scandir(fd) as it:
+    def _walk(self, top: int, recursive: bool, out: list[FsEntry], path: str) -> None:
+        # An explicit stack (pre-order, like the recursion it replaces): a hostile tree thousands of
+        # levels deep must not overflow Python's stack. Each frame holds its directory's fd (the top
+        # one is the caller's), so the depth is capped to bound the descriptors held at once.
+        with os.scandir(top) as it:
             children = list(it)
-        for child in children:
-            if child.name.startswith(_UPLOAD_PREFIX):
-                continue
-            try:
-                st = child.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            rel = f"{prefix}{child.name}"
-            out.append(_entry(child.name, rel, st))
-            if len(out) > MAX_LIST_ENTRIES:
-                raise OpRefused(
-                    ControlErrorCode.PAYLOAD_TOO_LARGE,
-                    f"more than {MAX_LIST_ENTRIES} entries under {path}; list a smaller directory",
-                    {"path": path},
-                )
-            if recursive and stat.S_ISDIR(st.st_mode):
+        stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = [(top, "", iter(children))]
+        try:
+            while stack:
+                fd, prefix, pending = stack[-1]
+                child = next(pending, None)
+                if child is None:
+                    stack.pop()
+                    if fd != top:
+                        os.close(fd)
+                    continue
+                if child.name.startswith(_UPLOAD_PREFIX):
+                    continue
+                try:
+                    st = child.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if len(stack) > MAX_LIST_DEPTH:
+                    # An entry below the deepest level listed: the stack holds MAX_LIST_DEPTH + 1 fds at most.
+                    raise OpRefused(
+                        ControlErrorCode.PAYLOAD_TOO_LARGE,
+                        f"{path} is more than {MAX_LIST_DEPTH} levels deep; list a deeper directory by itself",
+                        {"path": path, "reason": "too_deep"},
+                    )
+                rel = f"{prefix}{child.name}"
+                out.append(_entry(child.name, rel, st))
+                if len(out) > MAX_LIST_ENTRIES:
+                    raise OpRefused(
+                        ControlErrorCode.PAYLOAD_TOO_LARGE,
+                        f"more than {MAX_LIST_ENTRIES} entries under {path}; list a smaller directory",
+                        {"path": path},
+                    )
+                if not (recursive and stat.S_ISDIR(st.st_mode)):
+                    continue
                 try:
                     sub = os.open(child.name, _DIR_FLAGS, dir_fd=fd)
                 except OSError:
                     continue
                 try:
-                    self._walk(sub, rel + "/", recursive, out, path)
-                finally:
+                    with os.scandir(sub) as it:
+                        grandchildren = list(it)
+                except OSError:
+                    # Below the top an unreadable directory is listed but not entered, as before.
                     os.close(sub)
+                    continue
+                stack.append((sub, rel + "/", iter(grandchildren)))
+        finally:
+            for fd, _, _ in stack:
+                if fd != top:
+                    os.close(fd)
 
     def directory(self, path: str) -> str:
         """The host path of an existing directory under the root (for an exec's cwd)."""

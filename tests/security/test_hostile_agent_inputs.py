@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from providers.workspace_archive import tree_fingerprint
+from sandbox.agent.confinement import MAX_LIST_DEPTH, OpRefused, Root
 from sandbox.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_protocol import (
     MAX_ARGV_ITEMS,
@@ -27,6 +31,7 @@ from sandbox.control_protocol import (
     ControlResponse,
     DesktopInputOp,
     ExecOp,
+    FsListReply,
     FsReadReply,
     FsStatReply,
     FsWriteReply,
@@ -222,3 +227,87 @@ async def test_rewrite_does_not_keep_set_id_bits(ops: AgentOperations, fields: d
     assert target.stat().st_mode & _SET_ID == 0
     # Positive control: the permission bits themselves are kept.
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
+
+
+# --- 4. deep trees ------------------------------------------------------------------------------
+
+_DEEP = 2000
+"""Twice Python's default recursion limit; with one-letter names the path still fits PATH_MAX."""
+
+
+def _deep_tree(base: Path, depth: int) -> None:
+    # By descriptor, level by level: os.makedirs (and shutil.rmtree on 3.11) recurse themselves.
+    base.mkdir()
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    finally:
+        os.close(fd)
+
+
+def _remove_deep(base: Path) -> None:
+    """Remove a tree built by :func:`_deep_tree` (and any files in it) without recursion."""
+    fds = [os.open(base, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        while "d" in os.listdir(fds[-1]):
+            fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        while fds:
+            fd = fds.pop()
+            for name in os.listdir(fd):
+                os.unlink(name, dir_fd=fd) if name != "d" else os.rmdir(name, dir_fd=fd)
+            os.close(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    base.rmdir()
+
+
+@pytest.fixture
+def deep_trees() -> Iterator[list[Path]]:
+    """Deep trees a test builds, removed at teardown (pytest's own cleanup would hit RecursionError)."""
+    built: list[Path] = []
+    yield built
+    for base in built:
+        _remove_deep(base)
+
+
+def test_recursive_listing_of_a_very_deep_tree_is_a_typed_refusal(tmp_path: Path, deep_trees: list[Path]) -> None:
+    deep_trees.append(tmp_path / "deep")
+    _deep_tree(tmp_path / "deep", _DEEP)
+    root = Root(tmp_path)
+    with pytest.raises(OpRefused) as refused:
+        root.list_dir("deep", recursive=True)
+    assert refused.value.code is ControlErrorCode.PAYLOAD_TOO_LARGE
+    assert refused.value.detail["reason"] == "too_deep"
+    # Positive control: a tree exactly as deep as the limit is listed whole, in path order.
+    _deep_tree(tmp_path / "ok", MAX_LIST_DEPTH)
+    entries = root.list_dir("ok", recursive=True)
+    assert [e.path for e in entries] == ["/".join(["d"] * n) for n in range(1, MAX_LIST_DEPTH + 1)]
+
+
+async def test_deep_listing_through_handle_is_one_typed_reply(ops: AgentOperations, deep_trees: list[Path]) -> None:
+    deep_trees.append(Path(ops.root.real) / "deep")
+    _deep_tree(Path(ops.root.real) / "deep", _DEEP)
+    response = await _handle(ops, {"type": "fs_list", "path": "deep", "recursive": True})
+    assert response.error is not None and response.error.code is ControlErrorCode.PAYLOAD_TOO_LARGE
+    # Positive control: one level of the same tree lists fine.
+    response = await _handle(ops, {"type": "fs_list", "path": "deep", "recursive": False})
+    assert isinstance(response.result, FsListReply) and [e.name for e in response.result.entries] == ["d"]
+
+
+def test_fingerprint_of_a_very_deep_tree(tmp_path: Path, deep_trees: list[Path]) -> None:
+    deep_trees.append(tmp_path / "deep")
+    _deep_tree(tmp_path / "deep", _DEEP)
+    first = tree_fingerprint(tmp_path, ["deep"])
+    assert tree_fingerprint(tmp_path, ["deep"]) == first
+    # Positive control: a change at the very bottom is seen, so the walk really went all the way down.
+    fd = os.open(tmp_path.joinpath("deep", *["d"] * _DEEP), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    assert tree_fingerprint(tmp_path, ["deep"]) != first
