@@ -9,7 +9,9 @@ has a positive control: the same request made valid, which must decode or succee
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import os
 import stat
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from providers.workspace_archive import tree_fingerprint
 from sandbox.agent.confinement import MAX_LIST_DEPTH, OpRefused, Root
@@ -38,6 +42,8 @@ from sandbox.control_protocol import (
     PtyOpenOp,
     ScrollEvent,
     decode_request,
+    decode_response,
+    encode_message,
 )
 from sandbox.errors import InvalidRequest
 
@@ -311,3 +317,79 @@ def test_fingerprint_of_a_very_deep_tree(tmp_path: Path, deep_trees: list[Path])
     finally:
         os.close(fd)
     assert tree_fingerprint(tmp_path, ["deep"]) != first
+
+
+# --- 5. properties: any text decodes or is refused; any decoded fs op gets one reply --------------
+
+# Every code point, surrogates included (a JSON "\ud800" escape must be refused, not crash the decoder).
+_ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
+_PATHY = st.one_of(
+    _ANY_TEXT,
+    st.lists(st.sampled_from(["..", ".", "", "a", "b", "/", "\0", "n" * 300, "ü"]), max_size=6).map("/".join),
+)
+_B64 = st.binary(max_size=64).map(lambda raw: base64.b64encode(raw).decode())
+
+_EXEC_OPS = st.fixed_dictionaries(
+    {"type": st.just("exec"), "command": st.lists(_ANY_TEXT, max_size=5)},
+    optional={"env": st.dictionaries(_ANY_TEXT, _ANY_TEXT, max_size=4), "cwd": _PATHY, "shell": st.booleans()},
+)
+_FS_OPS = st.one_of(
+    st.fixed_dictionaries(
+        {"type": st.just("fs_write"), "path": _PATHY},
+        optional={
+            "content": st.one_of(_B64, _ANY_TEXT),
+            "mode": st.integers(-1, 0o17777),
+            "append": st.booleans(),
+            "create_parents": st.booleans(),
+            "upload_id": st.sampled_from(["u1", "u2", "bad id"]),
+            "upload_offset": st.integers(0, 8),
+            "final": st.booleans(),
+        },
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("fs_read"), "path": _PATHY},
+        optional={"offset": st.integers(0, 2**64), "length": st.integers(0, 2**64)},
+    ),
+    st.fixed_dictionaries({"type": st.just("fs_stat"), "path": _PATHY}),
+    st.fixed_dictionaries({"type": st.just("fs_list"), "path": _PATHY}, optional={"recursive": st.booleans()}),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(op=st.one_of(_EXEC_OPS, _FS_OPS))
+def test_any_text_decodes_or_is_invalid(op: dict[str, Any]) -> None:
+    try:
+        request = _decode(op)
+    except InvalidRequest:
+        return
+    # Positive side of the property: what decodes is the op that was sent.
+    assert request.op.type == op["type"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_any_bytes_decode_or_are_invalid(data: bytes) -> None:
+    with contextlib.suppress(InvalidRequest):
+        decode_request(data)
+    # Positive control for the generator: a valid request still decodes.
+    assert decode_request(_wire({"type": "ping"})).op.type == "ping"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=_FS_OPS)
+def test_any_decoded_fs_op_gets_exactly_one_reply(ops: AgentOperations, op: dict[str, Any]) -> None:
+    try:
+        request = _decode(op)
+    except InvalidRequest:
+        return
+    response = asyncio.run(ops.handle(request))
+    assert isinstance(response, ControlResponse)
+    assert response.request_id == request.request_id
+    assert (response.result is None) != (response.error is None)
+    if response.result is not None:
+        assert response.result.type == request.op.type
+    # The reply must also travel: it encodes and decodes back as the answer to this request.
+    wire = encode_message(response)
+    assert decode_response(wire, request_id=request.request_id, op_type=request.op.type) == response
+    # Nothing landed outside the root (it is the only entry of its parent, the test's tmp_path).
+    assert os.listdir(Path(ops.root.real).parent) == ["root"]
