@@ -136,8 +136,13 @@ MAX_ARGV_ITEMS: Final = 4096
 """The most elements a ``command`` may have (far above any real argv, far below what could hurt)."""
 MAX_ENV_ENTRIES: Final = 4096
 """The most variables an op's ``env`` may add."""
-MAX_ARGV_CHARS: Final = 1024 * 1024
-"""The most characters a ``command`` (or an ``env``, keys plus values) may hold in total."""
+MAX_ARGV_CHARS: Final = 64 * 1024 * 1024
+"""The most characters a ``command`` (or an ``env``, keys plus values) may hold in total.
+
+nats-server's hard ceiling on ``max_payload``: a backstop only, so that a request over the link's
+live limit is still refused by size (``PAYLOAD_TOO_LARGE``, never sent) rather than by this check;
+the kernel's own, lower limits come back from the agent as an ``OS`` error (``E2BIG``).
+"""
 MAX_SCROLL_STEPS: Final = 1000
 """The largest ``|delta_x|``/``|delta_y|`` of a scroll event (each step is one synthetic click)."""
 MAX_WIRE_INT: Final = 2**63 - 1
