@@ -27,7 +27,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, Literal
 
@@ -390,13 +390,27 @@ def tree_fingerprint(base: Path, members: Sequence[str]) -> str:
             f"{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{target}\n".encode(errors="surrogateescape")
         )
 
-    def walk(path: str, rel: str) -> None:
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except FileNotFoundError:
-            return
-        for entry in entries:
+    def walk(top: str, top_rel: str) -> None:
+        # An explicit stack instead of recursion (a tree thousands of levels deep must not overflow
+        # Python's stack), in the same pre-order: a directory right after its parent's entry, then
+        # its whole subtree before its next sibling, so the digest is unchanged.
+        stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = []
+
+        def push(path: str, rel: str) -> None:
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except FileNotFoundError:
+                return
+            stack.append((rel, iter(entries)))
+
+        push(top, top_rel)
+        while stack:
+            rel, pending = stack[-1]
+            entry = next(pending, None)
+            if entry is None:
+                stack.pop()
+                continue
             child_rel = f"{rel}/{entry.name}"
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -408,7 +422,7 @@ def tree_fingerprint(base: Path, members: Sequence[str]) -> str:
                 continue
             add(child_rel, st)
             if stat.S_ISDIR(st.st_mode):
-                walk(entry.path, child_rel)
+                push(entry.path, child_rel)
 
     for member in members:
         path = os.path.join(base, member)

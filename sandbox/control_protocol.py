@@ -47,12 +47,18 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.functional_validators import AfterValidator
 
 from providers.descriptors import NEVER_SENT_DETAIL_KEY, AgentErrorCode
 from sandbox.errors import InvalidRequest, SelfhostedControlError
 
 __all__ = [
+    "MAX_ARGV_CHARS",
+    "MAX_ARGV_ITEMS",
+    "MAX_ENV_ENTRIES",
     "MAX_EPOCH",
+    "MAX_SCROLL_STEPS",
+    "MAX_WIRE_INT",
     "NATS_DEFAULT_MAX_PAYLOAD",
     "NEVER_SENT_DETAIL_KEY",
     "PROTOCOL_VERSION",
@@ -126,6 +132,21 @@ _UPLOAD_ID_RE: Final = r"^[A-Za-z0-9_-]{1,64}$"
 _PTY_ID_RE: Final = r"^pty-[A-Za-z0-9_-]{1,64}$"
 PTY_MAX_WAIT_MS: Final = 10_000
 """The longest a ``pty_read`` may wait for output (its RPC timeout is a little longer)."""
+MAX_ARGV_ITEMS: Final = 4096
+"""The most elements a ``command`` may have (far above any real argv, far below what could hurt)."""
+MAX_ENV_ENTRIES: Final = 4096
+"""The most variables an op's ``env`` may add."""
+MAX_ARGV_CHARS: Final = 64 * 1024 * 1024
+"""The most characters a ``command`` (or an ``env``, keys plus values) may hold in total.
+
+nats-server's hard ceiling on ``max_payload``: a backstop only, so that a request over the link's
+live limit is still refused by size (``PAYLOAD_TOO_LARGE``, never sent) rather than by this check;
+the kernel's own, lower limits come back from the agent as an ``OS`` error (``E2BIG``).
+"""
+MAX_SCROLL_STEPS: Final = 1000
+"""The largest ``|delta_x|``/``|delta_y|`` of a scroll event (each step is one synthetic click)."""
+MAX_WIRE_INT: Final = 2**63 - 1
+"""The largest count, offset or size on the wire: beyond int64 the OS calls overflow instead of failing typed."""
 
 
 # --- subjects -----------------------------------------------------------------------------------
@@ -239,8 +260,46 @@ WireBytes = Annotated[
 ]
 """Bytes in Python, standard padded base64 in JSON (strictly validated on the way in)."""
 
-NonNegative = Annotated[StrictInt, Field(ge=0)]
+NonNegative = Annotated[StrictInt, Field(ge=0, le=MAX_WIRE_INT)]
 WirePath = Annotated[StrictStr, Field(max_length=4096)]
+
+
+def _check_argv(value: list[str]) -> list[str]:
+    # A NUL cannot be passed to execve: the agent would fail with an untyped ValueError, so refuse it here.
+    if len(value) > MAX_ARGV_ITEMS:
+        raise ValueError(f"a command has at most {MAX_ARGV_ITEMS} elements")
+    if sum(len(arg) for arg in value) > MAX_ARGV_CHARS:
+        raise ValueError(f"a command holds at most {MAX_ARGV_CHARS} characters")
+    if any("\0" in arg for arg in value):
+        raise ValueError("a command element contains a NUL character")
+    return value
+
+
+def _check_env(value: dict[str, str]) -> dict[str, str]:
+    # An empty name, or one with '=', would be split differently by the child; a NUL cannot be passed at all.
+    if len(value) > MAX_ENV_ENTRIES:
+        raise ValueError(f"an environment has at most {MAX_ENV_ENTRIES} variables")
+    if sum(len(key) + len(val) for key, val in value.items()) > MAX_ARGV_CHARS:
+        raise ValueError(f"an environment holds at most {MAX_ARGV_CHARS} characters")
+    for key, val in value.items():
+        if not key or "=" in key or "\0" in key:
+            raise ValueError(f"environment variable name {key[:64]!r} is empty or contains '=' or NUL")
+        if "\0" in val:
+            raise ValueError(f"environment variable {key[:64]!r} has a NUL character in its value")
+    return value
+
+
+def _check_no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("contains a NUL character")
+    return value
+
+
+WireArgv = Annotated[list[StrictStr], AfterValidator(_check_argv)]
+"""An argv: at most :data:`MAX_ARGV_ITEMS` elements and :data:`MAX_ARGV_CHARS` characters, no NUL."""
+WireEnv = Annotated[dict[StrictStr, StrictStr], AfterValidator(_check_env)]
+"""Environment additions: at most :data:`MAX_ENV_ENTRIES`, names non-empty without ``=``, no NUL anywhere."""
+ScrollSteps = Annotated[StrictInt, Field(ge=-MAX_SCROLL_STEPS, le=MAX_SCROLL_STEPS)]
 
 
 class _Message(BaseModel):
@@ -256,13 +315,18 @@ class _Reply(BaseModel):
 
 
 class ExecOp(_Message):
-    """Run a command. ``command`` is argv, or one shell string when ``shell``; ``timeout_ms`` 0 = no deadline."""
+    """Run a command. ``command`` is argv, or one shell string when ``shell``; ``timeout_ms`` 0 = no deadline.
+
+    ``command`` and ``env`` are bounded (:data:`MAX_ARGV_ITEMS`, :data:`MAX_ENV_ENTRIES`,
+    :data:`MAX_ARGV_CHARS`) and hold no NUL; an env name is non-empty and has no ``=``. A request
+    breaking that does not decode, so the agent answers ``PROTOCOL`` instead of failing in ``execve``.
+    """
 
     type: Literal["exec"] = "exec"
-    command: list[StrictStr] = Field(min_length=1)
+    command: WireArgv = Field(min_length=1)
     shell: StrictBool = False
     cwd: WirePath = ""
-    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    env: WireEnv = Field(default_factory=dict)
     stdin: WireBytes = b""
     timeout_ms: NonNegative = 0
 
@@ -282,6 +346,10 @@ class FsWriteOp(_Message):
     With ``upload_id`` the content lands at ``upload_offset`` in a staging file next to ``path``
     (a repeated chunk overwrites itself, so resending is harmless) and ``final`` renames the staging
     file onto ``path`` in one step: a reader never sees half a file.
+
+    ``mode`` (0 = keep the existing file's, or the default) accepts ``0o7777`` but the setuid,
+    setgid and sticky bits are masked, not refused: the file gets ``mode & 0o777``, and a rewrite
+    never keeps the set-id bits of the file it replaces.
     """
 
     type: Literal["fs_write"] = "fs_write"
@@ -345,7 +413,7 @@ class KeyEvent(_Message):
     """A key (an X keysym name such as ``Return``, or text to type when ``is_text``)."""
 
     kind: Literal["key"] = "key"
-    key: Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+    key: Annotated[StrictStr, Field(min_length=1, max_length=4096), AfterValidator(_check_no_nul)]
     is_text: StrictBool = False
     action: Literal["down", "up", "press"] = "press"
 
@@ -356,8 +424,8 @@ class ScrollEvent(_Message):
     kind: Literal["scroll"] = "scroll"
     x: NonNegative
     y: NonNegative
-    delta_x: StrictInt = 0
-    delta_y: StrictInt = 0
+    delta_x: ScrollSteps = 0
+    delta_y: ScrollSteps = 0
 
 
 class DesktopInputOp(_Message):
@@ -384,12 +452,13 @@ class PtyOpenOp(_Message):
     A non-empty ``scope_id`` names the PTY: opening the same scope again while its shell runs returns
     that PTY (``reused``) instead of a second shell, so a repeated open is harmless. The fields are
     upstream's ``PtyOpen``; the output comes back through ``pty_read`` instead of a relay stream.
+    ``command`` and ``env`` are bounded and checked exactly as :class:`ExecOp`'s.
     """
 
     type: Literal["pty_open"] = "pty_open"
-    command: list[StrictStr] = Field(default_factory=list)
+    command: WireArgv = Field(default_factory=list)
     cwd: WirePath = ""
-    env: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    env: WireEnv = Field(default_factory=dict)
     cols: Annotated[StrictInt, Field(ge=0, le=500)] = 0
     rows: Annotated[StrictInt, Field(ge=0, le=300)] = 0
     term: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._+-]{1,64}$")] = "xterm-256color"

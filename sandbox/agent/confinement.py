@@ -6,6 +6,10 @@ root: a ``..`` above it, an absolute path outside it, a symlink whose target is 
 resulting components are then opened one at a time relative to directory file descriptors with
 ``O_NOFOLLOW``, so a symlink swapped in after the check fails the open instead of escaping.
 
+A written file never gets the setuid, setgid or sticky bit: a requested mode is masked to its
+permission bits (``0o777``), not refused, and so is the mode a rewrite keeps from the file it
+replaces, so no request can plant a set-id program for whoever runs it later.
+
 Failures raise :class:`OpRefused` carrying the wire error (code, message, detail); the operations
 layer turns it into the agent's error reply.
 """
@@ -24,12 +28,16 @@ from typing import Final
 
 from sandbox.control_protocol import ControlErrorCode, FsEntry
 
-__all__ = ["MAX_LIST_ENTRIES", "OpRefused", "Root", "os_refusal"]
+__all__ = ["MAX_LIST_DEPTH", "MAX_LIST_ENTRIES", "OpRefused", "Root", "os_refusal"]
 
 MAX_SYMLINK_HOPS: Final = 40
 MAX_LIST_ENTRIES: Final = 100_000
+MAX_LIST_DEPTH: Final = 256
+"""The deepest level a recursive listing returns; an entry below it refuses the listing (each level holds an fd)."""
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _UPLOAD_PREFIX: Final = ".sandbox-upload-"
+_PERMISSION_BITS: Final = 0o777
+"""The mode bits a write may set: setuid, setgid and sticky are masked off."""
 
 
 @dataclass
@@ -99,7 +107,9 @@ class Root:
         ``path`` is relative to the root, or absolute and inside the root's real path.
 
         Raises:
-            OpRefused: the path leaves the root (``path_escape``), has a NUL, or loops.
+            OpRefused: the path leaves the root (``path_escape``), has a NUL, or loops; any other
+                ``OSError`` on the way (a name too long, a directory it may not search) is mapped by
+                :func:`os_refusal`.
         """
         if "\0" in path:
             raise OpRefused(ControlErrorCode.OS, "path contains a NUL byte", {"errno": "EINVAL", "path": path})
@@ -126,6 +136,9 @@ class Root:
                     st = os.lstat(os.path.join(self.real, *resolved, part))
                 except (FileNotFoundError, NotADirectoryError):
                     exists = False
+                except OSError as err:
+                    # ENAMETOOLONG, EACCES, ELOOP...: the op still gets a typed reply, not an exception.
+                    raise os_refusal(err, path) from None
                 else:
                     if stat.S_ISLNK(st.st_mode):
                         hops += 1
@@ -135,7 +148,10 @@ class Root:
                                 f"too many symbolic links: {path}",
                                 {"errno": "ELOOP", "path": path},
                             )
-                        target = os.readlink(os.path.join(self.real, *resolved, part))
+                        try:
+                            target = os.readlink(os.path.join(self.real, *resolved, part))
+                        except OSError as err:
+                            raise os_refusal(err, path) from None
                         if target.startswith("/"):
                             if target != self.real and not target.startswith(self.real.rstrip("/") + "/"):
                                 raise _escape(path, f"goes through a symlink to {target!r} outside the root")
@@ -221,7 +237,12 @@ class Root:
                 os.close(fd)
 
     def write(self, path: str, content: bytes, *, create_parents: bool, append: bool, mode: int) -> int:
-        """Write a whole file atomically (temp file + rename), or append to it."""
+        """Write a whole file atomically (temp file + rename), or append to it.
+
+        ``mode`` (0 = keep the file's mode, or the default for a new file) is masked to ``0o777``;
+        a mode that is only set-id or sticky bits therefore counts as 0.
+        """
+        mode &= _PERMISSION_BITS
         with self.parent(path, create=create_parents) as (dfd, name):
             try:
                 if append:
@@ -230,8 +251,11 @@ class Root:
                     )
                     try:
                         _write_all(fd, content)
-                        if mode:
-                            os.fchmod(fd, mode)
+                        # Appending changes the program a set-id file runs, so its set-id bits go too.
+                        current = stat.S_IMODE(os.fstat(fd).st_mode)
+                        wanted = mode or current & _PERMISSION_BITS
+                        if wanted != current:
+                            os.fchmod(fd, wanted)
                     finally:
                         os.close(fd)
                     return len(content)
@@ -262,7 +286,8 @@ class Root:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError:
             return 0
-        return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0
+        # A rewrite keeps the old file's permissions but never its set-id bits (the content is new).
+        return stat.S_IMODE(st.st_mode) & _PERMISSION_BITS if stat.S_ISREG(st.st_mode) else 0
 
     def write_chunk(
         self, path: str, content: bytes, *, upload_id: str, offset: int, final: bool, create_parents: bool, mode: int
@@ -271,7 +296,9 @@ class Root:
 
         A resent chunk overwrites itself (the staging file is cut at ``offset`` first), so the
         sender may repeat a chunk whose reply it lost. A chunk that would leave a gap is refused.
+        ``mode`` is masked to ``0o777`` as in :meth:`write`.
         """
+        mode &= _PERMISSION_BITS
         with self.parent(path, create=create_parents) as (dfd, name):
             staging = f"{_UPLOAD_PREFIX}{upload_id}"
             try:
@@ -303,7 +330,10 @@ class Root:
         """The entry a path names, or None when it does not exist."""
         parts = self.resolve(path)
         if not parts:
-            st = os.stat(self.real)
+            try:
+                st = os.stat(self.real)
+            except OSError as err:
+                raise os_refusal(err, path) from None
             return _entry("", "", st)
         try:
             fd = self._open_dir(parts[:-1], create=False, path=path)
@@ -327,39 +357,70 @@ class Root:
         fd = self._open_dir(parts, create=False, path=path)
         entries: list[FsEntry] = []
         try:
-            self._walk(fd, "", recursive, entries, path)
+            self._walk(fd, recursive, entries, path)
+        except OSError as err:
+            # Only the top directory's scandir can get here (below it unreadable entries are skipped).
+            raise os_refusal(err, path) from None
         finally:
             os.close(fd)
         entries.sort(key=lambda e: e.path)
         return entries
 
-    def _walk(self, fd: int, prefix: str, recursive: bool, out: list[FsEntry], path: str) -> None:
-        with os.scandir(fd) as it:
+    def _walk(self, top: int, recursive: bool, out: list[FsEntry], path: str) -> None:
+        # An explicit stack (pre-order, like the recursion it replaces): a hostile tree thousands of
+        # levels deep must not overflow Python's stack. Each frame holds its directory's fd (the top
+        # one is the caller's), so the depth is capped to bound the descriptors held at once.
+        with os.scandir(top) as it:
             children = list(it)
-        for child in children:
-            if child.name.startswith(_UPLOAD_PREFIX):
-                continue
-            try:
-                st = child.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            rel = f"{prefix}{child.name}"
-            out.append(_entry(child.name, rel, st))
-            if len(out) > MAX_LIST_ENTRIES:
-                raise OpRefused(
-                    ControlErrorCode.PAYLOAD_TOO_LARGE,
-                    f"more than {MAX_LIST_ENTRIES} entries under {path}; list a smaller directory",
-                    {"path": path},
-                )
-            if recursive and stat.S_ISDIR(st.st_mode):
+        stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = [(top, "", iter(children))]
+        try:
+            while stack:
+                fd, prefix, pending = stack[-1]
+                child = next(pending, None)
+                if child is None:
+                    stack.pop()
+                    if fd != top:
+                        os.close(fd)
+                    continue
+                if child.name.startswith(_UPLOAD_PREFIX):
+                    continue
+                try:
+                    st = child.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if len(stack) > MAX_LIST_DEPTH:
+                    # An entry below the deepest level listed: the stack holds MAX_LIST_DEPTH + 1 fds at most.
+                    raise OpRefused(
+                        ControlErrorCode.PAYLOAD_TOO_LARGE,
+                        f"{path} is more than {MAX_LIST_DEPTH} levels deep; list a deeper directory by itself",
+                        {"path": path, "reason": "too_deep"},
+                    )
+                rel = f"{prefix}{child.name}"
+                out.append(_entry(child.name, rel, st))
+                if len(out) > MAX_LIST_ENTRIES:
+                    raise OpRefused(
+                        ControlErrorCode.PAYLOAD_TOO_LARGE,
+                        f"more than {MAX_LIST_ENTRIES} entries under {path}; list a smaller directory",
+                        {"path": path},
+                    )
+                if not (recursive and stat.S_ISDIR(st.st_mode)):
+                    continue
                 try:
                     sub = os.open(child.name, _DIR_FLAGS, dir_fd=fd)
                 except OSError:
                     continue
                 try:
-                    self._walk(sub, rel + "/", recursive, out, path)
-                finally:
+                    with os.scandir(sub) as it:
+                        grandchildren = list(it)
+                except OSError:
+                    # Below the top an unreadable directory is listed but not entered, as before.
                     os.close(sub)
+                    continue
+                stack.append((sub, rel + "/", iter(grandchildren)))
+        finally:
+            for fd, _, _ in stack:
+                if fd != top:
+                    os.close(fd)
 
     def directory(self, path: str) -> str:
         """The host path of an existing directory under the root (for an exec's cwd)."""

@@ -313,7 +313,17 @@ class AgentDaemon:
                 note(f"cannot persist the fence epoch: {err}")
 
         async def serve() -> None:
-            await self._respond(msg, await self.operations.handle(request))
+            try:
+                response = await self.operations.handle(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                # Every request gets one reply: a handler that raises answers a typed error whose
+                # message names only the exception type (no traceback, no host paths).
+                response = error_response(
+                    rid, ControlErrorCode.UNSPECIFIED, f"the agent failed the op ({type(err).__name__})"
+                )
+            await self._respond(msg, response)
 
         task = asyncio.get_running_loop().create_task(serve())
         self._inflight.add(task)

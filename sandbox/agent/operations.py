@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sandbox.agent.confinement import OpRefused, Root
+from sandbox.agent.confinement import OpRefused, Root, os_refusal
 from sandbox.agent.spawn import start_command
 from sandbox.agent.terminals import AgentTerminals, machine_environment
 from sandbox.control_protocol import (
@@ -239,6 +239,9 @@ class AgentOperations:
             return ExecReply(exit_code=127, stderr=f"{argv[0]}: command not found\n".encode())
         except PermissionError:
             return ExecReply(exit_code=126, stderr=f"{argv[0]}: permission denied\n".encode())
+        except OSError as spawn_error:
+            # E2BIG (an argv or env over the kernel's limits), ENAMETOOLONG...: a typed OS refusal.
+            raise os_refusal(spawn_error, argv[0][:256]) from None
         self._groups.add(command.pid)
         timed_out = False
         try:
