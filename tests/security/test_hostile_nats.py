@@ -31,6 +31,7 @@ from sandbox.nats_auth import NatsAuth
 from sandbox.settings import Settings
 from tests.conftest import AuthenticatedNats, find_binary, free_port, nats_server_at, wait_for_port
 from tests.integration.selfhosted.conftest import FAST_RETRY, Agent, new_id, running_agent
+from tests.security.test_hostile_agent_inputs import _deep_tree, deep_trees  # noqa: F401 - a fixture
 
 MAX_EPOCH = 2**32 - 1
 
@@ -153,16 +154,24 @@ async def test_an_agent_reaches_only_its_own_subject_and_queue(
         # Nothing the victim receives leaks to the attacker.
         await send_raw(runtime_nc, victim, raw_request({"type": "ping", "nonce": "1"}), key=nats_server.signing_key)
         assert got == []
-        # Positive control: its own subject in its own queue group does receive.
-        await nc.subscribe(own, queue=own, cb=sniff)
-        await nc.flush()
-        await runtime_nc.publish(own, b"hello")
-        await runtime_nc.flush()
+        # Positive control: its own subject in its own queue group does receive (a clean connection,
+        # so that no refused subscription of the attack above is in the way).
+        ok = await nats.connect(nats_server.url, nkeys_seed_str=credential.nats_seed.get_secret_value())
+        heard: list[bytes] = []
+
+        async def hear(msg: Any) -> None:
+            heard.append(msg.data)
+
+        await ok.subscribe(own, queue=own, cb=hear)
+        await ok.flush()
         for _ in range(100):
-            if got:
+            await runtime_nc.publish(own, b"hello")
+            await runtime_nc.flush()
+            await asyncio.sleep(0.05)
+            if heard:
                 break
-            await asyncio.sleep(0.01)
-        assert got == [b"hello"]
+        await ok.close()
+        assert heard and set(heard) == {b"hello"} and got == []
         assert len(await permission_errors(errors, nc)) == 6
     finally:
         await nc.close()
@@ -411,3 +420,57 @@ def test_a_credential_file_is_private_and_round_trips(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(SandboxConfigError, match="machine enroll"):
         AgentCredential.read(path)
+
+
+# --- inputs that once got no reply at all ----------------------------------------------------------
+
+
+NO_REPLY_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
+    "nul_in_argv": ({"type": "exec", "command": ["echo", "a\x00b"]}, "PROTOCOL"),
+    "nul_in_shell": ({"type": "exec", "command": ["echo a\x00b"], "shell": True}, "PROTOCOL"),
+    "env_key_with_equals": ({"type": "exec", "command": ["true"], "env": {"A=B": "1"}}, "PROTOCOL"),
+    "empty_env_key": ({"type": "exec", "command": ["true"], "env": {"": "1"}}, "PROTOCOL"),
+    "nul_in_env_key": ({"type": "exec", "command": ["true"], "env": {"A\x00": "1"}}, "PROTOCOL"),
+    "nul_in_env_value": ({"type": "exec", "command": ["true"], "env": {"A": "x\x00y"}}, "PROTOCOL"),
+    "long_file_name": (write_op("n" * 300), "OS"),
+    "deep_tree_listing": ({"type": "fs_list", "path": "deep", "recursive": True}, "PAYLOAD_TOO_LARGE"),
+}
+
+
+@pytest.mark.parametrize("name", list(NO_REPLY_INPUTS))
+async def test_each_former_no_reply_input_gets_a_typed_reply_within_a_second(
+    nats_server: AuthenticatedNats,
+    agent: Agent,
+    runtime_nc: Any,
+    name: str,
+    deep_trees: list[Path],  # noqa: F811
+) -> None:
+    op, code = NO_REPLY_INPUTS[name]
+    if name == "deep_tree_listing":
+        deep_trees.append(agent.root / "deep")
+        _deep_tree(agent.root / "deep", 2000)
+    subject = agent_subject(agent.workspace_id, agent.agent_id)
+    started = time.monotonic()
+    reply = await send_raw(runtime_nc, subject, raw_request(op), key=nats_server.signing_key, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert reply["error"]["code"] == code, reply["error"]
+    # Positive control: the agent is still there and a well-formed request of the same kind works.
+    fine = {"type": "exec", "command": ["true"], "env": {"A": "1"}} if op["type"] == "exec" else write_op("ok.txt")
+    assert (await send_raw(runtime_nc, subject, raw_request(fine), key=nats_server.signing_key)).get("error") is None
+
+
+async def test_fs_write_never_creates_a_setuid_file(
+    nats_server: AuthenticatedNats, agent: Agent, runtime_nc: Any
+) -> None:
+    subject = agent_subject(agent.workspace_id, agent.agent_id)
+    key = nats_server.signing_key
+    assert (await send_raw(runtime_nc, subject, raw_request(write_op("s.sh", mode=0o6777)), key=key)).get(
+        "error"
+    ) is None
+    mode = (agent.root / "s.sh").stat().st_mode
+    assert not mode & (stat.S_ISUID | stat.S_ISGID) and stat.S_IMODE(mode) == 0o777
+    # Positive control: an ordinary mode is applied exactly as asked.
+    assert (await send_raw(runtime_nc, subject, raw_request(write_op("x.sh", mode=0o750)), key=key)).get(
+        "error"
+    ) is None
+    assert stat.S_IMODE((agent.root / "x.sh").stat().st_mode) == 0o750
