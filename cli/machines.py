@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,6 +110,11 @@ def agent_run(
     url = nats or credential.nats_url or settings.nats_url
     if not root.is_dir():
         fail(f"--root {root} is not a directory")
+    if os.geteuid() == 0:
+        note(
+            "warning: running as root: every command the runtime sends runs as root on this machine; "
+            "run the agent as an ordinary user that owns --root"
+        )
     if settings.nats_auth == "off":
         note("SANDBOX_NATS_AUTH=off: connecting without a NATS identity (requests are still verified)")
     nats_auth = NatsAuth.for_agent(settings, credential)

@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from sandbox.control_protocol import ControlErrorCode, ControlRequest, PingOp, a
 from sandbox.errors import SandboxConfigError, SelfhostedControlError
 from sandbox.nats_auth import NatsAuth
 from sandbox.settings import Settings
-from tests.conftest import AuthenticatedNats, find_binary, free_port, nats_server_at, wait_for_port
+from tests.conftest import REPO, AuthenticatedNats, find_binary, free_port, nats_server_at, wait_for_port
 from tests.integration.selfhosted.conftest import FAST_RETRY, Agent, new_id, running_agent
 from tests.security.test_hostile_agent_inputs import _deep_tree, deep_trees  # noqa: F401 - a fixture
 
@@ -474,3 +475,44 @@ async def test_fs_write_never_creates_a_setuid_file(
         "error"
     ) is None
     assert stat.S_IMODE((agent.root / "x.sh").stat().st_mode) == 0o750
+
+
+def _agent_run_notes(tmp_path: Path, as_uid: int | None) -> str:
+    """The first status lines of a real `sandboxctl agent run` (stopped once it has said them)."""
+    credential = tmp_path / f"cred-{as_uid}"
+    ControlSigningKey.generate().issue_credential("ws1", "a1").write(credential)
+    root = tmp_path / f"root-{as_uid}"
+    root.mkdir()
+    prefix: list[str] = []
+    if as_uid is not None:
+        os.chown(credential, as_uid, as_uid)
+        os.chown(root, as_uid, as_uid)
+        prefix = ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups"]
+    argv = [*prefix, sys.executable, "-m", "cli.main", "agent", "run", "--credential", str(credential)]
+    argv += ["--root", str(root), "--nats", f"nats://127.0.0.1:{free_port()}", "--state-dir", str(root / ".state")]
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HOME": str(root)},
+    )
+    assert proc.stderr is not None
+    lines = []
+    for _ in range(4):
+        line = proc.stderr.readline().decode()
+        lines.append(line)
+        if "serving" in line:
+            break
+    proc.terminate()
+    proc.wait(timeout=15)
+    return "".join(lines)
+
+
+def test_agent_run_warns_when_run_as_root(tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "the tests run as root (the local provider needs it)"
+    assert "running as root" in _agent_run_notes(tmp_path, None)
+    # Positive control: an ordinary user gets no such warning (and the agent does start).
+    tmp_path.chmod(0o755)
+    quiet = _agent_run_notes(tmp_path, 61000)
+    assert "serving" in quiet and "running as root" not in quiet
