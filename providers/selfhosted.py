@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
@@ -836,12 +836,14 @@ class SelfhostedSession:
         return to_machine_path(path, self.working_dir)
 
     @staticmethod
-    def _typed(err: SelfhostedControlError, path: str) -> Exception:
+    def _raise_typed(err: SelfhostedControlError, path: str) -> NoReturn:
+        # The agent's own error is re-raised as it is: ``raise err from err`` would make a cause
+        # cycle, on which Temporal's failure converter recurses until RecursionError.
         if err.os_not_found:
-            return PathNotFound(f"no such file or directory on the machine: {path}", path=path)
+            raise PathNotFound(f"no such file or directory on the machine: {path}", path=path) from err
         if err.detail.get("reason") == "path_escape":
-            return InvalidRequest(f"path {path!r} is outside the agent's root: {err.message}")
-        return err
+            raise InvalidRequest(f"path {path!r} is outside the agent's root: {err.message}") from err
+        raise err
 
     # --- BoxSession ---
 
@@ -871,7 +873,7 @@ class SelfhostedSession:
         try:
             reply = await self.call(op, ExecReply, timeout=deadline + EXEC_GRACE_SECONDS)
         except SelfhostedControlError as err:
-            raise self._typed(err, workdir or "") from err
+            self._raise_typed(err, workdir or "")
         if reply.timed_out:
             raise ExecTimeout(f"command ran past its {deadline:g}s timeout on the machine", timeout=deadline)
         return ExecResult(exit_code=reply.exit_code, stdout=reply.stdout, stderr=reply.stderr)
@@ -892,7 +894,7 @@ class SelfhostedSession:
             try:
                 reply = await self.call(FsReadOp(path=self._path(path), offset=offset, length=want), FsReadReply)
             except SelfhostedControlError as err:
-                raise self._typed(err, path) from err
+                self._raise_typed(err, path)
             out += reply.content
             offset += len(reply.content)
             if not reply.content or offset >= reply.total_size:
@@ -919,14 +921,14 @@ class SelfhostedSession:
                 op = FsWriteOp(path=target, content=chunk, upload_id=upload, upload_offset=offset, final=final)
                 await self.call(op, FsWriteReply)
         except SelfhostedControlError as err:
-            raise self._typed(err, path) from err
+            self._raise_typed(err, path)
 
     async def append_file(self, path: str, data: bytes) -> int:
         """Append to a file (creating it); returns the bytes written."""
         try:
             reply = await self.call(FsWriteOp(path=self._path(path), content=data, append=True), FsWriteReply)
         except SelfhostedControlError as err:
-            raise self._typed(err, path) from err
+            self._raise_typed(err, path)
         return reply.bytes_written
 
     async def list_files(self, path: str, *, recursive: bool = False) -> list[FsEntry]:
@@ -934,7 +936,7 @@ class SelfhostedSession:
         try:
             reply = await self.call(FsListOp(path=self._path(path), recursive=recursive), FsListReply)
         except SelfhostedControlError as err:
-            raise self._typed(err, path) from err
+            self._raise_typed(err, path)
         return list(reply.entries)
 
     async def list_dir(self, path: str) -> list[DirEntry]:
@@ -950,7 +952,7 @@ class SelfhostedSession:
         try:
             return await self.call(FsStatOp(path=self._path(path)), FsStatReply)
         except SelfhostedControlError as err:
-            raise self._typed(err, path) from err
+            self._raise_typed(err, path)
 
     async def path_exists(self, path: str) -> bool:
         """Whether the path exists on the machine."""
@@ -1040,7 +1042,7 @@ class SelfhostedSession:
                     f"the agent on {self.agent_id} cannot open PTYs ({err.message}); "
                     "upgrade it to this runtime's version"
                 ) from err
-            raise self._typed(err, cwd) from err
+            self._raise_typed(err, cwd)
         pty = RemotePty(self, reply.pty_id, cols=cols, rows=rows, on_output=on_output, on_exit=on_exit)
         pty.start()
         return pty

@@ -279,3 +279,28 @@ async def test_the_machine_is_the_persistence_nothing_is_archived() -> None:
 async def _no_chunks() -> AsyncIterator[bytes]:
     return
     yield b""
+
+
+async def test_an_agent_error_is_raised_without_a_cause_cycle() -> None:
+    """``raise err from err`` once made a cycle that Temporal's failure converter recursed on."""
+    from temporalio.converter import DataConverter
+
+    s, _ = session(MockAgentResponder(online=False))
+    with pytest.raises(SelfhostedControlError) as info:
+        await s.exec(["true"])
+    seen: list[BaseException] = []
+    cause: BaseException | None = info.value
+    while cause is not None:
+        assert cause not in seen, "the error's cause chain loops"
+        seen.append(cause)
+        cause = cause.__cause__
+    # What the activity worker does with it: it must encode (positive control of the whole chain).
+    from temporalio.api.failure.v1 import Failure
+
+    failure = Failure()
+    await DataConverter.default.encode_failure(info.value, failure)
+    assert "no agent" in failure.message or failure.message
+    online, _ = session(MockAgentResponder())
+    with pytest.raises(PathNotFound) as missing:
+        await online.read_file("no-such-file")
+    assert isinstance(missing.value.__cause__, SelfhostedControlError)
