@@ -147,8 +147,6 @@ class AgentErrorCode(IntEnum):
     ERROR_CODE_AGENT_OFFLINE = 9
     ERROR_CODE_FENCED = 10
     ERROR_CODE_PAYLOAD_TOO_LARGE = 11
-    # Ours, beyond upstream: a request or reply that failed signature, expiry or replay checks.
-    ERROR_CODE_UNAUTHENTICATED = 12
 
 
 # --- constants ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import posixpath
 import random
 import re
@@ -88,6 +89,7 @@ from sandbox.errors import (
     ExecTimeout,
     InvalidRequest,
     PathNotFound,
+    SandboxConfigError,
     SelfhostedControlError,
     Unsupported,
 )
@@ -99,6 +101,8 @@ if TYPE_CHECKING:
     from providers.selfhosted_terminal import RemotePty
     from sandbox.channel_a.pty import ExitCallback, OutputCallback
     from sandbox.settings import Settings
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKEND_ID",
@@ -218,7 +222,7 @@ class NatsControlRpc:
         servers: str | Sequence[str] = "nats://127.0.0.1:4222",
         *,
         signing_key: ControlSigningKey,
-        auth: NatsAuth | None = None,
+        auth: NatsAuth | Callable[[], NatsAuth] | None = None,
         connect: Callable[[], Awaitable[_NatsConnection | None]] | None = None,
         name: str = "sandbox-runtime",
         connect_timeout: float = 2.0,
@@ -227,6 +231,7 @@ class NatsControlRpc:
         self._servers = [servers] if isinstance(servers, str) else list(servers)
         self._key = signing_key
         self._verifier = ReplyVerifier(signing_key.public)
+        # A callable is resolved at the first dial: building the provider needs no credential.
         self._auth = auth or NatsAuth()
         self._connect = connect or self._dial
         self._name = name
@@ -249,7 +254,7 @@ class NatsControlRpc:
         return cls(
             settings.nats_url,
             signing_key=ControlSigningKey.load(settings.control_key_path()),
-            auth=NatsAuth.for_role(settings, "runtime"),
+            auth=lambda: NatsAuth.for_role(settings, "runtime"),
             **kwargs,
         )
 
@@ -266,7 +271,8 @@ class NatsControlRpc:
 
         # Reconnect forever once connected; the first dial is bounded so a caller is never stuck.
         # A publish while reconnecting fails fast (no pending buffer) instead of being replayed later.
-        options = self._auth.connect_options()
+        auth = self._auth() if callable(self._auth) else self._auth
+        options = auth.connect_options()
         connection: _NatsConnection = await dial_within(
             lambda: nats.connect(
                 self._servers,
@@ -306,6 +312,10 @@ class NatsControlRpc:
                 await nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_reply)
             except asyncio.CancelledError:
                 raise
+            except SandboxConfigError as err:
+                # No credential: every op answers AGENT_OFFLINE; say why once per attempt in the log.
+                _log.warning("cannot connect to NATS: %s", err.message)
+                return None
             except Exception:
                 return None
             self._nc = nc

@@ -189,6 +189,10 @@ def parse_agent_subject(subject: str) -> tuple[str, str]:
 # --- error codes --------------------------------------------------------------------------------
 
 
+UNAUTHENTICATED_NUMBER: Final = 12
+"""Ours, beyond upstream's enum (which ends at 11): a request or reply failed signature, expiry or replay checks."""
+
+
 class ControlErrorCode(StrEnum):
     """Error codes of :class:`AgentError`, by name on the wire; :attr:`number` is the upstream enum value."""
 
@@ -208,7 +212,9 @@ class ControlErrorCode(StrEnum):
 
     @property
     def number(self) -> int:
-        """The ``ERROR_CODE_*`` integer of the upstream proto enum."""
+        """The ``ERROR_CODE_*`` integer of the upstream proto enum (ours beyond it: :data:`UNAUTHENTICATED_NUMBER`)."""
+        if self is ControlErrorCode.UNAUTHENTICATED:
+            return UNAUTHENTICATED_NUMBER
         return int(AgentErrorCode[f"ERROR_CODE_{self.value}"])
 
     @classmethod
@@ -222,6 +228,8 @@ class ControlErrorCode(StrEnum):
         if isinstance(value, cls):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
+            if value == UNAUTHENTICATED_NUMBER:
+                return cls.UNAUTHENTICATED
             try:
                 return cls(AgentErrorCode(value).name.removeprefix("ERROR_CODE_"))
             except ValueError:
@@ -923,7 +931,7 @@ def agent_error_to_control_error(
         flags = {"fenced": True}
     elif code == AgentErrorCode.ERROR_CODE_NOT_FOUND:
         flags = {"os_not_found": True}
-    elif code == AgentErrorCode.ERROR_CODE_UNAUTHENTICATED:
+    elif code == UNAUTHENTICATED_NUMBER:
         # A signature, expiry or replay check failed: repeating the same bytes cannot help.
         reason, retryable = "unauthenticated", False
     return SelfhostedControlError(

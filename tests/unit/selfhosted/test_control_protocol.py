@@ -104,7 +104,10 @@ def test_mapping_accepts_our_wire_error_model() -> None:
 
 
 def test_codes_match_the_upstream_enum() -> None:
-    assert {c.number for c in ControlErrorCode} == {int(c) for c in AgentErrorCode}
+    # Upstream's codes one for one, plus ours beyond its range (UNAUTHENTICATED, 12).
+    assert {c.number for c in ControlErrorCode} == {int(c) for c in AgentErrorCode} | {12}
+    assert ControlErrorCode.from_wire(12) is ControlErrorCode.UNAUTHENTICATED
+    assert ControlErrorCode.UNAUTHENTICATED.number not in {int(c) for c in AgentErrorCode}
     assert ControlErrorCode.from_wire(10) is ControlErrorCode.FENCED
     assert ControlErrorCode.from_wire("ERROR_CODE_DRAINING") is ControlErrorCode.DRAINING
     # A code from a newer agent is still an error, never a success.
