@@ -332,7 +332,6 @@ class ReplayGuard:
             stamp, _, rid = line.partition(" ")
             if stamp.isdigit() and rid and int(stamp) + CLOCK_SKEW_SECONDS * 1000 >= now_ms:
                 self._remember(rid, int(stamp))
-        journal.parent.mkdir(parents=True, exist_ok=True)
         write_private_file(journal, "".join(f"{exp} {rid}\n" for rid, exp in self._expiry.items()).encode())
 
     def _remember(self, rid: str, expires_at_ms: int) -> None:
