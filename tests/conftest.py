@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,14 +177,31 @@ def _boxes_can_live_in_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Ite
                 group.rmdir()
 
 
+def _session_payload_keys() -> Any:
+    """The payload keys of this test session, exported so every process of the run (CLI, stack) shares them."""
+    from sandbox.payload_codec import PayloadKeys
+
+    existing = os.environ.get("SANDBOX_PAYLOAD_KEYS")
+    if existing:
+        return PayloadKeys.from_json(existing)
+    keys = PayloadKeys.generate("test-session")
+    os.environ["SANDBOX_PAYLOAD_KEYS"] = keys.to_json()
+    return keys
+
+
+# The whole suite runs with history encryption on, as a deployment does (sandbox/payload_codec.py).
+SESSION_PAYLOAD_KEYS = _session_payload_keys()
+
+
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A real Temporal dev server (SQLite in memory) with our search attributes registered."""
+    """A real Temporal dev server (SQLite in memory) with our search attributes, payloads encrypted."""
+    from sandbox.payload_codec import data_converter_for
     from workflows.search_attributes import ALL_KEYS
 
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=find_binary("temporal"),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter_for(SESSION_PAYLOAD_KEYS),
         search_attributes=ALL_KEYS,
         dev_server_log_level="error",
     )
@@ -197,7 +213,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
 
 @pytest.fixture(scope="session")
 def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
-    """Client of the shared dev server, with the pydantic data converter."""
+    """Client of the shared dev server, with the runtime's (encrypting) data converter."""
     return temporal_env.client
 
 
