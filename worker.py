@@ -13,7 +13,7 @@ import signal
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
@@ -80,7 +80,7 @@ def _read_tls_file(path: Path, setting: str) -> bytes:
         raise SandboxConfigError(f"{setting}={path}: cannot read it ({exc.strerror}); point it at a PEM file") from None
 
 
-def temporal_tls(settings: Settings) -> TLSConfig | bool:
+def temporal_tls(settings: Settings) -> TLSConfig | Literal[False]:
     """What ``Client.connect`` gets as ``tls`` for these settings (False: plain gRPC).
 
     TLS is on when ``SANDBOX_TEMPORAL_TLS`` says so, or, left unset, when a TLS file or an API key
@@ -132,13 +132,25 @@ async def connect(settings: Settings) -> Client:
     :func:`sandbox.payload_codec.data_converter`.
     """
     interceptors: list[Interceptor] = [TracingInterceptor()]
+    tls = temporal_tls(settings)
+    converter = data_converter(settings)
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key is not None else None
+    # Says which credentials are in use, never what they are.
+    log.info(
+        "connecting to Temporal at %s, namespace %s: tls=%s, client certificate=%s, api key=%s, payload encryption=%s",
+        settings.temporal_address,
+        settings.temporal_namespace,
+        "off" if tls is False else "on",
+        "no" if tls is False or tls.client_cert is None else "yes",
+        "set" if api_key else "unset",
+        "on" if converter.payload_codec is not None else "OFF",
+    )
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        data_converter=data_converter(settings),
+        data_converter=converter,
         interceptors=interceptors,
-        tls=temporal_tls(settings),
+        tls=tls,
         api_key=api_key,
     )
 
