@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from google.protobuf import json_format
@@ -70,7 +71,7 @@ def build_app(codec: PayloadEncryptionCodec, *, ui_origin: str, namespace: str, 
         response.headers["Access-Control-Max-Age"] = "600"
         return cors(response)
 
-    def transform(decode: bool) -> object:
+    def transform(decode: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
             refused = admissible(request)
             if refused is not None:
@@ -98,7 +99,7 @@ def build_app(codec: PayloadEncryptionCodec, *, ui_origin: str, namespace: str, 
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     for path, decode in (("/decode", True), ("/encode", False)):
-        app.router.add_post(path, transform(decode))  # type: ignore[arg-type]
+        app.router.add_post(path, transform(decode))
         app.router.add_route("OPTIONS", path, preflight)
     return app
 
