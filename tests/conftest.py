@@ -363,6 +363,22 @@ FAST_TIMERS: dict[str, float] = {
 }
 
 
+def share_session_payload_keys(data_dir: Path) -> None:
+    """Put the session's payload keys in ``data_dir``'s keys file, unless it has one.
+
+    A deployment's worker and CLI share keys through the data dir; tests that run ``sandboxctl``
+    with only ``SANDBOX_DATA_DIR`` (and no ``SANDBOX_PAYLOAD_KEYS``) then read the same ring as
+    the worker the test runs in this process.
+    """
+    path = data_dir.resolve() / "secrets" / "payload-keys.json"
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(SESSION_PAYLOAD_KEYS.to_json())
+
+
 @contextlib.asynccontextmanager
 async def running_runtime(client: Client, settings: Any, providers: Any = None) -> AsyncIterator[Runtime]:
     """Migrate the store and run the lease worker in this process for the block's duration.
@@ -374,6 +390,7 @@ async def running_runtime(client: Client, settings: Any, providers: Any = None) 
     from store.database import Database
     from worker import build_worker
 
+    share_session_payload_keys(settings.data_dir)
     db = Database.for_settings(settings)
     await db.migrate()
     registry = ProviderRegistry(settings, providers)
