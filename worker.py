@@ -12,11 +12,12 @@ import logging
 import signal
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import TLSConfig
 from temporalio.worker import Worker
 
 from activities.boxes import BoxActivities
@@ -29,6 +30,7 @@ from activities.recording import RecordingActivities
 from activities.snapshots import SnapshotActivities
 from providers.registry import ProviderRegistry
 from sandbox.errors import SandboxConfigError
+from sandbox.payload_codec import data_converter
 from sandbox.settings import Settings
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database
@@ -71,14 +73,85 @@ def configure_tracing(settings: Settings) -> None:
     trace.set_tracer_provider(provider)
 
 
+def _read_tls_file(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SandboxConfigError(f"{setting}={path}: cannot read it ({exc.strerror}); point it at a PEM file") from None
+
+
+def temporal_tls(settings: Settings) -> TLSConfig | Literal[False]:
+    """What ``Client.connect`` gets as ``tls`` for these settings (False: plain gRPC).
+
+    TLS is on when ``SANDBOX_TEMPORAL_TLS`` says so, or, left unset, when a TLS file or an API key
+    is configured: Temporal Cloud takes API keys over TLS only, so a key alone means TLS with the
+    system roots. ``SANDBOX_TEMPORAL_TLS=false`` forces plain gRPC (a key behind a TLS-terminating
+    proxy on loopback).
+
+    Raises:
+        SandboxConfigError: a certificate without its key (or the reverse), an unreadable file, or
+            TLS files together with ``SANDBOX_TEMPORAL_TLS=false``.
+    """
+    files = {
+        "SANDBOX_TEMPORAL_TLS_CERT": settings.temporal_tls_cert,
+        "SANDBOX_TEMPORAL_TLS_KEY": settings.temporal_tls_key,
+        "SANDBOX_TEMPORAL_TLS_CA": settings.temporal_tls_ca,
+    }
+    configured = [name for name, path in files.items() if path is not None]
+    if settings.temporal_tls_server_name:
+        configured.append("SANDBOX_TEMPORAL_TLS_SERVER_NAME")
+    if settings.temporal_tls is False:
+        if configured:
+            raise SandboxConfigError(
+                f"SANDBOX_TEMPORAL_TLS=false contradicts {', '.join(configured)}; unset one or the other"
+            )
+        return False
+    if settings.temporal_tls is None and not configured and settings.temporal_api_key is None:
+        return False
+    cert, key = settings.temporal_tls_cert, settings.temporal_tls_key
+    if (cert is None) != (key is None):
+        given, missing = ("CERT", "KEY") if key is None else ("KEY", "CERT")
+        raise SandboxConfigError(
+            f"SANDBOX_TEMPORAL_TLS_{given} is set without SANDBOX_TEMPORAL_TLS_{missing}; "
+            "mTLS needs both the client certificate and its private key"
+        )
+    ca = settings.temporal_tls_ca
+    return TLSConfig(
+        server_root_ca_cert=_read_tls_file(ca, "SANDBOX_TEMPORAL_TLS_CA") if ca else None,
+        client_cert=_read_tls_file(cert, "SANDBOX_TEMPORAL_TLS_CERT") if cert else None,
+        client_private_key=_read_tls_file(key, "SANDBOX_TEMPORAL_TLS_KEY") if key else None,
+        domain=settings.temporal_tls_server_name or None,
+    )
+
+
 async def connect(settings: Settings) -> Client:
-    """The Temporal client every part of the runtime uses: pydantic converter and tracing interceptor."""
+    """The Temporal client every part of the runtime uses: credentials, encrypting converter, tracing.
+
+    Credentials come from the ``SANDBOX_TEMPORAL_TLS_*`` settings (:func:`temporal_tls`) and
+    ``SANDBOX_TEMPORAL_API_KEY`` (sent as ``authorization: Bearer``); the converter is
+    :func:`sandbox.payload_codec.data_converter`.
+    """
     interceptors: list[Interceptor] = [TracingInterceptor()]
+    tls = temporal_tls(settings)
+    converter = data_converter(settings)
+    api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key is not None else None
+    # Says which credentials are in use, never what they are.
+    log.info(
+        "connecting to Temporal at %s, namespace %s: tls=%s, client certificate=%s, api key=%s, payload encryption=%s",
+        settings.temporal_address,
+        settings.temporal_namespace,
+        "off" if tls is False else "on",
+        "no" if tls is False or tls.client_cert is None else "yes",
+        "set" if api_key else "unset",
+        "on" if converter.payload_codec is not None else "OFF",
+    )
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
+        data_converter=converter,
         interceptors=interceptors,
+        tls=tls,
+        api_key=api_key,
     )
 
 

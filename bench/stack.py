@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -229,6 +230,8 @@ def bench_stack(
     if temporal_db not in ("file", "memory"):
         raise ValueError(f"temporal_db must be 'file' or 'memory', not {temporal_db!r}")
     data = Path(tempfile.mkdtemp(prefix="sandbox-bench-")).resolve()
+    # Isolated local boxes run as an unprivileged uid that must pass through the data dir (never list it).
+    data.chmod(0o711)
     (data / "logs").mkdir()
     stop = _StopSignals()
     runner = _StackRunner(data, stop)
@@ -300,12 +303,32 @@ def _stop(stack: BenchStack) -> None:
             print(f"bench: killed {len(stack.strays_killed)} process(es) the worker left behind", file=sys.stderr)
 
 
+def _detach_box_disks(path: Path) -> None:
+    """Lazily unmount what is mounted under ``path`` (box disks outlive the worker by design)."""
+    prefix = str(path) + "/"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    mounts = [line.split()[4].encode().decode("unicode_escape") for line in lines]
+    for mount_point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount_point], capture_output=True, check=False)
+
+
 def _remove_tree(path: Path) -> None:
-    """Remove the data dir even where a box left directories without write permission."""
+    """Remove the data dir even where a box left directories without write permission.
+
+    Permissions are only ever changed inside ``path``: a failure on ``path`` itself (a busy mount
+    under it, say) must never chmod its parent, which is ``/tmp``.
+    """
+    _detach_box_disks(path)
 
     def retry(func: object, target: str, _exc: BaseException) -> None:
         with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(target), 0o700)
+            parent = os.path.dirname(target)
+            if not Path(parent).is_relative_to(path):
+                return
+            os.chmod(parent, 0o700)
             if os.path.isdir(target) and not os.path.islink(target):
                 os.chmod(target, 0o700)
                 shutil.rmtree(target, ignore_errors=True)

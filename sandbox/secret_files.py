@@ -5,13 +5,12 @@ the control-signing key, the embedded NATS server's role keys. :func:`load_or_cr
 creates one on first use so that concurrent first starts agree on a single value (the file is
 written privately and linked into place, so no reader sees a partial file), and
 :func:`write_private_file` replaces a file atomically with the same mode. A secret file that group
-or others can read is still used, but logged as a warning: the operator should fix its mode.
+or others can read is refused, as ssh refuses such a key: the error says to ``chmod 600`` it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 import stat
@@ -23,8 +22,6 @@ from sandbox.errors import SandboxConfigError
 
 __all__ = ["load_or_create_secret", "write_private_file"]
 
-_log = logging.getLogger(__name__)
-
 
 def load_or_create_secret(path: Path, *, what: str, make: Callable[[], bytes] | None = None, size: int = 32) -> bytes:
     """The bytes of the secret file ``path``, creating it first with ``make()`` (default: ``size`` random bytes).
@@ -32,8 +29,8 @@ def load_or_create_secret(path: Path, *, what: str, make: Callable[[], bytes] | 
     A missing directory is created (the last level with mode 0700).
 
     Raises:
-        SandboxConfigError: the file exists but is empty, or cannot be read or created (the
-            message names ``what`` and the path).
+        SandboxConfigError: the file exists but is empty, is readable by group or others, or
+            cannot be read or created (the message names ``what`` and the path).
     """
     path = Path(path)
     try:
@@ -51,14 +48,23 @@ def load_or_create_secret(path: Path, *, what: str, make: Callable[[], bytes] | 
                     pass
             finally:
                 os.unlink(tmp_name)
-        mode = path.stat().st_mode
-        value = path.read_bytes()
+        # Never through a symlink: one could point the runtime at a secret it should not use.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            value = file.read()
     except OSError as exc:
-        raise SandboxConfigError(f"cannot read or create the {what} at {path}: {exc}") from exc
+        raise SandboxConfigError(
+            f"cannot read or create the {what} at {path} ({exc.strerror}; a symlink is not followed): "
+            "fix its permissions or point the setting at a regular file"
+        ) from exc
     if not value:
         raise SandboxConfigError(f"the {what} file {path} is empty; delete it or fill it")
     if stat.S_IMODE(mode) & 0o077:
-        _log.warning("%s %s is readable by group or others (mode %o)", what, path, mode & 0o777)
+        raise SandboxConfigError(
+            f"the {what} file {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); "
+            f"run `chmod 600 {path}`"
+        )
     return value
 
 

@@ -142,6 +142,31 @@ class Settings(BaseSettings):
         default=None, description="Agent a selfhosted lease binds to when its spec names none."
     )
 
+    # Temporal credentials and history encryption (README "Pointing the worker at a Temporal cluster")
+    temporal_tls: bool | None = Field(
+        default=None,
+        description="TLS to Temporal: unset = on when a TLS file or an API key is set; false forces it off.",
+    )
+    temporal_tls_cert: Path | None = Field(default=None, description="Client certificate (PEM) for mTLS.")
+    temporal_tls_key: Path | None = Field(default=None, description="Private key (PEM) of the client certificate.")
+    temporal_tls_ca: Path | None = Field(
+        default=None, description="CA (PEM) the server certificate must chain to; unset = the system roots."
+    )
+    temporal_tls_server_name: str | None = Field(
+        default=None, description="Name the server certificate is checked against (and SNI) instead of the host."
+    )
+    temporal_api_key: SecretStr | None = Field(
+        default=None, description="API key sent as `authorization: Bearer` (Temporal Cloud); implies TLS."
+    )
+    payload_encryption: bool = Field(
+        default=True, description="Encrypt every payload the runtime writes to Temporal (sandbox/payload_codec.py)."
+    )
+    payload_keys: SecretStr | None = Field(
+        default=None,
+        description='Payload keys as JSON {"current": id, "keys": {id: base64 of 32 bytes}}; '
+        "unset = <data_dir>/secrets/payload-keys.json, made on first use.",
+    )
+
     def resolved_database_url(self) -> str:
         """The SQLAlchemy async URL: the configured one, or SQLite in the data dir."""
         if self.database_url:
@@ -170,6 +195,10 @@ class Settings(BaseSettings):
     def runtime_endpoint_urls(self) -> list[str | None]:
         """The runtime's own service endpoints: boxes' egress always refuses them."""
         return [self.temporal_address, self.nats_url, self.resolved_database_url(), self.otel_endpoint]
+
+    def payload_keys_file(self) -> Path:
+        """Where the payload keys live when ``SANDBOX_PAYLOAD_KEYS`` is unset (0600, made on first use)."""
+        return self.data_dir.resolve() / "secrets" / "payload-keys.json"
 
     def boxes_dir(self) -> Path:
         """Where the local provider keeps one directory per box."""

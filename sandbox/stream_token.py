@@ -470,7 +470,7 @@ def load_or_create_root_secret(path: Path) -> bytes:
 
     A new secret is 32 random bytes in a private file (mode 0600) made by
     :func:`sandbox.secret_files.load_or_create_secret`, so concurrent first starts agree on one
-    secret; a file readable by group or others is used but logged as a warning.
+    secret; a file readable by group or others is refused.
 
     Raises:
         SandboxConfigError: The file exists but is empty, or cannot be read or created.

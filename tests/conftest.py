@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,14 +178,31 @@ def _boxes_can_live_in_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Ite
                 group.rmdir()
 
 
+def _session_payload_keys() -> Any:
+    """The payload keys of this test session, exported so every process of the run (CLI, stack) shares them."""
+    from sandbox.payload_codec import PayloadKeys
+
+    existing = os.environ.get("SANDBOX_PAYLOAD_KEYS")
+    if existing:
+        return PayloadKeys.from_json(existing)
+    keys = PayloadKeys.generate("test-session")
+    os.environ["SANDBOX_PAYLOAD_KEYS"] = keys.to_json()
+    return keys
+
+
+# The whole suite runs with history encryption on, as a deployment does (sandbox/payload_codec.py).
+SESSION_PAYLOAD_KEYS = _session_payload_keys()
+
+
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A real Temporal dev server (SQLite in memory) with our search attributes registered."""
+    """A real Temporal dev server (SQLite in memory) with our search attributes, payloads encrypted."""
+    from sandbox.payload_codec import data_converter_for
     from workflows.search_attributes import ALL_KEYS
 
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=find_binary("temporal"),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter_for(SESSION_PAYLOAD_KEYS),
         search_attributes=ALL_KEYS,
         dev_server_log_level="error",
     )
@@ -198,7 +214,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
 
 @pytest.fixture(scope="session")
 def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
-    """Client of the shared dev server, with the pydantic data converter."""
+    """Client of the shared dev server, with the runtime's (encrypting) data converter."""
     return temporal_env.client
 
 
@@ -498,6 +514,22 @@ FAST_TIMERS: dict[str, float] = {
 }
 
 
+def share_session_payload_keys(data_dir: Path) -> None:
+    """Put the session's payload keys in ``data_dir``'s keys file, unless it has one.
+
+    A deployment's worker and CLI share keys through the data dir; tests that run ``sandboxctl``
+    with only ``SANDBOX_DATA_DIR`` (and no ``SANDBOX_PAYLOAD_KEYS``) then read the same ring as
+    the worker the test runs in this process.
+    """
+    path = data_dir.resolve() / "secrets" / "payload-keys.json"
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(SESSION_PAYLOAD_KEYS.to_json())
+
+
 @contextlib.asynccontextmanager
 async def running_runtime(client: Client, settings: Any, providers: Any = None) -> AsyncIterator[Runtime]:
     """Migrate the store and run the lease worker in this process for the block's duration.
@@ -509,6 +541,7 @@ async def running_runtime(client: Client, settings: Any, providers: Any = None) 
     from store.database import Database
     from worker import build_worker
 
+    share_session_payload_keys(settings.data_dir)
     db = Database.for_settings(settings)
     await db.migrate()
     registry = ProviderRegistry(settings, providers)

@@ -20,6 +20,7 @@ from temporalio.client import WorkflowExecutionStatus
 from sandbox import errors
 from store.leases import LeaseRepository
 from tests.conftest import remove_box_directory
+from tests.temporal_history import payloads_in
 from workflows.models import LeaseView, lease_workflow_id
 
 HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
@@ -378,3 +379,39 @@ async def test_box_sees_its_workspace_but_not_the_data_dir(runtime: Any) -> None
     assert out.stdout.splitlines()[:2] == ["/workspace", "x"]
     assert out.exit_code != 0  # the rest of the host is read-only
     await leases.drain(ws, g, wait=True)
+
+
+async def test_exec_history_is_encrypted(runtime: Any) -> None:
+    """An exec's command, environment and output are in the lease's history only as ciphertext.
+
+    Fetched raw (no codec), every payload of the history is ours (``binary/encrypted`` with a key
+    id) and the marker appears nowhere; decoded through the session's converter, it is there
+    (positive control: the same history does carry it). Recorded as the encrypted replay fixture
+    (``lease_exec_encrypted``) by ``bash scripts/record-histories``, which sets the fixture's keys.
+    """
+    from temporalio.client import Client
+
+    from sandbox.payload_codec import ENCODING, KEY_ID_METADATA
+
+    marker = f"marker-{uuid.uuid4().hex}"
+    leases = runtime.leases()
+    ws, g = ids()
+    await leases.acquire(ws, g, kind="turn", holder_id="t1", backend="local")
+    out = await leases.exec(ws, g, ["sh", "-c", f'echo "{marker}-cmd $SECRET"'], env={"SECRET": f"{marker}-env"})
+    assert out.stdout == f"{marker}-cmd {marker}-env\n"
+    await leases.release(ws, g, "t1", kind="turn")
+    await eventually(lambda: _liveness_is(leases, ws, g, "cold"))
+
+    raw_client = await Client.connect(runtime.client.service_client.config.target_host, namespace="default")
+    raw = await raw_client.get_workflow_handle(lease_workflow_id(ws, g)).fetch_history()
+    assert marker not in raw.to_json()
+    payloads = [p for e in raw.events for p in payloads_in(e)]
+    assert payloads, "the history carries payloads"
+    plain_ones = [p for p in payloads if p.metadata.get("encoding") != ENCODING or KEY_ID_METADATA not in p.metadata]
+    assert not plain_ones, [(dict(p.metadata), p.data[:80]) for p in plain_ones]
+
+    codec = runtime.client.data_converter.payload_codec
+    assert codec is not None
+    plain = await codec.decode(payloads)
+    assert any(marker.encode() in p.data for p in plain)
+    await record_history(runtime, ws, g, "exec_encrypted")

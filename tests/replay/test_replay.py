@@ -2,6 +2,11 @@
 
 A change that breaks determinism fails here; evolve workflows with ``workflow.patched`` (or a new
 workflow type) and re-record with ``bash scripts/record-histories``.
+
+The Replayer uses the runtime's data converter (sandbox/payload_codec.py) with the fixtures' fixed
+payload keys (``payload-keys.json``, a test-only key that protects nothing): histories recorded
+before history encryption are unencrypted and pass through the codec; those recorded since are
+encrypted with that key (the script exports it as ``SANDBOX_PAYLOAD_KEYS``).
 """
 
 from __future__ import annotations
@@ -10,12 +15,16 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from sandbox.errors import PayloadKeyUnknown
+from sandbox.payload_codec import ENCODING, KEY_ID_METADATA, PayloadKeys, data_converter_for
+from tests.temporal_history import payloads_in
 from worker import WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+FIXTURE_KEYS = PayloadKeys.from_json((Path(__file__).parent / "payload-keys.json").read_text())
+ENCRYPTED = Path(__file__).parent / "histories" / "lease_exec_encrypted.json"
 
 # Every lease path the issue names must have a recorded history.
 REQUIRED = {
@@ -40,6 +49,8 @@ REQUIRED = {
     "recording_box_lost_signal",
     # Screenshot and desktop input through the lease (in-flight operations on the warm box).
     "lease_computer_use",
+    # Acquire, exec, release with history encryption on (every payload is ciphertext).
+    "lease_exec_encrypted",
 }
 
 
@@ -50,5 +61,24 @@ def test_every_lease_path_has_a_history() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter_for(FIXTURE_KEYS))
     await replayer.replay_workflow(history)
+
+
+def test_encrypted_fixture_is_encrypted() -> None:
+    """Every payload of the encrypted fixture is ciphertext under the fixture key (no plain JSON left)."""
+    history = WorkflowHistory.from_json(ENCRYPTED.stem, ENCRYPTED.read_text())
+    encodings = set()
+    for event in history.events:
+        for payload in payloads_in(event):
+            encodings.add((payload.metadata.get("encoding"), payload.metadata.get(KEY_ID_METADATA)))
+    assert encodings == {(ENCODING, FIXTURE_KEYS.current.encode())}
+
+
+async def test_encrypted_history_needs_its_key() -> None:
+    """Negative control: the same encrypted history does not replay without the key it names."""
+    history = WorkflowHistory.from_json(ENCRYPTED.stem, ENCRYPTED.read_text())
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter_for(PayloadKeys.generate("other")))
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    # The activation fails with our typed error (its message is itself encrypted in the failure).
+    assert PayloadKeyUnknown.error_type in str(result.replay_failure)

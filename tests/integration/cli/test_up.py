@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -61,15 +62,23 @@ SEARCH_ATTRIBUTES = {
 class Up:
     """A ``sandboxctl up`` subprocess whose stdout lines are collected as they arrive."""
 
-    def __init__(self, data_dir: Path, *extra: str, worker: str = FAKE_WORKER, ports: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra: str,
+        worker: str = FAKE_WORKER,
+        ports: bool = True,
+        env_extra: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir = data_dir.resolve()
         self.temporal_port, self.ui_port, self.nats_port = free_port(), free_port(), free_port()
+        self.codec_port = free_port()
         args = ["up", "--data-dir", str(data_dir)]
         if ports:
             args += ["--temporal-port", str(self.temporal_port), "--ui-port", str(self.ui_port)]
-            args += ["--nats-port", str(self.nats_port)]
+            args += ["--nats-port", str(self.nats_port), "--codec-port", str(self.codec_port)]
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SANDBOX_")}
-        env |= {"SANDBOX_WORKER_COMMAND": worker, "PYTHONPATH": str(REPO)}
+        env |= {"SANDBOX_WORKER_COMMAND": worker, "PYTHONPATH": str(REPO), **(env_extra or {})}
         self.stderr_path = data_dir.parent / f"{data_dir.name}-up-{time.monotonic_ns()}.err"
         with self.stderr_path.open("wb") as stderr:
             self.proc = subprocess.Popen(
@@ -148,10 +157,11 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _ready_line(up: Up) -> str:
+def _ready_line(up: Up, *, codec: bool = True) -> str:
+    codec_part = f" codec=http://127.0.0.1:{up.codec_port}" if codec else ""
     return (
         f"ready: temporal=127.0.0.1:{up.temporal_port} ui=http://127.0.0.1:{up.ui_port} "
-        f"nats=nats://127.0.0.1:{up.nats_port} data={up.data_dir}"
+        f"nats=nats://127.0.0.1:{up.nats_port}{codec_part} data={up.data_dir}"
     )
 
 
@@ -247,14 +257,14 @@ def test_sigterm_stops_everything_and_the_data_dir_restarts(tmp_path: Path) -> N
     try:
         assert first.next_line() == _ready_line(first)
         children = first.children()
-        assert len(children) == 3  # temporal, nats, worker
+        assert len(children) == 4  # temporal, nats, codec server, worker
         assert first.stop(signal.SIGTERM) == 0
     finally:
         first.kill()
     assert _alive(children) == set()
     assert not (data / "stack.json").exists()
     assert read_stack_info(data) is None
-    for port in (first.temporal_port, first.ui_port, first.nats_port):
+    for port in (first.temporal_port, first.ui_port, first.nats_port, first.codec_port):
         assert not _port_open(port)
 
     # Same data dir (same SQLite file, same lock) right away; --json; stopped with Ctrl-C this time.
@@ -321,3 +331,64 @@ def test_read_stack_info_ignores_stale_and_malformed_files(tmp_path: Path) -> No
     assert read_stack_info(tmp_path) == stale.model_copy(update={"pid": os.getpid()})
     (tmp_path / "stack.json").write_text("{not json")
     assert read_stack_info(tmp_path) is None
+
+
+# --------------------------------------------------------------------------- the codec server
+
+
+def _post(url: str, body: dict[str, object], headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_codec_server_decrypts_with_the_stacks_keys(running: Up) -> None:
+    """The stack made the keys file (0600), started the codec server on it and pointed the UI there."""
+    import base64
+    import stat
+
+    from google.protobuf import json_format
+    from temporalio.api.common.v1 import Payload, Payloads
+
+    from sandbox.payload_codec import PayloadEncryptionCodec, PayloadKeys
+
+    keys_file = running.data_dir / "secrets" / "payload-keys.json"
+    assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
+    codec_url = f"http://127.0.0.1:{running.codec_port}"
+    assert json.loads((running.data_dir / "stack.json").read_text())["codec_url"] == codec_url
+    temporal_command = (running.data_dir / "logs" / "temporal.log").read_text().splitlines()[0]
+    assert f"--ui-codec-endpoint {codec_url}" in temporal_command
+
+    sealed = PayloadEncryptionCodec(PayloadKeys.from_json(keys_file.read_text())).encrypt(
+        Payload(metadata={"encoding": b"json/plain"}, data=b'"a secret"')
+    )
+    body = json_format.MessageToDict(Payloads(payloads=[sealed]))
+    ui = f"http://127.0.0.1:{running.ui_port}"
+    headers = {"Content-Type": "application/json", "X-Namespace": "default", "Origin": ui}
+    status, decoded = _post(f"{codec_url}/decode", body, headers)
+    assert status == 200, decoded
+    assert decoded == {
+        "payloads": [
+            {
+                "metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
+                "data": base64.b64encode(b'"a secret"').decode(),
+            }
+        ]
+    }
+    # Negative control: the same request from another page's origin gets nothing.
+    status, refused = _post(f"{codec_url}/decode", body, {**headers, "Origin": "http://evil.example"})
+    assert status == 403 and "payloads" not in refused
+
+
+def test_without_payload_encryption_there_is_no_codec_server(tmp_path: Path) -> None:
+    up = Up(tmp_path / "data", env_extra={"SANDBOX_PAYLOAD_ENCRYPTION": "false"})
+    try:
+        assert up.next_line() == _ready_line(up, codec=False), up.stderr()
+        assert not _port_open(up.codec_port)
+        assert "--ui-codec-endpoint" not in (tmp_path / "data" / "logs" / "temporal.log").read_text()
+        assert not (tmp_path / "data" / "secrets").exists()
+    finally:
+        up.kill()

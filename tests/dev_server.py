@@ -1,0 +1,72 @@
+"""A Temporal dev server on a SQLite file, started as ``sandboxctl up`` starts it, for history tests.
+
+The session's dev server (``temporal_env``) keeps history in memory; the tests that read what
+Temporal stores on disk, or drive its Web UI with a codec endpoint, need their own server with
+``--db-filename`` (and ``--ui-codec-endpoint``), as cli/stack.py runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import find_binary, free_port, wait_for_port
+from workflows.search_attributes import dev_server_flags
+
+
+@dataclass(frozen=True)
+class DevServer:
+    """A running dev server: its gRPC address, Web UI URL and SQLite file."""
+
+    address: str
+    ui_url: str
+    db_file: Path
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        """Stop the server and wait for it (SQLite checkpoints its WAL into the file on close)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def dev_server(directory: Path, *, codec_endpoint: str | None = None, ui: bool = False) -> Iterator[DevServer]:
+    """``temporal server start-dev --db-filename <directory>/temporal.db`` on free loopback ports."""
+    port, ui_port = free_port(), free_port()
+    db_file = directory / "temporal.db"
+    argv = [
+        find_binary("temporal"),
+        "server",
+        "start-dev",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db-filename",
+        str(db_file),
+        "--log-level",
+        "error",
+        *dev_server_flags(),
+    ]
+    argv += ["--ui-port", str(ui_port)] if ui else ["--headless"]
+    if codec_endpoint is not None:
+        argv += ["--ui-codec-endpoint", codec_endpoint]
+    log = (directory / "temporal.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = DevServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}", db_file, proc)
+    try:
+        wait_for_port(port, timeout=60, proc=proc)
+        if ui:
+            wait_for_port(ui_port, timeout=60, proc=proc)
+        yield server
+    finally:
+        server.stop()
+        log.close()
