@@ -86,6 +86,11 @@ def agent_run(
     ),
     root: Path = typer.Option(Path("."), "--root", help="Directory the agent serves; nothing outside it is reachable."),
     nats: str | None = typer.Option(None, "--nats", help="NATS URL (default $SANDBOX_NATS_URL or the running stack)."),
+    allow_exec: bool = typer.Option(True, "--exec/--no-exec", help="Let the runtime run commands and terminals."),
+    allow_files: bool = typer.Option(True, "--files/--no-files", help="Let the runtime read and write under --root."),
+    allow_screen_view: bool = typer.Option(
+        True, "--screen-view/--no-screen-view", help="Let the runtime see the screen (screenshots, desktop stream)."
+    ),
     allow_screen_control: bool = typer.Option(
         False, "--allow-screen-control", help="Let the runtime drive this machine's mouse and keyboard."
     ),
@@ -95,7 +100,7 @@ def agent_run(
     data_dir: Path | None = DataDir,
 ) -> None:
     """Serve this machine to the runtime until SIGTERM (which drains: running ops finish, new ones wait)."""
-    from sandbox.agent import AgentConfig, AgentDaemon
+    from sandbox.agent import AgentConfig, AgentConsent, AgentDaemon
     from sandbox.agent.daemon import default_state_dir, use_pidfd_child_watcher
     from sandbox.control_auth import AgentCredential
     from sandbox.nats_auth import NatsAuth
@@ -118,6 +123,9 @@ def agent_run(
     if settings.nats_auth == "off":
         note("SANDBOX_NATS_AUTH=off: connecting without a NATS identity (requests are still verified)")
     nats_auth = NatsAuth.for_agent(settings, credential)
+    consent = AgentConsent(
+        exec=allow_exec, files=allow_files, screen_view=allow_screen_view, screen_control=allow_screen_control
+    )
     try:
         daemon = AgentDaemon(
             AgentConfig(
@@ -127,7 +135,7 @@ def agent_run(
                 credential=credential,
                 nats_auth=nats_auth,
                 nats_url=url,
-                allow_screen_control=allow_screen_control,
+                consent=consent,
                 state_dir=state_dir or default_state_dir(),
                 max_concurrent_ops=max_concurrent_ops,
                 drain_timeout=drain_timeout,
@@ -137,7 +145,7 @@ def agent_run(
         fail(err.message)
     note(
         f"agent {workspace}/{agent_id} serving {root.resolve()} on {daemon.subject} via {url}"
-        f" (screen control {'allowed' if allow_screen_control else 'off'})"
+        f" (allowed: {', '.join(consent.allowed()) or 'nothing'})"
     )
     use_pidfd_child_watcher()
     asyncio.run(daemon.run_until_signalled())

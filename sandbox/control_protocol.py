@@ -596,6 +596,8 @@ class PingReply(_Reply):
     os: StrictStr = ""
     has_display: StrictBool = False
     screen_control: StrictBool = False
+    # What the owner allows (exec, files, screen_view, screen_control); None from an older agent.
+    consents: list[StrictStr] | None = None
     newest_epoch: NonNegative = 0
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from sandbox.agent.consent import AgentConsent
 from sandbox.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_auth import AgentCredential, ReplayGuard, RequestVerifier, sign_reply
 from sandbox.control_protocol import (
@@ -92,7 +93,7 @@ class AgentConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     # None: the credential's nkey (the normal case); NatsAuth() without identity for SANDBOX_NATS_AUTH=off.
     nats_auth: NatsAuth | None = None
-    allow_screen_control: bool = False
+    consent: AgentConsent = field(default_factory=AgentConsent)
     display: str | None = field(default_factory=lambda: os.environ.get("DISPLAY") or None)
     state_dir: Path = field(default_factory=default_state_dir)
     max_concurrent_ops: int = 64
@@ -129,7 +130,8 @@ class AgentDaemon:
             workspace_id=config.workspace_id,
             agent_id=config.agent_id,
             root=config.root,
-            display=DisplayAccess(config.display, config.allow_screen_control),
+            display=DisplayAccess(config.display),
+            consent=config.consent,
         )
         # Absolute: the daemon process works in its root (run_until_signalled), not where it started.
         self._state_file = config.state_dir.absolute() / f"{config.workspace_id}.{config.agent_id}.json"

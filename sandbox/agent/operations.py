@@ -4,8 +4,9 @@
 :class:`~sandbox.control_protocol.ControlResponse`. File ops are confined to the agent's
 :class:`~sandbox.agent.confinement.Root`; ``exec`` runs in its own session with its cwd under the
 root and its whole process group killed at the deadline; output that could not travel in one
-message is refused (``PAYLOAD_TOO_LARGE``), never cut. ``desktop_input`` needs the owner's
-screen-control consent (``CONSENT_REQUIRED`` otherwise) and a display; ``screenshot`` and desktop
+message is refused (``PAYLOAD_TOO_LARGE``), never cut. Each op first needs the owner's consent to
+its capability (:class:`~sandbox.agent.consent.AgentConsent`, ``CONSENT_REQUIRED`` otherwise);
+``desktop_input`` then needs a display; ``screenshot`` and desktop
 streams need a display (``UNSUPPORTED`` with reason ``display_unavailable`` otherwise). The
 ``pty_*`` ops are served by :class:`~sandbox.agent.terminals.AgentTerminals`.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from sandbox.agent.confinement import OpRefused, Root, os_refusal
+from sandbox.agent.consent import AgentConsent
 from sandbox.agent.spawn import start_command
 from sandbox.agent.terminals import AgentTerminals, machine_environment
 from sandbox.control_protocol import (
@@ -86,10 +88,9 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class DisplayAccess:
-    """The machine's display as the agent may use it."""
+    """The machine's display (``None``: it has none)."""
 
     display: str | None
-    allow_screen_control: bool = False
 
     @property
     def available(self) -> bool:
@@ -102,7 +103,7 @@ def _no_display() -> OpRefused:
 
 
 class AgentOperations:
-    """The op handlers of one agent: its root, its display access and its identity."""
+    """The op handlers of one agent: its root, its display, its owner's consent and its identity."""
 
     def __init__(
         self,
@@ -111,9 +112,11 @@ class AgentOperations:
         agent_id: str,
         root: Path,
         display: DisplayAccess,
+        consent: AgentConsent | None = None,
         max_payload: int = NATS_DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self.workspace_id = workspace_id
+        self.consent = consent or AgentConsent()
         self.agent_id = agent_id
         self.root = Root(root)
         self.display = display
@@ -137,6 +140,7 @@ class AgentOperations:
         # A newer binding of this machine fences the older one: its shells end like a replaced box's.
         self.terminals.fence(request.epoch)
         try:
+            self.consent.require(request.op)
             result = await self._dispatch(request.op, request.epoch)
         except OpRefused as refusal:
             return error_response(
@@ -219,7 +223,8 @@ class AgentOperations:
             hostname=self._hostname,
             os=self._os,
             has_display=self.display.available,
-            screen_control=self.display.allow_screen_control,
+            screen_control=self.consent.screen_control,
+            consents=list(self.consent.allowed()),
             newest_epoch=self.newest_epoch,
         )
 
@@ -366,12 +371,7 @@ class AgentOperations:
         )
 
     async def desktop_input(self, op: DesktopInputOp) -> DesktopInputReply:
-        """Inject one event with xdotool, only with the owner's consent and a display."""
-        if not self.display.allow_screen_control:
-            raise OpRefused(
-                ControlErrorCode.CONSENT_REQUIRED,
-                "the machine's owner has not allowed screen control (start the agent with --allow-screen-control)",
-            )
+        """Inject one event with xdotool (the owner's consent was checked in :meth:`handle`)."""
         if not self.display.available:
             raise _no_display()
         if not shutil.which("xdotool"):

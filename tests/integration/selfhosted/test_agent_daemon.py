@@ -15,6 +15,7 @@ import pytest
 
 from providers.base import BoxSpec, Envelope
 from providers.selfhosted import NatsControlRpc, RetryPolicy, SelfhostedProvider, probe_agent
+from sandbox.agent.consent import AgentConsent
 from sandbox.control_auth import ControlSigningKey
 from sandbox.control_protocol import ControlErrorCode, KeyEvent, PointerEvent
 from sandbox.errors import (
@@ -157,7 +158,9 @@ async def test_screenshot_and_input_on_a_real_display(nats_url: str, rpc: NatsCo
         while not Path(f"/tmp/.X11-unix/X{display_no}").exists():
             assert time.monotonic() < deadline and xvfb.poll() is None, "Xvfb did not start"
             await asyncio.sleep(0.05)
-        async with running_agent(nats_url, tmp_path, display=f":{display_no}", allow_screen_control=True) as agent:
+        async with running_agent(
+            nats_url, tmp_path, display=f":{display_no}", consent=AgentConsent(screen_control=True)
+        ) as agent:
             s = session_for(rpc, agent)
             shot = await s.screenshot()
             assert shot.png.startswith(b"\x89PNG") and (shot.width, shot.height) == (640, 480)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sandbox.agent.consent import AgentConsent
 from sandbox.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_protocol import (
     ControlErrorCode,
@@ -28,6 +29,7 @@ from sandbox.control_protocol import (
     KeyEvent,
     PingOp,
     PingReply,
+    PtyOpenOp,
     ScreenshotOp,
     StreamEnsureOp,
     StreamEnsureReply,
@@ -51,7 +53,8 @@ def ops_for(
         workspace_id="ws1",
         agent_id="a1",
         root=root,
-        display=DisplayAccess(display, consent),
+        display=DisplayAccess(display),
+        consent=AgentConsent(screen_control=consent),
         max_payload=max_payload,
     )
 
@@ -243,6 +246,55 @@ async def test_ping_reports_identity_and_gates(layout: tuple[Path, Path]) -> Non
     resp = await run(ops_for(root, display=":5", consent=True), PingOp(nonce="42"))
     assert isinstance(resp.result, PingReply)
     assert resp.result.nonce == "42" and resp.result.has_display and resp.result.screen_control
+
+
+def _consent_cases(root: Path) -> list[tuple[str, ControlOp, Path | None]]:
+    """(capability, an op that needs it, a file the op would create if it ran)."""
+    return [
+        ("exec", ExecOp(command=["touch", str(root / "ran")]), root / "ran"),
+        ("exec", PtyOpenOp(command=["touch", str(root / "pty-ran")], cols=80, rows=24), root / "pty-ran"),
+        ("exec", StreamEnsureOp(kind="pty", port=7681), None),
+        ("files", FsWriteOp(path="written", content=b"x"), root / "written"),
+        ("files", FsReadOp(path="present"), None),
+        ("files", FsListOp(path="."), None),
+        ("files", FsStatOp(path="present"), None),
+        ("screen_view", ScreenshotOp(), None),
+        ("screen_view", StreamEnsureOp(kind="desktop", port=6080), None),
+        ("screen_control", DesktopInputOp(event=KeyEvent(key="Return")), None),
+    ]
+
+
+async def test_each_capability_the_owner_withholds_is_refused_and_nothing_runs(layout: tuple[Path, Path]) -> None:
+    root, _ = layout
+    (root / "present").write_text("p")
+    nothing = AgentConsent(exec=False, files=False, screen_view=False, screen_control=False)
+    ops = AgentOperations(workspace_id="ws1", agent_id="a1", root=root, display=DisplayAccess(":99"), consent=nothing)
+    for capability, op, would_create in _consent_cases(root):
+        code, detail = error_of(await run(ops, op))
+        assert (code, detail["capability"]) == (ControlErrorCode.CONSENT_REQUIRED, capability), op
+        assert detail["flag"].startswith("--")
+        if would_create is not None:
+            assert not would_create.exists(), op
+    ping = await run(ops, PingOp(nonce="n"))  # ping needs no consent and says what is allowed
+    assert isinstance(ping.result, PingReply) and ping.result.consents == []
+
+
+async def test_allowed_capabilities_run(layout: tuple[Path, Path]) -> None:
+    """Positive control: the same ops with the defaults (everything but screen control) get past consent."""
+    root, _ = layout
+    (root / "present").write_text("p")
+    ops = AgentOperations(workspace_id="ws1", agent_id="a1", root=root, display=DisplayAccess(None))
+    for capability, op, would_create in _consent_cases(root):
+        response = await run(ops, op)
+        if capability == "screen_control":
+            assert response.error is not None and response.error.code is ControlErrorCode.CONSENT_REQUIRED
+            continue
+        assert response.error is None or response.error.code is not ControlErrorCode.CONSENT_REQUIRED, op
+        if would_create is not None and isinstance(op, ExecOp | FsWriteOp):
+            assert would_create.exists(), op
+    ping = await run(ops, PingOp(nonce="n"))
+    assert isinstance(ping.result, PingReply) and ping.result.consents == ["exec", "files", "screen_view"]
+    await ops.terminals.close_all()
 
 
 _segment = st.sampled_from(["..", ".", "", "a", "b", "link", "out", "x.txt", "/"]) | st.text(
