@@ -1,4 +1,4 @@
-"""The loop of ``sandboxctl desktop|terminal open`` with fake lease calls: renewal, fencing, rotation, release."""
+"""The viewer session loop with fake lease calls: renewal, fencing, rotation, release."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cli.planes import ViewerSession
 from client.lease_client import ViewerCell
+from client.viewer import ViewerSession
 from sandbox.errors import HolderNotFound, LeaseNotWarm, ProviderUnavailable, StaleEpoch
 
 pytestmark = pytest.mark.timeout(30)
