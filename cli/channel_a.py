@@ -60,7 +60,8 @@ def _with_channel(
 
     async def main() -> T:
         label = f"attaching to {workspace}/{group} (a cold lease creates its box first)"
-        async with BoxAccess(await connect_leases(settings), settings) as boxes, contextlib.AsyncExitStack() as stack:
+        boxes = BoxAccess(await connect_leases(settings), settings)
+        async with contextlib.AsyncExitStack() as stack:
             with progress(label) if not quiet else contextlib.nullcontext():
                 grant = await stack.enter_async_context(boxes.hold(workspace, group))
             channel = await stack.enter_async_context(boxes.open(grant))

@@ -16,7 +16,7 @@ What this still needs from the worker's host (Channel-A is not routed through th
 
 Example::
 
-    async with BoxAccess(leases, settings) as boxes, boxes.channel("ws1", "g1") as channel:
+    async with BoxAccess(leases, settings).channel("ws1", "g1") as channel:
         listing = await channel.fs_list("", depth=2)
 """
 
@@ -48,13 +48,16 @@ def workspace_root_of(grant: LeaseGrant) -> str:
 
 
 class BoxAccess:
-    """Opens Channel-A on leases' boxes; close it (or use ``async with``) to release the providers it built.
+    """Opens Channel-A on leases' boxes.
+
+    The provider registry is never closed here: ``ProviderRegistry.aclose`` releases what providers
+    hold for a *worker's* lifetime, and the local provider's stops the box holders it adopted on
+    resume, which would kill the worker's boxes.
 
     Args:
         leases: The lease client the ``direct`` holders are taken with.
         settings: Provider, NATS and data-dir settings (default: the lease client's).
-        providers: The provider registry to resume boxes with (default: one built from ``settings``,
-            closed by :meth:`aclose`).
+        providers: The provider registry to resume boxes with (default: one built from ``settings``).
     """
 
     def __init__(
@@ -63,7 +66,6 @@ class BoxAccess:
         self.leases = leases
         self.settings = settings or leases.settings
         self._providers = providers
-        self._owns_providers = providers is None
 
     def _registry(self) -> ProviderRegistry:
         if self._providers is None:
@@ -111,15 +113,3 @@ class BoxAccess:
         """:meth:`hold` and :meth:`open` in one: Channel-A on the lease's box for as long as the block runs."""
         async with self.hold(workspace_id, group_id) as grant, self.open(grant) as channel:
             yield channel
-
-    async def aclose(self) -> None:
-        """Release what the providers built here hold (nothing of the boxes themselves)."""
-        if self._owns_providers and self._providers is not None:
-            providers, self._providers = self._providers, None
-            await providers.aclose()
-
-    async def __aenter__(self) -> BoxAccess:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
