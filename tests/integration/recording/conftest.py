@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cli.recording import RecordingClient
+from client.recording_client import RecordingClient
 from workflows.recording_models import RecordingTimers, RecordingView
 
 FAST = RecordingTimers(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from cli.recording import RecordingClient
+from client.recording_client import RecordingClient
 from providers.base import Envelope
 from providers.local import LocalProvider
 from sandbox.errors import BoxNotFound

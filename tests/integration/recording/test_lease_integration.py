@@ -12,7 +12,7 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
 from activities.models import Screenshot, ScreenshotRequest
-from cli.recording import RecordingClient
+from client.recording_client import RecordingClient
 from tests.integration.recording.conftest import ids, wait_state
 from workflows.recording_models import RecordingRequest, RecordingStarted
 

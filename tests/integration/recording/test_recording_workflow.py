@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cli.recording import RecordingClient
+from client.recording_client import RecordingClient
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.recordings import RecordingStore
 from tests.conftest import box_visible_bin

@@ -19,8 +19,8 @@ import pytest
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.testing import WorkflowEnvironment
 
-from cli.recording import RecordingClient
 from client import LeaseClient
+from client.recording_client import RecordingClient
 from sandbox.settings import Settings
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database

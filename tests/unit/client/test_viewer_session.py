@@ -1,16 +1,20 @@
-"""The loop of ``sandboxctl desktop|terminal open`` with fake lease calls: renewal, fencing, rotation, release."""
+"""The viewer session loop with fake lease calls: renewal, fencing, rotation, release."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
-from cli.planes import ViewerSession
-from client.lease_client import ViewerCell
+from client.lease_client import LeaseClient, ViewerCell
+from client.viewer import ViewerSession, cell_document
 from sandbox.errors import HolderNotFound, LeaseNotWarm, ProviderUnavailable, StaleEpoch
+from sandbox.settings import Settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -206,3 +210,81 @@ async def test_the_first_attach_failing_is_the_callers_error() -> None:
     lease.attach_errors = [LeaseNotWarm("cold")]
     with pytest.raises(LeaseNotWarm):
         await session_for(lease).start()
+
+
+class FakeLeaseClient:
+    """Records what ``ViewerSession.for_lease`` asks of the lease client."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.calls: list[tuple[object, ...]] = []
+        self.lease = FakeLease()
+
+    async def attach_viewer(self, workspace_id: str, group_id: str, **kwargs: object) -> ViewerCell:
+        self.calls.append(("attach", workspace_id, group_id, tuple(sorted(kwargs.items()))))
+        return await self.lease.attach()
+
+    async def heartbeat(self, workspace_id: str, group_id: str, holder_id: str, epoch: int, *, kind: str) -> object:
+        self.calls.append(("heartbeat", workspace_id, group_id, holder_id, epoch, kind))
+        return SimpleNamespace(expires_at=None)
+
+    async def release(self, workspace_id: str, group_id: str, holder_id: str, *, kind: str) -> object:
+        self.calls.append(("release", workspace_id, group_id, holder_id, kind))
+        return None
+
+
+async def test_for_lease_attaches_heartbeats_and_releases_one_viewer_of_the_lease() -> None:
+    leases = FakeLeaseClient(Settings(holder_ttl_seconds=3.0))
+    session = ViewerSession.for_lease(
+        cast(LeaseClient, leases), "ws", "g", plane="terminal", viewer_id="v1", subject="alice", mode="control"
+    )
+    await session.start()
+    await run_until(session, lambda: any(call[0] == "heartbeat" for call in leases.calls))
+    attach, beat, release = leases.calls[0], next(c for c in leases.calls if c[0] == "heartbeat"), leases.calls[-1]
+    assert attach == (
+        "attach",
+        "ws",
+        "g",
+        (
+            ("geometry", "1280x800"),
+            ("mode", "control"),
+            ("plane", "terminal"),
+            ("subject", "alice"),
+            ("viewer_id", "v1"),
+        ),
+    )
+    # The holder TTL of 3 s caps the viewer's 45 s heartbeat interval at a third of it.
+    assert beat == ("heartbeat", "ws", "g", "v1", 1, "viewer")
+    assert release == ("release", "ws", "g", "v1", "viewer")
+
+
+async def test_a_session_without_a_viewer_id_makes_one_and_keeps_it() -> None:
+    leases = FakeLeaseClient(Settings())
+    session = ViewerSession.for_lease(cast(LeaseClient, leases), "ws", "g", plane="desktop")
+    await session.start()
+    await session.start()
+    ids = {dict(call[3])["viewer_id"] for call in leases.calls}  # type: ignore[arg-type]
+    assert len(ids) == 1 and str(uuid.UUID(str(ids.pop()))) != ""
+
+
+def test_a_cell_document_carries_the_token_only_when_asked() -> None:
+    cell = ViewerCell(
+        lease_id="lease/ws/g",
+        plane="desktop",
+        viewer_id="v1",
+        epoch=2,
+        instance_id="box-2",
+        url="ws://127.0.0.1:7002/",
+        token="ogs_secret",
+        expires_at=datetime(2030, 1, 1, tzinfo=UTC),
+        transport="novnc-ws",
+    )
+    assert cell_document(cell, with_token=True)["token"] == "ogs_secret"
+    public = cell_document(cell, with_token=False)
+    assert "token" not in public and public["url"] == "ws://127.0.0.1:7002/" and public["epoch"] == 2
+    assert "ogs_secret" not in repr(cell)
+
+
+def test_the_cell_of_a_session_that_never_attached_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="start"):
+        _ = session_for(FakeLease()).cell
