@@ -23,11 +23,10 @@ from activities.maintenance_models import GcSettings, OrphanSweepInput, Snapshot
 from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
 from sandbox.settings import Settings
-from tests.conftest import FAST_TIMERS, running_runtime
+from tests.conftest import FAST_TIMERS, eventually, running_runtime
 from tests.fakes.faults import FaultPlan
 from tests.fakes.machine import FakeMachine
 from tests.fakes.modal_fake import FakeModal
-from tests.integration.test_lease_workflow import eventually
 from tests.unit.providers.harness import ProviderHarness
 from workflows.orphan_sweep import OrphanSweepWorkflow
 from workflows.snapshot_gc import SnapshotGcWorkflow
