@@ -35,7 +35,7 @@ from sandbox.control_protocol import (
     salvage_request_id,
 )
 from sandbox.errors import InvalidRequest, SelfhostedControlError
-from tests.unit.sandbox.vectors import decode_args, load_vectors, vector_params
+from tests.upstream_vectors import decode_args, load_vectors, vector_params
 
 # --- upstream vectors ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from sandbox.selfhosted_capabilities import (
     negotiate_selfhosted_capabilities,
     negotiate_selfhosted_capabilities_live,
 )
-from tests.unit.sandbox.vectors import decode_args, load_vectors, vector_params
+from tests.upstream_vectors import decode_args, load_vectors, vector_params
 
 NOW = datetime(2025, 6, 1, 12, tzinfo=UTC)
 ACTIVE = {

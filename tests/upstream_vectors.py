@@ -1,4 +1,7 @@
-"""Loading the upstream conformance vectors for the selfhosted tests (missing vectors fail, never skip)."""
+"""The upstream conformance vectors (``shared/reference/upstream-vectors``): where they are, and loading them.
+
+Missing vectors fail the tests that need them, never skip them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import REPO
+
 VECTORS_ENV = "SANDBOX_VECTORS_DIR"
 
 
@@ -18,7 +23,7 @@ def vectors_dir() -> Path:
     override = os.environ.get(VECTORS_ENV)
     if override:
         return Path(override)
-    return Path(__file__).parents[3].parent / "shared/reference/upstream-vectors"
+    return REPO.parent / "shared/reference/upstream-vectors"
 
 
 def load_vectors(name: str) -> list[dict[str, Any]]:
