@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from activities.maintenance_models import GcSettings, OrphanSweepInput, Snapshot
 from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
 from sandbox.settings import Settings
-from tests.conftest import FAST_TIMERS, eventually, running_runtime
+from tests.conftest import FAST_TIMERS, REPO, eventually, running_runtime
 from tests.fakes.faults import FaultPlan
 from tests.fakes.machine import FakeMachine
 from tests.fakes.modal_fake import FakeModal
@@ -148,7 +147,7 @@ async def test_orphan_sweep_takes_an_unleased_tagged_box_and_spares_a_live_one(c
 
 def test_the_suite_covers_the_backends_the_issue_names() -> None:
     for backend in BACKENDS:
-        assert (Path(__file__).parents[1] / "providers" / f"harness_{backend}.py").exists(), backend
+        assert (REPO / "tests" / "unit" / "providers" / f"harness_{backend}.py").exists(), backend
 
 
 @pytest.fixture(scope="module")
