@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,18 +25,9 @@ from sandbox.capabilities import (
     to_js_iso,
 )
 from sandbox.errors import InvalidRequest, UnknownBackend
+from tests.upstream_vectors import VECTORS_ENV, vectors_dir
 
 # --- loading the vectors ------------------------------------------------------------------------
-
-VECTORS_ENV = "SANDBOX_VECTORS_DIR"
-
-
-def vectors_dir() -> Path:
-    """The upstream vector folder: $SANDBOX_VECTORS_DIR, else shared/reference next to the repo."""
-    override = os.environ.get(VECTORS_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def load_vectors(name: str) -> tuple[list[dict[str, Any]], str | None]:

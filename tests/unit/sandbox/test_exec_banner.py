@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +23,7 @@ from sandbox.exec_banner import (
     parse_exec_response_banner,
     strip_exec_banner,
 )
+from tests.upstream_vectors import vectors_dir
 
 # --------------------------------------------------------------------------- upstream vectors
 
@@ -44,13 +43,6 @@ FUNCTIONS: dict[str, Any] = {
     "parseExecBannerExitCode": parse_exec_banner_exit_code,
     "isExecSessionLostBanner": is_exec_session_lost_banner,
 }
-
-
-def vectors_dir() -> Path:
-    configured = os.environ.get("SANDBOX_VECTORS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def vector_params(file: str, fns: list[str]) -> list[Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,18 +19,12 @@ from sandbox.git_parsers import (
     parse_porcelain_v2,
     parse_unified_patch,
 )
+from tests.upstream_vectors import vectors_dir
 
 # --------------------------------------------------------------------------- upstream vectors
 
 VECTOR_FILE = "git_parsers.json"
 EXPECTED_COUNTS = {"parsePorcelainV2": 51, "parseNumstatZ": 41, "parseUnifiedPatch": 140}
-
-
-def vectors_dir() -> Path:
-    configured = os.environ.get("SANDBOX_VECTORS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def vector_params(file: str, fn: str) -> list[Any]:
