@@ -67,7 +67,7 @@ def recording_timers(settings: Settings) -> RecordingTimers:
     )
 
 
-def _translate(err: BaseException, recording_id: str) -> SandboxError:
+def _translate(err: BaseException, recording_id: str) -> BaseException:
     from client.lease_client import translate
 
     if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
