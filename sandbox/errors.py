@@ -621,7 +621,8 @@ _HINTS: dict[type[SandboxError], dict[str, Any]] = {}
 def _attribute_hints(cls: type[SandboxError]) -> dict[str, Any]:
     hints = _HINTS.get(cls)
     if hints is None:
-        every = typing.get_type_hints(cls)
+        # This module's own namespace: inside Temporal's workflow sandbox ``sys.modules`` is another one.
+        every = typing.get_type_hints(cls, globalns=globals())
         hints = _HINTS[cls] = {name: hint for name, hint in every.items() if typing.get_origin(hint) is not ClassVar}
     return hints
 
