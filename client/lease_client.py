@@ -5,16 +5,18 @@ Every method raises the typed errors of :mod:`sandbox.errors` (``StaleEpoch``,
 branch on types, never on messages. One table, applied by :func:`translate` (every call goes
 through :func:`call_workflow`), maps what the Temporal client raises:
 
-| Temporal client raises                                        | the caller gets                        |
-|---------------------------------------------------------------|----------------------------------------|
-| ``WorkflowUpdateFailedError`` / ``WorkflowFailureError`` whose | ``T``, with its attributes (``stage``, |
-|   cause chain holds an ``ApplicationError`` of type ``T``      |   ``path``, ...) and ``retryable``     |
-|   (``T`` not a sandbox error type)                             | ``SandboxError`` with its message      |
-| ``RPCError`` ``NOT_FOUND`` (no such workflow, or it completed) | ``LeaseNotFound``                      |
-| ``WorkflowUpdateRPCTimeoutOrCancelledError`` or ``RPCError``   | ``asyncio.CancelledError``             |
-|   ``CANCELLED`` while the calling task is being cancelled      |                                        |
-| the same otherwise, or ``RPCError`` ``DEADLINE_EXCEEDED``      | ``OutcomeUnknown`` (may have applied)  |
-| anything else from Temporal (a failed query, ``UNAVAILABLE``)  | ``SandboxError`` with its message      |
+| the Temporal client raises                                        | the caller gets                         |
+|-------------------------------------------------------------------|-----------------------------------------|
+| a failed update/workflow (``WorkflowUpdateFailedError``,          | ``T`` with its attributes (``stage``,   |
+| ``WorkflowFailureError``) whose cause chain holds an              | ``path``, ...) and its ``retryable``;   |
+| ``ApplicationError`` of type ``T`` (raised by the workflow, or    | a plain ``SandboxError`` when ``T`` is  |
+| by an activity and forwarded)                                     | no sandbox error type                   |
+| ``RPCError`` ``NOT_FOUND``: no such workflow, or it has completed | ``LeaseNotFound``                       |
+| ``WorkflowUpdateRPCTimeoutOrCancelledError`` or ``RPCError``      | ``asyncio.CancelledError``              |
+| ``CANCELLED`` because the calling task is being cancelled         |                                         |
+| the same without a cancelled caller, or ``RPCError``              | ``OutcomeUnknown``: the call may or may |
+| ``DEADLINE_EXCEEDED``                                             | not have taken effect                   |
+| any other Temporal error (a failed query, ``UNAVAILABLE``, ...)   | ``SandboxError`` with its message       |
 
 A ``SandboxError`` raised on this side (validation, the payload codec) passes unchanged; other
 exceptions (programming errors) are not masked. Attributes and retryability arrive as the worker
