@@ -63,7 +63,7 @@ def recording_timers(settings: Settings) -> RecordingTimers:
     )
 
 
-def _translate(err: BaseException, recording_id: str) -> SandboxError:
+def _translate(err: BaseException, recording_id: str) -> BaseException:
     if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
         return RecordingNotFound(f"no recording {recording_id!r} (sandboxctl record list WORKSPACE)")
     return translate(err)
