@@ -14,27 +14,11 @@ from collections.abc import AsyncIterator
 from temporalio.client import Client
 
 from client.lease_client import LeaseClient
-from sandbox.errors import SandboxError
+from sandbox.errors import TemporalUnreachable
 from sandbox.settings import Settings
 from store.database import Database
 
 __all__ = ["TemporalUnreachable", "connect_leases", "connect_temporal", "open_store"]
-
-
-class TemporalUnreachable(SandboxError):
-    """Nothing answers at the configured Temporal address (the stack is not running, or elsewhere).
-
-    Attributes:
-        address: The ``host:port`` that was dialled.
-    """
-
-    error_type = "TemporalUnreachable"
-    default_retryable = True
-    address: str = ""
-
-    def __init__(self, message: str, *, address: str, retryable: bool | None = None) -> None:
-        super().__init__(message, retryable=retryable)
-        self.address = address
 
 
 async def connect_temporal(settings: Settings) -> Client:

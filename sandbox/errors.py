@@ -16,6 +16,7 @@ sent) still rebuilds the right class, with the class defaults.
 
     SandboxError
      ├── SandboxConfigError          settings are missing or contradictory (boot refuses)
+     ├── TemporalUnreachable         nothing answers at the configured Temporal address
      ├── PayloadCodecError           a payload in Temporal history cannot be decrypted (sandbox/payload_codec.py)
      │    ├── PayloadKeyUnknown      it names a payload key id this process does not hold
      │    └── PayloadTampered        it fails authentication: altered, or another key under its id
@@ -111,6 +112,22 @@ class SandboxConfigError(SandboxError):
     """Settings are missing, malformed or contradictory."""
 
     error_type = "SandboxConfigError"
+
+
+class TemporalUnreachable(SandboxError):
+    """Nothing answers at the configured Temporal address (the stack is not running, or elsewhere).
+
+    Attributes:
+        address: The ``host:port`` that was dialled.
+    """
+
+    error_type = "TemporalUnreachable"
+    default_retryable = True
+    address: str = ""
+
+    def __init__(self, message: str, *, address: str, retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.address = address
 
 
 class PayloadCodecError(SandboxError):
