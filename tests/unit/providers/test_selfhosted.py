@@ -135,6 +135,33 @@ async def test_draining_retries_exec_ten_times_others_three_and_reports_retries(
     assert len(mock.requests) == 4
 
 
+async def test_exhausted_draining_reports_our_own_retry_count_not_the_agents() -> None:
+    class Draining:
+        def __init__(self) -> None:
+            self.requests: list[ControlRequest] = []
+
+        async def request(self, subject: str, request: ControlRequest, *, timeout: float) -> ControlResponse:
+            self.requests.append(request)
+            detail = {"retries": "99", "in_flight": "4"}
+            return error_response(request.request_id, ControlErrorCode.DRAINING, "busy", detail=detail)
+
+    rpc = Draining()
+    s = SelfhostedSession(rpc, workspace_id="ws1", agent_id="a1", sleep=Sleeps())
+    with pytest.raises(SelfhostedControlError) as err:
+        await s.path_exists("x")
+    assert len(rpc.requests) == 4 and err.value.draining and err.value.retryable
+    assert "retried 3 times" in err.value.message and "99" not in err.value.message
+    assert err.value.detail == {"retries": "3", "in_flight": "4"}
+    assert err.value.control_request_id == rpc.requests[-1].request_id
+    # Without any retry of its own (draining budget 0) the zero-retry message stands.
+    rpc = Draining()
+    s = SelfhostedSession(rpc, workspace_id="ws1", agent_id="a1", sleep=Sleeps(), retry=RetryPolicy(draining=0))
+    with pytest.raises(SelfhostedControlError) as err:
+        await s.path_exists("x")
+    assert len(rpc.requests) == 1 and "retried" not in err.value.message
+    assert err.value.detail["retries"] == "99"  # the agent's detail is kept, just never rendered
+
+
 class Scripted:
     """A ControlRpc that answers from a script of error codes, then succeeds."""
 

@@ -103,6 +103,22 @@ def test_mapping_accepts_our_wire_error_model() -> None:
     assert not isinstance(offline, InvalidRequest)
 
 
+def test_draining_mapping_ignores_an_agent_supplied_retry_count() -> None:
+    # Upstream's mapping always renders the zero-retry text; only its retry loop counts retries.
+    err = agent_error_to_control_error(
+        {"code": 6, "message": "busy", "retryable": False, "detail": {"retries": "7"}}, "req-1"
+    )
+    assert err.message == draining_message(0)
+    assert "retried" not in err.message
+    assert err.draining and err.retryable and err.detail == {"retries": "7"}
+
+
+def test_an_empty_request_id_is_kept_not_nulled() -> None:
+    err = agent_error_to_control_error({"code": 2, "message": "EIO", "retryable": False, "detail": {}}, "")
+    assert err.control_request_id == ""
+    assert agent_error_to_control_error({"code": 2, "message": "EIO"}).control_request_id is None
+
+
 def test_codes_match_the_upstream_enum() -> None:
     # Upstream's codes one for one, plus ours beyond its range (UNAUTHENTICATED, 12).
     assert {c.number for c in ControlErrorCode} == {int(c) for c in AgentErrorCode} | {12}

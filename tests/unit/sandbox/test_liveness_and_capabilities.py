@@ -92,6 +92,19 @@ def test_parse_moment(text: str | None, expected: datetime | None) -> None:
     assert parse_moment(text) == expected
 
 
+def test_an_empty_os_is_echoed_and_unsupported_not_defaulted_to_linux() -> None:
+    ctx = {"sessionId": "s", "leaseEpoch": 1, "enrollment": ACTIVE, "probeResponded": True, "now": NOW}
+    doc = negotiate_selfhosted_capabilities({**ctx, "os": ""})
+    dumped = doc.model_dump(mode="json")
+    assert doc.os == ""
+    cells = ("FileSystem", "Terminal", "Git", "DesktopStream", "Recording", "ComputerUse")
+    assert {cell: dumped[cell]["reason"] for cell in cells} == dict.fromkeys(cells, "os_unsupported")
+    assert not doc.file_system.available and doc.terminal.transport is None
+    # Only an absent OS defaults to linux.
+    default = negotiate_selfhosted_capabilities(ctx)
+    assert default.os == "linux" and default.file_system.available and default.terminal.reason is None
+
+
 def test_bad_negotiation_context_is_invalid_request() -> None:
     with pytest.raises(InvalidRequest):
         negotiate_selfhosted_capabilities({"sessionId": "s", "leaseEpoch": -1})
