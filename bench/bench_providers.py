@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -69,6 +70,8 @@ def _spec() -> BoxSpec:
 async def bench_backend(backend: str, rounds: int, create_rounds: int) -> dict[str, Any] | None:
     module = importlib.import_module(f"tests.unit.providers.harness_{backend}")
     with tempfile.TemporaryDirectory(prefix=f"bench-{backend}-") as tmp:
+        # The fakes run real local boxes as an unprivileged uid, which must pass through (not list) it.
+        os.chmod(tmp, 0o711)
         async with module.harness(Path(tmp)) as h:
             harness: ProviderHarness = h
             if harness.sdk_exec is None:
