@@ -23,11 +23,21 @@ HERE = Path(__file__).parent
 BACKENDS: tuple[str, ...] = tuple(sorted(p.stem.removeprefix("harness_") for p in HERE.glob("harness_*.py")))
 
 
+def _has_fake_service(backend: str) -> bool:
+    # A harness module says ``FAKE_SERVICE = False`` when it runs the real thing (local boxes).
+    return bool(getattr(importlib.import_module(f"tests.unit.providers.harness_{backend}"), "FAKE_SERVICE", True))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Only the suite's tests (those taking ``harness``): the other tests of this folder parametrize their
-    # own ``backend`` (descriptors, registry) over every backend, harness or not.
+    # own ``backend`` (descriptors, registry) over every backend, harness or not. A test marked
+    # ``needs_fake_service`` injects faults into a fake, so it runs only for backends that have one
+    # (left out of the parametrisation, not skipped).
     if "harness" in metafunc.fixturenames:
-        metafunc.parametrize("backend", BACKENDS)
+        backends = BACKENDS
+        if metafunc.definition.get_closest_marker("needs_fake_service") is not None:
+            backends = tuple(b for b in BACKENDS if _has_fake_service(b))
+        metafunc.parametrize("backend", backends)
 
 
 @pytest.fixture

@@ -9,6 +9,9 @@ from pathlib import Path
 from providers.local import LocalProvider
 from tests.unit.providers.harness import ProviderHarness
 
+FAKE_SERVICE = False
+"""The real provider runs here: there is no fake service to inject faults into."""
+
 
 @contextlib.asynccontextmanager
 async def harness(tmp_path: Path) -> AsyncIterator[ProviderHarness]:

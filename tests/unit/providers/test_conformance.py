@@ -179,9 +179,9 @@ async def test_unknown_id_is_not_found(harness: ProviderHarness) -> None:
         await resumed.exec(["true"])
 
 
+@pytest.mark.needs_fake_service
 async def test_transient_errors_are_unavailable_never_not_found(harness: ProviderHarness) -> None:
-    if harness.faults is None or harness.transient_error is None:
-        pytest.skip("no fake service to inject transient failures into (the real thing runs here)")
+    assert harness.faults is not None and harness.transient_error is not None, "a fake harness must inject faults"
     provider = harness.provider
     _, _, box = await _new_box(provider, "transient")
     envelope = _roundtrip(box.serialize_state())
