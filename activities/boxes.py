@@ -12,21 +12,6 @@ from collections.abc import AsyncIterator
 
 from temporalio import activity
 
-from activities.models import (
-    CHECK_BOX,
-    DISCARD_LEASE_BOXES,
-    EXEC_IN_BOX,
-    PROVISION_BOX,
-    TERMINATE_BOX,
-    BoxRef,
-    CheckResult,
-    DiscardInput,
-    DiscardResult,
-    ExecInput,
-    ExecOutput,
-    ProvisionInput,
-    ProvisionResult,
-)
 from activities.provider_errors import maps_provider_errors
 from activities.snapshots import native_ref_sha256
 from providers.base import BoxSession, BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
@@ -46,7 +31,18 @@ from sandbox.errors import (
     Unsupported,
 )
 from store.artifacts import ArtifactStore, verified
-from workflows.models import ArchiveRef, BoxEnvelope, RestoreOutcome
+from workflows.activity_names import ActivityName
+from workflows.models.boxes import (
+    BoxRef,
+    CheckResult,
+    DiscardInput,
+    DiscardResult,
+    ExecInput,
+    ExecOutput,
+    ProvisionInput,
+    ProvisionResult,
+)
+from workflows.models.lease import ArchiveRef, BoxEnvelope, RestoreOutcome
 
 
 @contextlib.asynccontextmanager
@@ -95,7 +91,7 @@ class BoxActivities:
     def _forget(self, backend: str, instance_id: str) -> None:
         self._sessions.pop((backend, instance_id), None)
 
-    @activity.defn(name=PROVISION_BOX)
+    @activity.defn(name=ActivityName.PROVISION_BOX)
     @maps_provider_errors
     async def provision(self, inp: ProvisionInput) -> ProvisionResult:
         """Create (or adopt by idempotency key) the box for a lease epoch, restore its workspace, probe it.
@@ -182,7 +178,7 @@ class BoxActivities:
             return False
         return True
 
-    @activity.defn(name=TERMINATE_BOX)
+    @activity.defn(name=ActivityName.TERMINATE_BOX)
     @maps_provider_errors
     async def terminate(self, ref: BoxRef) -> None:
         """Destroy a box and every process in it (idempotent)."""
@@ -191,7 +187,7 @@ class BoxActivities:
         async with _heartbeating():
             await provider.terminate(Envelope(**ref.envelope.model_dump()))
 
-    @activity.defn(name=DISCARD_LEASE_BOXES)
+    @activity.defn(name=ActivityName.DISCARD_LEASE_BOXES)
     @maps_provider_errors
     async def discard(self, inp: DiscardInput) -> DiscardResult:
         """Terminate every box the provider holds for a lease (after a failed warming)."""
@@ -206,7 +202,7 @@ class BoxActivities:
             terminated.append(box.instance_id)
         return DiscardResult(terminated=terminated)
 
-    @activity.defn(name=EXEC_IN_BOX)
+    @activity.defn(name=ActivityName.EXEC_IN_BOX)
     @maps_provider_errors
     async def exec(self, inp: ExecInput) -> ExecOutput:
         """Run one command in the box; output is capped and decoded as UTF-8."""
@@ -229,7 +225,7 @@ class BoxActivities:
             stderr_truncated=err_cut,
         )
 
-    @activity.defn(name=CHECK_BOX)
+    @activity.defn(name=ActivityName.CHECK_BOX)
     @maps_provider_errors
     async def check(self, ref: BoxRef) -> CheckResult:
         """Whether the box still exists; only a typed ``BoxNotFound`` says it does not."""

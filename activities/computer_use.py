@@ -21,14 +21,19 @@ from typing import Any, Final
 
 from temporalio import activity
 
-from activities.models import (
-    COMPUTER_DESKTOP_INPUT,
-    COMPUTER_SCREENSHOT,
+from activities.planes import PlaneActivities
+from activities.provider_errors import maps_provider_errors
+from providers.base import BoxSession, Envelope
+from providers.registry import ProviderRegistry
+from sandbox.errors import BoxNotFound, ComputerUseDisabled, ComputerUseError, ComputerUseReadOnly, ExecTimeout
+from sandbox.inbox_scripts import host_edge_environment
+from sandbox.settings import Settings
+from workflows.activity_names import ActivityName
+from workflows.models.computer_use import (
     ClickAction,
     DesktopAction,
     DesktopInputInput,
     DesktopInputResult,
-    DisplayStackRequest,
     DoubleClickAction,
     DragAction,
     KeyAction,
@@ -38,14 +43,8 @@ from activities.models import (
     ScrollAction,
     TypeAction,
 )
-from activities.planes import PlaneActivities
-from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Envelope
-from providers.registry import ProviderRegistry
-from sandbox.errors import BoxNotFound, ComputerUseDisabled, ComputerUseError, ComputerUseReadOnly, ExecTimeout
-from sandbox.inbox_scripts import host_edge_environment
-from sandbox.settings import Settings
-from workflows.models import BoxEnvelope
+from workflows.models.lease import BoxEnvelope
+from workflows.models.planes import DisplayStackRequest
 
 __all__ = ["ComputerUseActivities", "computer_use_policy", "input_script"]
 
@@ -232,7 +231,7 @@ class ComputerUseActivities:
         if not self._settings.computer_use_enabled:
             raise ComputerUseDisabled("computer use is disabled on this worker (SANDBOX_COMPUTER_USE_ENABLED=false)")
 
-    @activity.defn(name=COMPUTER_SCREENSHOT)
+    @activity.defn(name=ActivityName.COMPUTER_SCREENSHOT)
     @maps_provider_errors
     async def screenshot(self, inp: ScreenshotInput) -> Screenshot:
         """A PNG of the box's whole display (shrunk to fit ``max_png_bytes`` when it is larger).
@@ -268,7 +267,7 @@ class ComputerUseActivities:
             epoch=inp.epoch,
         )
 
-    @activity.defn(name=COMPUTER_DESKTOP_INPUT)
+    @activity.defn(name=ActivityName.COMPUTER_DESKTOP_INPUT)
     @maps_provider_errors
     async def desktop_input(self, inp: DesktopInputInput) -> DesktopInputResult:
         """Run pointer and keyboard actions in order with xdotool; report where the pointer is.

@@ -47,22 +47,6 @@ from typing import Any, Final, Literal
 
 from temporalio import activity
 
-from activities.models import (
-    ENSURE_DISPLAY_STACK,
-    ENSURE_PLANE,
-    ENSURE_TERMINAL_SERVER,
-    EXPOSE_STREAM_PORT,
-    TEAR_DOWN_DISPLAY_STACK,
-    TEAR_DOWN_PLANES,
-    TEAR_DOWN_TERMINAL_SERVER,
-    DisplayStackRequest,
-    DisplayStackResult,
-    ExposeStreamPortRequest,
-    PlaneRequest,
-    TearDownPlanesRequest,
-    TerminalServerRequest,
-    TerminalServerResult,
-)
 from activities.provider_errors import maps_provider_errors
 from providers.base import BoxSession, Endpoint, Envelope
 from providers.local import BOX_MARKER_VAR
@@ -96,7 +80,17 @@ from sandbox.inbox_scripts import (
 from sandbox.settings import Settings
 from sandbox.stream_token import DEFAULT_STREAM_PORT, derive_lease_key, root_secret_for
 from sandbox.stream_url import build_stream_url
-from workflows.models import BoxEnvelope, PlaneEndpoint
+from workflows.activity_names import ActivityName
+from workflows.models.lease import BoxEnvelope, PlaneEndpoint
+from workflows.models.planes import (
+    DisplayStackRequest,
+    DisplayStackResult,
+    ExposeStreamPortRequest,
+    PlaneRequest,
+    TearDownPlanesRequest,
+    TerminalServerRequest,
+    TerminalServerResult,
+)
 
 __all__ = ["LOCAL_BOX_PATH", "LocalBoxLayout", "PlaneActivities", "local_box_layout", "runtime_desktop"]
 
@@ -436,7 +430,7 @@ class PlaneActivities:
             retryable=stage == "lock",
         )
 
-    @activity.defn(name=ENSURE_DISPLAY_STACK)
+    @activity.defn(name=ActivityName.ENSURE_DISPLAY_STACK)
     @maps_provider_errors
     async def ensure_display_stack(self, req: DisplayStackRequest) -> DisplayStackResult:
         """Bring up the box's desktop (Xvfb, x11vnc for control and view, the edge) unless healthy; idempotent.
@@ -450,7 +444,7 @@ class PlaneActivities:
         async with _heartbeating():
             return await self._ensure_display_stack(req)
 
-    @activity.defn(name=TEAR_DOWN_DISPLAY_STACK)
+    @activity.defn(name=ActivityName.TEAR_DOWN_DISPLAY_STACK)
     @maps_provider_errors
     async def tear_down_display_stack(self, req: TearDownPlanesRequest) -> None:
         """Stop the box's desktop (best effort; a gone box has nothing to stop)."""
@@ -510,7 +504,7 @@ class PlaneActivities:
             retryable=stage == "lock",
         )
 
-    @activity.defn(name=ENSURE_TERMINAL_SERVER)
+    @activity.defn(name=ActivityName.ENSURE_TERMINAL_SERVER)
     @maps_provider_errors
     async def ensure_terminal_server(self, req: TerminalServerRequest) -> TerminalServerResult:
         """Bring up the box's terminal (a writable and a read-only ttyd, the edge) unless healthy; idempotent.
@@ -525,7 +519,7 @@ class PlaneActivities:
         async with _heartbeating():
             return await self._ensure_terminal_server(req)
 
-    @activity.defn(name=TEAR_DOWN_TERMINAL_SERVER)
+    @activity.defn(name=ActivityName.TEAR_DOWN_TERMINAL_SERVER)
     @maps_provider_errors
     async def tear_down_terminal_server(self, req: TearDownPlanesRequest) -> None:
         """Stop the box's terminal (best effort; a gone box has nothing to stop)."""
@@ -571,7 +565,7 @@ class PlaneActivities:
             resolution=resolution,
         )
 
-    @activity.defn(name=EXPOSE_STREAM_PORT)
+    @activity.defn(name=ActivityName.EXPOSE_STREAM_PORT)
     @maps_provider_errors
     async def expose_stream_port(self, req: ExposeStreamPortRequest) -> PlaneEndpoint:
         """Where a viewer reaches the plane's edge port from outside the box (no token in it).
@@ -584,7 +578,7 @@ class PlaneActivities:
 
     # -- what the lease workflow calls ----------------------------------------------------------
 
-    @activity.defn(name=ENSURE_PLANE)
+    @activity.defn(name=ActivityName.ENSURE_PLANE)
     @maps_provider_errors
     async def ensure_plane(self, req: PlaneRequest) -> PlaneEndpoint:
         """Ensure one plane and its edge are up, and return where a viewer connects (tokens are minted by the client).
@@ -617,7 +611,7 @@ class PlaneActivities:
                 raise TerminalServerUnsupported(f"this box cannot run a terminal: {terminal.reason}")
             return await self._expose(req.backend, req.envelope, "terminal", terminal.port, None)
 
-    @activity.defn(name=TEAR_DOWN_PLANES)
+    @activity.defn(name=ActivityName.TEAR_DOWN_PLANES)
     @maps_provider_errors
     async def tear_down_planes(self, req: TearDownPlanesRequest) -> None:
         """Stop every plane of the box and delete its edge key (best effort; a gone box is fine)."""

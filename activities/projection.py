@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from activities.models import LOAD_LEASE_SEED, PROJECT_LEASE, ProjectionInput, SeedInput, SeedResult
 from store.leases import LeaseRepository
+from workflows.activity_names import ActivityName
+from workflows.models.boxes import ProjectionInput, SeedInput, SeedResult
 
 
 class ProjectionActivities:
@@ -14,12 +15,12 @@ class ProjectionActivities:
     def __init__(self, leases: LeaseRepository) -> None:
         self._leases = leases
 
-    @activity.defn(name=PROJECT_LEASE)
+    @activity.defn(name=ActivityName.PROJECT_LEASE)
     async def project(self, inp: ProjectionInput) -> bool:
         """Write the lease row, its holders and new events; an older version never overwrites a newer one."""
         return await self._leases.apply(inp.record, inp.events)
 
-    @activity.defn(name=LOAD_LEASE_SEED)
+    @activity.defn(name=ActivityName.LOAD_LEASE_SEED)
     async def load_seed(self, inp: SeedInput) -> SeedResult:
         """The epoch a new run of a lease must start from, so epochs never repeat across runs."""
         record = await self._leases.get_by_id(inp.lease_id)

@@ -46,8 +46,9 @@ from providers.registry import ProviderRegistry
 from sandbox.errors import BoxNotFound, HolderNotFound, LeaseNotFound, RecordingError
 from store.artifacts import CHUNK_SIZE, ArtifactStore, LocalFileArtifactStore, StoredArtifact
 from store.recordings import RecordingStore
+from workflows.activity_names import ActivityName
 from workflows.lease import LeaseWorkflow
-from workflows.models import (
+from workflows.models.lease import (
     AcquireRequest,
     BoxEnvelope,
     BoxLostReport,
@@ -59,18 +60,7 @@ from workflows.models import (
     ReleaseResult,
     lease_workflow_id,
 )
-from workflows.recording_models import (
-    DELETE_BOX_FILES,
-    HEARTBEAT_LEASE,
-    HOLD_LEASE,
-    INSPECT_RECORDING,
-    PROBE_FFMPEG,
-    PROJECT_RECORDING,
-    RELEASE_LEASE,
-    REPORT_LEASE_BOX_LOST,
-    START_FFMPEG,
-    STOP_FFMPEG,
-    UPLOAD_RECORDING,
+from workflows.models.recording import (
     FfmpegProbe,
     FfmpegProcess,
     FfmpegStartInput,
@@ -321,7 +311,7 @@ class RecordingActivities:
 
     # -- ffmpeg ---------------------------------------------------------------------------------
 
-    @activity.defn(name=START_FFMPEG)
+    @activity.defn(name=ActivityName.RECORDING_START_FFMPEG)
     @maps_provider_errors
     async def start(self, inp: FfmpegStartInput) -> FfmpegProcess:
         """Launch ffmpeg x11grab in the background (or adopt the one a previous attempt launched).
@@ -348,7 +338,7 @@ class RecordingActivities:
             f"ffmpeg did not start (exit {code}): {(err or out).strip()[-LOG_TAIL_BYTES:]}", reason="ffmpeg-error"
         )
 
-    @activity.defn(name=PROBE_FFMPEG)
+    @activity.defn(name=ActivityName.RECORDING_PROBE_FFMPEG)
     @maps_provider_errors
     async def probe(self, inp: RecordingBoxInput) -> FfmpegProbe:
         """Whether the recorded ffmpeg still runs, and the size of its file so far (-1: no file).
@@ -362,7 +352,7 @@ class RecordingActivities:
             raise RecordingError(f"probing ffmpeg failed (exit {code}): {err.strip()[-300:]}", retryable=True)
         return FfmpegProbe(alive=m[1] == "1", size_bytes=int(m[2]))
 
-    @activity.defn(name=STOP_FFMPEG)
+    @activity.defn(name=ActivityName.RECORDING_STOP_FFMPEG)
     @maps_provider_errors
     async def stop(self, inp: FfmpegStopInput) -> FfmpegStopped:
         """SIGINT ffmpeg, wait up to ``wait_seconds`` for its trailer, then SIGKILL; idempotent.
@@ -379,7 +369,7 @@ class RecordingActivities:
 
     # -- finalize -------------------------------------------------------------------------------
 
-    @activity.defn(name=INSPECT_RECORDING)
+    @activity.defn(name=ActivityName.RECORDING_INSPECT)
     @maps_provider_errors
     async def inspect(self, inp: InspectInput) -> Inspection:
         """Check the box file: missing (``box-death``), empty or unreadable (``ffmpeg-error``), too big, or ok.
@@ -493,7 +483,7 @@ class RecordingActivities:
             index += 1
             yield chunk
 
-    @activity.defn(name=UPLOAD_RECORDING)
+    @activity.defn(name=ActivityName.RECORDING_UPLOAD)
     @maps_provider_errors
     async def upload(self, inp: UploadInput) -> UploadResult:
         """Stream the box file into the artifact store under ``inp.key`` (atomic; a retry replaces it).
@@ -518,7 +508,7 @@ class RecordingActivities:
             )
         return UploadResult(key=stored.key, sha256=stored.sha256, size_bytes=stored.size_bytes)
 
-    @activity.defn(name=DELETE_BOX_FILES)
+    @activity.defn(name=ActivityName.RECORDING_DELETE_BOX_FILES)
     @maps_provider_errors
     async def delete_box_files(self, inp: RecordingBoxInput) -> bool:
         """Remove the video, pid file and log from the box; a gone box has nothing to remove (False)."""
@@ -530,7 +520,7 @@ class RecordingActivities:
             raise RecordingError(f"deleting the box files failed (exit {code}): {err.strip()[-300:]}", retryable=True)
         return "SANDBOX_RECORDING_DELETED" in out
 
-    @activity.defn(name=PROJECT_RECORDING)
+    @activity.defn(name=ActivityName.RECORDING_PROJECT)
     async def project(self, inp: ProjectRecordingInput) -> bool:
         """Write the recording row (a write older than the stored one is ignored); heartbeats while it waits."""
         async with _heartbeating():
@@ -546,7 +536,7 @@ class RecordingActivities:
         )
         return await call_workflow(lambda: handle.execute_update(update, arg))
 
-    @activity.defn(name=HOLD_LEASE)
+    @activity.defn(name=ActivityName.RECORDING_HOLD_LEASE)
     @maps_provider_errors
     async def hold_lease(self, inp: LeaseHolderInput) -> LeaseGrant:
         """Hold the lease as the ``recording`` holder; waits until its box is warm.
@@ -561,7 +551,7 @@ class RecordingActivities:
             grant: LeaseGrant = await self._lease_update(inp, LeaseWorkflow.acquire, req)
         return grant
 
-    @activity.defn(name=HEARTBEAT_LEASE)
+    @activity.defn(name=ActivityName.RECORDING_HEARTBEAT_LEASE)
     @maps_provider_errors
     async def heartbeat_lease(self, inp: LeaseHolderInput) -> HeartbeatResult:
         """Keep the ``recording`` holder alive.
@@ -573,7 +563,7 @@ class RecordingActivities:
         result: HeartbeatResult = await self._lease_update(inp, LeaseWorkflow.heartbeat, req)
         return result
 
-    @activity.defn(name=RELEASE_LEASE)
+    @activity.defn(name=ActivityName.RECORDING_RELEASE_LEASE)
     @maps_provider_errors
     async def release_lease(self, inp: LeaseHolderInput) -> bool:
         """Stop holding the lease; a holder that is already gone (or a lease that is) is fine (False)."""
@@ -585,7 +575,7 @@ class RecordingActivities:
             return False
         return result.released
 
-    @activity.defn(name=REPORT_LEASE_BOX_LOST)
+    @activity.defn(name=ActivityName.RECORDING_REPORT_BOX_LOST)
     @maps_provider_errors
     async def report_box_lost(self, inp: LeaseBoxLostInput) -> bool:
         """Tell the lease its box looks gone; the lease confirms with the provider. Returns whether it agreed."""

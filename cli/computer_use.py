@@ -54,7 +54,7 @@ def _update(data_dir: Path | None, workspace: str, group: str, name: str, arg: A
 
 
 def _input(data_dir: Path | None, workspace: str, group: str, epoch: int | None, actions: list[dict[str, Any]]) -> Any:
-    from activities.models import DesktopInputRequest, DesktopInputResult
+    from workflows.models.computer_use import DesktopInputRequest, DesktopInputResult
 
     try:
         req = DesktopInputRequest.model_validate({"actions": actions, "epoch": epoch})
@@ -72,7 +72,7 @@ def screenshot(
     json_out: bool = Json,
 ) -> None:
     """Take a PNG screenshot of the lease's desktop."""
-    from activities.models import Screenshot, ScreenshotRequest
+    from workflows.models.computer_use import Screenshot, ScreenshotRequest
 
     shot: Screenshot = _update(
         data_dir, workspace, group, SCREENSHOT_UPDATE, ScreenshotRequest(epoch=epoch), Screenshot

@@ -257,7 +257,7 @@ def list_leases(
     json_out: bool = Json,
 ) -> None:
     """List leases from the store's projection (what the worker last wrote)."""
-    from workflows.models import LIVENESS_VALUES
+    from workflows.models.lease import LIVENESS_VALUES
 
     if liveness is not None and liveness not in LIVENESS_VALUES:
         fail(f"--liveness must be one of {', '.join(LIVENESS_VALUES)}", EXIT_REFUSED)

@@ -535,8 +535,8 @@ class SessionEventFeed:
     async def _follow(self) -> None:
         import nats
 
-        from activities.events import parse_stream_url_rotated
         from sandbox.nats_dial import dial_within
+        from workflows.models.session_events import parse_stream_url_rotated
 
         async def quiet(*_args: Any) -> None:
             return None
@@ -598,12 +598,12 @@ def _open_command(plane: Plane) -> Callable[..., None]:
         port: int = PagePort,
         data_dir: Path | None = DataDir,
     ) -> None:
-        from activities.events import session_events_subject
         from cli.lease import _settings
         from client import LeaseClient
         from client.lease_client import HEARTBEAT_INTERVAL_SECONDS, validate_lease_ids
         from sandbox.errors import SandboxError
         from worker import connect
+        from workflows.models.session_events import session_events_subject
 
         try:
             assets = find_assets(plane)

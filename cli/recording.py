@@ -32,8 +32,7 @@ from temporalio.service import RPCStatusCode
 from cli.output import emit, fail, note, progress
 from sandbox.errors import InvalidRequest, RecordingNotFound, SandboxError
 from sandbox.settings import Settings
-from workflows.recording import RecordingWorkflow
-from workflows.recording_models import (
+from workflows.models.recording import (
     RECORDING_ID_PATTERN,
     RecordingRequest,
     RecordingStarted,
@@ -43,6 +42,7 @@ from workflows.recording_models import (
     recording_input,
     recording_workflow_id,
 )
+from workflows.recording import RecordingWorkflow
 
 __all__ = ["RecordingClient", "recording_timers", "register"]
 

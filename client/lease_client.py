@@ -40,7 +40,7 @@ from sandbox import errors
 from sandbox.capabilities import NegotiationContext, RuntimeDesktop, SessionCapabilities, negotiate_capabilities
 from sandbox.settings import Settings
 from workflows.lease import LeaseWorkflow
-from workflows.models import (
+from workflows.models.lease import (
     HOLDER_KINDS,
     ID_PATTERN,
     MAX_ID_LENGTH,

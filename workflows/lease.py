@@ -32,49 +32,36 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.events import PUBLISH_SESSION_EVENT, session_events_subject, stream_url_rotated
-    from activities.models import (
-        CAPTURE_WORKSPACE,
-        CHECK_BOX,
-        COMPUTER_DESKTOP_INPUT,
-        COMPUTER_SCREENSHOT,
-        DISCARD_LEASE_BOXES,
-        ENSURE_PLANE,
-        EXEC_IN_BOX,
-        LOAD_LEASE_SEED,
-        PROJECT_LEASE,
-        PROVISION_BOX,
-        PUBLISH_SNAPSHOT,
-        TEAR_DOWN_PLANES,
-        TERMINATE_BOX,
-        BoxRef,
-        CaptureRequest,
-        CheckResult,
-        DesktopInputInput,
-        DesktopInputRequest,
-        DesktopInputResult,
-        DiscardInput,
-        DiscardResult,
-        ExecInput,
-        ExecOutput,
-        PlaneRequest,
-        ProjectionInput,
-        ProvisionInput,
-        ProvisionResult,
-        PublishRequest,
-        Screenshot,
-        ScreenshotInput,
-        ScreenshotRequest,
-        SeedInput,
-        SeedResult,
-        TearDownPlanesRequest,
-    )
     from providers.descriptors import select_backend
     from sandbox import errors
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
     from workflows import search_attributes as sa
+    from workflows.activity_names import ActivityName
     from workflows.errors import failure
-    from workflows.models import (
+    from workflows.models.boxes import (
+        BoxRef,
+        CaptureRequest,
+        CheckResult,
+        DiscardInput,
+        DiscardResult,
+        ExecInput,
+        ExecOutput,
+        ProjectionInput,
+        ProvisionInput,
+        ProvisionResult,
+        PublishRequest,
+        SeedInput,
+        SeedResult,
+    )
+    from workflows.models.computer_use import (
+        DesktopInputInput,
+        DesktopInputRequest,
+        DesktopInputResult,
+        Screenshot,
+        ScreenshotInput,
+        ScreenshotRequest,
+    )
+    from workflows.models.lease import (
         MAX_HOLDER_ID_LENGTH,
         TRANSITIONS_KEPT,
         AcquireRequest,
@@ -103,13 +90,10 @@ with workflow.unsafe.imports_passed_through():
         Transition,
         ViewerAttachment,
     )
+    from workflows.models.planes import PlaneRequest, TearDownPlanesRequest
+    from workflows.models.recording import BoxLostNotice, RecordingRequest, RecordingStarted, recording_workflow_id
+    from workflows.models.session_events import session_events_subject, stream_url_rotated
     from workflows.recording import RecordingWorkflow, start_recording_child
-    from workflows.recording_models import (
-        BoxLostNotice,
-        RecordingRequest,
-        RecordingStarted,
-        recording_workflow_id,
-    )
 
 # Activities that must not be retried blindly use explicit policies; the rest retry forever with
 # backoff because the lease cannot move on without them (projection, terminate).
@@ -177,7 +161,7 @@ class LeaseWorkflow:
         # A fresh run continues the epoch of any earlier incarnation of this lease, so a token or
         # grant minted by a previous run can never validate against a new box.
         seed = await workflow.execute_activity(
-            LOAD_LEASE_SEED,
+            ActivityName.LOAD_LEASE_SEED,
             SeedInput(lease_id=self.spec.lease_id),
             result_type=SeedResult,
             start_to_close_timeout=timedelta(seconds=30),
@@ -240,7 +224,7 @@ class LeaseWorkflow:
         t = self.timers
         try:
             result = await workflow.execute_activity(
-                PROVISION_BOX,
+                ActivityName.PROVISION_BOX,
                 ProvisionInput(
                     lease_id=self.spec.lease_id,
                     workspace_id=self.spec.workspace_id,
@@ -269,7 +253,7 @@ class LeaseWorkflow:
             message = _cause_message(err)
             # Whatever the provider made for this attempt must not outlive it.
             await workflow.execute_activity(
-                DISCARD_LEASE_BOXES,
+                ActivityName.DISCARD_LEASE_BOXES,
                 DiscardInput(backend=self.spec.backend, lease_id=self.spec.lease_id),
                 result_type=DiscardResult,
                 start_to_close_timeout=timedelta(seconds=60),
@@ -361,7 +345,7 @@ class LeaseWorkflow:
         assert s.envelope is not None
         t = self.timers
         ref = await workflow.execute_activity(
-            CAPTURE_WORKSPACE,
+            ActivityName.CAPTURE_WORKSPACE,
             CaptureRequest(
                 backend=self.spec.backend,
                 envelope=s.envelope,
@@ -383,7 +367,7 @@ class LeaseWorkflow:
         if ref.unchanged:
             return
         await workflow.execute_activity(
-            PUBLISH_SNAPSHOT,
+            ActivityName.PUBLISH_SNAPSHOT,
             PublishRequest(lease_id=self.spec.lease_id, snapshot_id=ref.snapshot_id),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=_RETRY_FOREVER,
@@ -411,7 +395,7 @@ class LeaseWorkflow:
                 await self._tear_down_planes(s.envelope)
             if s.envelope is not None:
                 await workflow.execute_activity(
-                    TERMINATE_BOX,
+                    ActivityName.TERMINATE_BOX,
                     BoxRef(backend=self.spec.backend, envelope=s.envelope),
                     start_to_close_timeout=timedelta(seconds=120),
                     retry_policy=RetryPolicy(
@@ -443,7 +427,7 @@ class LeaseWorkflow:
         # Best effort: the box is terminated next anyway, so a failure here only costs a log line.
         try:
             await workflow.execute_activity(
-                TEAR_DOWN_PLANES,
+                ActivityName.TEAR_DOWN_PLANES,
                 TearDownPlanesRequest(backend=self.spec.backend, envelope=envelope),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_attempts=2),
@@ -545,7 +529,7 @@ class LeaseWorkflow:
             self._projecting = True
             try:
                 await workflow.execute_activity(
-                    PROJECT_LEASE,
+                    ActivityName.PROJECT_LEASE,
                     ProjectionInput(record=self._record(), events=[self._event(t) for t in events]),
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=_RETRY_FOREVER,
@@ -567,7 +551,7 @@ class LeaseWorkflow:
             self._publishing_events = True
             try:
                 await workflow.execute_activity(
-                    PUBLISH_SESSION_EVENT,
+                    ActivityName.PUBLISH_SESSION_EVENT,
                     args=[subject, payload],
                     result_type=bool,
                     start_to_close_timeout=timedelta(seconds=10),
@@ -801,7 +785,7 @@ class LeaseWorkflow:
         self._inflight += 1
         try:
             endpoint = await workflow.execute_activity(
-                ENSURE_PLANE,
+                ActivityName.ENSURE_PLANE,
                 PlaneRequest(
                     backend=self.spec.backend,
                     envelope=s.envelope,
@@ -946,7 +930,7 @@ class LeaseWorkflow:
         self._inflight += 1
         try:
             out = await workflow.execute_activity(
-                EXEC_IN_BOX,
+                ActivityName.EXEC_IN_BOX,
                 ExecInput(
                     backend=self.spec.backend,
                     envelope=envelope,
@@ -1004,7 +988,7 @@ class LeaseWorkflow:
         self._inflight += 1
         try:
             check = await workflow.execute_activity(
-                CHECK_BOX,
+                ActivityName.CHECK_BOX,
                 BoxRef(backend=self.spec.backend, envelope=envelope),
                 result_type=CheckResult,
                 start_to_close_timeout=timedelta(seconds=self.timers.probe_timeout_seconds + 10),
@@ -1062,7 +1046,7 @@ class LeaseWorkflow:
             geometry=req.geometry,
         )  # fmt: skip
         shot: Screenshot = await self._desktop_activity(
-            COMPUTER_SCREENSHOT, arg, Screenshot, attempts=2, summary="screenshot", op="screenshot"
+            ActivityName.COMPUTER_SCREENSHOT, arg, Screenshot, attempts=2, summary="screenshot", op="screenshot"
         )
         return shot
 
@@ -1076,7 +1060,7 @@ class LeaseWorkflow:
             actions=req.actions, geometry=req.geometry,
         )  # fmt: skip
         result: DesktopInputResult = await self._desktop_activity(
-            COMPUTER_DESKTOP_INPUT,
+            ActivityName.COMPUTER_DESKTOP_INPUT,
             arg,
             DesktopInputResult,
             attempts=1,

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.maintenance_models import GcSettings, OrphanSweepInput, SnapshotGcInput
 from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
 from providers.testing.faults import FaultPlan
@@ -29,6 +28,7 @@ from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, running_runtime
 from tests.integration.test_lease_workflow import eventually
 from tests.providers.harness import ProviderHarness
+from workflows.models.maintenance import GcSettings, OrphanSweepInput, SnapshotGcInput
 from workflows.orphan_sweep import OrphanSweepWorkflow
 from workflows.snapshot_gc import SnapshotGcWorkflow
 

@@ -21,7 +21,7 @@ from sandbox import errors
 from store.leases import LeaseRepository
 from tests.conftest import remove_box_directory
 from tests.temporal_history import payloads_in
-from workflows.models import LeaseView, lease_workflow_id
+from workflows.models.lease import LeaseView, lease_workflow_id
 
 HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.events import STREAM_URL_ROTATED, session_events_subject
 from providers.base import Envelope
 from providers.registry import ProviderRegistry
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, Runtime, nats_server_at, running_runtime
+from workflows.models.session_events import STREAM_URL_ROTATED, session_events_subject
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cli.recording import RecordingClient
-from workflows.recording_models import RecordingTimers, RecordingView
+from workflows.models.recording import RecordingTimers, RecordingView
 
 FAST = RecordingTimers(
     poll_seconds=0.5, stop_wait_seconds=8.0, activity_heartbeat_seconds=2.0, acquire_timeout_seconds=60

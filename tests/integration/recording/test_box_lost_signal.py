@@ -23,8 +23,8 @@ from providers.local import LocalProvider
 from sandbox.errors import BoxNotFound
 from store.recordings import RecordingStore
 from tests.integration.recording.conftest import FAST, eventually, ids, wait_state
-from workflows.models import lease_workflow_id
-from workflows.recording_models import recording_workflow_id
+from workflows.models.lease import lease_workflow_id
+from workflows.models.recording import recording_workflow_id
 
 pytestmark = pytest.mark.timeout(90)
 

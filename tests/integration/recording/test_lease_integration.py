@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
-from activities.models import Screenshot, ScreenshotRequest
 from cli.recording import RecordingClient
 from tests.integration.recording.conftest import ids, wait_state
-from workflows.recording_models import RecordingRequest, RecordingStarted
+from workflows.models.computer_use import Screenshot, ScreenshotRequest
+from workflows.models.recording import RecordingRequest, RecordingStarted
 
 pytestmark = pytest.mark.timeout(90)
 

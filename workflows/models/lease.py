@@ -1,4 +1,4 @@
-"""Pydantic models that cross the Temporal boundary for the lease workflow.
+"""The lease workflow's input, state, updates, signals and query (and the ids they carry).
 
 Everything here is carried by ``pydantic_data_converter`` as JSON, so a scheduler written in
 another language can call the workflow. One model per workflow input, update, signal and query,
