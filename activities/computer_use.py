@@ -21,9 +21,9 @@ from typing import Any, Final
 
 from temporalio import activity
 
+from activities.box_sessions import BoxSessions
 from activities.planes import PlaneActivities
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Envelope
 from providers.registry import ProviderRegistry
 from sandbox.errors import BoxNotFound, ComputerUseDisabled, ComputerUseError, ComputerUseReadOnly, ExecTimeout
 from sandbox.inbox_scripts import host_edge_environment
@@ -177,19 +177,11 @@ class ComputerUseActivities:
         self._providers = providers
         self._settings = settings
         self._planes = planes
-        self._sessions: dict[tuple[str, str], BoxSession] = {}
+        self._sessions = BoxSessions(providers)
 
     def activities(self) -> list[Callable[..., Awaitable[Any]]]:
         """Every computer-use activity, for the worker's activity list."""
         return [self.screenshot, self.desktop_input]
-
-    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
-        key = (backend, envelope.instance_id)
-        session = self._sessions.get(key)
-        if session is None:
-            session = await self._providers.get(backend).resume(Envelope(**envelope.model_dump()))
-            self._sessions[key] = session
-        return session
 
     async def _run(
         self,
@@ -204,10 +196,10 @@ class ComputerUseActivities:
         env = host_edge_environment() if backend in _HOST_SHARING_BACKENDS else {}
         for attempt in (1, 2):
             try:
-                session = await self._session(backend, envelope)
+                session = await self._sessions.get(backend, envelope)
                 result = await session.exec(argv, env=env, timeout=COMMAND_TIMEOUT_SECONDS)
             except BoxNotFound:
-                self._sessions.pop((backend, envelope.instance_id), None)
+                self._sessions.forget(backend, envelope.instance_id)
                 raise
             except ExecTimeout as err:
                 raise ComputerUseError(f"the desktop command ran past {err.timeout:g} s and was killed") from err

@@ -47,8 +47,9 @@ from typing import Any, Final, Literal
 
 from temporalio import activity
 
+from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Endpoint, Envelope
+from providers.base import BoxSession, Endpoint
 from providers.local import BOX_MARKER_VAR
 from providers.registry import ProviderRegistry
 from sandbox.capabilities import RuntimeDesktop
@@ -218,7 +219,7 @@ class PlaneActivities:
     def __init__(self, providers: ProviderRegistry, settings: Settings, *, host_edges: HostEdges | None = None) -> None:
         self._providers = providers
         self._settings = settings
-        self._sessions: dict[tuple[str, str], BoxSession] = {}
+        self._sessions = BoxSessions(providers)
         self._scripts: dict[tuple[str, str], InboxScripts] = {}
         self._root_secret: bytes | None = None
         self._plane_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -243,17 +244,8 @@ class PlaneActivities:
             self._root_secret = root_secret_for(self._settings)
         return derive_lease_key(self._root_secret, lease_id, epoch)
 
-    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
-        key = (backend, envelope.instance_id)
-        session = self._sessions.get(key)
-        if session is None:
-            provider = self._providers.get(backend)
-            session = await provider.resume(Envelope(**envelope.model_dump()))
-            self._sessions[key] = session
-        return session
-
     def _forget(self, backend: str, instance_id: str) -> None:
-        self._sessions.pop((backend, instance_id), None)
+        self._sessions.forget(backend, instance_id)
         self._scripts.pop((backend, instance_id), None)
         for plane in ("desktop", "terminal"):
             lock = self._plane_locks.get((instance_id, plane))
@@ -288,7 +280,7 @@ class PlaneActivities:
         A local box's scripts run with ``SANDBOX_EDGE_EXTERNAL=1`` (its edges run on the host).
         """
         try:
-            session = await self._session(backend, envelope)
+            session = await self._sessions.get(backend, envelope)
             scripts = await self._inbox(backend, session)
             if backend in _HOST_SHARING_BACKENDS:
                 env = {**local_box_layout(session).env, **env, "SANDBOX_EDGE_EXTERNAL": "1"}
@@ -314,7 +306,7 @@ class PlaneActivities:
         if backend not in _HOST_SHARING_BACKENDS:
             return await script(), None
         try:
-            session = await self._session(backend, envelope)
+            session = await self._sessions.get(backend, envelope)
         except BoxNotFound:
             self._forget(backend, envelope.instance_id)
             raise
@@ -543,7 +535,7 @@ class PlaneActivities:
                     raise InvalidRequest(f"port must be 1..65535, not {port}")
                 endpoint = Endpoint(host="127.0.0.1", port=port, tls=False)
             else:
-                session = await self._session(backend, envelope)
+                session = await self._sessions.get(backend, envelope)
                 endpoint = await session.resolve_exposed_port(port)
         except BoxNotFound:
             self._forget(backend, envelope.instance_id)
@@ -621,7 +613,7 @@ class PlaneActivities:
         self, req: TearDownPlanesRequest, scripts: tuple[ScriptName, ...], *, drop_key: bool = False
     ) -> None:
         try:
-            session = await self._session(req.backend, req.envelope)
+            session = await self._sessions.get(req.backend, req.envelope)
             if req.backend in _HOST_SHARING_BACKENDS:
                 await self._stop_host_edges(session, scripts, drop=drop_key)
             inbox = await self._inbox(req.backend, session)

@@ -39,8 +39,9 @@ from typing import Any, Final
 
 from temporalio import activity
 
+from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Envelope
+from providers.base import BoxSession
 from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
 from sandbox.errors import BoxNotFound, HolderNotFound, LeaseNotFound, RecordingError
@@ -50,7 +51,6 @@ from workflows.activity_names import ActivityName
 from workflows.lease import LeaseWorkflow
 from workflows.models.lease import (
     AcquireRequest,
-    BoxEnvelope,
     BoxLostReport,
     BoxLostResult,
     HeartbeatRequest,
@@ -270,7 +270,7 @@ class RecordingActivities:
         self._providers = providers
         self._recordings = recordings
         self._artifacts = artifacts
-        self._sessions: dict[tuple[str, str], BoxSession] = {}
+        self._sessions = BoxSessions(providers)
 
     def activities(self) -> list[Callable[..., Awaitable[Any]]]:
         """Every recording activity, for the worker's activity list."""
@@ -290,22 +290,14 @@ class RecordingActivities:
 
     # -- box helpers ----------------------------------------------------------------------------
 
-    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
-        key = (backend, envelope.instance_id)
-        session = self._sessions.get(key)
-        if session is None:
-            session = await self._providers.get(backend).resume(Envelope(**envelope.model_dump()))
-            self._sessions[key] = session
-        return session
-
     async def _script(self, inp: RecordingBoxInput, script: str, *args: str) -> tuple[int, str, str]:
         base = box_file_name(inp.recording_id, inp.codec).rsplit(".", 1)[0]
         argv = ["bash", "-c", script, "recording", base, codec_extension(inp.codec), *args]
         try:
-            session = await self._session(inp.backend, inp.envelope)
+            session = await self._sessions.get(inp.backend, inp.envelope)
             result = await session.exec(argv, timeout=COMMAND_TIMEOUT_SECONDS)
         except BoxNotFound:
-            self._sessions.pop((inp.backend, inp.envelope.instance_id), None)
+            self._sessions.forget(inp.backend, inp.envelope.instance_id)
             raise
         return result.exit_code, result.stdout.decode("utf-8", "replace"), result.stderr.decode("utf-8", "replace")
 
@@ -472,7 +464,7 @@ class RecordingActivities:
         index = 0
         while sent < size:
             # One chunk per exec: only CHUNK_SIZE bytes of the video are ever in memory.
-            session = await self._session(inp.backend, inp.envelope)
+            session = await self._sessions.get(inp.backend, inp.envelope)
             result = await session.exec([*argv, str(index)], timeout=COMMAND_TIMEOUT_SECONDS)
             if result.exit_code != 0:
                 raise RecordingError(f"reading the video from the box failed (exit {result.exit_code})", retryable=True)
@@ -493,7 +485,7 @@ class RecordingActivities:
             ArtifactStoreUnavailable: The store failed to write; retried.
             BoxNotFound: The box is gone.
         """
-        session = await self._session(inp.backend, inp.envelope)
+        session = await self._sessions.get(inp.backend, inp.envelope)
         host = self._host_file(inp, session)
         async with _heartbeating():
             if host is not None:
