@@ -50,11 +50,15 @@ async def test_drain_captures_and_the_next_box_is_restored(runtime: Any) -> None
     view = await leases.describe(ws, g)
     assert view.restore_status == "restored"
     assert view.transitions[-1].reason.startswith("box ready, restored archive")
+    # What the lease decided from the local backend's descriptor, frozen when it started.
+    assert view.backend_profile is not None and view.backend_profile.keeps_snapshots
 
     rows = await SnapshotLedger(runtime.db).list(ws, g)
     assert [r.state for r in rows if r.state in ("current", "previous")] == ["current"]
     await leases.drain(ws, g, wait=True)
+    # Recorded before the lease froze its backend's descriptor (kept), and since (patch frozen-backend-profile).
     await record_history(runtime, ws, g, "drain_capture_restore")
+    await record_history(runtime, ws, g, "frozen_profile_drain_capture_restore")
 
 
 async def test_capture_failure_keeps_the_box_and_retries(runtime: Any) -> None:

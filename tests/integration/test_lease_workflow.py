@@ -43,13 +43,21 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0,
 
 
 async def record_history(runtime: Any, ws: str, group: str, name: str) -> None:
-    """Save the workflow history as a replay fixture when recording is switched on."""
+    """Save the workflow history as a replay fixture when recording is switched on.
+
+    A fixture that exists is kept: it proves that leases recorded by an older version still
+    replay. A path taken since a ``workflow.patched`` change is recorded under a new name (delete a
+    fixture to record it anew on purpose).
+    """
     if os.environ.get("SANDBOX_RECORD_HISTORIES") != "1":
+        return
+    path = HISTORIES / f"lease_{name}.json"
+    if path.exists():
         return
     handle = runtime.client.get_workflow_handle(lease_workflow_id(ws, group))
     history = await handle.fetch_history()
     HISTORIES.mkdir(parents=True, exist_ok=True)
-    (HISTORIES / f"lease_{name}.json").write_text(history.to_json())
+    path.write_text(history.to_json())
 
 
 def box_dirs(runtime: Any) -> list[Path]:

@@ -89,6 +89,12 @@ class CheckResult(BaseModel):
     alive: bool
 
 
+class BackendProfileRequest(BaseModel):
+    """Which backend's descriptor a starting lease freezes into its state (result: ``BackendProfile``)."""
+
+    backend: str
+
+
 class ProjectionInput(BaseModel):
     """The lease state to write to the store, and the transitions since the last write."""
 

@@ -128,6 +128,21 @@ class RestoreOutcome(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+class BackendProfile(BaseModel):
+    """What a lease decides from its backend's capability descriptor, frozen when the lease starts.
+
+    The ``load_backend_profile`` activity reads it once, so it is written into the history, kept in
+    :class:`LeaseState` and carried across continue-as-new: a replay, or a run after the
+    descriptor table changed, decides as the lease did when it started.
+    """
+
+    backend: str
+    keeps_snapshots: bool = False
+    """The backend keeps workspace archives (its descriptor's ``snapshot.kind`` is not ``none``)."""
+    hard_lifetime_seconds: float | None = None
+    """The provider ends a box this long after it starts (descriptor ``lifetime.hard_lifetime_ms``); None: never."""
+
+
 class LeaseState(BaseModel):
     """All mutable state of a lease; carried whole across continue-as-new."""
 
@@ -155,6 +170,9 @@ class LeaseState(BaseModel):
     rotation_requested: bool = False
     restore_status: str | None = None
     """How the current box was hydrated: ``empty``, ``restored``, ``fell-back`` or ``degraded``."""
+    backend_profile: BackendProfile | None = None
+    """Frozen from the descriptor when the lease started; None in histories recorded before (patch
+    ``frozen-backend-profile``), which read the descriptor table as they go."""
 
 
 class LeaseInput(BaseModel):
@@ -343,3 +361,4 @@ class LeaseView(BaseModel):
     archive_previous: ArchiveRef | None = None
     restore_status: str | None = None
     rotation_due_at: datetime | None = None
+    backend_profile: BackendProfile | None = None
