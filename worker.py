@@ -20,7 +20,7 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.service import TLSConfig
 from temporalio.worker import Worker
 
-from activities.boxes import BoxActivities, load_backend_profile
+from activities.boxes import BoxActivities
 from activities.computer_use import ComputerUseActivities
 from activities.events import SessionEventActivities
 from activities.orphans import OrphanActivities
@@ -176,7 +176,6 @@ def build_activities(
         boxes.discard,
         boxes.exec,
         boxes.check,
-        load_backend_profile,
         projection.project,
         projection.load_seed,
         snapshots.capture,

@@ -34,9 +34,7 @@ from sandbox.errors import (
 )
 from store.artifacts import ArtifactStore, verified
 from workflows.activity_names import ActivityName
-from workflows.backend_profile import backend_profile
 from workflows.models.boxes import (
-    BackendProfileRequest,
     BoxRef,
     CheckResult,
     DiscardInput,
@@ -46,7 +44,7 @@ from workflows.models.boxes import (
     ProvisionInput,
     ProvisionResult,
 )
-from workflows.models.lease import ArchiveRef, BackendProfile, BoxEnvelope, RestoreOutcome
+from workflows.models.lease import ArchiveRef, BoxEnvelope, RestoreOutcome
 
 
 @contextlib.asynccontextmanager
@@ -68,12 +66,6 @@ async def _heartbeating(interval: float = 1.0) -> AsyncIterator[None]:
 def _cap(data: bytes, limit: int) -> tuple[str, bool]:
     truncated = len(data) > limit
     return data[:limit].decode("utf-8", errors="replace"), truncated
-
-
-@activity.defn(name=ActivityName.LOAD_BACKEND_PROFILE)
-async def load_backend_profile(req: BackendProfileRequest) -> BackendProfile:
-    """What a starting lease decides from its backend's descriptor (a local activity: the lease keeps the answer)."""
-    return backend_profile(req.backend)
 
 
 class BoxActivities:

@@ -6,6 +6,7 @@ from temporalio import activity
 
 from store.leases import LeaseRepository
 from workflows.activity_names import ActivityName
+from workflows.backend_profile import backend_profile
 from workflows.models.boxes import ProjectionInput, SeedInput, SeedResult
 
 
@@ -22,10 +23,15 @@ class ProjectionActivities:
 
     @activity.defn(name=ActivityName.LOAD_LEASE_SEED)
     async def load_seed(self, inp: SeedInput) -> SeedResult:
-        """The epoch a new run of a lease must start from, so epochs never repeat across runs."""
+        """The epoch a new run of a lease must start from (epochs never repeat across runs), and its backend's profile.
+
+        The profile is read from the descriptor table here, in an activity, so the lease's history
+        holds it and a replay never reads the table.
+        """
+        profile = backend_profile(inp.backend) if inp.backend is not None else None
         record = await self._leases.get_by_id(inp.lease_id)
         if record is None:
-            return SeedResult()
+            return SeedResult(backend_profile=profile)
         # A box the previous run still held belongs to a tenure that is over: start past it.
         epoch = record.epoch + (1 if record.instance_id else 0)
-        return SeedResult(epoch=epoch, version=record.transition_seq, found=True)
+        return SeedResult(epoch=epoch, version=record.transition_seq, found=True, backend_profile=profile)

@@ -24,7 +24,6 @@ class ActivityName(StrEnum):
     DISCARD_LEASE_BOXES = "discard_lease_boxes"
     EXEC_IN_BOX = "exec_in_box"
     CHECK_BOX = "check_box"
-    LOAD_BACKEND_PROFILE = "load_backend_profile"
     # The lease workflow: its store rows and session events.
     PROJECT_LEASE = "project_lease"
     LOAD_LEASE_SEED = "load_lease_seed"

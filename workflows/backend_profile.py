@@ -1,9 +1,9 @@
 """What a lease decides from its backend's capability descriptor: :class:`BackendProfile` from the table.
 
-The ``load_backend_profile`` activity calls :func:`backend_profile` once when a lease starts and
-the lease keeps the answer in its state, so its decisions (capture and restore, rotation ahead of
-the provider's hard lifetime) never depend on the descriptor table of the worker that replays it.
-Leases recorded before that (no profile in their state) still call it as they go, as they always
+The ``load_lease_seed`` activity calls :func:`backend_profile` once when a lease starts and the
+lease keeps the answer in its state, so its decisions (capture and restore, rotation ahead of the
+provider's hard lifetime) never depend on the descriptor table of the worker that replays it.
+Leases seeded before that (no profile in their state) still call it as they go, as they always
 did.
 """
 

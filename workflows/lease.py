@@ -68,7 +68,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.backend_profile import backend_profile
     from workflows.errors import failure
     from workflows.models.boxes import (
-        BackendProfileRequest,
         BoxRef,
         CaptureRequest,
         CheckResult,
@@ -133,9 +132,6 @@ _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maxim
 _STREAM_URL_ROTATED_PATCH = "stream-url-rotated-event"
 # Histories recorded before the lease told its recordings about a lost box replay without the signals.
 _RECORDING_BOX_LOST_PATCH = "recording-box-lost-signal"
-# Histories recorded before the lease froze its backend's descriptor into its state read the
-# descriptor table as they go (and still do, so they replay and behave as they did).
-_BACKEND_PROFILE_PATCH = "frozen-backend-profile"
 
 LIVENESS_EDGES: Final[Mapping[Liveness, frozenset[Liveness]]] = {
     "cold": frozenset({"warming"}),
@@ -183,9 +179,6 @@ class LeaseWorkflow:
     @workflow.run
     async def run(self, inp: LeaseInput) -> LeaseView:
         """Drive the lifecycle until ``stop``; continue-as-new when history grows."""
-        if self.s.backend_profile is None and workflow.patched(_BACKEND_PROFILE_PATCH):
-            # Read once, before anything is decided from it; its answer is in history from now on.
-            self.s.backend_profile = await self._load_backend_profile()
         if not self.s.seeded:
             # Updates wait for the seed (acquire waits on ``seeded``); nothing else can change meanwhile.
             await self._seed()
@@ -220,7 +213,7 @@ class LeaseWorkflow:
         # grant minted by a previous run can never validate against a new box.
         seed = await workflow.execute_activity(
             ActivityName.LOAD_LEASE_SEED,
-            SeedInput(lease_id=self.spec.lease_id),
+            SeedInput(lease_id=self.spec.lease_id, backend=self.spec.backend),
             result_type=SeedResult,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=_RETRY_FOREVER,
@@ -228,21 +221,12 @@ class LeaseWorkflow:
         )
         self.s.epoch = seed.epoch
         self.s.version = max(self.s.version, seed.version)
+        # Frozen for the lease's life (and in its history); a seed recorded before profiles has
+        # none, and that lease reads the descriptor table as it goes, as it always did.
+        self.s.backend_profile = seed.backend_profile
         self._projected_version = self.s.version
         self.s.seeded = True
         self._touch()
-
-    async def _load_backend_profile(self) -> BackendProfile:
-        """Freeze what the lease decides from its backend's descriptor (a local activity: its result is in history)."""
-        profile: BackendProfile = await workflow.execute_local_activity(
-            ActivityName.LOAD_BACKEND_PROFILE,
-            BackendProfileRequest(backend=self.spec.backend),
-            result_type=BackendProfile,
-            start_to_close_timeout=timedelta(seconds=10),
-            retry_policy=_RETRY_FOREVER,
-            summary=f"freeze the {self.spec.backend} descriptor",
-        )
-        return profile
 
     async def _advance(self) -> None:
         """Perform the one transition the current state calls for, if any."""

@@ -56,7 +56,7 @@ async def test_drain_captures_and_the_next_box_is_restored(runtime: Any) -> None
     rows = await SnapshotLedger(runtime.db).list(ws, g)
     assert [r.state for r in rows if r.state in ("current", "previous")] == ["current"]
     await leases.drain(ws, g, wait=True)
-    # Recorded before the lease froze its backend's descriptor (kept), and since (patch frozen-backend-profile).
+    # Recorded before the seed froze the backend's descriptor into the lease (kept), and since.
     await record_history(runtime, ws, g, "drain_capture_restore")
     await record_history(runtime, ws, g, "frozen_profile_drain_capture_restore")
 

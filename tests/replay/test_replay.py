@@ -56,8 +56,8 @@ REQUIRED = {
     "lease_computer_use",
     # Acquire, exec, release with history encryption on (every payload is ciphertext).
     "lease_exec_encrypted",
-    # Capture and restore by a lease that froze its backend's descriptor when it started
-    # (patch frozen-backend-profile); lease_drain_capture_restore is the same path from before.
+    # Capture and restore by a lease whose seed froze its backend's descriptor into its state;
+    # lease_drain_capture_restore is the same path from before (the lease read the table).
     "lease_frozen_profile_drain_capture_restore",
 }
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from store.records import LeaseEventRecord, LeaseRecord
-from workflows.models.lease import ArchiveRef, BoxEnvelope, RestoreOutcome
+from workflows.models.lease import ArchiveRef, BackendProfile, BoxEnvelope, RestoreOutcome
 
 
 class ProvisionInput(BaseModel):
@@ -89,12 +89,6 @@ class CheckResult(BaseModel):
     alive: bool
 
 
-class BackendProfileRequest(BaseModel):
-    """Which backend's descriptor a starting lease freezes into its state (result: ``BackendProfile``)."""
-
-    backend: str
-
-
 class ProjectionInput(BaseModel):
     """The lease state to write to the store, and the transitions since the last write."""
 
@@ -103,18 +97,23 @@ class ProjectionInput(BaseModel):
 
 
 class SeedInput(BaseModel):
-    """Which lease to look up in the store when a lease workflow starts fresh."""
+    """Which lease to look up in the store when a lease workflow starts fresh, and on which backend."""
 
     lease_id: str
+    backend: str | None = None
+    """The lease's backend, whose descriptor the seed freezes (None: no profile is read)."""
 
 
 class SeedResult(BaseModel):
-    """What a previous incarnation of the lease left in the store."""
+    """What a fresh run of a lease starts from: what a previous incarnation left in the store, and its backend."""
 
     epoch: int = 0
     version: int = 0
     """The projection's last transition_seq: a new run counts on from there so its writes apply."""
     found: bool = False
+    backend_profile: BackendProfile | None = None
+    """What the lease decides from its backend's descriptor, read now and kept in the lease's state
+    (and so in its history); None in seeds recorded before, whose leases read the table as they go."""
 
 
 class CaptureRequest(BaseModel):

@@ -131,9 +131,9 @@ class RestoreOutcome(BaseModel):
 class BackendProfile(BaseModel):
     """What a lease decides from its backend's capability descriptor, frozen when the lease starts.
 
-    The ``load_backend_profile`` activity reads it once, so it is written into the history, kept in
-    :class:`LeaseState` and carried across continue-as-new: a replay, or a run after the
-    descriptor table changed, decides as the lease did when it started.
+    The ``load_lease_seed`` activity reads it once, when a lease starts, so it is written into the
+    history, kept in :class:`LeaseState` and carried across continue-as-new: a replay, or a run
+    after the descriptor table changed, decides as the lease did when it started.
     """
 
     backend: str
@@ -171,8 +171,8 @@ class LeaseState(BaseModel):
     restore_status: str | None = None
     """How the current box was hydrated: ``empty``, ``restored``, ``fell-back`` or ``degraded``."""
     backend_profile: BackendProfile | None = None
-    """Frozen from the descriptor when the lease started; None in histories recorded before (patch
-    ``frozen-backend-profile``), which read the descriptor table as they go."""
+    """Frozen from the descriptor by the seed when the lease started; None for leases seeded before
+    (their seed result has none), which read the descriptor table as they go, as they always did."""
 
 
 class LeaseInput(BaseModel):
