@@ -353,8 +353,10 @@ class LeaseWorkflow:
         return f"box ready, restored archive {outcome.restored_from}"
 
     def _profile(self) -> BackendProfile:
-        """The backend's profile frozen in the state; a lease from before the patch reads today's table."""
-        return self.s.backend_profile or backend_profile(self.spec.backend)
+        """The backend's profile frozen in the state; a lease seeded before profiles reads today's table."""
+        if self.s.backend_profile is not None:
+            return self.s.backend_profile
+        return backend_profile(self.spec.backend)
 
     def _snapshots_on(self) -> bool:
         """Whether capture/restore apply: on, and the backend keeps snapshots (selfhosted: the machine persists)."""
@@ -476,7 +478,7 @@ class LeaseWorkflow:
     async def _tear_down_planes(self, envelope: BoxEnvelope) -> None:
         # Best effort: the box is terminated next anyway, so a failure here only costs a log line.
         try:
-            # Best effort; the box is terminated next anyway.
+            # Handlers run meanwhile (they see ``_tearing_down``).
             await workflow.execute_activity(
                 ActivityName.TEAR_DOWN_PLANES,
                 TearDownPlanesRequest(backend=self.spec.backend, envelope=envelope),

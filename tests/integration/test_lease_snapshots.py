@@ -92,6 +92,7 @@ async def test_capture_failure_keeps_the_box_and_retries(runtime: Any) -> None:
     out = await leases.exec(ws, g, ["cat", "keep.txt"])
     assert (again.epoch, out.stdout) == (grant.epoch + 2, "precious\n")
     await leases.drain(ws, g, wait=True)
+    await record_history(runtime, ws, g, "capture_failure_retry")
 
 
 async def test_lost_box_is_restored_from_the_last_archive(runtime: Any) -> None:
@@ -116,6 +117,7 @@ async def test_lost_box_is_restored_from_the_last_archive(runtime: Any) -> None:
     out = await leases.exec(ws, g, ["cat", "p.txt"])
     assert out.stdout == "kept-by-periodic-capture\n"
     await leases.drain(ws, g, wait=True)
+    await record_history(runtime, ws, g, "periodic_capture_box_lost_restore")
 
 
 async def test_rotation_replaces_the_box_before_the_provider_lifetime_ends(runtime: Any) -> None:

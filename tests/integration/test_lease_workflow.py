@@ -290,6 +290,7 @@ async def test_stop_drains_and_completes(runtime: Any) -> None:
     assert view.liveness == "cold" and view.epoch == grant.epoch + 1
     assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
     assert not box_dir_of(runtime, grant.instance_id).exists()
+    await record_history(runtime, ws, g, "stop_signal")  # the run the stop signal completed
     # A new run of the same lease continues the epoch instead of starting over.
     again = await leases.acquire(ws, g, holder_id="t2")
     assert again.epoch == view.epoch + 1
@@ -310,6 +311,7 @@ async def test_hold_blocks_idle_teardown_until_lifted(runtime: Any) -> None:
     assert (await leases.describe(ws, g)).liveness == "draining"
     await leases.unhold(ws, g)
     await eventually(lambda: _liveness_is(leases, ws, g, "cold"))
+    await record_history(runtime, ws, g, "hold_unhold")
 
 
 async def test_hold_context_manager_heartbeats_and_releases(runtime: Any) -> None:

@@ -59,6 +59,15 @@ REQUIRED = {
     # Capture and restore by a lease whose seed froze its backend's descriptor into its state;
     # lease_drain_capture_restore is the same path from before (the lease read the table).
     "lease_frozen_profile_drain_capture_restore",
+    # The stop signal (the run it completed), the operator hold, a failed capture that keeps the box
+    # and retries, periodic capture then a lost box restored from it, start_recording on the lease,
+    # and a drain under a viewer (stream.url.rotated published, planes torn down).
+    "lease_stop_signal",
+    "lease_hold_unhold",
+    "lease_capture_failure_retry",
+    "lease_periodic_capture_box_lost_restore",
+    "lease_start_recording",
+    "lease_viewer_drain_stream_url_rotated",
 }
 
 

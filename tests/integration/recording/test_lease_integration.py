@@ -13,6 +13,7 @@ from temporalio.client import WorkflowUpdateFailedError
 
 from cli.recording import RecordingClient
 from tests.integration.recording.conftest import ids, wait_state
+from tests.integration.test_lease_workflow import record_history
 from workflows.models.computer_use import Screenshot, ScreenshotRequest
 from workflows.models.recording import RecordingRequest, RecordingStarted
 
@@ -54,3 +55,5 @@ async def test_start_recording_on_the_lease_runs_a_child_that_holds_the_lease(
                 result_type=RecordingStarted,
             )
         assert getattr(err.value.cause, "type", None) == "InvalidRequest"
+    await leases.drain(ws, group, wait=True)
+    await record_history(runtime, ws, group, "start_recording")
