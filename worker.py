@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -155,6 +155,43 @@ async def connect(settings: Settings) -> Client:
     )
 
 
+def build_activities(
+    settings: Settings, db: Database, providers: ProviderRegistry, *, events: SessionEventActivities | None = None
+) -> list[Callable[..., Any]]:
+    """Every activity the worker registers, one per :class:`~workflows.activity_names.ActivityName` member.
+
+    ``events`` is the session-event activity to register (a new one when omitted).
+    """
+    artifacts = FilesystemArtifactStore(artifact_root(settings))
+    boxes = BoxActivities(providers, artifacts)
+    projection = ProjectionActivities(LeaseRepository(db))
+    snapshots = SnapshotActivities(
+        providers, SnapshotLedger(db), artifacts, native_ttl_seconds=settings.native_snapshot_ttl_seconds
+    )
+    orphans = OrphanActivities(providers, LeaseRepository(db))
+    planes = PlaneActivities(providers, settings)
+    return [
+        boxes.provision,
+        boxes.terminate,
+        boxes.discard,
+        boxes.exec,
+        boxes.check,
+        projection.project,
+        projection.load_seed,
+        snapshots.capture,
+        snapshots.publish,
+        snapshots.claim_gc,
+        snapshots.delete_objects,
+        snapshots.settle_gc,
+        orphans.scan,
+        orphans.terminate,
+        *planes.activities(),
+        *(events or SessionEventActivities(settings)).activities(),
+        *RecordingActivities(providers, RecordingStore(db), artifacts).activities(),
+        *ComputerUseActivities(providers, settings, planes).activities(),
+    ]
+
+
 def build_worker(
     client: Client,
     settings: Settings,
@@ -169,37 +206,10 @@ def build_worker(
     ``events`` is the session-event activity to register (a new one when omitted); the caller that
     passes it closes it after the worker stops.
     """
-    artifacts = FilesystemArtifactStore(artifact_root(settings))
-    boxes = BoxActivities(providers, artifacts)
-    projection = ProjectionActivities(LeaseRepository(db))
-    snapshots = SnapshotActivities(
-        providers, SnapshotLedger(db), artifacts, native_ttl_seconds=settings.native_snapshot_ttl_seconds
-    )
-    orphans = OrphanActivities(providers, LeaseRepository(db))
-    planes = PlaneActivities(providers, settings)
     options: dict[str, Any] = {
         "task_queue": settings.task_queue,
         "workflows": list(WORKFLOWS),
-        "activities": [
-            boxes.provision,
-            boxes.terminate,
-            boxes.discard,
-            boxes.exec,
-            boxes.check,
-            projection.project,
-            projection.load_seed,
-            snapshots.capture,
-            snapshots.publish,
-            snapshots.claim_gc,
-            snapshots.delete_objects,
-            snapshots.settle_gc,
-            orphans.scan,
-            orphans.terminate,
-            *planes.activities(),
-            *(events or SessionEventActivities(settings)).activities(),
-            *RecordingActivities(providers, RecordingStore(db), artifacts).activities(),
-            *ComputerUseActivities(providers, settings, planes).activities(),
-        ],
+        "activities": build_activities(settings, db, providers, events=events),
         "graceful_shutdown_timeout": timedelta(seconds=10),
     }
     options.update(overrides)

@@ -1,7 +1,8 @@
 """Activities that touch boxes through providers: provision, probe, exec, terminate, discard.
 
-Resumed sessions are cached per (backend, instance id) so repeated execs against a warm box
-do not pay for a resume each time; a typed ``BoxNotFound`` drops the cache entry.
+Resumed sessions are cached per (backend, instance id) (:class:`~activities.box_sessions.BoxSessions`) so
+repeated execs against a warm box do not pay for a resume each time; a typed ``BoxNotFound`` drops the
+cache entry.
 """
 
 from __future__ import annotations
@@ -12,24 +13,10 @@ from collections.abc import AsyncIterator
 
 from temporalio import activity
 
-from activities.models import (
-    CHECK_BOX,
-    DISCARD_LEASE_BOXES,
-    EXEC_IN_BOX,
-    PROVISION_BOX,
-    TERMINATE_BOX,
-    BoxRef,
-    CheckResult,
-    DiscardInput,
-    DiscardResult,
-    ExecInput,
-    ExecOutput,
-    ProvisionInput,
-    ProvisionResult,
-)
+from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
 from activities.snapshots import native_ref_sha256
-from providers.base import BoxSession, BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
+from providers.base import BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
 from providers.registry import ProviderRegistry
 from sandbox.errors import (
     ArchiveCorrupt,
@@ -46,7 +33,18 @@ from sandbox.errors import (
     Unsupported,
 )
 from store.artifacts import ArtifactStore, verified
-from workflows.models import ArchiveRef, BoxEnvelope, RestoreOutcome
+from workflows.activity_names import ActivityName
+from workflows.models.boxes import (
+    BoxRef,
+    CheckResult,
+    DiscardInput,
+    DiscardResult,
+    ExecInput,
+    ExecOutput,
+    ProvisionInput,
+    ProvisionResult,
+)
+from workflows.models.lease import ArchiveRef, BoxEnvelope, RestoreOutcome
 
 
 @contextlib.asynccontextmanager
@@ -81,21 +79,9 @@ class BoxActivities:
     def __init__(self, providers: ProviderRegistry, artifacts: ArtifactStore | None = None) -> None:
         self._providers = providers
         self._artifacts = artifacts
-        self._sessions: dict[tuple[str, str], BoxSession] = {}
+        self._sessions = BoxSessions(providers)
 
-    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
-        key = (backend, envelope.instance_id)
-        session = self._sessions.get(key)
-        if session is None:
-            provider = self._providers.get(backend)
-            session = await provider.resume(Envelope(**envelope.model_dump()))
-            self._sessions[key] = session
-        return session
-
-    def _forget(self, backend: str, instance_id: str) -> None:
-        self._sessions.pop((backend, instance_id), None)
-
-    @activity.defn(name=PROVISION_BOX)
+    @activity.defn(name=ActivityName.PROVISION_BOX)
     @maps_provider_errors
     async def provision(self, inp: ProvisionInput) -> ProvisionResult:
         """Create (or adopt by idempotency key) the box for a lease epoch, restore its workspace, probe it.
@@ -132,7 +118,7 @@ class BoxActivities:
                     retryable=False,
                 )
         envelope = session.serialize_state()
-        self._sessions[(inp.backend, envelope.instance_id)] = session
+        self._sessions.keep(inp.backend, envelope.instance_id, session)
         return ProvisionResult(envelope=BoxEnvelope(**envelope.model_dump()), restore=outcome)
 
     async def _restore(self, provider: Provider, envelope: Envelope, refs: list[ArchiveRef]) -> RestoreOutcome:
@@ -182,16 +168,16 @@ class BoxActivities:
             return False
         return True
 
-    @activity.defn(name=TERMINATE_BOX)
+    @activity.defn(name=ActivityName.TERMINATE_BOX)
     @maps_provider_errors
     async def terminate(self, ref: BoxRef) -> None:
         """Destroy a box and every process in it (idempotent)."""
         provider = self._providers.get(ref.backend)
-        self._forget(ref.backend, ref.envelope.instance_id)
+        self._sessions.forget(ref.backend, ref.envelope.instance_id)
         async with _heartbeating():
             await provider.terminate(Envelope(**ref.envelope.model_dump()))
 
-    @activity.defn(name=DISCARD_LEASE_BOXES)
+    @activity.defn(name=ActivityName.DISCARD_LEASE_BOXES)
     @maps_provider_errors
     async def discard(self, inp: DiscardInput) -> DiscardResult:
         """Terminate every box the provider holds for a lease (after a failed warming)."""
@@ -200,24 +186,24 @@ class BoxActivities:
         for box in await provider.list_owned():
             if box.lease_id != inp.lease_id:
                 continue
-            self._forget(inp.backend, box.instance_id)
+            self._sessions.forget(inp.backend, box.instance_id)
             envelope = Envelope(backend_id=provider.backend_id, instance_id=box.instance_id, state=dict(box.labels))
             await provider.terminate(envelope)
             terminated.append(box.instance_id)
         return DiscardResult(terminated=terminated)
 
-    @activity.defn(name=EXEC_IN_BOX)
+    @activity.defn(name=ActivityName.EXEC_IN_BOX)
     @maps_provider_errors
     async def exec(self, inp: ExecInput) -> ExecOutput:
         """Run one command in the box; output is capped and decoded as UTF-8."""
         try:
-            session = await self._session(inp.backend, inp.envelope)
+            session = await self._sessions.get(inp.backend, inp.envelope)
             async with _heartbeating():
                 result = await session.exec(
                     inp.cmd, workdir=inp.workdir, timeout=inp.timeout_seconds, env=inp.env or None
                 )
         except BoxNotFound:
-            self._forget(inp.backend, inp.envelope.instance_id)
+            self._sessions.forget(inp.backend, inp.envelope.instance_id)
             raise
         stdout, out_cut = _cap(result.stdout, inp.output_limit_bytes)
         stderr, err_cut = _cap(result.stderr, inp.output_limit_bytes)
@@ -229,15 +215,15 @@ class BoxActivities:
             stderr_truncated=err_cut,
         )
 
-    @activity.defn(name=CHECK_BOX)
+    @activity.defn(name=ActivityName.CHECK_BOX)
     @maps_provider_errors
     async def check(self, ref: BoxRef) -> CheckResult:
         """Whether the box still exists; only a typed ``BoxNotFound`` says it does not."""
-        self._forget(ref.backend, ref.envelope.instance_id)
+        self._sessions.forget(ref.backend, ref.envelope.instance_id)
         try:
-            session = await self._session(ref.backend, ref.envelope)
+            session = await self._sessions.get(ref.backend, ref.envelope)
             await session.exec(["true"], timeout=30)
         except BoxNotFound:
-            self._forget(ref.backend, ref.envelope.instance_id)
+            self._sessions.forget(ref.backend, ref.envelope.instance_id)
             return CheckResult(alive=False)
         return CheckResult(alive=True)

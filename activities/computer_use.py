@@ -21,14 +21,19 @@ from typing import Any, Final
 
 from temporalio import activity
 
-from activities.models import (
-    COMPUTER_DESKTOP_INPUT,
-    COMPUTER_SCREENSHOT,
+from activities.box_sessions import BoxSessions
+from activities.planes import PlaneActivities
+from activities.provider_errors import maps_provider_errors
+from providers.registry import ProviderRegistry
+from sandbox.errors import BoxNotFound, ComputerUseDisabled, ComputerUseError, ComputerUseReadOnly, ExecTimeout
+from sandbox.inbox_scripts import host_edge_environment
+from sandbox.settings import Settings
+from workflows.activity_names import ActivityName
+from workflows.models.computer_use import (
     ClickAction,
     DesktopAction,
     DesktopInputInput,
     DesktopInputResult,
-    DisplayStackRequest,
     DoubleClickAction,
     DragAction,
     KeyAction,
@@ -38,14 +43,8 @@ from activities.models import (
     ScrollAction,
     TypeAction,
 )
-from activities.planes import PlaneActivities
-from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Envelope
-from providers.registry import ProviderRegistry
-from sandbox.errors import BoxNotFound, ComputerUseDisabled, ComputerUseError, ComputerUseReadOnly, ExecTimeout
-from sandbox.inbox_scripts import host_edge_environment
-from sandbox.settings import Settings
-from workflows.models import BoxEnvelope
+from workflows.models.lease import BoxEnvelope
+from workflows.models.planes import DisplayStackRequest
 
 __all__ = ["ComputerUseActivities", "computer_use_policy", "input_script"]
 
@@ -178,19 +177,11 @@ class ComputerUseActivities:
         self._providers = providers
         self._settings = settings
         self._planes = planes
-        self._sessions: dict[tuple[str, str], BoxSession] = {}
+        self._sessions = BoxSessions(providers)
 
     def activities(self) -> list[Callable[..., Awaitable[Any]]]:
         """Every computer-use activity, for the worker's activity list."""
         return [self.screenshot, self.desktop_input]
-
-    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
-        key = (backend, envelope.instance_id)
-        session = self._sessions.get(key)
-        if session is None:
-            session = await self._providers.get(backend).resume(Envelope(**envelope.model_dump()))
-            self._sessions[key] = session
-        return session
 
     async def _run(
         self,
@@ -205,10 +196,10 @@ class ComputerUseActivities:
         env = host_edge_environment() if backend in _HOST_SHARING_BACKENDS else {}
         for attempt in (1, 2):
             try:
-                session = await self._session(backend, envelope)
+                session = await self._sessions.get(backend, envelope)
                 result = await session.exec(argv, env=env, timeout=COMMAND_TIMEOUT_SECONDS)
             except BoxNotFound:
-                self._sessions.pop((backend, envelope.instance_id), None)
+                self._sessions.forget(backend, envelope.instance_id)
                 raise
             except ExecTimeout as err:
                 raise ComputerUseError(f"the desktop command ran past {err.timeout:g} s and was killed") from err
@@ -232,7 +223,7 @@ class ComputerUseActivities:
         if not self._settings.computer_use_enabled:
             raise ComputerUseDisabled("computer use is disabled on this worker (SANDBOX_COMPUTER_USE_ENABLED=false)")
 
-    @activity.defn(name=COMPUTER_SCREENSHOT)
+    @activity.defn(name=ActivityName.COMPUTER_SCREENSHOT)
     @maps_provider_errors
     async def screenshot(self, inp: ScreenshotInput) -> Screenshot:
         """A PNG of the box's whole display (shrunk to fit ``max_png_bytes`` when it is larger).
@@ -268,7 +259,7 @@ class ComputerUseActivities:
             epoch=inp.epoch,
         )
 
-    @activity.defn(name=COMPUTER_DESKTOP_INPUT)
+    @activity.defn(name=ActivityName.COMPUTER_DESKTOP_INPUT)
     @maps_provider_errors
     async def desktop_input(self, inp: DesktopInputInput) -> DesktopInputResult:
         """Run pointer and keyboard actions in order with xdotool; report where the pointer is.

@@ -14,7 +14,8 @@ returns ``False`` (and logs why) when NATS is unreachable, the subject is malfor
 is not JSON; it never raises. The NATS connection is made on first use from
 ``Settings.nats_url`` (a worker boots without NATS), and after a failed connect the activity
 stops trying for ``retry_after`` seconds rather than making every event wait for a connect
-timeout. The payload builders are pure so that the workflow can call them.
+timeout. The payload builders are pure so that the workflow can call them: they live in
+:mod:`workflows.models.session_events`.
 
 The dial goes through :func:`sandbox.nats_dial.dial_within`: the activity never waits on a dial
 past the connect timeout or its own cancellation (a dial stuck in nats-py's connect loop once hung
@@ -30,95 +31,22 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Final
 
 from temporalio import activity
 
 from sandbox.nats_dial import dial_within, settle_abandoned_dials
 from sandbox.settings import Settings
+from workflows.activity_names import ActivityName
 
-__all__ = [
-    "PUBLISH_SESSION_EVENT",
-    "STREAM_URL_ROTATED",
-    "SessionEventActivities",
-    "StreamUrlRotated",
-    "parse_stream_url_rotated",
-    "session_events_subject",
-    "stream_url_rotated",
-]
+__all__ = ["SessionEventActivities"]
 
 log = logging.getLogger("sandbox.events")
-
-PUBLISH_SESSION_EVENT: Final = "publish_session_event"
-"""The activity's registered name (workflows call it by name)."""
-STREAM_URL_ROTATED: Final = "stream.url.rotated"
-"""The event type viewers reconnect on."""
 
 _TOKEN: Final = r"[^.*>\s]+"
 _SUBJECT_RE: Final = re.compile(rf"session\.{_TOKEN}\.{_TOKEN}\.events")
 _FLUSH_TIMEOUT_SECONDS: Final = 2.0
 _ACLOSE_WAIT_SECONDS: Final = 2.0
-
-
-def session_events_subject(workspace_id: str, group_id: str) -> str:
-    """The events subject of a lease's session, ``session.<workspace>.<group>.events``.
-
-    Never raises (the workflow calls it): an id holding ``.``, ``*``, ``>`` or whitespace gives a
-    subject of another shape, which :meth:`SessionEventActivities.publish_session_event` refuses.
-    """
-    return f"session.{workspace_id}.{group_id}.events"
-
-
-def stream_url_rotated(
-    lease_id: str, epoch: int, previous_epoch: int, at: datetime, *, reason: str | None = None
-) -> dict[str, Any]:
-    """The ``stream.url.rotated`` payload for a lease that moved from ``previous_epoch`` to ``epoch``."""
-    payload: dict[str, Any] = {
-        "type": STREAM_URL_ROTATED,
-        "leaseId": lease_id,
-        "leaseEpoch": epoch,
-        "previousEpoch": previous_epoch,
-        "at": at.isoformat(),
-    }
-    if reason:
-        payload["reason"] = reason
-    return payload
-
-
-@dataclass(frozen=True)
-class StreamUrlRotated:
-    """A ``stream.url.rotated`` event as a viewer reads it."""
-
-    lease_epoch: int
-    previous_epoch: int | None
-    lease_id: str | None = None
-    reason: str | None = None
-
-
-def parse_stream_url_rotated(data: bytes) -> StreamUrlRotated | None:
-    """The rotation an event message announces, or ``None`` for any other event or for garbage (never raises)."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if not isinstance(doc, dict) or doc.get("type") != STREAM_URL_ROTATED:
-        return None
-    epoch = doc.get("leaseEpoch")
-    previous = doc.get("previousEpoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        return None
-    if not isinstance(previous, int) or isinstance(previous, bool):
-        previous = None
-    lease_id = doc.get("leaseId")
-    reason = doc.get("reason")
-    return StreamUrlRotated(
-        lease_epoch=epoch,
-        previous_epoch=previous,
-        lease_id=lease_id if isinstance(lease_id, str) else None,
-        reason=reason if isinstance(reason, str) else None,
-    )
 
 
 async def _quiet(*_args: Any) -> None:
@@ -201,7 +129,7 @@ class SessionEventActivities:
             self._failed_at = None
             return self._nc
 
-    @activity.defn(name=PUBLISH_SESSION_EVENT)
+    @activity.defn(name=ActivityName.PUBLISH_SESSION_EVENT)
     async def publish_session_event(self, subject: str, payload: dict[str, Any]) -> bool:
         """Publish ``payload`` as JSON on ``subject``; whether the server took it (never raises).
 

@@ -14,19 +14,18 @@ from collections.abc import Callable
 
 from temporalio import activity
 
-from activities.maintenance_models import (
-    SCAN_ORPHAN_BOXES,
-    TERMINATE_ORPHAN_BOX,
+from activities.provider_errors import maps_provider_errors
+from providers.base import Envelope, OwnedBox
+from providers.registry import ProviderRegistry
+from store.leases import LeaseRepository
+from workflows.activity_names import ActivityName
+from workflows.models.maintenance import (
     OrphanBox,
     OrphanScanRequest,
     OrphanScanResult,
     OrphanTerminateRequest,
     OrphanTerminateResult,
 )
-from activities.provider_errors import maps_provider_errors
-from providers.base import Envelope, OwnedBox
-from providers.registry import ProviderRegistry
-from store.leases import LeaseRepository
 
 __all__ = ["NEVER_SWEPT", "OrphanActivities"]
 
@@ -84,13 +83,13 @@ class OrphanActivities:
                 result.orphans.append(orphan)
         return result
 
-    @activity.defn(name=SCAN_ORPHAN_BOXES)
+    @activity.defn(name=ActivityName.SCAN_ORPHAN_BOXES)
     @maps_provider_errors
     async def scan(self, req: OrphanScanRequest) -> OrphanScanResult:
         """List the orphans older than the grace period (terminates nothing)."""
         return await self.find_orphans(req.backends, req.grace_seconds)
 
-    @activity.defn(name=TERMINATE_ORPHAN_BOX)
+    @activity.defn(name=ActivityName.TERMINATE_ORPHAN_BOX)
     @maps_provider_errors
     async def terminate(self, req: OrphanTerminateRequest) -> OrphanTerminateResult:
         """Check the box again against the projection and, if it is still an orphan, terminate it."""

@@ -47,24 +47,9 @@ from typing import Any, Final, Literal
 
 from temporalio import activity
 
-from activities.models import (
-    ENSURE_DISPLAY_STACK,
-    ENSURE_PLANE,
-    ENSURE_TERMINAL_SERVER,
-    EXPOSE_STREAM_PORT,
-    TEAR_DOWN_DISPLAY_STACK,
-    TEAR_DOWN_PLANES,
-    TEAR_DOWN_TERMINAL_SERVER,
-    DisplayStackRequest,
-    DisplayStackResult,
-    ExposeStreamPortRequest,
-    PlaneRequest,
-    TearDownPlanesRequest,
-    TerminalServerRequest,
-    TerminalServerResult,
-)
+from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Endpoint, Envelope
+from providers.base import BoxSession, Endpoint
 from providers.local import BOX_MARKER_VAR
 from providers.registry import ProviderRegistry
 from sandbox.capabilities import RuntimeDesktop
@@ -96,7 +81,17 @@ from sandbox.inbox_scripts import (
 from sandbox.settings import Settings
 from sandbox.stream_token import DEFAULT_STREAM_PORT, derive_lease_key, root_secret_for
 from sandbox.stream_url import build_stream_url
-from workflows.models import BoxEnvelope, PlaneEndpoint
+from workflows.activity_names import ActivityName
+from workflows.models.lease import BoxEnvelope, PlaneEndpoint
+from workflows.models.planes import (
+    DisplayStackRequest,
+    DisplayStackResult,
+    ExposeStreamPortRequest,
+    PlaneRequest,
+    TearDownPlanesRequest,
+    TerminalServerRequest,
+    TerminalServerResult,
+)
 
 __all__ = ["LOCAL_BOX_PATH", "LocalBoxLayout", "PlaneActivities", "local_box_layout", "runtime_desktop"]
 
@@ -224,7 +219,7 @@ class PlaneActivities:
     def __init__(self, providers: ProviderRegistry, settings: Settings, *, host_edges: HostEdges | None = None) -> None:
         self._providers = providers
         self._settings = settings
-        self._sessions: dict[tuple[str, str], BoxSession] = {}
+        self._sessions = BoxSessions(providers)
         self._scripts: dict[tuple[str, str], InboxScripts] = {}
         self._root_secret: bytes | None = None
         self._plane_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -249,17 +244,8 @@ class PlaneActivities:
             self._root_secret = root_secret_for(self._settings)
         return derive_lease_key(self._root_secret, lease_id, epoch)
 
-    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
-        key = (backend, envelope.instance_id)
-        session = self._sessions.get(key)
-        if session is None:
-            provider = self._providers.get(backend)
-            session = await provider.resume(Envelope(**envelope.model_dump()))
-            self._sessions[key] = session
-        return session
-
     def _forget(self, backend: str, instance_id: str) -> None:
-        self._sessions.pop((backend, instance_id), None)
+        self._sessions.forget(backend, instance_id)
         self._scripts.pop((backend, instance_id), None)
         for plane in ("desktop", "terminal"):
             lock = self._plane_locks.get((instance_id, plane))
@@ -294,7 +280,7 @@ class PlaneActivities:
         A local box's scripts run with ``SANDBOX_EDGE_EXTERNAL=1`` (its edges run on the host).
         """
         try:
-            session = await self._session(backend, envelope)
+            session = await self._sessions.get(backend, envelope)
             scripts = await self._inbox(backend, session)
             if backend in _HOST_SHARING_BACKENDS:
                 env = {**local_box_layout(session).env, **env, "SANDBOX_EDGE_EXTERNAL": "1"}
@@ -320,7 +306,7 @@ class PlaneActivities:
         if backend not in _HOST_SHARING_BACKENDS:
             return await script(), None
         try:
-            session = await self._session(backend, envelope)
+            session = await self._sessions.get(backend, envelope)
         except BoxNotFound:
             self._forget(backend, envelope.instance_id)
             raise
@@ -436,7 +422,7 @@ class PlaneActivities:
             retryable=stage == "lock",
         )
 
-    @activity.defn(name=ENSURE_DISPLAY_STACK)
+    @activity.defn(name=ActivityName.ENSURE_DISPLAY_STACK)
     @maps_provider_errors
     async def ensure_display_stack(self, req: DisplayStackRequest) -> DisplayStackResult:
         """Bring up the box's desktop (Xvfb, x11vnc for control and view, the edge) unless healthy; idempotent.
@@ -450,7 +436,7 @@ class PlaneActivities:
         async with _heartbeating():
             return await self._ensure_display_stack(req)
 
-    @activity.defn(name=TEAR_DOWN_DISPLAY_STACK)
+    @activity.defn(name=ActivityName.TEAR_DOWN_DISPLAY_STACK)
     @maps_provider_errors
     async def tear_down_display_stack(self, req: TearDownPlanesRequest) -> None:
         """Stop the box's desktop (best effort; a gone box has nothing to stop)."""
@@ -510,7 +496,7 @@ class PlaneActivities:
             retryable=stage == "lock",
         )
 
-    @activity.defn(name=ENSURE_TERMINAL_SERVER)
+    @activity.defn(name=ActivityName.ENSURE_TERMINAL_SERVER)
     @maps_provider_errors
     async def ensure_terminal_server(self, req: TerminalServerRequest) -> TerminalServerResult:
         """Bring up the box's terminal (a writable and a read-only ttyd, the edge) unless healthy; idempotent.
@@ -525,7 +511,7 @@ class PlaneActivities:
         async with _heartbeating():
             return await self._ensure_terminal_server(req)
 
-    @activity.defn(name=TEAR_DOWN_TERMINAL_SERVER)
+    @activity.defn(name=ActivityName.TEAR_DOWN_TERMINAL_SERVER)
     @maps_provider_errors
     async def tear_down_terminal_server(self, req: TearDownPlanesRequest) -> None:
         """Stop the box's terminal (best effort; a gone box has nothing to stop)."""
@@ -549,7 +535,7 @@ class PlaneActivities:
                     raise InvalidRequest(f"port must be 1..65535, not {port}")
                 endpoint = Endpoint(host="127.0.0.1", port=port, tls=False)
             else:
-                session = await self._session(backend, envelope)
+                session = await self._sessions.get(backend, envelope)
                 endpoint = await session.resolve_exposed_port(port)
         except BoxNotFound:
             self._forget(backend, envelope.instance_id)
@@ -571,7 +557,7 @@ class PlaneActivities:
             resolution=resolution,
         )
 
-    @activity.defn(name=EXPOSE_STREAM_PORT)
+    @activity.defn(name=ActivityName.EXPOSE_STREAM_PORT)
     @maps_provider_errors
     async def expose_stream_port(self, req: ExposeStreamPortRequest) -> PlaneEndpoint:
         """Where a viewer reaches the plane's edge port from outside the box (no token in it).
@@ -584,7 +570,7 @@ class PlaneActivities:
 
     # -- what the lease workflow calls ----------------------------------------------------------
 
-    @activity.defn(name=ENSURE_PLANE)
+    @activity.defn(name=ActivityName.ENSURE_PLANE)
     @maps_provider_errors
     async def ensure_plane(self, req: PlaneRequest) -> PlaneEndpoint:
         """Ensure one plane and its edge are up, and return where a viewer connects (tokens are minted by the client).
@@ -617,7 +603,7 @@ class PlaneActivities:
                 raise TerminalServerUnsupported(f"this box cannot run a terminal: {terminal.reason}")
             return await self._expose(req.backend, req.envelope, "terminal", terminal.port, None)
 
-    @activity.defn(name=TEAR_DOWN_PLANES)
+    @activity.defn(name=ActivityName.TEAR_DOWN_PLANES)
     @maps_provider_errors
     async def tear_down_planes(self, req: TearDownPlanesRequest) -> None:
         """Stop every plane of the box and delete its edge key (best effort; a gone box is fine)."""
@@ -627,7 +613,7 @@ class PlaneActivities:
         self, req: TearDownPlanesRequest, scripts: tuple[ScriptName, ...], *, drop_key: bool = False
     ) -> None:
         try:
-            session = await self._session(req.backend, req.envelope)
+            session = await self._sessions.get(req.backend, req.envelope)
             if req.backend in _HOST_SHARING_BACKENDS:
                 await self._stop_host_edges(session, scripts, drop=drop_key)
             inbox = await self._inbox(req.backend, session)

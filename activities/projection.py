@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from temporalio import activity
 
-from activities.models import LOAD_LEASE_SEED, PROJECT_LEASE, ProjectionInput, SeedInput, SeedResult
 from store.leases import LeaseRepository
+from workflows.activity_names import ActivityName
+from workflows.backend_profile import backend_profile
+from workflows.models.boxes import ProjectionInput, SeedInput, SeedResult
 
 
 class ProjectionActivities:
@@ -14,17 +16,22 @@ class ProjectionActivities:
     def __init__(self, leases: LeaseRepository) -> None:
         self._leases = leases
 
-    @activity.defn(name=PROJECT_LEASE)
+    @activity.defn(name=ActivityName.PROJECT_LEASE)
     async def project(self, inp: ProjectionInput) -> bool:
         """Write the lease row, its holders and new events; an older version never overwrites a newer one."""
         return await self._leases.apply(inp.record, inp.events)
 
-    @activity.defn(name=LOAD_LEASE_SEED)
+    @activity.defn(name=ActivityName.LOAD_LEASE_SEED)
     async def load_seed(self, inp: SeedInput) -> SeedResult:
-        """The epoch a new run of a lease must start from, so epochs never repeat across runs."""
+        """The epoch a new run of a lease must start from (epochs never repeat across runs), and its backend's profile.
+
+        The profile is read from the descriptor table here, in an activity, so the lease's history
+        holds it and a replay never reads the table.
+        """
+        profile = backend_profile(inp.backend) if inp.backend is not None else None
         record = await self._leases.get_by_id(inp.lease_id)
         if record is None:
-            return SeedResult()
+            return SeedResult(backend_profile=profile)
         # A box the previous run still held belongs to a tenure that is over: start past it.
         epoch = record.epoch + (1 if record.instance_id else 0)
-        return SeedResult(epoch=epoch, version=record.transition_seq, found=True)
+        return SeedResult(epoch=epoch, version=record.transition_seq, found=True, backend_profile=profile)

@@ -39,17 +39,18 @@ from typing import Any, Final
 
 from temporalio import activity
 
+from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Envelope
+from providers.base import BoxSession
 from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
 from sandbox.errors import BoxNotFound, HolderNotFound, LeaseNotFound, RecordingError
 from store.artifacts import CHUNK_SIZE, ArtifactStore, LocalFileArtifactStore, StoredArtifact
 from store.recordings import RecordingStore
+from workflows.activity_names import ActivityName
 from workflows.lease import LeaseWorkflow
-from workflows.models import (
+from workflows.models.lease import (
     AcquireRequest,
-    BoxEnvelope,
     BoxLostReport,
     BoxLostResult,
     HeartbeatRequest,
@@ -59,18 +60,7 @@ from workflows.models import (
     ReleaseResult,
     lease_workflow_id,
 )
-from workflows.recording_models import (
-    DELETE_BOX_FILES,
-    HEARTBEAT_LEASE,
-    HOLD_LEASE,
-    INSPECT_RECORDING,
-    PROBE_FFMPEG,
-    PROJECT_RECORDING,
-    RELEASE_LEASE,
-    REPORT_LEASE_BOX_LOST,
-    START_FFMPEG,
-    STOP_FFMPEG,
-    UPLOAD_RECORDING,
+from workflows.models.recording import (
     FfmpegProbe,
     FfmpegProcess,
     FfmpegStartInput,
@@ -280,7 +270,7 @@ class RecordingActivities:
         self._providers = providers
         self._recordings = recordings
         self._artifacts = artifacts
-        self._sessions: dict[tuple[str, str], BoxSession] = {}
+        self._sessions = BoxSessions(providers)
 
     def activities(self) -> list[Callable[..., Awaitable[Any]]]:
         """Every recording activity, for the worker's activity list."""
@@ -300,28 +290,20 @@ class RecordingActivities:
 
     # -- box helpers ----------------------------------------------------------------------------
 
-    async def _session(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
-        key = (backend, envelope.instance_id)
-        session = self._sessions.get(key)
-        if session is None:
-            session = await self._providers.get(backend).resume(Envelope(**envelope.model_dump()))
-            self._sessions[key] = session
-        return session
-
     async def _script(self, inp: RecordingBoxInput, script: str, *args: str) -> tuple[int, str, str]:
         base = box_file_name(inp.recording_id, inp.codec).rsplit(".", 1)[0]
         argv = ["bash", "-c", script, "recording", base, codec_extension(inp.codec), *args]
         try:
-            session = await self._session(inp.backend, inp.envelope)
+            session = await self._sessions.get(inp.backend, inp.envelope)
             result = await session.exec(argv, timeout=COMMAND_TIMEOUT_SECONDS)
         except BoxNotFound:
-            self._sessions.pop((inp.backend, inp.envelope.instance_id), None)
+            self._sessions.forget(inp.backend, inp.envelope.instance_id)
             raise
         return result.exit_code, result.stdout.decode("utf-8", "replace"), result.stderr.decode("utf-8", "replace")
 
     # -- ffmpeg ---------------------------------------------------------------------------------
 
-    @activity.defn(name=START_FFMPEG)
+    @activity.defn(name=ActivityName.RECORDING_START_FFMPEG)
     @maps_provider_errors
     async def start(self, inp: FfmpegStartInput) -> FfmpegProcess:
         """Launch ffmpeg x11grab in the background (or adopt the one a previous attempt launched).
@@ -348,7 +330,7 @@ class RecordingActivities:
             f"ffmpeg did not start (exit {code}): {(err or out).strip()[-LOG_TAIL_BYTES:]}", reason="ffmpeg-error"
         )
 
-    @activity.defn(name=PROBE_FFMPEG)
+    @activity.defn(name=ActivityName.RECORDING_PROBE_FFMPEG)
     @maps_provider_errors
     async def probe(self, inp: RecordingBoxInput) -> FfmpegProbe:
         """Whether the recorded ffmpeg still runs, and the size of its file so far (-1: no file).
@@ -362,7 +344,7 @@ class RecordingActivities:
             raise RecordingError(f"probing ffmpeg failed (exit {code}): {err.strip()[-300:]}", retryable=True)
         return FfmpegProbe(alive=m[1] == "1", size_bytes=int(m[2]))
 
-    @activity.defn(name=STOP_FFMPEG)
+    @activity.defn(name=ActivityName.RECORDING_STOP_FFMPEG)
     @maps_provider_errors
     async def stop(self, inp: FfmpegStopInput) -> FfmpegStopped:
         """SIGINT ffmpeg, wait up to ``wait_seconds`` for its trailer, then SIGKILL; idempotent.
@@ -379,7 +361,7 @@ class RecordingActivities:
 
     # -- finalize -------------------------------------------------------------------------------
 
-    @activity.defn(name=INSPECT_RECORDING)
+    @activity.defn(name=ActivityName.RECORDING_INSPECT)
     @maps_provider_errors
     async def inspect(self, inp: InspectInput) -> Inspection:
         """Check the box file: missing (``box-death``), empty or unreadable (``ffmpeg-error``), too big, or ok.
@@ -482,7 +464,7 @@ class RecordingActivities:
         index = 0
         while sent < size:
             # One chunk per exec: only CHUNK_SIZE bytes of the video are ever in memory.
-            session = await self._session(inp.backend, inp.envelope)
+            session = await self._sessions.get(inp.backend, inp.envelope)
             result = await session.exec([*argv, str(index)], timeout=COMMAND_TIMEOUT_SECONDS)
             if result.exit_code != 0:
                 raise RecordingError(f"reading the video from the box failed (exit {result.exit_code})", retryable=True)
@@ -493,7 +475,7 @@ class RecordingActivities:
             index += 1
             yield chunk
 
-    @activity.defn(name=UPLOAD_RECORDING)
+    @activity.defn(name=ActivityName.RECORDING_UPLOAD)
     @maps_provider_errors
     async def upload(self, inp: UploadInput) -> UploadResult:
         """Stream the box file into the artifact store under ``inp.key`` (atomic; a retry replaces it).
@@ -503,7 +485,7 @@ class RecordingActivities:
             ArtifactStoreUnavailable: The store failed to write; retried.
             BoxNotFound: The box is gone.
         """
-        session = await self._session(inp.backend, inp.envelope)
+        session = await self._sessions.get(inp.backend, inp.envelope)
         host = self._host_file(inp, session)
         async with _heartbeating():
             if host is not None:
@@ -518,7 +500,7 @@ class RecordingActivities:
             )
         return UploadResult(key=stored.key, sha256=stored.sha256, size_bytes=stored.size_bytes)
 
-    @activity.defn(name=DELETE_BOX_FILES)
+    @activity.defn(name=ActivityName.RECORDING_DELETE_BOX_FILES)
     @maps_provider_errors
     async def delete_box_files(self, inp: RecordingBoxInput) -> bool:
         """Remove the video, pid file and log from the box; a gone box has nothing to remove (False)."""
@@ -530,7 +512,7 @@ class RecordingActivities:
             raise RecordingError(f"deleting the box files failed (exit {code}): {err.strip()[-300:]}", retryable=True)
         return "SANDBOX_RECORDING_DELETED" in out
 
-    @activity.defn(name=PROJECT_RECORDING)
+    @activity.defn(name=ActivityName.RECORDING_PROJECT)
     async def project(self, inp: ProjectRecordingInput) -> bool:
         """Write the recording row (a write older than the stored one is ignored); heartbeats while it waits."""
         async with _heartbeating():
@@ -546,7 +528,7 @@ class RecordingActivities:
         )
         return await call_workflow(lambda: handle.execute_update(update, arg))
 
-    @activity.defn(name=HOLD_LEASE)
+    @activity.defn(name=ActivityName.RECORDING_HOLD_LEASE)
     @maps_provider_errors
     async def hold_lease(self, inp: LeaseHolderInput) -> LeaseGrant:
         """Hold the lease as the ``recording`` holder; waits until its box is warm.
@@ -561,7 +543,7 @@ class RecordingActivities:
             grant: LeaseGrant = await self._lease_update(inp, LeaseWorkflow.acquire, req)
         return grant
 
-    @activity.defn(name=HEARTBEAT_LEASE)
+    @activity.defn(name=ActivityName.RECORDING_HEARTBEAT_LEASE)
     @maps_provider_errors
     async def heartbeat_lease(self, inp: LeaseHolderInput) -> HeartbeatResult:
         """Keep the ``recording`` holder alive.
@@ -573,7 +555,7 @@ class RecordingActivities:
         result: HeartbeatResult = await self._lease_update(inp, LeaseWorkflow.heartbeat, req)
         return result
 
-    @activity.defn(name=RELEASE_LEASE)
+    @activity.defn(name=ActivityName.RECORDING_RELEASE_LEASE)
     @maps_provider_errors
     async def release_lease(self, inp: LeaseHolderInput) -> bool:
         """Stop holding the lease; a holder that is already gone (or a lease that is) is fine (False)."""
@@ -585,7 +567,7 @@ class RecordingActivities:
             return False
         return result.released
 
-    @activity.defn(name=REPORT_LEASE_BOX_LOST)
+    @activity.defn(name=ActivityName.RECORDING_REPORT_BOX_LOST)
     @maps_provider_errors
     async def report_box_lost(self, inp: LeaseBoxLostInput) -> bool:
         """Tell the lease its box looks gone; the lease confirms with the provider. Returns whether it agreed."""

@@ -21,10 +21,17 @@ from datetime import UTC, datetime
 
 from temporalio import activity
 
-from activities.maintenance_models import (
-    CLAIM_SNAPSHOT_GC,
-    DELETE_SNAPSHOT_OBJECTS,
-    SETTLE_SNAPSHOT_GC,
+from activities.provider_errors import maps_provider_errors
+from providers.base import Envelope, NativeWorkspaceSnapshots, Provider
+from providers.registry import ProviderRegistry
+from providers.workspace_archive import archive_kind
+from sandbox.errors import ProviderError, SandboxError, SnapshotConflict
+from store.artifacts import ArtifactStore, snapshot_key
+from store.snapshots import GcClaim, GcPolicy, SnapshotLedger, SnapshotRecord, new_snapshot_id
+from workflows.activity_names import ActivityName
+from workflows.models.boxes import CaptureRequest, PublishRequest
+from workflows.models.lease import ArchiveRef
+from workflows.models.maintenance import (
     GcBatch,
     GcClaimRequest,
     GcDeleteOutcome,
@@ -34,15 +41,6 @@ from activities.maintenance_models import (
     GcSettleRequest,
     GcSettleResult,
 )
-from activities.models import CAPTURE_WORKSPACE, PUBLISH_SNAPSHOT, CaptureRequest, PublishRequest
-from activities.provider_errors import maps_provider_errors
-from providers.base import Envelope, NativeWorkspaceSnapshots, Provider
-from providers.registry import ProviderRegistry
-from providers.workspace_archive import archive_kind
-from sandbox.errors import ProviderError, SandboxError, SnapshotConflict
-from store.artifacts import ArtifactStore, snapshot_key
-from store.snapshots import GcClaim, GcPolicy, SnapshotLedger, SnapshotRecord, new_snapshot_id
-from workflows.models import ArchiveRef
 
 __all__ = ["SnapshotActivities", "archive_ref", "native_ref_sha256"]
 
@@ -127,7 +125,7 @@ class SnapshotActivities:
 
     # -- capture and publish --------------------------------------------------------------------
 
-    @activity.defn(name=CAPTURE_WORKSPACE)
+    @activity.defn(name=ActivityName.CAPTURE_WORKSPACE)
     @maps_provider_errors
     async def capture(self, req: CaptureRequest) -> ArchiveRef:
         """Capture the box's workspace and home into the artifact store as a ``candidate`` row.
@@ -254,7 +252,7 @@ class SnapshotActivities:
             await _close(chunks)
         return record, stored.sha256, stored.size_bytes
 
-    @activity.defn(name=PUBLISH_SNAPSHOT)
+    @activity.defn(name=ActivityName.PUBLISH_SNAPSHOT)
     @maps_provider_errors
     async def publish(self, req: PublishRequest) -> list[ArchiveRef]:
         """Make the candidate current (current → previous, previous → delete_pending); idempotent.
@@ -267,7 +265,7 @@ class SnapshotActivities:
 
     # -- garbage collection ---------------------------------------------------------------------
 
-    @activity.defn(name=CLAIM_SNAPSHOT_GC)
+    @activity.defn(name=ActivityName.CLAIM_SNAPSHOT_GC)
     @maps_provider_errors
     async def claim_gc(self, req: GcClaimRequest) -> GcBatch:
         """Claim the next batch of eligible snapshots (and prune old tombstones)."""
@@ -276,7 +274,7 @@ class SnapshotActivities:
         pruned = await self._ledger.prune_tombstones(policy=policy)
         return GcBatch(items=[GcItem(**claim.model_dump()) for claim in claims], pruned=pruned)
 
-    @activity.defn(name=DELETE_SNAPSHOT_OBJECTS)
+    @activity.defn(name=ActivityName.DELETE_SNAPSHOT_OBJECTS)
     @maps_provider_errors
     async def delete_objects(self, batch: GcBatch) -> GcDeleteResult:
         """Delete each claimed snapshot's object (artifact store, or the provider for ``native``).
@@ -301,7 +299,7 @@ class SnapshotActivities:
                     outcomes.append(GcDeleteOutcome(item=item, existed=existed))
         return GcDeleteResult(outcomes=outcomes)
 
-    @activity.defn(name=SETTLE_SNAPSHOT_GC)
+    @activity.defn(name=ActivityName.SETTLE_SNAPSHOT_GC)
     @maps_provider_errors
     async def settle_gc(self, req: GcSettleRequest) -> GcSettleResult:
         """Settle each outcome: ``deleted``, or ``delete_failed`` with exponential backoff."""

@@ -56,7 +56,7 @@ from sandbox import errors  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
 from worker import connect  # noqa: E402
 from workflows.lease import LeaseWorkflow  # noqa: E402
-from workflows.models import AcquireRequest  # noqa: E402
+from workflows.models.lease import AcquireRequest
 
 T = TypeVar("T")
 WORKSPACE = "bench"

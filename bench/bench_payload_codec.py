@@ -42,7 +42,7 @@ from client import LeaseClient  # noqa: E402
 from sandbox.payload_codec import PayloadKeys, data_converter_for  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
 from worker import connect  # noqa: E402
-from workflows.models import ExecOutcome, ExecRequest  # noqa: E402
+from workflows.models.lease import ExecOutcome, ExecRequest
 
 TARGET_EXEC_RATIO = 1.10
 TARGET_SMALL_PAYLOAD_US = 100.0

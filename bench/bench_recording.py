@@ -49,8 +49,8 @@ from sandbox.settings import Settings  # noqa: E402
 from store.artifacts import FilesystemArtifactStore, artifact_root  # noqa: E402
 from store.database import Database  # noqa: E402
 from store.recordings import RecordingStore  # noqa: E402
-from workflows.models import BoxEnvelope  # noqa: E402
-from workflows.recording_models import UploadInput, box_file_name  # noqa: E402
+from workflows.models.lease import BoxEnvelope
+from workflows.models.recording import UploadInput, box_file_name
 
 TARGET_RATIO = 0.5
 TARGET_RSS_MB = 64.0

@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from temporalio.testing import ActivityEnvironment  # noqa: E402
 
 from activities.boxes import BoxActivities  # noqa: E402
-from activities.models import CaptureRequest, ProvisionInput  # noqa: E402
 from activities.snapshots import SnapshotActivities  # noqa: E402
 from providers.base import Envelope  # noqa: E402
 from providers.local import LocalBoxSession, LocalProvider  # noqa: E402
@@ -54,7 +53,8 @@ from sandbox.settings import Settings  # noqa: E402
 from store.artifacts import FilesystemArtifactStore, artifact_root, verified  # noqa: E402
 from store.database import Database  # noqa: E402
 from store.snapshots import SnapshotLedger  # noqa: E402
-from workflows.models import ArchiveRef  # noqa: E402
+from workflows.models.boxes import CaptureRequest, ProvisionInput
+from workflows.models.lease import ArchiveRef
 
 CAPTURE_RATIO_TARGET = 1.2
 RESTORE_SECONDS_TARGET = 1.5

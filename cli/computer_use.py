@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 import typer
 from pydantic import BaseModel
 
-from activities.models import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
 from cli.exits import EXIT_REFUSED, load_settings, with_leases
 from cli.output import emit, fail, note
 from client.lease_client import LeaseClient, call_workflow
 from sandbox.errors import InvalidRequest
+from workflows.models.computer_use import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
 
 __all__ = ["register"]
 

@@ -21,14 +21,7 @@ from sandbox.errors import StaleEpoch
 from store.database import Database
 from store.leases import LeaseRepository
 from store.records import LeaseRecord
-from workflows.models import (
-    LIVENESS_VALUES,
-    HeartbeatResult,
-    HolderKind,
-    LeaseGrant,
-    LeaseView,
-    ReleaseResult,
-)
+from workflows.models.lease import LIVENESS_VALUES, HeartbeatResult, HolderKind, LeaseGrant, LeaseView, ReleaseResult
 
 lease_app = typer.Typer(help="Acquire, inspect and release sandbox leases.", no_args_is_help=True)
 

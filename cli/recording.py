@@ -21,7 +21,7 @@ from temporalio.client import Client
 from cli.exits import load_settings, with_store, with_temporal
 from cli.output import emit, note, progress
 from client.recording_client import RecordingClient, list_recordings, save_recording
-from workflows.recording_models import RecordingStarted, RecordingView
+from workflows.models.recording import RecordingStarted, RecordingView
 
 __all__ = ["register"]
 

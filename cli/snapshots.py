@@ -13,11 +13,11 @@ from typing import Any
 import typer
 from temporalio.client import Client
 
-from activities.maintenance_models import OrphanScanResult, OrphanSweepResult, SnapshotGcResult
 from cli.exits import load_settings, with_store, with_temporal
 from cli.output import emit, note, progress
 from store.database import Database
 from store.snapshots import SnapshotLedger, SnapshotRecord
+from workflows.models.maintenance import OrphanScanResult, OrphanSweepResult, SnapshotGcResult
 
 snapshot_app = typer.Typer(
     help="Workspace snapshots: list a group's archives, run the snapshot GC.", no_args_is_help=True

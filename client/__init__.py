@@ -37,8 +37,8 @@ from sandbox.errors import (
     StaleEpoch,
 )
 from sandbox.settings import Settings
-from workflows.models import ExecOutcome, HeartbeatResult, LeaseGrant, LeaseView, ReleaseResult
-from workflows.recording_models import RecordingRequest, RecordingStarted, RecordingView
+from workflows.models.lease import ExecOutcome, HeartbeatResult, LeaseGrant, LeaseView, ReleaseResult
+from workflows.models.recording import RecordingRequest, RecordingStarted, RecordingView
 
 __all__ = [
     "BoxAccess",

@@ -30,7 +30,7 @@ from client.lease_client import LeaseClient
 from sandbox.channel_a import ChannelA, NatsEventSink
 from sandbox.nats_auth import NatsAuth
 from sandbox.settings import Settings
-from workflows.models import LeaseGrant
+from workflows.models.lease import LeaseGrant
 
 if TYPE_CHECKING:
     from providers.registry import ProviderRegistry

@@ -14,9 +14,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from activities.events import parse_stream_url_rotated, session_events_subject
 from sandbox.nats_auth import NatsAuth
 from sandbox.settings import Settings
+from workflows.models.session_events import parse_stream_url_rotated, session_events_subject
 
 __all__ = ["SessionEventFeed"]
 

@@ -57,7 +57,7 @@ from sandbox.capabilities import NegotiationContext, RuntimeDesktop, SessionCapa
 from sandbox.failures import application_error_in, from_application_error
 from sandbox.settings import Settings
 from workflows.lease import LeaseWorkflow
-from workflows.models import (
+from workflows.models.lease import (
     HOLDER_KINDS,
     ID_PATTERN,
     MAX_ID_LENGTH,

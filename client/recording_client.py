@@ -37,8 +37,7 @@ from client.lease_client import translate, validate_lease_ids
 from sandbox.errors import InvalidRequest, RecordingNotFound, SandboxError
 from sandbox.settings import Settings
 from store.database import Database
-from workflows.recording import RecordingWorkflow
-from workflows.recording_models import (
+from workflows.models.recording import (
     RECORDING_ID_PATTERN,
     RecordingRecord,
     RecordingRequest,
@@ -49,6 +48,7 @@ from workflows.recording_models import (
     recording_input,
     recording_workflow_id,
 )
+from workflows.recording import RecordingWorkflow
 
 __all__ = ["RecordingClient", "SavedRecording", "list_recordings", "recording_timers", "save_recording"]
 

@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sandbox.errors import InvalidRequest
 from store.database import Database
 from store.models import RecordingRow
-from workflows.recording_models import RecordingRecord
+from workflows.models.recording import RecordingRecord
 
 __all__ = ["RecordingStore"]
 

@@ -3,16 +3,43 @@
 One workflow per sandbox group, id ``lease/<workspace>/<group>``, started by update-with-start
 on the first ``acquire``. It owns the lifecycle ``cold → warming → warm → draining → cold``,
 the holders and their TTLs, the idle grace, and the **epoch** that fences everything done
-against a box that has since been replaced. All I/O happens in activities called by name.
+against a box that has since been replaced. All I/O happens in activities called by name
+(:class:`~workflows.activity_names.ActivityName`).
+
+Liveness moves only along these edges (:data:`LIVENESS_EDGES`, checked by every transition)::
+
+                  acquire on a cold lease
+        +------+ ------------------------> +---------+
+        | cold |                           | warming |
+        +------+ <------------------------ +---------+
+         ^    ^       warming failed            |
+         |    |                                 | box ready
+         |    |        box lost                 v
+         |    +------------------------------ +------+
+         |                                    | warm |
+         |                                    +------+
+         |                     no holders,     |    ^
+         |                     drain, stop,    |    | re-armed by
+         |                     rotation due    v    | a new holder
+         |    teardown done, box lost       +----------+
+         +--------------------------------- | draining |
+                                            +----------+
 
 Epoch rules (and only these): +1 on warm commit, on warming failure, on box lost, and on
 draining → cold. Attach, release, re-arm and warm → draining leave it unchanged.
 
-Concurrency: handlers run as asyncio tasks on one deterministic loop. The main loop in
-:meth:`LeaseWorkflow.run` performs every transition that needs an activity (warm-up, teardown);
-handlers only change in-memory state and wake it, except ``exec`` and ``report_box_lost``, which
-run their own activity while counting as in-flight operations so the box is never torn down
-under them.
+State: everything that must survive continue-as-new is one :class:`~workflows.models.lease.LeaseState`
+(``self.s``), carried whole into the next run with the unchanged spec; the other attributes are
+bookkeeping of the current run (waiters, in-flight operations, the projector's progress).
+
+Concurrency: handlers run as asyncio tasks on one deterministic loop, and another handler may run
+at every ``await`` (each one says what it waits for). The main loop in :meth:`LeaseWorkflow.run`
+performs every transition that needs an activity (warm-up, teardown); handlers only change
+in-memory state and wake it, except those that run their own activity on the warm box (``exec``,
+``report_box_lost``, ``attach_viewer``, ``screenshot``, ``desktop_input``): they count as in-flight
+operations (:meth:`LeaseWorkflow._in_flight`) so the box is never torn down under them. Each
+update's validator sits right under it; a validator raises to reject the update before anything
+is written to history.
 
 Box loss reaches recordings: when the lease loses its box (an ``exec`` or box operation saw
 NotFound, a ``report_box_lost`` was confirmed, a periodic capture saw NotFound), every
@@ -24,62 +51,52 @@ finalizes as ``box-death`` at once instead of at its next check (patch
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.events import PUBLISH_SESSION_EVENT, session_events_subject, stream_url_rotated
-    from activities.models import (
-        CAPTURE_WORKSPACE,
-        CHECK_BOX,
-        COMPUTER_DESKTOP_INPUT,
-        COMPUTER_SCREENSHOT,
-        DISCARD_LEASE_BOXES,
-        ENSURE_PLANE,
-        EXEC_IN_BOX,
-        LOAD_LEASE_SEED,
-        PROJECT_LEASE,
-        PROVISION_BOX,
-        PUBLISH_SNAPSHOT,
-        TEAR_DOWN_PLANES,
-        TERMINATE_BOX,
+    from sandbox import errors
+    from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
+    from workflows import search_attributes as sa
+    from workflows.activity_names import ActivityName
+    from workflows.backend_profile import backend_profile
+    from workflows.errors import failure, forwarded
+    from workflows.models.boxes import (
         BoxRef,
         CaptureRequest,
         CheckResult,
-        DesktopInputInput,
-        DesktopInputRequest,
-        DesktopInputResult,
         DiscardInput,
         DiscardResult,
         ExecInput,
         ExecOutput,
-        PlaneRequest,
         ProjectionInput,
         ProvisionInput,
         ProvisionResult,
         PublishRequest,
+        SeedInput,
+        SeedResult,
+    )
+    from workflows.models.computer_use import (
+        DesktopInputInput,
+        DesktopInputRequest,
+        DesktopInputResult,
         Screenshot,
         ScreenshotInput,
         ScreenshotRequest,
-        SeedInput,
-        SeedResult,
-        TearDownPlanesRequest,
     )
-    from providers.descriptors import select_backend
-    from sandbox import errors
-    from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
-    from workflows import search_attributes as sa
-    from workflows.errors import failure, forwarded
-    from workflows.models import (
+    from workflows.models.lease import (
         MAX_HOLDER_ID_LENGTH,
         TRANSITIONS_KEPT,
         AcquireRequest,
         ArchiveRef,
         AttachViewerRequest,
+        BackendProfile,
         BoxEnvelope,
         BoxLostReport,
         BoxLostResult,
@@ -103,13 +120,10 @@ with workflow.unsafe.imports_passed_through():
         Transition,
         ViewerAttachment,
     )
+    from workflows.models.planes import PlaneRequest, TearDownPlanesRequest
+    from workflows.models.recording import BoxLostNotice, RecordingRequest, RecordingStarted, recording_workflow_id
+    from workflows.models.session_events import session_events_subject, stream_url_rotated
     from workflows.recording import RecordingWorkflow, start_recording_child
-    from workflows.recording_models import (
-        BoxLostNotice,
-        RecordingRequest,
-        RecordingStarted,
-        recording_workflow_id,
-    )
 
 # Activities that must not be retried blindly use explicit policies; the rest retry forever with
 # backoff because the lease cannot move on without them (projection, terminate).
@@ -118,6 +132,22 @@ _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maxim
 _STREAM_URL_ROTATED_PATCH = "stream-url-rotated-event"
 # Histories recorded before the lease told its recordings about a lost box replay without the signals.
 _RECORDING_BOX_LOST_PATCH = "recording-box-lost-signal"
+
+LIVENESS_EDGES: Final[Mapping[Liveness, frozenset[Liveness]]] = {
+    "cold": frozenset({"warming"}),
+    "warming": frozenset({"warm", "cold"}),  # box ready; warming failed
+    "warm": frozenset({"draining", "cold"}),  # no holders, drain, stop or rotation; box lost
+    "draining": frozenset({"warm", "cold"}),  # re-armed by a new holder; teardown done or box lost
+}
+"""The liveness changes a lease makes (the module docstring draws them); any other is a bug."""
+
+
+class IllegalTransition(RuntimeError):
+    """A liveness change outside :data:`LIVENESS_EDGES`: a bug, so it fails the workflow task, not the lease.
+
+    Not an ``ApplicationError``: Temporal retries the workflow task (after a fix is deployed the
+    lease goes on from its history) instead of failing the workflow.
+    """
 
 
 @workflow.defn(name="LeaseWorkflow")
@@ -150,6 +180,7 @@ class LeaseWorkflow:
     async def run(self, inp: LeaseInput) -> LeaseView:
         """Drive the lifecycle until ``stop``; continue-as-new when history grows."""
         if not self.s.seeded:
+            # Updates wait for the seed (acquire waits on ``seeded``); nothing else can change meanwhile.
             await self._seed()
         self._publish()
         projector = asyncio.create_task(self._project_loop())
@@ -157,17 +188,21 @@ class LeaseWorkflow:
         while True:
             self._wake = False
             self._expire_holders()
+            # The one transition due now, if any; handlers run during its activities.
             await self._advance()
             if self.s.stop_requested and self.s.liveness == "cold" and self._waiters == 0:
                 break
             if self._should_continue_as_new():
+                # Let running handlers and the projector finish before handing the state to the next run.
                 await workflow.wait_condition(
                     lambda: (workflow.all_handlers_finished() and self._projection_idle()) or not self._quiescent()
                 )
                 if self._quiescent():
                     workflow.continue_as_new(LeaseInput(spec=self.spec, state=self.s))
                 continue
+            # Until a handler wakes us or the next deadline (holder TTL, grace, hold, rotation) passes.
             await self._sleep_until_woken()
+        # Stopping: let the last handlers finish and the final state be projected.
         await workflow.wait_condition(lambda: workflow.all_handlers_finished() and self._projection_idle())
         projector.cancel()
         publisher.cancel()
@@ -177,8 +212,8 @@ class LeaseWorkflow:
         # A fresh run continues the epoch of any earlier incarnation of this lease, so a token or
         # grant minted by a previous run can never validate against a new box.
         seed = await workflow.execute_activity(
-            LOAD_LEASE_SEED,
-            SeedInput(lease_id=self.spec.lease_id),
+            ActivityName.LOAD_LEASE_SEED,
+            SeedInput(lease_id=self.spec.lease_id, backend=self.spec.backend),
             result_type=SeedResult,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=_RETRY_FOREVER,
@@ -186,6 +221,9 @@ class LeaseWorkflow:
         )
         self.s.epoch = seed.epoch
         self.s.version = max(self.s.version, seed.version)
+        # Frozen for the lease's life (and in its history); a seed recorded before profiles has
+        # none, and that lease reads the descriptor table as it goes, as it always did.
+        self.s.backend_profile = seed.backend_profile
         self._projected_version = self.s.version
         self.s.seeded = True
         self._touch()
@@ -197,6 +235,7 @@ class LeaseWorkflow:
         if s.liveness == "cold":
             # Holders kept through a rotation also want the next box.
             if (self._waiters > 0 or s.holders) and not s.stop_requested:
+                # Acquires and drains arrive meanwhile; waiters are granted when the box is warm.
                 await self._warm_up()
         elif s.liveness == "warm":
             forced = s.drain_requested or ("stop" if s.stop_requested else None)
@@ -214,9 +253,11 @@ class LeaseWorkflow:
                 s.drain_deadline = now + timedelta(seconds=self.timers.idle_grace_seconds)
                 self._transition("draining", "no holders left")
             elif self._periodic_capture_due(now):
+                # Handlers run meanwhile; a teardown waits for the capture (it counts as in flight).
                 await self._periodic_capture()
         elif s.liveness == "draining":
             if self._teardown_due(now):
+                # Handlers run meanwhile; new acquires wait for the next box (see ``_tearing_down``).
                 await self._tear_down()
 
     def _teardown_due(self, now: datetime) -> bool:
@@ -239,8 +280,9 @@ class LeaseWorkflow:
         key = f"{self.spec.lease_id}/epoch-{s.epoch}"
         t = self.timers
         try:
+            # Holders keep arriving (and may drop out) while the box comes up; their TTL starts at warm.
             result = await workflow.execute_activity(
-                PROVISION_BOX,
+                ActivityName.PROVISION_BOX,
                 ProvisionInput(
                     lease_id=self.spec.lease_id,
                     workspace_id=self.spec.workspace_id,
@@ -269,7 +311,7 @@ class LeaseWorkflow:
             message = _cause_message(err)
             # Whatever the provider made for this attempt must not outlive it.
             await workflow.execute_activity(
-                DISCARD_LEASE_BOXES,
+                ActivityName.DISCARD_LEASE_BOXES,
                 DiscardInput(backend=self.spec.backend, lease_id=self.spec.lease_id),
                 result_type=DiscardResult,
                 start_to_close_timeout=timedelta(seconds=60),
@@ -310,23 +352,20 @@ class LeaseWorkflow:
         s.restore_status = "restored"
         return f"box ready, restored archive {outcome.restored_from}"
 
+    def _profile(self) -> BackendProfile:
+        """The backend's profile frozen in the state; a lease seeded before profiles reads today's table."""
+        if self.s.backend_profile is not None:
+            return self.s.backend_profile
+        return backend_profile(self.spec.backend)
+
     def _snapshots_on(self) -> bool:
         """Whether capture/restore apply: on, and the backend keeps snapshots (selfhosted: the machine persists)."""
-        if not self.spec.snapshots_enabled:
-            return False
-        try:
-            return select_backend(self.spec.backend).snapshot.kind != "none"
-        except errors.SandboxError:
-            return False
+        return self.spec.snapshots_enabled and self._profile().keeps_snapshots
 
     def _hard_lifetime_seconds(self) -> float | None:
         if self.timers.hard_lifetime_seconds is not None:
             return self.timers.hard_lifetime_seconds
-        try:
-            lifetime_ms = select_backend(self.spec.backend).lifetime.hard_lifetime_ms
-        except errors.SandboxError:
-            return None
-        return lifetime_ms / 1000 if lifetime_ms else None
+        return self._profile().hard_lifetime_seconds
 
     def _periodic_capture_due(self, now: datetime) -> bool:
         s = self.s
@@ -339,9 +378,10 @@ class LeaseWorkflow:
         s = self.s
         assert s.envelope is not None
         envelope, epoch = s.envelope, s.epoch
-        self._inflight += 1
         try:
-            await self._capture("periodic", only_if_changed=True)
+            with self._in_flight(wake=False):
+                # Handlers may run meanwhile; the box stays up for this capture.
+                await self._capture("periodic", only_if_changed=True)
         except ActivityError as err:
             if _cause_type(err) == errors.BoxNotFound.error_type:
                 self._box_lost(epoch, envelope.instance_id, "box lost (periodic capture saw NotFound)")
@@ -350,8 +390,6 @@ class LeaseWorkflow:
             s.last_error = f"periodic capture failed: {_cause_message(err)}"
             s.last_capture_at = workflow.now()
             self._touch()
-        finally:
-            self._inflight -= 1
 
     async def _capture(
         self, reason: Literal["drain", "periodic", "rotation"], *, only_if_changed: bool = False
@@ -360,8 +398,9 @@ class LeaseWorkflow:
         s = self.s
         assert s.envelope is not None
         t = self.timers
+        # Handlers run meanwhile; the box is not terminated until the archive is verified.
         ref = await workflow.execute_activity(
-            CAPTURE_WORKSPACE,
+            ActivityName.CAPTURE_WORKSPACE,
             CaptureRequest(
                 backend=self.spec.backend,
                 envelope=s.envelope,
@@ -382,8 +421,9 @@ class LeaseWorkflow:
         s.last_capture_at = workflow.now()
         if ref.unchanged:
             return
+        # Only a published archive is restored into the next box.
         await workflow.execute_activity(
-            PUBLISH_SNAPSHOT,
+            ActivityName.PUBLISH_SNAPSHOT,
             PublishRequest(lease_id=self.spec.lease_id, snapshot_id=ref.snapshot_id),
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=_RETRY_FOREVER,
@@ -402,16 +442,19 @@ class LeaseWorkflow:
             if s.envelope is not None and self._snapshots_on():
                 # Never terminate a box without a verified archive, unless NotFound proves it is already gone.
                 try:
+                    # A drain, stop or rotation captures first; handlers may add holders (they wait for the next box).
                     await self._capture("rotation" if s.rotation_requested else "drain")
                 except ActivityError as err:
                     if _cause_type(err) != errors.BoxNotFound.error_type:
                         raise
                     reason = f"{reason}; box already gone, nothing to capture"
             if s.envelope is not None and s.planes:
+                # Planes first, so no viewer edge outlives its box.
                 await self._tear_down_planes(s.envelope)
             if s.envelope is not None:
+                # The box goes; handlers run meanwhile and see ``_tearing_down``.
                 await workflow.execute_activity(
-                    TERMINATE_BOX,
+                    ActivityName.TERMINATE_BOX,
                     BoxRef(backend=self.spec.backend, envelope=s.envelope),
                     start_to_close_timeout=timedelta(seconds=120),
                     retry_policy=RetryPolicy(
@@ -430,20 +473,14 @@ class LeaseWorkflow:
         finally:
             self._tearing_down = False
         self._teardown_retry_at = None
-        s.planes = []
-        s.envelope = None
-        s.drain_deadline = None
-        s.drain_requested = None
-        s.rotation_requested = False
-        s.rotation_due_at = None
-        s.warm_since = None
-        self._transition("cold", reason, bump=True, viewed=viewed)
+        self._reset_to_cold(reason, viewed=viewed)
 
     async def _tear_down_planes(self, envelope: BoxEnvelope) -> None:
         # Best effort: the box is terminated next anyway, so a failure here only costs a log line.
         try:
+            # Handlers run meanwhile (they see ``_tearing_down``).
             await workflow.execute_activity(
-                TEAR_DOWN_PLANES,
+                ActivityName.TEAR_DOWN_PLANES,
                 TearDownPlanesRequest(backend=self.spec.backend, envelope=envelope),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_attempts=2),
@@ -462,6 +499,7 @@ class LeaseWorkflow:
                 return
             timeout = max(timeout, 0.001)
         try:
+            # Handlers set ``_wake``; a timer covers the next deadline.
             await workflow.wait_condition(
                 lambda: self._wake or self._should_continue_as_new(),
                 timeout=timeout,
@@ -539,13 +577,15 @@ class LeaseWorkflow:
 
     async def _project_loop(self) -> None:
         while True:
+            # Until some change bumps the version past the last projection.
             await workflow.wait_condition(lambda: self.s.version > self._projected_version)
             version = self.s.version
             events, self._pending_events = self._pending_events, []
             self._projecting = True
             try:
+                # The projection of this version; later changes are projected by the next round.
                 await workflow.execute_activity(
-                    PROJECT_LEASE,
+                    ActivityName.PROJECT_LEASE,
                     ProjectionInput(record=self._record(), events=[self._event(t) for t in events]),
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=_RETRY_FOREVER,
@@ -562,12 +602,14 @@ class LeaseWorkflow:
         # Best effort, in order: a lost event costs a viewer one heartbeat interval, never the lease.
         subject = session_events_subject(self.spec.workspace_id, self.spec.group_id)
         while True:
+            # Until a transition queues an event.
             await workflow.wait_condition(lambda: bool(self._session_events))
             payload = self._session_events.pop(0)
             self._publishing_events = True
             try:
+                # Best effort, one event at a time, in order.
                 await workflow.execute_activity(
-                    PUBLISH_SESSION_EVENT,
+                    ActivityName.PUBLISH_SESSION_EVENT,
                     args=[subject, payload],
                     result_type=bool,
                     start_to_close_timeout=timedelta(seconds=10),
@@ -624,7 +666,10 @@ class LeaseWorkflow:
         self.s.version += 1
 
     def _transition(self, to: Liveness, reason: str, *, bump: bool = False, viewed: bool = False) -> None:
+        """Move to ``to`` along one of :data:`LIVENESS_EDGES` (``bump``: epoch+1), record and project it."""
         s = self.s
+        if to not in LIVENESS_EDGES[s.liveness]:
+            raise IllegalTransition(f"lease {self.spec.lease_id}: {s.liveness} -> {to} is not a lease transition")
         previous = s.epoch
         if bump:
             s.epoch += 1
@@ -648,6 +693,33 @@ class LeaseWorkflow:
             self._session_events.append(
                 stream_url_rotated(self.spec.lease_id, s.epoch, previous, workflow.now(), reason=reason)
             )
+
+    def _reset_to_cold(self, reason: str, *, viewed: bool) -> None:
+        """Forget the box and everything about it, and go cold at epoch+1 (teardown done, or the box was lost)."""
+        s = self.s
+        s.envelope = None
+        s.planes = []
+        s.drain_deadline = None
+        s.drain_requested = None
+        s.rotation_requested = False
+        s.rotation_due_at = None
+        s.warm_since = None
+        self._transition("cold", reason, bump=True, viewed=viewed)
+
+    @contextlib.contextmanager
+    def _in_flight(self, *, wake: bool = True) -> Iterator[None]:
+        """Count an operation on the box while it runs: no teardown starts under it (see :meth:`_teardown_due`).
+
+        ``wake``: wake the main loop when it ends, so a teardown it held back goes ahead (the main
+        loop's own periodic capture needs no waking).
+        """
+        self._inflight += 1
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if wake:
+                self._wake = True
 
     def _publish(self) -> None:
         s = self.s
@@ -678,15 +750,8 @@ class LeaseWorkflow:
             return False
         viewed = self._viewed()
         recordings = [h.holder_id for h in s.holders if h.kind == "recording"]
-        s.envelope = None
         s.holders = []
-        s.planes = []
-        s.drain_deadline = None
-        s.drain_requested = None
-        s.rotation_requested = False
-        s.rotation_due_at = None
-        s.warm_since = None
-        self._transition("cold", reason, bump=True, viewed=viewed)
+        self._reset_to_cold(reason, viewed=viewed)
         if recordings and workflow.patched(_RECORDING_BOX_LOST_PATCH):
             for recording_id in recordings:
                 task = asyncio.create_task(self._tell_recording_box_lost(recording_id, epoch))
@@ -698,6 +763,7 @@ class LeaseWorkflow:
         """Signal a recording that held the lost box; it stops and finalizes as ``box-death`` now."""
         handle = workflow.get_external_workflow_handle_for(RecordingWorkflow.run, recording_workflow_id(recording_id))
         try:
+            # A signal to another workflow; the lease goes on meanwhile.
             await handle.signal(RecordingWorkflow.box_lost, BoxLostNotice(epoch=epoch))
         except FailureError as err:
             # Already finished (or never started under that id): nothing left to stop.
@@ -725,10 +791,31 @@ class LeaseWorkflow:
     async def acquire(self, req: AcquireRequest) -> LeaseGrant:
         """Become a holder and wait until the box is warm (creating it if the lease is cold)."""
         self._run_updates += 1
+        # Until the box is warm (or the acquire fails); other handlers run meanwhile.
         return await self._admit(req)
+
+    @acquire.validator
+    def _validate_acquire(self, req: AcquireRequest) -> None:
+        s = self.s
+        _check_holder_id(req.holder_id)
+        if s.stop_requested:
+            raise failure(errors.LeaseStopping, "the lease is stopping; acquire again after it completes")
+        if req.backend is not None and req.backend != self.spec.backend:
+            raise failure(
+                errors.InvalidRequest,
+                f"lease {self.spec.lease_id} uses backend {self.spec.backend!r}, not {req.backend!r}; "
+                "drain and stop it first to change backend",
+            )
+        if s.seeded and req.expected_epoch is not None and req.expected_epoch != s.epoch:
+            raise failure(
+                errors.StaleEpoch,
+                f"expected epoch {req.expected_epoch} but the lease is at epoch {s.epoch}; "
+                "the box you knew was replaced, acquire without an expected epoch",
+            )
 
     async def _admit(self, req: AcquireRequest) -> LeaseGrant:
         """Add or refresh the holder, then wait for a warm box: attach, re-arm, or spawn one."""
+        # A fresh run loads its epoch first (see ``_seed``).
         await workflow.wait_condition(lambda: self.s.seeded)
         s = self.s
         if s.stop_requested:
@@ -760,6 +847,7 @@ class LeaseWorkflow:
         self._waiters += 1
         self._wake = True
         try:
+            # The main loop warms the box up; a drain, stop or failed warming also ends the wait.
             await workflow.wait_condition(
                 lambda: (
                     (s.liveness == "warm" and not self._tearing_down and not self._box_closing())
@@ -785,6 +873,17 @@ class LeaseWorkflow:
             )
         raise failure(errors.LeaseNotWarm, "the holder was dropped (drain) while waiting; acquire again")
 
+    def _box_closing(self) -> bool:
+        """A drain or rotation is pending: new holders wait for the next box instead of joining this one."""
+        return bool(self.s.drain_requested) or self.s.rotation_requested
+
+    def _drop_holder(self, kind: str, holder_id: str) -> None:
+        s = self.s
+        if self._find(kind, holder_id) is not None:
+            s.holders = [h for h in s.holders if not (h.kind == kind and h.holder_id == holder_id)]
+            self._touch()
+            self._wake = True
+
     @workflow.update
     async def attach_viewer(self, req: AttachViewerRequest) -> ViewerAttachment:
         """Hold the lease as a viewer and bring up the plane's edge; the caller mints the token of ``req.mode``.
@@ -793,37 +892,36 @@ class LeaseWorkflow:
         and a token must never be written where it outlives its purpose.
         """
         self._run_updates += 1
+        # The viewer is a holder like any other: wait for the warm box first.
         grant = await self._admit(
             AcquireRequest(kind="viewer", holder_id=req.viewer_id, subject=req.subject, backend=None)
         )
         s = self.s
         assert s.envelope is not None
-        self._inflight += 1
         try:
-            endpoint = await workflow.execute_activity(
-                ENSURE_PLANE,
-                PlaneRequest(
-                    backend=self.spec.backend,
-                    envelope=s.envelope,
-                    lease_id=self.spec.lease_id,
-                    epoch=grant.epoch,
-                    plane=req.plane,
-                    geometry=req.geometry,
-                ),
-                result_type=PlaneEndpoint,
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=2)),
-                summary=f"ensure {req.plane} plane",
-            )
+            with self._in_flight():
+                # The plane comes up; other handlers go on, but no teardown starts.
+                endpoint = await workflow.execute_activity(
+                    ActivityName.ENSURE_PLANE,
+                    PlaneRequest(
+                        backend=self.spec.backend,
+                        envelope=s.envelope,
+                        lease_id=self.spec.lease_id,
+                        epoch=grant.epoch,
+                        plane=req.plane,
+                        geometry=req.geometry,
+                    ),
+                    result_type=PlaneEndpoint,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=2)),
+                    summary=f"ensure {req.plane} plane",
+                )
         except ActivityError as err:
             self._drop_holder("viewer", req.viewer_id)
             cause = err.cause
             if isinstance(cause, ApplicationError):
                 raise forwarded(cause) from None
             raise failure(errors.ProviderError, f"{req.plane} plane failed: {_cause_message(err)}") from None
-        finally:
-            self._inflight -= 1
-            self._wake = True
         if req.plane not in s.planes:
             s.planes = [*s.planes, req.plane]
             self._touch()
@@ -839,36 +937,6 @@ class LeaseWorkflow:
             raise failure(
                 errors.Unsupported,
                 f"the {req.plane} plane is disabled for lease {self.spec.lease_id} by its policy",
-            )
-
-    def _box_closing(self) -> bool:
-        """A drain or rotation is pending: new holders wait for the next box instead of joining this one."""
-        return bool(self.s.drain_requested) or self.s.rotation_requested
-
-    def _drop_holder(self, kind: str, holder_id: str) -> None:
-        s = self.s
-        if self._find(kind, holder_id) is not None:
-            s.holders = [h for h in s.holders if not (h.kind == kind and h.holder_id == holder_id)]
-            self._touch()
-            self._wake = True
-
-    @acquire.validator
-    def _validate_acquire(self, req: AcquireRequest) -> None:
-        s = self.s
-        _check_holder_id(req.holder_id)
-        if s.stop_requested:
-            raise failure(errors.LeaseStopping, "the lease is stopping; acquire again after it completes")
-        if req.backend is not None and req.backend != self.spec.backend:
-            raise failure(
-                errors.InvalidRequest,
-                f"lease {self.spec.lease_id} uses backend {self.spec.backend!r}, not {req.backend!r}; "
-                "drain and stop it first to change backend",
-            )
-        if s.seeded and req.expected_epoch is not None and req.expected_epoch != s.epoch:
-            raise failure(
-                errors.StaleEpoch,
-                f"expected epoch {req.expected_epoch} but the lease is at epoch {s.epoch}; "
-                "the box you knew was replaced, acquire without an expected epoch",
             )
 
     @workflow.update
@@ -931,6 +999,7 @@ class LeaseWorkflow:
             self._touch()
             self._wake = True
         if req.wait:
+            # Until the main loop has torn the box down.
             await workflow.wait_condition(lambda: s.liveness == "cold" and not self._tearing_down)
         return self._view()
 
@@ -943,25 +1012,26 @@ class LeaseWorkflow:
         envelope, epoch = s.envelope, s.epoch
         t = self.timers
         timeout = req.timeout_seconds or t.exec_timeout_seconds
-        self._inflight += 1
         try:
-            out = await workflow.execute_activity(
-                EXEC_IN_BOX,
-                ExecInput(
-                    backend=self.spec.backend,
-                    envelope=envelope,
-                    cmd=req.cmd,
-                    workdir=req.workdir,
-                    timeout_seconds=timeout,
-                    env=req.env,
-                ),
-                result_type=ExecOutput,
-                start_to_close_timeout=timedelta(seconds=timeout + 30),
-                # A dead worker is noticed within the heartbeat timeout instead of after the command's timeout.
-                heartbeat_timeout=timedelta(seconds=max(t.activity_heartbeat_seconds, 5)),
-                retry_policy=RetryPolicy(maximum_attempts=1),  # never run a command twice
-                summary=" ".join(req.cmd)[:80],
-            )
+            with self._in_flight():
+                # The command runs; other handlers (and the main loop) go on, but no teardown starts.
+                out = await workflow.execute_activity(
+                    ActivityName.EXEC_IN_BOX,
+                    ExecInput(
+                        backend=self.spec.backend,
+                        envelope=envelope,
+                        cmd=req.cmd,
+                        workdir=req.workdir,
+                        timeout_seconds=timeout,
+                        env=req.env,
+                    ),
+                    result_type=ExecOutput,
+                    start_to_close_timeout=timedelta(seconds=timeout + 30),
+                    # A dead worker is noticed within the heartbeat timeout instead of after the command's timeout.
+                    heartbeat_timeout=timedelta(seconds=max(t.activity_heartbeat_seconds, 5)),
+                    retry_policy=RetryPolicy(maximum_attempts=1),  # never run a command twice
+                    summary=" ".join(req.cmd)[:80],
+                )
         except ActivityError as err:
             cause = err.cause
             if isinstance(cause, ApplicationError) and cause.type == errors.BoxNotFound.error_type:
@@ -973,9 +1043,6 @@ class LeaseWorkflow:
             if isinstance(cause, ApplicationError):
                 raise forwarded(cause) from None
             raise failure(errors.ProviderError, f"exec failed: {_cause_message(err)}") from None
-        finally:
-            self._inflight -= 1
-            self._wake = True
         return ExecOutcome(epoch=epoch, **out.model_dump())
 
     @exec.validator
@@ -1001,19 +1068,16 @@ class LeaseWorkflow:
         s = self.s
         assert s.envelope is not None
         envelope = s.envelope
-        self._inflight += 1
-        try:
+        with self._in_flight():
+            # Ask the provider; the box may meanwhile be lost by another path (then this changes nothing).
             check = await workflow.execute_activity(
-                CHECK_BOX,
+                ActivityName.CHECK_BOX,
                 BoxRef(backend=self.spec.backend, envelope=envelope),
                 result_type=CheckResult,
                 start_to_close_timeout=timedelta(seconds=self.timers.probe_timeout_seconds + 10),
                 retry_policy=RetryPolicy(maximum_attempts=3),
                 summary="confirm box lost",
             )
-        finally:
-            self._inflight -= 1
-            self._wake = True
         lost = not check.alive and self._box_lost(report.epoch, report.instance_id, "box lost (reported)")
         return BoxLostResult(lost=lost, epoch=s.epoch, liveness=s.liveness)
 
@@ -1036,6 +1100,7 @@ class LeaseWorkflow:
     async def start_recording(self, req: RecordingRequest) -> RecordingStarted:
         """Record the desktop: start a RecordingWorkflow child, which holds this lease as a ``recording`` holder."""
         self._run_updates += 1
+        # The child starts; it holds the lease itself (through activities), like any holder.
         return await start_recording_child(self.spec.workspace_id, self.spec.group_id, req)
 
     @start_recording.validator
@@ -1061,10 +1126,15 @@ class LeaseWorkflow:
             backend=self.spec.backend, envelope=s.envelope, lease_id=self.spec.lease_id, epoch=s.epoch,
             geometry=req.geometry,
         )  # fmt: skip
+        # An in-flight operation on the warm box (see ``_desktop_activity``).
         shot: Screenshot = await self._desktop_activity(
-            COMPUTER_SCREENSHOT, arg, Screenshot, attempts=2, summary="screenshot", op="screenshot"
+            ActivityName.COMPUTER_SCREENSHOT, arg, Screenshot, attempts=2, summary="screenshot", op="screenshot"
         )
         return shot
+
+    @screenshot.validator
+    def _validate_screenshot(self, req: ScreenshotRequest) -> None:
+        self._check_computer_use(req.epoch)
 
     @workflow.update
     async def desktop_input(self, req: DesktopInputRequest) -> DesktopInputResult:
@@ -1075,8 +1145,9 @@ class LeaseWorkflow:
             backend=self.spec.backend, envelope=s.envelope, lease_id=self.spec.lease_id, epoch=s.epoch,
             actions=req.actions, geometry=req.geometry,
         )  # fmt: skip
+        # An in-flight operation on the warm box (see ``_desktop_activity``).
         result: DesktopInputResult = await self._desktop_activity(
-            COMPUTER_DESKTOP_INPUT,
+            ActivityName.COMPUTER_DESKTOP_INPUT,
             arg,
             DesktopInputResult,
             attempts=1,
@@ -1085,39 +1156,33 @@ class LeaseWorkflow:
         )
         return result
 
+    @desktop_input.validator
+    def _validate_desktop_input(self, req: DesktopInputRequest) -> None:
+        self._check_computer_use(req.epoch)
+
     async def _desktop_activity(
-        self, activity: str, arg: Any, result_type: type[Any], *, attempts: int, summary: str, op: str
+        self, activity: ActivityName, arg: Any, result_type: type[Any], *, attempts: int, summary: str, op: str
     ) -> Any:
         """Run one computer-use activity against the warm box as an in-flight operation (no teardown under it)."""
         self._run_updates += 1
         s = self.s
         assert s.envelope is not None
         envelope, epoch = s.envelope, s.epoch
-        self._inflight += 1
         try:
-            result = await workflow.execute_activity(
-                activity,
-                arg,
-                result_type=result_type,
-                start_to_close_timeout=timedelta(seconds=120),
-                retry_policy=RetryPolicy(maximum_attempts=attempts),
-                summary=summary,
-            )
+            with self._in_flight():
+                # The desktop acts; other handlers go on, but no teardown starts.
+                result = await workflow.execute_activity(
+                    activity,
+                    arg,
+                    result_type=result_type,
+                    start_to_close_timeout=timedelta(seconds=120),
+                    retry_policy=RetryPolicy(maximum_attempts=attempts),
+                    summary=summary,
+                )
         except ActivityError as err:
             raise self._box_op_failure(err, epoch, envelope, op) from None
-        finally:
-            self._inflight -= 1
-            self._wake = True
         self._desktop_up()
         return result
-
-    @screenshot.validator
-    def _validate_screenshot(self, req: ScreenshotRequest) -> None:
-        self._check_computer_use(req.epoch)
-
-    @desktop_input.validator
-    def _validate_desktop_input(self, req: DesktopInputRequest) -> None:
-        self._check_computer_use(req.epoch)
 
     def _check_computer_use(self, epoch: int | None) -> None:
         s = self.s
@@ -1218,6 +1283,7 @@ class LeaseWorkflow:
             archive_previous=s.archive_previous,
             restore_status=s.restore_status,
             rotation_due_at=s.rotation_due_at,
+            backend_profile=s.backend_profile,
         )
 
 

@@ -17,9 +17,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.maintenance_models import (
-        SCAN_ORPHAN_BOXES,
-        TERMINATE_ORPHAN_BOX,
+    from workflows.activity_names import ActivityName
+    from workflows.models.maintenance import (
         OrphanScanRequest,
         OrphanScanResult,
         OrphanSweepInput,
@@ -41,7 +40,7 @@ class OrphanSweepWorkflow:
     async def run(self, inp: OrphanSweepInput) -> OrphanSweepResult:
         """Scan for orphans older than the grace, then terminate those still orphaned at re-check."""
         scan = await workflow.execute_activity(
-            SCAN_ORPHAN_BOXES,
+            ActivityName.SCAN_ORPHAN_BOXES,
             OrphanScanRequest(backends=inp.backends, grace_seconds=inp.grace_seconds),
             result_type=OrphanScanResult,
             start_to_close_timeout=timedelta(seconds=120),
@@ -54,7 +53,7 @@ class OrphanSweepWorkflow:
         for box in scan.orphans:
             try:
                 outcome = await workflow.execute_activity(
-                    TERMINATE_ORPHAN_BOX,
+                    ActivityName.TERMINATE_ORPHAN_BOX,
                     OrphanTerminateRequest(box=box, grace_seconds=inp.grace_seconds),
                     result_type=OrphanTerminateResult,
                     start_to_close_timeout=timedelta(seconds=120),

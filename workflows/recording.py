@@ -36,23 +36,13 @@ from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlrea
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.models import ENSURE_DISPLAY_STACK, DisplayStackRequest, DisplayStackResult
     from sandbox import errors
     from workflows import search_attributes as sa
+    from workflows.activity_names import ActivityName
     from workflows.errors import failure
-    from workflows.models import BoxEnvelope, HeartbeatResult, LeaseGrant
-    from workflows.recording_models import (
-        DELETE_BOX_FILES,
-        HEARTBEAT_LEASE,
-        HOLD_LEASE,
-        INSPECT_RECORDING,
-        PROBE_FFMPEG,
-        PROJECT_RECORDING,
-        RELEASE_LEASE,
-        REPORT_LEASE_BOX_LOST,
-        START_FFMPEG,
-        STOP_FFMPEG,
-        UPLOAD_RECORDING,
+    from workflows.models.lease import BoxEnvelope, HeartbeatResult, LeaseGrant
+    from workflows.models.planes import DisplayStackRequest, DisplayStackResult
+    from workflows.models.recording import (
         BoxLostNotice,
         FfmpegProbe,
         FfmpegProcess,
@@ -206,7 +196,7 @@ class RecordingWorkflow:
         inp = self.inp
         try:
             grant: LeaseGrant = await workflow.execute_activity(
-                HOLD_LEASE,
+                ActivityName.RECORDING_HOLD_LEASE,
                 LeaseHolderInput(
                     workspace_id=inp.workspace_id,
                     group_id=inp.group_id,
@@ -232,7 +222,7 @@ class RecordingWorkflow:
     async def _ensure_display(self, grant: LeaseGrant) -> DisplayStackResult:
         try:
             display: DisplayStackResult = await workflow.execute_activity(
-                ENSURE_DISPLAY_STACK,
+                ActivityName.ENSURE_DISPLAY_STACK,
                 DisplayStackRequest(
                     backend=grant.backend,
                     envelope=grant.envelope,
@@ -258,7 +248,7 @@ class RecordingWorkflow:
         assert self.v.width is not None and self.v.height is not None
         try:
             result: FfmpegProcess = await workflow.execute_activity(
-                START_FFMPEG,
+                ActivityName.RECORDING_START_FFMPEG,
                 FfmpegStartInput(
                     **box.model_dump(),
                     display=display.display,
@@ -315,7 +305,7 @@ class RecordingWorkflow:
     async def _probe(self, box: RecordingBoxInput) -> FfmpegProbe | None:
         try:
             result: FfmpegProbe = await workflow.execute_activity(
-                PROBE_FFMPEG,
+                ActivityName.RECORDING_PROBE_FFMPEG,
                 box,
                 result_type=FfmpegProbe,
                 start_to_close_timeout=timedelta(seconds=40),
@@ -334,7 +324,7 @@ class RecordingWorkflow:
         inp = self.inp
         try:
             await workflow.execute_activity(
-                HEARTBEAT_LEASE,
+                ActivityName.RECORDING_HEARTBEAT_LEASE,
                 LeaseHolderInput(
                     workspace_id=inp.workspace_id,
                     group_id=inp.group_id,
@@ -364,7 +354,7 @@ class RecordingWorkflow:
             return
         try:
             await workflow.execute_activity(
-                REPORT_LEASE_BOX_LOST,
+                ActivityName.RECORDING_REPORT_BOX_LOST,
                 LeaseBoxLostInput(
                     workspace_id=self.inp.workspace_id,
                     group_id=self.inp.group_id,
@@ -382,7 +372,7 @@ class RecordingWorkflow:
     async def _stop(self, box: RecordingBoxInput) -> None:
         try:
             stopped = await workflow.execute_activity(
-                STOP_FFMPEG,
+                ActivityName.RECORDING_STOP_FFMPEG,
                 FfmpegStopInput(**box.model_dump(), wait_seconds=self.t.stop_wait_seconds),
                 result_type=FfmpegStopped,
                 start_to_close_timeout=timedelta(seconds=self.t.stop_wait_seconds + 40),
@@ -402,7 +392,7 @@ class RecordingWorkflow:
     async def _inspect(self, box: RecordingBoxInput) -> Inspection:
         try:
             result: Inspection = await workflow.execute_activity(
-                INSPECT_RECORDING,
+                ActivityName.RECORDING_INSPECT,
                 InspectInput(**box.model_dump(), max_bytes=self.inp.max_bytes),
                 result_type=Inspection,
                 start_to_close_timeout=timedelta(seconds=60),
@@ -416,7 +406,7 @@ class RecordingWorkflow:
     async def _upload(self, box: RecordingBoxInput, size: int) -> UploadResult:
         try:
             result: UploadResult = await workflow.execute_activity(
-                UPLOAD_RECORDING,
+                ActivityName.RECORDING_UPLOAD,
                 UploadInput(**box.model_dump(), key=self.inp.storage_key, size_bytes=size),
                 result_type=UploadResult,
                 start_to_close_timeout=timedelta(seconds=self.t.upload_timeout_seconds),
@@ -436,7 +426,7 @@ class RecordingWorkflow:
     async def _delete_box_files(self, box: RecordingBoxInput) -> None:
         try:
             await workflow.execute_activity(
-                DELETE_BOX_FILES,
+                ActivityName.RECORDING_DELETE_BOX_FILES,
                 box,
                 result_type=bool,
                 start_to_close_timeout=timedelta(seconds=40),
@@ -451,7 +441,7 @@ class RecordingWorkflow:
         inp = self.inp
         try:
             await workflow.execute_activity(
-                RELEASE_LEASE,
+                ActivityName.RECORDING_RELEASE_LEASE,
                 LeaseHolderInput(workspace_id=inp.workspace_id, group_id=inp.group_id, recording_id=inp.recording_id),
                 result_type=bool,
                 start_to_close_timeout=timedelta(seconds=30),
@@ -543,7 +533,7 @@ class RecordingWorkflow:
             updated_at=workflow.now(),
         )
         await workflow.execute_activity(
-            PROJECT_RECORDING,
+            ActivityName.RECORDING_PROJECT,
             ProjectRecordingInput(record=record),
             start_to_close_timeout=timedelta(seconds=60),
             heartbeat_timeout=timedelta(seconds=max(self.t.activity_heartbeat_seconds, 2)),

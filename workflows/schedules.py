@@ -30,14 +30,14 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from activities.maintenance_models import (
+from sandbox.settings import Settings
+from workflows.models.maintenance import (
     GcSettings,
     OrphanSweepInput,
     OrphanSweepResult,
     SnapshotGcInput,
     SnapshotGcResult,
 )
-from sandbox.settings import Settings
 from workflows.orphan_sweep import OrphanSweepWorkflow
 from workflows.snapshot_gc import SnapshotGcWorkflow
 

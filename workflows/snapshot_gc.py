@@ -16,10 +16,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.maintenance_models import (
-        CLAIM_SNAPSHOT_GC,
-        DELETE_SNAPSHOT_OBJECTS,
-        SETTLE_SNAPSHOT_GC,
+    from workflows.activity_names import ActivityName
+    from workflows.models.maintenance import (
         GcBatch,
         GcClaimRequest,
         GcDeleteResult,
@@ -45,7 +43,7 @@ class SnapshotGcWorkflow:
         result = SnapshotGcResult()
         while result.batches < inp.max_batches:
             batch = await workflow.execute_activity(
-                CLAIM_SNAPSHOT_GC,
+                ActivityName.CLAIM_SNAPSHOT_GC,
                 GcClaimRequest(settings=inp.settings),
                 result_type=GcBatch,
                 start_to_close_timeout=timedelta(seconds=60),
@@ -58,7 +56,7 @@ class SnapshotGcWorkflow:
             result.batches += 1
             result.claimed += len(batch.items)
             deleted = await workflow.execute_activity(
-                DELETE_SNAPSHOT_OBJECTS,
+                ActivityName.DELETE_SNAPSHOT_OBJECTS,
                 batch,
                 result_type=GcDeleteResult,
                 # Well inside the claim TTL, so a settle never races another run's claim of the same rows.
@@ -68,7 +66,7 @@ class SnapshotGcWorkflow:
                 summary=f"delete {len(batch.items)} snapshot object(s)",
             )
             settled = await workflow.execute_activity(
-                SETTLE_SNAPSHOT_GC,
+                ActivityName.SETTLE_SNAPSHOT_GC,
                 GcSettleRequest(outcomes=deleted.outcomes, settings=inp.settings),
                 result_type=GcSettleResult,
                 start_to_close_timeout=timedelta(seconds=60),

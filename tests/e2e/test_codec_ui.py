@@ -21,7 +21,7 @@ from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, REPO, free_port, running_runtime, wait_for_port
 from tests.dev_server import DevServer, dev_server
 from worker import connect
-from workflows.models import lease_workflow_id
+from workflows.models.lease import lease_workflow_id
 
 RENDERED = "Workflow Execution Update Accepted"  # an event row of the exec update: the history has rendered
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from activities.models import DisplayStackResult
 from cli.planes import ViewerPage, find_assets
 from tests.integration.planes.harness import Box, PlaneHarness
+from workflows.models.planes import DisplayStackResult
 
 pytestmark = pytest.mark.timeout(90)
 

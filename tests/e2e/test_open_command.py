@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import websockets
 
-from activities.events import SessionEventActivities, session_events_subject, stream_url_rotated
+from activities.events import SessionEventActivities
 from sandbox.settings import Settings
 from tests.conftest import REPO, Runtime, nats_identity_env
+from workflows.models.session_events import session_events_subject, stream_url_rotated
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.maintenance_models import GcSettings, OrphanSweepInput, SnapshotGcInput
 from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
 from sandbox.settings import Settings
@@ -27,6 +26,7 @@ from tests.fakes.faults import FaultPlan
 from tests.fakes.machine import FakeMachine
 from tests.fakes.modal_fake import FakeModal
 from tests.unit.providers.harness import ProviderHarness
+from workflows.models.maintenance import GcSettings, OrphanSweepInput, SnapshotGcInput
 from workflows.orphan_sweep import OrphanSweepWorkflow
 from workflows.snapshot_gc import SnapshotGcWorkflow
 

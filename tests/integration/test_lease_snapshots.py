@@ -45,11 +45,15 @@ async def test_drain_captures_and_the_next_box_is_restored(runtime: Any) -> None
     view = await leases.describe(ws, g)
     assert view.restore_status == "restored"
     assert view.transitions[-1].reason.startswith("box ready, restored archive")
+    # What the lease decided from the local backend's descriptor, frozen when it started.
+    assert view.backend_profile is not None and view.backend_profile.keeps_snapshots
 
     rows = await SnapshotLedger(runtime.db).list(ws, g)
     assert [r.state for r in rows if r.state in ("current", "previous")] == ["current"]
     await leases.drain(ws, g, wait=True)
+    # Recorded before the seed froze the backend's descriptor into the lease (kept), and since.
     await record_history(runtime, ws, g, "drain_capture_restore")
+    await record_history(runtime, ws, g, "frozen_profile_drain_capture_restore")
 
 
 async def test_capture_failure_keeps_the_box_and_retries(runtime: Any) -> None:
@@ -83,6 +87,7 @@ async def test_capture_failure_keeps_the_box_and_retries(runtime: Any) -> None:
     out = await leases.exec(ws, g, ["cat", "keep.txt"])
     assert (again.epoch, out.stdout) == (grant.epoch + 2, "precious\n")
     await leases.drain(ws, g, wait=True)
+    await record_history(runtime, ws, g, "capture_failure_retry")
 
 
 async def test_lost_box_is_restored_from_the_last_archive(runtime: Any) -> None:
@@ -107,6 +112,7 @@ async def test_lost_box_is_restored_from_the_last_archive(runtime: Any) -> None:
     out = await leases.exec(ws, g, ["cat", "p.txt"])
     assert out.stdout == "kept-by-periodic-capture\n"
     await leases.drain(ws, g, wait=True)
+    await record_history(runtime, ws, g, "periodic_capture_box_lost_restore")
 
 
 async def test_rotation_replaces_the_box_before_the_provider_lifetime_ends(runtime: Any) -> None:

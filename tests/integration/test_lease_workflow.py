@@ -20,19 +20,27 @@ from sandbox import errors
 from store.leases import LeaseRepository
 from tests.conftest import eventually, ids, remove_box_directory
 from tests.temporal_history import payloads_in
-from workflows.models import LeaseView, lease_workflow_id
+from workflows.models.lease import LeaseView, lease_workflow_id
 
 HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
 
 
 async def record_history(runtime: Any, ws: str, group: str, name: str) -> None:
-    """Save the workflow history as a replay fixture when recording is switched on."""
+    """Save the workflow history as a replay fixture when recording is switched on.
+
+    A fixture that exists is kept: it proves that leases recorded by an older version still
+    replay. A path taken since a ``workflow.patched`` change is recorded under a new name (delete a
+    fixture to record it anew on purpose).
+    """
     if os.environ.get("SANDBOX_RECORD_HISTORIES") != "1":
+        return
+    path = HISTORIES / f"lease_{name}.json"
+    if path.exists():
         return
     handle = runtime.client.get_workflow_handle(lease_workflow_id(ws, group))
     history = await handle.fetch_history()
     HISTORIES.mkdir(parents=True, exist_ok=True)
-    (HISTORIES / f"lease_{name}.json").write_text(history.to_json())
+    path.write_text(history.to_json())
 
 
 def box_dirs(runtime: Any) -> list[Path]:
@@ -265,6 +273,7 @@ async def test_stop_drains_and_completes(runtime: Any) -> None:
     assert view.liveness == "cold" and view.epoch == grant.epoch + 1
     assert (await handle.describe()).status == WorkflowExecutionStatus.COMPLETED
     assert not box_dir_of(runtime, grant.instance_id).exists()
+    await record_history(runtime, ws, g, "stop_signal")  # the run the stop signal completed
     # A new run of the same lease continues the epoch instead of starting over.
     again = await leases.acquire(ws, g, holder_id="t2")
     assert again.epoch == view.epoch + 1
@@ -285,6 +294,7 @@ async def test_hold_blocks_idle_teardown_until_lifted(runtime: Any) -> None:
     assert (await leases.describe(ws, g)).liveness == "draining"
     await leases.unhold(ws, g)
     await eventually(lambda: _liveness_is(leases, ws, g, "cold"))
+    await record_history(runtime, ws, g, "hold_unhold")
 
 
 async def test_hold_context_manager_heartbeats_and_releases(runtime: Any) -> None:

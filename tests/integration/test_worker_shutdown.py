@@ -19,10 +19,10 @@ import pytest
 from temporalio.client import Client
 
 from activities.events import SessionEventActivities
-from activities.models import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
 from client.lease_client import call_workflow
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, running_runtime
+from workflows.models.computer_use import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
 
 pytestmark = pytest.mark.timeout(120)
 

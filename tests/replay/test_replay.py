@@ -12,15 +12,20 @@ encrypted with that key (the script exports it as ``SANDBOX_PAYLOAD_KEYS``).
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
+from temporalio.workflow import NondeterminismError
 
+from providers import descriptors
+from providers.descriptors import SnapshotSupport
 from sandbox.errors import PayloadKeyUnknown
 from sandbox.payload_codec import ENCODING, KEY_ID_METADATA, PayloadKeys, data_converter_for
 from tests.temporal_history import payloads_in
 from worker import WORKFLOWS
+from workflows.backend_profile import backend_profile
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 FIXTURE_KEYS = PayloadKeys.from_json((Path(__file__).parent / "payload-keys.json").read_text())
@@ -51,6 +56,18 @@ REQUIRED = {
     "lease_computer_use",
     # Acquire, exec, release with history encryption on (every payload is ciphertext).
     "lease_exec_encrypted",
+    # Capture and restore by a lease whose seed froze its backend's descriptor into its state;
+    # lease_drain_capture_restore is the same path from before (the lease read the table).
+    "lease_frozen_profile_drain_capture_restore",
+    # The stop signal (the run it completed), the operator hold, a failed capture that keeps the box
+    # and retries, periodic capture then a lost box restored from it, start_recording on the lease,
+    # and a drain under a viewer (stream.url.rotated published, planes torn down).
+    "lease_stop_signal",
+    "lease_hold_unhold",
+    "lease_capture_failure_retry",
+    "lease_periodic_capture_box_lost_restore",
+    "lease_start_recording",
+    "lease_viewer_drain_stream_url_rotated",
 }
 
 
@@ -63,6 +80,39 @@ async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter_for(FIXTURE_KEYS))
     await replayer.replay_workflow(history)
+
+
+def _local_keeps_no_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Edit today's descriptor table: the local backend no longer keeps snapshots."""
+    local = descriptors.CAPABILITY_DESCRIPTORS["local"]
+    edited = local.model_copy(update={"snapshot": SnapshotSupport(kind="none", has_tar_fallback=False)})
+    monkeypatch.setattr(
+        descriptors, "CAPABILITY_DESCRIPTORS", MappingProxyType({**descriptors.CAPABILITY_DESCRIPTORS, "local": edited})
+    )
+    assert not backend_profile("local").keeps_snapshots
+
+
+async def _replay_failure(name: str) -> Exception | None:
+    path = Path(__file__).parent / "histories" / f"{name}.json"
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=data_converter_for(FIXTURE_KEYS))
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    return result.replay_failure
+
+
+async def test_a_lease_with_a_frozen_profile_replays_whatever_the_descriptor_table_says_today(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Editing a descriptor changes nothing a recorded lease decided: its profile is in its history."""
+    _local_keeps_no_snapshots(monkeypatch)
+    assert await _replay_failure("lease_frozen_profile_drain_capture_restore") is None
+
+
+async def test_a_lease_recorded_before_the_profile_still_reads_todays_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: the same path recorded before the patch decides from today's table, so the edit breaks it."""
+    _local_keeps_no_snapshots(monkeypatch)
+    # It now terminates the box where its history captured the workspace first.
+    assert isinstance(await _replay_failure("lease_drain_capture_restore"), NondeterminismError)
 
 
 def test_encrypted_fixture_is_encrypted() -> None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from activities.models import DisplayStackRequest, TearDownPlanesRequest, TerminalServerRequest
 from activities.planes import LocalBoxLayout, PlaneActivities, local_box_layout
 from providers.base import BoxSpec, Envelope
 from providers.local import BOX_MARKER_VAR, LocalBoxSession, LocalProvider
@@ -27,7 +26,8 @@ from sandbox.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
 from sandbox.inbox_scripts import ScriptName, parse_status
 from sandbox.settings import Settings
 from sandbox.stream_token import StreamTokenKey, derive_lease_key, root_secret_for
-from workflows.models import BoxEnvelope
+from workflows.models.lease import BoxEnvelope
+from workflows.models.planes import DisplayStackRequest, TearDownPlanesRequest, TerminalServerRequest
 
 ROOT_SECRET = "plane-tests-root-secret"
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from activities.models import DisplayStackRequest
 from sandbox.errors import DisplayStackUnsupported, InvalidRequest
 from sandbox.inbox_scripts import EXIT_DOWN, EXIT_UNAVAILABLE, missing_tools
 from tests.conftest import process_alive, wait_until_gone
 from tests.integration.planes.harness import X_ENV, Box, PlaneHarness, box_files, host_edges, pointer_at
-from workflows.models import BoxEnvelope
+from workflows.models.lease import BoxEnvelope
+from workflows.models.planes import DisplayStackRequest
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from activities.events import SessionEventActivities, session_events_subject, stream_url_rotated
+from activities.events import SessionEventActivities
 from client.events import SessionEventFeed
 from sandbox.settings import Settings
 from tests.conftest import nats_server_at
+from workflows.models.session_events import session_events_subject, stream_url_rotated
 
 pytestmark = pytest.mark.timeout(30)
 

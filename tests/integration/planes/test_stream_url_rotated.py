@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.events import STREAM_URL_ROTATED, session_events_subject
 from providers.base import Envelope
 from providers.registry import ProviderRegistry
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, Runtime, nats_server_at, running_runtime
+from tests.integration.test_lease_workflow import record_history
+from workflows.models.session_events import STREAM_URL_ROTATED, session_events_subject
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,6 +70,9 @@ async def test_a_drain_under_a_viewer_publishes_the_new_epoch(
     await asyncio.sleep(0.3)
     assert received.empty()
     await leases.release(WORKSPACE, group, "v1", kind="viewer")
+    await leases.drain(WORKSPACE, group, wait=True)
+    # Patch stream-url-rotated-event: the event published, planes torn down with the box.
+    await record_history(events_runtime, WORKSPACE, group, "viewer_drain_stream_url_rotated")
 
 
 async def test_a_box_lost_under_a_viewer_publishes_the_new_epoch(

@@ -6,11 +6,11 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 import activities.planes as planes_module
-from activities.models import ExposeStreamPortRequest, PlaneRequest
 from activities.planes import LocalBoxLayout
 from sandbox.errors import StreamPortUnavailable, TerminalServerUnsupported
 from sandbox.inbox_scripts import EXIT_DOWN
 from tests.integration.planes.harness import Box, PlaneHarness
+from workflows.models.planes import ExposeStreamPortRequest, PlaneRequest
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ import pytest
 
 from client.recording_client import RecordingClient
 from tests.conftest import eventually
-from workflows.recording_models import RecordingTimers, RecordingView
+from workflows.models.recording import RecordingTimers, RecordingView
 
 FAST = RecordingTimers(
     poll_seconds=0.5, stop_wait_seconds=8.0, activity_heartbeat_seconds=2.0, acquire_timeout_seconds=60

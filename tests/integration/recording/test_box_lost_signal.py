@@ -24,8 +24,8 @@ from sandbox.errors import BoxNotFound
 from store.recordings import RecordingStore
 from tests.conftest import eventually, ids
 from tests.integration.recording.conftest import FAST, wait_state
-from workflows.models import lease_workflow_id
-from workflows.recording_models import recording_workflow_id
+from workflows.models.lease import lease_workflow_id
+from workflows.models.recording import recording_workflow_id
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,7 +11,8 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities.computer_use import ComputerUseActivities
-from activities.models import (
+from tests.integration.planes.harness import Box, PlaneHarness, plane_harness
+from workflows.models.computer_use import (
     ClickAction,
     DesktopInputInput,
     DoubleClickAction,
@@ -22,7 +23,6 @@ from activities.models import (
     ScrollAction,
     TypeAction,
 )
-from tests.integration.planes.harness import Box, PlaneHarness, plane_harness
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
-from activities.models import Screenshot, ScreenshotRequest
 from client.recording_client import RecordingClient
 from tests.conftest import ids
 from tests.integration.recording.conftest import wait_state
-from workflows.recording_models import RecordingRequest, RecordingStarted
+from tests.integration.test_lease_workflow import record_history
+from workflows.models.computer_use import Screenshot, ScreenshotRequest
+from workflows.models.recording import RecordingRequest, RecordingStarted
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,3 +56,5 @@ async def test_start_recording_on_the_lease_runs_a_child_that_holds_the_lease(
                 result_type=RecordingStarted,
             )
         assert getattr(err.value.cause, "type", None) == "InvalidRequest"
+    await leases.drain(ws, group, wait=True)
+    await record_history(runtime, ws, group, "start_recording")

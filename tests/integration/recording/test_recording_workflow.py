@@ -19,7 +19,7 @@ from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.recordings import RecordingStore
 from tests.conftest import box_visible_bin, eventually, ids
 from tests.integration.recording.conftest import FAST, box_tmp, ffprobe, wait_state
-from workflows.recording_models import recording_workflow_id
+from workflows.models.recording import recording_workflow_id
 
 pytestmark = pytest.mark.timeout(90)
 

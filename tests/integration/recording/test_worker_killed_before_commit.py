@@ -28,7 +28,8 @@ from store.recordings import RecordingStore
 from tests.conftest import eventually
 from tests.integration.recording.conftest import ffprobe, wait_state
 from tests.integration.test_worker_restart import WorkerProcess
-from workflows.recording_models import PROJECT_RECORDING, UPLOAD_RECORDING, RecordingTimers
+from workflows.activity_names import ActivityName
+from workflows.models.recording import RecordingTimers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,14 +39,16 @@ async def _commit_running(handle: Any) -> bool:
     history = await handle.fetch_history()
     uploaded = any(
         e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
-        and _activity_type(history, e.activity_task_completed_event_attributes.scheduled_event_id) == UPLOAD_RECORDING
+        and _activity_type(history, e.activity_task_completed_event_attributes.scheduled_event_id)
+        == ActivityName.RECORDING_UPLOAD
         for e in history.events
     )
     if not uploaded:
         return False
     described = await handle.describe()
     return any(
-        a.activity_type.name == PROJECT_RECORDING and a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        a.activity_type.name == ActivityName.RECORDING_PROJECT
+        and a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
         for a in described.raw_description.pending_activities
     )
 
@@ -134,7 +137,7 @@ async def test_worker_killed_between_upload_and_commit_ends_available_once(
             for e in history.events
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
             and _activity_type(history, e.activity_task_completed_event_attributes.scheduled_event_id)
-            == UPLOAD_RECORDING
+            == ActivityName.RECORDING_UPLOAD
         ]
         assert len(uploads) == 1, "the video was uploaded once"
         await leases.release("ws-rec-restart", "g1", "t1")

@@ -15,7 +15,6 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.boxes import BoxActivities
-from activities.models import CaptureRequest, ProvisionInput, ProvisionResult, PublishRequest
 from activities.snapshots import SnapshotActivities
 from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
@@ -24,7 +23,8 @@ from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database
 from store.snapshots import SnapshotLedger
 from tests.conftest import unmount_box_disks
-from workflows.models import ArchiveRef, BoxEnvelope
+from workflows.models.boxes import CaptureRequest, ProvisionInput, ProvisionResult, PublishRequest
+from workflows.models.lease import ArchiveRef, BoxEnvelope
 
 
 @dataclass

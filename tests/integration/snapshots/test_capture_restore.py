@@ -17,7 +17,7 @@ from activities.boxes import BoxActivities
 from sandbox.errors import ArtifactStoreUnavailable
 from store.artifacts import FilesystemArtifactStore
 from tests.integration.snapshots.conftest import SnapshotRig, manifest
-from workflows.models import ArchiveRef
+from workflows.models.lease import ArchiveRef
 
 SMALL_FILES = 10_000
 BIG_FILE_MB = 100

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from temporalio.worker import Worker
 
-from activities.maintenance_models import GcSettings, SnapshotGcInput, SnapshotGcResult
 from activities.snapshots import SnapshotActivities
 from providers.registry import ProviderRegistry
 from sandbox.errors import ArtifactStoreUnavailable
@@ -25,6 +24,7 @@ from sandbox.settings import Settings
 from store.artifacts import FilesystemArtifactStore, artifact_root, snapshot_key
 from store.database import Database
 from store.snapshots import SnapshotLedger, SnapshotRecord, new_snapshot_id
+from workflows.models.maintenance import GcSettings, SnapshotGcInput, SnapshotGcResult
 from workflows.snapshot_gc import SnapshotGcWorkflow
 
 HISTORIES = Path(__file__).resolve().parents[2] / "replay" / "histories"

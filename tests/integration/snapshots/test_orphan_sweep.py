@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.maintenance_models import OrphanScanRequest, OrphanSweepInput, OrphanTerminateRequest
 from activities.orphans import OrphanActivities
 from providers.base import BoxSpec
 from providers.local import LocalProvider
@@ -27,6 +26,7 @@ from store.database import Database
 from store.leases import LeaseRepository
 from store.records import LeaseRecord
 from tests.conftest import eventually
+from workflows.models.maintenance import OrphanScanRequest, OrphanSweepInput, OrphanTerminateRequest
 from workflows.orphan_sweep import OrphanSweepWorkflow
 
 HISTORIES = Path(__file__).resolve().parents[2] / "replay" / "histories"

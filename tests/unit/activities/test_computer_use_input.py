@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from activities.computer_use import computer_use_policy, input_script, png_size
-from activities.models import (
+from sandbox.capabilities import negotiate_capabilities
+from sandbox.errors import ComputerUseError
+from sandbox.settings import Settings
+from workflows.models.computer_use import (
     ClickAction,
     DesktopInputRequest,
     DragAction,
@@ -23,9 +26,6 @@ from activities.models import (
     ScrollAction,
     TypeAction,
 )
-from sandbox.capabilities import negotiate_capabilities
-from sandbox.errors import ComputerUseError
-from sandbox.settings import Settings
 
 
 def _xdotool_calls(script: str, args: list[str]) -> list[list[str]]:

@@ -12,15 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from activities.events import (
+from activities.events import SessionEventActivities
+from sandbox.settings import Settings
+from workflows.models.session_events import (
     STREAM_URL_ROTATED,
-    SessionEventActivities,
     StreamUrlRotated,
     parse_stream_url_rotated,
     session_events_subject,
     stream_url_rotated,
 )
-from sandbox.settings import Settings
 
 AT = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -21,7 +21,7 @@ from providers.base import Envelope, ExecResult
 from providers.registry import ProviderRegistry
 from sandbox.settings import Settings
 from tests.conftest import free_port
-from workflows.models import BoxEnvelope, LeaseGrant
+from workflows.models.lease import BoxEnvelope, LeaseGrant
 
 pytestmark = pytest.mark.timeout(30)
 

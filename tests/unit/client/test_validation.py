@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from client.lease_client import validate_lease_ids
 from sandbox.errors import InvalidRequest, SandboxConfigError
 from sandbox.settings import Settings
-from workflows.models import ID_PATTERN, MAX_ID_LENGTH, lease_workflow_id
+from workflows.models.lease import ID_PATTERN, MAX_ID_LENGTH, lease_workflow_id
 
 
 @given(st.text(max_size=300), st.text(max_size=300))

@@ -23,7 +23,7 @@ from sandbox.control_protocol import agent_subject, salvage_request_id, validate
 from sandbox.errors import InvalidRequest, SandboxError
 from sandbox.routing import parse_sandbox_id
 from store.artifacts import FilesystemArtifactStore
-from workflows.recording_models import RecordingRequest
+from workflows.models.recording import RecordingRequest
 
 CHECKS: dict[str, tuple[Callable[[str], Any], str]] = {
     "lease workspace id": (lambda v: validate_lease_ids(v, "g1"), "ws1"),

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from activities.recording import _START, _parse_ffprobe, ffmpeg_encoder_args
 from store.artifacts import FilesystemArtifactStore
-from workflows.recording_models import (
+from workflows.models.recording import (
     RECORDING_ID_PATTERN,
     RecordingRequest,
     RecordingTimers,

@@ -1,4 +1,4 @@
-"""Pydantic models that cross the Temporal boundary for the lease workflow.
+"""The lease workflow's input, state, updates, signals and query (and the ids they carry).
 
 Everything here is carried by ``pydantic_data_converter`` as JSON, so a scheduler written in
 another language can call the workflow. One model per workflow input, update, signal and query,
@@ -128,6 +128,21 @@ class RestoreOutcome(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+class BackendProfile(BaseModel):
+    """What a lease decides from its backend's capability descriptor, frozen when the lease starts.
+
+    The ``load_lease_seed`` activity reads it once, when a lease starts, so it is written into the
+    history, kept in :class:`LeaseState` and carried across continue-as-new: a replay, or a run
+    after the descriptor table changed, decides as the lease did when it started.
+    """
+
+    backend: str
+    keeps_snapshots: bool = False
+    """The backend keeps workspace archives (its descriptor's ``snapshot.kind`` is not ``none``)."""
+    hard_lifetime_seconds: float | None = None
+    """The provider ends a box this long after it starts (descriptor ``lifetime.hard_lifetime_ms``); None: never."""
+
+
 class LeaseState(BaseModel):
     """All mutable state of a lease; carried whole across continue-as-new."""
 
@@ -155,6 +170,9 @@ class LeaseState(BaseModel):
     rotation_requested: bool = False
     restore_status: str | None = None
     """How the current box was hydrated: ``empty``, ``restored``, ``fell-back`` or ``degraded``."""
+    backend_profile: BackendProfile | None = None
+    """Frozen from the descriptor by the seed when the lease started; None for leases seeded before
+    (their seed result has none), which read the descriptor table as they go, as they always did."""
 
 
 class LeaseInput(BaseModel):
@@ -343,3 +361,4 @@ class LeaseView(BaseModel):
     archive_previous: ArchiveRef | None = None
     restore_status: str | None = None
     rotation_due_at: datetime | None = None
+    backend_profile: BackendProfile | None = None

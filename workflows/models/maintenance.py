@@ -1,19 +1,13 @@
 """Inputs and results of the maintenance activities and workflows: snapshot GC and orphan sweep.
 
-Like :mod:`activities.models`, these cross the Temporal boundary as JSON and are imported by the
-workflows, so this module imports no provider or database code.
+Like every module of :mod:`workflows.models`, these cross the Temporal boundary as JSON and are
+imported by the workflows and their activities, so this module imports no provider or database
+code. The activities' names are :class:`workflows.activity_names.ActivityName`.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
-
-CLAIM_SNAPSHOT_GC = "claim_snapshot_gc"
-DELETE_SNAPSHOT_OBJECTS = "delete_snapshot_objects"
-SETTLE_SNAPSHOT_GC = "settle_snapshot_gc"
-SCAN_ORPHAN_BOXES = "scan_orphan_boxes"
-TERMINATE_ORPHAN_BOX = "terminate_orphan_box"
-
 
 # ---------------------------------------------------------------- snapshot GC
 

@@ -15,7 +15,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from workflows.models import ID_PATTERN, MAX_ID_LENGTH, BoxEnvelope
+from workflows.models.lease import ID_PATTERN, MAX_ID_LENGTH, BoxEnvelope
 
 RecordingCodec = Literal["h264-mp4", "vp9-webm"]
 RecordingStateName = Literal["starting", "recording", "stopping", "finalizing", "available", "failed"]
@@ -296,18 +296,6 @@ class RecordingRecord(BaseModel):
 
 
 # ---------------------------------------------------------------- activities of the recording workflow
-
-HOLD_LEASE = "recording_hold_lease"
-HEARTBEAT_LEASE = "recording_heartbeat_lease"
-RELEASE_LEASE = "recording_release_lease"
-REPORT_LEASE_BOX_LOST = "recording_report_box_lost"
-START_FFMPEG = "recording_start_ffmpeg"
-PROBE_FFMPEG = "recording_probe_ffmpeg"
-STOP_FFMPEG = "recording_stop_ffmpeg"
-INSPECT_RECORDING = "recording_inspect"
-UPLOAD_RECORDING = "recording_upload"
-DELETE_BOX_FILES = "recording_delete_box_files"
-PROJECT_RECORDING = "recording_project"
 
 
 class LeaseHolderInput(BaseModel):
