@@ -29,8 +29,8 @@ from activities.models import (
 )
 from activities.provider_errors import maps_provider_errors
 from activities.snapshots import native_ref_sha256
-from providers.base import BoxSession, BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSession, BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
 from sandbox.errors import (
     ArchiveCorrupt,
     ArtifactNotFound,

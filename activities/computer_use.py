@@ -40,8 +40,8 @@ from activities.models import (
 )
 from activities.planes import PlaneActivities
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Envelope
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSession, Envelope
 from sandbox.errors import BoxNotFound, ComputerUseDisabled, ComputerUseError, ComputerUseReadOnly, ExecTimeout
 from sandbox.inbox_scripts import host_edge_environment
 from sandbox.settings import Settings

@@ -24,8 +24,8 @@ from activities.maintenance_models import (
     OrphanTerminateResult,
 )
 from activities.provider_errors import maps_provider_errors
-from providers.base import Envelope, OwnedBox
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope, OwnedBox
 from store.leases import LeaseRepository
 
 __all__ = ["NEVER_SWEPT", "OrphanActivities"]

@@ -12,7 +12,7 @@ are minted by the client, never here (tokens do not go through Temporal history)
 Where the edge runs depends on the backend:
 
 - **local** boxes have their own network namespace and do not see the runtime's code, so their
-  edges run on the worker host (:class:`~sandbox.edge.host.HostEdges`): the key is written into
+  edges run on the worker host (:class:`~daemons.edge.host.HostEdges`): the key is written into
   the box's private directory (never visible inside the box), the edge is started detached, in
   parallel with the in-box script (run with ``SANDBOX_EDGE_EXTERNAL=1``), reaches the box's
   sockets through the box's ``/tmp`` on the host, and listens on any free port of 127.0.0.1,
@@ -64,11 +64,11 @@ from activities.models import (
     TerminalServerResult,
 )
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Endpoint, Envelope
+from daemons.edge.host import HostEdgeError, HostEdgeLayout, HostEdges, HostEdgeUp, drop_key, write_key
 from providers.local import BOX_MARKER_VAR
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSession, Endpoint, Envelope
 from sandbox.capabilities import RuntimeDesktop
-from sandbox.edge.host import HostEdgeError, HostEdgeLayout, HostEdges, HostEdgeUp, drop_key, write_key
 from sandbox.errors import (
     BoxNotFound,
     DisplayStackError,

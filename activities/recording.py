@@ -40,9 +40,9 @@ from typing import Any, Final
 from temporalio import activity
 
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Envelope
 from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSession, Envelope
 from sandbox.errors import BoxNotFound, HolderNotFound, LeaseNotFound, RecordingError
 from store.artifacts import CHUNK_SIZE, ArtifactStore, LocalFileArtifactStore, StoredArtifact
 from store.recordings import RecordingStore

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from activities.models import DisplayStackRequest  # noqa: E402
 from activities.planes import PlaneActivities  # noqa: E402
 from bench.stack import BenchStack, bench_stack  # noqa: E402
-from providers.base import BoxSpec, Envelope  # noqa: E402
 from providers.registry import ProviderRegistry  # noqa: E402
+from sandbox.box import BoxSpec, Envelope  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
 from workflows.models import BoxEnvelope  # noqa: E402
 

@@ -42,9 +42,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from activities.recording import RecordingActivities  # noqa: E402
-from providers.base import BoxSpec  # noqa: E402
 from providers.local import LocalBoxSession, LocalProvider  # noqa: E402
 from providers.registry import ProviderRegistry  # noqa: E402
+from sandbox.box import BoxSpec  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
 from store.artifacts import FilesystemArtifactStore, artifact_root  # noqa: E402
 from store.database import Database  # noqa: E402

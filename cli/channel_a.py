@@ -57,8 +57,8 @@ def _with_channel(
 ) -> T:
     """Hold the lease as ``direct``, resume its box, run ``action(ChannelA)``, release; clear exits."""
     from client import LeaseClient
-    from providers.base import Envelope
     from providers.registry import ProviderRegistry
+    from sandbox.box import Envelope
     from sandbox.channel_a import ChannelA, NatsEventSink
     from worker import connect
 

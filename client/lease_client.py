@@ -117,7 +117,7 @@ def _validate_kind(kind: str) -> None:
 
 
 def _validate_backend(backend: str) -> None:
-    from providers.descriptors import select_backend
+    from sandbox.descriptors import select_backend
 
     descriptor = select_backend(backend)  # raises UnknownBackend
     if descriptor.tier == "none":

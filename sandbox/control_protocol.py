@@ -49,7 +49,7 @@ from pydantic import (
 )
 from pydantic.functional_validators import AfterValidator
 
-from providers.descriptors import NEVER_SENT_DETAIL_KEY, AgentErrorCode
+from sandbox.descriptors import NEVER_SENT_DETAIL_KEY, AgentErrorCode
 from sandbox.errors import InvalidRequest, SelfhostedControlError
 
 __all__ = [

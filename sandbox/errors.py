@@ -17,7 +17,7 @@ them back into these classes on the client side.
      │    ├── ChannelAValidationError  a Channel-A path or argument refused before anything runs (400)
      │    ├── ControlUnauthenticated  a control message is unsigned, forged, expired or replayed
      │    └── StreamTokenError       a stream token cannot be minted: empty secret, invalid claims
-     ├── ProviderError               raised by providers (see providers/base.py)
+     ├── ProviderError               raised by providers (see sandbox/box.py)
      │    ├── BoxNotFound            typed proof the box is gone (the only licence for cold restore)
      │    ├── ProviderUnavailable    transient; retry
      │    ├── ProviderAuthError      credentials rejected

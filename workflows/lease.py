@@ -69,8 +69,8 @@ with workflow.unsafe.imports_passed_through():
         SeedResult,
         TearDownPlanesRequest,
     )
-    from providers.descriptors import select_backend
     from sandbox import errors
+    from sandbox.descriptors import select_backend
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
     from workflows import search_attributes as sa
     from workflows.errors import failure

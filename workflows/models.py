@@ -99,7 +99,7 @@ class Transition(BaseModel):
 
 
 class BoxEnvelope(BaseModel):
-    """Where the live box is (mirrors ``providers.base.Envelope``, kept here so workflows stay I/O free)."""
+    """Where the live box is (mirrors ``sandbox.box.Envelope``, kept here so workflows stay I/O free)."""
 
     backend_id: str
     instance_id: str

@@ -20,11 +20,11 @@ import pytest
 from temporalio.client import Client
 
 from activities.maintenance_models import GcSettings, OrphanSweepInput, SnapshotGcInput
-from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
 from providers.testing.faults import FaultPlan
 from providers.testing.machine import FakeMachine
 from providers.testing.modal_fake import FakeModal
+from sandbox.box import BoxSpec
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, running_runtime
 from tests.integration.test_lease_workflow import eventually

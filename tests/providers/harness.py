@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from providers.base import Provider
 from providers.testing.faults import FaultPlan
+from sandbox.box import Provider
 
 
 @dataclass

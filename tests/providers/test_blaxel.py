@@ -33,7 +33,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from providers.base import BoxSpec, Envelope
 from providers.blaxel import (
     BlaxelBoxSession,
     BlaxelProvider,
@@ -53,6 +52,7 @@ from providers.testing.blaxel_fake import (
     FakeSandboxPreviewTokens,
     FakeSandboxProcess,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from providers.base import BoxSpec, Envelope
 from providers.cloudflare import (
     CloudflareProvider,
     CloudflareSettings,
@@ -25,6 +24,7 @@ from providers.cloudflare import (
 from providers.registry import create_sandbox_client_for_backend
 from providers.testing.cloudflare_fake import FakeCloudflareWorker, WorkerFault
 from providers.testing.machine import FakeMachine
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

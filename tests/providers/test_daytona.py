@@ -26,7 +26,6 @@ from daytona.common.errors import (
 from pydantic import SecretStr
 
 import providers.daytona as daytona_module
-from providers.base import BoxSpec, Envelope
 from providers.daytona import (
     WORKSPACE_ROOT,
     DaytonaProvider,
@@ -45,6 +44,7 @@ from providers.testing.daytona_fake import (
 )
 from providers.testing.faults import FaultPlan
 from providers.testing.machine import FakeMachine
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     PathNotFound,

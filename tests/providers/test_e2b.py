@@ -32,7 +32,6 @@ from e2b.sandbox_async.paginator import AsyncSandboxPaginator
 from pydantic import SecretStr
 
 import providers.e2b as e2b_module
-from providers.base import BoxSpec, Envelope
 from providers.e2b import (
     WORKSPACE_ROOT,
     E2BProvider,
@@ -52,6 +51,7 @@ from providers.testing.e2b_fake import (
 )
 from providers.testing.faults import FaultPlan
 from providers.testing.machine import FakeMachine
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     PathNotFound,

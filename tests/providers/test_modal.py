@@ -21,7 +21,6 @@ import modal.sandbox.sandbox
 import pytest
 from pydantic import SecretStr
 
-from providers.base import BoxSpec, Envelope
 from providers.box_labels import KEY, LEASE_ID
 from providers.modal import (
     ModalProvider,
@@ -34,6 +33,7 @@ from providers.modal import (
 from providers.testing.faults import FaultPlan
 from providers.testing.machine import FakeMachine
 from providers.testing.modal_fake import FakeModal
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from runloop_api_client.lib.polling import PollingTimeout
 
-from providers.base import BoxSpec, Envelope
 from providers.runloop import (
     SNAPSHOT_REF_PREFIX,
     RunloopBoxSession,
@@ -33,6 +32,7 @@ from providers.runloop import (
     make_client,
 )
 from providers.testing.runloop_fake import RunloopFake
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

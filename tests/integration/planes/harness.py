@@ -20,10 +20,10 @@ from typing import Any
 
 from activities.models import DisplayStackRequest, TearDownPlanesRequest, TerminalServerRequest
 from activities.planes import LocalBoxLayout, PlaneActivities, local_box_layout
-from providers.base import BoxSpec, Envelope
+from daemons.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
 from providers.local import BOX_MARKER_VAR, LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
-from sandbox.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
+from sandbox.box import BoxSpec, Envelope
 from sandbox.inbox_scripts import ScriptName, parse_status
 from sandbox.settings import Settings
 from sandbox.stream_token import StreamTokenKey, derive_lease_key, root_secret_for
@@ -174,7 +174,7 @@ def host_edges(box: Box, plane: str) -> list[int]:
             leader = os.getsid(pid) == pid
         except OSError:
             continue
-        if leader and marker in environ and b"sandbox.edge" in cmdline and plane.encode() in cmdline:
+        if leader and marker in environ and b"daemons.edge" in cmdline and plane.encode() in cmdline:
             found.append(pid)
     return found
 

@@ -12,8 +12,8 @@ import pytest
 from temporalio.client import Client
 
 from activities.events import STREAM_URL_ROTATED, session_events_subject
-from providers.base import Envelope
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, Runtime, nats_server_at, running_runtime
 

@@ -18,8 +18,8 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 
 from cli.recording import RecordingClient
-from providers.base import Envelope
 from providers.local import LocalProvider
+from sandbox.box import Envelope
 from sandbox.errors import BoxNotFound
 from store.recordings import RecordingStore
 from tests.integration.recording.conftest import FAST, eventually, ids, wait_state

@@ -68,7 +68,7 @@ class SnapshotRig:
         return await self.local.resume(self.local_envelope(result.envelope))
 
     def local_envelope(self, envelope: BoxEnvelope) -> Any:
-        from providers.base import Envelope
+        from sandbox.box import Envelope
 
         return Envelope(**envelope.model_dump())
 

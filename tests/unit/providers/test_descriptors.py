@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from providers.descriptors import (
+from sandbox.descriptors import (
     BROWSER_CONTROL_PORT,
     CAPABILITY_DESCRIPTORS,
     DESKTOP_STREAM_PORT,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from providers.testing.machine import FakeMachine
+from sandbox.box import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
 from sandbox.errors import ArchiveCorrupt
 
 pytestmark = pytest.mark.skipif(

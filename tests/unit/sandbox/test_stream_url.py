@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from providers.base import Endpoint
+from sandbox.box import Endpoint
 from sandbox.errors import ProviderError, StreamPortUnavailable
 from sandbox.stream_url import build_stream_url
 

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers.descriptors import AgentErrorCode
 from sandbox.control_protocol import (
     AgentError,
     ControlErrorCode,
@@ -34,6 +33,7 @@ from sandbox.control_protocol import (
     payload_too_large_message,
     salvage_request_id,
 )
+from sandbox.descriptors import AgentErrorCode
 from sandbox.errors import InvalidRequest, SelfhostedControlError
 from tests.unit.selfhosted.vectors import decode_args, load_vectors, vector_params
 

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from providers.base import BoxSession, BoxSpec, Envelope, Provider
 from providers.registry import RUNNABLE_BACKENDS, ProviderRegistry
 from providers.selfhosted import (
     MockAgentResponder,
@@ -20,6 +19,7 @@ from providers.selfhosted import (
     selfhosted_instance_id,
     to_machine_path,
 )
+from sandbox.box import BoxSession, BoxSpec, Envelope, Provider
 from sandbox.control_auth import ControlSigningKey
 from sandbox.control_protocol import (
     ControlErrorCode,
