@@ -284,7 +284,7 @@ class SelfhostedControlError(ProviderError):
     is gone (a user's machine cannot be recreated), so it is never a :class:`BoxNotFound`.
 
     Attributes:
-        code: The wire error code as its integer value (``AgentErrorCode``; unknown codes kept as is).
+        code: The wire error code as its integer value (``ControlErrorCode.number``; unknown codes kept as is).
         reason: ``agent_offline`` / ``agent_reconnecting`` / ``consent_required``, or None.
         fenced: The op carried an epoch older than the newest the agent has seen.
         draining: The agent is draining or at capacity.
