@@ -74,6 +74,7 @@ from sandbox.control_protocol import (
     StreamEnsureReply,
     agent_error_to_control_error,
     agent_subject,
+    build_op,
     decode_response,
     encode_message,
     error_response,
@@ -677,7 +678,12 @@ def to_machine_path(path: str, working_dir: str = "") -> str:
     """Map a session path to the agent's: the virtual root ``/workspace`` (and ``""``) is the working
     dir (``""`` = the agent's root), ``/workspace/x`` and bare relative paths are under it, and any
     other absolute path is passed through (the agent refuses it unless it lies inside its root).
+
+    Raises:
+        InvalidRequest: the path holds a NUL character (no file can be named so; nothing is sent).
     """
+    if "\0" in path:
+        raise InvalidRequest("path contains a NUL character")
     if path in ("", VIRTUAL_ROOT, VIRTUAL_ROOT + "/"):
         return working_dir
     if path.startswith(VIRTUAL_ROOT + "/"):
@@ -875,7 +881,8 @@ class SelfhostedSession:
             SelfhostedControlError: the agent is offline, draining, fenced, or refused the command.
         """
         deadline = self.default_exec_timeout if timeout is None else timeout
-        op = ExecOp(
+        op = build_op(
+            ExecOp,
             command=list(cmd),
             cwd=self._path(workdir or ""),
             env=dict(env or {}),
@@ -904,7 +911,9 @@ class SelfhostedSession:
             if want <= 0:
                 break
             try:
-                reply = await self.call(FsReadOp(path=self._path(path), offset=offset, length=want), FsReadReply)
+                reply = await self.call(
+                    build_op(FsReadOp, path=self._path(path), offset=offset, length=want), FsReadReply
+                )
             except SelfhostedControlError as err:
                 self._raise_typed(err, path)
             out += reply.content
@@ -924,13 +933,15 @@ class SelfhostedSession:
         target = self._path(path)
         try:
             if len(data) <= self._chunk:
-                await self.call(FsWriteOp(path=target, content=data), FsWriteReply)
+                await self.call(build_op(FsWriteOp, path=target, content=data), FsWriteReply)
                 return
             upload = secrets.token_hex(12)
             for offset in range(0, len(data), self._chunk):
                 chunk = data[offset : offset + self._chunk]
                 final = offset + len(chunk) >= len(data)
-                op = FsWriteOp(path=target, content=chunk, upload_id=upload, upload_offset=offset, final=final)
+                op = build_op(
+                    FsWriteOp, path=target, content=chunk, upload_id=upload, upload_offset=offset, final=final
+                )
                 await self.call(op, FsWriteReply)
         except SelfhostedControlError as err:
             self._raise_typed(err, path)
@@ -938,7 +949,7 @@ class SelfhostedSession:
     async def append_file(self, path: str, data: bytes) -> int:
         """Append to a file (creating it); returns the bytes written."""
         try:
-            reply = await self.call(FsWriteOp(path=self._path(path), content=data, append=True), FsWriteReply)
+            reply = await self.call(build_op(FsWriteOp, path=self._path(path), content=data, append=True), FsWriteReply)
         except SelfhostedControlError as err:
             self._raise_typed(err, path)
         return reply.bytes_written
@@ -946,7 +957,7 @@ class SelfhostedSession:
     async def list_files(self, path: str, *, recursive: bool = False) -> list[FsEntry]:
         """The agent's entries for a directory (paths relative to it)."""
         try:
-            reply = await self.call(FsListOp(path=self._path(path), recursive=recursive), FsListReply)
+            reply = await self.call(build_op(FsListOp, path=self._path(path), recursive=recursive), FsListReply)
         except SelfhostedControlError as err:
             self._raise_typed(err, path)
         return list(reply.entries)
@@ -962,7 +973,7 @@ class SelfhostedSession:
     async def stat(self, path: str) -> FsStatReply:
         """Whether a path exists on the machine, and what it is."""
         try:
-            return await self.call(FsStatOp(path=self._path(path)), FsStatReply)
+            return await self.call(build_op(FsStatOp, path=self._path(path)), FsStatReply)
         except SelfhostedControlError as err:
             self._raise_typed(err, path)
 
@@ -1042,7 +1053,7 @@ class SelfhostedSession:
         """
         term = env.get("TERM", "xterm-256color")
         rest = {name: value for name, value in env.items() if name != "TERM"}
-        op = PtyOpenOp(command=list(argv), cwd=self._path(cwd), env=rest, cols=cols, rows=rows, term=term)
+        op = build_op(PtyOpenOp, command=list(argv), cwd=self._path(cwd), env=rest, cols=cols, rows=rows, term=term)
         try:
             reply = await self.call(op, PtyOpenReply)
         except SelfhostedControlError as err:

@@ -33,7 +33,7 @@ import json
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -54,6 +54,7 @@ from sandbox.errors import InvalidRequest, SelfhostedControlError
 
 __all__ = [
     "UPSTREAM_ERROR_CODES",
+    "build_op",
     "MAX_ARGV_CHARS",
     "MAX_ARGV_ITEMS",
     "MAX_ENV_ENTRIES",
@@ -162,6 +163,27 @@ def validate_agent_token(value: str, what: str) -> str:
     if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
         raise InvalidRequest(f"{what} must be 1-128 letters, digits, '_' or '-', got {value!r}")
     return value
+
+
+_OpT = TypeVar("_OpT", bound=BaseModel)
+
+
+def build_op(op_type: type[_OpT], **fields: Any) -> _OpT:
+    """``op_type(**fields)`` for input from a caller: what the protocol refuses is :class:`InvalidRequest`.
+
+    The op models check their bounds (NUL bytes, env names, sizes); a caller passing such input
+    gets the runtime's typed error, naming the field but never quoting the value (it may be a
+    secret from an environment), instead of pydantic's.
+
+    Raises:
+        InvalidRequest: a field is out of the protocol's bounds.
+    """
+    try:
+        return op_type(**fields)
+    except ValidationError as err:
+        first = err.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "op"
+        raise InvalidRequest(f"{op_type.__name__} {where}: {first['msg']}") from None
 
 
 def agent_subject(workspace_id: str, agent_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -84,6 +85,31 @@ async def test_missing_file_and_escape_are_typed() -> None:
     assert isinstance(missing.value.__cause__, SelfhostedControlError) and missing.value.__cause__.os_not_found
     with pytest.raises(InvalidRequest):
         await s.write_file("../x", b"")
+
+
+_PTY: dict[str, Any] = {"cwd": "", "env": {}, "cols": 80, "rows": 24, "on_output": None, "on_exit": None}
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda s: s.exec(["echo", "a\0b"]), "command"),
+        (lambda s: s.exec(["true"], env={"BAD=NAME": "secret-value"}), "env"),
+        (lambda s: s.exec(["true"], env={"OK": "nul\0secret-value"}), "env"),
+        (lambda s: s.read_file("a\0b"), "path"),
+        (lambda s: s.write_file("a\0b", b"x"), "path"),
+        (lambda s: s.open_pty(["sh", "-c", "a\0b"], **_PTY), "command"),
+    ],
+)
+async def test_input_the_protocol_refuses_is_invalid_request_and_nothing_is_sent(call: Any, field: str) -> None:
+    mock = MockAgentResponder()
+    s, _ = session(mock)
+    with pytest.raises(InvalidRequest, match=field) as refused:
+        await call(s)
+    assert "secret-value" not in str(refused.value)  # the message names the field, never the value
+    assert mock.requests == []
+    await s.exec(["true"])  # positive control: well-formed input is sent
+    assert len(mock.requests) == 1
 
 
 async def test_never_sent_is_retried_three_times_with_backoff_then_offline() -> None:
