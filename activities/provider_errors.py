@@ -16,7 +16,10 @@
 | any other exception            | class name            | yes (Temporal's default) |
 
 The retry decision is the error's ``retryable`` flag, so the table is the class definitions in
-:mod:`sandbox.errors`; this module only applies it at the activity boundary.
+:mod:`sandbox.errors`; this module only applies it at the activity boundary. The error's
+attributes (``stage``, ``path``, ``code``, ...) travel as the ``ApplicationError``'s details and its
+per-instance ``retryable`` as ``non_retryable``: :func:`sandbox.failures.to_application_error` is
+the one encoder (and the client's decoder is its inverse).
 """
 
 from __future__ import annotations
@@ -25,17 +28,13 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
-from temporalio.exceptions import ApplicationError
-
 from sandbox.errors import AgentOffline, SandboxError, SelfhostedControlError
+from sandbox.failures import cut_cause_cycles, to_application_error
+
+__all__ = ["maps_provider_errors", "to_application_error"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def to_application_error(err: SandboxError) -> ApplicationError:
-    """The ``ApplicationError`` that carries ``err`` across the Temporal boundary."""
-    return ApplicationError(err.message, type=err.error_type, non_retryable=not err.retryable)
 
 
 def maps_provider_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -48,9 +47,9 @@ def maps_provider_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable
         except SelfhostedControlError as err:
             if err.agent_offline or err.reason in ("agent_offline", "agent_reconnecting"):
                 offline = AgentOffline(err.message, reason=err.reason or "agent_offline")
-                raise to_application_error(offline) from err
-            raise to_application_error(err) from err
+                raise to_application_error(offline) from cut_cause_cycles(err)
+            raise to_application_error(err) from cut_cause_cycles(err)
         except SandboxError as err:
-            raise to_application_error(err) from err
+            raise to_application_error(err) from cut_cause_cycles(err)
 
     return wrapper

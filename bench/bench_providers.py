@@ -2,7 +2,7 @@
 
 Run ``python bench/bench_providers.py [--rounds N] [--backends modal,docker,...] [--json]``.
 
-For every backend with a conformance harness (``tests/providers/harness_<backend>.py``) that
+For every backend with a conformance harness (``tests/unit/providers/harness_<backend>.py``) that
 supplies the SDK-direct hooks, one box is created and then, interleaved round by round (the order
 alternates every round so machine noise hits both alike), it times:
 
@@ -39,9 +39,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from sandbox.box import BoxSpec, Envelope  # noqa: E402
-from tests.providers.conftest import BACKENDS  # noqa: E402
-from tests.providers.harness import ProviderHarness  # noqa: E402
+from providers.base import BoxSpec, Envelope  # noqa: E402
+from tests.unit.providers.conftest import BACKENDS  # noqa: E402
+from tests.unit.providers.harness import ProviderHarness  # noqa: E402
 
 TARGET_EXEC_RATIO = 1.10
 
@@ -67,7 +67,7 @@ def _spec() -> BoxSpec:
 
 
 async def bench_backend(backend: str, rounds: int, create_rounds: int) -> dict[str, Any] | None:
-    module = importlib.import_module(f"tests.providers.harness_{backend}")
+    module = importlib.import_module(f"tests.unit.providers.harness_{backend}")
     with tempfile.TemporaryDirectory(prefix=f"bench-{backend}-") as tmp:
         async with module.harness(Path(tmp)) as h:
             harness: ProviderHarness = h

@@ -2,9 +2,10 @@
 
 Each command holds the lease as a ``direct`` holder for as long as it runs (a cold lease gets its
 box first), resumes the box from the grant's envelope with the provider of the grant's backend,
-runs one Channel-A operation and releases the lease on exit. Change events go to the stack's
-NATS (best effort). ``--json`` prints the result document; without it the output is for people
-(``fs cat`` and ``git show --file`` print the raw file).
+runs one Channel-A operation and releases the lease on exit (all of it is
+:class:`client.box_access.BoxAccess`, whose docstring says what this needs from the worker's host).
+Change events go to the stack's NATS (best effort). ``--json`` prints the result document;
+without it the output is for people (``fs cat`` and ``git show --file`` print the raw file).
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
-from cli.lease import EXIT_REFUSED, EXIT_UNREACHABLE, DataDir, Json
+from cli.exits import load_settings, run
+from cli.lease import DataDir, Json
 from cli.output import emit, fail, progress
-from cli.stack import resolve_settings
-from sandbox.errors import SandboxError
-from sandbox.nats_auth import NatsAuth
-from sandbox.settings import Settings
+from client.box_access import BoxAccess
+from client.connection import connect_leases
+from sandbox.channel_a import ChannelA
+from sandbox.channel_a.models import FsMutationResult, FsNode, GitDiffFile, GitShowFileResult
 
 T = TypeVar("T")
 
@@ -45,70 +47,33 @@ def register(app: typer.Typer) -> None:
     app.command("pty", help="An interactive shell in the lease's box: sandboxctl pty WORKSPACE GROUP.")(pty_command)
 
 
-def _settings(data_dir: Path | None) -> Settings:
-    try:
-        return resolve_settings(data_dir)
-    except SandboxError as err:
-        fail(err.message)
-
-
 def _with_channel(
-    workspace: str, group: str, data_dir: Path | None, action: Callable[[Any], Awaitable[T]], *, quiet: bool = False
+    workspace: str,
+    group: str,
+    data_dir: Path | None,
+    action: Callable[[ChannelA], Awaitable[T]],
+    *,
+    quiet: bool = False,
 ) -> T:
-    """Hold the lease as ``direct``, resume its box, run ``action(ChannelA)``, release; clear exits."""
-    from client import LeaseClient
-    from providers.registry import ProviderRegistry
-    from sandbox.box import Envelope
-    from sandbox.channel_a import ChannelA, NatsEventSink
-    from worker import connect
-
-    settings = _settings(data_dir)
+    """Run ``action(ChannelA)`` on the lease's box (:class:`client.box_access.BoxAccess`); clear exits."""
+    settings = load_settings(data_dir)
 
     async def main() -> T:
-        try:
-            client = await connect(settings)
-        except RuntimeError as err:
-            fail(
-                f"cannot reach Temporal at {settings.temporal_address} ({err}); "
-                f"is `sandboxctl up` running for data dir {settings.data_dir}?",
-                EXIT_UNREACHABLE,
-            )
-        leases = LeaseClient(client, settings)
         label = f"attaching to {workspace}/{group} (a cold lease creates its box first)"
+        boxes = BoxAccess(await connect_leases(settings), settings)
         async with contextlib.AsyncExitStack() as stack:
             with progress(label) if not quiet else contextlib.nullcontext():
-                grant = await stack.enter_async_context(leases.hold(workspace, group, kind="direct"))
-            provider = ProviderRegistry(settings).get(grant.backend)
-            session = await provider.resume(Envelope(**grant.envelope.model_dump()))
-            root = grant.envelope.state.get("workspace_root")
-            sink = NatsEventSink(
-                settings.nats_url,
-                workspace_id=workspace,
-                session_id=group,
-                connect_timeout=1.0,
-                retry_after=3600.0,
-                auth=NatsAuth.best_effort(settings, "runtime"),
-            )
-            stack.push_async_callback(sink.aclose)
-            channel = ChannelA(
-                session,
-                workspace_root=root if isinstance(root, str) and root else "/workspace",
-                events=sink,
-                lease_epoch=grant.epoch,
-            )
-            stack.push_async_callback(channel.aclose)
+                grant = await stack.enter_async_context(boxes.hold(workspace, group))
+            channel = await stack.enter_async_context(boxes.open(grant))
             return await action(channel)
 
-    try:
-        return asyncio.run(main())
-    except SandboxError as err:
-        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
+    return run(settings, main)
 
 
 # --------------------------------------------------------------------------- fs
 
 
-def _flatten(node: Any, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _flatten(node: FsNode, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for child in node.children or ():
         out.append({"type": child.type, "size": child.size_bytes, "path": child.path})
         _flatten(child, out)
@@ -207,7 +172,7 @@ def fs_rm(
 ) -> None:
     """Delete files, links or directories of the workspace."""
 
-    async def action(ca: Any) -> list[Any]:
+    async def action(ca: ChannelA) -> list[FsMutationResult]:
         return [await ca.fs_delete(p, recursive=recursive) for p in paths]
 
     results = _with_channel(workspace, group, data_dir, action)
@@ -240,7 +205,7 @@ def fs_mkdir(
 ) -> None:
     """Create directories in the workspace (with their parents by default)."""
 
-    async def action(ca: Any) -> list[Any]:
+    async def action(ca: ChannelA) -> list[FsMutationResult]:
         return [await ca.fs_mkdir(p, recursive=not no_parents) for p in paths]
 
     results = _with_channel(workspace, group, data_dir, action)
@@ -292,7 +257,7 @@ def git_status(
 _MARKS = {"add": "+", "del": "-", "context": " ", "meta": "\\"}
 
 
-def _print_files(files: Any) -> None:
+def _print_files(files: Sequence[GitDiffFile]) -> None:
     for f in files:
         name = f"{f.old_path} -> {f.path}" if f.old_path else f.path
         print(f"--- {f.status} {name} (+{f.additions} -{f.deletions}){' binary' if f.is_binary else ''}")
@@ -388,7 +353,7 @@ def git_show(
     if json_out:
         emit(result, True)
         return
-    if hasattr(result, "content"):
+    if isinstance(result, GitShowFileResult):
         data = base64.b64decode(result.content) if result.encoding == "base64" else result.content.encode("utf-8")
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -414,7 +379,7 @@ def pty_command(
     raise typer.Exit(code=code if code is not None else 1)
 
 
-async def _interactive(ca: Any, cwd: str, shell: str | None) -> int | None:
+async def _interactive(ca: ChannelA, cwd: str, shell: str | None) -> int | None:
     """Relay this terminal to a PTY in the box until the shell exits."""
     import termios
     import tty

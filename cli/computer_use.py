@@ -8,11 +8,15 @@ The commands join the ``desktop`` group of :mod:`cli.planes` through :func:`regi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 
+from activities.models import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
+from cli.exits import EXIT_REFUSED, load_settings, with_leases
 from cli.output import emit, fail, note
+from client.lease_client import LeaseClient, call_workflow
 from sandbox.errors import InvalidRequest
 
 __all__ = ["register"]
@@ -22,6 +26,8 @@ Json = typer.Option(False, "--json", help="Print one JSON document (for scripts)
 Epoch = typer.Option(None, "--epoch", help="Fail unless the lease is still at this epoch.")
 Workspace = typer.Argument(..., help="Workspace id.")
 Group = typer.Argument(..., help="Sandbox group id.")
+
+R = TypeVar("R", bound=BaseModel)
 
 SCREENSHOT_UPDATE = "screenshot"
 DESKTOP_INPUT_UPDATE = "desktop_input"
@@ -40,26 +46,23 @@ def register(app: typer.Typer) -> None:
     desktop_app.command("key")(key)
 
 
-def _update(data_dir: Path | None, workspace: str, group: str, name: str, arg: Any, result_type: type) -> Any:
-    from cli.lease import _run, _settings
-    from client.lease_client import call_workflow
+def _update(data_dir: Path | None, workspace: str, group: str, name: str, arg: BaseModel, result_type: type[R]) -> R:
+    settings = load_settings(data_dir)
 
-    settings = _settings(data_dir)
-
-    async def action(leases: Any) -> Any:
+    async def action(leases: LeaseClient) -> R:
         handle = leases.handle(workspace, group)
         return await call_workflow(lambda: handle.execute_update(name, arg, result_type=result_type))
 
-    return _run(settings, action)
+    return with_leases(settings, action)
 
 
-def _input(data_dir: Path | None, workspace: str, group: str, epoch: int | None, actions: list[dict[str, Any]]) -> Any:
-    from activities.models import DesktopInputRequest, DesktopInputResult
-
+def _input(
+    data_dir: Path | None, workspace: str, group: str, epoch: int | None, actions: list[dict[str, Any]]
+) -> DesktopInputResult:
     try:
         req = DesktopInputRequest.model_validate({"actions": actions, "epoch": epoch})
     except ValueError as err:
-        fail(f"{InvalidRequest.error_type}: {err}", 2)
+        fail(f"{InvalidRequest.error_type}: {err}", EXIT_REFUSED)
     return _update(data_dir, workspace, group, DESKTOP_INPUT_UPDATE, req, DesktopInputResult)
 
 
@@ -72,11 +75,7 @@ def screenshot(
     json_out: bool = Json,
 ) -> None:
     """Take a PNG screenshot of the lease's desktop."""
-    from activities.models import Screenshot, ScreenshotRequest
-
-    shot: Screenshot = _update(
-        data_dir, workspace, group, SCREENSHOT_UPDATE, ScreenshotRequest(epoch=epoch), Screenshot
-    )
+    shot = _update(data_dir, workspace, group, SCREENSHOT_UPDATE, ScreenshotRequest(epoch=epoch), Screenshot)
     output.write_bytes(shot.png)
     result = {
         "path": str(output),

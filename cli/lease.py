@@ -7,29 +7,34 @@ what to do when something is refused.
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, cast
 
 import typer
 
+from cli.exits import EXIT_REFUSED, load_settings, with_leases, with_store
 from cli.output import emit, fail, progress
-from cli.stack import resolve_settings
-from sandbox.errors import SandboxError
-from sandbox.settings import Settings
-
-T = TypeVar("T")
+from client.lease_client import LeaseClient
+from sandbox.capabilities import SessionCapabilities
+from sandbox.errors import StaleEpoch
+from store.database import Database
+from store.leases import LeaseRepository
+from store.records import LeaseRecord
+from workflows.models import (
+    LIVENESS_VALUES,
+    HeartbeatResult,
+    HolderKind,
+    LeaseGrant,
+    LeaseView,
+    ReleaseResult,
+)
 
 lease_app = typer.Typer(help="Acquire, inspect and release sandbox leases.", no_args_is_help=True)
 
 DataDir = typer.Option(None, "--data-dir", help="Data dir of the stack (default $SANDBOX_DATA_DIR or ./.sandbox).")
 Json = typer.Option(False, "--json", help="Print one JSON document (for scripts).")
 Kind = typer.Option("turn", "--kind", help="Holder kind: turn, viewer, direct, recording or process.")
-
-EXIT_REFUSED = 2
-EXIT_UNREACHABLE = 3
 
 
 def register(app: typer.Typer) -> None:
@@ -42,36 +47,12 @@ def register(app: typer.Typer) -> None:
     )(exec_command)
 
 
-def _run(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    """Connect to Temporal, build a LeaseClient, run ``action``; turn failures into clear exits."""
-    from client import LeaseClient
-    from worker import connect
-
-    async def main() -> T:
-        try:
-            client = await connect(settings)
-        except RuntimeError as err:
-            fail(
-                f"cannot reach Temporal at {settings.temporal_address} ({err}); "
-                f"is `sandboxctl up` running for data dir {settings.data_dir}?",
-                EXIT_UNREACHABLE,
-            )
-        return await action(LeaseClient(client, settings))
-
-    try:
-        return asyncio.run(main())
-    except SandboxError as err:
-        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
+def _holder_kind(value: str) -> HolderKind:
+    # Typer passes the option as text; LeaseClient refuses an unknown kind with InvalidRequest (exit 2).
+    return cast(HolderKind, value)
 
 
-def _settings(data_dir: Path | None) -> Settings:
-    try:
-        return resolve_settings(data_dir)
-    except SandboxError as err:
-        fail(err.message)
-
-
-def _grant_json(grant: Any) -> dict[str, Any]:
+def _grant_json(grant: LeaseGrant) -> dict[str, Any]:
     return {
         "lease_id": grant.lease_id,
         "epoch": grant.epoch,
@@ -99,14 +80,14 @@ def acquire(
     json_out: bool = Json,
 ) -> None:
     """Hold a lease, creating its box if it is cold; waits until the box is warm."""
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action(leases: Any) -> Any:
+    async def action(leases: LeaseClient) -> LeaseGrant:
         with progress(f"acquiring {workspace}/{group} (a cold lease creates its box first)"):
             return await leases.acquire(
                 workspace,
                 group,
-                kind=kind,
+                kind=_holder_kind(kind),
                 holder_id=holder,
                 subject=subject,
                 expected_epoch=expected_epoch,
@@ -114,7 +95,7 @@ def acquire(
                 agent_id=agent,
             )
 
-    grant = _run(settings, action)
+    grant = with_leases(settings, action)
     if json_out:
         emit(_grant_json(grant), True)
     else:
@@ -137,13 +118,13 @@ def heartbeat(
     json_out: bool = Json,
 ) -> None:
     """Keep a holder alive; fails with StaleEpoch when the box was replaced."""
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action(leases: Any) -> Any:
+    async def action(leases: LeaseClient) -> HeartbeatResult:
         current = epoch if epoch is not None else (await leases.describe(workspace, group)).epoch
-        return await leases.heartbeat(workspace, group, holder, current, kind=kind)
+        return await leases.heartbeat(workspace, group, holder, current, kind=_holder_kind(kind))
 
-    result = _run(settings, action)
+    result = with_leases(settings, action)
     emit(result if json_out else f"alive epoch={result.epoch} until {result.expires_at.isoformat()}", json_out)
 
 
@@ -158,18 +139,16 @@ def release(
     json_out: bool = Json,
 ) -> None:
     """Stop holding a lease; the last holder out starts the idle grace."""
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action(leases: Any) -> Any:
+    async def action(leases: LeaseClient) -> ReleaseResult:
         if epoch is not None:
             current = (await leases.describe(workspace, group)).epoch
             if current != epoch:
-                from sandbox.errors import StaleEpoch
-
                 raise StaleEpoch(f"the lease is at epoch {current}, not {epoch}; your holder is already gone")
-        return await leases.release(workspace, group, holder, kind=kind)
+        return await leases.release(workspace, group, holder, kind=_holder_kind(kind))
 
-    result = _run(settings, action)
+    result = with_leases(settings, action)
     emit(
         result if json_out else f"released; lease {result.liveness}, {result.remaining_holders} holder(s) left",
         json_out,
@@ -184,8 +163,8 @@ def describe(
     json_out: bool = Json,
 ) -> None:
     """Show a lease: liveness, epoch, box, holders and recent transitions."""
-    settings = _settings(data_dir)
-    view = _run(settings, lambda leases: leases.describe(workspace, group))
+    settings = load_settings(data_dir)
+    view = with_leases(settings, lambda leases: leases.describe(workspace, group))
     if json_out:
         emit(view, True)
         return
@@ -227,14 +206,14 @@ def capabilities(
     """Show the session's negotiated capabilities: each cell available or the reason it is not."""
     from activities.planes import runtime_desktop
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def negotiate(leases: Any) -> Any:
+    async def negotiate(leases: LeaseClient) -> SessionCapabilities:
         view = await leases.describe(workspace, group)
         # The embedded stack's worker runs on this host, so this host decides what a local box can run.
         return await leases.capabilities(workspace, group, runtime_desktop=runtime_desktop(view.backend))
 
-    doc = _run(settings, negotiate)
+    doc = with_leases(settings, negotiate)
     if json_out:
         emit(doc.model_dump(mode="json", by_alias=True), True)
         return
@@ -257,24 +236,14 @@ def list_leases(
     json_out: bool = Json,
 ) -> None:
     """List leases from the store's projection (what the worker last wrote)."""
-    from workflows.models import LIVENESS_VALUES
-
     if liveness is not None and liveness not in LIVENESS_VALUES:
         fail(f"--liveness must be one of {', '.join(LIVENESS_VALUES)}", EXIT_REFUSED)
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def main() -> Any:
-        from store.database import Database
-        from store.leases import LeaseRepository
+    async def stored(db: Database) -> list[LeaseRecord]:
+        return await LeaseRepository(db).list(liveness=liveness, workspace_id=workspace)
 
-        db = Database.for_settings(settings)
-        try:
-            await db.migrate()
-            return await LeaseRepository(db).list(liveness=liveness, workspace_id=workspace)
-        finally:
-            await db.dispose()
-
-    records = asyncio.run(main())
+    records = with_store(settings, stored)
     rows = [
         {
             "workspace_id": r.workspace_id,
@@ -306,13 +275,13 @@ def drain(
     json_out: bool = Json,
 ) -> None:
     """Drop every holder and tear the box down now."""
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action(leases: Any) -> Any:
+    async def action(leases: LeaseClient) -> LeaseView:
         with progress(f"draining {workspace}/{group}"):
             return await leases.drain(workspace, group, reason=reason, wait=wait)
 
-    view = _run(settings, action)
+    view = with_leases(settings, action)
     emit(view if json_out else f"{view.liveness} epoch={view.epoch}", json_out)
 
 
@@ -323,8 +292,8 @@ def stop(
     data_dir: Path | None = DataDir,
 ) -> None:
     """Drain the box and complete the lease workflow."""
-    settings = _settings(data_dir)
-    _run(settings, lambda leases: leases.stop(workspace, group))
+    settings = load_settings(data_dir)
+    with_leases(settings, lambda leases: leases.stop(workspace, group))
     emit("stop requested", False)
 
 
@@ -343,8 +312,10 @@ def exec_command(
         cmd = cmd[1:]
     if not cmd:
         fail("no command given: sandboxctl exec WORKSPACE GROUP -- CMD ...", EXIT_REFUSED)
-    settings = _settings(data_dir)
-    out = _run(settings, lambda leases: leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout))
+    settings = load_settings(data_dir)
+    out = with_leases(
+        settings, lambda leases: leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout)
+    )
     if json_out:
         emit(out, True)
     else:

@@ -12,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
+from cli.exits import EXIT_REFUSED, load_settings, refuse, with_store
 from cli.output import emit, fail, note
-from cli.stack import resolve_settings
 from sandbox.errors import SandboxError, StaleEpoch
-from sandbox.settings import Settings
-
-T = TypeVar("T")
+from sandbox.liveness import SelfhostedLiveness
+from sandbox.routing import ActivePointer
+from store.database import Database
+from store.machines import EnrollmentRecord
 
 agent_app = typer.Typer(help="Run the selfhosted agent on this machine.", no_args_is_help=True)
 machine_app = typer.Typer(help="Enroll, list and revoke selfhosted machines.", no_args_is_help=True)
@@ -32,39 +32,12 @@ session_app = typer.Typer(help="Route a session between boxes.", no_args_is_help
 DataDir = typer.Option(None, "--data-dir", help="Data dir of the stack (default $SANDBOX_DATA_DIR or ./.sandbox).")
 Json = typer.Option(False, "--json", help="Print one JSON document (for scripts).")
 
-EXIT_REFUSED = 2
-
 
 def register(app: typer.Typer) -> None:
     """Attach ``agent``, ``machine`` and ``session`` to the root app."""
     app.add_typer(agent_app, name="agent")
     app.add_typer(machine_app, name="machine")
     app.add_typer(session_app, name="session")
-
-
-def _settings(data_dir: Path | None) -> Settings:
-    try:
-        return resolve_settings(data_dir)
-    except SandboxError as err:
-        fail(err.message)
-
-
-def _with_store(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    """Open and migrate the store, run ``action(db)``, close; typed errors become a clear exit."""
-    from store.database import Database
-
-    async def main() -> T:
-        db = Database.for_settings(settings)
-        try:
-            await db.migrate()
-            return await action(db)
-        finally:
-            await db.dispose()
-
-    try:
-        return asyncio.run(main())
-    except SandboxError as err:
-        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
 
 
 # --- agent run -------------------------------------------------------------------------------------
@@ -105,7 +78,7 @@ def agent_run(
     from sandbox.control_auth import AgentCredential
     from sandbox.nats_auth import NatsAuth
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     try:
         credential = AgentCredential.read(credential_file)
     except SandboxError as err:
@@ -155,7 +128,9 @@ def agent_run(
 # --- machine ---------------------------------------------------------------------------------------
 
 
-def _enrollment_json(record: Any, liveness: Any = None, latency_ms: float | None = None) -> dict[str, Any]:
+def _enrollment_json(
+    record: EnrollmentRecord, liveness: SelfhostedLiveness | None = None, latency_ms: float | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "workspace": record.workspace_id,
         "agent": record.agent_id,
@@ -199,20 +174,20 @@ def machine_enroll(
     from sandbox.control_protocol import validate_agent_token
     from store.machines import EnrollmentRepository, Exposure
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     try:
         validate_agent_token(workspace, "workspace id")
         validate_agent_token(agent_id, "agent id")
         signing_key = ControlSigningKey.load(settings.control_key_path())
     except SandboxError as err:
-        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
+        refuse(err)
     credential = signing_key.issue_credential(workspace, agent_id, nats_url=settings.nats_url)
 
     if exposure not in ("workspace", "whole-machine"):
         fail(f"--exposure must be workspace or whole-machine, not {exposure!r}")
     exposure_kind: Exposure = "whole-machine" if exposure == "whole-machine" else "workspace"
 
-    async def action(db: Any) -> Any:
+    async def action(db: Database) -> EnrollmentRecord:
         record = await EnrollmentRepository(db).enroll(
             workspace,
             agent_id,
@@ -230,7 +205,7 @@ def machine_enroll(
             credential.write(credential_out)
         except OSError as err:
             fail(f"cannot write the credential to {credential_out}: {err.strerror}", EXIT_REFUSED)
-    record = _with_store(settings, action)
+    record = with_store(settings, action)
     secret_text = None if credential_out is not None else credential.to_file_bytes().decode()
     if json_out:
         out = _enrollment_json(record)
@@ -262,15 +237,15 @@ def machine_list(
     from sandbox.liveness import selfhosted_liveness
     from store.machines import EnrollmentRepository
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action(db: Any) -> list[dict[str, Any]]:
+    async def action(db: Database) -> list[dict[str, Any]]:
         repo = EnrollmentRepository(db)
         records = await repo.list(workspace)
         rpc = NatsControlRpc.for_settings(settings)
         try:
 
-            async def one(record: Any) -> dict[str, Any]:
+            async def one(record: EnrollmentRecord) -> dict[str, Any]:
                 if not probe or record.status != "active":
                     return _enrollment_json(record, selfhosted_liveness(record.view(), False))
                 result = await probe_agent(
@@ -292,7 +267,7 @@ def machine_list(
         finally:
             await rpc.close()
 
-    rows = _with_store(settings, action)
+    rows = with_store(settings, action)
     if json_out:
         emit(rows, True)
     elif rows:
@@ -312,16 +287,16 @@ def machine_revoke(
     from cli.stack import sync_nats_users
     from store.machines import EnrollmentRepository
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action(db: Any) -> bool:
+    async def action(db: Database) -> bool:
         revoked = await EnrollmentRepository(db).revoke(workspace, agent_id)
         if revoked:
             # The server drops the machine's NATS identity now: its connection closes, NATS keeps running.
             await sync_nats_users(settings, db)
         return revoked
 
-    revoked = _with_store(settings, action)
+    revoked = with_store(settings, action)
     if not revoked:
         fail(f"{workspace}/{agent_id} is not enrolled", EXIT_REFUSED)
     emit(
@@ -335,7 +310,7 @@ def machine_revoke(
 # --- session ---------------------------------------------------------------------------------------
 
 
-def _pointer_json(session_id: str, pointer: Any) -> dict[str, Any]:
+def _pointer_json(session_id: str, pointer: ActivePointer) -> dict[str, Any]:
     return {
         "session": session_id,
         "active_sandbox_id": pointer.active_sandbox_id,
@@ -365,15 +340,15 @@ def session_swap(
             parse_sandbox_id(target)
         except SandboxError as err:
             fail(err.message)
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action(db: Any) -> Any:
+    async def action(db: Database) -> ActivePointer:
         repo = SessionPointerRepository(db)
         expected = expected_epoch if expected_epoch is not None else (await repo.get(session_id)).active_epoch
         return await repo.swap(session_id, target, expected_epoch=expected, working_dir=working_dir)
 
     try:
-        pointer = _with_store(settings, action)
+        pointer = with_store(settings, action)
     except StaleEpoch as err:  # pragma: no cover - _with_store already turns it into an exit
         fail(err.message, EXIT_REFUSED)
     emit(
@@ -393,6 +368,6 @@ def session_show(
     """Show where a session's ops go right now."""
     from store.machines import SessionPointerRepository
 
-    settings = _settings(data_dir)
-    pointer = _with_store(settings, lambda db: SessionPointerRepository(db).get(session_id))
+    settings = load_settings(data_dir)
+    pointer = with_store(settings, lambda db: SessionPointerRepository(db).get(session_id))
     emit(_pointer_json(session_id, pointer), json_out)

@@ -7,20 +7,17 @@ running stack's worker and wait for it. Every command takes ``--json``.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
+from temporalio.client import Client
 
-from cli.lease import EXIT_REFUSED, EXIT_UNREACHABLE
-from cli.output import emit, fail, note, progress
-from cli.stack import resolve_settings
-from sandbox.errors import SandboxError
-from sandbox.settings import Settings
-
-T = TypeVar("T")
+from activities.maintenance_models import OrphanScanResult, OrphanSweepResult, SnapshotGcResult
+from cli.exits import load_settings, with_store, with_temporal
+from cli.output import emit, note, progress
+from store.database import Database
+from store.snapshots import SnapshotLedger, SnapshotRecord
 
 snapshot_app = typer.Typer(
     help="Workspace snapshots: list a group's archives, run the snapshot GC.", no_args_is_help=True
@@ -36,44 +33,6 @@ def register(app: typer.Typer) -> None:
     app.command("orphans")(orphans)
 
 
-def _settings(data_dir: Path | None) -> Settings:
-    try:
-        return resolve_settings(data_dir)
-    except SandboxError as err:
-        fail(err.message)
-
-
-def _run(action: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    try:
-        return asyncio.run(action())
-    except SandboxError as err:
-        fail(f"{err.error_type}: {err.message}", EXIT_REFUSED)
-
-
-async def _with_store(settings: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    from store.database import Database
-
-    db = Database.for_settings(settings)
-    try:
-        await db.migrate()
-        return await action(db)
-    finally:
-        await db.dispose()
-
-
-async def _temporal(settings: Settings) -> Any:
-    from worker import connect
-
-    try:
-        return await connect(settings)
-    except RuntimeError as err:
-        fail(
-            f"cannot reach Temporal at {settings.temporal_address} ({err}); "
-            f"is `sandboxctl up` running for data dir {settings.data_dir}?",
-            EXIT_UNREACHABLE,
-        )
-
-
 def _short(value: str | None, n: int = 12) -> str | None:
     return None if value is None else value[:n]
 
@@ -87,16 +46,12 @@ def list_snapshots(
     json_out: bool = Json,
 ) -> None:
     """List a sandbox group's workspace archives, newest first (current and previous are kept)."""
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
 
-    async def action() -> Any:
-        from store.snapshots import SnapshotLedger
+    async def stored(db: Database) -> list[SnapshotRecord]:
+        return await SnapshotLedger(db).list(workspace, group, include_deleted=include_deleted)
 
-        return await _with_store(
-            settings, lambda db: SnapshotLedger(db).list(workspace, group, include_deleted=include_deleted)
-        )
-
-    records = _run(action)
+    records = with_store(settings, stored)
     if json_out:
         emit(records, True)
         return
@@ -130,16 +85,15 @@ def gc(
     json_out: bool = Json,
 ) -> None:
     """Show the snapshot ledger's state counts; with --now, collect what is eligible right away."""
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     if now:
         from workflows.schedules import run_snapshot_gc_now
 
-        async def collect() -> Any:
-            client = await _temporal(settings)
+        async def collect(client: Client) -> SnapshotGcResult:
             with progress("collecting snapshots"):
                 return await run_snapshot_gc_now(client, settings)
 
-        result = _run(collect)
+        result = with_temporal(settings, collect)
         if json_out:
             emit(result, True)
             return
@@ -152,12 +106,10 @@ def gc(
             note(line)
         return
 
-    async def counts() -> Any:
-        from store.snapshots import SnapshotLedger
+    async def counts(db: Database) -> dict[str, int]:
+        return await SnapshotLedger(db).counts()
 
-        return await _with_store(settings, lambda db: SnapshotLedger(db).counts())
-
-    by_state = _run(counts)
+    by_state = with_store(settings, counts)
     if json_out:
         emit({"states": by_state}, True)
         return
@@ -184,7 +136,7 @@ def orphans(
     """List boxes the provider says are ours that no live lease names; --sweep terminates them."""
     from workflows.schedules import MaintenancePolicy
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     policy = MaintenancePolicy.from_settings(settings)
     updates: dict[str, Any] = {}
     if grace is not None:
@@ -196,12 +148,11 @@ def orphans(
     if sweep:
         from workflows.schedules import run_orphan_sweep_now
 
-        async def run_sweep() -> Any:
-            client = await _temporal(settings)
+        async def run_sweep(client: Client) -> OrphanSweepResult:
             with progress("sweeping orphan boxes"):
                 return await run_orphan_sweep_now(client, settings, policy)
 
-        result = _run(run_sweep)
+        result = with_temporal(settings, run_sweep)
         if json_out:
             emit(result, True)
             return
@@ -214,22 +165,20 @@ def orphans(
             note(f"spared {spared.instance_id}: {spared.reason}")
         return
 
-    async def scan() -> Any:
+    async def scan(db: Database) -> OrphanScanResult:
+        # Runs the sweep's finder here, so it needs the providers' credentials (see --sweep for the worker's).
         from activities.orphans import OrphanActivities
         from providers.registry import ProviderRegistry
         from store.leases import LeaseRepository
 
-        async def with_db(db: Any) -> Any:
-            providers = ProviderRegistry(settings)
-            try:
-                finder = OrphanActivities(providers, LeaseRepository(db))
-                return await finder.find_orphans(policy.orphan_backends, policy.orphan_grace_seconds)
-            finally:
-                await providers.aclose()
+        providers = ProviderRegistry(settings)
+        try:
+            finder = OrphanActivities(providers, LeaseRepository(db))
+            return await finder.find_orphans(policy.orphan_backends, policy.orphan_grace_seconds)
+        finally:
+            await providers.aclose()
 
-        return await _with_store(settings, with_db)
-
-    found = _run(scan)
+    found = with_store(settings, scan)
     if json_out:
         emit(found, True)
         return

@@ -6,7 +6,7 @@ With history encryption on (the default) it also runs the codec server the Web U
 payloads through (``daemons/codec_server.py``, loopback only), after making sure the payload keys
 exist so the worker and the codec server share them.
 It holds ``<data>/stack.lock`` while it runs and publishes the addresses in ``<data>/stack.json``
-so the other commands find the stack (:func:`read_stack_info`, :func:`resolve_settings`).
+so the other commands find the stack (:func:`client.stack.read_stack_info`, :func:`client.stack.resolve_settings`).
 Ctrl-C or SIGTERM stops the children in order, waits for them, and leaves nothing behind.
 """
 
@@ -32,14 +32,14 @@ from types import FrameType
 from typing import Any
 
 import typer
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from cli.output import emit, error, fail, note, progress
+from client.stack import STACK_FILE, StackInfo, read_stack_info, resolve_settings
 from sandbox.errors import SandboxConfigError
 from sandbox.settings import Settings
 from workflows.search_attributes import dev_server_flags
 
-STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
 HOST = "127.0.0.1"
 NEXT_COMMAND = "sandboxctl lease acquire demo g1"
@@ -54,55 +54,6 @@ LOG_TAIL_LINES = 20
 _POLL_SECONDS = 0.02
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
-
-
-class StackInfo(BaseModel):
-    """What a running ``sandboxctl up`` publishes in ``<data>/stack.json``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    pid: int
-    temporal_address: str
-    ui_url: str
-    nats_url: str
-    data_dir: Path
-    started_at: datetime
-    codec_url: str | None = None  # the Web UI's codec server; None when payload encryption is off
-
-
-def read_stack_info(data_dir: Path) -> StackInfo | None:
-    """The stack running for ``data_dir``, or None when there is none (no file or a dead pid).
-
-    A malformed ``stack.json`` counts as no stack: it can only be a leftover of a killed ``up``.
-    """
-    try:
-        info = StackInfo.model_validate_json((data_dir / STACK_FILE).read_bytes())
-    except (OSError, ValidationError):
-        return None
-    return info if _pid_alive(info.pid) else None
-
-
-def resolve_settings(data_dir: Path | None = None) -> Settings:
-    """Settings for a command, pointed at the stack ``sandboxctl up`` runs for the data dir.
-
-    The data dir is ``data_dir``, else ``SANDBOX_DATA_DIR``, else ``./.sandbox`` (made absolute).
-    When a stack runs there, its Temporal address and NATS URL replace the defaults, but a value
-    set explicitly in the environment always wins. Raises ``SandboxConfigError`` when the
-    environment holds malformed values.
-    """
-    try:
-        settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
-    except ValidationError as exc:
-        raise SandboxConfigError(f"invalid SANDBOX_* setting: {exc}") from exc
-    updates: dict[str, object] = {"data_dir": settings.data_dir.resolve()}
-    info = read_stack_info(settings.data_dir)
-    if info is not None:
-        # model_fields_set holds what the environment set explicitly (pydantic-settings passes it as init).
-        if "temporal_address" not in settings.model_fields_set:
-            updates["temporal_address"] = info.temporal_address
-        if "nats_url" not in settings.model_fields_set:
-            updates["nats_url"] = info.nats_url
-    return settings.model_copy(update=updates)
 
 
 async def sync_nats_users(settings: Settings, db: Any) -> bool:
@@ -316,18 +267,6 @@ class _StackLock:
 def _holder_pid(data: Path, lock: _StackLock) -> int | None:
     info = read_stack_info(data)
     return info.pid if info is not None else lock.read_pid()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
 
 
 def _check_ports(ports: dict[str, int]) -> None:

@@ -2,7 +2,25 @@
 
 Every method raises the typed errors of :mod:`sandbox.errors` (``StaleEpoch``,
 ``HolderNotFound``, ``LeaseNotWarm``, ...) instead of Temporal's transport exceptions, so callers
-branch on types, never on messages.
+branch on types, never on messages. One table, applied by :func:`translate` (every call goes
+through :func:`call_workflow`), maps what the Temporal client raises:
+
+| the Temporal client raises                                        | the caller gets                         |
+|-------------------------------------------------------------------|-----------------------------------------|
+| a failed update/workflow (``WorkflowUpdateFailedError``,          | ``T`` with its attributes (``stage``,   |
+| ``WorkflowFailureError``) whose cause chain holds an              | ``path``, ...) and its ``retryable``;   |
+| ``ApplicationError`` of type ``T`` (raised by the workflow, or    | a plain ``SandboxError`` when ``T`` is  |
+| by an activity and forwarded)                                     | no sandbox error type                   |
+| ``RPCError`` ``NOT_FOUND``: no such workflow, or it has completed | ``LeaseNotFound``                       |
+| ``WorkflowUpdateRPCTimeoutOrCancelledError`` or ``RPCError``      | ``asyncio.CancelledError``              |
+| ``CANCELLED`` because the calling task is being cancelled         |                                         |
+| the same without a cancelled caller, or ``RPCError``              | ``OutcomeUnknown``: the call may or may |
+| ``DEADLINE_EXCEEDED``                                             | not have taken effect                   |
+| any other Temporal error (a failed query, ``UNAVAILABLE``, ...)   | ``SandboxError`` with its message       |
+
+A ``SandboxError`` raised on this side (validation, the payload codec) passes unchanged; other
+exceptions (programming errors) are not masked. Attributes and retryability arrive as the worker
+sent them (:mod:`sandbox.failures` decodes the ``ApplicationError``'s details).
 
 Example::
 
@@ -26,18 +44,17 @@ from pydantic import BaseModel, Field
 from temporalio.client import (
     Client,
     RPCError,
+    RPCTimeoutOrCancelledError,
     WithStartWorkflowOperation,
     WorkflowHandle,
-    WorkflowQueryFailedError,
-    WorkflowUpdateFailedError,
-    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import TemporalError
 from temporalio.service import RPCStatusCode
 
 from sandbox import errors
 from sandbox.capabilities import NegotiationContext, RuntimeDesktop, SessionCapabilities, negotiate_capabilities
+from sandbox.failures import application_error_in, from_application_error
 from sandbox.settings import Settings
 from workflows.lease import LeaseWorkflow
 from workflows.models import (
@@ -124,18 +141,35 @@ def _validate_backend(backend: str) -> None:
         raise errors.InvalidRequest(f"backend {backend!r} has no box to lease; use a real backend such as 'local'")
 
 
-def translate(err: BaseException) -> errors.SandboxError:
-    """Map a Temporal client exception to the runtime's typed error."""
-    cause: BaseException | None = err
-    if isinstance(err, WorkflowUpdateFailedError | WorkflowQueryFailedError):
-        cause = err.cause if isinstance(err, WorkflowUpdateFailedError) else err
-    if isinstance(cause, ApplicationError):
-        return errors.error_from_type(cause.type, cause.message)
-    if isinstance(cause, RPCError) and cause.status == RPCStatusCode.NOT_FOUND:
+_OUTCOME_UNKNOWN = "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"
+
+
+def translate(err: BaseException) -> errors.SandboxError | asyncio.CancelledError:
+    """Map a Temporal client exception to the runtime's typed error (the table in the module docstring).
+
+    Cancellation is recognised from the calling task, so call this where the Temporal call was awaited.
+    """
+    if isinstance(err, errors.SandboxError):
+        return err
+    app = application_error_in(err)
+    if app is not None:
+        return from_application_error(app)
+    rpc = err if isinstance(err, RPCError) else err.__cause__
+    if isinstance(err, RPCTimeoutOrCancelledError) or (
+        isinstance(rpc, RPCError) and rpc.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
+    ):
+        # The SDK turns the cancellation of the awaiting task into an RPC "timeout or cancelled" error.
+        task = asyncio.current_task()
+        if isinstance(err.__cause__, asyncio.CancelledError) or (task is not None and task.cancelling()):
+            return asyncio.CancelledError()
+        return errors.OutcomeUnknown(_OUTCOME_UNKNOWN)
+    if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
         return errors.LeaseNotFound("no such lease; acquire it first (sandboxctl lease acquire WORKSPACE GROUP)")
-    if isinstance(err, WorkflowQueryFailedError):
-        return errors.SandboxError(str(err))
-    return errors.SandboxError(str(cause or err))
+    # A failed update or workflow says little itself ("Workflow update failed"): its cause says what.
+    cause = err.__cause__
+    return errors.SandboxError(
+        f"{err}: {cause}" if isinstance(cause, TemporalError) else str(err) or type(err).__name__
+    )
 
 
 async def call_workflow(fn: Callable[[], Awaitable[T]]) -> T:
@@ -144,19 +178,12 @@ async def call_workflow(fn: Callable[[], Awaitable[T]]) -> T:
     The SDK turns the cancellation of the calling task into ``WorkflowUpdateRPCTimeoutOrCancelledError``;
     that is given back as ``CancelledError`` so ``task.cancel()`` and ``asyncio.timeout`` keep working (a
     loop catching ``SandboxError`` would otherwise swallow its own cancellation). A real RPC timeout is
-    ``OutcomeUnknown``: the update may or may not have run.
+    ``OutcomeUnknown``: the update may or may not have run. See the table in the module docstring.
     """
     try:
         return await fn()
-    except (WorkflowUpdateFailedError, WorkflowQueryFailedError, RPCError) as err:
+    except TemporalError as err:
         raise translate(err) from err
-    except WorkflowUpdateRPCTimeoutOrCancelledError as err:
-        task = asyncio.current_task()
-        if isinstance(err.__cause__, asyncio.CancelledError) or (task is not None and task.cancelling()):
-            raise asyncio.CancelledError() from err
-        raise errors.OutcomeUnknown(
-            "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"
-        ) from err
 
 
 PLANE_PORTS = {"desktop": 6080, "terminal": 7681}

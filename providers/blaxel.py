@@ -520,7 +520,7 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
     Args:
         settings: The ``SANDBOX_BLAXEL_*`` settings.
         api: The ``SandboxInstance`` class methods; by default the real SDK (:class:`BlaxelSdk`).
-            Tests pass :class:`~providers.testing.blaxel_fake.FakeSandboxApi`.
+            Tests pass :class:`~tests.fakes.blaxel_fake.FakeSandboxApi`.
     """
 
     def __init__(self, settings: BlaxelSettings, *, api: BlaxelApi | None = None) -> None:

@@ -76,6 +76,7 @@ from sandbox.control_protocol import (
     agent_subject,
     build_op,
     decode_response,
+    draining_message,
     encode_message,
     error_response,
     max_chunk_bytes,
@@ -720,6 +721,25 @@ def _new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def _draining_exhausted(err: SelfhostedControlError, retries: int) -> SelfhostedControlError:
+    # Rebuilt from our own count once the draining retries run out (upstream §8.3): the mapping
+    # itself never reads an agent-supplied count into the message.
+    return SelfhostedControlError(
+        draining_message(retries),
+        code=err.code,
+        reason=err.reason,
+        retryable=err.retryable,
+        fenced=err.fenced,
+        draining=err.draining,
+        agent_offline=err.agent_offline,
+        os_not_found=err.os_not_found,
+        payload_too_large=err.payload_too_large,
+        never_sent=err.never_sent,
+        control_request_id=err.control_request_id,
+        detail={**err.detail, "retries": str(retries)},
+    )
+
+
 # --- the session ----------------------------------------------------------------------------------
 
 
@@ -839,12 +859,7 @@ class SelfhostedSession:
             retry = self.retry.retry_class(err, op.type)
             if retry is None or counts.get(retry[0], 0) >= retry[1]:
                 if err.draining and counts.get("draining"):
-                    err = agent_error_to_control_error(
-                        response.error.model_copy(  # type: ignore[union-attr]
-                            update={"detail": {**err.detail, "retries": str(counts["draining"])}}
-                        ),
-                        request.request_id,
-                    )
+                    err = _draining_exhausted(err, counts["draining"])
                 raise err
             counts[retry[0]] = counts.get(retry[0], 0) + 1
             await self._sleep(self.retry.delay(attempt, random.random()))

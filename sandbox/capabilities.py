@@ -8,8 +8,9 @@ omitted. Reasons follow one precedence: ``os_unsupported`` beats the backend's s
 (``backend_unsupported`` / ``tier_headless``), which beats policy and liveness gates
 (``disabled_by_policy`` / ``lease_cold``).
 
-The document serialises to the upstream camelCase JSON (``model_dump(mode="json")``), timestamps
-as JavaScript ISO strings (``2025-06-01T12:00:00.000Z``), so a TypeScript client reads it unchanged.
+The document serialises to the upstream camelCase JSON (``model_dump(mode="json")``),
+``negotiatedAt`` as a JavaScript ISO string (``2025-06-01T12:00:00.000Z``) and minted ``expiresAt``
+strings exactly as the caller gave them, so a TypeScript client reads it unchanged.
 
 Like upstream, ``os`` and ``liveness`` are echoed even when they are not one of the known values:
 an unknown OS is ``os_unsupported`` and an unknown liveness is "not warm". Everything else is
@@ -32,10 +33,11 @@ descriptor had a ``vnc-ws`` desktop, under the same OS, policy and liveness gate
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import MAXYEAR, MINYEAR, UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -101,10 +103,43 @@ RECORDING_MODES: Final[tuple[RecordingMode, ...]] = ("manual", "on-turn", "on-ve
 RECORDING_CODECS: Final[tuple[RecordingCodec, ...]] = ("h264-mp4", "vp9-webm")
 
 
+# The Gregorian calendar repeats every 400 years, so shifting by 400 years moves an instant whose
+# UTC date falls outside Python's years 1..9999 (year 0 or 10000) into range without changing it.
+_GREGORIAN_CYCLE_YEARS: Final = 400
+
+
 def to_js_iso(moment: datetime) -> str:
-    """Format an aware datetime like JavaScript's ``Date.toISOString()`` (UTC, milliseconds, ``Z``)."""
-    utc = moment.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+    """Format a datetime exactly like JavaScript's ``Date.prototype.toISOString()``.
+
+    UTC, milliseconds truncated, ``Z``; the year has four digits (``0098``, ``0000``) when it is
+    0..9999 and the signed six-digit form otherwise: an aware datetime late in year 9999 with a
+    negative offset is ``+010000-...`` in UTC. (JavaScript's negative years, ``-000001-...``, are
+    out of reach: no Python datetime is earlier than year 0 in UTC.) A naive datetime is read as
+    local time.
+    """
+    if moment.utcoffset() is None:
+        moment = moment.astimezone()
+    offset = moment.utcoffset() or timedelta(0)
+    local = moment.replace(tzinfo=None)
+    shift = 0
+    if local.year == MINYEAR:
+        shift = _GREGORIAN_CYCLE_YEARS
+    elif local.year == MAXYEAR:
+        shift = -_GREGORIAN_CYCLE_YEARS
+    utc = local.replace(year=local.year + shift) - offset
+    year = utc.year - shift
+    year_text = f"{year:04d}" if 0 <= year <= 9999 else f"{year:+07d}"
+    return f"{year_text}-{utc:%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+
+
+def _check_iso_instant(value: str) -> str:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 date-time") from None
+    if parsed.utcoffset() is None:
+        raise ValueError("must be an ISO 8601 date-time with a UTC offset or Z")
+    return value
 
 
 _T = TypeVar("_T")
@@ -118,6 +153,8 @@ def _tuple_as_list(value: tuple[Any, ...]) -> list[Any]:
 WireTuple = Annotated[tuple[_T, ...], PlainSerializer(_tuple_as_list)]
 Resolution = Annotated[tuple[PositiveInt, PositiveInt], PlainSerializer(_tuple_as_list)]
 JsDatetime = Annotated[AwareDatetime, PlainSerializer(to_js_iso, when_used="json")]
+IsoInstant = Annotated[StrictStr, AfterValidator(_check_iso_instant)]
+"""A caller's ISO date-time string (e.g. a minted ``expiresAt``), checked but kept verbatim, as upstream."""
 
 
 class _WireModel(BaseModel):
@@ -138,7 +175,7 @@ class MintedDesktopStream(_WireModel):
 
     url: StrictStr = Field(min_length=1)
     token: StrictStr = Field(min_length=1)
-    expires_at: JsDatetime
+    expires_at: IsoInstant
     resolution: Resolution
 
 
@@ -147,7 +184,7 @@ class MintedTerminalStream(_WireModel):
 
     url: StrictStr = Field(min_length=1)
     token: StrictStr = Field(min_length=1)
-    expires_at: JsDatetime
+    expires_at: IsoInstant
     transport: Literal["pty-ws", "relay-pty"] | None = None
 
 
@@ -218,7 +255,7 @@ class TerminalCell(_WireModel):
     shell: str = TERMINAL_SHELL
     url: str | None = None
     token: str | None = None
-    expires_at: JsDatetime | None = None
+    expires_at: IsoInstant | None = None
     reason: CapabilityUnavailableReason | None = None
 
 
@@ -238,7 +275,7 @@ class DesktopStreamCell(_WireModel):
     mode: DesktopMode = "read-only"
     url: str | None = None
     token: str | None = None
-    expires_at: JsDatetime | None = None
+    expires_at: IsoInstant | None = None
     resolution: Resolution = DEFAULT_DESKTOP_RESOLUTION
     unredacted: bool
     requires_acknowledgment: bool

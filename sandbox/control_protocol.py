@@ -926,7 +926,8 @@ def agent_error_to_control_error(
     flagged; ``PAYLOAD_TOO_LARGE`` is flagged with a redirect-to-file message; ``NOT_FOUND`` is a
     missing file (``os_not_found``), never a missing machine. Other codes keep the agent's
     ``retryable``. ``err`` is an :class:`AgentError` or a mapping whose ``code`` is the upstream
-    number (unknown numbers are kept as they are).
+    number (unknown numbers are kept as they are). ``DRAINING`` always reads as not yet retried
+    (the exhausted message is the retry loop's to build); ``request_id`` is kept as given.
     """
     code = _raw_code(err)
     if isinstance(err, AgentError):
@@ -948,8 +949,8 @@ def agent_error_to_control_error(
     elif known is ControlErrorCode.CONSENT_REQUIRED:
         reason, retryable = "consent_required", False
     elif known is ControlErrorCode.DRAINING:
-        retries = detail.get("retries", "")
-        text = draining_message(int(retries) if retries.isdigit() else 0)
+        # Always the zero-retry text: only the caller's retry loop knows how often it retried.
+        text = draining_message(0)
         retryable = True
         flags = {"draining": True}
     elif known is ControlErrorCode.PAYLOAD_TOO_LARGE:
@@ -968,7 +969,7 @@ def agent_error_to_control_error(
         code=code,
         reason=reason,
         retryable=retryable,
-        control_request_id=request_id or None,
+        control_request_id=request_id,
         detail=detail,
         **flags,
     )

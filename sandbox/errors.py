@@ -1,17 +1,25 @@
 """The one exception hierarchy of the sandbox runtime.
 
 Every error a caller can see is a subclass of :class:`SandboxError` and carries typed properties
-(never parse the message). Errors that cross the Temporal boundary travel as ``ApplicationError``
-with ``type`` equal to the class's :attr:`SandboxError.error_type`; :func:`error_from_type` turns
-them back into these classes on the client side.
+(never parse the message). A class's properties are its *attributes*: each is declared on the
+class with its default and documented under ``Attributes:`` in its docstring, and each holds a
+JSON value (str, int, float, bool, None, or a str-to-str dict).
+
+Errors that cross the Temporal boundary travel as ``ApplicationError`` (:mod:`sandbox.failures`
+does both directions): ``type`` is the class's :attr:`SandboxError.error_type`, ``message`` its
+message, ``non_retryable`` the negation of its per-instance ``retryable``, and ``details`` one
+dict of its attributes (:meth:`SandboxError.attributes`). :func:`error_from_type` rebuilds the
+class from those parts; an ``ApplicationError`` without details (recorded before details were
+sent) still rebuilds the right class, with the class defaults.
 
 ::
 
     SandboxError
      ├── SandboxConfigError          settings are missing or contradictory (boot refuses)
- ├── PayloadCodecError           a payload in Temporal history cannot be decrypted (sandbox/payload_codec.py)
- │    ├── PayloadKeyUnknown      it names a payload key id this process does not hold
- │    └── PayloadTampered        it fails authentication: altered, or another key under its id
+     ├── TemporalUnreachable         nothing answers at the configured Temporal address
+     ├── PayloadCodecError           a payload in Temporal history cannot be decrypted (sandbox/payload_codec.py)
+     │    ├── PayloadKeyUnknown      it names a payload key id this process does not hold
+     │    └── PayloadTampered        it fails authentication: altered, or another key under its id
      ├── InvalidRequest              malformed input: empty/oversized ids, bad kinds, bad paths
      │    ├── UnknownBackend         a backend name that no descriptor knows
      │    ├── ChannelAValidationError  a Channel-A path or argument refused before anything runs (400)
@@ -64,7 +72,10 @@ them back into these classes on the client side.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 
 class SandboxError(Exception):
@@ -83,11 +94,40 @@ class SandboxError(Exception):
         self.message = message
         self.retryable = self.default_retryable if retryable is None else retryable
 
+    @classmethod
+    def attribute_names(cls) -> tuple[str, ...]:
+        """The names of the class's attributes: every annotated, non-``ClassVar`` class attribute (MRO order).
+
+        ``message`` and ``retryable`` are not among them: they travel as the ``ApplicationError``'s
+        own message and ``non_retryable`` flag.
+        """
+        return tuple(_attribute_hints(cls))
+
+    def attributes(self) -> dict[str, Any]:
+        """This error's attributes as one JSON-safe dict (mutable values copied)."""
+        return {name: _copied(getattr(self, name)) for name in self.attribute_names()}
+
 
 class SandboxConfigError(SandboxError):
     """Settings are missing, malformed or contradictory."""
 
     error_type = "SandboxConfigError"
+
+
+class TemporalUnreachable(SandboxError):
+    """Nothing answers at the configured Temporal address (the stack is not running, or elsewhere).
+
+    Attributes:
+        address: The ``host:port`` that was dialled.
+    """
+
+    error_type = "TemporalUnreachable"
+    default_retryable = True
+    address: str = ""
+
+    def __init__(self, message: str, *, address: str, retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.address = address
 
 
 class PayloadCodecError(SandboxError):
@@ -115,9 +155,14 @@ class InvalidRequest(SandboxError):
 
 
 class UnknownBackend(InvalidRequest):
-    """The backend name is not one of the known backends."""
+    """The backend name is not one of the known backends.
+
+    Attributes:
+        backend: The backend name as the caller gave it.
+    """
 
     error_type = "UnknownBackend"
+    backend: str = ""
 
     def __init__(self, backend: str, known: list[str] | None = None) -> None:
         hint = f" Known backends: {', '.join(known)}." if known else ""
@@ -198,9 +243,14 @@ class ProviderQuotaError(ProviderError):
 
 
 class ExecTimeout(ProviderError):
-    """A command inside the box ran longer than its timeout and was killed."""
+    """A command inside the box ran longer than its timeout and was killed.
+
+    Attributes:
+        timeout: The timeout in seconds that the command ran past (0.0 when unknown).
+    """
 
     error_type = "ExecTimeout"
+    timeout: float = 0.0
 
     def __init__(self, message: str, *, timeout: float) -> None:
         super().__init__(message)
@@ -582,14 +632,86 @@ def _all_subclasses(cls: type[SandboxError]) -> list[type[SandboxError]]:
     return out
 
 
-def error_from_type(error_type: str | None, message: str) -> SandboxError:
-    """Rebuild a typed error from an ``ApplicationError.type`` string.
+_HINTS: dict[type[SandboxError], dict[str, Any]] = {}
 
-    Unknown types become a plain :class:`SandboxError` so callers always get one hierarchy.
-    """
+
+def _attribute_hints(cls: type[SandboxError]) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        # This module's own namespace: inside Temporal's workflow sandbox ``sys.modules`` is another one.
+        every = typing.get_type_hints(cls, globalns=globals())
+        hints = _HINTS[cls] = {name: hint for name, hint in every.items() if typing.get_origin(hint) is not ClassVar}
+    return hints
+
+
+def _copied(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _conforming(value: object, hint: Any) -> tuple[bool, Any]:
+    """Whether a decoded JSON ``value`` fits the attribute's type ``hint``, and the value to keep."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        for arg in typing.get_args(hint):
+            fits, kept = _conforming(value, arg)
+            if fits:
+                return True, kept
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, Mapping):
+            return False, None
+        kept_map: dict[Any, Any] = {}
+        for key, item in value.items():
+            key_fits, key_kept = _conforming(key, key_hint)
+            item_fits, item_kept = _conforming(item, value_hint)
+            if not (key_fits and item_fits):
+                return False, None
+            kept_map[key_kept] = item_kept
+        return True, kept_map
+    if hint is float:  # JSON may carry 30.0 as 30
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+        return fits, float(value) if fits else None  # type: ignore[arg-type]
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint in (str, bool):
+        return isinstance(value, hint), value
+    return False, None
+
+
+def error_class_for(error_type: str | None) -> type[SandboxError] | None:
+    """The class whose :attr:`SandboxError.error_type` is ``error_type``, or None."""
     for cls in _all_subclasses(SandboxError):
         if cls.error_type == error_type:
-            err = SandboxError.__new__(cls)
-            SandboxError.__init__(err, message)
-            return err
-    return SandboxError(message)
+            return cls
+    return None
+
+
+def error_from_type(
+    error_type: str | None,
+    message: str,
+    attributes: Mapping[str, object] | None = None,
+    *,
+    retryable: bool | None = None,
+) -> SandboxError:
+    """Rebuild a typed error from an ``ApplicationError``'s type, message, details dict and retryability.
+
+    Unknown types become a plain :class:`SandboxError` so callers always get one hierarchy. Each
+    attribute missing from ``attributes`` (or not of its declared type) keeps the class default,
+    names the class does not declare are ignored, and ``retryable=None`` means the class default.
+    The constructor is bypassed (constructors differ per class, some build their message).
+    """
+    cls = error_class_for(error_type) or SandboxError
+    err = SandboxError.__new__(cls)
+    SandboxError.__init__(err, message, retryable=retryable)
+    given = attributes or {}
+    for name, hint in _attribute_hints(cls).items():
+        if name in given:
+            fits, value = _conforming(given[name], hint)
+            if fits:
+                setattr(err, name, value)
+                continue
+        setattr(err, name, _copied(getattr(cls, name)))
+    return err

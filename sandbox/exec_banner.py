@@ -49,7 +49,9 @@ MAX_SAFE_INTEGER = 2**53 - 1
 _OUTPUT_DELIMITER = "\nOutput:\n"
 _OUTPUT_LEADING = "Output:\n"
 _DELIMITER_RE = re.compile(r"\r?\nOutput:\r?\n")
-_LINE_SPLIT_RE = re.compile(r"\r?\n")
+# Upstream reads lines with multiline (`m` flag) JavaScript regexes, whose `^` and `$` stop at every
+# ECMAScript line terminator: LF, CR (alone too), U+2028 and U+2029, but not U+0085 or form feed.
+_JS_LINE_TERMINATOR_RE = re.compile("[\n\r\u2028\u2029]")
 # [0-9] rather than \d: Python's \d also matches non-ASCII digits such as U+0661.
 _RUNNING_RE = re.compile(r"Process running with session ID ([0-9]+)")
 _EXITED_RE = re.compile(r"Process exited with code (-?[0-9]+)")
@@ -62,7 +64,8 @@ _METADATA_PREFIXES = (
     "Process running with session ID",
     "Process exited with code",
 )
-_STATUS_PREFIX = "Process "
+# Only these two start a status line; any other ``Process ...`` line is ordinary metadata.
+_STATUS_PREFIXES = ("Process running with session ID", "Process exited with code")
 
 
 class _BannerModel(BaseModel):
@@ -113,17 +116,20 @@ def _utf16_length(text: str) -> int:
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
+def _js_lines(text: str) -> list[str]:
+    # The lines a JavaScript multiline regex sees; "\r\n" yields an empty line between, as in JS.
+    return _JS_LINE_TERMINATOR_RE.split(text)
+
+
 def strip_exec_banner(raw: str, *, split_at: Literal["first", "last"] = "first") -> str:
     """Return the body of an exec response with its metadata banner removed.
 
-    The banner ends at an LF-only ``\\nOutput:\\n`` delimiter, or the text may start with
-    ``Output:\\n``; a text starting that way has its delimiter at the very front. Channel A cuts at
-    the first delimiter (``split_at="first"``) so a body that itself prints ``Output:`` survives;
-    recording cuts at the last one. CRLF delimiters are deliberately not recognised, so such text
-    passes through unchanged, as does text without any delimiter.
+    The banner ends at an LF-only ``\\nOutput:\\n`` delimiter. Channel A cuts at the first one
+    (``split_at="first"``) so a body that itself prints ``Output:`` survives; recording cuts at the
+    last one. Only a text with no such delimiter anywhere falls back to a leading ``Output:\\n``, so
+    ``"Output:\\nA\\nOutput:\\nB"`` gives ``"B"`` as upstream does. CRLF delimiters are deliberately
+    not recognised, so such text passes through unchanged, as does text without any delimiter.
     """
-    if raw.startswith(_OUTPUT_LEADING) and split_at == "first":
-        return raw[len(_OUTPUT_LEADING) :]
     index = raw.find(_OUTPUT_DELIMITER) if split_at == "first" else raw.rfind(_OUTPUT_DELIMITER)
     if index >= 0:
         return raw[index + len(_OUTPUT_DELIMITER) :]
@@ -137,21 +143,25 @@ def parse_exec_response_banner(raw: str) -> ExecBanner:
 
     The header is everything before the first ``\\r?\\nOutput:\\r?\\n``. Without a delimiter the text
     is ``invalid`` when any line starts like banner metadata and ``absent`` otherwise. With one,
-    the header must be at most 16384 UTF-16 units and contain exactly one well-formed status line
-    (any other line starting ``Process `` makes it invalid); the number must be a JavaScript safe
-    integer, and a running session id cannot be negative. Leading zeros are accepted (``007`` is 7).
+    the header must be at most 16384 UTF-16 units and contain exactly one well-formed status line;
+    a line that starts ``Process running with session ID`` or ``Process exited with code`` but is
+    not well formed makes it invalid (other ``Process ...`` lines are plain metadata). The number
+    must be a JavaScript safe integer, and a running session id cannot be negative. Leading zeros
+    are accepted (``007`` is 7). Lines end at LF, CR, U+2028 or U+2029, as in a JavaScript
+    multiline regex.
     """
     match = _DELIMITER_RE.search(raw)
     if match is None:
-        lines = _LINE_SPLIT_RE.split(raw)
-        if any(line.startswith(_METADATA_PREFIXES) for line in lines):
+        if any(line.startswith(_METADATA_PREFIXES) for line in _js_lines(raw)):
             return ExecBannerInvalid()
         return ExecBannerAbsent()
     header = raw[: match.start()]
     if _utf16_length(header) > EXEC_BANNER_MAX_HEADER_CHARS:
         return ExecBannerInvalid()
     found: list[ExecBannerRunning | ExecBannerExited] = []
-    for line in _LINE_SPLIT_RE.split(header):
+    for line in _js_lines(header):
+        if not line.startswith(_STATUS_PREFIXES):
+            continue
         if running := _RUNNING_RE.fullmatch(line):
             session_id = int(running.group(1))
             if session_id > MAX_SAFE_INTEGER:
@@ -162,7 +172,7 @@ def parse_exec_response_banner(raw: str) -> ExecBanner:
             if abs(exit_code) > MAX_SAFE_INTEGER:
                 return ExecBannerInvalid()
             found.append(ExecBannerExited(exit_code=exit_code))
-        elif line.startswith(_STATUS_PREFIX):
+        else:
             return ExecBannerInvalid()
     if len(found) != 1:
         return ExecBannerInvalid()
@@ -186,9 +196,12 @@ def is_exec_session_lost_banner(output: str, session_id: int) -> bool:
 
     The whole text must be ``session not found: <n>``, optionally prefixed with ``write_stdin
     failed: ``, with no surrounding whitespace or newline, and ``<n>`` must be the decimal spelling
-    of ``session_id`` (so ``01`` does not match 1). A non-integer id never matches.
+    of ``session_id`` (so ``01`` does not match 1). An id that is not a JavaScript safe integer
+    (a non-integer, or beyond ±(2**53 - 1)) never matches, as upstream's ``Number.isSafeInteger``.
     """
     if isinstance(session_id, bool) or not isinstance(session_id, int):
+        return False
+    if abs(session_id) > MAX_SAFE_INTEGER:
         return False
     match = _SESSION_LOST_RE.fullmatch(output)
     return match is not None and match.group(1) == str(session_id)

@@ -147,7 +147,10 @@ _XY_CODES: dict[str, GitFileStatusCode] = {
     "T": "typechange",
     "U": "conflicted",
 }
-_BRANCH_AB_RE = re.compile(r"\+([0-9]+) -([0-9]+)")
+# JavaScript's `\s` (not Python's, which also has U+001C..U+001F and U+0085 but lacks U+FEFF).
+_JS_SPACE = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+# Upstream searches the record for `+A` and `-B` split by any run of whitespace, unanchored.
+_BRANCH_AB_RE = re.compile(rf"\+([0-9]+)[{_JS_SPACE}]+-([0-9]+)")
 
 
 def _xy(xy: str, position: int) -> GitFileStatusCode | None:
@@ -165,9 +168,11 @@ def parse_porcelain_v2(text: str) -> GitStatus:
 
     Records are split on NUL. ``# branch.oid`` (``(initial)`` means no commit yet), ``# branch.head``
     (``(detached)`` sets ``detached``, which later headers do not clear), ``# branch.upstream`` and
-    ``# branch.ab +A -B`` fill the branch fields. Entries ``1`` (path after 8 fields), ``2`` (path
-    after 9 fields, the next record is the original path), ``u`` (path after 10 fields, always
-    conflicted), ``?`` (untracked) and ``!`` (ignored) become files; anything else is skipped.
+    ``# branch.ab`` fill the branch fields; the latter is read from the first ``+A`` and ``-B``
+    separated by whitespace anywhere in the record (no match leaves ahead and behind at 0).
+    Entries ``1`` (path after 8 fields), ``2`` (path after 9 fields, the next record is the
+    original path), ``u`` (path after 10 fields, always conflicted), ``?`` (untracked) and ``!``
+    (ignored) become files; anything else is skipped.
     """
     records = text.split("\0")
     head: str | None = None
@@ -194,7 +199,7 @@ def parse_porcelain_v2(text: str) -> GitStatus:
         elif record.startswith("# branch.upstream "):
             upstream = record[len("# branch.upstream ") :]
         elif record.startswith("# branch.ab "):
-            if ab := _BRANCH_AB_RE.fullmatch(record[len("# branch.ab ") :]):
+            if ab := _BRANCH_AB_RE.search(record):
                 ahead, behind = int(ab.group(1)), int(ab.group(2))
         elif record.startswith(("1 ", "2 ")):
             xy = record.split(" ", 2)[1]
@@ -251,7 +256,8 @@ def parse_numstat_z(text: str) -> tuple[NumstatEntry, ...]:
 
     Each NUL record must look like ``<added>\\t<deleted>\\t<path>`` (counts are digits or ``-``);
     other records are skipped. An empty path marks a rename or copy whose old and new paths are
-    the next two records (missing ones read as ``""``). ``-\\t-`` is a binary file.
+    the next two records; when the text ends before them, a missing old path is ``None`` and a
+    missing new path ``""``, as upstream. ``-\\t-`` is a binary file.
     """
     records = text.split("\0")
     entries: list[NumstatEntry] = []
@@ -264,7 +270,7 @@ def parse_numstat_z(text: str) -> tuple[NumstatEntry, ...]:
         added, deleted, path = match.groups()
         old_path: str | None = None
         if path == "":
-            old_path = records[i] if i < len(records) else ""
+            old_path = records[i] if i < len(records) else None
             path = records[i + 1] if i + 1 < len(records) else ""
             i += 2
         binary = added == "-" and deleted == "-"

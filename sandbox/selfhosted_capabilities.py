@@ -165,7 +165,8 @@ def negotiate_selfhosted_capabilities(
     base = NegotiationContext(
         session_id=context.session_id,
         backend="selfhosted",
-        os=context.os or "linux",
+        # Only an absent OS defaults (upstream `os ?? "linux"`): "" is echoed and unsupported.
+        os="linux" if context.os is None else context.os,
         liveness="warm" if liveness.state == "online" else "cold",
         lease_epoch=context.lease_epoch,
         workspace_generation=context.workspace_generation,

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,26 @@ async def wait_until_gone(*pids: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll ``check`` until it returns a truthy value and return that value (never sleeps longer than needed).
+
+    Raises AssertionError naming the last value when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
+
+
+def ids(prefix: str = "ws") -> tuple[str, str]:
+    """A fresh (workspace, group) pair, so tests sharing one Temporal server and store never meet."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:6]}"
 
 
 _ports_given: set[int] = set()

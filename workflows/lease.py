@@ -73,7 +73,7 @@ with workflow.unsafe.imports_passed_through():
     from sandbox.descriptors import select_backend
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
     from workflows import search_attributes as sa
-    from workflows.errors import failure
+    from workflows.errors import failure, forwarded
     from workflows.models import (
         MAX_HOLDER_ID_LENGTH,
         TRANSITIONS_KEPT,
@@ -819,7 +819,7 @@ class LeaseWorkflow:
             self._drop_holder("viewer", req.viewer_id)
             cause = err.cause
             if isinstance(cause, ApplicationError):
-                raise ApplicationError(cause.message, type=cause.type, non_retryable=True) from None
+                raise forwarded(cause) from None
             raise failure(errors.ProviderError, f"{req.plane} plane failed: {_cause_message(err)}") from None
         finally:
             self._inflight -= 1
@@ -971,7 +971,7 @@ class LeaseWorkflow:
                     f"the box of epoch {epoch} is gone; the lease is now cold at epoch {s.epoch}, acquire again",
                 ) from None
             if isinstance(cause, ApplicationError):
-                raise ApplicationError(cause.message, type=cause.type, non_retryable=True) from None
+                raise forwarded(cause) from None
             raise failure(errors.ProviderError, f"exec failed: {_cause_message(err)}") from None
         finally:
             self._inflight -= 1
@@ -1148,7 +1148,7 @@ class LeaseWorkflow:
                 f"the box of epoch {epoch} is gone; the lease is now cold at epoch {self.s.epoch}, acquire again",
             )
         if isinstance(cause, ApplicationError):
-            return ApplicationError(cause.message, type=cause.type, non_retryable=True)
+            return forwarded(cause)
         return failure(errors.ProviderError, f"{what} failed: {_cause_message(err)}")
 
     # ------------------------------------------------------------------ signals and query

@@ -1,7 +1,7 @@
 """The lease lifecycle on cloud providers wired to their fakes: acquire → exec → drain with snapshot → restore.
 
 The worker runs exactly as in production except that its registry is handed the provider built by
-the backend's conformance harness (``tests/providers/harness_<backend>.py``), whose SDK talks to a
+the backend's conformance harness (``tests/unit/providers/harness_<backend>.py``), whose SDK talks to a
 stateful fake of the service. Also: a transient provider error during warming is retried and
 never taken for NotFound, and the orphan sweep terminates a tagged box no lease owns while leaving
 a live lease's box alone.
@@ -13,22 +13,20 @@ import contextlib
 import importlib
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from temporalio.client import Client
 
 from activities.maintenance_models import GcSettings, OrphanSweepInput, SnapshotGcInput
+from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
-from providers.testing.faults import FaultPlan
-from providers.testing.machine import FakeMachine
-from providers.testing.modal_fake import FakeModal
-from sandbox.box import BoxSpec
 from sandbox.settings import Settings
-from tests.conftest import FAST_TIMERS, running_runtime
-from tests.integration.test_lease_workflow import eventually
-from tests.providers.harness import ProviderHarness
+from tests.conftest import FAST_TIMERS, REPO, eventually, running_runtime
+from tests.fakes.faults import FaultPlan
+from tests.fakes.machine import FakeMachine
+from tests.fakes.modal_fake import FakeModal
+from tests.unit.providers.harness import ProviderHarness
 from workflows.orphan_sweep import OrphanSweepWorkflow
 from workflows.snapshot_gc import SnapshotGcWorkflow
 
@@ -59,7 +57,7 @@ async def cloud(
     request: pytest.FixtureRequest, temporal_client: Client, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[CloudRuntime]:
     backend: str = request.param
-    module = importlib.import_module(f"tests.providers.harness_{backend}")
+    module = importlib.import_module(f"tests.unit.providers.harness_{backend}")
     root = tmp_path_factory.mktemp(f"cloud-{backend}")
     async with contextlib.AsyncExitStack() as stack:
         harness: ProviderHarness = await stack.enter_async_context(module.harness(root / "fake"))
@@ -149,7 +147,7 @@ async def test_orphan_sweep_takes_an_unleased_tagged_box_and_spares_a_live_one(c
 
 def test_the_suite_covers_the_backends_the_issue_names() -> None:
     for backend in BACKENDS:
-        assert (Path(__file__).parents[1] / "providers" / f"harness_{backend}.py").exists(), backend
+        assert (REPO / "tests" / "unit" / "providers" / f"harness_{backend}.py").exists(), backend
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ box loss restores the last archive, periodic capture, and rotation ahead of the 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,8 @@ import pytest
 
 from sandbox import errors
 from store.snapshots import SnapshotLedger
-from tests.conftest import remove_box_directory
-from tests.integration.test_lease_workflow import box_dir_of, eventually, record_history
-
-
-def ids() -> tuple[str, str]:
-    return f"snap-{uuid.uuid4().hex[:8]}", "g1"
+from tests.conftest import eventually, ids, remove_box_directory
+from tests.integration.test_lease_workflow import box_dir_of, record_history
 
 
 async def _state(leases: Any, ws: str, g: str, liveness: str) -> Any:
@@ -34,7 +29,7 @@ CHECK = "cat src/main.py && stat -c %a src/main.py && readlink link && test -d s
 
 async def test_drain_captures_and_the_next_box_is_restored(runtime: Any) -> None:
     leases = runtime.leases(idle_grace_seconds=0.2)
-    ws, g = ids()
+    ws, g = ids("snap")
     first = await leases.acquire(ws, g, holder_id="t1")
     out = await leases.exec(ws, g, ["sh", "-c", WRITE])
     assert out.exit_code == 0, out
@@ -59,7 +54,7 @@ async def test_drain_captures_and_the_next_box_is_restored(runtime: Any) -> None
 
 async def test_capture_failure_keeps_the_box_and_retries(runtime: Any) -> None:
     leases = runtime.leases(idle_grace_seconds=0.1, teardown_retry_seconds=0.5)
-    ws, g = ids()
+    ws, g = ids("snap")
     grant = await leases.acquire(ws, g, holder_id="t1")
     await leases.exec(ws, g, ["sh", "-c", "echo precious > keep.txt"])
     artifacts = Path(runtime.settings.data_dir) / "artifacts"
@@ -92,7 +87,7 @@ async def test_capture_failure_keeps_the_box_and_retries(runtime: Any) -> None:
 
 async def test_lost_box_is_restored_from_the_last_archive(runtime: Any) -> None:
     leases = runtime.leases(snapshot_interval_seconds=0.5)
-    ws, g = ids()
+    ws, g = ids("snap")
     grant = await leases.acquire(ws, g, holder_id="t1")
     await leases.exec(ws, g, ["sh", "-c", "echo kept-by-periodic-capture > p.txt"])
 
@@ -116,7 +111,7 @@ async def test_lost_box_is_restored_from_the_last_archive(runtime: Any) -> None:
 
 async def test_rotation_replaces_the_box_before_the_provider_lifetime_ends(runtime: Any) -> None:
     leases = runtime.leases(hard_lifetime_seconds=3.0, rotation_lead_seconds=1.5)
-    ws, g = ids()
+    ws, g = ids("snap")
     grant = await leases.acquire(ws, g, holder_id="t1")
     await leases.exec(ws, g, ["sh", "-c", "echo survives-rotation > r.txt"])
     assert (await leases.describe(ws, g)).rotation_due_at is not None
@@ -149,7 +144,7 @@ MANIFEST = (
 async def test_full_size_round_trip_through_the_lease(runtime: Any) -> None:
     """10,000 small files, one 100 MB file, modes, symlinks and empty dirs survive drain → cold → acquire."""
     leases = runtime.leases(idle_grace_seconds=0.2, capture_timeout_seconds=300)
-    ws, g = ids()
+    ws, g = ids("snap")
     await leases.acquire(ws, g, holder_id="t1")
     make = (
         "mkdir -p many empty/nested && cd many && seq 1 10000 | xargs -n 500 sh -c 'for i; do echo $i > f$i; done' _"

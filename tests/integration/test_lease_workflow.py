@@ -10,7 +10,6 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,11 @@ from temporalio.client import WorkflowExecutionStatus
 
 from sandbox import errors
 from store.leases import LeaseRepository
-from tests.conftest import remove_box_directory
+from tests.conftest import eventually, ids, remove_box_directory
 from tests.temporal_history import payloads_in
 from workflows.models import LeaseView, lease_workflow_id
 
 HISTORIES = Path(__file__).resolve().parents[1] / "replay" / "histories"
-
-
-def ids() -> tuple[str, str]:
-    return f"ws-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:6]}"
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns a truthy value (never sleeps longer than needed)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
 
 
 async def record_history(runtime: Any, ws: str, group: str, name: str) -> None:

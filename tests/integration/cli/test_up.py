@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.stack import StackInfo, read_stack_info, resolve_settings
+from client.stack import StackInfo, read_stack_info, resolve_settings
 from tests.conftest import REPO, find_binary, free_port
 
 # The real entry point (cli.main), forced into multi-command mode: while `up` is the only

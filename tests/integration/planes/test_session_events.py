@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from activities.events import SessionEventActivities, session_events_subject, stream_url_rotated
-from cli.planes import SessionEventFeed
+from client.events import SessionEventFeed
 from sandbox.settings import Settings
 from tests.conftest import nats_server_at
 

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import time
-import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cli.recording import RecordingClient
+from client.recording_client import RecordingClient
+from tests.conftest import eventually
 from workflows.recording_models import RecordingTimers, RecordingView
 
 FAST = RecordingTimers(
     poll_seconds=0.5, stop_wait_seconds=8.0, activity_heartbeat_seconds=2.0, acquire_timeout_seconds=60
 )
-
-
-def ids() -> tuple[str, str]:
-    return f"ws-rec-{uuid.uuid4().hex[:6]}", f"g-{uuid.uuid4().hex[:6]}"
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
 
 
 async def wait_state(

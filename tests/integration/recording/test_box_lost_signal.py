@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from cli.recording import RecordingClient
+from client.recording_client import RecordingClient
+from providers.base import Envelope
 from providers.local import LocalProvider
-from sandbox.box import Envelope
 from sandbox.errors import BoxNotFound
 from store.recordings import RecordingStore
-from tests.integration.recording.conftest import FAST, eventually, ids, wait_state
+from tests.conftest import eventually, ids
+from tests.integration.recording.conftest import FAST, wait_state
 from workflows.models import lease_workflow_id
 from workflows.recording_models import recording_workflow_id
 
@@ -60,7 +61,7 @@ async def test_a_box_lost_by_the_lease_ends_its_recording_as_box_death_promptly(
     runtime: Any, recordings: RecordingClient, noticed_by: str
 ) -> None:
     leases = runtime.leases()
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     grant = await leases.acquire(ws, group, holder_id="t1")
     started = await recordings.start(ws, group, recordings.request(), timers=SLOW_POLL)
     rid = started.recording_id
@@ -86,7 +87,7 @@ async def test_a_box_lost_by_the_lease_ends_its_recording_as_box_death_promptly(
     assert row is not None and (row.state, row.reason, row.storage_key) == ("failed", "box-death", None)
 
     # The lease went cold at the next epoch and no longer lists the recording as a holder.
-    lease = await eventually(lambda: _cold(leases, ws, group))
+    lease = await eventually(lambda: _cold(leases, ws, group), timeout=30)
     assert lease.epoch == grant.epoch + 1
     assert "recording" not in {h.kind for h in lease.holders}
     if noticed_by == "report_box_lost":

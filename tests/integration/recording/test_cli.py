@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import _register, app
-from tests.integration.recording.conftest import ffprobe, ids
+from tests.conftest import ids
+from tests.integration.recording.conftest import ffprobe
 from tests.integration.test_lease_workflow import record_history
 
 _register()
@@ -33,7 +34,7 @@ async def sandboxctl(*args: str) -> Any:
 
 
 async def test_record_start_status_stop_list_get(runtime: Any, cli_env: None, tmp_path: Path) -> None:
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     async with runtime.leases().hold(ws, group):
         res = await sandboxctl("record", "start", ws, group, "--codec", "vp9-webm", "--max-seconds", "30", "--json")
         assert res.exit_code == 0, res.output
@@ -77,7 +78,7 @@ async def test_record_errors_are_typed_one_liners(runtime: Any, cli_env: None, t
 
 
 async def test_desktop_screenshot_click_type_key(runtime: Any, cli_env: None, tmp_path: Path) -> None:
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     async with runtime.leases().hold(ws, group):
         png = tmp_path / "screen.png"
         res = await sandboxctl("desktop", "screenshot", ws, group, "-o", str(png), "--json")

@@ -12,8 +12,9 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 
 from activities.models import Screenshot, ScreenshotRequest
-from cli.recording import RecordingClient
-from tests.integration.recording.conftest import ids, wait_state
+from client.recording_client import RecordingClient
+from tests.conftest import ids
+from tests.integration.recording.conftest import wait_state
 from workflows.recording_models import RecordingRequest, RecordingStarted
 
 pytestmark = pytest.mark.timeout(90)
@@ -23,7 +24,7 @@ async def test_start_recording_on_the_lease_runs_a_child_that_holds_the_lease(
     runtime: Any, recordings: RecordingClient
 ) -> None:
     leases = runtime.leases()
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     async with leases.hold(ws, group) as grant:
         handle = leases.handle(ws, group)
         started = await handle.execute_update(

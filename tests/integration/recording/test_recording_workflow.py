@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from cli.recording import RecordingClient
+from client.recording_client import RecordingClient
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.recordings import RecordingStore
-from tests.conftest import box_visible_bin
-from tests.integration.recording.conftest import FAST, box_tmp, eventually, ffprobe, ids, wait_state
+from tests.conftest import box_visible_bin, eventually, ids
+from tests.integration.recording.conftest import FAST, box_tmp, ffprobe, wait_state
 from workflows.recording_models import recording_workflow_id
 
 pytestmark = pytest.mark.timeout(90)
@@ -39,7 +39,7 @@ async def test_a_three_second_recording_is_stored_and_plays(
     runtime: Any, recordings: RecordingClient, tmp_path: Path, codec: str, ext: str, codec_name: str
 ) -> None:
     leases = runtime.leases()
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     async with leases.hold(ws, group, kind="turn") as grant:
         started = await recordings.start(ws, group, recordings.request(codec=codec, session_id="s1"), timers=FAST)
         rid = started.recording_id
@@ -85,7 +85,7 @@ async def test_a_three_second_recording_is_stored_and_plays(
 
 
 async def test_max_seconds_stops_by_itself(runtime: Any, recordings: RecordingClient) -> None:
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     async with runtime.leases().hold(ws, group):
         started = await recordings.start(ws, group, recordings.request(max_seconds=2), timers=FAST)
         view = await recordings.result(started.recording_id, timeout=40)
@@ -96,7 +96,7 @@ async def test_max_seconds_stops_by_itself(runtime: Any, recordings: RecordingCl
 
 
 async def test_tiny_max_bytes_fails_and_keeps_the_box_file(runtime: Any, recordings: RecordingClient) -> None:
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     async with runtime.leases().hold(ws, group) as grant:
         # Even the first bytes ffmpeg writes are over 10: the check while recording stops it by itself.
         started = await recordings.start(ws, group, recordings.request(max_bytes=10), timers=FAST)
@@ -118,7 +118,7 @@ async def test_tiny_max_bytes_fails_and_keeps_the_box_file(runtime: Any, recordi
 async def test_terminating_the_box_mid_recording_is_box_death(runtime: Any, recordings: RecordingClient) -> None:
     from sandbox.box import Envelope
 
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     leases = runtime.leases()
     grant = await leases.acquire(ws, group, holder_id="t1")
     started = await recordings.start(ws, group, recordings.request(), timers=FAST)
@@ -129,7 +129,7 @@ async def test_terminating_the_box_mid_recording_is_box_death(runtime: Any, reco
     assert (view.state, view.reason) == ("failed", "box-death"), view
     assert view.stop_cause == "box-lost"
     # The recording told the lease, which confirmed with the provider and went cold.
-    lease = await eventually(lambda: _cold(leases, ws, group))
+    lease = await eventually(lambda: _cold(leases, ws, group), timeout=30)
     assert lease.epoch > grant.epoch
     await record_history(runtime, started.recording_id, "box_death")
 
@@ -137,7 +137,7 @@ async def test_terminating_the_box_mid_recording_is_box_death(runtime: Any, reco
 async def test_no_display_is_display_unavailable(runtime: Any, recordings: RecordingClient) -> None:
     # Xvfb on the box's PATH fails at once: the desktop cannot come up.
     with box_visible_bin({"Xvfb": "#!/bin/sh\necho 'no display for you' >&2\nexit 1\n"}) as bindir:
-        ws, group = ids()
+        ws, group = ids("ws-rec")
         env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin"}
         grant = await runtime.leases().acquire(ws, group, holder_id="t1", environment=env)
         started = await recordings.start(ws, group, recordings.request(), timers=FAST)
@@ -151,7 +151,7 @@ async def test_no_display_is_display_unavailable(runtime: Any, recordings: Recor
 
 
 async def test_a_recording_of_a_missing_lease_fails_without_a_box(recordings: RecordingClient) -> None:
-    ws, group = ids()
+    ws, group = ids("ws-rec")
     started = await recordings.start(ws, group, recordings.request(), timers=FAST)
     view = await recordings.result(started.recording_id, timeout=30)
     assert (view.state, view.reason) == ("failed", "box-death")

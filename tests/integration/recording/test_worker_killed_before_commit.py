@@ -19,13 +19,14 @@ import pytest
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.testing import WorkflowEnvironment
 
-from cli.recording import RecordingClient
 from client import LeaseClient
+from client.recording_client import RecordingClient
 from sandbox.settings import Settings
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database
 from store.recordings import RecordingStore
-from tests.integration.recording.conftest import eventually, ffprobe, wait_state
+from tests.conftest import eventually
+from tests.integration.recording.conftest import ffprobe, wait_state
 from tests.integration.test_worker_restart import WorkerProcess
 from workflows.recording_models import PROJECT_RECORDING, UPLOAD_RECORDING, RecordingTimers
 
@@ -90,7 +91,7 @@ async def test_worker_killed_between_upload_and_commit_ends_available_once(
         rid = started.recording_id
         await wait_state(recordings, rid, "recording")
         rows = RecordingStore(db)
-        await eventually(lambda: _row_state(rows, rid, "recording"))
+        await eventually(lambda: _row_state(rows, rid, "recording"), timeout=30)
         await asyncio.sleep(1.5)
 
         # Hold SQLite's write lock: the upload can finish, the commit cannot.

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,10 @@ from sandbox.settings import Settings
 from store.database import Database
 from store.leases import LeaseRepository
 from store.records import LeaseRecord
+from tests.conftest import eventually
 from workflows.orphan_sweep import OrphanSweepWorkflow
 
 HISTORIES = Path(__file__).resolve().parents[2] / "replay" / "histories"
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := await check():
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def spec(lease_id: str, epoch: int) -> BoxSpec:

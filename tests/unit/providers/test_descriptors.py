@@ -8,9 +8,7 @@ because the registry is a plain JavaScript object (``constructor``/``__proto__``
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,19 +37,11 @@ from sandbox.descriptors import (
     select_backend,
 )
 from sandbox.errors import InvalidRequest, SandboxConfigError, UnknownBackend
+from tests.upstream_vectors import VECTORS_ENV, vectors_dir
 
 # --- loading the vectors ------------------------------------------------------------------------
 
-VECTORS_ENV = "SANDBOX_VECTORS_DIR"
 QUIRK_PREFIX = "JS-PROTOTYPE-QUIRK"
-
-
-def vectors_dir() -> Path:
-    """The upstream vector folder: $SANDBOX_VECTORS_DIR, else shared/reference next to the repo."""
-    override = os.environ.get(VECTORS_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def load_vectors(name: str) -> tuple[list[dict[str, Any]], str | None]:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from providers.base import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
-from providers.testing.machine import FakeMachine
-from sandbox.box import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
 from sandbox.errors import ArchiveCorrupt
+from tests.fakes.machine import FakeMachine
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/bin/bwrap").exists(), reason="bubblewrap is installed by scripts/install"

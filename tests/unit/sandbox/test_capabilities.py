@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,18 +25,9 @@ from sandbox.capabilities import (
 )
 from sandbox.descriptors import SANDBOX_BACKENDS, SANDBOX_OS, CapabilityUnavailableReason
 from sandbox.errors import InvalidRequest, UnknownBackend
+from tests.upstream_vectors import VECTORS_ENV, vectors_dir
 
 # --- loading the vectors ------------------------------------------------------------------------
-
-VECTORS_ENV = "SANDBOX_VECTORS_DIR"
-
-
-def vectors_dir() -> Path:
-    """The upstream vector folder: $SANDBOX_VECTORS_DIR, else shared/reference next to the repo."""
-    override = os.environ.get(VECTORS_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def load_vectors(name: str) -> tuple[list[dict[str, Any]], str | None]:
@@ -264,6 +253,29 @@ def test_minted_desktop_is_handed_out_only_after_acknowledgment() -> None:
     assert acknowledged.model_dump(mode="json")["expiresAt"] == DESKTOP["expiresAt"]
 
 
+@pytest.mark.parametrize(
+    "expires_at",
+    ["2025-06-01T12:02:00Z", "2025-06-01T12:02:00.123456Z", "2025-06-01T14:02:00+02:00", "2025-06-01T12:02:00.000Z"],
+)
+def test_minted_expiry_strings_pass_through_unchanged(expires_at: str) -> None:
+    # Upstream copies the caller's expiresAt string; it is never re-rendered as toISOString.
+    desktop = {**DESKTOP, "expiresAt": expires_at}
+    terminal = {**TERMINAL, "expiresAt": expires_at}
+    ctx = {**BASE, "backend": "modal", "os": "linux", "liveness": "warm", "desktopAcknowledged": True}
+    document = negotiate_capabilities({**ctx, "desktopStream": desktop, "terminalStream": terminal})
+    dumped = document.model_dump(mode="json")
+    assert dumped["DesktopStream"]["expiresAt"] == expires_at
+    assert dumped["Terminal"]["expiresAt"] == expires_at
+    assert document.desktop_stream.expires_at == expires_at
+    assert SessionCapabilities.model_validate(dumped) == document
+
+
+@pytest.mark.parametrize("expires_at", ["soon", "2025-06-01T12:02:00", "", 1748779320])
+def test_minted_expiry_must_be_an_iso_instant(expires_at: object) -> None:
+    with pytest.raises(InvalidRequest, match="expiresAt"):
+        negotiate_capabilities({**VALID, "terminalStream": {**TERMINAL, "expiresAt": expires_at}})
+
+
 def test_minted_terminal_is_dropped_when_policy_disables_the_pty() -> None:
     ctx = {**BASE, "backend": "local", "os": "linux", "liveness": "warm", "terminalStream": TERMINAL}
     live = negotiate_capabilities(ctx).terminal
@@ -355,6 +367,33 @@ def test_negotiated_at_defaults_to_now_in_javascript_iso_form() -> None:
 def test_js_iso_is_utc_with_truncated_milliseconds() -> None:
     moment = datetime(2025, 6, 1, 14, 0, 0, 999_999, tzinfo=timezone(timedelta(hours=2)))
     assert to_js_iso(moment) == "2025-06-01T12:00:00.999Z"
+
+
+@pytest.mark.parametrize(
+    ("moment", "expected"),
+    [
+        (datetime(98, 4, 2, 3, 4, 5, 6_000, tzinfo=UTC), "0098-04-02T03:04:05.006Z"),
+        (datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC), "0999-12-31T23:59:59.000Z"),
+        (datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000Z"),
+        # Aware datetimes whose UTC instant leaves Python's year range: JavaScript's extended years.
+        (datetime(1, 1, 1, 1, 30, tzinfo=timezone(timedelta(hours=2))), "0000-12-31T23:30:00.000Z"),
+        (datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-2))), "+010000-01-01T01:00:00.000Z"),
+        (datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), "9999-12-31T23:59:59.999Z"),
+        (datetime(1, 3, 1, tzinfo=timezone(timedelta(hours=1))), "0001-02-28T23:00:00.000Z"),
+    ],
+)
+def test_js_iso_pads_and_extends_years_like_to_iso_string(moment: datetime, expected: str) -> None:
+    assert to_js_iso(moment) == expected
+
+
+@settings(max_examples=200)
+@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12))])))
+def test_js_iso_agrees_with_python_inside_the_four_digit_years(moment: datetime) -> None:
+    utc = moment.astimezone(UTC) if 1 < moment.year < 9999 else None
+    if utc is not None:
+        expected = f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+        assert to_js_iso(moment) == expected
+    assert re.fullmatch(r"(\d{4}|[+-]\d{6})-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", to_js_iso(moment))
 
 
 def test_document_is_frozen_and_serialises_camel_case_by_default() -> None:

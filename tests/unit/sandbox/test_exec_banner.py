@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +23,7 @@ from sandbox.exec_banner import (
     parse_exec_response_banner,
     strip_exec_banner,
 )
+from tests.upstream_vectors import vectors_dir
 
 # --------------------------------------------------------------------------- upstream vectors
 
@@ -44,13 +43,6 @@ FUNCTIONS: dict[str, Any] = {
     "parseExecBannerExitCode": parse_exec_banner_exit_code,
     "isExecSessionLostBanner": is_exec_session_lost_banner,
 }
-
-
-def vectors_dir() -> Path:
-    configured = os.environ.get("SANDBOX_VECTORS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def vector_params(file: str, fns: list[str]) -> list[Any]:
@@ -101,6 +93,47 @@ def test_recording_splits_at_the_last_delimiter() -> None:
     assert strip_exec_banner("Output:\nonly", split_at="last") == "only"
 
 
+def test_a_later_delimiter_wins_over_a_leading_output_marker() -> None:
+    # Upstream looks for "\nOutput:\n" first and only then for a leading "Output:\n".
+    assert strip_exec_banner("Output:\nA\nOutput:\nB") == "B"
+    assert strip_exec_banner("Output:\nA\nOutput:\nB\nOutput:\nC", split_at="last") == "C"
+    assert strip_exec_banner("Output:\nA\r\nOutput:\r\nB") == "A\r\nOutput:\r\nB"
+
+
+def test_only_the_two_status_prefixes_make_a_status_line() -> None:
+    raw = "Process started\nProcess exited with code 0\nOutput:\nx"
+    assert parse_exec_response_banner(raw) == ExecBannerExited(exit_code=0)
+    assert parse_exec_banner_exit_code(raw) == 0
+    assert parse_exec_response_banner("Process 12 ok\nProcess running with session ID 3\nOutput:\n") == (
+        ExecBannerRunning(session_id=3)
+    )
+    # A line that does start like a status line but is malformed still makes the header invalid.
+    assert parse_exec_response_banner("Process exited with codes 0\nProcess exited with code 0\nOutput:\n") == (
+        ExecBannerInvalid()
+    )
+    # "Process started" alone is not banner metadata either.
+    assert parse_exec_response_banner("Process started") == ExecBannerAbsent()
+
+
+@pytest.mark.parametrize("terminator", ["\r", "\u2028", "\u2029"])
+def test_lines_end_at_every_javascript_line_terminator(terminator: str) -> None:
+    # Upstream's multiline regexes start a line after a lone CR, U+2028 or U+2029 as after LF.
+    assert parse_exec_response_banner(f"out{terminator}Wall time: 0.1 seconds") == ExecBannerInvalid()
+    header = f"Chunk ID: a{terminator}Process exited with code 3{terminator}Wall time: 1 seconds"
+    assert parse_exec_response_banner(header + "\nOutput:\nx") == ExecBannerExited(exit_code=3)
+    two = f"Process exited with code 3{terminator}Process running with session ID 4\nOutput:\n"
+    assert parse_exec_response_banner(two) == ExecBannerInvalid()
+    malformed = f"Chunk ID: a{terminator}Process exited with code x\nProcess exited with code 3\nOutput:\n"
+    assert parse_exec_response_banner(malformed) == ExecBannerInvalid()
+
+
+@pytest.mark.parametrize("separator", ["\x85", "\x0b", "\x0c", "\x1c", "\x1e"])
+def test_characters_python_splits_lines_on_but_javascript_does_not(separator: str) -> None:
+    assert parse_exec_response_banner(f"out{separator}Wall time: 0.1 seconds") == ExecBannerAbsent()
+    raw = f"Process exited with code 3{separator}\nOutput:\n"
+    assert parse_exec_response_banner(raw) == ExecBannerInvalid()
+
+
 def test_header_limit_counts_utf16_units_like_upstream() -> None:
     # Each key emoji is 2 UTF-16 units but 1 Python character, so a len()-based cap would be too loose.
     status = "\nProcess exited with code 0"
@@ -124,6 +157,14 @@ def test_exit_code_limits_are_javascript_safe_integers() -> None:
 @pytest.mark.parametrize("session_id", [True, 1.0, "1", None])
 def test_session_lost_needs_a_real_integer_id(session_id: Any) -> None:
     assert is_exec_session_lost_banner("session not found: 1", session_id) is False
+
+
+@pytest.mark.parametrize("session_id", [MAX_SAFE_INTEGER + 1, MAX_SAFE_INTEGER + 2, 2**64, 10**30])
+def test_session_lost_needs_a_javascript_safe_integer_id(session_id: int) -> None:
+    # Upstream's Number.isSafeInteger guard: such an id never matches, even with the exact digits.
+    assert is_exec_session_lost_banner(f"session not found: {session_id}", session_id) is False
+    assert is_exec_session_lost_banner(f"write_stdin failed: session not found: {session_id}", session_id) is False
+    assert is_exec_session_lost_banner(f"session not found: {MAX_SAFE_INTEGER}", MAX_SAFE_INTEGER) is True
 
 
 # --------------------------------------------------------------------------- fuzz

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,18 +19,12 @@ from sandbox.git_parsers import (
     parse_porcelain_v2,
     parse_unified_patch,
 )
+from tests.upstream_vectors import vectors_dir
 
 # --------------------------------------------------------------------------- upstream vectors
 
 VECTOR_FILE = "git_parsers.json"
 EXPECTED_COUNTS = {"parsePorcelainV2": 51, "parseNumstatZ": 41, "parseUnifiedPatch": 140}
-
-
-def vectors_dir() -> Path:
-    configured = os.environ.get("SANDBOX_VECTORS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def vector_params(file: str, fn: str) -> list[Any]:
@@ -119,6 +111,38 @@ def test_models_accept_wire_names_and_python_names() -> None:
     by_name = GitFileStatus(path="a", old_path="b", is_conflicted=True)
     assert by_alias == by_name
     assert by_alias.model_dump()["oldPath"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("record", "ahead", "behind"),
+    [
+        ("# branch.ab +2 -3", 2, 3),
+        ("# branch.ab +2  -3", 2, 3),
+        ("# branch.ab +2\t-3", 2, 3),
+        ("# branch.ab +2\u00a0\u3000-3", 2, 3),  # JavaScript's \s is Unicode-aware
+        ("# branch.ab +2\ufeff-3", 2, 3),
+        ("# branch.ab +2 -3 trailing", 2, 3),
+        ("# branch.ab  +2 -3", 2, 3),
+        ("# branch.ab x+2 -3", 2, 3),
+        ("# branch.ab +2-3", 0, 0),  # no whitespace between
+        ("# branch.ab +2\x85-3", 0, 0),  # Python's \s has U+0085, JavaScript's has not
+        ("# branch.ab +2\x1f-3", 0, 0),
+        ("# branch.ab -3 +2", 0, 0),
+    ],
+)
+def test_branch_ab_is_found_anywhere_across_any_whitespace(record: str, ahead: int, behind: int) -> None:
+    status = parse_porcelain_v2(record + "\0")
+    assert (status.ahead, status.behind) == (ahead, behind)
+
+
+def test_numstat_rename_cut_off_before_its_old_path_has_no_old_path() -> None:
+    # The text ends right after the rename record: upstream has no old path at all (null).
+    (entry,) = parse_numstat_z("3\t4\t")
+    assert entry == NumstatEntry(additions=3, deletions=4, binary=False, old_path=None, new_path="")
+    assert entry.model_dump(mode="json")["oldPath"] is None
+    # A present but empty old-path record is kept as it is.
+    (empty,) = parse_numstat_z("3\t4\t\0")
+    assert (empty.old_path, empty.new_path) == ("", "")
 
 
 def test_one_sided_numstat_dash_is_null_on_the_wire() -> None:

@@ -31,6 +31,7 @@ from sandbox.paths import (
     parse_confined_output,
     shell_quote,
 )
+from tests.upstream_vectors import vectors_dir
 
 # --------------------------------------------------------------------------- upstream vectors
 
@@ -40,13 +41,6 @@ VECTOR_FILE = "paths_banners.json"
 INTENTIONAL_DIFFERENCES = {
     'assertSafeRelPath "a\\u0000b"': "NUL is refused (no POSIX path can contain it)",
 }
-
-
-def vectors_dir() -> Path:
-    configured = os.environ.get("SANDBOX_VECTORS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def vector_params(file: str, fn: str) -> list[Any]:

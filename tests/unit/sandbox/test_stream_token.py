@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import stat
 import threading
 import time
@@ -31,6 +30,7 @@ from sandbox.stream_token import (
     mint_stream_token_upstream,
     verify_stream_token,
 )
+from tests.upstream_vectors import vectors_dir
 
 NOW = 1_700_000_000
 WS = "0b3f6a1e-7c2d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -65,13 +65,6 @@ STRICTER_THAN_UPSTREAM = {
         "Node decodes invalid UTF-8 leniently to U+FFFD; we decode strictly (as the Rust relay's serde_json)"
     ),
 }
-
-
-def vectors_dir() -> Path:
-    configured = os.environ.get("SANDBOX_VECTORS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def load_vectors() -> list[dict[str, Any]]:

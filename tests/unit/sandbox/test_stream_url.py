@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from sandbox.box import Endpoint
 from sandbox.errors import ProviderError, StreamPortUnavailable
 from sandbox.stream_url import build_stream_url
+from tests.upstream_vectors import vectors_dir
 
 VECTOR_FILE = "stream_url.json"
 EXPECTED_COUNT = 43
@@ -33,13 +32,6 @@ STRICTER_THAN_UPSTREAM = {
     "port 1e21 (String() exponent form)": "port must be an int in 1..65535",
     "port Infinity": "port must be an int in 1..65535",
 }
-
-
-def vectors_dir() -> Path:
-    configured = os.environ.get("SANDBOX_VECTORS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3].parent / "shared/reference/upstream-vectors"
 
 
 def load_vectors() -> list[dict[str, Any]]:

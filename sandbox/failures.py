@@ -1,0 +1,86 @@
+"""Typed errors across the Temporal boundary: the one encoder and the one decoder.
+
+Every :class:`~sandbox.errors.SandboxError` that leaves an activity or a workflow, and every one
+a client receives, goes through this module:
+
+| ``SandboxError`` part          | ``ApplicationError`` part                       |
+|--------------------------------|-------------------------------------------------|
+| ``error_type`` (the class)     | ``type``                                        |
+| ``message``                    | ``message`` (encrypted with the failure's attributes) |
+| ``retryable`` (per instance)   | ``non_retryable`` (its negation)                |
+| ``attributes()`` (``stage``, ``path``, ``code``, ...) | ``details``: exactly one JSON dict |
+
+:func:`to_application_error` encodes (activity boundary, workflow failures); :func:`from_application_error`
+decodes (client side); :func:`application_error_in` finds the ``ApplicationError`` behind a
+Temporal client or activity error. An ``ApplicationError`` without details (from a history
+recorded before details were sent, or from a foreign caller) decodes to its class with the class
+defaults, retryability included; an unknown ``type`` decodes to a plain ``SandboxError``.
+
+An exception must never be (transitively) its own cause: Temporal's failure converter follows
+``__cause__`` (else ``__context__``) and recurses on a cycle until ``RecursionError``.
+:func:`cut_cause_cycles` breaks such a cycle at the boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from temporalio.exceptions import ApplicationError
+
+from sandbox.errors import SandboxError, error_from_type
+
+__all__ = ["application_error_in", "cut_cause_cycles", "from_application_error", "to_application_error"]
+
+
+def to_application_error(err: SandboxError) -> ApplicationError:
+    """The ``ApplicationError`` that carries ``err`` (type, message, retryable, attributes) across Temporal."""
+    return ApplicationError(err.message, err.attributes(), type=err.error_type, non_retryable=not err.retryable)
+
+
+def from_application_error(app: ApplicationError) -> SandboxError:
+    """The typed error an ``ApplicationError`` carries (the inverse of :func:`to_application_error`).
+
+    Without a details dict the error keeps its class defaults, ``retryable`` included (that is how
+    errors decoded before details were sent).
+    """
+    details = app.details[0] if app.details and isinstance(app.details[0], Mapping) else None
+    if details is None:
+        return error_from_type(app.type, app.message)
+    return error_from_type(app.type, app.message, details, retryable=not app.non_retryable)
+
+
+def application_error_in(err: BaseException | None) -> ApplicationError | None:
+    """The first ``ApplicationError`` in ``err``'s cause chain (``err`` itself included), or None.
+
+    A failed update's or workflow's error has it as its cause; an ``ActivityError`` one level
+    further down. The walk stops at a cycle.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ApplicationError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
+
+
+def cut_cause_cycles(err: BaseException) -> BaseException:
+    """Break every cycle in the chain Temporal follows from ``err`` (``__cause__``, else ``__context__``).
+
+    The link that closes a cycle is dropped, so the failure keeps every distinct exception once.
+    Returns ``err``, for ``raise ... from cut_cause_cycles(err)``.
+    """
+    seen = {id(err)}
+    current = err
+    while True:
+        following_cause = current.__cause__ is not None
+        nxt = current.__cause__ if following_cause else (None if current.__suppress_context__ else current.__context__)
+        if nxt is None:
+            return err
+        if id(nxt) in seen:
+            if following_cause:
+                current.__cause__ = None
+            current.__context__ = None
+            return err
+        seen.add(id(nxt))
+        current = nxt

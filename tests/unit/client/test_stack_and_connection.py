@@ -1,0 +1,93 @@
+"""Finding the stack of a data dir and connecting to it, as any client does (no CLI involved)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from client.connection import TemporalUnreachable, connect_temporal, open_store
+from client.stack import STACK_FILE, StackInfo, read_stack_info, resolve_settings
+from sandbox.errors import SandboxConfigError
+from sandbox.settings import Settings
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("SANDBOX_"):
+            monkeypatch.delenv(name)
+
+
+def publish(data_dir: Path, *, pid: int) -> StackInfo:
+    info = StackInfo(
+        pid=pid,
+        temporal_address="127.0.0.1:17233",
+        ui_url="http://127.0.0.1:18233",
+        nats_url="nats://127.0.0.1:14222",
+        data_dir=data_dir,
+        started_at=datetime.now(UTC),
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / STACK_FILE).write_text(info.model_dump_json())
+    return info
+
+
+def test_a_running_stack_supplies_its_addresses(tmp_path: Path) -> None:
+    publish(tmp_path, pid=os.getpid())
+    settings = resolve_settings(tmp_path)
+    assert (settings.temporal_address, settings.nats_url) == ("127.0.0.1:17233", "nats://127.0.0.1:14222")
+    assert settings.data_dir == tmp_path.resolve()
+
+
+def test_an_address_set_in_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    publish(tmp_path, pid=os.getpid())
+    monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", "temporal.example:7233")
+    settings = resolve_settings(tmp_path)
+    assert (settings.temporal_address, settings.nats_url) == ("temporal.example:7233", "nats://127.0.0.1:14222")
+
+
+def test_a_dead_or_garbled_stack_file_counts_as_no_stack(tmp_path: Path) -> None:
+    publish(tmp_path, pid=2**22 + 12345)  # above any pid_max: no such process
+    assert read_stack_info(tmp_path) is None
+    assert resolve_settings(tmp_path).temporal_address == Settings().temporal_address
+    (tmp_path / STACK_FILE).write_text("{not json")
+    assert read_stack_info(tmp_path) is None
+
+
+def test_the_data_dir_comes_from_the_environment_when_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(tmp_path, pid=os.getpid())
+    monkeypatch.setenv("SANDBOX_DATA_DIR", str(tmp_path))
+    assert resolve_settings().temporal_address == "127.0.0.1:17233"
+
+
+def test_a_malformed_setting_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_HOLDER_TTL_SECONDS", "not a number")
+    with pytest.raises(SandboxConfigError, match="SANDBOX_"):
+        resolve_settings(tmp_path)
+
+
+async def test_nothing_listening_is_temporal_unreachable_naming_the_address(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    settings = Settings(data_dir=tmp_path, temporal_address=address, payload_encryption=False)
+    with pytest.raises(TemporalUnreachable) as caught:
+        await connect_temporal(settings)
+    assert caught.value.address == address and address in caught.value.message
+    assert caught.value.retryable
+
+
+async def test_open_store_yields_a_migrated_store_and_disposes_it(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    async with open_store(settings) as db:
+        async with db.sessionmaker() as session:
+            tables = (await session.execute(text("select name from sqlite_master where type='table'"))).scalars()
+            assert "sandbox_leases" in set(tables)
+    assert (tmp_path / "sandbox.db").is_file()
