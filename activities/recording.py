@@ -44,6 +44,7 @@ from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
 from sandbox.box import BoxSession, Envelope
 from sandbox.errors import BoxNotFound, HolderNotFound, LeaseNotFound, RecordingError
+from sandbox.failures import call_workflow
 from store.artifacts import CHUNK_SIZE, ArtifactStore, LocalFileArtifactStore, StoredArtifact
 from store.recordings import RecordingStore
 from workflows.lease import LeaseWorkflow
@@ -539,8 +540,6 @@ class RecordingActivities:
     # -- the lease ------------------------------------------------------------------------------
 
     async def _lease_update(self, inp: LeaseHolderInput | LeaseBoxLostInput, update: Any, arg: Any) -> Any:
-        from client.lease_client import call_workflow
-
         handle = activity.client().get_workflow_handle_for(
             LeaseWorkflow.run, lease_workflow_id(inp.workspace_id, inp.group_id)
         )

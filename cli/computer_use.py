@@ -16,8 +16,9 @@ from pydantic import BaseModel
 from activities.models import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
 from cli.exits import EXIT_REFUSED, load_settings, with_leases
 from cli.output import emit, fail, note
-from client.lease_client import LeaseClient, call_workflow
+from client.lease_client import LeaseClient
 from sandbox.errors import InvalidRequest
+from sandbox.failures import call_workflow
 
 __all__ = ["register"]
 

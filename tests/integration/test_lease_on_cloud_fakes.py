@@ -19,8 +19,8 @@ import pytest
 from temporalio.client import Client
 
 from activities.maintenance_models import GcSettings, OrphanSweepInput, SnapshotGcInput
-from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
+from sandbox.box import BoxSpec
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, REPO, eventually, running_runtime
 from tests.fakes.faults import FaultPlan

@@ -20,7 +20,7 @@ from temporalio.client import Client
 
 from activities.events import SessionEventActivities
 from activities.models import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
-from client.lease_client import call_workflow
+from sandbox.failures import call_workflow
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, running_runtime
 

@@ -17,8 +17,8 @@ import pytest
 
 from client.box_access import DEFAULT_WORKSPACE_ROOT, BoxAccess, workspace_root_of
 from client.lease_client import LeaseClient
-from providers.base import Envelope, ExecResult
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope, ExecResult
 from sandbox.settings import Settings
 from tests.conftest import free_port
 from workflows.models import BoxEnvelope, LeaseGrant
