@@ -8,9 +8,8 @@ the session they resumed and reuse it for every later activity on the same box. 
 
 from __future__ import annotations
 
-from providers.base import BoxSession, Envelope
 from providers.registry import ProviderRegistry
-from workflows.models.lease import BoxEnvelope
+from sandbox.box import BoxSession, Envelope
 
 __all__ = ["BoxSessions"]
 
@@ -26,7 +25,7 @@ class BoxSessions:
         self._providers = providers
         self._sessions: dict[tuple[str, str], BoxSession] = {}
 
-    async def get(self, backend: str, envelope: BoxEnvelope) -> BoxSession:
+    async def get(self, backend: str, envelope: Envelope) -> BoxSession:
         """The session of the box ``envelope`` names, resumed through its provider the first time.
 
         Raises:

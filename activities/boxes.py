@@ -16,8 +16,8 @@ from temporalio import activity
 from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
 from activities.snapshots import native_ref_sha256
-from providers.base import BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
 from sandbox.errors import (
     ArchiveCorrupt,
     ArtifactNotFound,
@@ -44,7 +44,7 @@ from workflows.models.boxes import (
     ProvisionInput,
     ProvisionResult,
 )
-from workflows.models.lease import ArchiveRef, BoxEnvelope, RestoreOutcome
+from workflows.models.lease import ArchiveRef, RestoreOutcome
 
 
 @contextlib.asynccontextmanager
@@ -119,7 +119,7 @@ class BoxActivities:
                 )
         envelope = session.serialize_state()
         self._sessions.keep(inp.backend, envelope.instance_id, session)
-        return ProvisionResult(envelope=BoxEnvelope(**envelope.model_dump()), restore=outcome)
+        return ProvisionResult(envelope=Envelope(**envelope.model_dump()), restore=outcome)
 
     async def _restore(self, provider: Provider, envelope: Envelope, refs: list[ArchiveRef]) -> RestoreOutcome:
         """Restore the first archive of ``refs`` that verifies; report which failed and why.

@@ -25,6 +25,7 @@ from activities.box_sessions import BoxSessions
 from activities.planes import PlaneActivities
 from activities.provider_errors import maps_provider_errors
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope
 from sandbox.errors import BoxNotFound, ComputerUseDisabled, ComputerUseError, ComputerUseReadOnly, ExecTimeout
 from sandbox.inbox_scripts import host_edge_environment
 from sandbox.settings import Settings
@@ -43,7 +44,6 @@ from workflows.models.computer_use import (
     ScrollAction,
     TypeAction,
 )
-from workflows.models.lease import BoxEnvelope
 from workflows.models.planes import DisplayStackRequest
 
 __all__ = ["ComputerUseActivities", "computer_use_policy", "input_script"]
@@ -186,7 +186,7 @@ class ComputerUseActivities:
     async def _run(
         self,
         backend: str,
-        envelope: BoxEnvelope,
+        envelope: Envelope,
         lease_id: str,
         epoch: int,
         geometry: str,

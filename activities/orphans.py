@@ -15,8 +15,8 @@ from collections.abc import Callable
 from temporalio import activity
 
 from activities.provider_errors import maps_provider_errors
-from providers.base import Envelope, OwnedBox
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope, OwnedBox
 from store.leases import LeaseRepository
 from workflows.activity_names import ActivityName
 from workflows.models.maintenance import (

@@ -12,7 +12,7 @@ are minted by the client, never here (tokens do not go through Temporal history)
 Where the edge runs depends on the backend:
 
 - **local** boxes have their own network namespace and do not see the runtime's code, so their
-  edges run on the worker host (:class:`~sandbox.edge.host.HostEdges`): the key is written into
+  edges run on the worker host (:class:`~daemons.edge.host.HostEdges`): the key is written into
   the box's private directory (never visible inside the box), the edge is started detached, in
   parallel with the in-box script (run with ``SANDBOX_EDGE_EXTERNAL=1``), reaches the box's
   sockets through the box's ``/tmp`` on the host, and listens on any free port of 127.0.0.1,
@@ -49,11 +49,11 @@ from temporalio import activity
 
 from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession, Endpoint
+from daemons.edge.host import HostEdgeError, HostEdgeLayout, HostEdges, HostEdgeUp, drop_key, write_key
 from providers.local import BOX_MARKER_VAR
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSession, Endpoint, Envelope
 from sandbox.capabilities import RuntimeDesktop
-from sandbox.edge.host import HostEdgeError, HostEdgeLayout, HostEdges, HostEdgeUp, drop_key, write_key
 from sandbox.errors import (
     BoxNotFound,
     DisplayStackError,
@@ -82,7 +82,7 @@ from sandbox.settings import Settings
 from sandbox.stream_token import DEFAULT_STREAM_PORT, derive_lease_key, root_secret_for
 from sandbox.stream_url import build_stream_url
 from workflows.activity_names import ActivityName
-from workflows.models.lease import BoxEnvelope, PlaneEndpoint
+from workflows.models.lease import PlaneEndpoint
 from workflows.models.planes import (
     DisplayStackRequest,
     DisplayStackResult,
@@ -267,7 +267,7 @@ class PlaneActivities:
     async def _run(
         self,
         backend: str,
-        envelope: BoxEnvelope,
+        envelope: Envelope,
         script: ScriptName,
         *,
         env: dict[str, str],
@@ -293,7 +293,7 @@ class PlaneActivities:
     async def _with_host_edge(
         self,
         backend: str,
-        envelope: BoxEnvelope,
+        envelope: Envelope,
         plane: Literal["desktop", "terminal"],
         epoch: int,
         key: bytes,
@@ -522,7 +522,7 @@ class PlaneActivities:
     async def _expose(
         self,
         backend: str,
-        envelope: BoxEnvelope,
+        envelope: Envelope,
         plane: Literal["desktop", "terminal"],
         port: int,
         resolution: str | None,

@@ -41,10 +41,11 @@ from temporalio import activity
 
 from activities.box_sessions import BoxSessions
 from activities.provider_errors import maps_provider_errors
-from providers.base import BoxSession
 from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSession
 from sandbox.errors import BoxNotFound, HolderNotFound, LeaseNotFound, RecordingError
+from sandbox.failures import call_workflow
 from store.artifacts import CHUNK_SIZE, ArtifactStore, LocalFileArtifactStore, StoredArtifact
 from store.recordings import RecordingStore
 from workflows.activity_names import ActivityName
@@ -521,8 +522,6 @@ class RecordingActivities:
     # -- the lease ------------------------------------------------------------------------------
 
     async def _lease_update(self, inp: LeaseHolderInput | LeaseBoxLostInput, update: Any, arg: Any) -> Any:
-        from client.lease_client import call_workflow
-
         handle = activity.client().get_workflow_handle_for(
             LeaseWorkflow.run, lease_workflow_id(inp.workspace_id, inp.group_id)
         )

@@ -6,7 +6,7 @@ computed on the way, so memory does not grow with the workspace. The ledger row 
 crashed capture leaves a candidate the GC collects).
 
 "Changed?" for periodic captures is answered in two steps: first the provider's cheap
-:meth:`~providers.base.Provider.workspace_fingerprint` (metadata only) against the fingerprint
+:meth:`~sandbox.box.Provider.workspace_fingerprint` (metadata only) against the fingerprint
 remembered with the previous archive; when that cannot decide, a full capture whose SHA-256 is
 compared with the previous one (archives are deterministic), and an identical one is dropped.
 """
@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from temporalio import activity
 
 from activities.provider_errors import maps_provider_errors
-from providers.base import Envelope, NativeWorkspaceSnapshots, Provider
 from providers.registry import ProviderRegistry
 from providers.workspace_archive import archive_kind
+from sandbox.box import Envelope, NativeWorkspaceSnapshots, Provider
 from sandbox.errors import ProviderError, SandboxError, SnapshotConflict
 from store.artifacts import ArtifactStore, snapshot_key
 from store.snapshots import GcClaim, GcPolicy, SnapshotLedger, SnapshotRecord, new_snapshot_id

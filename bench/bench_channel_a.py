@@ -46,8 +46,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from providers.base import BoxSpec  # noqa: E402
 from providers.local import LocalBoxSession, LocalProvider  # noqa: E402
+from sandbox.box import BoxSpec  # noqa: E402
 from sandbox.channel_a import ChannelA  # noqa: E402
 
 TARGET_RATIO = 1.5

@@ -50,9 +50,9 @@ from temporalio.worker import Worker  # noqa: E402
 
 from bench.stack import BenchStack, bench_stack, process_cpu_seconds  # noqa: E402
 from client import LeaseClient  # noqa: E402
-from providers.base import BoxSpec  # noqa: E402
 from providers.local import LocalProvider  # noqa: E402
 from sandbox import errors  # noqa: E402
+from sandbox.box import BoxSpec  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
 from worker import connect  # noqa: E402
 from workflows.lease import LeaseWorkflow  # noqa: E402

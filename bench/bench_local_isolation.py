@@ -29,7 +29,7 @@ from pathlib import Path
 _CHILD = r"""
 import asyncio, json, sys, time, secrets, shutil, os
 from pathlib import Path
-from providers.base import BoxSpec, Envelope
+from sandbox.box import BoxSpec, Envelope
 from providers.local import LocalProvider
 
 async def main(root, rounds, warm):

@@ -41,10 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from activities.planes import PlaneActivities  # noqa: E402
 from bench.stack import BenchStack, bench_stack  # noqa: E402
-from providers.base import BoxSpec, Envelope  # noqa: E402
 from providers.registry import ProviderRegistry  # noqa: E402
+from sandbox.box import BoxSpec, Envelope  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
-from workflows.models.lease import BoxEnvelope
 from workflows.models.planes import DisplayStackRequest
 
 TARGET_COLD_SECONDS = 2.0
@@ -67,7 +66,7 @@ async def run(rounds: int, warm_calls: int) -> int:
                 lease_id = f"lease/bench/g{i}"
                 spec = BoxSpec(lease_id=lease_id, workspace_id="bench", group_id=f"g{i}", epoch=1)
                 session = await provider.create(spec, f"{lease_id}#{uuid.uuid4().hex}")
-                envelope = BoxEnvelope(**session.serialize_state().model_dump())
+                envelope = Envelope(**session.serialize_state().model_dump())
                 await session.exec(["true"])  # the box's namespace holder is up before timing
                 request = DisplayStackRequest(backend="local", envelope=envelope, lease_id=lease_id, epoch=1)
                 started = time.perf_counter()

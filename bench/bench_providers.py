@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from providers.base import BoxSpec, Envelope  # noqa: E402
+from sandbox.box import BoxSpec, Envelope  # noqa: E402
 from tests.unit.providers.conftest import BACKENDS  # noqa: E402
 from tests.unit.providers.harness import ProviderHarness  # noqa: E402
 

@@ -42,14 +42,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from activities.recording import RecordingActivities  # noqa: E402
-from providers.base import BoxSpec  # noqa: E402
 from providers.local import LocalBoxSession, LocalProvider  # noqa: E402
 from providers.registry import ProviderRegistry  # noqa: E402
+from sandbox.box import (
+    BoxSpec,  # noqa: E402
+    Envelope,
+)
 from sandbox.settings import Settings  # noqa: E402
 from store.artifacts import FilesystemArtifactStore, artifact_root  # noqa: E402
 from store.database import Database  # noqa: E402
 from store.recordings import RecordingStore  # noqa: E402
-from workflows.models.lease import BoxEnvelope
 from workflows.models.recording import UploadInput, box_file_name
 
 TARGET_RATIO = 0.5
@@ -106,7 +108,7 @@ async def run(mib: int, exec_mib: int, rounds: int) -> dict[str, Any]:
     assert isinstance(provider, LocalProvider)
     try:
         session = await _box(provider)
-        envelope = BoxEnvelope(**session.serialize_state().model_dump())
+        envelope = Envelope(**session.serialize_state().model_dump())
         rid = f"bench-{uuid.uuid4().hex[:8]}"
         box_file = session.tmp_path / box_file_name(rid, "h264-mp4")
         log(f"writing a {mib} MiB box file (isolation: {provider.isolation})")

@@ -18,7 +18,7 @@ Then C tasks run ops concurrently for S seconds per op kind (``exec true``, ``pi
 completed ops per second, errors, and the CPU per op of every process involved (the agent, the
 commands it ran, this process, nats-server, the bare responder; from ``/proc``), whose sum bounds
 the rate the machine's cores allow. Last, without any RPC, ``true`` is started in this process the
-agent's ways (:mod:`sandbox.agent.spawn`: ``posix_spawn`` in the daemon's own directory, ``Popen``
+agent's ways (:mod:`daemons.agent.spawn`: ``posix_spawn`` in the daemon's own directory, ``Popen``
 elsewhere, asyncio as before) next to a bare ``posix_spawn`` + ``waitpid``: the spawn path alone.
 A keystroke's echo through a PTY the agent holds (``pty_write``, then the echo back through the
 ``pty_read`` long poll) is measured next to the same on a PTY held in this process.
@@ -53,8 +53,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from bench.stack import process_cpu_seconds  # noqa: E402
+from daemons.agent.spawn import start_command  # noqa: E402
 from providers.selfhosted import NatsControlRpc, SelfhostedSession, probe_agent  # noqa: E402
-from sandbox.agent.spawn import start_command  # noqa: E402
 from sandbox.control_auth import ControlSigningKey  # noqa: E402
 from sandbox.control_protocol import ControlRequest, ExecOp, encode_message  # noqa: E402
 from sandbox.nats_auth import AgentNatsUser, NatsAuth, NatsAuthority  # noqa: E402

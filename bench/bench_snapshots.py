@@ -45,10 +45,10 @@ from temporalio.testing import ActivityEnvironment  # noqa: E402
 
 from activities.boxes import BoxActivities  # noqa: E402
 from activities.snapshots import SnapshotActivities  # noqa: E402
-from providers.base import Envelope  # noqa: E402
 from providers.local import LocalBoxSession, LocalProvider  # noqa: E402
 from providers.registry import ProviderRegistry  # noqa: E402
 from providers.workspace_archive import ZSTD_LEVEL, zstd_available  # noqa: E402
+from sandbox.box import Envelope  # noqa: E402
 from sandbox.settings import Settings  # noqa: E402
 from store.artifacts import FilesystemArtifactStore, artifact_root, verified  # noqa: E402
 from store.database import Database  # noqa: E402
@@ -269,7 +269,7 @@ async def measure(params: Params, use_gzip: bool, base: Path | None, progress: C
 
 
 def provisioned_spec(rnd: int) -> Any:
-    from providers.base import BoxSpec
+    from sandbox.box import BoxSpec
 
     return BoxSpec(lease_id="lease/bench/g", workspace_id="bench", group_id="g", epoch=1000 + rnd)
 

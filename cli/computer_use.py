@@ -15,8 +15,9 @@ from pydantic import BaseModel
 
 from cli.exits import EXIT_REFUSED, load_settings, with_leases
 from cli.output import emit, fail, note
-from client.lease_client import LeaseClient, call_workflow
+from client.lease_client import LeaseClient
 from sandbox.errors import InvalidRequest
+from sandbox.failures import call_workflow
 from workflows.models.computer_use import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
 
 __all__ = ["register"]

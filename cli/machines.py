@@ -73,8 +73,8 @@ def agent_run(
     data_dir: Path | None = DataDir,
 ) -> None:
     """Serve this machine to the runtime until SIGTERM (which drains: running ops finish, new ones wait)."""
-    from sandbox.agent import AgentConfig, AgentConsent, AgentDaemon
-    from sandbox.agent.daemon import default_state_dir, use_pidfd_child_watcher
+    from daemons.agent import AgentConfig, AgentConsent, AgentDaemon
+    from daemons.agent.daemon import default_state_dir, use_pidfd_child_watcher
     from sandbox.control_auth import AgentCredential
     from sandbox.nats_auth import NatsAuth
 

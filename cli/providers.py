@@ -43,8 +43,8 @@ def _check(backend: str, settings: Settings) -> tuple[bool, str, dict[str, str] 
 
 
 def _row(backend: str, settings: Settings) -> dict[str, Any]:
-    from providers.descriptors import select_backend
     from providers.registry import PROVIDER_MODULES
+    from sandbox.descriptors import select_backend
 
     d = select_backend(backend)
     runnable = backend in PROVIDER_MODULES
@@ -69,7 +69,7 @@ def _row(backend: str, settings: Settings) -> dict[str, Any]:
 @providers_app.command("list")
 def list_providers(json_mode: bool = Json) -> None:
     """Every backend, what it offers, and whether its settings validate here."""
-    from providers.descriptors import SANDBOX_BACKENDS
+    from sandbox.descriptors import SANDBOX_BACKENDS
 
     settings = Settings()
     rows = [_row(backend, settings) for backend in SANDBOX_BACKENDS]
@@ -95,7 +95,7 @@ def list_providers(json_mode: bool = Json) -> None:
 @providers_app.command("check")
 def check(backend: str = typer.Argument(..., help="Backend name, e.g. modal."), json_mode: bool = Json) -> None:
     """Build BACKEND's client as the worker would and validate its settings offline."""
-    from providers.descriptors import SANDBOX_BACKENDS
+    from sandbox.descriptors import SANDBOX_BACKENDS
 
     if backend not in SANDBOX_BACKENDS:
         fail(f"unknown backend {backend!r}; known: {', '.join(SANDBOX_BACKENDS)}", EXIT_NOT_USABLE)

@@ -3,7 +3,7 @@
 ``up`` runs, in the foreground and each in its own process group, the Temporal dev server (with
 its Web UI, SQLite under the data dir and our search attributes), a NATS server and the worker.
 With history encryption on (the default) it also runs the codec server the Web UI decrypts
-payloads through (``sandbox/codec_server.py``, loopback only), after making sure the payload keys
+payloads through (``daemons/codec_server.py``, loopback only), after making sure the payload keys
 exist so the worker and the codec server share them.
 It holds ``<data>/stack.lock`` while it runs and publishes the addresses in ``<data>/stack.json``
 so the other commands find the stack (:func:`client.stack.read_stack_info`, :func:`client.stack.resolve_settings`).
@@ -317,7 +317,7 @@ def _codec_server(settings: Settings, codec_port: int, ui_port: int) -> list[str
     except SandboxConfigError as exc:
         fail(exc.message)
     origin = f"http://{HOST}:{ui_port}"
-    return [sys.executable, "-m", "sandbox.codec_server", "--port", str(codec_port), "--ui-origin", origin]
+    return [sys.executable, "-m", "daemons.codec_server", "--port", str(codec_port), "--ui-origin", origin]
 
 
 def _worker_env(info: StackInfo) -> dict[str, str]:

@@ -89,7 +89,7 @@ class BoxAccess:
             BoxNotFound: The box of the grant is gone.
             SandboxConfigError: The grant's backend is not configured in this process.
         """
-        from providers.base import Envelope
+        from sandbox.box import Envelope
 
         _, workspace_id, group_id = grant.lease_id.split("/", 2)  # lease_workflow_id(): lease/<workspace>/<group>
         provider = self._registry().get(grant.backend)

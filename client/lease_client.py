@@ -2,8 +2,9 @@
 
 Every method raises the typed errors of :mod:`sandbox.errors` (``StaleEpoch``,
 ``HolderNotFound``, ``LeaseNotWarm``, ...) instead of Temporal's transport exceptions, so callers
-branch on types, never on messages. One table, applied by :func:`translate` (every call goes
-through :func:`call_workflow`), maps what the Temporal client raises:
+branch on types, never on messages. One table, applied by :func:`sandbox.failures.translate` (every
+call goes through :func:`sandbox.failures.call_workflow`; activities that call the lease use it too),
+maps what the Temporal client raises:
 
 | the Temporal client raises                                        | the caller gets                         |
 |-------------------------------------------------------------------|-----------------------------------------|
@@ -36,25 +37,21 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 from temporalio.client import (
     Client,
-    RPCError,
-    RPCTimeoutOrCancelledError,
     WithStartWorkflowOperation,
     WorkflowHandle,
 )
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.exceptions import TemporalError
-from temporalio.service import RPCStatusCode
 
 from sandbox import errors
 from sandbox.capabilities import NegotiationContext, RuntimeDesktop, SessionCapabilities, negotiate_capabilities
-from sandbox.failures import application_error_in, from_application_error
+from sandbox.failures import call_workflow
 from sandbox.settings import Settings
 from workflows.lease import LeaseWorkflow
 from workflows.models.lease import (
@@ -134,56 +131,11 @@ def _validate_kind(kind: str) -> None:
 
 
 def _validate_backend(backend: str) -> None:
-    from providers.descriptors import select_backend
+    from sandbox.descriptors import select_backend
 
     descriptor = select_backend(backend)  # raises UnknownBackend
     if descriptor.tier == "none":
         raise errors.InvalidRequest(f"backend {backend!r} has no box to lease; use a real backend such as 'local'")
-
-
-_OUTCOME_UNKNOWN = "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"
-
-
-def translate(err: BaseException) -> errors.SandboxError | asyncio.CancelledError:
-    """Map a Temporal client exception to the runtime's typed error (the table in the module docstring).
-
-    Cancellation is recognised from the calling task, so call this where the Temporal call was awaited.
-    """
-    if isinstance(err, errors.SandboxError):
-        return err
-    app = application_error_in(err)
-    if app is not None:
-        return from_application_error(app)
-    rpc = err if isinstance(err, RPCError) else err.__cause__
-    if isinstance(err, RPCTimeoutOrCancelledError) or (
-        isinstance(rpc, RPCError) and rpc.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
-    ):
-        # The SDK turns the cancellation of the awaiting task into an RPC "timeout or cancelled" error.
-        task = asyncio.current_task()
-        if isinstance(err.__cause__, asyncio.CancelledError) or (task is not None and task.cancelling()):
-            return asyncio.CancelledError()
-        return errors.OutcomeUnknown(_OUTCOME_UNKNOWN)
-    if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
-        return errors.LeaseNotFound("no such lease; acquire it first (sandboxctl lease acquire WORKSPACE GROUP)")
-    # A failed update or workflow says little itself ("Workflow update failed"): its cause says what.
-    cause = err.__cause__
-    return errors.SandboxError(
-        f"{err}: {cause}" if isinstance(cause, TemporalError) else str(err) or type(err).__name__
-    )
-
-
-async def call_workflow(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run one Temporal client call (update, query, signal) and raise the runtime's typed errors.
-
-    The SDK turns the cancellation of the calling task into ``WorkflowUpdateRPCTimeoutOrCancelledError``;
-    that is given back as ``CancelledError`` so ``task.cancel()`` and ``asyncio.timeout`` keep working (a
-    loop catching ``SandboxError`` would otherwise swallow its own cancellation). A real RPC timeout is
-    ``OutcomeUnknown``: the update may or may not have run. See the table in the module docstring.
-    """
-    try:
-        return await fn()
-    except TemporalError as err:
-        raise translate(err) from err
 
 
 PLANE_PORTS = {"desktop": 6080, "terminal": 7681}

@@ -33,13 +33,14 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCStatusCode
 
-from client.lease_client import translate, validate_lease_ids
+from client.lease_client import validate_lease_ids
 from sandbox.errors import InvalidRequest, RecordingNotFound, SandboxError
+from sandbox.failures import translate
 from sandbox.settings import Settings
 from store.database import Database
+from store.records import RecordingRecord
 from workflows.models.recording import (
     RECORDING_ID_PATTERN,
-    RecordingRecord,
     RecordingRequest,
     RecordingStarted,
     RecordingTimers,

@@ -75,7 +75,6 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from providers.shell_exec import (
     LIST_DIR_SCRIPT,
@@ -85,6 +84,7 @@ from providers.shell_exec import (
     parse_exec_report,
     stage_stdin,
 )
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -99,7 +99,7 @@ from sandbox.errors import (
 )
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
     from sandbox.settings import Settings
 
 __all__ = [
@@ -524,7 +524,7 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
     """
 
     def __init__(self, settings: BlaxelSettings, *, api: BlaxelApi | None = None) -> None:
-        from providers.descriptors import CAPABILITY_DESCRIPTORS
+        from sandbox.descriptors import CAPABILITY_DESCRIPTORS
 
         self.settings = settings
         self.api: BlaxelApi = api if api is not None else BlaxelSdk(settings)

@@ -6,7 +6,7 @@ lease epoch, for the orphan sweep) and, where the service can filter on it,
 ``sandbox.managed_by=sandbox-runtime``. Whatever a service calls them (Modal tags, E2B and
 Runloop metadata, Daytona and Blaxel labels, Vercel tags), the names are these.
 
-:func:`owned_box` builds the :class:`~providers.base.OwnedBox` the orphan sweep reads: the lease id
+:func:`owned_box` builds the :class:`~sandbox.box.OwnedBox` the orphan sweep reads: the lease id
 from ``sandbox.lease_id``, and the labels with every ``sandbox.<name>`` also under its bare
 ``<name>`` (the sweep reads ``epoch``).
 """
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Final
 
-from providers.base import OwnedBox
+from sandbox.box import OwnedBox
 
 __all__ = ["EPOCH", "KEY", "LEASE_ID", "MANAGED_BY", "MANAGED_BY_US", "iso_seconds", "owned_box", "with_bare_names"]
 

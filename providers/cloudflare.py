@@ -76,8 +76,8 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -92,7 +92,7 @@ from sandbox.errors import (
 )
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
     from sandbox.settings import Settings
 
 __all__ = [
@@ -457,7 +457,7 @@ class CloudflareProvider(RemoteWorkspaceSnapshots):
     @property
     def descriptor(self) -> CapabilityDescriptor:
         """The static descriptor of the ``cloudflare`` backend."""
-        from providers.descriptors import select_backend
+        from sandbox.descriptors import select_backend
 
         return select_backend(BACKEND)
 

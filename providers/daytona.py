@@ -77,10 +77,10 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
-from providers.descriptors import CAPABILITY_DESCRIPTORS
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from providers.shell_exec import NO_WORKDIR, exec_script, parse_exec_report, stage_stdin
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from sandbox.descriptors import CAPABILITY_DESCRIPTORS
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -93,7 +93,7 @@ from sandbox.errors import (
 )
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
     from sandbox.settings import Settings
 
 __all__ = [

@@ -71,9 +71,9 @@ import requests
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.box_labels import owned_box
 from providers.remote_workspace import RemoteWorkspace
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -91,7 +91,7 @@ from sandbox.errors import (
 from sandbox.settings import Settings
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
 
 __all__ = [
     "BACKEND",
@@ -527,7 +527,7 @@ class DockerProvider:
     @property
     def descriptor(self) -> CapabilityDescriptor:
         """The static descriptor of the ``docker`` backend."""
-        from providers.descriptors import CAPABILITY_DESCRIPTORS
+        from sandbox.descriptors import CAPABILITY_DESCRIPTORS
 
         return CAPABILITY_DESCRIPTORS[BACKEND]
 

@@ -74,7 +74,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.egress_proxy import PROXY_PORT, EgressGateway, EgressProxy
 from providers.local_disk import BoxDisk, disk_support
 from providers.local_layout import (
@@ -90,8 +89,10 @@ from providers.local_layout import (
 )
 from providers.local_limits import BoxCgroup, CgroupSupport, probe_cgroups
 from providers.workspace_archive import extract_tar, stream_tar, tree_fingerprint
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.box_limits import BoxLimits
 from sandbox.channel_a.pty import spawn_on_terminal
+from sandbox.confined_path import BaseUnavailable, PathEscape, SymlinkLoop, open_directory, resolve_components
 from sandbox.egress_policy import EgressPolicy, runtime_endpoints
 from sandbox.errors import (
     BoxNotFound,
@@ -105,7 +106,7 @@ from sandbox.errors import (
 )
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
     from sandbox.settings import Settings
 
 __all__ = [
@@ -147,7 +148,6 @@ _SPARE_TOKEN_RE: Final = re.compile(r"^[0-9a-f]{16}$")
 _ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _WORKSPACE_PREFIX_RE: Final = re.compile("^/+" + re.escape(WORKSPACE_ROOT.strip("/")) + "(?=/|$)")
 _MAX_KEY_LEN: Final = 1024
-_MAX_SYMLINK_HOPS: Final = 40
 _PIPE_GRACE_SECONDS: Final = 0.2  # how long to keep reading output a background process holds open
 _HOLDER_START_TIMEOUT: Final = 10.0
 _SESSIONS_COMPACT_BYTES: Final = 64 * 1024
@@ -328,54 +328,27 @@ def _resolve(workspace: str, path: str) -> list[str]:
     """Resolve ``path`` as the box sees it into components under the workspace.
 
     Symlinks are followed with the box's view of the file system (an absolute target means a
-    ``/workspace`` path); anything that leads outside the workspace is refused. The result is
-    then opened component by component with ``O_NOFOLLOW``, so a symlink swapped in afterwards
-    fails instead of escaping.
+    ``/workspace`` path); anything that leads outside the workspace is refused
+    (:func:`sandbox.confined_path.resolve_components`). The result is then opened component by
+    component with ``O_NOFOLLOW``, so a symlink swapped in afterwards fails instead of escaping.
 
     Raises:
         InvalidRequest: the path escapes the workspace or has too many symlinks.
     """
-    pending = _box_parts(path)
-    pending.reverse()
-    resolved: list[str] = []
-    hops = 0
-    exists = True
-    while pending:
-        part = pending.pop()
-        if part == "..":
-            if not resolved:
-                raise InvalidRequest(f"path {path!r} resolves outside the workspace")
-            resolved.pop()
-            continue
-        if exists:
-            candidate = os.path.join(workspace, *resolved, part)
-            try:
-                st = os.lstat(candidate)
-            except (FileNotFoundError, NotADirectoryError):
-                exists = False
-            else:
-                if stat.S_ISLNK(st.st_mode):
-                    hops += 1
-                    if hops > _MAX_SYMLINK_HOPS:
-                        raise InvalidRequest(f"path {path!r} has too many levels of symbolic links")
-                    target = os.readlink(candidate)
-                    if target.startswith("/"):
-                        try:
-                            target_parts = _box_parts(target)
-                        except InvalidRequest:
-                            raise InvalidRequest(
-                                f"path {path!r} resolves outside the workspace (symlink to {target!r})"
-                            ) from None
-                        resolved = []
-                    else:
-                        target_parts = [p for p in target.split("/") if p not in ("", ".")]
-                    pending.extend(reversed(target_parts))
-                    continue
-        resolved.append(part)
-    return resolved
 
+    def absolute_target(target: str) -> list[str]:
+        try:
+            return _box_parts(target)
+        except InvalidRequest:
+            raise PathEscape(f"resolves outside the workspace (symlink to {target!r})") from None
 
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return resolve_components(workspace, _box_parts(path), absolute_target=absolute_target)
+    except PathEscape as escape:
+        why = "resolves outside the workspace" if escape.why == "climbs above the root" else escape.why
+        raise InvalidRequest(f"path {path!r} {why}") from None
+    except SymlinkLoop:
+        raise InvalidRequest(f"path {path!r} has too many levels of symbolic links") from None
 
 
 def _open_dir(
@@ -386,31 +359,15 @@ def _open_dir(
     Directories it creates are given to ``owner`` (the box user), so the box can write in them.
     """
     try:
-        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
+        return open_directory(workspace, parts, create=create, mode=0o755, owner=owner)
+    except BaseUnavailable:
         raise BoxNotFound(f"the box workspace {workspace} is gone") from None
-    try:
-        for part in parts:
-            try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise PathNotFound(f"no such file or directory: {path}", path=path) from None
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                if owner is not None:
-                    os.fchown(nfd, *owner)
-            except OSError as err:
-                if err.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise InvalidRequest(f"{part!r} in {path!r} is not a directory") from None
-                raise
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
+    except FileNotFoundError:
+        raise PathNotFound(f"no such file or directory: {path}", path=path) from None
+    except OSError as err:
+        if err.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise InvalidRequest(f"a component of {path!r} is not a directory") from None
         raise
-    return fd
 
 
 def _kind(mode: int) -> str:
@@ -742,7 +699,7 @@ class LocalProvider:
     @property
     def descriptor(self) -> CapabilityDescriptor:
         """The static descriptor of the ``local`` backend."""
-        from providers.descriptors import select_backend
+        from sandbox.descriptors import select_backend
 
         return select_backend("local")
 

@@ -78,15 +78,15 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
-from providers.descriptors import (
+from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from sandbox.descriptors import (
     BROWSER_CONTROL_PORT,
     DESKTOP_STREAM_PORT,
     TERMINAL_STREAM_PORT,
     CapabilityDescriptor,
     select_backend,
 )
-from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
-from providers.base import BoxSession, BoxSpec, Envelope, OwnedBox
-from providers.descriptors import CapabilityDescriptor, select_backend
+from sandbox.box import BoxSession, BoxSpec, Envelope, OwnedBox
+from sandbox.descriptors import CapabilityDescriptor, select_backend
 from sandbox.errors import Unsupported
 from sandbox.settings import Settings
 

@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Final
 
-from providers.base import Provider
+from sandbox.box import Provider
 from sandbox.errors import SandboxConfigError, UnknownBackend, Unsupported
 from sandbox.settings import Settings
 
@@ -55,7 +55,7 @@ def create_sandbox_client_for_backend(backend: str, settings: Settings) -> Provi
         SandboxConfigError: the backend's settings are missing or malformed (the message names
             the setting), or the client's backend id contradicts its descriptor.
     """
-    from providers.descriptors import SANDBOX_BACKENDS, select_backend
+    from sandbox.descriptors import SANDBOX_BACKENDS, select_backend
 
     if backend not in SANDBOX_BACKENDS:
         raise UnknownBackend(backend, list(SANDBOX_BACKENDS))

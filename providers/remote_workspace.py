@@ -28,8 +28,8 @@ import tarfile
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
-from providers.base import BoxSession, Envelope
 from providers.workspace_archive import CHUNK_SIZE, ZSTD_MAGIC
+from sandbox.box import BoxSession, Envelope
 from sandbox.errors import ArchiveCorrupt, ProviderError, ProviderUnavailable, SandboxConfigError
 
 __all__ = ["FINGERPRINT_PREFIX", "RemoteWorkspace", "RemoteWorkspaceSnapshots"]

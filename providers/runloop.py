@@ -70,7 +70,6 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from providers.shell_exec import (
     LIST_DIR_SCRIPT,
@@ -80,6 +79,7 @@ from providers.shell_exec import (
     parse_exec_report,
     stage_stdin,
 )
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -97,7 +97,7 @@ if TYPE_CHECKING:
     from runloop_api_client import AsyncRunloop
     from runloop_api_client.types import DevboxView
 
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
     from sandbox.settings import Settings
 
 __all__ = [
@@ -454,7 +454,7 @@ class RunloopProvider(RemoteWorkspaceSnapshots):
     """
 
     def __init__(self, settings: RunloopSettings, *, client: AsyncRunloop | None = None) -> None:
-        from providers.descriptors import CAPABILITY_DESCRIPTORS
+        from sandbox.descriptors import CAPABILITY_DESCRIPTORS
 
         self.settings = settings
         self._client = client

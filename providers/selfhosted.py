@@ -17,7 +17,7 @@ Pieces:
   needs NATS) and turns every transport failure into an error *response* (no responders →
   ``AGENT_OFFLINE``, timeout → ``TIMEOUT``, malformed reply → ``PROTOCOL``), never an exception.
   :class:`MockAgentResponder` is an in-process ControlRpc for tests.
-- :class:`SelfhostedSession` implements :class:`~providers.base.BoxSession` over a ControlRpc:
+- :class:`SelfhostedSession` implements :class:`~sandbox.box.BoxSession` over a ControlRpc:
   every op carries the session's epoch, retries follow :class:`RetryPolicy` (upstream §8.3), large
   files move in chunks that fit the link's per-message limit, and ``resolve_exposed_port`` returns
   the relay URL shape ``wss://<relay>/stream?ws=…&agent=…&port=…&channel=…``.
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
 
-from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
-from providers.descriptors import DESKTOP_STREAM_PORT, NEVER_SENT_DETAIL_KEY, get_descriptor
+from providers.selfhosted_terminal import RemotePty
+from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.control_auth import REQUEST_VALIDITY_SECONDS, ControlSigningKey, ReplyVerifier
 from sandbox.control_protocol import (
     NATS_DEFAULT_MAX_PAYLOAD,
@@ -84,6 +84,7 @@ from sandbox.control_protocol import (
     payload_too_large_response,
     validate_agent_token,
 )
+from sandbox.descriptors import DESKTOP_STREAM_PORT, NEVER_SENT_DETAIL_KEY, get_descriptor
 from sandbox.errors import (
     AgentOffline,
     ChannelAUnsupported,
@@ -99,9 +100,8 @@ from sandbox.nats_auth import NatsAuth
 from sandbox.nats_dial import dial_within
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
-    from providers.selfhosted_terminal import RemotePty
     from sandbox.channel_a.pty import ExitCallback, OutputCallback
+    from sandbox.descriptors import CapabilityDescriptor
     from sandbox.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -782,7 +782,7 @@ def _sniff_image(data: bytes, path: str) -> str:
 
 
 class SelfhostedSession:
-    """A :class:`~providers.base.BoxSession` on a user's machine, over a :class:`ControlRpc`.
+    """A :class:`~sandbox.box.BoxSession` on a user's machine, over a :class:`ControlRpc`.
 
     Every op carries :attr:`epoch`; the agent refuses it with ``FENCED`` once it has seen a newer
     one. Failures raise :class:`~sandbox.errors.SelfhostedControlError` (never ``BoxNotFound``),
@@ -793,6 +793,8 @@ class SelfhostedSession:
     """
 
     backend_id: Final = BACKEND_ID
+    exec_reply_budget: Final = max_chunk_bytes(NATS_DEFAULT_MAX_PAYLOAD)
+    """Raw output bytes one exec reply can carry (:class:`~sandbox.box.BoundedExecReplies`)."""
 
     def __init__(
         self,
@@ -1064,8 +1066,6 @@ class SelfhostedSession:
             ChannelAUnsupported: the agent predates the PTY ops.
             SelfhostedControlError: the agent is offline, draining, fenced, or could not start the shell.
         """
-        from providers.selfhosted_terminal import RemotePty
-
         term = env.get("TERM", "xterm-256color")
         rest = {name: value for name, value in env.items() if name != "TERM"}
         op = build_op(PtyOpenOp, command=list(argv), cwd=self._path(cwd), env=rest, cols=cols, rows=rows, term=term)

@@ -1,7 +1,7 @@
 """A PTY on a selfhosted machine, driven over the agent protocol's ``pty_*`` ops.
 
 :class:`RemotePty` is the runtime's side of a shell the agent runs on a pseudo-terminal it holds
-(:mod:`sandbox.agent.terminals`). It behaves like a local :class:`~sandbox.channel_a.pty.PtyProcess`
+(:mod:`daemons.agent.terminals`). It behaves like a local :class:`~sandbox.channel_a.pty.PtyProcess`
 for Channel-A: a background poll (``pty_read``, a long poll answered as soon as output is there)
 feeds the output to readers and to ``on_output``, and reports the exit once. When the agent stops
 answering for this PTY (it restarted and forgot it, went offline, or the binding was fenced) the
@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol, TypeVar
 
 from sandbox.channel_a.models import PtyExitReason
 from sandbox.channel_a.pty import ExitCallback, OutputCallback, PtyOutput
 from sandbox.control_protocol import (
     PTY_MAX_WAIT_MS,
+    ControlOp,
     PtyCloseOp,
     PtyCloseReply,
     PtyReadOp,
@@ -31,10 +32,23 @@ from sandbox.control_protocol import (
 )
 from sandbox.errors import ChannelAConflict, ChannelAUnavailable, SelfhostedControlError
 
-if TYPE_CHECKING:
-    from providers.selfhosted import SelfhostedSession
+__all__ = ["AgentCalls", "RemotePty"]
 
-__all__ = ["RemotePty"]
+_R = TypeVar("_R")
+
+
+class AgentCalls(Protocol):
+    """What a :class:`RemotePty` needs of its session (:class:`providers.selfhosted.SelfhostedSession`)."""
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Most bytes one write op may carry."""
+        ...
+
+    async def call(self, op: ControlOp, reply_type: type[_R], *, timeout: float | None = None) -> _R:
+        """Send one op to the agent and return its typed reply."""
+        ...
+
 
 POLL_WAIT_SECONDS: Final = 5.0
 """How long one output poll may wait at the agent (well under the op limit of 10 s)."""
@@ -66,7 +80,7 @@ class RemotePty:
 
     def __init__(
         self,
-        session: SelfhostedSession,
+        session: AgentCalls,
         pty_id: str,
         *,
         cols: int,

@@ -6,7 +6,7 @@ output as JSON or UTF-8 *text*, which cannot carry arbitrary bytes (and some mer
 stderr or keep only the last lines). So a provider runs every command inside the small POSIX ``sh``
 script :func:`exec_script` builds: the command's stdout and stderr go to files in the box, and the
 script's own stdout is one report line carrying the exit status and both streams base64-encoded,
-which :func:`parse_exec_report` turns back into an :class:`~providers.base.ExecResult`.
+which :func:`parse_exec_report` turns back into an :class:`~sandbox.box.ExecResult`.
 
 The report line (the last one holding the marker; anything before it, such as a login shell's
 noise, is ignored)::
@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from providers.base import DirEntry, ExecResult
+from sandbox.box import DirEntry, ExecResult
 from sandbox.errors import InvalidRequest, PathNotFound, ProviderError
 
 __all__ = [

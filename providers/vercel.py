@@ -84,9 +84,9 @@ from vercel.sandbox import (
 from vercel.sandbox._internal.log_stream import _TruncatedStreamError
 
 from providers import box_labels
-from providers.base import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
 from providers.shell_exec import LIST_DIR_SCRIPT, exec_script, parse_dir_listing, parse_exec_report
+from sandbox.box import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -101,7 +101,7 @@ from sandbox.errors import (
 )
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
     from sandbox.settings import Settings
 
 __all__ = [
@@ -374,7 +374,7 @@ class VercelProvider(RemoteWorkspaceSnapshots):
     @property
     def descriptor(self) -> CapabilityDescriptor:
         """The static descriptor of the ``vercel`` backend."""
-        from providers.descriptors import select_backend
+        from sandbox.descriptors import select_backend
 
         return select_backend(BACKEND)
 

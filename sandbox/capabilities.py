@@ -51,7 +51,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from providers.descriptors import (
+from sandbox.descriptors import (
     CapabilityDescriptor,
     CapabilityUnavailableReason,
     DesktopStreamCapability,

@@ -49,10 +49,11 @@ from pydantic import (
 )
 from pydantic.functional_validators import AfterValidator
 
-from providers.descriptors import NEVER_SENT_DETAIL_KEY, AgentErrorCode
+from sandbox.descriptors import NEVER_SENT_DETAIL_KEY
 from sandbox.errors import InvalidRequest, SelfhostedControlError
 
 __all__ = [
+    "UPSTREAM_ERROR_CODES",
     "build_op",
     "MAX_ARGV_CHARS",
     "MAX_ARGV_ITEMS",
@@ -211,12 +212,14 @@ def parse_agent_subject(subject: str) -> tuple[str, str]:
 # --- error codes --------------------------------------------------------------------------------
 
 
-UNAUTHENTICATED_NUMBER: Final = 12
-"""Ours, beyond upstream's enum (which ends at 11): a request or reply failed signature, expiry or replay checks."""
-
-
 class ControlErrorCode(StrEnum):
-    """Error codes of :class:`AgentError`, by name on the wire; :attr:`number` is the upstream enum value."""
+    """The agent wire protocol's error codes: by name on the wire, :attr:`number` in upstream's proto enum.
+
+    The one enum for the code. Declaration order *is* the number: ``UNSPECIFIED`` (0) to
+    ``PAYLOAD_TOO_LARGE`` (11) are upstream's ``ERROR_CODE_*`` one for one
+    (:data:`UPSTREAM_ERROR_CODES`); ``UNAUTHENTICATED`` (12) is ours beyond its range (a request or
+    reply failed signature, expiry or replay checks). New codes go at the end.
+    """
 
     UNSPECIFIED = "UNSPECIFIED"
     UNSUPPORTED = "UNSUPPORTED"
@@ -234,10 +237,8 @@ class ControlErrorCode(StrEnum):
 
     @property
     def number(self) -> int:
-        """The ``ERROR_CODE_*`` integer of the upstream proto enum (ours beyond it: :data:`UNAUTHENTICATED_NUMBER`)."""
-        if self is ControlErrorCode.UNAUTHENTICATED:
-            return UNAUTHENTICATED_NUMBER
-        return int(AgentErrorCode[f"ERROR_CODE_{self.value}"])
+        """The code's integer on the wire (its place in the declaration)."""
+        return _CODE_NUMBERS[self]
 
     @classmethod
     def from_wire(cls, value: object) -> ControlErrorCode:
@@ -250,16 +251,19 @@ class ControlErrorCode(StrEnum):
         if isinstance(value, cls):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
-            if value == UNAUTHENTICATED_NUMBER:
-                return cls.UNAUTHENTICATED
-            try:
-                return cls(AgentErrorCode(value).name.removeprefix("ERROR_CODE_"))
-            except ValueError:
-                return cls.UNSPECIFIED
+            return _CODES_BY_NUMBER.get(value, cls.UNSPECIFIED)
         if isinstance(value, str):
             name = value.removeprefix("ERROR_CODE_")
             return cls(name) if name in cls.__members__ else cls.UNSPECIFIED
         raise ValueError(f"error code must be a name or a number, not {type(value).__name__}")
+
+
+_CODE_NUMBERS: Final[dict[ControlErrorCode, int]] = {code: number for number, code in enumerate(ControlErrorCode)}
+_CODES_BY_NUMBER: Final[dict[int, ControlErrorCode]] = {number: code for code, number in _CODE_NUMBERS.items()}
+UPSTREAM_ERROR_CODES: Final[tuple[ControlErrorCode, ...]] = tuple(ControlErrorCode)[
+    : ControlErrorCode.UNAUTHENTICATED.number
+]
+"""The codes of upstream's proto enum ``ErrorCode`` (``ERROR_CODE_<name>`` = :attr:`ControlErrorCode.number`)."""
 
 
 _RETRYABLE_BY_DEFAULT: Final = frozenset({ControlErrorCode.TIMEOUT, ControlErrorCode.DRAINING, ControlErrorCode.FENCED})
@@ -936,27 +940,28 @@ def agent_error_to_control_error(
     reason: str | None = None
     retryable = agent_retryable
     flags: dict[str, bool] = {}
-    if code == AgentErrorCode.ERROR_CODE_AGENT_OFFLINE:
+    known = _CODES_BY_NUMBER.get(code)
+    if known is ControlErrorCode.AGENT_OFFLINE:
         reason, retryable = "agent_offline", False
         flags = {"agent_offline": True, "never_sent": detail.get(NEVER_SENT_DETAIL_KEY) == "1"}
-    elif code == AgentErrorCode.ERROR_CODE_TIMEOUT:
+    elif known is ControlErrorCode.TIMEOUT:
         reason, retryable = "agent_reconnecting", True
-    elif code == AgentErrorCode.ERROR_CODE_CONSENT_REQUIRED:
+    elif known is ControlErrorCode.CONSENT_REQUIRED:
         reason, retryable = "consent_required", False
-    elif code == AgentErrorCode.ERROR_CODE_DRAINING:
+    elif known is ControlErrorCode.DRAINING:
         # Always the zero-retry text: only the caller's retry loop knows how often it retried.
         text = draining_message(0)
         retryable = True
         flags = {"draining": True}
-    elif code == AgentErrorCode.ERROR_CODE_PAYLOAD_TOO_LARGE:
+    elif known is ControlErrorCode.PAYLOAD_TOO_LARGE:
         text, retryable = payload_too_large_message(detail), False
         flags = {"payload_too_large": True}
-    elif code == AgentErrorCode.ERROR_CODE_FENCED:
+    elif known is ControlErrorCode.FENCED:
         retryable = True
         flags = {"fenced": True}
-    elif code == AgentErrorCode.ERROR_CODE_NOT_FOUND:
+    elif known is ControlErrorCode.NOT_FOUND:
         flags = {"os_not_found": True}
-    elif code == UNAUTHENTICATED_NUMBER:
+    elif known is ControlErrorCode.UNAUTHENTICATED:
         # A signature, expiry or replay check failed: repeating the same bytes cannot help.
         reason, retryable = "unauthenticated", False
     return SelfhostedControlError(

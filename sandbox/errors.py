@@ -25,7 +25,7 @@ sent) still rebuilds the right class, with the class defaults.
      │    ├── ChannelAValidationError  a Channel-A path or argument refused before anything runs (400)
      │    ├── ControlUnauthenticated  a control message is unsigned, forged, expired or replayed
      │    └── StreamTokenError       a stream token cannot be minted: empty secret, invalid claims
-     ├── ProviderError               raised by providers (see providers/base.py)
+     ├── ProviderError               raised by providers (see sandbox/box.py)
      │    ├── BoxNotFound            typed proof the box is gone (the only licence for cold restore)
      │    ├── ProviderUnavailable    transient; retry
      │    ├── ProviderAuthError      credentials rejected
@@ -334,7 +334,7 @@ class SelfhostedControlError(ProviderError):
     is gone (a user's machine cannot be recreated), so it is never a :class:`BoxNotFound`.
 
     Attributes:
-        code: The wire error code as its integer value (``AgentErrorCode``; unknown codes kept as is).
+        code: The wire error code as its integer value (``ControlErrorCode.number``; unknown codes kept as is).
         reason: ``agent_offline`` / ``agent_reconnecting`` / ``consent_required``, or None.
         fenced: The op carried an epoch older than the newest the agent has seen.
         draining: The agent is draining or at capacity.

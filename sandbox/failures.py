@@ -19,17 +19,33 @@ defaults, retryability included; an unknown ``type`` decodes to a plain ``Sandbo
 An exception must never be (transitively) its own cause: Temporal's failure converter follows
 ``__cause__`` (else ``__context__``) and recurses on a cycle until ``RecursionError``.
 :func:`cut_cause_cycles` breaks such a cycle at the boundary.
+
+On the calling side, :func:`call_workflow` runs one Temporal client call and raises what
+:func:`translate` makes of a failure (the table is in :mod:`client.lease_client`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
-from temporalio.exceptions import ApplicationError
+from temporalio.client import RPCError, RPCTimeoutOrCancelledError
+from temporalio.exceptions import ApplicationError, TemporalError
+from temporalio.service import RPCStatusCode
 
-from sandbox.errors import SandboxError, error_from_type
+from sandbox.errors import LeaseNotFound, OutcomeUnknown, SandboxError, error_from_type
 
-__all__ = ["application_error_in", "cut_cause_cycles", "from_application_error", "to_application_error"]
+__all__ = [
+    "application_error_in",
+    "call_workflow",
+    "cut_cause_cycles",
+    "from_application_error",
+    "to_application_error",
+    "translate",
+]
+
+T = TypeVar("T")
 
 
 def to_application_error(err: SandboxError) -> ApplicationError:
@@ -84,3 +100,46 @@ def cut_cause_cycles(err: BaseException) -> BaseException:
             return err
         seen.add(id(nxt))
         current = nxt
+
+
+_OUTCOME_UNKNOWN = "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"
+
+
+def translate(err: BaseException) -> SandboxError | asyncio.CancelledError:
+    """Map a Temporal client exception to the runtime's typed error (the table in :mod:`client.lease_client`).
+
+    Cancellation is recognised from the calling task, so call this where the Temporal call was awaited.
+    """
+    if isinstance(err, SandboxError):
+        return err
+    app = application_error_in(err)
+    if app is not None:
+        return from_application_error(app)
+    rpc = err if isinstance(err, RPCError) else err.__cause__
+    if isinstance(err, RPCTimeoutOrCancelledError) or (
+        isinstance(rpc, RPCError) and rpc.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
+    ):
+        # The SDK turns the cancellation of the awaiting task into an RPC "timeout or cancelled" error.
+        task = asyncio.current_task()
+        if isinstance(err.__cause__, asyncio.CancelledError) or (task is not None and task.cancelling()):
+            return asyncio.CancelledError()
+        return OutcomeUnknown(_OUTCOME_UNKNOWN)
+    if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
+        return LeaseNotFound("no such lease; acquire it first (sandboxctl lease acquire WORKSPACE GROUP)")
+    # A failed update or workflow says little itself ("Workflow update failed"): its cause says what.
+    cause = err.__cause__
+    return SandboxError(f"{err}: {cause}" if isinstance(cause, TemporalError) else str(err) or type(err).__name__)
+
+
+async def call_workflow(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run one Temporal client call (update, query, signal) and raise the runtime's typed errors.
+
+    The SDK turns the cancellation of the calling task into ``WorkflowUpdateRPCTimeoutOrCancelledError``;
+    that is given back as ``CancelledError`` so ``task.cancel()`` and ``asyncio.timeout`` keep working (a
+    loop catching ``SandboxError`` would otherwise swallow its own cancellation). A real RPC timeout is
+    ``OutcomeUnknown``: the update may or may not have run. See the table in :mod:`client.lease_client`.
+    """
+    try:
+        return await fn()
+    except TemporalError as err:
+        raise translate(err) from err

@@ -18,7 +18,7 @@ Contract of the scripts (see each script's header for its environment):
   writable one on ``ttyd.sock``, the read-only one on ``ttyd-view.sock``) or the edge failed.
 - The edge serves ``SANDBOX_EDGE_EPOCH`` (required to start one; an edge of another epoch is
   restarted). With ``SANDBOX_EDGE_EXTERNAL=1`` the scripts neither start nor check an edge (it
-  runs outside the box: :mod:`sandbox.edge.host`), the marker says ``port=0`` and ``--status``
+  runs outside the box: :mod:`daemons.edge.host`), the marker says ``port=0`` and ``--status``
   reports only the parts in the box.
 - Both: 15 when a concurrent bring-up held the lock too long (``SANDBOX_*_LOCK_TIMEOUT``), 16 when
   a required tool is missing (``SANDBOX_*_UNAVAILABLE missing=<tools>``: the plane is unavailable,
@@ -43,7 +43,7 @@ from functools import cache
 from pathlib import Path
 from typing import Final, Literal
 
-from providers.base import BoxSession
+from sandbox.box import BoxSession
 from sandbox.errors import SandboxConfigError, Unsupported
 
 __all__ = [
@@ -289,7 +289,7 @@ def runtime_paths() -> list[Path]:
 def host_edge_environment() -> dict[str, str]:
     """Environment that lets a box which sees the host's file system run the edge and ttyd from this host.
 
-    Local boxes no longer run an edge (it runs on the host, :mod:`sandbox.edge.host`); while they
+    Local boxes no longer run an edge (it runs on the host, :mod:`daemons.edge.host`); while they
     still see the host's file system, only ``TTYD_SOURCE`` matters to them.
 
     The edge runs on an interpreter of this Python version that boxes can see, with this package

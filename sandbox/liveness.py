@@ -7,7 +7,7 @@
 - ``consented`` means whole-machine exposure *and* screen control allowed by the owner;
 - a clean goodbye (``went_offline_at`` set) → offline, even if a probe just answered;
 - a probe that answered → online;
-- otherwise seen within :data:`~providers.descriptors.SELFHOSTED_RECONNECT_WINDOW_MS` (30 s,
+- otherwise seen within :data:`~sandbox.descriptors.SELFHOSTED_RECONNECT_WINDOW_MS` (30 s,
   inclusive, a future timestamp counts as recent) → reconnecting, else offline.
 
 Timestamps may be datetimes or the text forms a database or an API hands over (ISO 8601 with or
@@ -24,7 +24,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
-from providers.descriptors import SELFHOSTED_RECONNECT_WINDOW_MS
+from sandbox.descriptors import SELFHOSTED_RECONNECT_WINDOW_MS
 
 __all__ = ["AgentState", "EnrollmentView", "SelfhostedLiveness", "parse_moment", "selfhosted_liveness"]
 

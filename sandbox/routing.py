@@ -4,7 +4,7 @@ A session's *active pointer* ``(active_sandbox_id, active_epoch, working_dir)`` 
 (``session_pointers``); ``None`` means the session's home box (its group's lease box). A swap moves
 the pointer by compare-and-set on ``active_epoch`` (:class:`store.machines.SessionPointerRepository`).
 
-:class:`RoutingSession` is one stable :class:`~providers.base.BoxSession` whose ops land wherever
+:class:`RoutingSession` is one stable :class:`~sandbox.box.BoxSession` whose ops land wherever
 the pointer says *now* (upstream ``reference/upstream-runtime-contracts.md`` §9):
 
 - every op re-reads the pointer; the backend resolved for ``(epoch, sandbox id)`` is cached and
@@ -29,7 +29,8 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from providers.base import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
+from sandbox.box import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
+from sandbox.control_protocol import NATS_DEFAULT_MAX_PAYLOAD, max_chunk_bytes
 from sandbox.errors import (
     MutationOutcomeUnknown,
     RouteUnresolvable,
@@ -115,6 +116,9 @@ RouteListener = Callable[[RouteEvent, ActivePointer], None]
 
 class RoutingSession:
     """A session-shaped proxy that routes every op to the pointer's current backend (module docstring)."""
+
+    exec_reply_budget: Final = max_chunk_bytes(NATS_DEFAULT_MAX_PAYLOAD)
+    """It may land on a selfhosted machine, so its exec replies are bounded as that one's are."""
 
     def __init__(
         self,

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic.alias_generators import to_camel
 
-from providers.descriptors import CapabilityUnavailableReason
 from sandbox.capabilities import (
     CapabilityOverlay,
     MintedDesktopStream,
@@ -32,6 +31,7 @@ from sandbox.capabilities import (
     SessionCapabilities,
     negotiate_capabilities,
 )
+from sandbox.descriptors import CapabilityUnavailableReason
 from sandbox.errors import InvalidRequest
 from sandbox.liveness import EnrollmentView, SelfhostedLiveness, selfhosted_liveness
 

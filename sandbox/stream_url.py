@@ -28,7 +28,7 @@ _HOST_FORBIDDEN: Final = frozenset("/?#@[]\\")
 
 @runtime_checkable
 class ExposedEndpoint(Protocol):
-    """What :func:`build_stream_url` reads from an endpoint; :class:`providers.base.Endpoint` has it."""
+    """What :func:`build_stream_url` reads from an endpoint; :class:`sandbox.box.Endpoint` has it."""
 
     @property
     def host(self) -> str: ...
@@ -93,7 +93,7 @@ def _checked_part(value: object, name: str, host: object, port: object) -> str:
 def build_stream_url(endpoint: ExposedEndpoint | Mapping[str, object]) -> str:
     """Return the ``ws``/``wss`` URL of an exposed stream port.
 
-    ``endpoint`` is our :class:`providers.base.Endpoint` (any :class:`ExposedEndpoint`) or the
+    ``endpoint`` is our :class:`sandbox.box.Endpoint` (any :class:`ExposedEndpoint`) or the
     upstream ``ExposedPortEndpoint`` shape as a mapping (``host``, ``port``, optional ``tls``,
     ``path``, ``query``; other keys such as ``protocol`` and ``url`` are ignored, and ``None`` means
     absent). The port is dropped when it is the scheme's default (443 for ``wss``, 80 for ``ws``), a

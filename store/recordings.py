@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sandbox.errors import InvalidRequest
 from store.database import Database
 from store.models import RecordingRow
-from workflows.models.recording import RecordingRecord
+from store.records import RecordingRecord
 
 __all__ = ["RecordingStore"]
 

@@ -1,7 +1,9 @@
 """Boundary types of the lease projection: what the lease workflow produces and the store keeps.
 
-These pydantic models cross the Temporal boundary (the projection activity takes them as its
-input) and come back out of :class:`store.leases.LeaseRepository`. Every datetime is
+These pydantic models cross the Temporal boundary (the projection activities take them as their
+input) and come back out of :class:`store.leases.LeaseRepository` and
+:class:`store.recordings.RecordingStore`; the workflows' models import them from here, so the store
+never imports a workflow. Every datetime is
 timezone-aware and normalised to UTC on construction, so a record read back from either
 database compares equal to the one that was written.
 """
@@ -9,7 +11,7 @@ database compares equal to the one that was written.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict
 
@@ -100,3 +102,43 @@ class LeaseEventRecord(BaseModel):
     epoch: int
     reason: str
     at: UtcDatetime
+
+
+# ---------------------------------------------------------------- the recordings projection
+
+RecordingCodec = Literal["h264-mp4", "vp9-webm"]
+RecordingStateName = Literal["starting", "recording", "stopping", "finalizing", "available", "failed"]
+RecordingFailureReason = Literal[
+    "ffmpeg-error", "box-death", "max-bytes-exceeded", "display-unavailable", "upload-failed"
+]
+
+
+class RecordingRecord(BaseModel):
+    """The ``recordings`` row the workflow projects; a write with a lower ``version`` never applies."""
+
+    recording_id: str
+    workspace_id: str
+    session_id: str
+    group_id: str
+    lease_id: str
+    state: RecordingStateName
+    reason: RecordingFailureReason | None = None
+    detail: str | None = None
+    codec: RecordingCodec
+    framerate: int
+    max_seconds: int
+    max_bytes: int
+    epoch: int | None = None
+    instance_id: str | None = None
+    width: int | None = None
+    height: int | None = None
+    storage_key: str | None = None
+    content_type: str
+    size_bytes: int | None = None
+    sha256: str | None = None
+    duration_seconds: float | None = None
+    version: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finalized_at: datetime | None = None
+    updated_at: datetime

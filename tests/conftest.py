@@ -609,7 +609,7 @@ async def pg_runtime(
 
 
 def kill_host_edges_under(base: Path) -> list[int]:
-    """Kill the host edges (``python -m sandbox.edge``, detached by design) whose key file is under ``base``.
+    """Kill the host edges (``python -m daemons.edge``, detached by design) whose key file is under ``base``.
 
     A local box's edges run on the host and outlive the worker that started them; boxes that a
     test leaves behind would leave their edges running after the session. Returns the pids killed.
@@ -625,7 +625,7 @@ def kill_host_edges_under(base: Path) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"sandbox.edge" not in argv or b"--key-file" not in argv[:-1]:
+        if b"daemons.edge" not in argv or b"--key-file" not in argv[:-1]:
             continue
         if not argv[argv.index(b"--key-file") + 1].decode(errors="replace").startswith(prefix):
             continue

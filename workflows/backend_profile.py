@@ -9,8 +9,8 @@ did.
 
 from __future__ import annotations
 
-from providers.descriptors import select_backend
 from sandbox import errors
+from sandbox.descriptors import select_backend
 from workflows.models.lease import BackendProfile
 
 __all__ = ["backend_profile"]

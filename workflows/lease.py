@@ -62,6 +62,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from sandbox import errors
+    from sandbox.box import Envelope
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
     from workflows import search_attributes as sa
     from workflows.activity_names import ActivityName
@@ -97,7 +98,6 @@ with workflow.unsafe.imports_passed_through():
         ArchiveRef,
         AttachViewerRequest,
         BackendProfile,
-        BoxEnvelope,
         BoxLostReport,
         BoxLostResult,
         DrainRequest,
@@ -475,7 +475,7 @@ class LeaseWorkflow:
         self._teardown_retry_at = None
         self._reset_to_cold(reason, viewed=viewed)
 
-    async def _tear_down_planes(self, envelope: BoxEnvelope) -> None:
+    async def _tear_down_planes(self, envelope: Envelope) -> None:
         # Best effort: the box is terminated next anyway, so a failure here only costs a log line.
         try:
             # Handlers run meanwhile (they see ``_tearing_down``).
@@ -1203,7 +1203,7 @@ class LeaseWorkflow:
             self.s.planes = [*self.s.planes, "desktop"]
             self._touch()
 
-    def _box_op_failure(self, err: ActivityError, epoch: int, envelope: BoxEnvelope, what: str) -> ApplicationError:
+    def _box_op_failure(self, err: ActivityError, epoch: int, envelope: Envelope, what: str) -> ApplicationError:
         """The typed error for a failed box activity; a NotFound makes the lease lose the box (as ``exec`` does)."""
         cause = err.cause
         if isinstance(cause, ApplicationError) and cause.type == errors.BoxNotFound.error_type:

@@ -37,10 +37,12 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from sandbox import errors
+    from sandbox.box import Envelope
+    from store.records import RecordingFailureReason, RecordingRecord, RecordingStateName
     from workflows import search_attributes as sa
     from workflows.activity_names import ActivityName
     from workflows.errors import failure
-    from workflows.models.lease import BoxEnvelope, HeartbeatResult, LeaseGrant
+    from workflows.models.lease import HeartbeatResult, LeaseGrant
     from workflows.models.planes import DisplayStackRequest, DisplayStackResult
     from workflows.models.recording import (
         BoxLostNotice,
@@ -55,12 +57,9 @@ with workflow.unsafe.imports_passed_through():
         LeaseHolderInput,
         ProjectRecordingInput,
         RecordingBoxInput,
-        RecordingFailureReason,
         RecordingInput,
-        RecordingRecord,
         RecordingRequest,
         RecordingStarted,
-        RecordingStateName,
         RecordingTimers,
         RecordingView,
         StateChange,
@@ -129,7 +128,7 @@ class RecordingWorkflow:
         self._holding = False
         self._finished = False
         self._backend = ""
-        self._envelope: BoxEnvelope | None = None
+        self._envelope: Envelope | None = None
 
     # ------------------------------------------------------------------ run
 

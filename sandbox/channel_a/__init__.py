@@ -1,6 +1,6 @@
 """Channel-A: files, git, terminal exec and PTYs against any box, with change events.
 
-Use :class:`ChannelA` over a :class:`providers.base.BoxSession`; results are the models of
+Use :class:`ChannelA` over a :class:`sandbox.box.BoxSession`; results are the models of
 :mod:`sandbox.channel_a.models`, events go to an :class:`EventSink` (:class:`NatsEventSink` in
 production, :class:`MemoryEventSink` in tests).
 """

@@ -35,7 +35,7 @@ from sandbox.channel_a.models import PtyExitReason
 from sandbox.errors import ChannelAConflict, ChannelAUnavailable, ChannelAUnsupported
 
 if TYPE_CHECKING:
-    from providers.base import BoxSession
+    from sandbox.box import BoxSession
 
 __all__ = [
     "LauncherPtyHost",

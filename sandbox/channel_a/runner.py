@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from providers.base import BoxSession, ExecResult
+from sandbox.box import BoundedExecReplies, BoxSession, ExecResult
 from sandbox.control_protocol import NATS_DEFAULT_MAX_PAYLOAD, max_chunk_bytes
 from sandbox.errors import (
     BoxNotFound,
@@ -142,17 +142,12 @@ def _bash_argv(script: str, *args: str) -> list[str]:
 
 
 def reply_budget_for(session: BoxSession) -> int | None:
-    """The reply budget Channel-A needs for a session: None (no cap) unless it may talk over NATS.
+    """The reply budget Channel-A needs for a session: None (no cap) unless it answers in bounded messages.
 
-    Selfhosted machines, and routed sessions (which may land on one), answer each exec in one NATS
-    message; local boxes have no cap.
+    Selfhosted machines, and routed sessions (which may land on one), say so with
+    :class:`~sandbox.box.BoundedExecReplies`; local boxes have no cap.
     """
-    from providers.selfhosted import SelfhostedSession
-    from sandbox.routing import RoutingSession
-
-    if isinstance(session, SelfhostedSession | RoutingSession):
-        return DEFAULT_REPLY_BUDGET
-    return None
+    return session.exec_reply_budget if isinstance(session, BoundedExecReplies) else None
 
 
 @dataclass(frozen=True)

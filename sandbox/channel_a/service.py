@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Final, Literal
 
-from providers.base import BoxSession
+from sandbox.box import BoxSession
 from sandbox.channel_a import fs as fs_scripts
 from sandbox.channel_a import git as git_scripts
 from sandbox.channel_a.events import ChannelAEvent, EventSink, EventType

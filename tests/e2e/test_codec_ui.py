@@ -1,7 +1,7 @@
 """The Temporal Web UI shows an encrypted exec to an operator only through the codec server.
 
 A dev server with its Web UI (``--db-filename``, as ``sandboxctl up`` runs it) and, in the first
-case, ``--ui-codec-endpoint`` pointing at ``python -m sandbox.codec_server`` (same keys as the
+case, ``--ui-codec-endpoint`` pointing at ``python -m daemons.codec_server`` (same keys as the
 worker). A lease exec carries a marker in its command and one in its output. Headless Chromium
 opens the lease's history page: through the codec server both markers are shown decoded; without
 a codec endpoint (the negative control, same page once its events have rendered) neither is.
@@ -63,7 +63,7 @@ async def test_history_page_decodes_through_the_codec_server(browser: Any, tmp_p
     codec_port = free_port()
     with dev_server(tmp_path, ui=True, codec_endpoint=f"http://127.0.0.1:{codec_port}") as server:
         codec = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.codec_server", "--port", str(codec_port), "--ui-origin", server.ui_url],
+            [sys.executable, "-m", "daemons.codec_server", "--port", str(codec_port), "--ui-origin", server.ui_url],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},  # the session's SANDBOX_PAYLOAD_KEYS: the worker's keys
             stdout=subprocess.DEVNULL,

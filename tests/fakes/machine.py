@@ -18,8 +18,8 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from providers.base import BoxSpec, DirEntry, ExecResult
 from providers.local import WORKSPACE_ROOT, LocalBoxSession, LocalProvider
+from sandbox.box import BoxSpec, DirEntry, ExecResult
 from sandbox.errors import BoxNotFound
 
 __all__ = ["FakeMachine"]

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from providers.base import BoxSpec
 from providers.modal import ModalProvider, ModalSettings
+from sandbox.box import BoxSpec
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, REPO, eventually, running_runtime
 from tests.fakes.faults import FaultPlan

@@ -19,7 +19,7 @@ import pytest
 from temporalio.client import Client
 
 from activities.events import SessionEventActivities
-from client.lease_client import call_workflow
+from sandbox.failures import call_workflow
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, running_runtime
 from workflows.models.computer_use import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest

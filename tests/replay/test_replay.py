@@ -20,7 +20,7 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from providers import descriptors
-from providers.descriptors import SnapshotSupport
+from sandbox.descriptors import SnapshotSupport
 from sandbox.errors import PayloadKeyUnknown
 from sandbox.payload_codec import ENCODING, KEY_ID_METADATA, PayloadKeys, data_converter_for
 from tests.temporal_history import payloads_in

@@ -29,9 +29,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from providers.base import BoxSpec, Envelope, ExecResult
 from providers.egress_proxy import _someone_listens
 from providers.local import LocalBoxSession, LocalProvider
+from sandbox.box import BoxSpec, Envelope, ExecResult
 from sandbox.box_limits import BoxLimits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -383,7 +383,7 @@ async def test_a_box_cannot_reach_another_boxs_edge(make_provider: ProviderFacto
     key.chmod(0o600)
     port_file = victim.private_path / "terminal.port"
     edge = subprocess.Popen(
-        [sys.executable, "-P", "-s", "-m", "sandbox.edge", "terminal", "--port", "0", "--any-port",
+        [sys.executable, "-P", "-s", "-m", "daemons.edge", "terminal", "--port", "0", "--any-port",
          "--port-file", str(port_file), "--unix-target", str(victim.tmp_path / "ttyd.sock"),
          "--view-target", str(victim.tmp_path / "ttyd-view.sock"),
          "--key-file", str(key), "--epoch", "1"],

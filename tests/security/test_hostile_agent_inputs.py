@@ -2,7 +2,7 @@
 
 A caller that can publish to an agent's subject may send any bytes. Each attack here goes through
 :func:`~sandbox.control_protocol.decode_request` (what the daemon runs on every message) or
-:meth:`~sandbox.agent.operations.AgentOperations.handle` (what it runs on every decoded request) and
+:meth:`~daemons.agent.operations.AgentOperations.handle` (what it runs on every decoded request) and
 must end in a typed refusal, never an untyped exception or a crash of the serve loop. Every attack
 has a positive control: the same request made valid, which must decode or succeed.
 """
@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemons.agent.confinement import MAX_LIST_DEPTH, OpRefused, Root
+from daemons.agent.operations import AgentOperations, DisplayAccess
 from providers.workspace_archive import tree_fingerprint
-from sandbox.agent.confinement import MAX_LIST_DEPTH, OpRefused, Root
-from sandbox.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_protocol import (
     MAX_ARGV_CHARS,
     MAX_ARGV_ITEMS,

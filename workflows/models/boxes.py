@@ -12,8 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from sandbox.box import Envelope
 from store.records import LeaseEventRecord, LeaseRecord
-from workflows.models.lease import ArchiveRef, BackendProfile, BoxEnvelope, RestoreOutcome
+from workflows.models.lease import ArchiveRef, BackendProfile, RestoreOutcome
 
 
 class ProvisionInput(BaseModel):
@@ -37,7 +38,7 @@ class ProvisionInput(BaseModel):
 class ProvisionResult(BaseModel):
     """The box that passed its readiness probe."""
 
-    envelope: BoxEnvelope
+    envelope: Envelope
     restore: RestoreOutcome | None = None
 
 
@@ -45,7 +46,7 @@ class BoxRef(BaseModel):
     """One box of one backend."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
 
 
 class DiscardInput(BaseModel):
@@ -65,7 +66,7 @@ class ExecInput(BaseModel):
     """A command to run in a box."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     cmd: list[str]
     workdir: str | None = None
     timeout_seconds: float = 600.0
@@ -120,7 +121,7 @@ class CaptureRequest(BaseModel):
     """Capture the box's workspace (and home) into the artifact store as a ledger row ``candidate``."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     lease_id: str
     workspace_id: str
     group_id: str

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workflows.models.lease import BoxEnvelope
+from sandbox.box import Envelope
 
 MAX_SCREENSHOT_BYTES = 1_500_000
 """A PNG above this is re-taken scaled down, so a screenshot always fits a Temporal payload."""
@@ -33,7 +33,7 @@ class ScreenshotInput(BaseModel):
     """The ``computer_screenshot`` activity's input: the box and the lease it belongs to."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     lease_id: str
     epoch: int
     geometry: str = "1280x800"
@@ -148,7 +148,7 @@ class DesktopInputInput(BaseModel):
     """The ``computer_desktop_input`` activity's input."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     lease_id: str
     epoch: int
     actions: list[DesktopAction] = Field(min_length=1, max_length=MAX_ACTIONS)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from sandbox.box import Envelope
 
 Liveness = Literal["cold", "warming", "warm", "draining"]
 HolderKind = Literal["turn", "viewer", "direct", "recording", "process"]
@@ -98,14 +100,6 @@ class Transition(BaseModel):
     at: datetime
 
 
-class BoxEnvelope(BaseModel):
-    """Where the live box is (mirrors ``providers.base.Envelope``, kept here so workflows stay I/O free)."""
-
-    backend_id: str
-    instance_id: str
-    state: dict[str, Any] = Field(default_factory=dict)
-
-
 class ArchiveRef(BaseModel):
     """A stored workspace archive: enough to verify and restore it without the ledger."""
 
@@ -148,7 +142,7 @@ class LeaseState(BaseModel):
 
     liveness: Liveness = "cold"
     epoch: int = 0
-    envelope: BoxEnvelope | None = None
+    envelope: Envelope | None = None
     holders: list[Holder] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
     version: int = 0
@@ -203,7 +197,7 @@ class LeaseGrant(BaseModel):
     backend: str
     backend_id: str
     instance_id: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     holder_id: str
     kind: HolderKind
 
@@ -348,7 +342,7 @@ class LeaseView(BaseModel):
     epoch: int
     instance_id: str | None
     backend_id: str | None
-    envelope: BoxEnvelope | None
+    envelope: Envelope | None
     holders: list[HolderView]
     transitions: list[Transition]
     drain_deadline: datetime | None

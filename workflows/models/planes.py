@@ -11,14 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from workflows.models.lease import BoxEnvelope
+from sandbox.box import Envelope
 
 
 class PlaneRequest(BaseModel):
     """Bring up (idempotently) one viewer plane of a box and its token-checking edge."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     lease_id: str
     epoch: int
     plane: Literal["desktop", "terminal"]
@@ -29,14 +29,14 @@ class TearDownPlanesRequest(BaseModel):
     """Stop every plane of a box (best effort) before it is drained."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
 
 
 class DisplayStackRequest(BaseModel):
     """Bring up (idempotently) a box's desktop: Xvfb, x11vnc and the token-checking websockify edge."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     lease_id: str
     epoch: int
     geometry: str = "1280x800"
@@ -58,7 +58,7 @@ class TerminalServerRequest(BaseModel):
     """Bring up (idempotently) a box's terminal: ttyd behind the token-checking edge."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     lease_id: str
     epoch: int
 
@@ -77,7 +77,7 @@ class ExposeStreamPortRequest(BaseModel):
     """Where a viewer outside the box reaches a plane's edge port."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     plane: Literal["desktop", "terminal"]
     port: int
     resolution: str | None = None

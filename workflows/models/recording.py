@@ -15,13 +15,10 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from workflows.models.lease import ID_PATTERN, MAX_ID_LENGTH, BoxEnvelope
+from sandbox.box import Envelope
+from store.records import RecordingCodec, RecordingFailureReason, RecordingRecord, RecordingStateName
+from workflows.models.lease import ID_PATTERN, MAX_ID_LENGTH
 
-RecordingCodec = Literal["h264-mp4", "vp9-webm"]
-RecordingStateName = Literal["starting", "recording", "stopping", "finalizing", "available", "failed"]
-RecordingFailureReason = Literal[
-    "ffmpeg-error", "box-death", "max-bytes-exceeded", "display-unavailable", "upload-failed"
-]
 StopCause = Literal["requested", "max-duration", "ffmpeg-exited", "max-bytes", "box-lost"]
 
 RECORDING_CODECS: Final[tuple[str, ...]] = ("h264-mp4", "vp9-webm")
@@ -264,37 +261,6 @@ class RecordingView(BaseModel):
         return self.state in TERMINAL_STATES
 
 
-class RecordingRecord(BaseModel):
-    """The ``recordings`` row the workflow projects; a write with a lower ``version`` never applies."""
-
-    recording_id: str
-    workspace_id: str
-    session_id: str
-    group_id: str
-    lease_id: str
-    state: RecordingStateName
-    reason: RecordingFailureReason | None = None
-    detail: str | None = None
-    codec: RecordingCodec
-    framerate: int
-    max_seconds: int
-    max_bytes: int
-    epoch: int | None = None
-    instance_id: str | None = None
-    width: int | None = None
-    height: int | None = None
-    storage_key: str | None = None
-    content_type: str
-    size_bytes: int | None = None
-    sha256: str | None = None
-    duration_seconds: float | None = None
-    version: int
-    created_at: datetime
-    started_at: datetime | None = None
-    finalized_at: datetime | None = None
-    updated_at: datetime
-
-
 # ---------------------------------------------------------------- activities of the recording workflow
 
 
@@ -322,7 +288,7 @@ class RecordingBoxInput(BaseModel):
     """One recording's files in one box."""
 
     backend: str
-    envelope: BoxEnvelope
+    envelope: Envelope
     recording_id: str
     codec: RecordingCodec
 

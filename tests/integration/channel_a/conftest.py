@@ -22,9 +22,9 @@ from typing import Literal
 
 import pytest
 
-from providers.base import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult
 from providers.local import LocalBoxSession, LocalProvider
 from providers.selfhosted import NatsControlRpc
+from sandbox.box import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult
 from sandbox.channel_a import ChannelA, MemoryEventSink
 from sandbox.errors import SandboxConfigError
 from tests.conftest import give_to_box_user, nats_server_at

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import BoxSpec
 from providers.local import LocalProvider
+from sandbox.box import BoxSpec
 from sandbox.channel_a import ChannelA, MemoryEventSink
 from sandbox.errors import (
     ChannelAConflict,

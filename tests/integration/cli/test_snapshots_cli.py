@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import _register, app
-from providers.base import BoxSpec
 from providers.local import LocalProvider
+from sandbox.box import BoxSpec
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.snapshots import SnapshotLedger
 from tests.integration.snapshots.test_gc_workflow import publish_archives

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from activities.planes import LocalBoxLayout, PlaneActivities, local_box_layout
-from providers.base import BoxSpec, Envelope
+from daemons.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
 from providers.local import BOX_MARKER_VAR, LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
-from sandbox.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
+from sandbox.box import BoxSpec, Envelope
 from sandbox.inbox_scripts import ScriptName, parse_status
 from sandbox.settings import Settings
 from sandbox.stream_token import StreamTokenKey, derive_lease_key, root_secret_for
-from workflows.models.lease import BoxEnvelope
 from workflows.models.planes import DisplayStackRequest, TearDownPlanesRequest, TerminalServerRequest
 
 ROOT_SECRET = "plane-tests-root-secret"
@@ -39,7 +38,7 @@ class Box:
     lease_id: str
     epoch: int
     session: LocalBoxSession
-    envelope: BoxEnvelope
+    envelope: Envelope
 
     @property
     def layout(self) -> LocalBoxLayout:
@@ -174,7 +173,7 @@ def host_edges(box: Box, plane: str) -> list[int]:
             leader = os.getsid(pid) == pid
         except OSError:
             continue
-        if leader and marker in environ and b"sandbox.edge" in cmdline and plane.encode() in cmdline:
+        if leader and marker in environ and b"daemons.edge" in cmdline and plane.encode() in cmdline:
             found.append(pid)
     return found
 
@@ -200,7 +199,7 @@ class PlaneHarness:
         spec = BoxSpec(lease_id=lease_id, workspace_id="ws-planes", group_id=group, epoch=epoch)
         session = await self.provider.create(spec, f"{lease_id}#{epoch}#{uuid.uuid4().hex}")
         assert isinstance(session, LocalBoxSession)
-        envelope = BoxEnvelope(**session.serialize_state().model_dump())
+        envelope = Envelope(**session.serialize_state().model_dump())
         return Box(lease_id, epoch, session, envelope)
 
     def mint(

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from temporalio.exceptions import ApplicationError
 
+from sandbox.box import Envelope
 from sandbox.errors import DisplayStackUnsupported, InvalidRequest
 from sandbox.inbox_scripts import EXIT_DOWN, EXIT_UNAVAILABLE, missing_tools
 from tests.conftest import process_alive, wait_until_gone
 from tests.integration.planes.harness import X_ENV, Box, PlaneHarness, box_files, host_edges, pointer_at
-from workflows.models.lease import BoxEnvelope
 from workflows.models.planes import DisplayStackRequest
 
 pytestmark = pytest.mark.timeout(60)
@@ -222,7 +222,7 @@ async def test_missing_tools_make_the_desktop_unsupported(planes: PlaneHarness) 
 
 
 async def test_a_backend_without_boxes_is_unsupported(planes: PlaneHarness) -> None:
-    envelope = BoxEnvelope(backend_id="none", instance_id="nothing")
+    envelope = Envelope(backend_id="none", instance_id="nothing")
     request = DisplayStackRequest(backend="none", envelope=envelope, lease_id="lease/w/g", epoch=1)
     with pytest.raises(ApplicationError) as caught:
         await planes.activities.ensure_display_stack(request)

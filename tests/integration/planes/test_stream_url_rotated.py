@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from providers.base import Envelope
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, Runtime, nats_server_at, running_runtime
 from tests.integration.test_lease_workflow import record_history

@@ -18,8 +18,8 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 
 from client.recording_client import RecordingClient
-from providers.base import Envelope
 from providers.local import LocalProvider
+from sandbox.box import Envelope
 from sandbox.errors import BoxNotFound
 from store.recordings import RecordingStore
 from tests.conftest import eventually, ids

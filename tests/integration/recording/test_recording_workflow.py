@@ -116,7 +116,7 @@ async def test_tiny_max_bytes_fails_and_keeps_the_box_file(runtime: Any, recordi
 
 
 async def test_terminating_the_box_mid_recording_is_box_death(runtime: Any, recordings: RecordingClient) -> None:
-    from providers.base import Envelope
+    from sandbox.box import Envelope
 
     ws, group = ids("ws-rec")
     leases = runtime.leases()

@@ -16,8 +16,8 @@ from sandbox.errors import InvalidRequest
 from store.database import Database
 from store.models import Base, RecordingRow
 from store.recordings import RecordingStore
+from store.records import RecordingRecord
 from tests.conftest import fresh_postgres_database, migrated_store
-from workflows.models.recording import RecordingRecord
 
 T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
 

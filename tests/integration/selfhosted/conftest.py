@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from daemons.agent import AgentConfig, AgentDaemon
 from providers.selfhosted import NatsControlRpc, RelayConfig, RetryPolicy, SelfhostedSession, probe_agent
-from sandbox.agent import AgentConfig, AgentDaemon
 from sandbox.control_auth import AgentCredential
 from tests.conftest import REPO, AuthenticatedNats, agent_credential, nats_server_at
 

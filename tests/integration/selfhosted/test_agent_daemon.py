@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import BoxSpec, Envelope
+from daemons.agent.consent import AgentConsent
 from providers.selfhosted import NatsControlRpc, RetryPolicy, SelfhostedProvider, probe_agent
-from sandbox.agent.consent import AgentConsent
+from sandbox.box import BoxSpec, Envelope
 from sandbox.control_auth import ControlSigningKey
 from sandbox.control_protocol import ControlErrorCode, KeyEvent, PointerEvent
 from sandbox.errors import (

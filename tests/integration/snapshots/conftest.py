@@ -18,13 +18,14 @@ from activities.boxes import BoxActivities
 from activities.snapshots import SnapshotActivities
 from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope
 from sandbox.settings import Settings
 from store.artifacts import FilesystemArtifactStore, artifact_root
 from store.database import Database
 from store.snapshots import SnapshotLedger
 from tests.conftest import unmount_box_disks
 from workflows.models.boxes import CaptureRequest, ProvisionInput, ProvisionResult, PublishRequest
-from workflows.models.lease import ArchiveRef, BoxEnvelope
+from workflows.models.lease import ArchiveRef
 
 
 @dataclass
@@ -67,8 +68,8 @@ class SnapshotRig:
     async def box(self, result: ProvisionResult) -> LocalBoxSession:
         return await self.local.resume(self.local_envelope(result.envelope))
 
-    def local_envelope(self, envelope: BoxEnvelope) -> Any:
-        from providers.base import Envelope
+    def local_envelope(self, envelope: Envelope) -> Any:
+        from sandbox.box import Envelope
 
         return Envelope(**envelope.model_dump())
 

@@ -18,9 +18,9 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.orphans import OrphanActivities
-from providers.base import BoxSpec
 from providers.local import LocalProvider
 from providers.registry import ProviderRegistry
+from sandbox.box import BoxSpec
 from sandbox.settings import Settings
 from store.database import Database
 from store.leases import LeaseRepository

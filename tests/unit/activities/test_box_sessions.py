@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any, cast
 
 from activities.box_sessions import BoxSessions
-from providers.base import Envelope
 from providers.registry import ProviderRegistry
-from workflows.models.lease import BoxEnvelope
+from sandbox.box import Envelope
 
 
 class _Provider:
@@ -32,7 +31,7 @@ def _sessions() -> tuple[BoxSessions, _Registry]:
     return BoxSessions(cast(ProviderRegistry, registry)), registry
 
 
-BOX = BoxEnvelope(backend_id="unix_local", instance_id="box-1", state={"k": "v"})
+BOX = Envelope(backend_id="unix_local", instance_id="box-1", state={"k": "v"})
 
 
 async def test_a_box_is_resumed_once_from_its_envelope() -> None:

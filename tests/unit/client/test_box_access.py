@@ -17,11 +17,11 @@ import pytest
 
 from client.box_access import DEFAULT_WORKSPACE_ROOT, BoxAccess, workspace_root_of
 from client.lease_client import LeaseClient
-from providers.base import Envelope, ExecResult
 from providers.registry import ProviderRegistry
+from sandbox.box import Envelope, ExecResult
 from sandbox.settings import Settings
 from tests.conftest import free_port
-from workflows.models.lease import BoxEnvelope, LeaseGrant
+from workflows.models.lease import LeaseGrant
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,7 +36,7 @@ def grant_for(root: str | None, *, epoch: int = 4) -> LeaseGrant:
         backend="fake",
         backend_id="fake",
         instance_id="box-1",
-        envelope=BoxEnvelope(backend_id="fake", instance_id="box-1", state=state),
+        envelope=Envelope(backend_id="fake", instance_id="box-1", state=state),
         holder_id="direct-1",
         kind="direct",
     )

@@ -16,9 +16,8 @@ from temporalio.client import (
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 from temporalio.service import RPCError, RPCStatusCode
 
-from client.lease_client import call_workflow, translate
 from sandbox import errors
-from sandbox.failures import to_application_error
+from sandbox.failures import call_workflow, to_application_error, translate
 
 
 def _rpc(status: RPCStatusCode) -> RPCError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from providers.base import Provider
+from sandbox.box import Provider
 from tests.fakes.faults import FaultPlan
 
 

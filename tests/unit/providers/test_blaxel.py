@@ -33,7 +33,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from providers.base import BoxSpec, Envelope
 from providers.blaxel import (
     BlaxelBoxSession,
     BlaxelProvider,
@@ -43,6 +42,7 @@ from providers.blaxel import (
     build_provider,
     sandbox_name_for_key,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from providers.base import BoxSpec, Envelope
 from providers.cloudflare import (
     CloudflareProvider,
     CloudflareSettings,
@@ -23,6 +22,7 @@ from providers.cloudflare import (
     sandbox_id_for_key,
 )
 from providers.registry import create_sandbox_client_for_backend
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from providers.base import BoxSession, BoxSpec, Envelope, Provider
+from sandbox.box import BoxSession, BoxSpec, Envelope, Provider
 from sandbox.errors import BoxNotFound, ExecTimeout, PathNotFound, ProviderUnavailable, Unsupported
 from tests.unit.providers.harness import ProviderHarness
 

@@ -26,7 +26,6 @@ from daytona.common.errors import (
 from pydantic import SecretStr
 
 import providers.daytona as daytona_module
-from providers.base import BoxSpec, Envelope
 from providers.daytona import (
     WORKSPACE_ROOT,
     DaytonaProvider,
@@ -35,6 +34,7 @@ from providers.daytona import (
     build_provider,
     sandbox_name_for_key,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     PathNotFound,

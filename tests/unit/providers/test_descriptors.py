@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from providers.descriptors import (
+from sandbox.control_protocol import UPSTREAM_ERROR_CODES
+from sandbox.descriptors import (
     BROWSER_CONTROL_PORT,
     CAPABILITY_DESCRIPTORS,
     DESKTOP_STREAM_PORT,
@@ -25,7 +26,6 @@ from providers.descriptors import (
     SELFHOSTED_RECONNECT_WINDOW_MS,
     STREAM_TOKEN_DEFAULT_TTL_SECONDS,
     TERMINAL_STREAM_PORT,
-    AgentErrorCode,
     CapabilityDescriptor,
     CapabilityUnavailableReason,
     assert_descriptor_registry_invariants,
@@ -92,7 +92,7 @@ def check_constants(vector: dict[str, Any]) -> None:
         "SandboxBackend": list(SANDBOX_BACKENDS),
         "SandboxOs": list(SANDBOX_OS),
         "CapabilityUnavailableReason": [r.value for r in CapabilityUnavailableReason],
-        "ErrorCode": {code.name: code.value for code in AgentErrorCode},
+        "ErrorCode": {f"ERROR_CODE_{code.value}": code.number for code in UPSTREAM_ERROR_CODES},
     }
     assert ours == vector["expect"]["ok"]
 

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from providers.base import BoxSpec, Envelope
 from providers.docker import (
     CONTAINER_ID_RE,
     DEFAULT_IMAGE,
@@ -24,6 +23,7 @@ from providers.docker import (
     build_provider,
     container_name_for_key,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -32,7 +32,6 @@ from e2b.sandbox_async.paginator import AsyncSandboxPaginator
 from pydantic import SecretStr
 
 import providers.e2b as e2b_module
-from providers.base import BoxSpec, Envelope
 from providers.e2b import (
     WORKSPACE_ROOT,
     E2BProvider,
@@ -42,6 +41,7 @@ from providers.e2b import (
     decode_snapshot_ref,
     encode_snapshot_ref,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     PathNotFound,

@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from providers.base import BoxSpec, Envelope
 from providers.local import (
     BOX_MARKER_VAR,
     DEFAULT_BOX_HOST_UID,
@@ -25,6 +24,7 @@ from providers.local import (
     LocalProvider,
     instance_id_for_key,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -453,7 +453,7 @@ async def test_box_processes_die_with_the_worker(tmp_path: Path) -> None:
     script = f"""
 import asyncio, os
 from pathlib import Path
-from providers.base import BoxSpec
+from sandbox.box import BoxSpec
 from providers.local import LocalProvider
 
 async def main():

@@ -21,7 +21,6 @@ import modal.sandbox.sandbox
 import pytest
 from pydantic import SecretStr
 
-from providers.base import BoxSpec, Envelope
 from providers.box_labels import KEY, LEASE_ID
 from providers.modal import (
     ModalProvider,
@@ -31,6 +30,7 @@ from providers.modal import (
     modal_snapshot_id,
     real_sdk,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -9,9 +9,9 @@ import asyncio
 
 import pytest
 
-from providers.base import BoxSpec, Envelope, Provider
-from providers.descriptors import CAPABILITY_DESCRIPTORS
 from providers.none import NoneProvider
+from sandbox.box import BoxSpec, Envelope, Provider
+from sandbox.descriptors import CAPABILITY_DESCRIPTORS
 from sandbox.errors import ProviderError, Unsupported
 
 SPEC = BoxSpec(lease_id="lease/ws-1/grp-1", workspace_id="ws-1", group_id="grp-1", epoch=3)

@@ -8,7 +8,6 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import _register, app
-from providers.descriptors import SANDBOX_BACKENDS, select_backend
 from providers.registry import (
     PROVIDER_MODULES,
     RUNNABLE_BACKENDS,
@@ -16,6 +15,7 @@ from providers.registry import (
     create_sandbox_client,
     create_sandbox_client_for_backend,
 )
+from sandbox.descriptors import SANDBOX_BACKENDS, select_backend
 from sandbox.errors import SandboxConfigError, UnknownBackend, Unsupported
 from sandbox.settings import Settings
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from sandbox.box import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
 from sandbox.errors import ArchiveCorrupt
 from tests.fakes.machine import FakeMachine
 

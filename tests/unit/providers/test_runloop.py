@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from runloop_api_client.lib.polling import PollingTimeout
 
-from providers.base import BoxSpec, Envelope
 from providers.runloop import (
     SNAPSHOT_REF_PREFIX,
     RunloopBoxSession,
@@ -32,6 +31,7 @@ from providers.runloop import (
     encode_snapshot_ref,
     make_client,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from providers.base import BoxSession, BoxSpec, Envelope, Provider
 from providers.registry import RUNNABLE_BACKENDS, ProviderRegistry
 from providers.selfhosted import (
     MockAgentResponder,
@@ -21,6 +20,7 @@ from providers.selfhosted import (
     selfhosted_instance_id,
     to_machine_path,
 )
+from sandbox.box import BoxSession, BoxSpec, Envelope, Provider
 from sandbox.control_auth import ControlSigningKey
 from sandbox.control_protocol import (
     ControlErrorCode,

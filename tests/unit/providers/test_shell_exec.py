@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from providers.base import ExecResult
 from providers.shell_exec import (
     LIST_DIR_SCRIPT,
     MARKER,
@@ -26,6 +25,7 @@ from providers.shell_exec import (
     parse_exec_report,
     stage_stdin,
 )
+from sandbox.box import ExecResult
 from sandbox.errors import InvalidRequest, PathNotFound, ProviderError
 
 # Prints its first file to stdout, its second to stderr, and exits with its third argument.

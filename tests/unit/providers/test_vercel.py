@@ -22,10 +22,10 @@ from vercel.sandbox import (
 )
 from vercel.sandbox._internal.log_stream import _TruncatedStreamError
 
-from providers.base import BoxSpec, Envelope
-from providers.descriptors import select_backend
 from providers.registry import create_sandbox_client_for_backend
 from providers.vercel import VercelProvider, VercelSettings, _translate, build_provider, sandbox_name_for_key
+from sandbox.box import BoxSpec, Envelope
+from sandbox.descriptors import select_backend
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import BoxSpec, Envelope
 from providers.local import LocalBoxSession, LocalProvider
 from providers.none import NoneProvider
 from providers.workspace_archive import (
@@ -21,6 +20,7 @@ from providers.workspace_archive import (
     tree_fingerprint,
     zstd_available,
 )
+from sandbox.box import BoxSpec, Envelope
 from sandbox.errors import ArchiveCorrupt, BoxNotFound, Unsupported
 from store.artifacts import verified
 

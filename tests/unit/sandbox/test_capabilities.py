@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers.descriptors import SANDBOX_BACKENDS, SANDBOX_OS, CapabilityUnavailableReason
 from sandbox.capabilities import (
     NegotiationContext,
     SessionCapabilities,
     negotiate_capabilities,
     to_js_iso,
 )
+from sandbox.descriptors import SANDBOX_BACKENDS, SANDBOX_OS, CapabilityUnavailableReason
 from sandbox.errors import InvalidRequest, UnknownBackend
 from tests.upstream_vectors import VECTORS_ENV, vectors_dir
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from providers.base import BoxSession, ExecResult
+from sandbox.box import BoxSession, ExecResult
 from sandbox.channel_a.fs import ListedEntries, build_tree, list_command, normalise_rel_path, parse_list_output
 from sandbox.channel_a.git import (
     assemble_tracked,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from providers.base import ExecResult
+from sandbox.box import ExecResult
 from sandbox.inbox_scripts import (
     SCRIPT_NAMES,
     InboxScripts,

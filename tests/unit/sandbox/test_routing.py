@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from providers.base import BoxSession
 from providers.selfhosted import MockAgentResponder, SelfhostedSession
+from sandbox.box import BoxSession
 from sandbox.control_protocol import FsWriteOp
 from sandbox.errors import (
     MutationOutcomeUnknown,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from providers.base import Endpoint
+from sandbox.box import Endpoint
 from sandbox.errors import ProviderError, StreamPortUnavailable
 from sandbox.stream_url import build_stream_url
 from tests.upstream_vectors import vectors_dir

@@ -23,7 +23,7 @@ provider's ``terminate`` kills it with the box; it also exits by itself once the
 directory is gone (``--watch-dir``). It listens on 127.0.0.1 only.
 
 The socket directory belongs to the box, so the edge opens its targets without following
-symbolic links (:mod:`sandbox.edge.target`); the paths handed to it are resolved here up to the
+symbolic links (:mod:`daemons.edge.target`); the paths handed to it are resolved here up to the
 box's ``/tmp`` directory, which the box cannot replace.
 """
 
@@ -211,7 +211,7 @@ class HostEdges:
     """Starts, reuses and stops the host edges of local boxes (one per box and plane).
 
     Args:
-        python: The interpreter that runs ``-m sandbox.edge`` (this one by default).
+        python: The interpreter that runs ``-m daemons.edge`` (this one by default).
         source_root: Put on the edge's ``PYTHONPATH`` (the directory holding this package).
         marker_var: The environment variable that marks a box's processes (the provider's).
         start_timeout: How long a new edge may take to listen.
@@ -345,7 +345,7 @@ class HostEdges:
     def _argv(self, layout: HostEdgeLayout, plane: Plane, epoch: int, preferred: int) -> list[str]:
         control, view = layout.targets(plane)
         return [
-            self._python, "-P", "-s", "-m", "sandbox.edge", plane,
+            self._python, "-P", "-s", "-m", "daemons.edge", plane,
             "--host", "127.0.0.1",
             "--port", str(preferred), "--any-port",
             "--port-file", str(layout.file(plane, "port")),

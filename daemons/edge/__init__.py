@@ -9,20 +9,20 @@ admitted token is routed by its mode: ``control`` to the server that takes input
 the view-only one (``x11vnc -viewonly``, ``ttyd`` without ``--writable``).
 
 A remote box runs its edges itself (the in-box scripts start them, the key file is in the box);
-a local box's edges run on the worker host (:mod:`sandbox.edge.host`), the key in the box's
+a local box's edges run on the worker host (:mod:`daemons.edge.host`), the key in the box's
 private directory, out of the box's sight.
 
-- :mod:`sandbox.edge.admission`: the token check shared by both planes.
-- :mod:`sandbox.edge.desktop`: websockify with the token check, routing by mode.
-- :mod:`sandbox.edge.terminal`: a small proxy in front of ttyd.
-- :mod:`sandbox.edge.target`: connecting to a plane's socket without following links.
-- :mod:`sandbox.edge.host`: starting, reusing and stopping local boxes' edges on the host.
-- ``python -m sandbox.edge desktop|terminal ...`` starts an edge.
+- :mod:`daemons.edge.admission`: the token check shared by both planes.
+- :mod:`daemons.edge.desktop`: websockify with the token check, routing by mode.
+- :mod:`daemons.edge.terminal`: a small proxy in front of ttyd.
+- :mod:`daemons.edge.target`: connecting to a plane's socket without following links.
+- :mod:`daemons.edge.host`: starting, reusing and stopping local boxes' edges on the host.
+- ``python -m daemons.edge desktop|terminal ...`` starts an edge.
 """
 
 from __future__ import annotations
 
-from sandbox.edge.admission import (
+from daemons.edge.admission import (
     DESKTOP_TOKEN_PORT,
     TERMINAL_TOKEN_PORT,
     Admission,

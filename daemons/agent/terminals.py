@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from sandbox.agent.confinement import OpRefused, Root
+from daemons.agent.confinement import OpRefused, Root
 from sandbox.channel_a.pty import PtyProcess, spawn_on_terminal
 from sandbox.control_protocol import (
     ControlErrorCode,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT, EdgeGate, EdgeKey, offered_protocols
+from daemons.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT, EdgeGate, EdgeKey, offered_protocols
 from sandbox.stream_token import StreamTokenKey, derive_lease_key
 
 ROOT = b"unit-root"

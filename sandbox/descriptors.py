@@ -18,7 +18,7 @@ apart and mapped in both directions without ever falling back to a default.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal, TypeGuard, TypeVar, get_args
 
@@ -47,7 +47,6 @@ __all__ = [
     "SELFHOSTED_RECONNECT_WINDOW_MS",
     "STREAM_TOKEN_DEFAULT_TTL_SECONDS",
     "TERMINAL_STREAM_PORT",
-    "AgentErrorCode",
     "BackendCapabilities",
     "CapabilityDescriptor",
     "CapabilityUnavailableReason",
@@ -130,23 +129,6 @@ class CapabilityUnavailableReason(StrEnum):
 
 
 CAPABILITY_UNAVAILABLE_REASONS: Final[tuple[str, ...]] = tuple(r.value for r in CapabilityUnavailableReason)
-
-
-class AgentErrorCode(IntEnum):
-    """The ``ErrorCode`` enum of the selfhosted agent wire protocol (proto3 ``opengeni.agent.v1``)."""
-
-    ERROR_CODE_UNSPECIFIED = 0
-    ERROR_CODE_UNSUPPORTED = 1
-    ERROR_CODE_OS = 2
-    ERROR_CODE_NOT_FOUND = 3
-    ERROR_CODE_CONSENT_REQUIRED = 4
-    ERROR_CODE_TIMEOUT = 5
-    ERROR_CODE_DRAINING = 6
-    ERROR_CODE_PROTOCOL = 7
-    ERROR_CODE_STREAM = 8
-    ERROR_CODE_AGENT_OFFLINE = 9
-    ERROR_CODE_FENCED = 10
-    ERROR_CODE_PAYLOAD_TOO_LARGE = 11
 
 
 # --- constants ----------------------------------------------------------------------------------

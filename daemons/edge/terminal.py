@@ -1,13 +1,13 @@
 """The terminal edge: a token-checking front for ttyd, which listens on a unix socket in the box.
 
 The edge reads the viewer's HTTP upgrade request, admits it only when an offered subprotocol is a
-valid terminal stream token of the edge's epoch (:class:`~sandbox.edge.admission.EdgeGate`), and
+valid terminal stream token of the edge's epoch (:class:`~daemons.edge.admission.EdgeGate`), and
 otherwise answers ``403`` and closes: nothing reaches ttyd. An admitted request is forwarded, by
 the token's mode, to the writable ttyd (``control``) or to the one started without
 ``--writable`` (``view``, which drops every keystroke), with the token removed from
 ``Sec-WebSocket-Protocol`` and the path set to ttyd's ``/ws``; from then on the edge copies bytes
 both ways, so the WebSocket session itself is ttyd's, end to end. The socket is reached without
-following symbolic links (:mod:`sandbox.edge.target`): a local box's edge runs on the host and the
+following symbolic links (:mod:`daemons.edge.target`): a local box's edge runs on the host and the
 box owns the socket directory.
 
 Viewers offer ``tty`` (ttyd's subprotocol) and the token: ``Sec-WebSocket-Protocol: tty, ogs_...``.
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sandbox.edge.admission import TERMINAL_TOKEN_PORT, EdgeGate, EdgeKey
-from sandbox.edge.listener import bind_listener, publish_port
-from sandbox.edge.target import open_unix_target
+from daemons.edge.admission import TERMINAL_TOKEN_PORT, EdgeGate, EdgeKey
+from daemons.edge.listener import bind_listener, publish_port
+from daemons.edge.target import open_unix_target
 from sandbox.stream_token import StreamMode
 
 __all__ = ["TTYD_SUBPROTOCOL", "TerminalEdge", "serve_terminal_edge"]
 
-log = logging.getLogger("sandbox.edge.terminal")
+log = logging.getLogger("daemons.edge.terminal")
 
 TTYD_SUBPROTOCOL: Final = "tty"
 _HEAD_LIMIT: Final = 16384

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sandbox.agent.operations import AgentOperations, DisplayAccess
+from daemons.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_protocol import (
     ControlErrorCode,
     ControlOp,

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestServer
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 
-from sandbox.codec_server import build_app
+from daemons.codec_server import build_app
 from sandbox.payload_codec import PayloadEncryptionCodec, PayloadKeys
 from tests.conftest import free_port
 

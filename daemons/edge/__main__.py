@@ -1,7 +1,7 @@
-"""``python -m sandbox.edge desktop|terminal``: start one plane's edge.
+"""``python -m daemons.edge desktop|terminal``: start one plane's edge.
 
 The in-box scripts run it inside boxes of remote backends; the worker runs it on the host for
-local boxes (:mod:`sandbox.edge.host`), where it reaches the box's sockets through the box's
+local boxes (:mod:`daemons.edge.host`), where it reaches the box's sockets through the box's
 ``/tmp`` on the host.
 """
 
@@ -26,7 +26,7 @@ def _exit_when_gone(directory: Path, interval: float = _WATCH_INTERVAL_SECONDS) 
         while True:
             time.sleep(interval)
             if not directory.is_dir():
-                logging.getLogger("sandbox.edge").info("%s is gone: the box is gone, exiting", directory)
+                logging.getLogger("daemons.edge").info("%s is gone: the box is gone, exiting", directory)
                 os._exit(0)
 
     threading.Thread(target=watch, name="edge-watch", daemon=True).start()
@@ -34,7 +34,7 @@ def _exit_when_gone(directory: Path, interval: float = _WATCH_INTERVAL_SECONDS) 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen edge until it is terminated."""
-    parser = argparse.ArgumentParser(prog="python -m sandbox.edge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m daemons.edge", description=__doc__)
     parser.add_argument("plane", choices=("desktop", "terminal"))
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port)")
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if args.plane == "desktop":
-            from sandbox.edge.desktop import serve_desktop_edge
+            from daemons.edge.desktop import serve_desktop_edge
 
             serve_desktop_edge(**options)
         else:
-            from sandbox.edge.terminal import serve_terminal_edge
+            from daemons.edge.terminal import serve_terminal_edge
 
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             serve_terminal_edge(**options)

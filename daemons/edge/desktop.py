@@ -6,15 +6,15 @@ by its token's mode: ``control`` to the full x11vnc (``--unix-target``), ``view`
 started with ``-viewonly`` (``--view-target``), which ignores pointer, keyboard and clipboard
 input. websockify forks a process per connection, and the request handler
 (:func:`_handler_class`) chooses the target in that process from the claims it admitted; it
-reaches the socket without following symbolic links (:mod:`sandbox.edge.target`), since a local
+reaches the socket without following symbolic links (:mod:`daemons.edge.target`), since a local
 box's edge runs on the host and the box owns the socket directory.
 
 Clients must offer ``binary`` *first* and the token second (noVNC: ``wsProtocols: ['binary',
 token]``): websockify splits the header on ``,`` without trimming and only selects an exact
 ``binary``.
 
-:func:`serve_desktop_edge` is what ``python -m sandbox.edge desktop`` runs: it binds the port first
-(see :mod:`sandbox.edge.listener`), then hands the socket to websockify. Nothing it logs carries a
+:func:`serve_desktop_edge` is what ``python -m daemons.edge desktop`` runs: it binds the port first
+(see :mod:`daemons.edge.listener`), then hands the socket to websockify. Nothing it logs carries a
 token (anything shaped like one is masked) or the key.
 """
 
@@ -30,14 +30,14 @@ from email.message import Message
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from sandbox.edge.admission import DESKTOP_TOKEN_PORT, Admission, EdgeGate, EdgeKey
-from sandbox.edge.listener import bind_listener, publish_port
-from sandbox.edge.target import connect_unix_target
+from daemons.edge.admission import DESKTOP_TOKEN_PORT, Admission, EdgeGate, EdgeKey
+from daemons.edge.listener import bind_listener, publish_port
+from daemons.edge.target import connect_unix_target
 from sandbox.stream_token import StreamMode
 
 __all__ = ["StreamTokenAuth", "serve_desktop_edge"]
 
-log = logging.getLogger("sandbox.edge.desktop")
+log = logging.getLogger("daemons.edge.desktop")
 
 _TOKEN_LIKE: Final = re.compile(r"ogs_[A-Za-z0-9_\-.=%]*")
 

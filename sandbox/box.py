@@ -28,11 +28,12 @@ from sandbox.errors import (
 )
 
 if TYPE_CHECKING:
-    from providers.descriptors import CapabilityDescriptor
+    from sandbox.descriptors import CapabilityDescriptor
 
 __all__ = [
     "BoxNotFound",
     "BoxSession",
+    "BoundedExecReplies",
     "BoxSpec",
     "DirEntry",
     "Endpoint",
@@ -114,6 +115,17 @@ class OwnedBox:
     lease_id: str | None = None
     created_at: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class BoundedExecReplies(Protocol):
+    """A session whose every exec answer must fit one message (a selfhosted machine over NATS).
+
+    ``exec_reply_budget`` is the most raw output bytes one reply can carry; callers that produce
+    their own output (Channel-A) keep under it. Sessions without the attribute have no such cap.
+    """
+
+    exec_reply_budget: int
 
 
 @runtime_checkable

@@ -2,13 +2,13 @@
 
 :class:`AgentOperations` answers one :class:`~sandbox.control_protocol.ControlRequest` with one
 :class:`~sandbox.control_protocol.ControlResponse`. File ops are confined to the agent's
-:class:`~sandbox.agent.confinement.Root`; ``exec`` runs in its own session with its cwd under the
+:class:`~daemons.agent.confinement.Root`; ``exec`` runs in its own session with its cwd under the
 root and its whole process group killed at the deadline; output that could not travel in one
 message is refused (``PAYLOAD_TOO_LARGE``), never cut. Each op first needs the owner's consent to
-its capability (:class:`~sandbox.agent.consent.AgentConsent`, ``CONSENT_REQUIRED`` otherwise);
+its capability (:class:`~daemons.agent.consent.AgentConsent`, ``CONSENT_REQUIRED`` otherwise);
 ``desktop_input`` then needs a display; ``screenshot`` and desktop
 streams need a display (``UNSUPPORTED`` with reason ``display_unavailable`` otherwise). The
-``pty_*`` ops are served by :class:`~sandbox.agent.terminals.AgentTerminals`.
+``pty_*`` ops are served by :class:`~daemons.agent.terminals.AgentTerminals`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sandbox.agent.confinement import OpRefused, Root, os_refusal
-from sandbox.agent.consent import AgentConsent
-from sandbox.agent.spawn import start_command
-from sandbox.agent.terminals import AgentTerminals, machine_environment
+from daemons.agent.confinement import OpRefused, Root, os_refusal
+from daemons.agent.consent import AgentConsent
+from daemons.agent.spawn import start_command
+from daemons.agent.terminals import AgentTerminals, machine_environment
 from sandbox.control_protocol import (
     NATS_DEFAULT_MAX_PAYLOAD,
     ControlErrorCode,

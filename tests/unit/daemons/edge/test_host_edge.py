@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import websockets
 
-from sandbox.edge import DESKTOP_TOKEN_PORT
-from sandbox.edge.host import HostEdgeLayout, HostEdges, drop_key, write_key
+from daemons.edge import DESKTOP_TOKEN_PORT
+from daemons.edge.host import HostEdgeLayout, HostEdges, drop_key, write_key
 from sandbox.stream_token import StreamTokenKey, derive_lease_key
 from tests.conftest import process_alive, wait_until_gone
 

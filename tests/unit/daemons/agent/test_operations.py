@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox.agent.consent import AgentConsent
-from sandbox.agent.operations import AgentOperations, DisplayAccess
+from daemons.agent.consent import AgentConsent
+from daemons.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_protocol import (
     ControlErrorCode,
     ControlOp,

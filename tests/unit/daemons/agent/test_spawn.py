@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.agent import spawn
-from sandbox.agent.operations import AgentOperations, DisplayAccess
-from sandbox.agent.spawn import RunningCommand, pidfd_supported, start_command
+from daemons.agent import spawn
+from daemons.agent.operations import AgentOperations, DisplayAccess
+from daemons.agent.spawn import RunningCommand, pidfd_supported, start_command
 from sandbox.control_protocol import ExecOp
 
 WAYS = ["posix_spawn", "popen", "asyncio"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.edge import TERMINAL_TOKEN_PORT, EdgeGate, EdgeKey
-from sandbox.edge.terminal import TerminalEdge
+from daemons.edge import TERMINAL_TOKEN_PORT, EdgeGate, EdgeKey
+from daemons.edge.terminal import TerminalEdge
 from sandbox.stream_token import StreamTokenKey, derive_lease_key
 
 ROOT = b"unit-root"

@@ -1,9 +1,10 @@
 """File access confined to the agent's root: no ``..``, no symlink, no race leads outside it.
 
-A request path is resolved in two steps. :meth:`Root.resolve` walks it component by component,
-following symlinks as the file system would, and refuses (``path_escape``) any step that leaves the
-root: a ``..`` above it, an absolute path outside it, a symlink whose target is outside it. The
-resulting components are then opened one at a time relative to directory file descriptors with
+A request path is resolved in two steps, by the runtime's one symlink-safe walk
+(:mod:`sandbox.confined_path`). :meth:`Root.resolve` walks it component by component, following
+symlinks as the file system would, and refuses (``path_escape``) any step that leaves the root: a
+``..`` above it, an absolute path outside it, a symlink whose target is outside it. The resulting
+components are then opened one at a time relative to directory file descriptors with
 ``O_NOFOLLOW``, so a symlink swapped in after the check fails the open instead of escaping.
 
 A written file never gets the setuid, setgid or sticky bit: a requested mode is masked to its
@@ -26,15 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from sandbox.confined_path import (
+    DIRECTORY_FLAGS,
+    BaseUnavailable,
+    PathEscape,
+    SymlinkLoop,
+    open_directory,
+    resolve_components,
+    split_relative,
+)
 from sandbox.control_protocol import ControlErrorCode, FsEntry
 
 __all__ = ["MAX_LIST_DEPTH", "MAX_LIST_ENTRIES", "OpRefused", "Root", "os_refusal"]
 
-MAX_SYMLINK_HOPS: Final = 40
 MAX_LIST_ENTRIES: Final = 100_000
 MAX_LIST_DEPTH: Final = 256
 """The deepest level a recursive listing returns; an entry below it refuses the listing (each level holds an fd)."""
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _UPLOAD_PREFIX: Final = ".sandbox-upload-"
 _PERMISSION_BITS: Final = 0o777
 """The mode bits a write may set: setuid, setgid and sticky are masked off."""
@@ -119,48 +127,23 @@ class Root:
                 rel = path[len(self.real) :]
             else:
                 raise _escape(path, "is outside the root")
-        pending = [p for p in rel.split("/") if p not in ("", ".")]
-        pending.reverse()
-        resolved: list[str] = []
-        hops = 0
-        exists = True
-        while pending:
-            part = pending.pop()
-            if part == "..":
-                if not resolved:
-                    raise _escape(path, "climbs above the root")
-                resolved.pop()
-                continue
-            if exists:
-                try:
-                    st = os.lstat(os.path.join(self.real, *resolved, part))
-                except (FileNotFoundError, NotADirectoryError):
-                    exists = False
-                except OSError as err:
-                    # ENAMETOOLONG, EACCES, ELOOP...: the op still gets a typed reply, not an exception.
-                    raise os_refusal(err, path) from None
-                else:
-                    if stat.S_ISLNK(st.st_mode):
-                        hops += 1
-                        if hops > MAX_SYMLINK_HOPS:
-                            raise OpRefused(
-                                ControlErrorCode.OS,
-                                f"too many symbolic links: {path}",
-                                {"errno": "ELOOP", "path": path},
-                            )
-                        try:
-                            target = os.readlink(os.path.join(self.real, *resolved, part))
-                        except OSError as err:
-                            raise os_refusal(err, path) from None
-                        if target.startswith("/"):
-                            if target != self.real and not target.startswith(self.real.rstrip("/") + "/"):
-                                raise _escape(path, f"goes through a symlink to {target!r} outside the root")
-                            resolved = []
-                            target = target[len(self.real) :]
-                        pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
-                        continue
-            resolved.append(part)
-        return resolved
+
+        def absolute_target(target: str) -> list[str]:
+            if target != self.real and not target.startswith(self.real.rstrip("/") + "/"):
+                raise PathEscape(f"goes through a symlink to {target!r} outside the root")
+            return split_relative(target[len(self.real) :])
+
+        try:
+            return resolve_components(self.real, split_relative(rel), absolute_target=absolute_target)
+        except PathEscape as escape:
+            raise _escape(path, escape.why) from None
+        except SymlinkLoop:
+            raise OpRefused(
+                ControlErrorCode.OS, f"too many symbolic links: {path}", {"errno": "ELOOP", "path": path}
+            ) from None
+        except OSError as err:
+            # ENAMETOOLONG, EACCES, ELOOP...: the op still gets a typed reply, not an exception.
+            raise os_refusal(err, path) from None
 
     def absolute(self, parts: list[str]) -> str:
         """The host path of resolved components."""
@@ -170,28 +153,14 @@ class Root:
 
     def _open_dir(self, parts: list[str], *, create: bool, path: str) -> int:
         try:
-            fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as err:
+            return open_directory(self.real, parts, create=create, mode=0o777)
+        except BaseUnavailable as gone:
             # The root itself vanished (or is no longer a directory): a typed refusal, so the caller gets a reply.
-            raise os_refusal(err, path) from None
-        try:
-            for part in parts:
-                try:
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, 0o777, dir_fd=fd)
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
+            raise os_refusal(gone.error, path) from None
         except OSError as err:
-            os.close(fd)
             if err.errno == errno.ELOOP:
                 raise _escape(path, "changed into a symlink while being opened") from None
             raise os_refusal(err, path) from None
-        return fd
 
     @contextlib.contextmanager
     def parent(self, path: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
@@ -406,7 +375,7 @@ class Root:
                 if not (recursive and stat.S_ISDIR(st.st_mode)):
                     continue
                 try:
-                    sub = os.open(child.name, _DIR_FLAGS, dir_fd=fd)
+                    sub = os.open(child.name, DIRECTORY_FLAGS, dir_fd=fd)
                 except OSError:
                     continue
                 try:

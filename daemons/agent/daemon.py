@@ -10,7 +10,7 @@ twice) and answers each request from a task of its own, admitting it first:
 - while draining (after SIGTERM) or at ``max_concurrent_ops``, a new op gets ``DRAINING``;
 - an op whose epoch is older than the newest seen gets ``FENCED``; the newest epoch is kept in a
   state file outside the root, so a restart does not reopen the fence;
-- everything else runs through :class:`~sandbox.agent.operations.AgentOperations`, and a reply
+- everything else runs through :class:`~daemons.agent.operations.AgentOperations`, and a reply
   larger than the server's max payload is replaced by ``PAYLOAD_TOO_LARGE``.
 
 Every reply, refusals included, is signed with the agent's reply key (the runtime drops replies
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from sandbox.agent.consent import AgentConsent
-from sandbox.agent.operations import AgentOperations, DisplayAccess
+from daemons.agent.consent import AgentConsent
+from daemons.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_auth import AgentCredential, ReplayGuard, RequestVerifier, sign_reply
 from sandbox.control_protocol import (
     ControlErrorCode,
@@ -350,7 +350,7 @@ class AgentDaemon:
 
         The process moves into the agent's root first: commands run there unless an op names
         another directory, and a command started in the process's own directory can be started
-        with ``posix_spawn`` (:mod:`sandbox.agent.spawn`).
+        with ``posix_spawn`` (:mod:`daemons.agent.spawn`).
         """
         os.chdir(self.operations.root.real)
         loop = asyncio.get_running_loop()

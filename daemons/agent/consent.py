@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from sandbox.agent.confinement import OpRefused
+from daemons.agent.confinement import OpRefused
 from sandbox.control_protocol import (
     ControlErrorCode,
     DesktopInputOp,

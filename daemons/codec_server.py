@@ -10,7 +10,7 @@ It decrypts for anyone who can reach it, so it binds to loopback, and refuses wh
 sends on behalf of any other page: a request whose ``Origin`` is not the UI's, whose ``Host`` is
 not the loopback address it serves (DNS rebinding), that is not JSON (no CORS-free "simple"
 request), or whose ``X-Namespace`` is not the namespace it serves. A local process that is none of
-these can still call it: see README "Security model". ``python -m sandbox.codec_server --port N
+these can still call it: see README "Security model". ``python -m daemons.codec_server --port N
 --ui-origin URL`` runs it (``sandboxctl up`` does); keys and namespace come from ``SANDBOX_*``.
 """
 
@@ -30,7 +30,7 @@ from sandbox.errors import PayloadCodecError, SandboxConfigError
 from sandbox.payload_codec import PayloadEncryptionCodec, load_payload_keys
 from sandbox.settings import Settings
 
-log = logging.getLogger("sandbox.codec_server")
+log = logging.getLogger("daemons.codec_server")
 
 HOST = "127.0.0.1"
 #: The largest request body accepted: a batch of exec outputs fits; anything larger is refused.
@@ -120,7 +120,7 @@ async def serve(settings: Settings, *, port: int, ui_origin: str, stop: asyncio.
 
 
 def main() -> None:
-    """Entry point of ``python -m sandbox.codec_server``."""
+    """Entry point of ``python -m daemons.codec_server``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
     parser.add_argument("--ui-origin", required=True, help="origin of the Temporal Web UI, e.g. http://127.0.0.1:8233")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.edge.target import connect_unix_target, open_socket_path, open_unix_target
+from daemons.edge.target import connect_unix_target, open_socket_path, open_unix_target
 
 
 @pytest.fixture
