@@ -19,7 +19,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
-from providers import descriptors
+from sandbox import descriptors
 from sandbox.descriptors import SnapshotSupport
 from sandbox.errors import PayloadKeyUnknown
 from sandbox.payload_codec import ENCODING, KEY_ID_METADATA, PayloadKeys, data_converter_for

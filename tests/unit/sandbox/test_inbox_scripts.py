@@ -67,7 +67,7 @@ def test_scripts_ship_with_the_package_and_the_host_environment_finds_the_edge()
         assert script_path(name).read_text().startswith("#!/usr/bin/env bash")
     env = host_edge_environment()
     assert Path(env["SANDBOX_EDGE_PYTHON"]).is_file()
-    assert any((Path(p) / "sandbox" / "edge").is_dir() for p in env["SANDBOX_EDGE_PYTHONPATH"].split(":"))
+    assert any((Path(p) / "daemons" / "edge").is_dir() for p in env["SANDBOX_EDGE_PYTHONPATH"].split(":"))
     assert InboxScripts.on_host().command("desktop-up", "--status")[0] == "bash"
 
 
