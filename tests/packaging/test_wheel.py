@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-RUNTIME_PACKAGES = ("workflows", "activities", "providers", "sandbox", "store", "client", "cli")
+RUNTIME_PACKAGES = ("workflows", "activities", "providers", "sandbox", "daemons", "store", "client", "cli")
 SHIPPED_MODULES = ("worker.py",)
 TEST_TREES = ("tests", "bench")
 
@@ -58,13 +58,17 @@ class Built:
 def build(tmp_path: Path) -> Built:
     """Build the distribution from a copy of the checkout (no stale ``build/`` dir, nothing written here)."""
     source = tmp_path / "src"
-    shutil.copytree(
-        REPO,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "node_modules"
-        ),
-    )
+    # What a clone holds (tracked files, plus new ones not ignored): never a runtime's data dir, a venv or caches.
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.run(

@@ -110,8 +110,9 @@ class FakeLeases:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    # No NATS listens there: change events are best effort and must not fail an operation.
-    return Settings(data_dir=tmp_path / "data", nats_url=f"nats://127.0.0.1:{free_port()}", nats_auth="off")
+    # No NATS listens there (auth on, the runtime identity from the test environment): change events are
+    # best effort and must not fail an operation.
+    return Settings(data_dir=tmp_path / "data", nats_url=f"nats://127.0.0.1:{free_port()}")
 
 
 async def test_a_channel_holds_the_lease_as_direct_and_works_in_the_envelopes_root(
