@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
@@ -256,6 +258,8 @@ class AuthenticatedNats:
 
         self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.monitor_port = free_port()
+        self.monitor_port = free_port()
         name = f"nats-{self.port}"
         self.authority = NatsAuthority(
             identities, config_path=identities / f"{name}.conf", pid_path=identities / f"{name}.pid"
@@ -281,11 +285,15 @@ class AuthenticatedNats:
                 str(self.port),
                 "-P",
                 str(self.authority.pid_path),
+                # The monitoring endpoint tells a test when a reload has been applied (see _sync).
+                "-m",
+                str(self.monitor_port),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.monitor_port, proc=self.proc)
         return self
 
     def stop(self) -> None:
@@ -295,10 +303,26 @@ class AuthenticatedNats:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def _config_load_time(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/varz", timeout=5) as reply:
+            return str(json.load(reply)["config_load_time"])
+
     def _sync(self) -> None:
+        """Write the enrolled agents and reload the server, returning once the reload is applied.
+
+        A reload re-registers every connection's subscriptions; a request sent before it has
+        finished can find no responder, so a test must not race it.
+        """
         self.authority.write(self.agents.values())
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        before = self._config_load_time()
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while self._config_load_time() == before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nats-server on {self.port} did not apply its reload in 15 s")
+            time.sleep(0.01)
 
     def enroll(self, workspace_id: str, agent_id: str) -> Any:
         """Issue a credential for ``workspace_id/agent_id`` and let its NATS identity in."""

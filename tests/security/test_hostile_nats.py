@@ -65,7 +65,18 @@ async def send_raw(
     headers = key.sign_request(subject, body) if key is not None else None
     if tamper:
         body = body.replace(b'"epoch": 1', b'"epoch": 2')
-    msg = await nc.request(subject, body, timeout=timeout, headers=headers)
+    # A connection made before an enrollment reload can briefly find no responder for an agent that
+    # connected after it (nats-server rebinds older connections to the reloaded account). Nothing
+    # was delivered then, so sending again is safe: the runtime retries never-sent requests too.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            msg = await nc.request(subject, body, timeout=timeout, headers=headers)
+            break
+        except nats.errors.NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
     reply: dict[str, Any] = json.loads(msg.data)
     reply["_headers"] = msg.headers or {}
     reply["_request"] = body
