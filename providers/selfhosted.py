@@ -35,15 +35,18 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
+
+from tenacity import AsyncRetrying, retry_if_exception
 
 from providers.base import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from providers.descriptors import DESKTOP_STREAM_PORT, NEVER_SENT_DETAIL_KEY, get_descriptor
 from sandbox.control_auth import REQUEST_VALIDITY_SECONDS, ControlSigningKey, ReplyVerifier
 from sandbox.control_protocol import (
     NATS_DEFAULT_MAX_PAYLOAD,
+    AgentError,
     ControlErrorCode,
     ControlOp,
     ControlRequest,
@@ -717,10 +720,23 @@ def _new_request_id() -> str:
 # --- the session ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _RetryCounts:
-    counts: dict[str, int] = field(default_factory=dict)
-    attempt: int = 0
+class _RetryBudget:
+    """The retries one call has spent per class of :meth:`RetryPolicy.retry_class`, and whether one more is allowed."""
+
+    def __init__(self, policy: RetryPolicy, op_type: str) -> None:
+        self._policy = policy
+        self._op_type = op_type
+        self.spent: dict[str, int] = {}
+
+    def allows(self, err: BaseException) -> bool:
+        """Whether ``err`` may be retried (and, if so, spend one retry of its class)."""
+        if not isinstance(err, SelfhostedControlError):
+            return False
+        retry = self._policy.retry_class(err, self._op_type)
+        if retry is None or self.spent.get(retry[0], 0) >= retry[1]:
+            return False
+        self.spent[retry[0]] = self.spent.get(retry[0], 0) + 1
+        return True
 
 
 def _sniff_image(data: bytes, path: str) -> str:
@@ -816,9 +832,10 @@ class SelfhostedSession:
             SelfhostedControlError: the agent (or the transport in its name) answered with an error.
         """
         wait = self.timeout if timeout is None else timeout
-        counts: dict[str, int] = {}
-        attempt = 0
-        while True:
+        budget = _RetryBudget(self.retry, op.type)
+        last: list[tuple[AgentError, str]] = []  # the agent's last error answer and its request id
+
+        async def attempt() -> _R:
             request = ControlRequest(request_id=_new_request_id(), epoch=self.epoch, op=op)
             response = await self._rpc.request(self.subject, request, timeout=wait)
             if response.error is None and isinstance(response.result, reply_type):
@@ -827,20 +844,27 @@ class SelfhostedSession:
                 response = error_response(
                     request.request_id, ControlErrorCode.PROTOCOL, f"agent answered {op.type} with the wrong result"
                 )
-            err = agent_error_to_control_error(response.error, request.request_id)  # type: ignore[arg-type]
-            retry = self.retry.retry_class(err, op.type)
-            if retry is None or counts.get(retry[0], 0) >= retry[1]:
-                if err.draining and counts.get("draining"):
-                    err = agent_error_to_control_error(
-                        response.error.model_copy(  # type: ignore[union-attr]
-                            update={"detail": {**err.detail, "retries": str(counts["draining"])}}
-                        ),
-                        request.request_id,
-                    )
-                raise err
-            counts[retry[0]] = counts.get(retry[0], 0) + 1
-            await self._sleep(self.retry.delay(attempt, random.random()))
-            attempt += 1
+            assert response.error is not None
+            last[:] = [(response.error, request.request_id)]
+            raise agent_error_to_control_error(response.error, request.request_id)
+
+        # Every retry is a new request (a new id); the delay before retry n is RetryPolicy.delay(n, jitter).
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(budget.allows),
+            wait=lambda state: self.retry.delay(state.attempt_number - 1, random.random()),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            return await retrying(attempt)
+        except SelfhostedControlError as err:
+            drained = budget.spent.get("draining")
+            if not (err.draining and drained and last):
+                raise
+            error, request_id = last[0]
+            raise agent_error_to_control_error(
+                error.model_copy(update={"detail": {**err.detail, "retries": str(drained)}}), request_id
+            ) from None
 
     def _path(self, path: str) -> str:
         return to_machine_path(path, self.working_dir)
