@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from sandbox.errors import AgentOffline, SandboxError, SelfhostedControlError
-from sandbox.failures import cut_cause_cycles, to_application_error
+from sandbox.failures import compact_cause, to_application_error
 
 __all__ = ["maps_provider_errors", "to_application_error"]
 
@@ -47,9 +47,9 @@ def maps_provider_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable
         except SelfhostedControlError as err:
             if err.agent_offline or err.reason in ("agent_offline", "agent_reconnecting"):
                 offline = AgentOffline(err.message, reason=err.reason or "agent_offline")
-                raise to_application_error(offline) from cut_cause_cycles(err)
-            raise to_application_error(err) from cut_cause_cycles(err)
+                raise to_application_error(offline) from compact_cause(err)
+            raise to_application_error(err) from compact_cause(err)
         except SandboxError as err:
-            raise to_application_error(err) from cut_cause_cycles(err)
+            raise to_application_error(err) from compact_cause(err)
 
     return wrapper

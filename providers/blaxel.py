@@ -59,6 +59,8 @@ Snapshots are tar-only (:class:`~providers.remote_workspace.RemoteWorkspace`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import math
 import posixpath
@@ -76,6 +78,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row, confirmed
 from providers.shell_exec import (
     LIST_DIR_SCRIPT,
     check_env_names,
@@ -302,23 +305,31 @@ def _signals(err: BaseException) -> tuple[int | None, str | None, bool | None]:
     return status, code if isinstance(code, str) else None, retryable if isinstance(retryable, bool) else None
 
 
-def _translate(err: BaseException) -> ProviderError:
-    """The typed error for an SDK failure (see the table in the module docstring)."""
-    if isinstance(err, ProviderError):
-        return err
-    detail = f"blaxel: {type(err).__name__}: {err}"
-    if isinstance(err, httpx.TransportError | TimeoutError):
-        return ProviderUnavailable(detail)
-    status, code, retryable = _signals(err)
-    if code in _TRANSIENT_CODES or retryable is True or status == 408 or (status is not None and status >= 500):
-        return ProviderUnavailable(detail)
-    if status == 404 or code in _NOT_FOUND_CODES:
-        return BoxNotFound(detail)
-    if status in (401, 403) or code in _AUTH_CODES:
-        return ProviderAuthError(detail + " (check SANDBOX_BLAXEL_API_KEY and SANDBOX_BLAXEL_WORKSPACE)")
-    if status == 429 or code in _QUOTA_CODES:
-        return ProviderQuotaError(detail)
-    return ProviderError(detail)
+_DETAIL: Final = "blaxel: {name}: {err}"
+_AUTH_DETAIL: Final = _DETAIL + " (check SANDBOX_BLAXEL_API_KEY and SANDBOX_BLAXEL_WORKSPACE)"
+_NO_IMAGE: Final = "blaxel: the image or region to create from does not exist: {err}"
+_ERRORS: Final = ErrorTable(
+    (
+        # Transient signals win over the NotFound rule (upstream ``classifyProviderSandboxFailure``).
+        Row((httpx.TransportError, TimeoutError), ProviderUnavailable, _DETAIL),
+        Row(BaseException, ProviderUnavailable, _DETAIL, code=_TRANSIENT_CODES),
+        Row(BaseException, ProviderUnavailable, _DETAIL, test=lambda err: _signals(err)[2] is True),
+        Row(BaseException, ProviderUnavailable, _DETAIL, status={408, *SERVER_ERRORS}),
+        Row(BaseException, BoxNotFound, _DETAIL, status={404}, box=True),
+        Row(BaseException, BoxNotFound, _DETAIL, code=_NOT_FOUND_CODES, box=True),
+        # Not about a box (create): the 404 names the image or region.
+        Row(BaseException, ProviderError, _NO_IMAGE, status={404}),
+        Row(BaseException, ProviderError, _NO_IMAGE, code=_NOT_FOUND_CODES),
+        Row(BaseException, ProviderAuthError, _AUTH_DETAIL, status={401, 403}),
+        Row(BaseException, ProviderAuthError, _AUTH_DETAIL, code=_AUTH_CODES),
+        Row(BaseException, ProviderQuotaError, _DETAIL, status={429}),
+        Row(BaseException, ProviderQuotaError, _DETAIL, code=_QUOTA_CODES),
+    ),
+    default=_DETAIL,
+    status_of=lambda err: _signals(err)[0],
+    code_of=lambda err: _signals(err)[1],
+)
+"""The module docstring's table (SDK errors of any class, told apart by status, code and ``retryable``)."""
 
 
 def _labels(metadata: Any) -> dict[str, str]:
@@ -389,7 +400,7 @@ class BlaxelBoxSession:
             # Belt and braces: the sandbox API also kills the command a little after our deadline.
             request["timeout"] = math.ceil(timeout) + 5
         process = self._sandbox.process
-        try:
+        async with self._classified():
             await process.exec(request)
             try:
                 done = await process.wait(name, max_wait=-1 if timeout is None else math.ceil(timeout * 1000),
@@ -399,10 +410,6 @@ class BlaxelBoxSession:
                 raise ExecTimeout(
                     f"{argv[0]} ran past its {timeout} s timeout and was killed", timeout=timeout or 0.0
                 ) from None
-        except ExecTimeout:
-            raise
-        except Exception as err:
-            raise await self._provider._classify(self, err) from err
         return await self._result(str(getattr(done, "stdout", "") or ""))
 
     async def _result(self, stdout: str) -> ExecResult:
@@ -426,10 +433,8 @@ class BlaxelBoxSession:
             PathNotFound: no such file.
             BoxNotFound: the sandbox is gone.
         """
-        try:
+        async with self._classified(path):
             return await self._sandbox.fs.read_binary(self._path(path))
-        except Exception as err:
-            raise await self._provider._classify(self, err, path=path) from err
 
     async def write_file(self, path: str, data: bytes) -> None:
         """Write a whole file in the sandbox, creating its parent directories.
@@ -440,10 +445,8 @@ class BlaxelBoxSession:
         await self._write(self._path(path), data)
 
     async def _write(self, target: str, data: bytes) -> None:
-        try:
+        async with self._classified():
             await self._sandbox.fs.write_binary(target, bytes(data))
-        except Exception as err:
-            raise await self._provider._classify(self, err) from err
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         """One level of a directory in the sandbox, sorted by name.
@@ -474,7 +477,7 @@ class BlaxelBoxSession:
         if not 0 < port < 65536:
             raise InvalidRequest(f"port must be in 1..65535, not {port}")
         settings = self._provider.settings
-        try:
+        async with self._classified():
             preview = await self._sandbox.previews.create_if_not_exists(
                 {"port": port, "public": settings.exposed_port_public}
             )
@@ -483,8 +486,6 @@ class BlaxelBoxSession:
                 expires = datetime.now(UTC) + timedelta(seconds=settings.exposed_port_url_ttl_seconds)
                 token = await preview.tokens.create(expires)
                 query = urlencode({"bl_preview_token": str(token.value)})
-        except Exception as err:
-            raise await self._provider._classify(self, err) from err
         url = urlsplit(str(preview.url or ""))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise StreamPortUnavailable(f"blaxel preview for port {port} has no usable URL: {preview.url!r}")
@@ -504,6 +505,10 @@ class BlaxelBoxSession:
         if box_labels.LEASE_ID in self._labels:
             state["leaseId"] = self._labels[box_labels.LEASE_ID]
         return Envelope(backend_id=self._provider.backend_id, instance_id=self._name, state=state)
+
+    def _classified(self, path: str | None = None) -> contextlib.AbstractAsyncContextManager[None]:
+        """Raise a data-plane failure as :meth:`BlaxelProvider._classify` calls it (the control plane decides)."""
+        return confirmed(functools.partial(self._provider._classify, self, path=path))
 
     def _path(self, path: str) -> str:
         if "\0" in path:
@@ -569,13 +574,8 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
                            ("ttl", settings.ttl)):  # fmt: skip
             if value is not None:
                 config[key] = value
-        try:
+        with _ERRORS.mapped(box_op=False):  # a 404 on create names the image, never a box
             sandbox = await self.api.create_if_not_exists(config)
-        except Exception as err:
-            translated = _translate(err)
-            if isinstance(translated, BoxNotFound):  # a 404 on create names the image, never a box
-                raise ProviderError(f"blaxel: the image or region to create from does not exist: {err}") from err
-            raise translated from err
         status = _text(sandbox.status)
         if status in _GONE:
             raise ProviderUnavailable(f"blaxel sandbox {config['name']} is {status}; retry once it is replaced")
@@ -608,12 +608,8 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
             self._check_alive(sandbox, name, created_at)
         except BoxNotFound:
             return
-        try:
+        with contextlib.suppress(BoxNotFound), _ERRORS.mapped():
             await self.api.delete(name)
-        except Exception as err:
-            translated = _translate(err)
-            if not isinstance(translated, BoxNotFound):
-                raise translated from err
 
     async def list_owned(self) -> list[OwnedBox]:
         """Every live sandbox of the workspace that carries our ``sandbox.key`` label.
@@ -622,7 +618,7 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
         """
         owned: list[OwnedBox] = []
         cursor: str | None = None
-        try:
+        with _ERRORS.mapped():
             while True:
                 page = await self.api.list(limit=_LIST_PAGE, cursor=cursor)
                 for sandbox in page.data:
@@ -639,8 +635,6 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
                 cursor = page.next_cursor if page.has_more else None
                 if not cursor:
                     return owned
-        except Exception as err:
-            raise _translate(err) from err
 
     async def delete_snapshot(self, native_id: str) -> None:
         """Blaxel workspaces are captured as tar archives only; there are no native snapshots to delete."""
@@ -660,10 +654,8 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
         return name, created_at if isinstance(created_at, str) else None
 
     async def _get(self, name: str) -> BlaxelSandbox:
-        try:
+        with _ERRORS.mapped():
             return await self.api.get(name)
-        except Exception as err:
-            raise _translate(err) from err
 
     @staticmethod
     def _check_alive(sandbox: BlaxelSandbox, name: str, created_at: str | None) -> None:
@@ -678,7 +670,7 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
         self, session: BlaxelBoxSession, err: BaseException, *, path: str | None = None
     ) -> ProviderError:
         """Translate a data-plane failure, asking the control plane whether the sandbox is gone first."""
-        translated = _translate(err)
+        translated = _ERRORS.translate(err)
         if isinstance(translated, ProviderAuthError | ProviderQuotaError):
             return translated
         try:
@@ -686,7 +678,7 @@ class BlaxelProvider(RemoteWorkspaceSnapshots):
         except BoxNotFound as gone:
             return gone
         except Exception as lookup:
-            lookup_error = _translate(lookup)
+            lookup_error = _ERRORS.translate(lookup)
             if isinstance(lookup_error, BoxNotFound):
                 return lookup_error
             return translated if not isinstance(translated, BoxNotFound) else lookup_error

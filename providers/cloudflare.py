@@ -77,6 +77,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row, status_attribute
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
     BoxNotFound,
@@ -173,27 +174,32 @@ def sandbox_id_for_key(idempotency_key: str) -> str:
     return "sbx-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
 
 
-def _translate(err: BaseException) -> ProviderError:
-    """Map a Worker answer or an httpx failure to the runtime's typed errors (table in the module doc)."""
-    if isinstance(err, ProviderError):
-        return err
-    if isinstance(err, httpx.TimeoutException | httpx.TransportError):
-        return ProviderUnavailable(f"cloudflare worker unreachable: {type(err).__name__}: {err}")
-    if isinstance(err, WorkerError):
-        code = (err.code or "").upper()
-        text = f"cloudflare worker: {err}"
-        if code in _TRANSIENT_CODES:
-            return ProviderUnavailable(text)
-        if err.status == 404 or code in _NOT_FOUND_CODES or _GONE_MESSAGE.fullmatch(err.message):
-            return BoxNotFound(text)
-        if err.status in (401, 403):
-            return ProviderAuthError(text)
-        if err.status == 429:
-            return ProviderQuotaError(text)
-        if err.status == 408 or err.status >= 500:
-            return ProviderUnavailable(text)
-        return ProviderError(text)
-    return ProviderError(f"cloudflare worker: unexpected {type(err).__name__}: {err}")
+def _worker_code(err: BaseException) -> str | None:
+    return (err.code or "").upper() if isinstance(err, WorkerError) else None
+
+
+def _gone_message(err: BaseException) -> bool:
+    return isinstance(err, WorkerError) and _GONE_MESSAGE.fullmatch(err.message) is not None
+
+
+_ANSWER: Final = "cloudflare worker: {err}"
+_ERRORS: Final = ErrorTable(
+    (
+        Row(httpx.TransportError, ProviderUnavailable, "cloudflare worker unreachable: {name}: {err}"),
+        Row(WorkerError, ProviderUnavailable, _ANSWER, code=_TRANSIENT_CODES),
+        Row(WorkerError, BoxNotFound, _ANSWER, status={404}),
+        Row(WorkerError, BoxNotFound, _ANSWER, code=_NOT_FOUND_CODES),
+        Row(WorkerError, BoxNotFound, _ANSWER, test=_gone_message),
+        Row(WorkerError, ProviderAuthError, _ANSWER, status={401, 403}),
+        Row(WorkerError, ProviderQuotaError, _ANSWER, status={429}),
+        Row(WorkerError, ProviderUnavailable, _ANSWER, status={408, *SERVER_ERRORS}),
+        Row(WorkerError, ProviderError, _ANSWER),
+    ),
+    default="cloudflare worker: unexpected {name}: {err}",
+    status_of=status_attribute("status"),
+    code_of=_worker_code,
+)
+"""The module docstring's table: a Worker answer (status, code) or an httpx failure → our error."""
 
 
 def _worker_error(response: httpx.Response) -> WorkerError:
@@ -238,7 +244,7 @@ class _WorkerClient:
         params: Any = None,
         timeout: float | None | httpx.Timeout = None,
     ) -> httpx.Response:
-        try:
+        with _ERRORS.mapped(catch=httpx.HTTPError):
             response = await self._http.request(
                 method,
                 path,
@@ -247,18 +253,14 @@ class _WorkerClient:
                 params=params,
                 timeout=self.timeout if timeout is None else timeout,
             )
-        except httpx.HTTPError as err:
-            raise _translate(err) from err
         if response.is_success:
             return response
         raise _worker_error(response)
 
     async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Like :meth:`request`, with every Worker error translated."""
-        try:
+        with _ERRORS.mapped(catch=WorkerError):
             return await self.request(method, path, **kwargs)
-        except WorkerError as err:
-            raise _translate(err) from err
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -437,7 +439,7 @@ def _file_error(err: WorkerError, path: str) -> ProviderError | InvalidRequest:
         return PathNotFound(f"no such file or directory in the sandbox: {path}", path=path)
     if code == "IS_A_DIRECTORY":
         return InvalidRequest(f"{path} is a directory")
-    return _translate(err)
+    return _ERRORS.translate(err)
 
 
 class CloudflareProvider(RemoteWorkspaceSnapshots):

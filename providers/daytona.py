@@ -78,6 +78,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row, confirmed
 from providers.shell_exec import NO_WORKDIR, exec_script, parse_exec_report, stage_stdin
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.descriptors import CAPABILITY_DESCRIPTORS
@@ -300,27 +301,23 @@ class DaytonaClient(Protocol):
 # --- error translation --------------------------------------------------------------------------
 
 
-def _translate(err: BaseException, *, box_op: bool = True) -> ProviderError:
-    """Map an SDK error to ours; ``box_op=False`` when a 404 cannot mean "the box is gone" (create)."""
-    if isinstance(err, ProviderError):
-        return err
-    text = str(err) or type(err).__name__
-    if isinstance(err, DaytonaNotFoundError):
-        return BoxNotFound(f"Daytona: {text}") if box_op else ProviderError(f"Daytona: {text}")
-    if isinstance(err, DaytonaAuthenticationError | DaytonaForbiddenError):
-        return ProviderAuthError(f"Daytona rejected the request: {text}")
-    if isinstance(err, DaytonaRateLimitError):
-        return ProviderQuotaError(f"Daytona rate limit or quota: {text}")
-    if isinstance(err, DaytonaConnectionError | DaytonaTimeoutError):
-        return ProviderUnavailable(f"Daytona: {text}")
-    if isinstance(err, DaytonaError):
-        status = err.status_code
-        if status is not None and status >= 500:
-            return ProviderUnavailable(f"Daytona: {text}")
-        return ProviderError(f"Daytona: {text}")
-    if isinstance(err, OSError | ConnectionError):
-        return ProviderUnavailable(f"Daytona could not be reached: {text}")
-    return ProviderError(f"Daytona: {type(err).__name__}: {text}")
+_ERRORS: Final = ErrorTable(
+    (
+        Row(DaytonaNotFoundError, BoxNotFound, "Daytona: {text}", box=True),
+        Row(
+            (DaytonaAuthenticationError, DaytonaForbiddenError),
+            ProviderAuthError,
+            "Daytona rejected the request: {text}",
+        ),
+        Row(DaytonaRateLimitError, ProviderQuotaError, "Daytona rate limit or quota: {text}"),
+        Row((DaytonaConnectionError, DaytonaTimeoutError), ProviderUnavailable, "Daytona: {text}"),
+        Row(DaytonaError, ProviderUnavailable, "Daytona: {text}", status=SERVER_ERRORS),
+        Row(DaytonaError, ProviderError, "Daytona: {text}"),
+        Row((OSError, ConnectionError), ProviderUnavailable, "Daytona could not be reached: {text}"),
+    ),
+    default="Daytona: {name}: {text}",
+)
+"""The module docstring's table; ``box_op=False`` where a 404 cannot mean "the box is gone" (create)."""
 
 
 def _state(sandbox: DaytonaSandbox) -> str:
@@ -365,16 +362,16 @@ class DaytonaBoxSession:
     async def _failed(self, err: BaseException) -> ProviderError:
         """Translate a toolbox error, asking the control plane whether the sandbox is still there."""
         if isinstance(err, DaytonaAuthenticationError | DaytonaForbiddenError | DaytonaRateLimitError):
-            return _translate(err)
+            return _ERRORS.translate(err)
         if isinstance(err, DaytonaError) and err.status_code is not None and err.status_code >= 500:
-            return _translate(err)
+            return _ERRORS.translate(err)
         if not isinstance(err, DaytonaError):
-            return _translate(err)
+            return _ERRORS.translate(err)
         client = await self._provider.client()
         try:
             current = await client.get(self.instance_id)
         except Exception as probe:
-            return _translate(probe)
+            return _ERRORS.translate(probe)
         state = _state(current)
         if state in _GONE_STATES:
             return BoxNotFound(f"Daytona sandbox {self.instance_id} is {state}")
@@ -382,7 +379,7 @@ class DaytonaBoxSession:
             return ProviderUnavailable(f"Daytona sandbox {self.instance_id} is {state}: {err}; resume it to start it")
         if isinstance(err, DaytonaNotFoundError):
             return PathNotFound(f"Daytona: {err}")
-        return _translate(err, box_op=False)
+        return _ERRORS.translate(err, box_op=False)
 
     async def exec(
         self,
@@ -436,10 +433,8 @@ class DaytonaBoxSession:
             PathNotFound: no such file.
             BoxNotFound: the sandbox is gone.
         """
-        try:
+        async with confirmed(self._failed):
             return await self._sandbox.fs.download_file(_box_path(path))
-        except Exception as err:
-            raise await self._failed(err) from err
 
     async def write_file(self, path: str, data: bytes) -> None:
         """Write a whole file, creating parent directories.
@@ -447,10 +442,8 @@ class DaytonaBoxSession:
         Raises:
             BoxNotFound: the sandbox is gone.
         """
-        try:
+        async with confirmed(self._failed):
             await self._sandbox.fs.upload_file(bytes(data), _box_path(path))
-        except Exception as err:
-            raise await self._failed(err) from err
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         """List one directory level, sorted by name.
@@ -459,10 +452,8 @@ class DaytonaBoxSession:
             PathNotFound: no such directory.
             BoxNotFound: the sandbox is gone.
         """
-        try:
+        async with confirmed(self._failed):
             entries = await self._sandbox.fs.list_files(_box_path(path))
-        except Exception as err:
-            raise await self._failed(err) from err
         listed = [DirEntry(name=e.name, kind=_kind(e), size=e.size, mode=_perm(e)) for e in entries]
         return sorted(listed, key=lambda e: e.name)
 
@@ -489,12 +480,10 @@ class DaytonaBoxSession:
         """
         if not 1 <= port <= 65535:
             raise ProviderError(f"port must be in 1..65535, not {port}")
-        try:
+        async with confirmed(self._failed):
             preview = await self._sandbox.create_signed_preview_url(
                 port, expires_in_seconds=self._provider.settings.exposed_port_url_ttl_seconds
             )
-        except Exception as err:
-            raise await self._failed(err) from err
         url = urllib.parse.urlsplit(preview.url)
         if not url.hostname or url.scheme not in ("http", "https", "ws", "wss"):
             raise ProviderError(f"Daytona returned a malformed preview URL for port {port}")
@@ -562,12 +551,10 @@ class DaytonaProvider(RemoteWorkspaceSnapshots):
     async def _find(self, labels: dict[str, str]) -> list[DaytonaSandbox]:
         client = await self.client()
         found: list[DaytonaSandbox] = []
-        try:
+        with _ERRORS.mapped(box_op=False):
             async for sandbox in client.list(ListSandboxesQuery(labels=labels, limit=_LIST_PAGE)):
                 if _state(sandbox) not in _GONE_STATES:
                     found.append(sandbox)
-        except Exception as err:
-            raise _translate(err, box_op=False) from err
         return found
 
     def _params(
@@ -606,13 +593,14 @@ class DaytonaProvider(RemoteWorkspaceSnapshots):
             except BoxNotFound:
                 continue
         client = await self.client()
-        try:
-            created = await client.create(self._params(spec, idempotency_key), timeout=self.settings.timeout_seconds)
-        except DaytonaConflictError:
-            # Another create with the same key won the name: adopt that sandbox.
-            return await self._resume_id(sandbox_name_for_key(idempotency_key))
-        except Exception as err:
-            raise _translate(err, box_op=False) from err
+        with _ERRORS.mapped(box_op=False):
+            try:
+                created = await client.create(
+                    self._params(spec, idempotency_key), timeout=self.settings.timeout_seconds
+                )
+            except DaytonaConflictError:
+                # Another create with the same key won the name: adopt that sandbox.
+                return await self._resume_id(sandbox_name_for_key(idempotency_key))
         return DaytonaBoxSession(self, created)
 
     async def _started(self, sandbox: DaytonaSandbox) -> DaytonaBoxSession:
@@ -620,18 +608,14 @@ class DaytonaProvider(RemoteWorkspaceSnapshots):
         if state in _GONE_STATES:
             raise BoxNotFound(f"Daytona sandbox {sandbox.id} is {state}")
         if state != "started":
-            try:
+            with _ERRORS.mapped():
                 await sandbox.start(timeout=self.settings.timeout_seconds)
-            except Exception as err:
-                raise _translate(err) from err
         return DaytonaBoxSession(self, sandbox)
 
     async def _resume_id(self, sandbox_id: str) -> DaytonaBoxSession:
         client = await self.client()
-        try:
+        with _ERRORS.mapped():
             sandbox = await client.get(sandbox_id)
-        except Exception as err:
-            raise _translate(err) from err
         return await self._started(sandbox)
 
     @staticmethod
@@ -654,15 +638,12 @@ class DaytonaProvider(RemoteWorkspaceSnapshots):
         """Delete the sandbox; one that is already gone is not an error."""
         client = await self.client()
         try:
-            sandbox = await client.get(self._sandbox_id(envelope))
-            if _state(sandbox) not in _GONE_STATES:
-                await sandbox.delete(timeout=self.settings.timeout_seconds)
+            with _ERRORS.mapped():
+                sandbox = await client.get(self._sandbox_id(envelope))
+                if _state(sandbox) not in _GONE_STATES:
+                    await sandbox.delete(timeout=self.settings.timeout_seconds)
         except BoxNotFound:
             return
-        except Exception as err:
-            translated = _translate(err)
-            if not isinstance(translated, BoxNotFound):
-                raise translated from err
 
     async def list_owned(self) -> list[OwnedBox]:
         """Live sandboxes this runtime created (label ``sandbox.managed_by``)."""
@@ -687,21 +668,18 @@ class DaytonaProvider(RemoteWorkspaceSnapshots):
         """
         session = await self.resume(envelope)
         snapshot = name or f"sbx-snap-{secrets.token_hex(8)}"
-        try:
+        async with confirmed(session._failed):
             await session._sandbox.create_snapshot(snapshot, timeout=self.settings.timeout_seconds)
-        except Exception as err:
-            raise await session._failed(err) from err
         return snapshot
 
     async def delete_snapshot(self, native_id: str) -> None:
         """Delete a Daytona snapshot by name or id; one that is already gone is not an error."""
         client = await self.client()
-        try:
-            await client.snapshot.delete(native_id)
-        except DaytonaNotFoundError:
-            return
-        except Exception as err:
-            raise _translate(err, box_op=False) from err
+        with _ERRORS.mapped(box_op=False):
+            try:
+                await client.snapshot.delete(native_id)
+            except DaytonaNotFoundError:
+                return
 
 
 def build_provider(settings: Settings) -> DaytonaProvider:

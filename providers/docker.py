@@ -73,6 +73,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from providers import box_labels
 from providers.box_labels import owned_box
 from providers.remote_workspace import RemoteWorkspace
+from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
     BoxNotFound,
@@ -84,7 +85,6 @@ from sandbox.errors import (
     ProviderQuotaError,
     ProviderUnavailable,
     SandboxConfigError,
-    SandboxError,
     StreamPortUnavailable,
     Unsupported,
 )
@@ -268,36 +268,57 @@ def _validate_container_id(container_id: str) -> str:
     return container_id
 
 
-def _translate(err: BaseException) -> ProviderError:
-    """Map an SDK or transport error to the runtime's typed provider errors (see the module table)."""
-    if isinstance(err, ProviderError):
-        return err
-    if isinstance(err, docker.errors.APIError):
-        status = err.status_code
-        explanation = str(err.explanation or "").strip()
-        text = f"docker engine: {explanation or err}"
-        if status == 404:
-            if _NO_SUCH_CONTAINER_RE.match(explanation):
-                return BoxNotFound(text)
-            if explanation.startswith("Could not find the file"):
-                return PathNotFound(text)
-            if isinstance(err, docker.errors.ImageNotFound):
-                return ProviderError(f"{text} (build deploy/desktop/Dockerfile and tag it as SANDBOX_DOCKER_IMAGE)")
-            return ProviderError(text)
-        if status == 409 and _NOT_RUNNING_RE.search(explanation):
-            return ProviderUnavailable(f"{text} (resume starts a stopped box)")
-        if status in (401, 403):
-            return ProviderAuthError(text)
-        if status == 429:
-            return ProviderQuotaError(text)
-        if status is not None and status >= 500:
-            return ProviderUnavailable(text)
-        return ProviderError(text)
-    if isinstance(err, requests.exceptions.RequestException | OSError):
-        return ProviderUnavailable(f"docker engine unreachable: {err}")
-    if isinstance(err, docker.errors.DockerException):
-        return ProviderUnavailable(f"docker engine unavailable: {err}")
-    return ProviderError(f"docker: {type(err).__name__}: {err}")
+def _explanation(err: BaseException) -> str:
+    return str(getattr(err, "explanation", None) or "").strip()
+
+
+def _describe(err: BaseException) -> str:
+    # The engine's own sentence when it sent one, else the SDK's text.
+    return _explanation(err) or str(err)
+
+
+_ENGINE: Final = "docker engine: {text}"
+_ERRORS: Final = ErrorTable(
+    (
+        Row(
+            docker.errors.APIError,
+            BoxNotFound,
+            _ENGINE,
+            status={404},
+            test=lambda err: _NO_SUCH_CONTAINER_RE.match(_explanation(err)) is not None,
+        ),
+        Row(
+            docker.errors.APIError,
+            PathNotFound,
+            _ENGINE,
+            status={404},
+            test=lambda err: _explanation(err).startswith("Could not find the file"),
+        ),
+        Row(
+            docker.errors.ImageNotFound,
+            ProviderError,
+            _ENGINE + " (build deploy/desktop/Dockerfile and tag it as SANDBOX_DOCKER_IMAGE)",
+            status={404},
+        ),
+        Row(docker.errors.APIError, ProviderError, _ENGINE, status={404}),
+        Row(
+            docker.errors.APIError,
+            ProviderUnavailable,
+            _ENGINE + " (resume starts a stopped box)",
+            status={409},
+            test=lambda err: _NOT_RUNNING_RE.search(_explanation(err)) is not None,
+        ),
+        Row(docker.errors.APIError, ProviderAuthError, _ENGINE, status={401, 403}),
+        Row(docker.errors.APIError, ProviderQuotaError, _ENGINE, status={429}),
+        Row(docker.errors.APIError, ProviderUnavailable, _ENGINE, status=SERVER_ERRORS),
+        Row(docker.errors.APIError, ProviderError, _ENGINE),
+        Row((requests.exceptions.RequestException, OSError), ProviderUnavailable, "docker engine unreachable: {err}"),
+        Row(docker.errors.DockerException, ProviderUnavailable, "docker engine unavailable: {err}"),
+    ),  # fmt: skip
+    default="docker: {name}: {err}",
+    describe=_describe,
+)
+"""The module docstring's table."""
 
 
 def _absolute(path: str) -> str:
@@ -724,12 +745,8 @@ class DockerProvider:
 
     async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run one blocking SDK call in a worker thread, translating its errors."""
-        try:
+        with _ERRORS.mapped():
             return await asyncio.to_thread(fn, *args, **kwargs)
-        except SandboxError:
-            raise
-        except Exception as err:
-            raise _translate(err) from err
 
     async def _create_container(self, spec: BoxSpec, key: str, name: str) -> tuple[str, str | None]:
         """Create (not start) the container; returns its id and its named workspace volume (None: a bind)."""

@@ -79,6 +79,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row, confirmed
 from providers.shell_exec import MARKER, NO_WORKDIR, exec_script, parse_exec_report, stage_stdin
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.descriptors import CAPABILITY_DESCRIPTORS
@@ -289,37 +290,25 @@ class E2BSdk(Protocol):
 # --- error translation --------------------------------------------------------------------------
 
 
-def _translate(err: BaseException, *, box_op: bool = True) -> ProviderError:
-    """Map an SDK (or transport) error to ours; ``box_op=False`` when a 404 cannot mean "the box is gone"."""
-    if isinstance(err, ProviderError):
-        return err
-    text = str(err) or type(err).__name__
-    if isinstance(err, SandboxNotFoundException):
-        return BoxNotFound(f"E2B: {text}") if box_op else ProviderError(f"E2B: {text}")
-    if isinstance(err, FileNotFoundException):
-        return PathNotFound(f"E2B: {text}")
-    if isinstance(err, AuthenticationException):
-        return ProviderAuthError(f"E2B rejected the API key: {text}")
-    if isinstance(err, RateLimitException):
-        return ProviderQuotaError(f"E2B rate limit: {text}")
-    if isinstance(err, ServiceBusyException):
-        return ProviderUnavailable(f"E2B is busy: {text}")
-    if isinstance(err, TimeoutException):  # SandboxNotRunning/Unreachable too: only get_info proves a box gone
-        return ProviderUnavailable(f"E2B: {text}")
-    if isinstance(err, SandboxException):
-        status = err.status_code
-        if status == 404:
-            return BoxNotFound(f"E2B: {text}") if box_op else ProviderError(f"E2B: {text}")
-        if status in (401, 403):
-            return ProviderAuthError(f"E2B rejected the request: {text}")
-        if status == 429:
-            return ProviderQuotaError(f"E2B rate limit: {text}")
-        if status is not None and status >= 500:
-            return ProviderUnavailable(f"E2B: {text}")
-        return ProviderError(f"E2B: {text}")
-    if isinstance(err, httpx.TransportError | OSError | ConnectionError):
-        return ProviderUnavailable(f"E2B could not be reached: {text}")
-    return ProviderError(f"E2B: {type(err).__name__}: {text}")
+_ERRORS: Final = ErrorTable(
+    (
+        Row(SandboxNotFoundException, BoxNotFound, "E2B: {text}", box=True),
+        Row(FileNotFoundException, PathNotFound, "E2B: {text}"),
+        Row(AuthenticationException, ProviderAuthError, "E2B rejected the API key: {text}"),
+        Row(RateLimitException, ProviderQuotaError, "E2B rate limit: {text}"),
+        Row(ServiceBusyException, ProviderUnavailable, "E2B is busy: {text}"),
+        # SandboxNotRunning/Unreachable are TimeoutExceptions too: only get_info proves a box gone.
+        Row(TimeoutException, ProviderUnavailable, "E2B: {text}"),
+        Row(SandboxException, BoxNotFound, "E2B: {text}", status={404}, box=True),
+        Row(SandboxException, ProviderAuthError, "E2B rejected the request: {text}", status={401, 403}),
+        Row(SandboxException, ProviderQuotaError, "E2B rate limit: {text}", status={429}),
+        Row(SandboxException, ProviderUnavailable, "E2B: {text}", status=SERVER_ERRORS),
+        Row(SandboxException, ProviderError, "E2B: {text}"),
+        Row((httpx.TransportError, OSError, ConnectionError), ProviderUnavailable, "E2B could not be reached: {text}"),
+    ),
+    default="E2B: {name}: {text}",
+)
+"""The module docstring's table; ``box_op=False`` where a 404 cannot mean "the box is gone" (create)."""
 
 
 # --- the box session ----------------------------------------------------------------------------
@@ -347,11 +336,11 @@ class E2BBoxSession:
             try:
                 info = await self._provider.sdk.get_info(self.instance_id, **self._provider.api_params())
             except Exception as probe:
-                return _translate(probe)
+                return _ERRORS.translate(probe)
             return ProviderUnavailable(
                 f"E2B sandbox {self.instance_id} is {info.state.value}, not reachable: {err}; resume it to reconnect"
             )
-        return _translate(err)
+        return _ERRORS.translate(err)
 
     async def exec(
         self,
@@ -409,12 +398,11 @@ class E2BBoxSession:
             PathNotFound: no such file.
             BoxNotFound: the sandbox is gone.
         """
-        try:
-            return bytes(await self._sandbox.files.read(_box_path(path), format="bytes"))
-        except FileNotFoundException:
-            raise PathNotFound(f"no such file: {path}", path=path) from None
-        except Exception as err:
-            raise await self._failed(err) from err
+        async with confirmed(self._failed):
+            try:
+                return bytes(await self._sandbox.files.read(_box_path(path), format="bytes"))
+            except FileNotFoundException:
+                raise PathNotFound(f"no such file: {path}", path=path) from None
 
     async def write_file(self, path: str, data: bytes) -> None:
         """Write a whole file, creating parent directories.
@@ -422,10 +410,8 @@ class E2BBoxSession:
         Raises:
             BoxNotFound: the sandbox is gone.
         """
-        try:
+        async with confirmed(self._failed):
             await self._sandbox.files.write(_box_path(path), bytes(data))
-        except Exception as err:
-            raise await self._failed(err) from err
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         """List one directory level, sorted by name.
@@ -434,12 +420,11 @@ class E2BBoxSession:
             PathNotFound: no such directory.
             BoxNotFound: the sandbox is gone.
         """
-        try:
-            entries = await self._sandbox.files.list(_box_path(path), depth=1)
-        except FileNotFoundException:
-            raise PathNotFound(f"no such directory: {path}", path=path) from None
-        except Exception as err:
-            raise await self._failed(err) from err
+        async with confirmed(self._failed):
+            try:
+                entries = await self._sandbox.files.list(_box_path(path), depth=1)
+            except FileNotFoundException:
+                raise PathNotFound(f"no such directory: {path}", path=path) from None
         listed = [
             DirEntry(
                 name=entry.name,
@@ -457,10 +442,8 @@ class E2BBoxSession:
         Raises:
             BoxNotFound: the sandbox is gone.
         """
-        try:
+        async with confirmed(self._failed):
             return await self._sandbox.files.exists(_box_path(path))
-        except Exception as err:
-            raise await self._failed(err) from err
 
     async def resolve_exposed_port(self, port: int) -> Endpoint:
         """The sandbox's public host for ``port`` (``<port>-<id>.<domain>``, TLS on 443)."""
@@ -536,11 +519,9 @@ class E2BProvider(RemoteWorkspaceSnapshots):
         query = SandboxQuery(metadata=metadata, state=[SandboxState.RUNNING, SandboxState.PAUSED])
         paginator = self.sdk.list(query=query, limit=_LIST_PAGE, **self.api_params())
         found: list[SandboxInfo] = []
-        try:
+        with _ERRORS.mapped(box_op=False):
             while paginator.has_next:
                 found.extend(await paginator.next_items())
-        except Exception as err:
-            raise _translate(err, box_op=False) from err
         return found
 
     async def create(self, spec: BoxSpec, idempotency_key: str) -> E2BBoxSession:
@@ -558,7 +539,7 @@ class E2BProvider(RemoteWorkspaceSnapshots):
         lifecycle: SandboxLifecycle = {"on_timeout": self.settings.timeout_action}
         if self.settings.auto_resume is not None:
             lifecycle["auto_resume"] = self.settings.auto_resume
-        try:
+        with _ERRORS.mapped(box_op=False):
             sandbox = await self.sdk.create(
                 template=spec.image or self.settings.template,
                 timeout=self.settings.timeout_seconds,
@@ -575,15 +556,11 @@ class E2BProvider(RemoteWorkspaceSnapshots):
                 idempotency_key=_idempotency_header(idempotency_key),
                 **self.api_params(),
             )
-        except Exception as err:
-            raise _translate(err, box_op=False) from err
         return E2BBoxSession(self, sandbox)
 
     async def _connect(self, sandbox_id: str) -> E2BBoxSession:
-        try:
+        with _ERRORS.mapped():
             sandbox = await self.sdk.connect(sandbox_id, timeout=self.settings.timeout_seconds, **self.api_params())
-        except Exception as err:
-            raise _translate(err) from err
         return E2BBoxSession(self, sandbox)
 
     @staticmethod
@@ -605,13 +582,10 @@ class E2BProvider(RemoteWorkspaceSnapshots):
     async def terminate(self, envelope: Envelope) -> None:
         """Kill the sandbox; an unknown sandbox is not an error."""
         try:
-            await self.sdk.kill(self._sandbox_id(envelope), **self.api_params())
+            with _ERRORS.mapped():
+                await self.sdk.kill(self._sandbox_id(envelope), **self.api_params())
         except BoxNotFound:
             return
-        except Exception as err:
-            translated = _translate(err)
-            if not isinstance(translated, BoxNotFound):
-                raise translated from err
 
     async def list_owned(self) -> list[OwnedBox]:
         """Running and paused sandboxes this runtime created (metadata ``sandbox.managed_by``)."""
@@ -629,18 +603,14 @@ class E2BProvider(RemoteWorkspaceSnapshots):
         Raises:
             BoxNotFound: the sandbox is gone.
         """
-        try:
+        with _ERRORS.mapped():
             info = await self.sdk.create_snapshot(self._sandbox_id(envelope), **self.api_params())
-        except Exception as err:
-            raise _translate(err) from err
         return info.snapshot_id
 
     async def delete_snapshot(self, native_id: str) -> None:
         """Delete a native snapshot; one that is already gone is not an error."""
-        try:
+        with _ERRORS.mapped(box_op=False):
             await self.sdk.delete_snapshot(native_id, **self.api_params())
-        except Exception as err:
-            raise _translate(err, box_op=False) from err
 
 
 def encode_snapshot_ref(snapshot_id: str, workspace_persistence: str | None = "snapshot") -> bytes:

@@ -65,6 +65,7 @@ workspace), a create whose ``BoxSpec.image`` is a snapshot image id, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -79,6 +80,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.sdk_errors import ErrorTable, Row
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.descriptors import (
     BROWSER_CONTROL_PORT,
@@ -509,58 +511,80 @@ def _grpc_status_name(err: BaseException) -> str | None:
     return None
 
 
-def _translate(err: BaseException, *, sandbox_id: str | None = None) -> ProviderError:
-    """Map an SDK error to our typed error (see the module table); NotFound only when ``sandbox_id`` is its subject.
-
-    Transient signals win over everything else (upstream ``classifyProviderSandboxFailure``). This
-    does not confirm liveness: :meth:`ModalBoxSession._failed` does that for errors the SDK blurs.
-    """
+def _error_rows() -> tuple[Row, ...]:
+    # Built on first use, as the SDK itself is imported: only a worker that runs Modal boxes pays for it.
     import grpclib.exceptions
     import modal.exception as mx
 
-    name = type(err).__name__
-    text = str(err) or name
-    subject = f"Modal sandbox {sandbox_id}" if sandbox_id else "Modal"
-    grpc_status = _grpc_status_name(err)
-    if isinstance(
-        err,
-        (
-            mx.ConnectionError,
-            mx.ServiceError,
-            mx.InternalError,
-            mx.InternalFailure,
-            mx.ClientClosed,
-            mx.TimeoutError,
-            grpclib.exceptions.StreamTerminatedError,
-            OSError,
-            asyncio.TimeoutError,
+    transient = "{subject}: transient failure ({name}: {text})"
+    refused = "{subject}: credentials rejected ({name}: {text})"
+    quota = "{subject}: quota or rate limit ({name}: {text})"
+    return (
+        # Transient signals win over everything else (upstream ``classifyProviderSandboxFailure``).
+        Row(
+            (
+                mx.ConnectionError,
+                mx.ServiceError,
+                mx.InternalError,
+                mx.InternalFailure,
+                mx.ClientClosed,
+                mx.TimeoutError,
+                grpclib.exceptions.StreamTerminatedError,
+                OSError,
+                asyncio.TimeoutError,
+            ),
+            ProviderUnavailable,
+            transient,
         ),
-    ) or (grpc_status in _TRANSIENT_GRPC):
-        return ProviderUnavailable(f"{subject}: transient failure ({name}: {text})")
-    if isinstance(err, (mx.AuthError, mx.PermissionDeniedError)) or grpc_status in (
-        "UNAUTHENTICATED",
-        "PERMISSION_DENIED",
-    ):
-        return ProviderAuthError(f"{subject}: credentials rejected ({name}: {text})")
-    if isinstance(err, mx.ResourceExhaustedError) or grpc_status == "RESOURCE_EXHAUSTED":
-        return ProviderQuotaError(f"{subject}: quota or rate limit ({name}: {text})")
-    if sandbox_id is not None:
-        match = _GONE_MESSAGE.fullmatch(text)
-        if match is not None and match.group(1) == sandbox_id:
-            return BoxNotFound(text)
-        if isinstance(err, (mx.NotFoundError, mx.SandboxTerminatedError)) or grpc_status == "NOT_FOUND":
-            return BoxNotFound(f"{subject} not found ({name}: {text})")
-    return ProviderError(f"{subject}: {name}: {text}")
+        Row(BaseException, ProviderUnavailable, transient, code=_TRANSIENT_GRPC),
+        Row((mx.AuthError, mx.PermissionDeniedError), ProviderAuthError, refused),
+        Row(BaseException, ProviderAuthError, refused, code={"UNAUTHENTICATED", "PERMISSION_DENIED"}),
+        Row(mx.ResourceExhaustedError, ProviderQuotaError, quota),
+        Row(BaseException, ProviderQuotaError, quota, code={"RESOURCE_EXHAUSTED"}),
+        Row(
+            (mx.NotFoundError, mx.SandboxTerminatedError), BoxNotFound, "{subject} not found ({name}: {text})", box=True
+        ),
+        Row(BaseException, BoxNotFound, "{subject} not found ({name}: {text})", code={"NOT_FOUND"}, box=True),
+    )
 
 
-def _is_modal_error(err: BaseException) -> bool:
+_ERRORS: Final = ErrorTable(_error_rows, default="{subject}: {name}: {text}", code_of=_grpc_status_name)
+"""The module docstring's table; the rows marked ``box`` hold only for an op on a known sandbox."""
+
+
+def _translate(err: BaseException, *, sandbox_id: str | None = None) -> ProviderError:
+    """:data:`_ERRORS` for an op on ``sandbox_id`` (None: not about a box, so never NotFound).
+
+    An upstream terminal message that names this very sandbox is proof it is gone, unless a
+    transient, credential or quota signal decided first. This does not confirm liveness:
+    :meth:`ModalBoxSession._failed` does that for errors the SDK blurs.
+    """
+    subject = f"Modal sandbox {sandbox_id}" if sandbox_id else "Modal"
+    translated = _ERRORS.translate(err, box_op=sandbox_id is not None, subject=subject)
+    if sandbox_id is None or isinstance(translated, ProviderUnavailable | ProviderAuthError | ProviderQuotaError):
+        return translated
+    text = str(err) or type(err).__name__
+    match = _GONE_MESSAGE.fullmatch(text)
+    if match is not None and match.group(1) == sandbox_id:
+        return BoxNotFound(text)
+    return translated
+
+
+def _modal_errors() -> tuple[type[BaseException], ...]:
     import grpclib
     import grpclib.exceptions
     import modal.exception as mx
 
-    return isinstance(
-        err, (mx.Error, grpclib.GRPCError, grpclib.exceptions.StreamTerminatedError, OSError, asyncio.TimeoutError)
-    )
+    return (mx.Error, grpclib.GRPCError, grpclib.exceptions.StreamTerminatedError, OSError, asyncio.TimeoutError)
+
+
+def _is_modal_error(err: BaseException) -> bool:
+    return isinstance(err, _modal_errors())
+
+
+def _mapped() -> contextlib.AbstractContextManager[None]:
+    """Raise a Modal (or transport) error of a call about no one box through :data:`_ERRORS`; others propagate."""
+    return _ERRORS.mapped(box_op=False, catch=_modal_errors(), subject="Modal")
 
 
 def modal_snapshot_id(native_id: str) -> str:
@@ -740,7 +764,7 @@ class ModalProvider(RemoteWorkspaceSnapshots):
         """
         sdk, client, app = await self._setup()
         owned: list[OwnedBox] = []
-        try:
+        with _mapped():
             async for sandbox in sdk.Sandbox.list.aio(app_id=app.app_id, client=client):
                 if sandbox.returncode is not None:
                     continue
@@ -761,12 +785,6 @@ class ModalProvider(RemoteWorkspaceSnapshots):
                         created_at=float(created) if created and _is_number(created) else None,
                     )
                 )
-        except ProviderError:
-            raise
-        except Exception as err:
-            if not _is_modal_error(err):
-                raise
-            raise _translate(err) from err
         return owned
 
     async def aclose(self) -> None:
@@ -844,14 +862,11 @@ class ModalProvider(RemoteWorkspaceSnapshots):
         sdk, client, _ = await self._setup()
         import modal.exception as mx
 
-        try:
-            await sdk.image_delete.aio(image_id, client=client)
-        except mx.NotFoundError:
-            return
-        except Exception as err:
-            if not _is_modal_error(err):
-                raise
-            raise _translate(err) from err
+        with _mapped():
+            try:
+                await sdk.image_delete.aio(image_id, client=client)
+            except mx.NotFoundError:
+                return
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -865,7 +880,7 @@ class ModalProvider(RemoteWorkspaceSnapshots):
             sdk = self._sdk
             settings = self._settings
             settings.validate()
-            try:
+            with _mapped():
                 if not self._client_ready:
                     if settings.token_id is not None and settings.token_secret is not None:
                         self._client = await sdk.Client.from_credentials.aio(
@@ -879,10 +894,6 @@ class ModalProvider(RemoteWorkspaceSnapshots):
                         environment_name=settings.environment,
                         create_if_missing=True,
                     )
-            except Exception as err:
-                if not _is_modal_error(err):
-                    raise
-                raise _translate(err) from err
             return sdk, self._client, self._app
 
     def _sandbox_id(self, envelope: Envelope) -> str:
@@ -907,14 +918,10 @@ class ModalProvider(RemoteWorkspaceSnapshots):
             raise _translate(err, sandbox_id=sandbox_id) from err
 
     async def _adopt(self, sdk: ModalSdk, client: Any | None, app: ModalApp, key: str) -> ModalSandbox | None:
-        try:
+        with _mapped():
             async for sandbox in sdk.Sandbox.list.aio(app_id=app.app_id, tags={box_labels.KEY: key}, client=client):
                 if sandbox.returncode is None:
                     return sandbox
-        except Exception as err:
-            if not _is_modal_error(err):
-                raise
-            raise _translate(err) from err
         return None
 
     def _image(self, sdk: ModalSdk, client: Any | None, spec: BoxSpec) -> ModalImage | None:
@@ -946,26 +953,23 @@ class ModalProvider(RemoteWorkspaceSnapshots):
             "sandbox.group_id": spec.group_id,
         }
         env: dict[str, str | None] = dict(spec.environment)
-        try:
-            return await sdk.Sandbox.create.aio(
-                *_KEEPALIVE_CMD,
-                app=app,
-                name=name,
-                tags=tags,
-                image=self._image(sdk, client, spec),
-                env=env,
-                timeout=self.box_timeout_seconds,
-                idle_timeout=self.idle_timeout_seconds,
-                workdir=self.descriptor.workspace_root,
-                encrypted_ports=list(self._ports),
-                client=client,
-            )
-        except mx.AlreadyExistsError:
-            pass  # a racing create with the same key won: adopt its box below
-        except Exception as err:
-            if not _is_modal_error(err):
-                raise
-            raise _translate(err) from err
+        with _mapped():
+            try:
+                return await sdk.Sandbox.create.aio(
+                    *_KEEPALIVE_CMD,
+                    app=app,
+                    name=name,
+                    tags=tags,
+                    image=self._image(sdk, client, spec),
+                    env=env,
+                    timeout=self.box_timeout_seconds,
+                    idle_timeout=self.idle_timeout_seconds,
+                    workdir=self.descriptor.workspace_root,
+                    encrypted_ports=list(self._ports),
+                    client=client,
+                )
+            except mx.AlreadyExistsError:
+                pass  # a racing create with the same key won: adopt its box below
         try:
             return await sdk.Sandbox.from_name.aio(
                 self._settings.app_name or "", name, environment_name=self._settings.environment, client=client

@@ -28,8 +28,10 @@ import tarfile
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
+from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt
+
 from providers.workspace_archive import CHUNK_SIZE, ZSTD_MAGIC
-from sandbox.box import BoxSession, Envelope
+from sandbox.box import BoxSession, Envelope, ExecResult
 from sandbox.errors import ArchiveCorrupt, ProviderError, ProviderUnavailable, SandboxConfigError
 
 __all__ = ["FINGERPRINT_PREFIX", "RemoteWorkspace", "RemoteWorkspaceSnapshots"]
@@ -117,19 +119,23 @@ class RemoteWorkspace:
         """
         scratch = self._scratch("capture")
         home = self.home_dir.lstrip("/") if self.home_dir else ""
+        # GNU tar exits 1 when a file changed while it was read: capture again (as upstream, 3 tries).
+        # After the last try its result stands, whatever it is.
+        tar_again = AsyncRetrying(
+            retry=retry_if_result(lambda done: done.exit_code == 1),
+            stop=stop_after_attempt(_CAPTURE_ATTEMPTS),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
         try:
-            for attempt in range(1, _CAPTURE_ATTEMPTS + 1):
-                done = await session.exec(
-                    ["sh", "-c", _CAPTURE_SCRIPT, "sh", scratch, self.workspace_root.lstrip("/"), home],
-                    workdir="/",
-                    timeout=_TAR_TIMEOUT,
-                )
-                # GNU tar exits 1 when a file changed while it was read: capture again (as upstream, 3 tries).
-                if done.exit_code == 0:
-                    break
-                if done.exit_code != 1 or attempt == _CAPTURE_ATTEMPTS:
-                    detail = done.stderr.decode(errors="replace").strip()[-500:]
-                    raise ProviderError(f"tar could not archive {self.workspace_root} in the box: {detail}")
+            done: ExecResult = await tar_again(
+                session.exec,
+                ["sh", "-c", _CAPTURE_SCRIPT, "sh", scratch, self.workspace_root.lstrip("/"), home],
+                workdir="/",
+                timeout=_TAR_TIMEOUT,
+            )
+            if done.exit_code != 0:
+                detail = done.stderr.decode(errors="replace").strip()[-500:]
+                raise ProviderError(f"tar could not archive {self.workspace_root} in the box: {detail}")
             data = await session.read_file(scratch)
         finally:
             await _remove(session, scratch)

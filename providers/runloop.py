@@ -57,6 +57,8 @@ takes a native disk snapshot (ref ``RUNLOOP_SANDBOX_SNAPSHOT_V1\\n{"snapshot_id"
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import posixpath
@@ -71,6 +73,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.sdk_errors import ErrorTable, Row, confirmed
 from providers.shell_exec import (
     LIST_DIR_SCRIPT,
     check_env_names,
@@ -217,25 +220,27 @@ def decode_snapshot_ref(ref: str) -> str:
     return snapshot_id
 
 
-def _translate(err: BaseException) -> ProviderError:
-    """The typed error for an SDK failure (see the table in the module docstring)."""
+def _error_rows() -> tuple[Row, ...]:
+    # Built on first use: the SDK is imported only by a worker that runs Runloop boxes.
     import runloop_api_client as rl
     from runloop_api_client.lib.polling import PollingTimeout
 
-    if isinstance(err, ProviderError):
-        return err
-    detail = f"runloop: {type(err).__name__}: {err}"
-    if isinstance(err, rl.NotFoundError):
-        return BoxNotFound(detail)
-    if isinstance(err, rl.AuthenticationError | rl.PermissionDeniedError):
-        return ProviderAuthError(detail + " (check SANDBOX_RUNLOOP_API_KEY)")
-    if isinstance(err, rl.RateLimitError):
-        return ProviderQuotaError(detail)
-    if isinstance(err, rl.InternalServerError | rl.APIConnectionError | PollingTimeout):
-        return ProviderUnavailable(detail)
-    if isinstance(err, rl.APIStatusError) and err.status_code == 408:
-        return ProviderUnavailable(detail)
-    return ProviderError(detail)
+    detail = "runloop: {name}: {err}"
+    return (
+        Row(rl.NotFoundError, BoxNotFound, detail),
+        Row(
+            (rl.AuthenticationError, rl.PermissionDeniedError),
+            ProviderAuthError,
+            detail + " (check SANDBOX_RUNLOOP_API_KEY)",
+        ),
+        Row(rl.RateLimitError, ProviderQuotaError, detail),
+        Row((rl.InternalServerError, rl.APIConnectionError, PollingTimeout), ProviderUnavailable, detail),
+        Row(rl.APIStatusError, ProviderUnavailable, detail, status={408}),
+    )
+
+
+_ERRORS: Final = ErrorTable(_error_rows, default="runloop: {name}: {err}")
+"""The module docstring's table."""
 
 
 def _is_client_error(err: BaseException) -> bool:
@@ -300,7 +305,7 @@ class RunloopBoxSession:
             spill_over=_INLINE_LIMIT,
         )
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
+        async with self._classified():
             execution = await client.devboxes.execute_async(self._id, command=script)
             while execution.status != "completed":
                 wait = _LONG_POLL_MAX
@@ -311,10 +316,6 @@ class RunloopBoxSession:
                         raise ExecTimeout(f"{argv[0]} ran past its {timeout} s timeout and was killed", timeout=timeout)
                     wait = max(1, min(_LONG_POLL_MAX, math.ceil(remaining)))
                 execution = await self._wait_command(execution.execution_id, wait, execution)
-        except ExecTimeout:
-            raise
-        except Exception as err:
-            raise await self._provider._classify(self._id, err) from err
         return await self._result(execution.stdout or "", bool(execution.stdout_truncated))
 
     async def _wait_command(self, execution_id: str, wait: int, current: Any) -> Any:
@@ -334,12 +335,10 @@ class RunloopBoxSession:
             raise
 
     async def _kill(self, execution_id: str) -> None:
-        try:
+        async with self._classified():
             await self._provider.client.devboxes.executions.kill(
                 execution_id, devbox_id=self._id, kill_process_group=True
             )
-        except Exception as err:
-            raise await self._provider._classify(self._id, err) from err
 
     async def _result(self, stdout: str, truncated: bool) -> ExecResult:
         report = parse_exec_report(stdout)
@@ -368,11 +367,9 @@ class RunloopBoxSession:
             BoxNotFound: the devbox is gone.
         """
         target = self._path(path)
-        try:
+        async with self._classified(path):
             response = await self._provider.client.devboxes.download_file(self._id, path=target)
             return await response.read()
-        except Exception as err:
-            raise await self._provider._classify(self._id, err, path=path) from err
 
     async def write_file(self, path: str, data: bytes) -> None:
         """Write a whole file in the devbox, creating its parent directories.
@@ -383,12 +380,10 @@ class RunloopBoxSession:
         await self._upload(self._path(path), data)
 
     async def _upload(self, target: str, data: bytes) -> None:
-        try:
+        async with self._classified():
             await self._provider.client.devboxes.upload_file(
                 self._id, path=target, file=(posixpath.basename(target) or "file", data)
             )
-        except Exception as err:
-            raise await self._provider._classify(self._id, err) from err
 
     async def list_dir(self, path: str) -> list[DirEntry]:
         """One level of a directory in the devbox, sorted by name.
@@ -421,10 +416,8 @@ class RunloopBoxSession:
         if not settings.tunnel:
             raise Unsupported("runloop tunnels are switched off (SANDBOX_RUNLOOP_TUNNEL=false)")
         if self._tunnel_key is None:
-            try:
+            async with self._classified():
                 tunnel = await self._provider.client.devboxes.enable_tunnel(self._id, auth_mode="open")
-            except Exception as err:
-                raise await self._provider._classify(self._id, err) from err
             self._tunnel_key = tunnel.tunnel_key
         return Endpoint(host=f"{port}-{self._tunnel_key}.{_tunnel_domain(settings.base_url)}", port=443, tls=True)
 
@@ -436,6 +429,10 @@ class RunloopBoxSession:
         if self._lease_id is not None:
             state["leaseId"] = self._lease_id
         return Envelope(backend_id=self._provider.backend_id, instance_id=self._id, state=state)
+
+    def _classified(self, path: str | None = None) -> contextlib.AbstractAsyncContextManager[None]:
+        """Raise a failure of an operation on this devbox as :meth:`RunloopProvider._classify` calls it."""
+        return confirmed(functools.partial(self._provider._classify, self._id, path=path))
 
     def _path(self, path: str) -> str:
         if "\0" in path:
@@ -504,20 +501,19 @@ class RunloopProvider(RemoteWorkspaceSnapshots):
         if not idempotency_key:
             raise InvalidRequest("an idempotency key is required")
         check_env_names(spec.environment)
-        try:
-            existing = await self._find(idempotency_key)
-            if existing is not None:
-                # Adopted (a retry, or a lost answer): it may not have got its workspace yet.
-                session = await self._ready(existing, idempotency_key)
-            else:
-                devbox = await self.client.devboxes.create(**self._create_params(spec, idempotency_key))
-                devbox = await self._await_running(devbox.id)
-                session = RunloopBoxSession(self, devbox, idempotency_key=idempotency_key)
-        except rl.NotFoundError as err:
-            # On create, a 404 names the blueprint or snapshot to boot from, never a box.
-            raise ProviderError(f"runloop: the blueprint or snapshot to boot from does not exist: {err}") from err
-        except Exception as err:
-            raise _translate(err) from err
+        with _ERRORS.mapped():
+            try:
+                existing = await self._find(idempotency_key)
+                if existing is not None:
+                    # Adopted (a retry, or a lost answer): it may not have got its workspace yet.
+                    session = await self._ready(existing, idempotency_key)
+                else:
+                    devbox = await self.client.devboxes.create(**self._create_params(spec, idempotency_key))
+                    devbox = await self._await_running(devbox.id)
+                    session = RunloopBoxSession(self, devbox, idempotency_key=idempotency_key)
+            except rl.NotFoundError as err:
+                # On create, a 404 names the blueprint or snapshot to boot from, never a box.
+                raise ProviderError(f"runloop: the blueprint or snapshot to boot from does not exist: {err}") from err
         done = await session.exec(["mkdir", "-p", self._descriptor.workspace_root], workdir="/")
         if done.exit_code != 0:
             raise ProviderError(
@@ -586,25 +582,22 @@ class RunloopProvider(RemoteWorkspaceSnapshots):
             ProviderUnavailable: the API failed transiently.
         """
         devbox_id = self._devbox_id(envelope)
-        try:
+        with _ERRORS.mapped():
             devbox = await self.client.devboxes.retrieve(devbox_id)
             return await self._ready(devbox, envelope.state.get("idempotencyKey"))
-        except Exception as err:
-            raise _translate(err) from err
 
     async def terminate(self, envelope: Envelope) -> None:
         """Shut the devbox down; a devbox that is gone or already shut down is no error."""
         import runloop_api_client as rl
 
         devbox_id = self._devbox_id(envelope)
-        try:
-            devbox = await self.client.devboxes.retrieve(devbox_id)
-            if devbox.status not in _TERMINAL:
-                await self.client.devboxes.shutdown(devbox_id, force="true")
-        except rl.NotFoundError:
-            return
-        except Exception as err:
-            raise _translate(err) from err
+        with _ERRORS.mapped():
+            try:
+                devbox = await self.client.devboxes.retrieve(devbox_id)
+                if devbox.status not in _TERMINAL:
+                    await self.client.devboxes.shutdown(devbox_id, force="true")
+            except rl.NotFoundError:
+                return
 
     async def list_owned(self) -> list[OwnedBox]:
         """Every devbox that is not shut down and carries our ``sandbox.key`` metadata.
@@ -612,13 +605,11 @@ class RunloopProvider(RemoteWorkspaceSnapshots):
         ``labels`` is the devbox metadata, ``sandbox.*`` keys also under their bare names (``epoch``).
         """
         owned: list[OwnedBox] = []
-        try:
+        with _ERRORS.mapped():
             async for devbox in self.client.devboxes.list(limit=_LIST_PAGE):
                 if devbox.status in _TERMINAL or box_labels.KEY not in devbox.metadata:
                     continue
                 owned.append(box_labels.owned_box(devbox.id, devbox.metadata, created_at=devbox.create_time_ms / 1000))
-        except Exception as err:
-            raise _translate(err) from err
         return owned
 
     async def snapshot_disk(self, envelope: Envelope, *, name: str | None = None) -> str:
@@ -630,10 +621,8 @@ class RunloopProvider(RemoteWorkspaceSnapshots):
         """
         devbox_id = self._devbox_id(envelope)
         metadata = {k: str(v) for k, v in envelope.state.items() if k in ("idempotencyKey", "leaseId")}
-        try:
+        async with confirmed(functools.partial(self._classify, devbox_id)):
             snapshot = await self.client.devboxes.snapshot_disk(devbox_id, name=name, metadata=metadata)
-        except Exception as err:
-            raise await self._classify(devbox_id, err) from err
         return encode_snapshot_ref(snapshot.id)
 
     async def delete_snapshot(self, native_id: str) -> None:
@@ -641,12 +630,11 @@ class RunloopProvider(RemoteWorkspaceSnapshots):
         import runloop_api_client as rl
 
         snapshot_id = decode_snapshot_ref(native_id)
-        try:
-            await self.client.devboxes.disk_snapshots.delete(snapshot_id)
-        except rl.NotFoundError:
-            return
-        except Exception as err:
-            raise _translate(err) from err
+        with _ERRORS.mapped():
+            try:
+                await self.client.devboxes.disk_snapshots.delete(snapshot_id)
+            except rl.NotFoundError:
+                return
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -669,20 +657,20 @@ class RunloopProvider(RemoteWorkspaceSnapshots):
         import runloop_api_client as rl
 
         if not _is_client_error(err) or isinstance(err, rl.AuthenticationError | rl.PermissionDeniedError):
-            return _translate(err)
+            return _ERRORS.translate(err)
         try:
             devbox = await self.client.devboxes.retrieve(devbox_id)
         except rl.NotFoundError:
             return BoxNotFound(f"runloop devbox {devbox_id} does not exist")
         except Exception as lookup:
-            return _translate(lookup)
+            return _ERRORS.translate(lookup)
         if devbox.status in _TERMINAL:
             return BoxNotFound(f"runloop devbox {devbox_id} is {devbox.status}")
         if path is not None and isinstance(err, rl.NotFoundError):
             return PathNotFound(f"no such file: {path}", path=path)
         if isinstance(err, rl.NotFoundError):
             return ProviderError(f"runloop: {err}")
-        return _translate(err)
+        return _ERRORS.translate(err)
 
 
 def build_provider(settings: Settings) -> RunloopProvider:

@@ -35,9 +35,11 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, urlsplit
+
+from tenacity import AsyncRetrying, retry_if_exception
 
 from providers.selfhosted_terminal import RemotePty
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
@@ -743,10 +745,23 @@ def _draining_exhausted(err: SelfhostedControlError, retries: int) -> Selfhosted
 # --- the session ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _RetryCounts:
-    counts: dict[str, int] = field(default_factory=dict)
-    attempt: int = 0
+class _RetryBudget:
+    """The retries one call has spent per class of :meth:`RetryPolicy.retry_class`, and whether one more is allowed."""
+
+    def __init__(self, policy: RetryPolicy, op_type: str) -> None:
+        self._policy = policy
+        self._op_type = op_type
+        self.spent: dict[str, int] = {}
+
+    def allows(self, err: BaseException) -> bool:
+        """Whether ``err`` may be retried (and, if so, spend one retry of its class)."""
+        if not isinstance(err, SelfhostedControlError):
+            return False
+        retry = self._policy.retry_class(err, self._op_type)
+        if retry is None or self.spent.get(retry[0], 0) >= retry[1]:
+            return False
+        self.spent[retry[0]] = self.spent.get(retry[0], 0) + 1
+        return True
 
 
 def _sniff_image(data: bytes, path: str) -> str:
@@ -844,9 +859,9 @@ class SelfhostedSession:
             SelfhostedControlError: the agent (or the transport in its name) answered with an error.
         """
         wait = self.timeout if timeout is None else timeout
-        counts: dict[str, int] = {}
-        attempt = 0
-        while True:
+        budget = _RetryBudget(self.retry, op.type)
+
+        async def attempt() -> _R:
             request = ControlRequest(request_id=_new_request_id(), epoch=self.epoch, op=op)
             response = await self._rpc.request(self.subject, request, timeout=wait)
             if response.error is None and isinstance(response.result, reply_type):
@@ -855,15 +870,23 @@ class SelfhostedSession:
                 response = error_response(
                     request.request_id, ControlErrorCode.PROTOCOL, f"agent answered {op.type} with the wrong result"
                 )
-            err = agent_error_to_control_error(response.error, request.request_id)  # type: ignore[arg-type]
-            retry = self.retry.retry_class(err, op.type)
-            if retry is None or counts.get(retry[0], 0) >= retry[1]:
-                if err.draining and counts.get("draining"):
-                    err = _draining_exhausted(err, counts["draining"])
-                raise err
-            counts[retry[0]] = counts.get(retry[0], 0) + 1
-            await self._sleep(self.retry.delay(attempt, random.random()))
-            attempt += 1
+            assert response.error is not None
+            raise agent_error_to_control_error(response.error, request.request_id)
+
+        # Every retry is a new request (a new id); the delay before retry n is RetryPolicy.delay(n, jitter).
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(budget.allows),
+            wait=lambda state: self.retry.delay(state.attempt_number - 1, random.random()),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            return await retrying(attempt)
+        except SelfhostedControlError as err:
+            drained = budget.spent.get("draining")
+            if err.draining and drained:
+                raise _draining_exhausted(err, drained) from None
+            raise
 
     def _path(self, path: str) -> str:
         return to_machine_path(path, self.working_dir)

@@ -16,6 +16,8 @@ import codecs
 import contextlib
 from typing import Final, Protocol, TypeVar
 
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
 from sandbox.channel_a.models import PtyExitReason
 from sandbox.channel_a.pty import ExitCallback, OutputCallback, PtyOutput
 from sandbox.control_protocol import (
@@ -124,22 +126,28 @@ class RemotePty:
         self.output.mark_exited()
         await self._on_exit(exit_code, reason)
 
+    def _transient(self, err: BaseException) -> bool:
+        return isinstance(err, SelfhostedControlError) and not self._closing and not _gone(err)
+
     async def _pump(self) -> None:
-        failures = 0
         op = PtyReadOp(pty_id=self.pty_id, wait_ms=int(self._poll_wait * 1000))
+        # A poll that fails transiently is sent again (0.5 s, 1 s, then 2 s apart); the third
+        # failure in a row, or one that says the PTY is gone, loses the shell.
+        poll = AsyncRetrying(
+            retry=retry_if_exception(self._transient),
+            stop=stop_after_attempt(_TRANSIENT_FAILURES),
+            wait=wait_exponential(multiplier=0.5, max=2.0),
+            reraise=True,
+        )
         while not self._reported:
             try:
-                reply = await self.session.call(op, PtyReadReply, timeout=self._poll_wait + _RPC_GRACE_SECONDS)
-            except SelfhostedControlError as err:
-                if self._closing:
-                    return  # close() reports how the shell ended
-                failures += 1
-                if _gone(err) or failures >= _TRANSIENT_FAILURES:
+                reply: PtyReadReply = await poll(
+                    self.session.call, op, PtyReadReply, timeout=self._poll_wait + _RPC_GRACE_SECONDS
+                )
+            except SelfhostedControlError:
+                if not self._closing:  # else close() reports how the shell ended
                     await self._finish(None, "lost")
-                    return
-                await asyncio.sleep(min(2.0, 0.25 * 2**failures))
-                continue
-            failures = 0
+                return
             self.dropped = reply.dropped
             if reply.data:
                 self.output.feed(reply.data)

@@ -54,7 +54,7 @@ import asyncio
 import contextlib
 import hashlib
 import posixpath
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
@@ -85,6 +85,7 @@ from vercel.sandbox._internal.log_stream import _TruncatedStreamError
 
 from providers import box_labels
 from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row
 from providers.shell_exec import LIST_DIR_SCRIPT, exec_script, parse_dir_listing, parse_exec_report
 from sandbox.box import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.errors import (
@@ -177,42 +178,57 @@ def sandbox_name_for_key(idempotency_key: str) -> str:
     return "sbx-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
 
 
-def _translate(err: BaseException) -> ProviderError:
-    """Map an SDK or transport failure to the runtime's typed errors (table in the module doc)."""
-    if isinstance(err, ProviderError):
-        return err
-    text = f"vercel: {type(err).__name__}: {err}"
+def _api_code(err: BaseException) -> str | None:
+    return (err.code or "").upper() if isinstance(err, SandboxApiError) else None
+
+
+def _write_cause(err: BaseException) -> BaseException | None:
+    # A failed write wraps what failed it (an API answer, a broken stream): translate that.
     if isinstance(err, SandboxFilesystemWriteError) and isinstance(err.cause, BaseException):
-        return _translate(err.cause)
-    if isinstance(err, SandboxPathNotFoundError):
-        return PathNotFound(f"vercel: no such file or directory: {err.path}", path=err.path)
-    if isinstance(err, SandboxApiError):
-        code = (err.code or "").upper()
-        if code in _TRANSIENT_CODES or err.status_code in (408, 410) or err.status_code >= 500:
-            return ProviderUnavailable(text)
-        if err.status_code == 404 or code in _NOT_FOUND_CODES:
-            return BoxNotFound(text)
-        if err.status_code in (401, 403):
-            return ProviderAuthError(text)
-        if err.status_code == 429:
-            return ProviderQuotaError(text)
-        return ProviderError(text)
-    if isinstance(err, SandboxCredentialsError):
-        return ProviderAuthError(text)
-    # A response cut off mid-stream is a broken connection, not an answer (the SDK itself retries those).
-    if isinstance(err, SandboxStreamError | SandboxTimeoutError | SandboxTerminalStateError | _TruncatedStreamError):
-        return ProviderUnavailable(text)
-    if isinstance(err, httpx2.TransportError | httpx.TransportError | anyio.BrokenResourceError | TimeoutError):
-        return ProviderUnavailable(text)
-    return ProviderError(text)
+        return err.cause
+    return None
 
 
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except (SandboxError, httpx2.HTTPError, httpx.HTTPError, anyio.BrokenResourceError) as err:
-        raise _translate(err) from err
+def _path_not_found(message: str, err: BaseException) -> PathNotFound:
+    return PathNotFound(message, path=err.path if isinstance(err, SandboxPathNotFoundError) else None)
+
+
+_TEXT: Final = "vercel: {name}: {err}"
+_ERRORS: Final = ErrorTable(
+    (
+        Row(SandboxPathNotFoundError, _path_not_found, "vercel: no such file or directory: {exc.path}"),
+        Row(SandboxApiError, ProviderUnavailable, _TEXT, code=_TRANSIENT_CODES),
+        Row(SandboxApiError, ProviderUnavailable, _TEXT, status={408, 410, *SERVER_ERRORS}),
+        Row(SandboxApiError, BoxNotFound, _TEXT, status={404}),
+        Row(SandboxApiError, BoxNotFound, _TEXT, code=_NOT_FOUND_CODES),
+        Row(SandboxApiError, ProviderAuthError, _TEXT, status={401, 403}),
+        Row(SandboxApiError, ProviderQuotaError, _TEXT, status={429}),
+        Row(SandboxApiError, ProviderError, _TEXT),
+        Row(SandboxCredentialsError, ProviderAuthError, _TEXT),
+        # A response cut off mid-stream is a broken connection, not an answer (the SDK itself retries those).
+        Row(
+            (SandboxStreamError, SandboxTimeoutError, SandboxTerminalStateError, _TruncatedStreamError),
+            ProviderUnavailable,
+            _TEXT,
+        ),
+        Row(
+            (httpx2.TransportError, httpx.TransportError, anyio.BrokenResourceError, TimeoutError),
+            ProviderUnavailable,
+            _TEXT,
+        ),
+    ),
+    default=_TEXT,
+    code_of=_api_code,
+    unwrap=_write_cause,
+)
+"""The module docstring's table: SDK and transport failures → our errors."""
+
+_SDK_ERRORS: Final = (SandboxError, httpx2.HTTPError, httpx.HTTPError, anyio.BrokenResourceError)
+"""What the SDK calls raise (everything else propagates as it is)."""
+
+
+def _translated() -> contextlib.AbstractContextManager[None]:
+    return _ERRORS.mapped(catch=_SDK_ERRORS)
 
 
 class VercelBoxSession:

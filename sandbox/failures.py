@@ -20,6 +20,11 @@ An exception must never be (transitively) its own cause: Temporal's failure conv
 ``__cause__`` (else ``__context__``) and recurses on a cycle until ``RecursionError``.
 :func:`cut_cause_cycles` breaks such a cycle at the boundary.
 
+An activity failure must also stay small: the server keeps at most 4 KiB of an activity's last
+failure and replaces a bigger one with "Failure exceeds size limit.", which (with the payload
+codec on) loses the message the user needs. :func:`compact_cause` keeps a cause chain to a few
+links of a few frames each: the frames where it was raised.
+
 On the calling side, :func:`call_workflow` runs one Temporal client call and raises what
 :func:`translate` makes of a failure (the table is in :mod:`client.lease_client`).
 """
@@ -28,7 +33,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from types import TracebackType
+from typing import Final, TypeVar
 
 from temporalio.client import RPCError, RPCTimeoutOrCancelledError
 from temporalio.exceptions import ApplicationError, TemporalError
@@ -39,6 +45,7 @@ from sandbox.errors import LeaseNotFound, OutcomeUnknown, SandboxError, error_fr
 __all__ = [
     "application_error_in",
     "call_workflow",
+    "compact_cause",
     "cut_cause_cycles",
     "from_application_error",
     "to_application_error",
@@ -100,6 +107,41 @@ def cut_cause_cycles(err: BaseException) -> BaseException:
             return err
         seen.add(id(nxt))
         current = nxt
+
+
+CAUSE_LINKS_KEPT: Final = 3
+FRAMES_KEPT: Final = 2
+
+
+def compact_cause(err: BaseException) -> BaseException:
+    """``err`` made fit to be an activity failure's cause: no cycle, at most :data:`CAUSE_LINKS_KEPT`
+    links, and each link's traceback cut to its innermost :data:`FRAMES_KEPT` frames.
+
+    Returns ``err``, for ``raise to_application_error(...) from compact_cause(err)``.
+    """
+    cut_cause_cycles(err)
+    current: BaseException | None = err
+    for _ in range(CAUSE_LINKS_KEPT):
+        if current is None:
+            return err
+        current.__traceback__ = _innermost_frames(current.__traceback__, FRAMES_KEPT)
+        last = current
+        current = (
+            current.__cause__
+            if current.__cause__ is not None
+            else (None if current.__suppress_context__ else current.__context__)
+        )
+    last.__cause__ = None
+    last.__suppress_context__ = True
+    return err
+
+
+def _innermost_frames(tb: TracebackType | None, keep: int) -> TracebackType | None:
+    frames: list[TracebackType] = []
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    return frames[-keep] if len(frames) > keep else (frames[0] if frames else None)
 
 
 _OUTCOME_UNKNOWN = "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
 from daemons.agent.consent import AgentConsent
 from daemons.agent.operations import AgentOperations, DisplayAccess
 from sandbox.control_auth import AgentCredential, ReplayGuard, RequestVerifier, sign_reply
@@ -194,16 +196,17 @@ class AgentDaemon:
         )
 
     async def _dial_until_connected(self) -> Any:
-        wait = self.config.reconnect_wait
-        while not self.draining:
-            try:
-                return await dial_within(self._dial, 5)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(wait)
-                wait = min(_MAX_DIAL_WAIT, wait * 2)
-        return None
+        """The NATS connection, dialled again after each failure (backoff from ``reconnect_wait`` doubling up
+        to 2 s) until it connects; None once the agent drains."""
+        if self.draining:
+            return None
+        redial = AsyncRetrying(
+            retry=retry_if_exception_type(Exception),  # never a cancellation: that ends the dialling
+            stop=lambda _state: self.draining,
+            wait=wait_exponential(multiplier=self.config.reconnect_wait, max=_MAX_DIAL_WAIT),
+            retry_error_callback=lambda _state: None,
+        )
+        return await redial(dial_within, self._dial, 5)
 
     async def run(self) -> None:
         """Connect (retrying forever), serve until drained, then disconnect."""

@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from providers.blaxel import (
+    _ERRORS,
     BlaxelBoxSession,
     BlaxelProvider,
     BlaxelSdk,
     BlaxelSettings,
-    _translate,
     build_provider,
     sandbox_name_for_key,
 )
@@ -248,7 +248,7 @@ def _response_error(status: int, code: str) -> ResponseError:
     ],
 )
 def test_sdk_errors_translate_per_the_table(error: BaseException, expected: type[ProviderError]) -> None:
-    translated = _translate(error)
+    translated = _ERRORS.translate(error)
     assert type(translated) is expected
 
 

@@ -14,10 +14,10 @@ import pytest
 from pydantic import SecretStr
 
 from providers.cloudflare import (
+    _ERRORS,
     CloudflareProvider,
     CloudflareSettings,
     WorkerError,
-    _translate,
     build_provider,
     sandbox_id_for_key,
 )
@@ -126,7 +126,7 @@ GONE = "Cloudflare sandbox sbx-abc is no longer running."
     ],
 )
 def test_translate(error: BaseException, expected: type[BaseException]) -> None:
-    translated = _translate(error)
+    translated = _ERRORS.translate(error)
     assert type(translated) is expected
     if expected is not BoxNotFound:
         assert not isinstance(translated, BoxNotFound)

@@ -27,10 +27,10 @@ from pydantic import SecretStr
 
 import providers.daytona as daytona_module
 from providers.daytona import (
+    _ERRORS,
     WORKSPACE_ROOT,
     DaytonaProvider,
     DaytonaSettings,
-    _translate,
     build_provider,
     sandbox_name_for_key,
 )
@@ -171,7 +171,7 @@ def _err(status: int | None, code: str | None = None, source: str | None = None)
     ],
 )
 def test_error_table(error: BaseException, box_op: bool, expected: type[ProviderError]) -> None:
-    translated = _translate(error, box_op=box_op)
+    translated = _ERRORS.translate(error, box_op=box_op)
     assert type(translated) is expected
 
 

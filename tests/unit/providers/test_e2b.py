@@ -33,10 +33,10 @@ from pydantic import SecretStr
 
 import providers.e2b as e2b_module
 from providers.e2b import (
+    _ERRORS,
     WORKSPACE_ROOT,
     E2BProvider,
     E2BSettings,
-    _translate,
     build_provider,
     decode_snapshot_ref,
     encode_snapshot_ref,
@@ -183,7 +183,7 @@ def _status(code: int) -> SandboxException:
     ],
 )
 def test_error_table(error: BaseException, box_op: bool, expected: type[ProviderError]) -> None:
-    translated = _translate(error, box_op=box_op)
+    translated = _ERRORS.translate(error, box_op=box_op)
     assert type(translated) is expected
     if expected is not BoxNotFound:
         assert not isinstance(translated, BoxNotFound)

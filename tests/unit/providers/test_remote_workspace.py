@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from providers.remote_workspace import RemoteWorkspace, RemoteWorkspaceSnapshots
+from providers.remote_workspace import _CAPTURE_SCRIPT, RemoteWorkspace, RemoteWorkspaceSnapshots
 from sandbox.box import BoxSession, DirEntry, Endpoint, Envelope, ExecResult
-from sandbox.errors import ArchiveCorrupt
+from sandbox.errors import ArchiveCorrupt, ProviderError
 from tests.fakes.machine import FakeMachine
 
 pytestmark = pytest.mark.skipif(
@@ -187,3 +187,44 @@ async def test_the_snapshot_mixin_resumes_the_box_and_delegates(machines: tuple[
     await with_home.restore_workspace(envelope, _chunks(full))
     assert await box.read_file("w.txt") == b"workspace"
     assert plain.resumed == ["m"] * 3 and with_home.resumed == ["m"] * 2
+
+
+class FlakyTarSession(MachineSession):
+    """Answers the capture's tar with the exit codes queued in ``tar_exits`` first (1: a file changed)."""
+
+    def __init__(self, machine: FakeMachine, key: str, tar_exits: list[int]) -> None:
+        super().__init__(machine, key)
+        self.tar_exits = tar_exits
+        self.tar_runs = 0
+
+    async def exec(self, cmd: Sequence[str], **kwargs: object) -> ExecResult:
+        if len(cmd) > 2 and cmd[2] == _CAPTURE_SCRIPT:
+            self.tar_runs += 1
+            if self.tar_exits:
+                return ExecResult(
+                    exit_code=self.tar_exits.pop(0), stdout=b"", stderr=b"tar: file changed as we read it"
+                )
+        return await super().exec(cmd, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("tar_exits", "runs", "fails"),
+    [([1, 1], 3, False), ([1, 1, 1], 3, True), ([2], 1, True)],
+)
+async def test_capture_runs_tar_again_only_when_a_file_changed_three_times_at_most(
+    machines: tuple[FakeMachine, FakeMachine], tar_exits: list[int], runs: int, fails: bool
+) -> None:
+    a, _ = machines
+    await a.start("flaky")
+    box = FlakyTarSession(a, "flaky", tar_exits)
+    await box.write_file("/workspace/f.txt", b"x")
+    ws = RemoteWorkspace(workspace_root="/workspace")
+    if fails:
+        with pytest.raises(ProviderError, match="tar could not archive /workspace"):
+            _ = [chunk async for chunk in ws.capture(box)]
+    else:
+        assert (
+            "workspace/f.txt"
+            in tarfile.open(fileobj=io.BytesIO(b"".join([c async for c in ws.capture(box)]))).getnames()
+        )
+    assert box.tar_runs == runs

@@ -20,11 +20,11 @@ from pydantic import SecretStr
 from runloop_api_client.lib.polling import PollingTimeout
 
 from providers.runloop import (
+    _ERRORS,
     SNAPSHOT_REF_PREFIX,
     RunloopBoxSession,
     RunloopProvider,
     RunloopSettings,
-    _translate,
     _tunnel_domain,
     build_provider,
     decode_snapshot_ref,
@@ -137,7 +137,7 @@ _REQUEST = httpx.Request("GET", "https://api.runloop.ai/v1/devboxes")
     ],
 )
 def test_sdk_errors_translate_per_the_table(error: BaseException, expected: type[ProviderError]) -> None:
-    translated = _translate(error)
+    translated = _ERRORS.translate(error)
     assert type(translated) is expected
     if expected is not BoxNotFound:
         assert not isinstance(translated, BoxNotFound)

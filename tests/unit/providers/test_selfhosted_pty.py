@@ -183,6 +183,19 @@ async def test_a_reconnecting_agent_is_waited_for_and_a_vanished_pty_is_lost() -
     assert b"still here" in (opened.initial_output.encode() + await ca.pty_read(opened.pty_id))
 
 
+async def test_a_poll_failing_three_times_in_a_row_loses_the_pty_after_backing_off() -> None:
+    # pty_read is not read-only for the session's retry policy: each poll is one request.
+    reconnecting = error_response("", ControlErrorCode.TIMEOUT, "agent reconnecting")
+    agent, sink = ScriptedAgent([reconnecting]), MemoryEventSink()
+    ca = channel(agent, sink)
+    started = asyncio.get_running_loop().time()
+    await ca.pty_open()
+    exited = await exited_event(sink)
+    assert (exited["exitCode"], exited["reason"]) == (None, "lost")
+    assert agent.count("pty_read") == 3
+    assert asyncio.get_running_loop().time() - started >= 0.5 + 1.0  # the backoff between the three polls
+
+
 async def test_typed_input_goes_in_pieces_that_fit_a_message_in_order() -> None:
     agent, sink = ScriptedAgent([PtyReadReply()]), MemoryEventSink()
     session = SelfhostedSession(agent, workspace_id="ws1", agent_id="a1", epoch=1, retry=FAST, chunk_bytes=7)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from vercel.sandbox import (
 from vercel.sandbox._internal.log_stream import _TruncatedStreamError
 
 from providers.registry import create_sandbox_client_for_backend
-from providers.vercel import VercelProvider, VercelSettings, _translate, build_provider, sandbox_name_for_key
+from providers.vercel import _ERRORS, VercelProvider, VercelSettings, build_provider, sandbox_name_for_key
 from sandbox.box import BoxSpec, Envelope
 from sandbox.descriptors import select_backend
 from sandbox.errors import (
@@ -158,7 +158,7 @@ def _api_error(status: int, code: str | None = None, message: str = "boom") -> S
     ],
 )
 def test_translate(error: BaseException, expected: type[BaseException]) -> None:
-    translated = _translate(error)
+    translated = _ERRORS.translate(error)
     assert type(translated) is expected
     if expected is not BoxNotFound:
         assert not isinstance(translated, BoxNotFound)
@@ -168,11 +168,11 @@ def test_translate_path_and_write_errors() -> None:
     missing = SandboxPathNotFoundError(
         "/vercel/sandbox/x", operation="read_bytes", cwd=None, cause=_api_error(404, "file_not_found")
     )
-    translated = _translate(missing)
+    translated = _ERRORS.translate(missing)
     assert isinstance(translated, PathNotFound) and not isinstance(translated, BoxNotFound)
     assert translated.path == "/vercel/sandbox/x"
     write = SandboxFilesystemWriteError(paths=("a",), cwd="/", cause=_api_error(503, "service_unavailable"))
-    assert type(_translate(write)) is ProviderUnavailable
+    assert type(_ERRORS.translate(write)) is ProviderUnavailable
 
 
 # -- against the fake API -----------------------------------------------------------------------

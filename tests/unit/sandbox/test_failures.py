@@ -20,7 +20,13 @@ from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 from activities.provider_errors import maps_provider_errors
 from sandbox import errors
-from sandbox.failures import application_error_in, cut_cause_cycles, from_application_error, to_application_error
+from sandbox.failures import (
+    CAUSE_LINKS_KEPT,
+    application_error_in,
+    cut_cause_cycles,
+    from_application_error,
+    to_application_error,
+)
 from sandbox.payload_codec import PayloadKeys, data_converter_for
 
 CONVERTER = data_converter_for(PayloadKeys.generate("failures-test"))
@@ -294,3 +300,62 @@ async def test_a_cause_cycle_is_cut_before_it_reaches_the_converter() -> None:
     assert cut_cause_cycles(context_loop) is context_loop
     assert not _chain_has_a_cycle(context_loop)
     assert context_loop.__context__ is middle  # only the closing link is dropped
+
+
+# The server keeps at most 4 KiB of an activity's last failure (2 KiB draws a warning); a bigger one
+# becomes "Failure exceeds size limit." and, with the codec on, its message is lost.
+SERVER_FAILURE_LIMIT = 4096
+
+
+def _raised_deep(err: BaseException, depth: int) -> BaseException:
+    def descend(n: int) -> None:
+        if n == 0:
+            raise err
+        descend(n - 1)
+
+    try:
+        descend(depth)
+    except BaseException as caught:
+        return caught
+    raise AssertionError("unreachable")
+
+
+def _deep_chain(links: int, depth: int) -> errors.SandboxError:
+    """A provider error ``links`` causes long, each raised ``depth`` frames down."""
+    inner: BaseException = _raised_deep(RuntimeError("the socket closed"), depth)
+    for n in range(links - 1):
+        outer = errors.ProviderUnavailable(f"attempt {n} failed")
+        outer.__cause__ = inner
+        inner = _raised_deep(outer, depth)
+    top = errors.SelfhostedControlError(
+        "no agent responded (offline)", code=5, reason="agent_offline", agent_offline=True
+    )
+    top.__cause__ = inner
+    return typing.cast(errors.SandboxError, _raised_deep(top, depth))
+
+
+def _chain_length(err: BaseException | None) -> int:
+    n = 0
+    while err is not None:
+        n += 1
+        err = err.cause if isinstance(err, ApplicationError | ActivityError) else err.__cause__
+    return n
+
+
+async def test_a_deep_failure_is_compacted_to_fit_the_server_limit() -> None:
+    # Positive control: the same chain encoded without compaction is over the server's limit.
+    raw = _deep_chain(links=8, depth=40)
+    _, uncompacted = await _through_the_converter(_encoded(raw))
+    assert len(uncompacted) > SERVER_FAILURE_LIMIT
+
+    encoded = await _raised_by_an_activity(_deep_chain(links=8, depth=40))
+    received, wire = await _through_the_converter(encoded)
+    assert len(wire) < SERVER_FAILURE_LIMIT // 2
+    assert isinstance(received, ApplicationError)
+    decoded = from_application_error(received)
+    assert type(decoded) is errors.AgentOffline and decoded.message == "no agent responded (offline)"
+    assert _chain_length(received) <= CAUSE_LINKS_KEPT + 1  # the ApplicationError and its kept causes
+    # The frames kept are where each error was raised.
+    assert received.cause is not None and "descend" in (
+        received.cause.failure.stack_trace if received.cause.failure else ""
+    )
