@@ -8,6 +8,7 @@ or SIGINT, then shuts down gracefully (running activities get ``graceful_shutdow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -17,12 +18,15 @@ from typing import Any, Literal
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.runtime import PrometheusConfig, TelemetryConfig
+from temporalio.runtime import Runtime as TemporalRuntime
 from temporalio.service import TLSConfig
 from temporalio.worker import Worker
 
 from activities.boxes import BoxActivities
 from activities.computer_use import ComputerUseActivities
 from activities.events import SessionEventActivities
+from activities.metrics import ARCHIVE_SIZE_BUCKETS, CensusGauges, SandboxMetrics
 from activities.orphans import OrphanActivities
 from activities.planes import PlaneActivities
 from activities.projection import ProjectionActivities
@@ -124,12 +128,35 @@ def temporal_tls(settings: Settings) -> TLSConfig | Literal[False]:
     )
 
 
-async def connect(settings: Settings) -> Client:
+def metrics_runtime(settings: Settings) -> TemporalRuntime | None:
+    """A Temporal runtime serving Prometheus metrics on ``SANDBOX_METRICS_ADDRESS`` (None when unset).
+
+    The SDK's own metrics and the runtime's (:mod:`activities.metrics`) are served there together.
+
+    Raises:
+        SandboxConfigError: the address is malformed or cannot be bound.
+    """
+    address = settings.metrics_bind_address()
+    if address is None:
+        return None
+    prometheus = PrometheusConfig(
+        bind_address=address,
+        durations_as_seconds=True,
+        histogram_bucket_overrides={"sandbox_archive_size_bytes": list(ARCHIVE_SIZE_BUCKETS)},
+    )
+    try:
+        return TemporalRuntime(telemetry=TelemetryConfig(metrics=prometheus))
+    except Exception as err:  # the core raises a plain RuntimeError for a port in use
+        raise SandboxConfigError(f"cannot serve metrics on SANDBOX_METRICS_ADDRESS={address}: {err}") from err
+
+
+async def connect(settings: Settings, *, runtime: TemporalRuntime | None = None) -> Client:
     """The Temporal client every part of the runtime uses: credentials, encrypting converter, tracing.
 
     Credentials come from the ``SANDBOX_TEMPORAL_TLS_*`` settings (:func:`temporal_tls`) and
     ``SANDBOX_TEMPORAL_API_KEY`` (sent as ``authorization: Bearer``); the converter is
-    :func:`sandbox.payload_codec.data_converter`.
+    :func:`sandbox.payload_codec.data_converter`. ``runtime`` is the Temporal runtime to use (the
+    worker's serves metrics, :func:`metrics_runtime`); the SDK's default when omitted.
     """
     interceptors: list[Interceptor] = [TracingInterceptor()]
     tls = temporal_tls(settings)
@@ -152,21 +179,32 @@ async def connect(settings: Settings) -> Client:
         interceptors=interceptors,
         tls=tls,
         api_key=api_key,
+        runtime=runtime,
     )
 
 
 def build_activities(
-    settings: Settings, db: Database, providers: ProviderRegistry, *, events: SessionEventActivities | None = None
+    settings: Settings,
+    db: Database,
+    providers: ProviderRegistry,
+    *,
+    events: SessionEventActivities | None = None,
+    metrics: SandboxMetrics | None = None,
 ) -> list[Callable[..., Any]]:
     """Every activity the worker registers, one per :class:`~workflows.activity_names.ActivityName` member.
 
-    ``events`` is the session-event activity to register (a new one when omitted).
+    ``events`` is the session-event activity to register (a new one when omitted); ``metrics`` is
+    where box operations are measured (nowhere when omitted).
     """
     artifacts = FilesystemArtifactStore(artifact_root(settings))
-    boxes = BoxActivities(providers, artifacts)
+    boxes = BoxActivities(providers, artifacts, metrics=metrics)
     projection = ProjectionActivities(LeaseRepository(db))
     snapshots = SnapshotActivities(
-        providers, SnapshotLedger(db), artifacts, native_ttl_seconds=settings.native_snapshot_ttl_seconds
+        providers,
+        SnapshotLedger(db),
+        artifacts,
+        native_ttl_seconds=settings.native_snapshot_ttl_seconds,
+        metrics=metrics,
     )
     orphans = OrphanActivities(providers, LeaseRepository(db))
     planes = PlaneActivities(providers, settings)
@@ -199,17 +237,18 @@ def build_worker(
     providers: ProviderRegistry,
     *,
     events: SessionEventActivities | None = None,
+    metrics: SandboxMetrics | None = None,
     **overrides: Any,
 ) -> Worker:
     """A worker for the lease workflow and its activities on the configured task queue.
 
     ``events`` is the session-event activity to register (a new one when omitted); the caller that
-    passes it closes it after the worker stops.
+    passes it closes it after the worker stops. ``metrics`` is where box operations are measured.
     """
     options: dict[str, Any] = {
         "task_queue": settings.task_queue,
         "workflows": list(WORKFLOWS),
-        "activities": build_activities(settings, db, providers, events=events),
+        "activities": build_activities(settings, db, providers, events=events, metrics=metrics),
         "graceful_shutdown_timeout": timedelta(seconds=10),
     }
     options.update(overrides)
@@ -221,9 +260,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     settings.check()
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    runtime = metrics_runtime(settings)
     db = Database.for_settings(settings)
     await db.migrate()
-    client = await connect(settings)
+    client = await connect(settings, runtime=runtime)
     await ensure_schedules(client, settings)
     if stop is None:
         stop = asyncio.Event()
@@ -232,12 +272,22 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             loop.add_signal_handler(sig, stop.set)
     providers = ProviderRegistry(settings)
     events = SessionEventActivities(settings)
-    worker = build_worker(client, settings, db, providers, events=events)
+    metrics = SandboxMetrics(runtime.metric_meter) if runtime is not None else None
+    worker = build_worker(client, settings, db, providers, events=events, metrics=metrics)
+    census: asyncio.Task[None] | None = None
+    if runtime is not None:
+        gauges = CensusGauges(runtime.metric_meter, db)
+        census = asyncio.create_task(gauges.run(settings.metrics_census_seconds, stop))
+        log.info("serving metrics on http://%s/metrics", settings.metrics_address)
     log.info("worker running on task queue %s at %s", settings.task_queue, settings.temporal_address)
     try:
         async with worker:
             await stop.wait()
     finally:
+        if census is not None:
+            census.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await census
         await events.aclose()
         await providers.aclose()
         await db.dispose()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from temporalio import activity
 
 from activities.box_sessions import BoxSessions
+from activities.metrics import SandboxMetrics
 from activities.provider_errors import maps_provider_errors
 from activities.snapshots import native_ref_sha256
 from providers.registry import ProviderRegistry
@@ -74,12 +75,20 @@ class BoxActivities:
     Args:
         providers: The worker's provider registry.
         artifacts: Where workspace archives are kept; needed to restore them on provision.
+        metrics: Where provision, restore and exec durations are recorded (none when omitted).
     """
 
-    def __init__(self, providers: ProviderRegistry, artifacts: ArtifactStore | None = None) -> None:
+    def __init__(
+        self,
+        providers: ProviderRegistry,
+        artifacts: ArtifactStore | None = None,
+        *,
+        metrics: SandboxMetrics | None = None,
+    ) -> None:
         self._providers = providers
         self._artifacts = artifacts
         self._sessions = BoxSessions(providers)
+        self._metrics = metrics or SandboxMetrics()
 
     @activity.defn(name=ActivityName.PROVISION_BOX)
     @maps_provider_errors
@@ -89,6 +98,10 @@ class BoxActivities:
         With ``inp.restore`` the archives are tried in order after the box is created and before
         the probe; the first whose SHA-256 verifies is restored (see :meth:`_restore`).
         """
+        with self._metrics.timed("provision", inp.backend):
+            return await self._provision(inp)
+
+    async def _provision(self, inp: ProvisionInput) -> ProvisionResult:
         provider = self._providers.get(inp.backend)
         spec = BoxSpec(
             lease_id=inp.lease_id,
@@ -104,7 +117,8 @@ class BoxActivities:
         async with _heartbeating():
             session = await provider.create(spec, inp.idempotency_key)
             if inp.restore:
-                outcome = await self._restore(provider, session.serialize_state(), inp.restore)
+                with self._metrics.timed("restore", inp.backend):
+                    outcome = await self._restore(provider, session.serialize_state(), inp.restore)
             try:
                 probe = await session.exec(["true"], timeout=inp.probe_timeout_seconds)
             except ExecTimeout as err:
@@ -199,9 +213,10 @@ class BoxActivities:
         try:
             session = await self._sessions.get(inp.backend, inp.envelope)
             async with _heartbeating():
-                result = await session.exec(
-                    inp.cmd, workdir=inp.workdir, timeout=inp.timeout_seconds, env=inp.env or None
-                )
+                with self._metrics.timed("exec", inp.backend):
+                    result = await session.exec(
+                        inp.cmd, workdir=inp.workdir, timeout=inp.timeout_seconds, env=inp.env or None
+                    )
         except BoxNotFound:
             self._sessions.forget(inp.backend, inp.envelope.instance_id)
             raise

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from temporalio import activity
 
+from activities.metrics import SandboxMetrics
 from activities.provider_errors import maps_provider_errors
 from providers.registry import ProviderRegistry
 from providers.workspace_archive import archive_kind
@@ -108,6 +109,7 @@ class SnapshotActivities:
         providers: The worker's provider registry.
         ledger: The snapshot ledger in the store.
         artifacts: Where archives are kept.
+        metrics: Where capture durations and archive sizes are recorded (none when omitted).
     """
 
     def __init__(
@@ -117,7 +119,9 @@ class SnapshotActivities:
         artifacts: ArtifactStore,
         *,
         native_ttl_seconds: int | None = 30 * 24 * 3600,
+        metrics: SandboxMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or SandboxMetrics()
         self._providers = providers
         self._ledger = ledger
         self._artifacts = artifacts
@@ -134,6 +138,13 @@ class SnapshotActivities:
         archives, an unchanged workspace returns that archive with ``unchanged=True`` and adds no
         row. Raises ``BoxNotFound`` when the box is gone (never retried by the lease).
         """
+        with self._metrics.timed("capture", req.backend):
+            ref = await self._capture(req)
+        if not ref.unchanged and ref.kind != "native":
+            self._metrics.archive_size(req.backend, ref.size_bytes)
+        return ref
+
+    async def _capture(self, req: CaptureRequest) -> ArchiveRef:
         provider = self._providers.get(req.backend)
         envelope = Envelope(**req.envelope.model_dump())
         started = datetime.now(UTC)

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     # Observability
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str | None = None
+    metrics_address: str | None = Field(
+        default=None,
+        description="host:port where the worker serves Prometheus metrics (GET /metrics); unset means off.",
+    )
+    metrics_census_seconds: float = Field(
+        default=15.0, gt=0, description="How often the worker counts leases, holders and recordings for its gauges."
+    )
 
     # Viewer planes (policy for new leases)
     desktop_enabled: bool = True
@@ -217,4 +224,21 @@ class Settings(BaseSettings):
             )
         if self.continue_as_new_after_transitions < 10:
             raise SandboxConfigError("SANDBOX_CONTINUE_AS_NEW_AFTER_TRANSITIONS must be >= 10")
+        if self.metrics_address is not None:
+            self.metrics_bind_address()
         return self
+
+    def metrics_bind_address(self) -> str | None:
+        """``SANDBOX_METRICS_ADDRESS`` checked as ``host:port`` (None when metrics are off).
+
+        Raises:
+            SandboxConfigError: it is not ``host:port`` with a port from 1 to 65535.
+        """
+        if self.metrics_address is None:
+            return None
+        host, sep, port = self.metrics_address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SandboxConfigError(
+                f"SANDBOX_METRICS_ADDRESS must be host:port (e.g. 127.0.0.1:9464), got {self.metrics_address!r}"
+            )
+        return self.metrics_address

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -529,6 +530,72 @@ def postgres_url() -> Iterator[str]:
             stderr=subprocess.DEVNULL,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+class Prometheus:
+    """A real Prometheus (Debian's ``prometheus``) scraping ``targets`` every 0.5 s, queried over its HTTP API."""
+
+    def __init__(self, base: Path, targets: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        base.mkdir(parents=True, exist_ok=True)
+        self.config = base / "prometheus.yml"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "global": {"scrape_interval": "500ms", "scrape_timeout": "400ms"},
+                    "scrape_configs": [{"job_name": "sandbox", "static_configs": [{"targets": targets}]}],
+                }
+            )
+        )
+        self.proc = subprocess.Popen(
+            [
+                find_binary("prometheus"),
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={base / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc)
+
+    def _get(self, path: str, **params: str) -> Any:
+        query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in params.items())
+        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=5) as reply:
+            return json.load(reply)
+
+    async def query(self, expr: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """The instant vector of ``expr``: each series' labels (``__name__`` dropped) to its value."""
+        body = await asyncio.to_thread(self._get, "/api/v1/query", query=expr)
+        assert body["status"] == "success", body
+        return {
+            tuple(sorted((k, v) for k, v in item["metric"].items() if k != "__name__")): float(item["value"][1])
+            for item in body["data"]["result"]
+        }
+
+    async def names(self) -> list[str]:
+        """Every metric name Prometheus has scraped."""
+        body = await asyncio.to_thread(self._get, "/api/v1/label/__name__/values")
+        return list(body["data"])
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def prometheus_scraping(base: Path, targets: list[str]) -> Iterator[Prometheus]:
+    """A Prometheus scraping ``targets`` for the block's duration."""
+    server = Prometheus(base, targets)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------------- lease runtime
