@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from temporalio.client import Client, Interceptor
-from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.runtime import PrometheusConfig, TelemetryConfig
 from temporalio.runtime import Runtime as TemporalRuntime
 from temporalio.service import TLSConfig
@@ -46,15 +46,26 @@ from workflows.orphan_sweep import OrphanSweepWorkflow
 from workflows.recording import RecordingWorkflow
 from workflows.schedules import ensure_schedules
 from workflows.snapshot_gc import SnapshotGcWorkflow
+from workflows.tracing import LeaseTracingInterceptor
 
 log = logging.getLogger("sandbox.worker")
 
 WORKFLOWS: Sequence[type] = (LeaseWorkflow, SnapshotGcWorkflow, OrphanSweepWorkflow, RecordingWorkflow)
 
 
+_TRACING: dict[str, Any] = {}  # the provider configure_tracing installed (set once per process)
+
+
 def configure_tracing(settings: Settings) -> None:
-    """Install an OpenTelemetry tracer provider with the exporter the settings choose (off by default)."""
-    if settings.otel_exporter == "none":
+    """Install an OpenTelemetry tracer provider with the exporter the settings choose (off by default).
+
+    ``SANDBOX_OTEL_EXPORTER``: ``none``, ``console`` (JSON spans on stderr), or ``otlp`` to
+    ``SANDBOX_OTEL_ENDPOINT`` over ``SANDBOX_OTEL_PROTOCOL`` (``grpc``, the default, or
+    ``http/protobuf``); the OTLP exporters' own ``OTEL_EXPORTER_OTLP_*`` variables apply too. A
+    process installs one provider: later calls change nothing. :func:`flush_tracing` sends what is
+    buffered before the process ends.
+    """
+    if settings.otel_exporter == "none" or "provider" in _TRACING:
         return
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
@@ -63,18 +74,26 @@ def configure_tracing(settings: Settings) -> None:
 
     exporter: SpanExporter
     if settings.otel_exporter == "console":
-        exporter = ConsoleSpanExporter()
+        exporter = ConsoleSpanExporter(out=sys.stderr)  # stdout is the CLI's output (and its --json)
+    elif settings.otel_protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        exporter = GrpcExporter(endpoint=settings.otel_endpoint) if settings.otel_endpoint else GrpcExporter()
     else:
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        except ImportError as err:
-            raise SandboxConfigError(
-                "SANDBOX_OTEL_EXPORTER=otlp needs `pip install opentelemetry-exporter-otlp`"
-            ) from err
-        exporter = OTLPSpanExporter(endpoint=settings.otel_endpoint) if settings.otel_endpoint else OTLPSpanExporter()
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        exporter = HttpExporter(endpoint=settings.otel_endpoint) if settings.otel_endpoint else HttpExporter()
     provider = TracerProvider(resource=Resource.create({"service.name": "sandbox-runtime"}))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    _TRACING["provider"] = provider
+
+
+def flush_tracing(timeout_seconds: float = 5.0) -> None:
+    """Export every span still buffered (a no-op when :func:`configure_tracing` installed nothing)."""
+    provider = _TRACING.get("provider")
+    if provider is not None:
+        provider.force_flush(int(timeout_seconds * 1000))
 
 
 def _read_tls_file(path: Path, setting: str) -> bytes:
@@ -158,7 +177,7 @@ async def connect(settings: Settings, *, runtime: TemporalRuntime | None = None)
     :func:`sandbox.payload_codec.data_converter`. ``runtime`` is the Temporal runtime to use (the
     worker's serves metrics, :func:`metrics_runtime`); the SDK's default when omitted.
     """
-    interceptors: list[Interceptor] = [TracingInterceptor()]
+    interceptors: list[Interceptor] = [LeaseTracingInterceptor()]
     tls = temporal_tls(settings)
     converter = data_converter(settings)
     api_key = settings.temporal_api_key.get_secret_value() if settings.temporal_api_key is not None else None
@@ -291,6 +310,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         await events.aclose()
         await providers.aclose()
         await db.dispose()
+        flush_tracing()
     log.info("worker stopped")
 
 

@@ -17,6 +17,7 @@ from activities.box_sessions import BoxSessions
 from activities.metrics import SandboxMetrics
 from activities.provider_errors import maps_provider_errors
 from activities.snapshots import native_ref_sha256
+from activities.tracing import box_operation_span
 from providers.registry import ProviderRegistry
 from sandbox.box import BoxSpec, Envelope, NativeWorkspaceSnapshots, Provider
 from sandbox.errors import (
@@ -98,7 +99,10 @@ class BoxActivities:
         With ``inp.restore`` the archives are tried in order after the box is created and before
         the probe; the first whose SHA-256 verifies is restored (see :meth:`_restore`).
         """
-        with self._metrics.timed("provision", inp.backend):
+        with (
+            box_operation_span("provision", inp.backend, epoch=inp.epoch),
+            self._metrics.timed("provision", inp.backend),
+        ):
             return await self._provision(inp)
 
     async def _provision(self, inp: ProvisionInput) -> ProvisionResult:
@@ -213,10 +217,16 @@ class BoxActivities:
         try:
             session = await self._sessions.get(inp.backend, inp.envelope)
             async with _heartbeating():
-                with self._metrics.timed("exec", inp.backend):
+                with (
+                    box_operation_span(
+                        "exec", inp.backend, epoch=inp.epoch, **{"sandbox.argv0": inp.cmd[0] if inp.cmd else ""}
+                    ) as span,
+                    self._metrics.timed("exec", inp.backend),
+                ):
                     result = await session.exec(
                         inp.cmd, workdir=inp.workdir, timeout=inp.timeout_seconds, env=inp.env or None
                     )
+                    span.set_attribute("sandbox.exit_code", result.exit_code)
         except BoxNotFound:
             self._sessions.forget(inp.backend, inp.envelope.instance_id)
             raise

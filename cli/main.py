@@ -59,6 +59,10 @@ def main() -> None:
         else:
             print(done.code, file=sys.stderr)
             code = 1
+    with contextlib.suppress(Exception):
+        from client.connection import flush_traces
+
+        flush_traces()  # os._exit skips the exporter's own shutdown
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -18,7 +18,7 @@ from sandbox.errors import TemporalUnreachable
 from sandbox.settings import Settings
 from store.database import Database
 
-__all__ = ["TemporalUnreachable", "connect_leases", "connect_temporal", "open_store"]
+__all__ = ["TemporalUnreachable", "connect_leases", "connect_temporal", "flush_traces", "open_store"]
 
 
 async def connect_temporal(settings: Settings) -> Client:
@@ -28,14 +28,22 @@ async def connect_temporal(settings: Settings) -> Client:
         TemporalUnreachable: The address does not answer.
         SandboxConfigError: The Temporal credentials are misconfigured (a certificate without its key, ...).
     """
-    from worker import connect
+    from worker import configure_tracing, connect
 
+    configure_tracing(settings)  # a client's calls start (or continue) the caller's trace
     try:
         return await connect(settings)
     except RuntimeError as err:  # the SDK's "failed client connect"
         raise TemporalUnreachable(
             f"cannot reach Temporal at {settings.temporal_address} ({err})", address=settings.temporal_address
         ) from err
+
+
+def flush_traces() -> None:
+    """Send the spans this process still buffers (call before exiting; no-op without tracing)."""
+    from worker import flush_tracing
+
+    flush_tracing()
 
 
 async def connect_leases(settings: Settings) -> LeaseClient:

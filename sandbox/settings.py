@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     # Observability
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str | None = None
+    otel_protocol: Literal["grpc", "http/protobuf"] = "grpc"
     metrics_address: str | None = Field(
         default=None,
         description="host:port where the worker serves Prometheus metrics (GET /metrics); unset means off.",

@@ -1024,6 +1024,7 @@ class LeaseWorkflow:
                         workdir=req.workdir,
                         timeout_seconds=timeout,
                         env=req.env,
+                        epoch=epoch,
                     ),
                     result_type=ExecOutput,
                     start_to_close_timeout=timedelta(seconds=timeout + 30),

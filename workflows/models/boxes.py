@@ -72,6 +72,7 @@ class ExecInput(BaseModel):
     timeout_seconds: float = 600.0
     env: dict[str, str] = Field(default_factory=dict)
     output_limit_bytes: int = 1024 * 1024
+    epoch: int | None = None  # for traces only; None in histories recorded before it was sent
 
 
 class ExecOutput(BaseModel):
