@@ -11,6 +11,9 @@ encrypted with that key (the script exports it as ``SANDBOX_PAYLOAD_KEYS``).
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 from pathlib import Path
 from types import MappingProxyType
 
@@ -23,6 +26,7 @@ from sandbox import descriptors
 from sandbox.descriptors import SnapshotSupport
 from sandbox.errors import PayloadKeyUnknown
 from sandbox.payload_codec import ENCODING, KEY_ID_METADATA, PayloadKeys, data_converter_for
+from tests.conftest import REPO
 from tests.temporal_history import payloads_in
 from worker import WORKFLOWS
 from workflows.backend_profile import backend_profile
@@ -132,3 +136,60 @@ async def test_encrypted_history_needs_its_key() -> None:
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     # The activation fails with our typed error (its message is itself encrypted in the failure).
     assert PayloadKeyUnknown.error_type in str(result.replay_failure)
+
+
+# --- every workflow.patched branch has a history with its marker and one from before it ------------
+
+_PATCH_CALL = re.compile(r"workflow\.(?:patched|deprecate_patch)\((?P<arg>[^)]+)\)")
+_WORKFLOW_SOURCES = sorted((REPO / "workflows").glob("*.py"))
+
+
+def _patch_ids() -> dict[str, str]:
+    """Each patch id the workflow code checks, mapped to the file that checks it."""
+    found: dict[str, str] = {}
+    for source in _WORKFLOW_SOURCES:
+        text = source.read_text()
+        constants = dict(re.findall(r'^(_[A-Z_]+_PATCH)\s*=\s*"([^"]+)"', text, re.M))
+        for match in _PATCH_CALL.finditer(text):
+            arg = match["arg"].strip()
+            patch_id = constants.get(arg) or arg.strip("\"'")
+            found[patch_id] = source.name
+    return found
+
+
+def _markers(path: Path) -> set[str]:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    ids: set[str] = set()
+    for event in history.events:
+        if event.HasField("marker_recorded_event_attributes"):
+            details = event.marker_recorded_event_attributes.details
+            if "patch-data" in details:
+                ids.add(json.loads(details["patch-data"].payloads[0].data)["id"])
+    return ids
+
+
+def _lease_histories() -> list[Path]:
+    return [p for p in HISTORIES if p.stem.startswith("lease_")]
+
+
+def test_every_patch_has_a_history_with_its_marker_and_one_recorded_before_it() -> None:
+    patches = _patch_ids()
+    assert {"stream-url-rotated-event", "recording-box-lost-signal"} <= patches.keys()  # the scan finds them
+    marked = {p.stem: _markers(p) for p in _lease_histories()}
+    for patch_id, source in patches.items():
+        with_marker = [name for name, ids in marked.items() if patch_id in ids]
+        assert with_marker, (
+            f"{source} checks workflow.patched({patch_id!r}) but no history under tests/replay holds its marker: record one with scripts/record-histories"
+        )
+        # Histories without the marker replay the old branch (every patched id predates some fixture).
+        assert [name for name, ids in marked.items() if patch_id not in ids], patch_id
+
+
+def test_the_patch_scan_sees_a_new_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Positive control: a workflow that gains a patch id no history holds is reported.
+    extra = tmp_path / "new_workflow.py"
+    extra.write_text('_NEW_THING_PATCH = "new-thing"\nif workflow.patched(_NEW_THING_PATCH):\n    pass\n')
+    monkeypatch.setattr(sys.modules[__name__], "_WORKFLOW_SOURCES", [*_WORKFLOW_SOURCES, extra])
+    assert _patch_ids()["new-thing"] == "new_workflow.py"
+    with pytest.raises(AssertionError, match="new-thing"):
+        test_every_patch_has_a_history_with_its_marker_and_one_recorded_before_it()
