@@ -179,7 +179,8 @@ def test_every_patch_has_a_history_with_its_marker_and_one_recorded_before_it() 
     for patch_id, source in patches.items():
         with_marker = [name for name, ids in marked.items() if patch_id in ids]
         assert with_marker, (
-            f"{source} checks workflow.patched({patch_id!r}) but no history under tests/replay holds its marker: record one with scripts/record-histories"
+            f"{source} checks workflow.patched({patch_id!r}) but no history under tests/replay holds its "
+            "marker: record one with scripts/record-histories"
         )
         # Histories without the marker replay the old branch (every patched id predates some fixture).
         assert [name for name, ids in marked.items() if patch_id not in ids], patch_id
