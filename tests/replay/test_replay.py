@@ -72,6 +72,10 @@ REQUIRED = {
     "lease_periodic_capture_box_lost_restore",
     "lease_start_recording",
     "lease_viewer_drain_stream_url_rotated",
+    # A lease on a self-hosted machine (acquire, exec, drain with no snapshot), and one for an agent
+    # that never answers: warming runs out its TTL and the lease goes cold with no box anywhere.
+    "lease_selfhosted_acquire_exec_drain",
+    "lease_selfhosted_offline_warming_expiry",
 }
 
 

@@ -14,6 +14,7 @@ from sandbox import errors
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, nats_identity_env, running_runtime
 from tests.integration.selfhosted.conftest import running_agent
+from tests.integration.test_lease_workflow import record_history
 
 
 @pytest.fixture
@@ -51,6 +52,7 @@ async def test_lease_on_a_machine_runs_there_and_drains_without_a_snapshot(
         assert (view.liveness, view.epoch) == ("cold", 2)
         assert view.archive_current is None  # nothing captured, nothing to restore
         assert (agent.root / "made-by-lease.txt").exists()  # the machine keeps its files
+        await record_history(rt, ws, "g1", "selfhosted_acquire_exec_drain")
 
 
 async def test_offline_agent_never_makes_a_box_anywhere(
@@ -63,6 +65,7 @@ async def test_offline_agent_never_makes_a_box_anywhere(
         assert "offline" in info.value.message.lower()
         view = await leases.describe("ws-offline", "g1")
         assert (view.liveness, view.epoch, view.instance_id) == ("cold", 1, None)
+        await record_history(rt, "ws-offline", "g1", "selfhosted_offline_warming_expiry")
         boxes = machine_settings.boxes_dir()
         assert not boxes.exists() or not [p for p in boxes.iterdir() if not p.name.startswith(".")]
 
