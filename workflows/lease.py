@@ -787,7 +787,7 @@ class LeaseWorkflow:
 
     # ------------------------------------------------------------------ updates
 
-    @workflow.update
+    @workflow.update(description="Become a holder and wait until the box is warm (creating it if the lease is cold).")
     async def acquire(self, req: AcquireRequest) -> LeaseGrant:
         """Become a holder and wait until the box is warm (creating it if the lease is cold)."""
         self._run_updates += 1
@@ -884,7 +884,7 @@ class LeaseWorkflow:
             self._touch()
             self._wake = True
 
-    @workflow.update
+    @workflow.update(description="Hold the lease as a viewer and bring up the plane's edge (desktop or terminal).")
     async def attach_viewer(self, req: AttachViewerRequest) -> ViewerAttachment:
         """Hold the lease as a viewer and bring up the plane's edge; the caller mints the token of ``req.mode``.
 
@@ -939,7 +939,7 @@ class LeaseWorkflow:
                 f"the {req.plane} plane is disabled for lease {self.spec.lease_id} by its policy",
             )
 
-    @workflow.update
+    @workflow.update(description="Refresh a holder's TTL.")
     def heartbeat(self, req: HeartbeatRequest) -> HeartbeatResult:
         """Refresh a holder's TTL."""
         self._run_updates += 1
@@ -968,7 +968,7 @@ class LeaseWorkflow:
                 f"no {req.kind} holder {req.holder_id!r} on {self.spec.lease_id} (expired or released); acquire again",
             )
 
-    @workflow.update
+    @workflow.update(description="Stop holding the lease; the last release starts the idle grace.")
     def release(self, ref: HolderRef) -> ReleaseResult:
         """Stop holding the lease; the last release starts the idle grace."""
         self._run_updates += 1
@@ -988,7 +988,7 @@ class LeaseWorkflow:
                 f"no {ref.kind} holder {ref.holder_id!r} on {self.spec.lease_id}; it already expired or was released",
             )
 
-    @workflow.update
+    @workflow.update(description="Drop every holder and tear the box down now (wait returns once cold).")
     async def drain(self, req: DrainRequest) -> LeaseView:
         """Drop every holder and tear the box down now (``wait`` returns once cold)."""
         self._run_updates += 1
@@ -1003,7 +1003,7 @@ class LeaseWorkflow:
             await workflow.wait_condition(lambda: s.liveness == "cold" and not self._tearing_down)
         return self._view()
 
-    @workflow.update
+    @workflow.update(description="Run a command in the warm box as an audited activity.")
     async def exec(self, req: ExecRequest) -> ExecOutcome:
         """Run a command in the warm box as an audited activity."""
         self._run_updates += 1
@@ -1031,7 +1031,8 @@ class LeaseWorkflow:
                     # A dead worker is noticed within the heartbeat timeout instead of after the command's timeout.
                     heartbeat_timeout=timedelta(seconds=max(t.activity_heartbeat_seconds, 5)),
                     retry_policy=RetryPolicy(maximum_attempts=1),  # never run a command twice
-                    summary=" ".join(req.cmd)[:80],
+                    # The UI names the program only: the rest of an argv can hold a secret.
+                    summary=f"exec {req.cmd[0][:60]}" if req.cmd else "exec",
                 )
         except ActivityError as err:
             cause = err.cause
@@ -1062,7 +1063,7 @@ class LeaseWorkflow:
                 f"(sandboxctl lease acquire {self.spec.workspace_id} {self.spec.group_id})",
             )
 
-    @workflow.update
+    @workflow.update(description="An observer saw NotFound: confirm with the provider, then go cold with epoch+1.")
     async def report_box_lost(self, report: BoxLostReport) -> BoxLostResult:
         """An observer saw NotFound: confirm with the provider, then go cold with epoch+1."""
         self._run_updates += 1
@@ -1097,7 +1098,7 @@ class LeaseWorkflow:
 
     # ------------------------------------------------------------------ recording and computer use
 
-    @workflow.update
+    @workflow.update(description="Record the desktop: a recording workflow holds this lease until it stops.")
     async def start_recording(self, req: RecordingRequest) -> RecordingStarted:
         """Record the desktop: start a RecordingWorkflow child, which holds this lease as a ``recording`` holder."""
         self._run_updates += 1
@@ -1118,7 +1119,7 @@ class LeaseWorkflow:
                 errors.StaleEpoch, f"recording for epoch {req.expected_epoch}; the lease is at epoch {s.epoch}"
             )
 
-    @workflow.update
+    @workflow.update(description="A PNG of the warm box's desktop (brought up if it is not).")
     async def screenshot(self, req: ScreenshotRequest) -> Screenshot:
         """A PNG of the warm box's desktop (brought up if it is not)."""
         s = self.s
@@ -1137,7 +1138,7 @@ class LeaseWorkflow:
     def _validate_screenshot(self, req: ScreenshotRequest) -> None:
         self._check_computer_use(req.epoch)
 
-    @workflow.update
+    @workflow.update(description="Pointer and keyboard actions on the warm box's desktop, in order.")
     async def desktop_input(self, req: DesktopInputRequest) -> DesktopInputResult:
         """Pointer and keyboard actions on the warm box's desktop, in order; never retried (input is not idempotent)."""
         s = self.s
@@ -1219,7 +1220,7 @@ class LeaseWorkflow:
 
     # ------------------------------------------------------------------ signals and query
 
-    @workflow.signal
+    @workflow.signal(description="Operator hold: no automatic teardown until until (an explicit drain still proceeds).")
     def hold(self, req: HoldRequest) -> None:
         """Operator hold: no automatic teardown until ``until`` (an explicit drain still proceeds)."""
         self.s.hold_until = req.until
@@ -1227,7 +1228,7 @@ class LeaseWorkflow:
         self._touch()
         self._wake = True
 
-    @workflow.signal
+    @workflow.signal(description="Lift the operator hold.")
     def unhold(self) -> None:
         """Lift the operator hold."""
         self.s.hold_until = None
@@ -1235,7 +1236,7 @@ class LeaseWorkflow:
         self._touch()
         self._wake = True
 
-    @workflow.signal
+    @workflow.signal(description="Drain the box and complete the workflow.")
     def stop(self) -> None:
         """Drain the box and complete the workflow."""
         self.s.stop_requested = True
@@ -1243,7 +1244,7 @@ class LeaseWorkflow:
         self._touch()
         self._wake = True
 
-    @workflow.query
+    @workflow.query(description="Everything about the lease, for operators and the CLI.")
     def describe(self) -> LeaseView:
         """Everything about the lease, for operators and the CLI."""
         return self._view()

@@ -461,7 +461,9 @@ class RecordingWorkflow:
 
     # ------------------------------------------------------------------ handlers
 
-    @workflow.update
+    @workflow.update(
+        description="Stop recording (idempotent); with wait return once it is available or failed, row committed."
+    )
     async def stop(self, req: StopRecordingRequest) -> RecordingView:
         """Stop recording (idempotent); with ``wait`` return once it is available or failed, row committed."""
         self._stop_requested = True
@@ -469,13 +471,15 @@ class RecordingWorkflow:
             await workflow.wait_condition(lambda: self._finished)
         return self.v
 
-    @workflow.signal
+    @workflow.signal(
+        description="The lease lost the box of notice.epoch: stop and finalize (the file most likely went with it)."
+    )
     def box_lost(self, notice: BoxLostNotice) -> None:
         """The lease lost the box of ``notice.epoch``: stop and finalize (the file most likely went with it)."""
         if self.v.epoch is None or notice.epoch == self.v.epoch:
             self._box_lost = True
 
-    @workflow.query
+    @workflow.query(description="Everything about the recording.")
     def describe(self) -> RecordingView:
         """Everything about the recording."""
         return self.v
