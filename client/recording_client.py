@@ -165,7 +165,11 @@ class RecordingClient:
         """
         handle = self.handle(recording_id)
         try:
-            view: RecordingView = await handle.execute_update(RecordingWorkflow.stop, StopRecordingRequest(wait=wait))
+            # By name: the SDK's typing of an update declared with keyword options (description=)
+            # wraps the coroutine's result type once more.
+            view: RecordingView = await handle.execute_update(
+                "stop", StopRecordingRequest(wait=wait), result_type=RecordingView
+            )
         except WorkflowUpdateFailedError as err:
             raise _translate(err, recording_id) from err
         except RPCError as err:

@@ -409,10 +409,9 @@ async def test_exec_history_is_encrypted(runtime: Any) -> None:
     assert any(marker.encode() in p.data for p in plain)
     # The Web UI's activity summary (decoded, as the codec server shows it) names the program only.
     summaries = [
-        e.activity_task_scheduled_event_attributes.activity_type.name and e.user_metadata.summary
+        e.user_metadata.summary
         for e in raw.events
-        if e.HasField("activity_task_scheduled_event_attributes")
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "exec_in_box"
+        if e.activity_task_scheduled_event_attributes.activity_type.name == "exec_in_box"
     ]
     assert len(summaries) == 1
     (shown,) = await codec.decode(summaries)
