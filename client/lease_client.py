@@ -51,8 +51,15 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy
 
 from sandbox import errors
-from sandbox.capabilities import NegotiationContext, RuntimeDesktop, SessionCapabilities, negotiate_capabilities
+from sandbox.capabilities import (
+    CapabilityOverlay,
+    NegotiationContext,
+    RuntimeDesktop,
+    SessionCapabilities,
+    negotiate_capabilities,
+)
 from sandbox.failures import call_workflow
+from sandbox.selfhosted_capabilities import agent_report_overlays
 from sandbox.settings import Settings
 from workflows.lease import LeaseWorkflow
 from workflows.models.lease import (
@@ -443,9 +450,14 @@ class LeaseClient:
         Negotiated from the lease's backend, OS, liveness and epoch and this client's settings
         (desktop/terminal/computer-use toggles, whether a stream-token secret is configured).
         ``runtime_desktop`` is what the worker can run beyond the backend's descriptor (see
-        :func:`activities.planes.runtime_desktop`; the local backend's desktop).
+        :func:`activities.planes.runtime_desktop`; the local backend's desktop). A ``selfhosted``
+        lease's machine is pinged: what its agent reports (whether it answers, its display, its
+        owner's consents) refines the document
+        (:func:`sandbox.selfhosted_capabilities.agent_report_overlays`), so an offline machine's
+        cells are all ``agent_offline``.
         """
         view = await self.describe(workspace_id, group_id)
+        overlays = await self._agent_report_overlays(view) if view.backend == "selfhosted" else []
         context = NegotiationContext(
             session_id=view.lease_id,
             backend=view.backend,
@@ -462,7 +474,24 @@ class LeaseClient:
             ),
             runtime_desktop=runtime_desktop,
         )
-        return negotiate_capabilities(context)
+        return negotiate_capabilities(context, overlays=overlays)
+
+    async def _agent_report_overlays(self, view: LeaseView) -> list[CapabilityOverlay]:
+        """Ping the agent of a selfhosted lease once; the overlays of what it reported (offline: no answer)."""
+        from providers.selfhosted import NatsControlRpc, probe_agent
+
+        state = view.envelope.state if view.envelope is not None else {}
+        agent_id = state.get("agentId") or view.agent_id or self.settings.selfhosted_agent_id
+        if not isinstance(agent_id, str) or not agent_id:
+            return agent_report_overlays(False, None)  # no machine to ask: nothing is known to be there
+        rpc = NatsControlRpc.for_settings(self.settings)
+        try:
+            probe = await probe_agent(
+                rpc, view.workspace_id, agent_id, timeout=self.settings.selfhosted_probe_timeout_seconds
+            )
+        finally:
+            await rpc.close()
+        return agent_report_overlays(probe.responded, probe.reply)
 
     async def drain(
         self, workspace_id: str, group_id: str, *, reason: str = "operator", wait: bool = False

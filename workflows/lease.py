@@ -1304,6 +1304,7 @@ class LeaseWorkflow:
             restore_status=s.restore_status,
             rotation_due_at=s.rotation_due_at,
             backend_profile=s.backend_profile,
+            agent_id=self.spec.agent_id,
         )
 
 

@@ -395,3 +395,5 @@ class LeaseView(BaseModel):
     restore_status: str | None = None
     rotation_due_at: datetime | None = None
     backend_profile: BackendProfile | None = None
+    agent_id: str | None = None
+    """For ``selfhosted``: the agent of the machine the lease runs on (as its spec names it)."""
