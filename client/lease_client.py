@@ -199,7 +199,7 @@ def validate_cmd(cmd: object) -> None:
     """Refuse a command that is not a non-empty argv: a list of strings whose first one names a program."""
     if isinstance(cmd, str | bytes):
         raise errors.InvalidRequest(
-            f"cmd must be a list of strings (argv), e.g. ['sh', '-c', {cmd!r}], not a {type(cmd).__name__}"
+            f"cmd must be a list of strings (argv), e.g. ['sh', '-c', {cmd!r:.80}], not a {type(cmd).__name__}"
         )
     if not isinstance(cmd, list | tuple) or not all(isinstance(arg, str) for arg in cmd):
         raise errors.InvalidRequest(f"cmd must be a list of strings (argv), e.g. ['echo', 'hi'], not {cmd!r}")
