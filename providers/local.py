@@ -2086,7 +2086,6 @@ class LocalBoxSession:
         Raises:
             InvalidRequest: the directory resolves outside ``inside`` (or has too many symlinks).
             PathNotFound: it does not exist or is not a directory.
-            BoxNotFound: the box is gone.
         """
 
         def absolute_target(target: str) -> list[str]:
@@ -2106,9 +2105,9 @@ class LocalBoxSession:
             raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd) from None
         try:
             os.close(open_directory(host, parts, create=False))
-        except BaseUnavailable:
-            raise BoxNotFound(f"local box {self.instance_id} is gone") from None
-        except OSError:  # missing, not a directory, or a symlink swapped in since the walk
+        except (BaseUnavailable, OSError):
+            # Missing (the root itself too: the box is there, its directory is not), not a
+            # directory, or a symlink swapped in since the walk.
             raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd) from None
         return os.path.join(host, *parts)
 
