@@ -23,13 +23,20 @@ from typing import Any, TypeVar
 
 import typer
 
-from cli.exits import load_settings, run
+from cli.exits import EXIT_TRUNCATED, load_settings, run
 from cli.lease import DataDir, Json
 from cli.output import emit, fail, progress
 from client.box_access import BoxAccess
 from client.connection import connect_leases
 from sandbox.channel_a import ChannelA
-from sandbox.channel_a.models import FsMutationResult, FsNode, GitDiffFile, GitShowFileResult
+from sandbox.channel_a.models import (
+    FS_READ_DEFAULT_BYTES,
+    FS_READ_MAX_BYTES,
+    FsMutationResult,
+    FsNode,
+    GitDiffFile,
+    GitShowFileResult,
+)
 
 T = TypeVar("T")
 
@@ -117,20 +124,38 @@ def fs_cat(
     workspace: str = Workspace,
     group: str = Group,
     path: str = typer.Argument(..., help="File relative to the workspace."),
-    max_bytes: int = typer.Option(5 * 1024 * 1024, "--max-bytes", help="Read at most this many bytes."),
+    max_bytes: int | None = typer.Option(
+        None,
+        "--max-bytes",
+        help="Read at most this many bytes and exit 0 when the file is longer (default: 5 MiB, and a "
+        "longer file exits 4 after printing its first 5 MiB).",
+    ),
     data_dir: Path | None = DataDir,
     json_out: bool = Json,
 ) -> None:
-    """Print a file of the workspace (raw bytes; ``--json`` for the read document)."""
-    result = _with_channel(workspace, group, data_dir, lambda ca: ca.fs_read(path, max_bytes=max_bytes), quiet=True)
+    """Print a file of the workspace (raw bytes; ``--json`` for the read document).
+
+    A file longer than the limit is cut: its start is printed and a note on stderr says so. Cut by
+    the default limit, the command exits 4 (the output is not the whole file); cut by a
+    ``--max-bytes`` you gave, it exits 0 (you asked for a prefix).
+    """
+    limit = FS_READ_DEFAULT_BYTES if max_bytes is None else max_bytes
+    result = _with_channel(workspace, group, data_dir, lambda ca: ca.fs_read(path, max_bytes=limit), quiet=True)
     if json_out:
         emit(result, True)
-        return
-    data = base64.b64decode(result.content) if result.encoding == "base64" else result.content.encode("utf-8")
-    sys.stdout.buffer.write(data)
-    sys.stdout.flush()
+    else:
+        data = base64.b64decode(result.content) if result.encoding == "base64" else result.content.encode("utf-8")
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     if result.truncated:
-        print(f"\n(truncated: {result.size_bytes} bytes in the file)", file=sys.stderr)
+        asked = max_bytes is not None
+        hint = "" if asked else f"; pass --max-bytes N (up to {FS_READ_MAX_BYTES}) to read more or to accept a prefix"
+        print(
+            f"\n(truncated: printed the first {limit} of {result.size_bytes} bytes{hint})",
+            file=sys.stderr,
+        )
+        if not asked:
+            raise typer.Exit(code=EXIT_TRUNCATED)
 
 
 @fs_app.command("put")

@@ -6,7 +6,9 @@ first). The client raises typed errors; this module is the one place that maps t
 
 - ``1``: the settings cannot be loaded (malformed ``SANDBOX_*`` values);
 - ``2`` (:data:`EXIT_REFUSED`): the runtime refused or failed the request (``ErrorType: message``);
-- ``3`` (:data:`EXIT_UNREACHABLE`): Temporal does not answer (with a hint to start the stack).
+- ``3`` (:data:`EXIT_UNREACHABLE`): Temporal does not answer (with a hint to start the stack);
+- ``4`` (:data:`EXIT_TRUNCATED`): the output is incomplete because a default limit cut it
+  (``fs cat`` of a file over 5 MiB without ``--max-bytes``); what was printed is the file's start.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from store.database import Database
 __all__ = [
     "EXIT_BAD_SETTINGS",
     "EXIT_REFUSED",
+    "EXIT_TRUNCATED",
     "EXIT_UNREACHABLE",
     "load_settings",
     "refuse",
@@ -43,6 +46,7 @@ T = TypeVar("T")
 EXIT_BAD_SETTINGS = 1
 EXIT_REFUSED = 2
 EXIT_UNREACHABLE = 3
+EXIT_TRUNCATED = 4
 
 
 def load_settings(data_dir: Path | None) -> Settings:

@@ -563,5 +563,5 @@ def _default_data_dir() -> Path:
     # Where other commands look when given no data dir: $SANDBOX_DATA_DIR, else ./.sandbox.
     try:
         return Settings().data_dir.resolve()
-    except ValidationError:
+    except (ValidationError, SandboxConfigError):
         return Path(".sandbox").resolve()

@@ -35,13 +35,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -50,13 +51,21 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy
 
 from sandbox import errors
-from sandbox.capabilities import NegotiationContext, RuntimeDesktop, SessionCapabilities, negotiate_capabilities
+from sandbox.capabilities import (
+    CapabilityOverlay,
+    NegotiationContext,
+    RuntimeDesktop,
+    SessionCapabilities,
+    negotiate_capabilities,
+)
 from sandbox.failures import call_workflow
+from sandbox.selfhosted_capabilities import agent_report_overlays
 from sandbox.settings import Settings
 from workflows.lease import LeaseWorkflow
 from workflows.models.lease import (
     HOLDER_KINDS,
     ID_PATTERN,
+    MAX_EXEC_TIMEOUT_SECONDS,
     MAX_ID_LENGTH,
     AcquireRequest,
     AttachViewerRequest,
@@ -83,6 +92,7 @@ from workflows.models.lease import (
 
 log = logging.getLogger("sandbox.client")
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 HEARTBEAT_INTERVAL_SECONDS = {
     "turn": 10.0,
@@ -94,8 +104,13 @@ HEARTBEAT_INTERVAL_SECONDS = {
 
 
 def timers_from_settings(settings: Settings) -> LeaseTimers:
-    """The lease timers configured by ``SANDBOX_*`` settings."""
-    return LeaseTimers(
+    """The lease timers configured by ``SANDBOX_*`` settings, checked against their bounds.
+
+    Raises:
+        SandboxConfigError: a timer is out of its bounds (names the ``SANDBOX_*`` variable), or the
+            timers contradict each other (:meth:`Settings.check`).
+    """
+    timers = LeaseTimers(
         holder_ttl_seconds=settings.holder_ttl_seconds,
         warming_ttl_seconds=settings.warming_ttl_seconds,
         idle_grace_seconds=settings.idle_grace_seconds,
@@ -110,11 +125,23 @@ def timers_from_settings(settings: Settings) -> LeaseTimers:
         continue_as_new_after_transitions=settings.continue_as_new_after_transitions,
         continue_as_new_after_updates=settings.continue_as_new_after_updates,
     )
+    # Settings built with model_copy skip the settings model's own bounds: refuse them here too.
+    violations = timers.violations()
+    if violations:
+        raise errors.SandboxConfigError(
+            "; ".join(
+                f"SANDBOX_{name.upper()} must be {rule}, not {getattr(timers, name)!r}" for name, rule in violations
+            )
+        )
+    settings.check()
+    return timers
 
 
 def validate_lease_ids(workspace_id: str, group_id: str) -> None:
     """Reject empty, oversized or oddly shaped ids before anything is sent."""
     for name, value in (("workspace id", workspace_id), ("group id", group_id)):
+        if not isinstance(value, str):
+            raise errors.InvalidRequest(f"{name} must be a string, not {type(value).__name__} {value!r}")
         if not value:
             raise errors.InvalidRequest(f"{name} must not be empty")
         if len(value) > MAX_ID_LENGTH:
@@ -126,7 +153,7 @@ def validate_lease_ids(workspace_id: str, group_id: str) -> None:
 
 
 def _validate_kind(kind: str) -> None:
-    if kind not in HOLDER_KINDS:
+    if not isinstance(kind, str) or kind not in HOLDER_KINDS:
         raise errors.InvalidRequest(f"unknown holder kind {kind!r}; use one of {', '.join(HOLDER_KINDS)}")
 
 
@@ -136,6 +163,63 @@ def _validate_backend(backend: str) -> None:
     descriptor = select_backend(backend)  # raises UnknownBackend
     if descriptor.tier == "none":
         raise errors.InvalidRequest(f"backend {backend!r} has no box to lease; use a real backend such as 'local'")
+
+
+def validate_epoch(field: str, value: object, *, optional: bool = False) -> None:
+    """Refuse an epoch that is not a non-negative int (a string, a bool, a float, a negative number).
+
+    Epochs are counters the lease hands out (0, 1, 2, ...); anything else cannot be one the lease
+    issued, so it is malformed input, not a stale epoch.
+    """
+    if value is None and optional:
+        return
+    if type(value) is not int:
+        raise errors.InvalidRequest(
+            f"{field} must be an int (the epoch of a grant), not {type(value).__name__} {value!r}"
+        )
+    if value < 0:
+        raise errors.InvalidRequest(f"{field} must be >= 0 (epochs count up from 0), not {value}")
+
+
+def validate_timeout(field: str, value: object, *, limit: float = MAX_EXEC_TIMEOUT_SECONDS) -> None:
+    """Refuse a timeout that is not a finite number of seconds in ``(0, limit]`` (None: the default).
+
+    Checked here because JSON has no NaN or infinity: such a value would reach the lease as null,
+    that is as "use the default timeout", instead of being refused.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise errors.InvalidRequest(f"{field} must be a number of seconds, not {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or not 0 < value <= limit:
+        raise errors.InvalidRequest(f"{field} must be a finite number of seconds in (0, {limit:g}], not {value!r}")
+
+
+def validate_cmd(cmd: object) -> None:
+    """Refuse a command that is not a non-empty argv: a list of strings whose first one names a program."""
+    if isinstance(cmd, str | bytes):
+        raise errors.InvalidRequest(
+            f"cmd must be a list of strings (argv), e.g. ['sh', '-c', {cmd!r:.80}], not a {type(cmd).__name__}"
+        )
+    if not isinstance(cmd, list | tuple) or not all(isinstance(arg, str) for arg in cmd):
+        raise errors.InvalidRequest(f"cmd must be a list of strings (argv), e.g. ['echo', 'hi'], not {cmd!r}")
+    if not cmd or not cmd[0]:
+        raise errors.InvalidRequest("cmd must name a program first, e.g. ['echo', 'hi']")
+
+
+def build_request(model: type[M], **fields: Any) -> M:
+    """``model`` from ``fields`` in strict mode: a value of the wrong type is an ``InvalidRequest`` naming its field.
+
+    Strict, so that nothing is coerced on the way (``"1"`` is no int, ``1`` is no str).
+    """
+    try:
+        return model.model_validate(fields, strict=True)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or model.__name__}: {err['msg']} (got {err['input']!r:.80})"
+            for err in exc.errors()
+        )
+        raise errors.InvalidRequest(f"invalid {model.__name__}: {problems}") from None
 
 
 PLANE_PORTS = {"desktop": 6080, "terminal": 7681}
@@ -168,6 +252,8 @@ class LeaseClient:
     def __init__(self, client: Client, settings: Settings | None = None) -> None:
         self.client = client
         self.settings = settings or Settings()
+        # The client path checks its settings as the worker's boot does: a lease started with a
+        # negative holder TTL would drop every holder at once.
         self.timers = timers_from_settings(self.settings)
 
     def handle(self, workspace_id: str, group_id: str) -> WorkflowHandle[LeaseWorkflow, LeaseView]:
@@ -195,6 +281,7 @@ class LeaseClient:
         """Hold the lease of a sandbox group, creating its workflow and box as needed; waits until warm."""
         validate_lease_ids(workspace_id, group_id)
         _validate_kind(kind)
+        validate_epoch("expected_epoch", expected_epoch, optional=True)
         chosen = backend or self.settings.default_backend
         _validate_backend(chosen)
         if chosen == "selfhosted" and not (agent_id or self.settings.selfhosted_agent_id):
@@ -203,7 +290,8 @@ class LeaseClient:
                 "see `sandboxctl machine list`"
             )
         spec = self._spec(workspace_id, group_id, chosen, image, environment, agent_id)
-        req = AcquireRequest(
+        req = build_request(
+            AcquireRequest,
             kind=kind,
             holder_id=holder_id or f"{kind}-{uuid.uuid4()}",
             subject=subject,
@@ -271,8 +359,13 @@ class LeaseClient:
             raise errors.InvalidRequest(f"mode must be 'view' or 'control', not {mode!r}")
         backend = self.settings.default_backend
         spec = self._spec(workspace_id, group_id, backend, None, None)
-        req = AttachViewerRequest(
-            viewer_id=viewer_id or str(uuid.uuid4()), subject=subject, plane=plane, geometry=geometry, mode=mode
+        req = build_request(
+            AttachViewerRequest,
+            viewer_id=viewer_id or str(uuid.uuid4()),
+            subject=subject,
+            plane=plane,
+            geometry=geometry,
+            mode=mode,
         )
         attachment: ViewerAttachment = await self._call(
             lambda: self.client.execute_update_with_start_workflow(
@@ -327,8 +420,9 @@ class LeaseClient:
     ) -> HeartbeatResult:
         """Refresh a holder's TTL; raises ``StaleEpoch`` or ``HolderNotFound`` when fenced."""
         _validate_kind(kind)
+        validate_epoch("epoch", epoch)
         h = self.handle(workspace_id, group_id)
-        req = HeartbeatRequest(kind=kind, holder_id=holder_id, epoch=epoch)
+        req = build_request(HeartbeatRequest, kind=kind, holder_id=holder_id, epoch=epoch)
         result: HeartbeatResult = await self._call(lambda: h.execute_update(LeaseWorkflow.heartbeat, req))
         return result
 
@@ -338,7 +432,7 @@ class LeaseClient:
         """Stop holding; raises ``HolderNotFound`` for a holder the lease does not have."""
         _validate_kind(kind)
         h = self.handle(workspace_id, group_id)
-        ref = HolderRef(kind=kind, holder_id=holder_id)
+        ref = build_request(HolderRef, kind=kind, holder_id=holder_id)
         result: ReleaseResult = await self._call(lambda: h.execute_update(LeaseWorkflow.release, ref))
         return result
 
@@ -356,9 +450,14 @@ class LeaseClient:
         Negotiated from the lease's backend, OS, liveness and epoch and this client's settings
         (desktop/terminal/computer-use toggles, whether a stream-token secret is configured).
         ``runtime_desktop`` is what the worker can run beyond the backend's descriptor (see
-        :func:`activities.planes.runtime_desktop`; the local backend's desktop).
+        :func:`activities.planes.runtime_desktop`; the local backend's desktop). A ``selfhosted``
+        lease's machine is pinged: what its agent reports (whether it answers, its display, its
+        owner's consents) refines the document
+        (:func:`sandbox.selfhosted_capabilities.agent_report_overlays`), so an offline machine's
+        cells are all ``agent_offline``.
         """
         view = await self.describe(workspace_id, group_id)
+        overlays = await self._agent_report_overlays(view) if view.backend == "selfhosted" else []
         context = NegotiationContext(
             session_id=view.lease_id,
             backend=view.backend,
@@ -375,14 +474,31 @@ class LeaseClient:
             ),
             runtime_desktop=runtime_desktop,
         )
-        return negotiate_capabilities(context)
+        return negotiate_capabilities(context, overlays=overlays)
+
+    async def _agent_report_overlays(self, view: LeaseView) -> list[CapabilityOverlay]:
+        """Ping the agent of a selfhosted lease once; the overlays of what it reported (offline: no answer)."""
+        from providers.selfhosted import NatsControlRpc, probe_agent
+
+        state = view.envelope.state if view.envelope is not None else {}
+        agent_id = state.get("agentId") or view.agent_id or self.settings.selfhosted_agent_id
+        if not isinstance(agent_id, str) or not agent_id:
+            return agent_report_overlays(False, None)  # no machine to ask: nothing is known to be there
+        rpc = NatsControlRpc.for_settings(self.settings)
+        try:
+            probe = await probe_agent(
+                rpc, view.workspace_id, agent_id, timeout=self.settings.selfhosted_probe_timeout_seconds
+            )
+        finally:
+            await rpc.close()
+        return agent_report_overlays(probe.responded, probe.reply)
 
     async def drain(
         self, workspace_id: str, group_id: str, *, reason: str = "operator", wait: bool = False
     ) -> LeaseView:
         """Drop every holder and tear the box down; with ``wait`` returns once the lease is cold."""
         h = self.handle(workspace_id, group_id)
-        req = DrainRequest(reason=reason, wait=wait)
+        req = build_request(DrainRequest, reason=reason, wait=wait)
         result: LeaseView = await self._call(lambda: h.execute_update(LeaseWorkflow.drain, req))
         return result
 
@@ -397,23 +513,36 @@ class LeaseClient:
         env: dict[str, str] | None = None,
         epoch: int | None = None,
     ) -> ExecOutcome:
-        """Run a command in the warm box; raises ``LeaseNotWarm`` on a cold lease."""
+        """Run a command in the warm box; raises ``LeaseNotWarm`` on a cold lease.
+
+        Raises:
+            InvalidRequest: ``cmd`` is no non-empty list of strings, ``timeout_seconds`` is not a
+                finite number in (0, 86400], ``epoch`` is not a non-negative int, or another
+                argument has the wrong type (the message names the field).
+        """
+        validate_cmd(cmd)
+        validate_timeout("timeout_seconds", timeout_seconds)
+        validate_epoch("epoch", epoch, optional=True)
         h = self.handle(workspace_id, group_id)
-        req = ExecRequest(cmd=cmd, workdir=workdir, timeout_seconds=timeout_seconds, env=env or {}, epoch=epoch)
+        req = build_request(
+            ExecRequest, cmd=list(cmd), workdir=workdir, timeout_seconds=timeout_seconds, env=env or {}, epoch=epoch
+        )
         result: ExecOutcome = await self._call(lambda: h.execute_update(LeaseWorkflow.exec, req))
         return result
 
     async def report_box_lost(self, workspace_id: str, group_id: str, epoch: int, instance_id: str) -> BoxLostResult:
         """Tell the lease its box looks gone; it confirms with the provider before going cold."""
+        validate_epoch("epoch", epoch)
         h = self.handle(workspace_id, group_id)
-        report = BoxLostReport(epoch=epoch, instance_id=instance_id)
+        report = build_request(BoxLostReport, epoch=epoch, instance_id=instance_id)
         result: BoxLostResult = await self._call(lambda: h.execute_update(LeaseWorkflow.report_box_lost, report))
         return result
 
     async def hold_teardown(self, workspace_id: str, group_id: str, until: datetime, reason: str) -> None:
         """Operator hold: no automatic teardown until ``until``."""
         h = self.handle(workspace_id, group_id)
-        await self._call(lambda: h.signal(LeaseWorkflow.hold, HoldRequest(until=until, reason=reason)))
+        req = build_request(HoldRequest, until=until, reason=reason)
+        await self._call(lambda: h.signal(LeaseWorkflow.hold, req))
 
     async def unhold(self, workspace_id: str, group_id: str) -> None:
         """Lift an operator hold."""

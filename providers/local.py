@@ -92,7 +92,14 @@ from providers.workspace_archive import extract_tar, stream_tar, tree_fingerprin
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
 from sandbox.box_limits import BoxLimits
 from sandbox.channel_a.pty import spawn_on_terminal
-from sandbox.confined_path import BaseUnavailable, PathEscape, SymlinkLoop, open_directory, resolve_components
+from sandbox.confined_path import (
+    BaseUnavailable,
+    PathEscape,
+    SymlinkLoop,
+    open_directory,
+    resolve_components,
+    split_relative,
+)
 from sandbox.egress_policy import EgressPolicy, runtime_endpoints
 from sandbox.errors import (
     BoxNotFound,
@@ -2056,10 +2063,53 @@ class LocalBoxSession:
         if box_wd.startswith("//"):
             box_wd = "/" + box_wd.lstrip("/")
         self._check_alive()
+        for inside, host in self._box_roots():
+            if box_wd == inside or box_wd.startswith(inside + "/"):
+                return box_wd, self._confined_workdir(box_wd, inside, host)
         host_wd = self._host_path(box_wd)
         if host_wd is not None and not os.path.isdir(host_wd):
             raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd)
         return box_wd, host_wd
+
+    def _box_roots(self) -> tuple[tuple[str, str], ...]:
+        """The box directories that live on the host: ``(path in the box, host path)``."""
+        return ((WORKSPACE_ROOT, self._workspace), (BOX_HOME, str(self.home_path)), ("/tmp", str(self.tmp_path)))
+
+    def _confined_workdir(self, box_wd: str, inside: str, host: str) -> str:
+        """The host path of ``box_wd`` (under ``inside``), walked without ever leaving ``host``.
+
+        Symlinks are followed as the box sees them (an absolute target is a box path), with
+        :func:`sandbox.confined_path.resolve_components`: following one on the host side would
+        look at the host's file system, and whether the answer is "missing" would tell the box
+        what exists there. A link leading outside ``inside`` is refused, whatever it points at.
+
+        Raises:
+            InvalidRequest: the directory resolves outside ``inside`` (or has too many symlinks).
+            PathNotFound: it does not exist or is not a directory.
+        """
+
+        def absolute_target(target: str) -> list[str]:
+            normal = posixpath.normpath(target)
+            if normal != inside and not normal.startswith(inside + "/"):
+                raise PathEscape(f"resolves outside {inside} (symlink to {target!r})")
+            return split_relative(normal[len(inside) :])
+
+        try:
+            parts = resolve_components(host, split_relative(box_wd[len(inside) :]), absolute_target=absolute_target)
+        except PathEscape as escape:
+            why = f"resolves outside {inside}" if escape.why == "climbs above the root" else escape.why
+            raise InvalidRequest(f"working directory {box_wd} {why}") from None
+        except SymlinkLoop:
+            raise InvalidRequest(f"working directory {box_wd} has too many levels of symbolic links") from None
+        except OSError:
+            raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd) from None
+        try:
+            os.close(open_directory(host, parts, create=False))
+        except (BaseUnavailable, OSError):
+            # Missing (the root itself too: the box is there, its directory is not), not a
+            # directory, or a symlink swapped in since the walk.
+            raise PathNotFound(f"working directory {box_wd} does not exist in the box", path=box_wd) from None
+        return os.path.join(host, *parts)
 
     async def launch(
         self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], tty_fd: int

@@ -31,12 +31,14 @@ from sandbox.capabilities import (
     SessionCapabilities,
     negotiate_capabilities,
 )
+from sandbox.control_protocol import PingReply
 from sandbox.descriptors import CapabilityUnavailableReason
 from sandbox.errors import InvalidRequest
 from sandbox.liveness import EnrollmentView, SelfhostedLiveness, selfhosted_liveness
 
 __all__ = [
     "SelfhostedNegotiationContext",
+    "agent_report_overlays",
     "negotiate_selfhosted_capabilities",
     "negotiate_selfhosted_capabilities_live",
     "selfhosted_overlay",
@@ -115,6 +117,60 @@ def selfhosted_overlay(liveness: SelfhostedLiveness) -> CapabilityOverlay:
                 )
             return doc.model_copy(update=update)
         return doc
+
+    return overlay
+
+
+def agent_report_overlays(responded: bool, reply: PingReply | None) -> list[CapabilityOverlay]:
+    """The overlays of what one ping of the agent found, for a lease's base document.
+
+    - no answer: :func:`selfhosted_overlay` offline, every cell ``agent_offline``;
+    - an answer without a report (the agent refused the ping): online, but nothing it can do is
+      known, so no display and no screen-control consent;
+    - a report (:class:`~sandbox.control_protocol.PingReply`): its display, then its
+      ``consents`` (an older agent without them allows exec, files and screen view, and screen
+      control when ``screen_control`` says so): a capability its owner did not allow makes the
+      cells that need it ``consent_required`` (files: file system and git; exec: terminal and
+      git; screen view: desktop, recording and computer use; screen control: computer use).
+    """
+    if not responded:
+        return [selfhosted_overlay(SelfhostedLiveness(state="offline", consented=False, has_display=False))]
+    if reply is None:
+        return [selfhosted_overlay(SelfhostedLiveness(state="online", consented=False, has_display=False))]
+    if reply.consents is None:
+        consents = {"exec", "files", "screen_view"} | ({"screen_control"} if reply.screen_control else set())
+    else:
+        consents = set(reply.consents)
+    liveness = SelfhostedLiveness(state="online", consented="screen_control" in consents, has_display=reply.has_display)
+    return [selfhosted_overlay(liveness), _consent_overlay(frozenset(consents))]
+
+
+def _consent_overlay(consents: frozenset[str]) -> CapabilityOverlay:
+    """Cells the owner's consents rule out become ``consent_required`` (reasons given earlier are kept)."""
+    why = Reason.CONSENT_REQUIRED
+
+    def overlay(_ctx: NegotiationContext, doc: SessionCapabilities) -> SessionCapabilities:
+        update: dict[str, Any] = {}
+        if "files" not in consents and doc.file_system.available:
+            update["file_system"] = doc.file_system.model_copy(
+                update={"available": False, "read_only": True, "reason": why}
+            )
+        if "exec" not in consents and doc.terminal.transport is not None:
+            update["terminal"] = doc.terminal.model_copy(
+                update={"transport": None, "url": None, "token": None, "expires_at": None, "reason": why}
+            )
+        if not {"files", "exec"} <= consents and doc.git.available:
+            update["git"] = doc.git.model_copy(update={"available": False, "reason": why})
+        if "screen_view" not in consents:
+            if doc.desktop_stream.transport is not None:
+                update["desktop_stream"] = _desktop_off(doc, why)
+            if doc.recording.available:
+                update["recording"] = doc.recording.model_copy(
+                    update={"available": False, "modes": (), "codecs": (), "reason": why}
+                )
+            if doc.computer_use.available:
+                update["computer_use"] = doc.computer_use.model_copy(update={"available": False, "reason": why})
+        return doc.model_copy(update=update) if update else doc
 
     return overlay
 

@@ -8,9 +8,9 @@ contradictory timer values at boot, as upstream does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandbox.errors import SandboxConfigError
@@ -74,27 +74,28 @@ class Settings(BaseSettings):
     local_box_uid: int = Field(default=61000, ge=1, description="Host uid (and gid) box users map to.")
     local_warm_boxes: int = Field(default=1, ge=0, description="Boxes a worker keeps made ahead (0: none).")
 
-    # Lease timers (seconds)
-    holder_ttl_seconds: float = 90.0
-    warming_ttl_seconds: float = 120.0
-    idle_grace_seconds: float = 900.0
-    probe_timeout_seconds: float = 60.0
-    exec_timeout_seconds: float = 600.0
-    activity_heartbeat_seconds: float = 10.0
-    continue_as_new_after_transitions: int = 500
-    continue_as_new_after_updates: int = 1000
+    # Lease timers (seconds; finite, and > 0 unless 0 means "none"; workflows/models/lease.py
+    # LeaseTimers.violations checks the same bounds on what a lease receives)
+    holder_ttl_seconds: float = Field(default=90.0, gt=0, allow_inf_nan=False)
+    warming_ttl_seconds: float = Field(default=120.0, gt=0, allow_inf_nan=False)
+    idle_grace_seconds: float = Field(default=900.0, ge=0, allow_inf_nan=False)
+    probe_timeout_seconds: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    exec_timeout_seconds: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    activity_heartbeat_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    continue_as_new_after_transitions: int = Field(default=500, ge=10)
+    continue_as_new_after_updates: int = Field(default=1000, ge=1)
 
     # Workspace snapshots and rotation
     snapshots_enabled: bool = True
-    snapshot_interval_seconds: float = 900.0
+    snapshot_interval_seconds: float = Field(default=900.0, ge=0, allow_inf_nan=False)
     native_snapshot_ttl_seconds: int | None = Field(
         default=30 * 24 * 3600,
         description="How long a provider keeps a native workspace snapshot nobody deletes (bounds leaks).",
     )
-    capture_timeout_seconds: float = 600.0
-    teardown_retry_seconds: float = 30.0
-    rotation_lead_seconds: float = 3600.0
-    hard_lifetime_seconds: float | None = None
+    capture_timeout_seconds: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    teardown_retry_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    rotation_lead_seconds: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
+    hard_lifetime_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     # Maintenance schedules (snapshot GC, orphan sweep)
     maintenance_schedules_enabled: bool = True
@@ -175,6 +176,18 @@ class Settings(BaseSettings):
         "unset = <data_dir>/secrets/payload-keys.json, made on first use.",
     )
 
+    def __init__(self, **values: Any) -> None:
+        """Read the settings from ``values`` and the ``SANDBOX_*`` environment.
+
+        Raises:
+            SandboxConfigError: a value is malformed or out of its bounds; the message names each
+                offending ``SANDBOX_*`` variable and what it must be.
+        """
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SandboxConfigError(settings_problems(exc)) from None
+
     def resolved_database_url(self) -> str:
         """The SQLAlchemy async URL: the configured one, or SQLite in the data dir."""
         if self.database_url:
@@ -243,3 +256,14 @@ class Settings(BaseSettings):
                 f"SANDBOX_METRICS_ADDRESS must be host:port (e.g. 127.0.0.1:9464), got {self.metrics_address!r}"
             )
         return self.metrics_address
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """One line naming each ``SANDBOX_*`` variable ``exc`` refused, what it must be and what it got."""
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        got = err.get("input")
+        shown = f" (got {got!r:.60})" if isinstance(got, str | int | float) else ""
+        problems.append(f"SANDBOX_{field.upper()}: {err['msg']}{shown}")
+    return "invalid settings: " + "; ".join(problems)

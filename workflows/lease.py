@@ -92,6 +92,7 @@ with workflow.unsafe.imports_passed_through():
         ScreenshotRequest,
     )
     from workflows.models.lease import (
+        MAX_EXEC_TIMEOUT_SECONDS,
         MAX_HOLDER_ID_LENGTH,
         TRANSITIONS_KEPT,
         AcquireRequest,
@@ -798,6 +799,8 @@ class LeaseWorkflow:
     def _validate_acquire(self, req: AcquireRequest) -> None:
         s = self.s
         _check_holder_id(req.holder_id)
+        _check_epoch("expected_epoch", req.expected_epoch)
+        self._check_timers()
         if s.stop_requested:
             raise failure(errors.LeaseStopping, "the lease is stopping; acquire again after it completes")
         if req.backend is not None and req.backend != self.spec.backend:
@@ -873,6 +876,17 @@ class LeaseWorkflow:
             )
         raise failure(errors.LeaseNotWarm, "the holder was dropped (drain) while waiting; acquire again")
 
+    def _check_timers(self) -> None:
+        """Refuse new holders of a lease started with timers out of bounds (a negative holder TTL, ...)."""
+        violations = self.timers.violations()
+        if violations:
+            problems = "; ".join(f"timers.{name} must be {rule}" for name, rule in violations)
+            raise failure(
+                errors.InvalidRequest,
+                f"lease {self.spec.lease_id} was started with invalid timers ({problems}); "
+                "stop it and acquire again with valid settings",
+            )
+
     def _box_closing(self) -> bool:
         """A drain or rotation is pending: new holders wait for the next box instead of joining this one."""
         return bool(self.s.drain_requested) or self.s.rotation_requested
@@ -930,6 +944,7 @@ class LeaseWorkflow:
     @attach_viewer.validator
     def _validate_attach_viewer(self, req: AttachViewerRequest) -> None:
         _check_holder_id(req.viewer_id)
+        self._check_timers()
         if self.s.stop_requested:
             raise failure(errors.LeaseStopping, "the lease is stopping; attach again after it completes")
         enabled = self.spec.desktop_enabled if req.plane == "desktop" else self.spec.terminal_enabled
@@ -956,6 +971,7 @@ class LeaseWorkflow:
     @heartbeat.validator
     def _validate_heartbeat(self, req: HeartbeatRequest) -> None:
         _check_holder_id(req.holder_id)
+        _check_epoch("epoch", req.epoch)
         if req.epoch != self.s.epoch:
             raise failure(
                 errors.StaleEpoch,
@@ -1052,8 +1068,9 @@ class LeaseWorkflow:
         s = self.s
         if not req.cmd or not req.cmd[0]:
             raise failure(errors.InvalidRequest, "exec needs a command, e.g. ['echo', 'hi']")
-        if req.timeout_seconds is not None and not 0 < req.timeout_seconds <= 24 * 3600:
-            raise failure(errors.InvalidRequest, "timeout_seconds must be between 0 and 86400")
+        if req.timeout_seconds is not None and not 0 < req.timeout_seconds <= MAX_EXEC_TIMEOUT_SECONDS:
+            raise failure(errors.InvalidRequest, f"timeout_seconds must be between 0 and {MAX_EXEC_TIMEOUT_SECONDS}")
+        _check_epoch("epoch", req.epoch)
         if req.epoch is not None and req.epoch != s.epoch:
             raise failure(errors.StaleEpoch, f"exec for epoch {req.epoch} but the lease is at epoch {s.epoch}")
         if s.liveness != "warm" or s.envelope is None or self._tearing_down:
@@ -1086,6 +1103,7 @@ class LeaseWorkflow:
     @report_box_lost.validator
     def _validate_box_lost(self, report: BoxLostReport) -> None:
         s = self.s
+        _check_epoch("epoch", report.epoch)
         if report.epoch != s.epoch:
             raise failure(errors.StaleEpoch, f"report for epoch {report.epoch}; the lease is at epoch {s.epoch}")
         if s.envelope is None or s.liveness not in ("warm", "draining"):
@@ -1108,6 +1126,7 @@ class LeaseWorkflow:
     @start_recording.validator
     def _validate_start_recording(self, req: RecordingRequest) -> None:
         s = self.s
+        _check_epoch("expected_epoch", req.expected_epoch)
         if s.stop_requested:
             raise failure(errors.LeaseStopping, "the lease is stopping; record after it completes")
         if not self.spec.desktop_enabled:
@@ -1188,6 +1207,7 @@ class LeaseWorkflow:
 
     def _check_computer_use(self, epoch: int | None) -> None:
         s = self.s
+        _check_epoch("epoch", epoch)
         if not self.spec.desktop_enabled:
             raise failure(errors.Unsupported, f"the desktop is disabled for lease {self.spec.lease_id} by its policy")
         if epoch is not None and epoch != s.epoch:
@@ -1286,7 +1306,14 @@ class LeaseWorkflow:
             restore_status=s.restore_status,
             rotation_due_at=s.rotation_due_at,
             backend_profile=s.backend_profile,
+            agent_id=self.spec.agent_id,
         )
+
+
+def _check_epoch(field: str, epoch: int | None) -> None:
+    # Epochs count up from 0: a negative one was never issued, so it is malformed rather than stale.
+    if epoch is not None and epoch < 0:
+        raise failure(errors.InvalidRequest, f"{field} must be >= 0 (epochs count up from 0), not {epoch}")
 
 
 def _check_holder_id(holder_id: str) -> None:

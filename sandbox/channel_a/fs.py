@@ -47,6 +47,8 @@ __all__ = [
     "MKDIR_OK",
     "MOVE_OK",
     "MOVE_STAGE_DEST",
+    "NAME_MAX",
+    "PATH_MAX",
     "READ_OK",
     "WRITE_OK",
     "ListedEntries",
@@ -64,6 +66,11 @@ __all__ = [
     "write_script",
 ]
 
+NAME_MAX: Final = 255
+"""Longest file name (one path component) Linux file systems hold, in bytes (UTF-8)."""
+PATH_MAX: Final = 4096
+"""Longest path the kernel takes, in bytes (a workspace-relative path must leave room for the root)."""
+
 READ_OK: Final = b"__CHANNEL_A_READ_OK__\n"
 WRITE_OK: Final = b"__CHANNEL_A_WRITE_OK__\n"
 DELETE_OK: Final = b"__CHANNEL_A_DELETE_OK__\n"
@@ -79,14 +86,33 @@ def normalise_rel_path(path: str, *, allow_root: bool = False) -> str:
     """Validate a workspace-relative path and drop empty and ``.`` segments.
 
     Raises:
-        ChannelAValidationError: absolute path, ``..`` segment, NUL, or (unless ``allow_root``) a
-            path naming the root itself.
+        ChannelAValidationError: absolute path, ``..`` segment, NUL, a name longer than
+            :data:`NAME_MAX` bytes or a path longer than ``PATH_MAX - NAME_MAX`` bytes, or (unless
+            ``allow_root``) a path naming the root itself.
     """
     safe = assert_safe_rel_path_or_root(path) if allow_root else assert_safe_rel_path(path)
     parts = [part for part in safe.split("/") if part not in ("", ".")]
     if not parts and not allow_root:
         raise ChannelAValidationError(f"path must name something below the workspace root: {path!r}", path=path)
-    return "/".join(parts)
+    # Refused here, before anything runs: in the box an overlong name fails part way through a
+    # script (ENAMETOOLONG), where it would read as a partial mutation or a missing file.
+    for part in parts:
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > NAME_MAX:
+            raise ChannelAValidationError(
+                f"the name {part[:24]!r}... is {size} bytes long; a file name may be at most {NAME_MAX} bytes "
+                "(NAME_MAX): use a shorter name",
+                path=path,
+            )
+    joined = "/".join(parts)
+    size = len(joined.encode("utf-8", "surrogateescape"))
+    if size > PATH_MAX - NAME_MAX:
+        raise ChannelAValidationError(
+            f"the path is {size} bytes long; a workspace path may be at most {PATH_MAX - NAME_MAX} bytes "
+            f"(PATH_MAX {PATH_MAX}, less room for the workspace root)",
+            path=path,
+        )
+    return joined
 
 
 def _fail(mark: str, reason: str, code: int) -> str:

@@ -318,6 +318,35 @@ async def test_the_box_sees_none_of_the_host(make_provider: ProviderFactory) -> 
     assert int((await sh(box, "ls -d /proc/[0-9]* | wc -l")).stdout) < 10
 
 
+async def test_a_workdir_symlink_does_not_tell_what_exists_on_the_host(make_provider: ProviderFactory) -> None:
+    from sandbox.errors import InvalidRequest, PathNotFound
+
+    provider = await make_provider()
+    box = await new_box(provider)
+    there, not_there = provider.root, provider.root / "no-such-dir"  # on the host; the box sees neither
+    assert there.is_dir() and not not_there.exists()
+    # Code in the box plants the links (its own files); the worker must not follow them on the host.
+    planted = f"mkdir sub && ln -s {there} to-there && ln -s {not_there} to-not-there && ln -s ../.. climbs"
+    planted += " && ln -s /workspace/sub inside-abs && ln -s sub inside-rel && ln -s /etc to-box-etc"
+    assert (await sh(box, planted)).exit_code == 0
+    answers = set()
+    for link, target in (("to-there", there), ("to-not-there", not_there), ("climbs", None), ("to-box-etc", None)):
+        with pytest.raises(InvalidRequest, match="resolves outside /workspace") as info:
+            await box.exec(["true"], workdir=link)
+        if target is not None:
+            # The message quotes the link and its target, both the box's own: take them out to compare.
+            answers.add(info.value.message.replace(str(target), "TARGET").replace(link, "LINK"))
+    assert len(answers) == 1, answers  # the same answer whether or not the host path exists
+    with pytest.raises(PathNotFound):
+        await box.exec(["true"], workdir="sub/missing")
+    # Positive control: links that stay in the workspace work, as does a plain directory.
+    for workdir in ("inside-abs", "inside-rel", "sub", "/workspace/sub"):
+        out = await box.exec(["sh", "-c", f"echo x > made-in-{workdir.replace('/', '_')}"], workdir=workdir)
+        assert out.exit_code == 0, (workdir, out.stderr)
+    made = sorted(p.name for p in (box.workspace_path / "sub").iterdir())
+    assert made == ["made-in-_workspace_sub", "made-in-inside-abs", "made-in-inside-rel", "made-in-sub"]
+
+
 async def test_the_box_cannot_write_outside_its_own_directories(box: LocalBoxSession) -> None:
     for path in ("/usr/x", "/etc/x", "/x", "/opt/sandbox/x", "/run/sandbox/x", "/etc/passwd"):
         assert (await sh(box, f"echo x > {path}")).exit_code != 0, path

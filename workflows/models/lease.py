@@ -7,9 +7,10 @@ so fields with defaults can be added later without breaking running workflows.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, Field
 
@@ -28,6 +29,8 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 """Workspace and group ids: they become part of the workflow id ``lease/<workspace>/<group>``."""
 
 TRANSITIONS_KEPT = 20
+MAX_EXEC_TIMEOUT_SECONDS: Final = 24 * 3600
+"""The longest timeout an ``exec`` may ask for (seconds)."""
 
 
 def lease_workflow_id(workspace_id: str, group_id: str) -> str:
@@ -54,6 +57,42 @@ class LeaseTimers(BaseModel):
     """Overrides the provider's hard lifetime (from its descriptor); None means use the descriptor's."""
     continue_as_new_after_transitions: int = 500
     continue_as_new_after_updates: int = 1000
+
+    def violations(self) -> list[tuple[str, str]]:
+        """The timers out of their bounds, as ``(field, rule)`` pairs; empty when all are valid.
+
+        The bounds are checked here rather than declared on the fields: a timer out of bounds in a
+        workflow's input must be refused by an update validator (a typed error), not fail the
+        decoding of every workflow task. ``0`` is allowed where it means "none" (idle grace,
+        snapshot interval, rotation lead).
+        """
+        found: list[tuple[str, str]] = []
+        for name, rule in _TIMER_RULES.items():
+            value = getattr(self, name)
+            if value is None and name == "hard_lifetime_seconds":
+                continue
+            low, strict = rule
+            if isinstance(value, bool) or not math.isfinite(value) or value < low or (strict and value == low):
+                found.append((name, f"a finite number {'>' if strict else '>='} {low:g}"))
+        return found
+
+
+_TIMER_RULES: Final[dict[str, tuple[float, bool]]] = {
+    # field: (lower bound, whether the bound itself is excluded)
+    "holder_ttl_seconds": (0, True),
+    "warming_ttl_seconds": (0, True),
+    "idle_grace_seconds": (0, False),
+    "probe_timeout_seconds": (0, True),
+    "exec_timeout_seconds": (0, True),
+    "activity_heartbeat_seconds": (0, True),
+    "snapshot_interval_seconds": (0, False),
+    "capture_timeout_seconds": (0, True),
+    "teardown_retry_seconds": (0, True),
+    "rotation_lead_seconds": (0, False),
+    "hard_lifetime_seconds": (0, True),
+    "continue_as_new_after_transitions": (1, False),
+    "continue_as_new_after_updates": (1, False),
+}
 
 
 class LeaseSpec(BaseModel):
@@ -356,3 +395,5 @@ class LeaseView(BaseModel):
     restore_status: str | None = None
     rotation_due_at: datetime | None = None
     backend_profile: BackendProfile | None = None
+    agent_id: str | None = None
+    """For ``selfhosted``: the agent of the machine the lease runs on (as its spec names it)."""

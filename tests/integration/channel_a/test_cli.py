@@ -171,3 +171,34 @@ def test_commands_are_registered() -> None:
     assert all(cmd in result.stdout for cmd in ("status", "diff", "log", "show"))
     assert CliRunner().invoke(cli_main.app, ["pty", "--help"]).exit_code == 0
     assert Path(cli_main.__file__).name == "main.py"
+
+
+async def test_fs_cat_cut_by_the_default_limit_exits_4_and_by_max_bytes_exits_0(runtime: Any, cli_env: None) -> None:
+    from cli.exits import EXIT_TRUNCATED
+    from sandbox.channel_a.models import FS_READ_DEFAULT_BYTES
+
+    ws, group = f"ws-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:6]}"
+    try:
+        big = b"x" * (FS_READ_DEFAULT_BYTES + 3)
+        code, out, err = await sandboxctl("fs", "put", ws, group, "big.txt", stdin=big)
+        assert code == 0, err
+
+        # Not the whole file, and the user did not ask for less: the exit code says so.
+        code, out, err = await sandboxctl("fs", "cat", ws, group, "big.txt")
+        assert code == EXIT_TRUNCATED != 0
+        assert len(out) == FS_READ_DEFAULT_BYTES
+        assert f"printed the first {FS_READ_DEFAULT_BYTES} of {len(big)} bytes" in err and "--max-bytes" in err
+        code, out, err = await sandboxctl("fs", "cat", ws, group, "big.txt", "--json")
+        assert code == EXIT_TRUNCATED and json.loads(out)["truncated"] is True
+
+        # A prefix asked for is what the user wanted.
+        code, out, err = await sandboxctl("fs", "cat", ws, group, "big.txt", "--max-bytes", "10")
+        assert (code, out) == (0, "x" * 10), err
+        assert "printed the first 10 of" in err
+
+        # Positive control: a file within the default limit prints whole and exits 0.
+        code, out, err = await sandboxctl("fs", "put", ws, group, "small.txt", stdin=b"small\n")
+        code, out, err = await sandboxctl("fs", "cat", ws, group, "small.txt")
+        assert (code, out, err) == (0, "small\n", "")
+    finally:
+        await runtime.leases().drain(ws, group, wait=True)

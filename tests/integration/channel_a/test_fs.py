@@ -247,6 +247,20 @@ async def test_write_through_an_inner_symlink_writes_its_target(ca: ChannelA, bo
     assert (root / "real.txt").read_text() == "new" and (root / "alias.txt").is_symlink()
 
 
+async def test_an_overlong_name_is_refused_naming_the_limit_and_writes_nothing(ca: ChannelA, box: TestBox) -> None:
+    root = ws(box)
+    for name in ("n" * 300, "é" * 128):  # 300 bytes; 256 bytes in UTF-8
+        with pytest.raises(ChannelAValidationError, match=r"at most 255 bytes \(NAME_MAX\)") as info:
+            await ca.fs_write(f"dir/{name}", "x")
+        assert info.value.path == f"dir/{name}"
+        with pytest.raises(ChannelAValidationError, match="NAME_MAX"):
+            await ca.fs_read(name)
+    assert not (root / "dir").exists() and ca.revision == 0
+    # Positive control: the longest name the file system holds is written.
+    written = await ca.fs_write("dir/" + "n" * 255, "x")
+    assert written.size_bytes == 1 and (root / "dir" / ("n" * 255)).read_text() == "x"
+
+
 async def test_delete_files_links_and_directories(ca: ChannelA, box: TestBox) -> None:
     root = ws(box)
     (root / "d/sub").mkdir(parents=True)
