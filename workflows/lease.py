@@ -132,6 +132,23 @@ _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maxim
 _STREAM_URL_ROTATED_PATCH = "stream-url-rotated-event"
 # Histories recorded before the lease told its recordings about a lost box replay without the signals.
 _RECORDING_BOX_LOST_PATCH = "recording-box-lost-signal"
+# Histories recorded before a failed discard after a failed warming was survived (and its typed
+# cause reached the acquirer) replay as they ran: the discard's failure failed the workflow.
+_WARMING_FAILURE_KEEPS_LEASE_PATCH = "warming-failure-keeps-lease"
+
+# Histories recorded before an offline agent ended a warming at once replay with the retried provision.
+_OFFLINE_AGENT_FAILS_WARMING_PATCH = "offline-agent-fails-warming"
+
+_WARMING_CAUSES_FORWARDED: Final = frozenset(
+    {
+        errors.SandboxConfigError.error_type,
+        errors.ProviderAuthError.error_type,
+        errors.Unsupported.error_type,
+        errors.AgentOffline.error_type,
+    }
+)
+"""Why a warming failed, passed to the acquirer as its own type: what the caller (or the worker's
+operator) must fix or wait for, which a retried warm-up would only meet again."""
 
 LIVENESS_EDGES: Final[Mapping[Liveness, frozenset[Liveness]]] = {
     "cold": frozenset({"warming"}),
@@ -173,6 +190,8 @@ class LeaseWorkflow:
         self._session_events: list[dict[str, Any]] = []
         self._publishing_events = False
         self._notifying: set[asyncio.Task[None]] = set()
+        # The typed cause of the last failed warming of this run (what its waiting acquirers are told).
+        self._warming_cause: ApplicationError | None = None
 
     # ------------------------------------------------------------------ main loop
 
@@ -279,6 +298,13 @@ class LeaseWorkflow:
         self._transition("warming", "acquire on a cold lease")
         key = f"{self.spec.lease_id}/epoch-{s.epoch}"
         t = self.timers
+        # An agent that does not answer is known at once (no responders): its acquirers hear so now,
+        # instead of after the warming TTL of retries. The machine is never replaced by another box.
+        offline_is_final = (
+            [errors.AgentOffline.error_type]
+            if self.spec.backend == "selfhosted" and workflow.patched(_OFFLINE_AGENT_FAILS_WARMING_PATCH)
+            else None
+        )
         try:
             # Holders keep arriving (and may drop out) while the box comes up; their TTL starts at warm.
             result = await workflow.execute_activity(
@@ -303,21 +329,34 @@ class LeaseWorkflow:
                 schedule_to_close_timeout=timedelta(seconds=t.warming_ttl_seconds),
                 heartbeat_timeout=timedelta(seconds=t.activity_heartbeat_seconds),
                 retry_policy=RetryPolicy(
-                    initial_interval=timedelta(milliseconds=250), maximum_interval=timedelta(seconds=5)
+                    initial_interval=timedelta(milliseconds=250),
+                    maximum_interval=timedelta(seconds=5),
+                    non_retryable_error_types=offline_is_final,
                 ),
                 summary=f"provision {self.spec.backend} box",
             )
         except ActivityError as err:
             message = _cause_message(err)
-            # Whatever the provider made for this attempt must not outlive it.
-            await workflow.execute_activity(
-                ActivityName.DISCARD_LEASE_BOXES,
-                DiscardInput(backend=self.spec.backend, lease_id=self.spec.lease_id),
-                result_type=DiscardResult,
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=_RETRY_FOREVER,
-                summary="discard boxes of failed warming",
-            )
+            survives = workflow.patched(_WARMING_FAILURE_KEEPS_LEASE_PATCH)
+            self._warming_cause = _cause_application_error(err) if survives else None
+            try:
+                # Whatever the provider made for this attempt must not outlive it.
+                await workflow.execute_activity(
+                    ActivityName.DISCARD_LEASE_BOXES,
+                    DiscardInput(backend=self.spec.backend, lease_id=self.spec.lease_id),
+                    result_type=DiscardResult,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=_RETRY_FOREVER,
+                    summary="discard boxes of failed warming",
+                )
+            except ActivityError as discard_err:
+                if not survives:
+                    raise
+                # Non-retryable (the provider cannot even be built, e.g. a missing setting): the lease
+                # goes cold all the same; a box left behind is the orphan sweep's once the epoch moves on.
+                workflow.logger.warning(
+                    "discarding the boxes of a failed warming failed: %s", _cause_message(discard_err)
+                )
             s.last_error = message
             self._failures += 1
             self._transition("cold", f"warming failed: {message}", bump=True)
@@ -866,12 +905,21 @@ class LeaseWorkflow:
         if s.stop_requested:
             raise failure(errors.LeaseStopping, "the lease was stopped while this acquire waited")
         if self._failures > failures:
-            raise failure(
-                errors.ProvisionFailed,
-                f"could not bring up a {self.spec.backend} box: {s.last_error}; "
-                f"the lease is cold at epoch {s.epoch}, acquire again to retry",
-            )
+            raise self._warming_refusal()
         raise failure(errors.LeaseNotWarm, "the holder was dropped (drain) while waiting; acquire again")
+
+    def _warming_refusal(self) -> ApplicationError:
+        """What an acquirer that waited through a failed warming gets: its cause's type when that says
+        what to fix or wait for (:data:`_WARMING_CAUSES_FORWARDED`), else ``ProvisionFailed``."""
+        s = self.s
+        what = f"could not bring up a {self.spec.backend} box: {s.last_error}; the lease is cold at epoch {s.epoch}"
+        cause = self._warming_cause
+        if cause is not None and cause.type in _WARMING_CAUSES_FORWARDED:
+            then = "acquire again to retry" if not cause.non_retryable else "fix that, then acquire again"
+            return ApplicationError(
+                f"{what}, {then}", *cause.details, type=cause.type, non_retryable=cause.non_retryable
+            )
+        return failure(errors.ProvisionFailed, f"{what}, acquire again to retry")
 
     def _box_closing(self) -> bool:
         """A drain or rotation is pending: new holders wait for the next box instead of joining this one."""
@@ -1297,6 +1345,14 @@ def _check_holder_id(holder_id: str) -> None:
 def _cause_type(err: ActivityError) -> str | None:
     cause = err.cause
     return cause.type if isinstance(cause, ApplicationError) else None
+
+
+def _cause_application_error(err: ActivityError) -> ApplicationError | None:
+    """The innermost ``ApplicationError`` of an activity failure (behind a timeout: its last attempt's)."""
+    cause: BaseException | None = err.cause
+    while cause is not None and not isinstance(cause, ApplicationError):
+        cause = getattr(cause, "cause", None)
+    return cause
 
 
 def _cause_message(err: ActivityError) -> str:

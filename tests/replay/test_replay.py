@@ -68,6 +68,11 @@ REQUIRED = {
     "lease_periodic_capture_box_lost_restore",
     "lease_start_recording",
     "lease_viewer_drain_stream_url_rotated",
+    # A warming that fails on a missing setting (the discard after it fails too) leaves the lease live
+    # and cold (patch warming-failure-keeps-lease); an offline agent ends its warming at once
+    # (patch offline-agent-fails-warming).
+    "lease_unconfigured_backend_stays_cold",
+    "lease_offline_agent_fails_warming",
 }
 
 
