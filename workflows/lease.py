@@ -39,7 +39,8 @@ in-memory state and wake it, except those that run their own activity on the war
 ``report_box_lost``, ``attach_viewer``, ``screenshot``, ``desktop_input``): they count as in-flight
 operations (:meth:`LeaseWorkflow._in_flight`) so the box is never torn down under them. Each
 update's validator sits right under it; a validator raises to reject the update before anything
-is written to history.
+is written to history, and every one first refuses an input over
+:data:`~workflows.models.lease.MAX_UPDATE_INPUT_BYTES` (too big to write, it would fail every task).
 
 Box loss reaches recordings: when the lease loses its box (an ``exec`` or box operation saw
 NotFound, a ``report_box_lost`` was confirmed, a periodic capture saw NotFound), every
@@ -61,6 +62,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
     from sandbox import errors
     from sandbox.box import Envelope
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
@@ -119,6 +122,7 @@ with workflow.unsafe.imports_passed_through():
         Role,
         Transition,
         ViewerAttachment,
+        oversized_update_input,
     )
     from workflows.models.planes import PlaneRequest, TearDownPlanesRequest
     from workflows.models.recording import BoxLostNotice, RecordingRequest, RecordingStarted, recording_workflow_id
@@ -835,6 +839,7 @@ class LeaseWorkflow:
 
     @acquire.validator
     def _validate_acquire(self, req: AcquireRequest) -> None:
+        _check_input_size("acquire", req)
         s = self.s
         _check_holder_id(req.holder_id)
         if s.stop_requested:
@@ -977,6 +982,7 @@ class LeaseWorkflow:
 
     @attach_viewer.validator
     def _validate_attach_viewer(self, req: AttachViewerRequest) -> None:
+        _check_input_size("attach_viewer", req)
         _check_holder_id(req.viewer_id)
         if self.s.stop_requested:
             raise failure(errors.LeaseStopping, "the lease is stopping; attach again after it completes")
@@ -1003,6 +1009,7 @@ class LeaseWorkflow:
 
     @heartbeat.validator
     def _validate_heartbeat(self, req: HeartbeatRequest) -> None:
+        _check_input_size("heartbeat", req)
         _check_holder_id(req.holder_id)
         if req.epoch != self.s.epoch:
             raise failure(
@@ -1029,6 +1036,7 @@ class LeaseWorkflow:
 
     @release.validator
     def _validate_release(self, ref: HolderRef) -> None:
+        _check_input_size("release", ref)
         _check_holder_id(ref.holder_id)
         if self._find(ref.kind, ref.holder_id) is None:
             raise failure(
@@ -1050,6 +1058,10 @@ class LeaseWorkflow:
             # Until the main loop has torn the box down.
             await workflow.wait_condition(lambda: s.liveness == "cold" and not self._tearing_down)
         return self._view()
+
+    @drain.validator
+    def _validate_drain(self, req: DrainRequest) -> None:
+        _check_input_size("drain", req)
 
     @workflow.update
     async def exec(self, req: ExecRequest) -> ExecOutcome:
@@ -1095,6 +1107,7 @@ class LeaseWorkflow:
 
     @exec.validator
     def _validate_exec(self, req: ExecRequest) -> None:
+        _check_input_size("exec", req)
         s = self.s
         if not req.cmd or not req.cmd[0]:
             raise failure(errors.InvalidRequest, "exec needs a command, e.g. ['echo', 'hi']")
@@ -1131,6 +1144,7 @@ class LeaseWorkflow:
 
     @report_box_lost.validator
     def _validate_box_lost(self, report: BoxLostReport) -> None:
+        _check_input_size("report_box_lost", report)
         s = self.s
         if report.epoch != s.epoch:
             raise failure(errors.StaleEpoch, f"report for epoch {report.epoch}; the lease is at epoch {s.epoch}")
@@ -1153,6 +1167,7 @@ class LeaseWorkflow:
 
     @start_recording.validator
     def _validate_start_recording(self, req: RecordingRequest) -> None:
+        _check_input_size("start_recording", req)
         s = self.s
         if s.stop_requested:
             raise failure(errors.LeaseStopping, "the lease is stopping; record after it completes")
@@ -1182,6 +1197,7 @@ class LeaseWorkflow:
 
     @screenshot.validator
     def _validate_screenshot(self, req: ScreenshotRequest) -> None:
+        _check_input_size("screenshot", req)
         self._check_computer_use(req.epoch)
 
     @workflow.update
@@ -1206,6 +1222,7 @@ class LeaseWorkflow:
 
     @desktop_input.validator
     def _validate_desktop_input(self, req: DesktopInputRequest) -> None:
+        _check_input_size("desktop_input", req)
         self._check_computer_use(req.epoch)
 
     async def _desktop_activity(
@@ -1333,6 +1350,13 @@ class LeaseWorkflow:
             rotation_due_at=s.rotation_due_at,
             backend_profile=s.backend_profile,
         )
+
+
+def _check_input_size(what: str, arg: BaseModel) -> None:
+    # Refused before anything is written: a too-big input would fail every workflow task (see MAX_UPDATE_INPUT_BYTES).
+    problem = oversized_update_input(what, arg)
+    if problem is not None:
+        raise failure(errors.InvalidRequest, problem)
 
 
 def _check_holder_id(holder_id: str) -> None:
