@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from cli.exits import EXIT_REFUSED, load_settings, with_leases
 from cli.output import emit, fail, note
-from client.lease_client import LeaseClient
+from client.lease_client import LeaseClient, check_update_input
 from sandbox.errors import InvalidRequest
 from sandbox.failures import call_workflow
 from workflows.models.computer_use import DesktopInputRequest, DesktopInputResult, Screenshot, ScreenshotRequest
@@ -51,6 +51,7 @@ def _update(data_dir: Path | None, workspace: str, group: str, name: str, arg: B
     settings = load_settings(data_dir)
 
     async def action(leases: LeaseClient) -> R:
+        check_update_input(name, arg)  # a refusal exits like the lease's own (before anything is sent)
         handle = leases.handle(workspace, group)
         return await call_workflow(lambda: handle.execute_update(name, arg, result_type=result_type))
 

@@ -19,6 +19,10 @@ maps what the Temporal client raises:
 | ``DEADLINE_EXCEEDED``                                             | not have taken effect                   |
 | any other Temporal error (a failed query, ``UNAVAILABLE``, ...)   | ``SandboxError`` with its message       |
 
+An update input (or lease spec) over :data:`~workflows.models.lease.MAX_UPDATE_INPUT_BYTES` is refused
+here as ``InvalidRequest`` before anything is sent (:func:`check_update_input`); the lease's validators
+refuse it too, so no caller can send what would fail every workflow task.
+
 A ``SandboxError`` raised on this side (validation, the payload codec) passes unchanged; other
 exceptions (programming errors) are not masked. Attributes and retryability arrive as the worker
 sent them (:mod:`sandbox.failures` decodes the ``ApplicationError``'s details).
@@ -88,6 +92,7 @@ from workflows.models.lease import (
     ReleaseResult,
     ViewerAttachment,
     lease_workflow_id,
+    oversized_update_input,
 )
 
 log = logging.getLogger("sandbox.client")
@@ -150,6 +155,18 @@ def validate_lease_ids(workspace_id: str, group_id: str) -> None:
             raise errors.InvalidRequest(
                 f"{name} {value!r} may only contain letters, digits and . _ : - (and must start with a letter or digit)"
             )
+
+
+def check_update_input(what: str, arg: BaseModel) -> None:
+    """Refuse an update input (or lease spec) too big for one workflow task, before it is sent.
+
+    Raises:
+        InvalidRequest: its JSON is over :data:`~workflows.models.lease.MAX_UPDATE_INPUT_BYTES`
+            (the message names the limit); the lease's validator would refuse it too.
+    """
+    problem = oversized_update_input(what, arg)
+    if problem is not None:
+        raise errors.InvalidRequest(problem)
 
 
 def _validate_kind(kind: str) -> None:
@@ -298,6 +315,7 @@ class LeaseClient:
             expected_epoch=expected_epoch,
             backend=backend,
         )
+        check_update_input("acquire", req)
         result: LeaseGrant = await self._call(
             lambda: self.client.execute_update_with_start_workflow(
                 LeaseWorkflow.acquire, req, start_workflow_operation=self._start_operation(spec)
@@ -328,6 +346,8 @@ class LeaseClient:
         )
 
     def _start_operation(self, spec: LeaseSpec) -> WithStartWorkflowOperation[LeaseWorkflow, LeaseView]:
+        # Every activity of the lease's box carries the spec: it must fit in a workflow task as an update does.
+        check_update_input("lease spec (image, environment)", spec)
         # update-with-start: the first call for a group creates its lease workflow, later ones join it.
         return WithStartWorkflowOperation(
             LeaseWorkflow.run,
@@ -367,6 +387,7 @@ class LeaseClient:
             geometry=geometry,
             mode=mode,
         )
+        check_update_input("attach_viewer", req)
         attachment: ViewerAttachment = await self._call(
             lambda: self.client.execute_update_with_start_workflow(
                 LeaseWorkflow.attach_viewer, req, start_workflow_operation=self._start_operation(spec)
@@ -423,6 +444,7 @@ class LeaseClient:
         validate_epoch("epoch", epoch)
         h = self.handle(workspace_id, group_id)
         req = build_request(HeartbeatRequest, kind=kind, holder_id=holder_id, epoch=epoch)
+        check_update_input("heartbeat", req)
         result: HeartbeatResult = await self._call(lambda: h.execute_update(LeaseWorkflow.heartbeat, req))
         return result
 
@@ -433,6 +455,7 @@ class LeaseClient:
         _validate_kind(kind)
         h = self.handle(workspace_id, group_id)
         ref = build_request(HolderRef, kind=kind, holder_id=holder_id)
+        check_update_input("release", ref)
         result: ReleaseResult = await self._call(lambda: h.execute_update(LeaseWorkflow.release, ref))
         return result
 
@@ -499,6 +522,7 @@ class LeaseClient:
         """Drop every holder and tear the box down; with ``wait`` returns once the lease is cold."""
         h = self.handle(workspace_id, group_id)
         req = build_request(DrainRequest, reason=reason, wait=wait)
+        check_update_input("drain", req)
         result: LeaseView = await self._call(lambda: h.execute_update(LeaseWorkflow.drain, req))
         return result
 
@@ -527,6 +551,7 @@ class LeaseClient:
         req = build_request(
             ExecRequest, cmd=list(cmd), workdir=workdir, timeout_seconds=timeout_seconds, env=env or {}, epoch=epoch
         )
+        check_update_input("exec", req)
         result: ExecOutcome = await self._call(lambda: h.execute_update(LeaseWorkflow.exec, req))
         return result
 
@@ -535,6 +560,7 @@ class LeaseClient:
         validate_epoch("epoch", epoch)
         h = self.handle(workspace_id, group_id)
         report = build_request(BoxLostReport, epoch=epoch, instance_id=instance_id)
+        check_update_input("report_box_lost", report)
         result: BoxLostResult = await self._call(lambda: h.execute_update(LeaseWorkflow.report_box_lost, report))
         return result
 

@@ -39,7 +39,8 @@ in-memory state and wake it, except those that run their own activity on the war
 ``report_box_lost``, ``attach_viewer``, ``screenshot``, ``desktop_input``): they count as in-flight
 operations (:meth:`LeaseWorkflow._in_flight`) so the box is never torn down under them. Each
 update's validator sits right under it; a validator raises to reject the update before anything
-is written to history.
+is written to history, and every one first refuses an input over
+:data:`~workflows.models.lease.MAX_UPDATE_INPUT_BYTES` (too big to write, it would fail every task).
 
 Box loss reaches recordings: when the lease loses its box (an ``exec`` or box operation saw
 NotFound, a ``report_box_lost`` was confirmed, a periodic capture saw NotFound), every
@@ -61,6 +62,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
     from sandbox import errors
     from sandbox.box import Envelope
     from store.records import HolderRecord, LeaseEventRecord, LeaseRecord
@@ -120,6 +123,7 @@ with workflow.unsafe.imports_passed_through():
         Role,
         Transition,
         ViewerAttachment,
+        oversized_update_input,
     )
     from workflows.models.planes import PlaneRequest, TearDownPlanesRequest
     from workflows.models.recording import BoxLostNotice, RecordingRequest, RecordingStarted, recording_workflow_id
@@ -133,6 +137,23 @@ _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=200), maxim
 _STREAM_URL_ROTATED_PATCH = "stream-url-rotated-event"
 # Histories recorded before the lease told its recordings about a lost box replay without the signals.
 _RECORDING_BOX_LOST_PATCH = "recording-box-lost-signal"
+# Histories recorded before a failed discard after a failed warming was survived (and its typed
+# cause reached the acquirer) replay as they ran: the discard's failure failed the workflow.
+_WARMING_FAILURE_KEEPS_LEASE_PATCH = "warming-failure-keeps-lease"
+
+# Histories recorded before an offline agent ended a warming at once replay with the retried provision.
+_OFFLINE_AGENT_FAILS_WARMING_PATCH = "offline-agent-fails-warming"
+
+_WARMING_CAUSES_FORWARDED: Final = frozenset(
+    {
+        errors.SandboxConfigError.error_type,
+        errors.ProviderAuthError.error_type,
+        errors.Unsupported.error_type,
+        errors.AgentOffline.error_type,
+    }
+)
+"""Why a warming failed, passed to the acquirer as its own type: what the caller (or the worker's
+operator) must fix or wait for, which a retried warm-up would only meet again."""
 
 LIVENESS_EDGES: Final[Mapping[Liveness, frozenset[Liveness]]] = {
     "cold": frozenset({"warming"}),
@@ -174,6 +195,8 @@ class LeaseWorkflow:
         self._session_events: list[dict[str, Any]] = []
         self._publishing_events = False
         self._notifying: set[asyncio.Task[None]] = set()
+        # The typed cause of the last failed warming of this run (what its waiting acquirers are told).
+        self._warming_cause: ApplicationError | None = None
 
     # ------------------------------------------------------------------ main loop
 
@@ -280,6 +303,13 @@ class LeaseWorkflow:
         self._transition("warming", "acquire on a cold lease")
         key = f"{self.spec.lease_id}/epoch-{s.epoch}"
         t = self.timers
+        # An agent that does not answer is known at once (no responders): its acquirers hear so now,
+        # instead of after the warming TTL of retries. The machine is never replaced by another box.
+        offline_is_final = (
+            [errors.AgentOffline.error_type]
+            if self.spec.backend == "selfhosted" and workflow.patched(_OFFLINE_AGENT_FAILS_WARMING_PATCH)
+            else None
+        )
         try:
             # Holders keep arriving (and may drop out) while the box comes up; their TTL starts at warm.
             result = await workflow.execute_activity(
@@ -304,21 +334,34 @@ class LeaseWorkflow:
                 schedule_to_close_timeout=timedelta(seconds=t.warming_ttl_seconds),
                 heartbeat_timeout=timedelta(seconds=t.activity_heartbeat_seconds),
                 retry_policy=RetryPolicy(
-                    initial_interval=timedelta(milliseconds=250), maximum_interval=timedelta(seconds=5)
+                    initial_interval=timedelta(milliseconds=250),
+                    maximum_interval=timedelta(seconds=5),
+                    non_retryable_error_types=offline_is_final,
                 ),
                 summary=f"provision {self.spec.backend} box",
             )
         except ActivityError as err:
             message = _cause_message(err)
-            # Whatever the provider made for this attempt must not outlive it.
-            await workflow.execute_activity(
-                ActivityName.DISCARD_LEASE_BOXES,
-                DiscardInput(backend=self.spec.backend, lease_id=self.spec.lease_id),
-                result_type=DiscardResult,
-                start_to_close_timeout=timedelta(seconds=60),
-                retry_policy=_RETRY_FOREVER,
-                summary="discard boxes of failed warming",
-            )
+            survives = workflow.patched(_WARMING_FAILURE_KEEPS_LEASE_PATCH)
+            self._warming_cause = _cause_application_error(err) if survives else None
+            try:
+                # Whatever the provider made for this attempt must not outlive it.
+                await workflow.execute_activity(
+                    ActivityName.DISCARD_LEASE_BOXES,
+                    DiscardInput(backend=self.spec.backend, lease_id=self.spec.lease_id),
+                    result_type=DiscardResult,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=_RETRY_FOREVER,
+                    summary="discard boxes of failed warming",
+                )
+            except ActivityError as discard_err:
+                if not survives:
+                    raise
+                # Non-retryable (the provider cannot even be built, e.g. a missing setting): the lease
+                # goes cold all the same; a box left behind is the orphan sweep's once the epoch moves on.
+                workflow.logger.warning(
+                    "discarding the boxes of a failed warming failed: %s", _cause_message(discard_err)
+                )
             s.last_error = message
             self._failures += 1
             self._transition("cold", f"warming failed: {message}", bump=True)
@@ -797,6 +840,7 @@ class LeaseWorkflow:
 
     @acquire.validator
     def _validate_acquire(self, req: AcquireRequest) -> None:
+        _check_input_size("acquire", req)
         s = self.s
         _check_holder_id(req.holder_id)
         _check_epoch("expected_epoch", req.expected_epoch)
@@ -869,11 +913,7 @@ class LeaseWorkflow:
         if s.stop_requested:
             raise failure(errors.LeaseStopping, "the lease was stopped while this acquire waited")
         if self._failures > failures:
-            raise failure(
-                errors.ProvisionFailed,
-                f"could not bring up a {self.spec.backend} box: {s.last_error}; "
-                f"the lease is cold at epoch {s.epoch}, acquire again to retry",
-            )
+            raise self._warming_refusal()
         raise failure(errors.LeaseNotWarm, "the holder was dropped (drain) while waiting; acquire again")
 
     def _check_timers(self) -> None:
@@ -886,6 +926,19 @@ class LeaseWorkflow:
                 f"lease {self.spec.lease_id} was started with invalid timers ({problems}); "
                 "stop it and acquire again with valid settings",
             )
+
+    def _warming_refusal(self) -> ApplicationError:
+        """What an acquirer that waited through a failed warming gets: its cause's type when that says
+        what to fix or wait for (:data:`_WARMING_CAUSES_FORWARDED`), else ``ProvisionFailed``."""
+        s = self.s
+        what = f"could not bring up a {self.spec.backend} box: {s.last_error}; the lease is cold at epoch {s.epoch}"
+        cause = self._warming_cause
+        if cause is not None and cause.type in _WARMING_CAUSES_FORWARDED:
+            then = "acquire again to retry" if not cause.non_retryable else "fix that, then acquire again"
+            return ApplicationError(
+                f"{what}, {then}", *cause.details, type=cause.type, non_retryable=cause.non_retryable
+            )
+        return failure(errors.ProvisionFailed, f"{what}, acquire again to retry")
 
     def _box_closing(self) -> bool:
         """A drain or rotation is pending: new holders wait for the next box instead of joining this one."""
@@ -943,6 +996,7 @@ class LeaseWorkflow:
 
     @attach_viewer.validator
     def _validate_attach_viewer(self, req: AttachViewerRequest) -> None:
+        _check_input_size("attach_viewer", req)
         _check_holder_id(req.viewer_id)
         self._check_timers()
         if self.s.stop_requested:
@@ -970,6 +1024,7 @@ class LeaseWorkflow:
 
     @heartbeat.validator
     def _validate_heartbeat(self, req: HeartbeatRequest) -> None:
+        _check_input_size("heartbeat", req)
         _check_holder_id(req.holder_id)
         _check_epoch("epoch", req.epoch)
         if req.epoch != self.s.epoch:
@@ -997,6 +1052,7 @@ class LeaseWorkflow:
 
     @release.validator
     def _validate_release(self, ref: HolderRef) -> None:
+        _check_input_size("release", ref)
         _check_holder_id(ref.holder_id)
         if self._find(ref.kind, ref.holder_id) is None:
             raise failure(
@@ -1018,6 +1074,10 @@ class LeaseWorkflow:
             # Until the main loop has torn the box down.
             await workflow.wait_condition(lambda: s.liveness == "cold" and not self._tearing_down)
         return self._view()
+
+    @drain.validator
+    def _validate_drain(self, req: DrainRequest) -> None:
+        _check_input_size("drain", req)
 
     @workflow.update(description="Run a command in the warm box as an audited activity.")
     async def exec(self, req: ExecRequest) -> ExecOutcome:
@@ -1065,6 +1125,7 @@ class LeaseWorkflow:
 
     @exec.validator
     def _validate_exec(self, req: ExecRequest) -> None:
+        _check_input_size("exec", req)
         s = self.s
         if not req.cmd or not req.cmd[0]:
             raise failure(errors.InvalidRequest, "exec needs a command, e.g. ['echo', 'hi']")
@@ -1102,6 +1163,7 @@ class LeaseWorkflow:
 
     @report_box_lost.validator
     def _validate_box_lost(self, report: BoxLostReport) -> None:
+        _check_input_size("report_box_lost", report)
         s = self.s
         _check_epoch("epoch", report.epoch)
         if report.epoch != s.epoch:
@@ -1125,6 +1187,7 @@ class LeaseWorkflow:
 
     @start_recording.validator
     def _validate_start_recording(self, req: RecordingRequest) -> None:
+        _check_input_size("start_recording", req)
         s = self.s
         _check_epoch("expected_epoch", req.expected_epoch)
         if s.stop_requested:
@@ -1155,6 +1218,7 @@ class LeaseWorkflow:
 
     @screenshot.validator
     def _validate_screenshot(self, req: ScreenshotRequest) -> None:
+        _check_input_size("screenshot", req)
         self._check_computer_use(req.epoch)
 
     @workflow.update(description="Pointer and keyboard actions on the warm box's desktop, in order.")
@@ -1179,6 +1243,7 @@ class LeaseWorkflow:
 
     @desktop_input.validator
     def _validate_desktop_input(self, req: DesktopInputRequest) -> None:
+        _check_input_size("desktop_input", req)
         self._check_computer_use(req.epoch)
 
     async def _desktop_activity(
@@ -1316,6 +1381,13 @@ def _check_epoch(field: str, epoch: int | None) -> None:
         raise failure(errors.InvalidRequest, f"{field} must be >= 0 (epochs count up from 0), not {epoch}")
 
 
+def _check_input_size(what: str, arg: BaseModel) -> None:
+    # Refused before anything is written: a too-big input would fail every workflow task (see MAX_UPDATE_INPUT_BYTES).
+    problem = oversized_update_input(what, arg)
+    if problem is not None:
+        raise failure(errors.InvalidRequest, problem)
+
+
 def _check_holder_id(holder_id: str) -> None:
     if not holder_id or not holder_id.strip():
         raise failure(errors.InvalidRequest, "holder_id must not be empty")
@@ -1326,6 +1398,14 @@ def _check_holder_id(holder_id: str) -> None:
 def _cause_type(err: ActivityError) -> str | None:
     cause = err.cause
     return cause.type if isinstance(cause, ApplicationError) else None
+
+
+def _cause_application_error(err: ActivityError) -> ApplicationError | None:
+    """The innermost ``ApplicationError`` of an activity failure (behind a timeout: its last attempt's)."""
+    cause: BaseException | None = err.cause
+    while cause is not None and not isinstance(cause, ApplicationError):
+        cause = getattr(cause, "cause", None)
+    return cause
 
 
 def _cause_message(err: ActivityError) -> str:

@@ -218,6 +218,35 @@ async def test_failed_provision_leaves_cold_epoch_plus_one_and_no_box(runtime: A
     await record_history(runtime, ws, g, "provision_failed")
 
 
+async def test_an_unconfigured_backend_fails_the_acquire_and_the_lease_stays_cold(
+    runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker builds the Modal provider from SANDBOX_MODAL_* at the first use: none is set.
+    for name in [k for k in os.environ if k.startswith("SANDBOX_MODAL_")]:
+        monkeypatch.delenv(name)
+    leases = runtime.leases()
+    ws, g = ids()
+    for attempt in (1, 2):  # the second acquire proves the lease outlived the first failure
+        with pytest.raises(errors.SandboxConfigError) as info:
+            await leases.acquire(ws, g, holder_id="t1", backend="modal")
+        assert type(info.value) is errors.SandboxConfigError and not info.value.retryable
+        assert "SANDBOX_MODAL_APP_NAME" in info.value.message
+        assert f"cold at epoch {attempt}" in info.value.message
+        view = await leases.describe(ws, g)
+        assert (view.liveness, view.epoch, view.holders) == ("cold", attempt, [])
+    handle = runtime.client.get_workflow_handle(lease_workflow_id(ws, g))
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    repo = LeaseRepository(runtime.db)
+
+    async def projected_cold_without_holders() -> Any:
+        record = await repo.get(ws, g)
+        return record is not None and (record.liveness, record.epoch, record.holders) == ("cold", 2, [])
+
+    await eventually(projected_cold_without_holders)
+    await record_history(runtime, ws, g, "unconfigured_backend_stays_cold")
+    await leases.stop(ws, g)
+
+
 async def test_search_attributes_follow_transitions(runtime: Any) -> None:
     leases = runtime.leases()
     ws, g = ids()

@@ -76,6 +76,11 @@ REQUIRED = {
     # that never answers: warming runs out its TTL and the lease goes cold with no box anywhere.
     "lease_selfhosted_acquire_exec_drain",
     "lease_selfhosted_offline_warming_expiry",
+    # A warming that fails on a missing setting (the discard after it fails too) leaves the lease live
+    # and cold (patch warming-failure-keeps-lease); an offline agent ends its warming at once
+    # (patch offline-agent-fails-warming).
+    "lease_unconfigured_backend_stays_cold",
+    "lease_offline_agent_fails_warming",
 }
 
 

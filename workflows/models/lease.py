@@ -32,6 +32,38 @@ TRANSITIONS_KEPT = 20
 MAX_EXEC_TIMEOUT_SECONDS: Final = 24 * 3600
 """The longest timeout an ``exec`` may ask for (seconds)."""
 
+MAX_UPDATE_INPUT_BYTES: Final = 512 * 1024
+"""The largest input (its JSON, in bytes) that any update of the lease accepts, and that a client sends.
+
+Temporal writes an accepted update's input into the lease's history, and an ``exec`` writes it
+again as its activity's input in the same workflow task. Past the server's payload limit (2 MiB by
+default) that task fails with PAYLOADS_TOO_LARGE and is retried again and again, so the lease stops
+answering. 512 KiB (Temporal's own warning threshold) keeps every such task well inside the limit;
+bigger data belongs in a file in the box (``sandboxctl fs put``), passed to the command by its path.
+The client refuses a bigger input before sending it and each update's validator refuses it too, as
+an ``InvalidRequest`` that names this limit. The lease spec (image, environment) is bounded alike.
+
+Only the client can refuse an input over the server's payload limit itself: Temporal's rejection of
+an update carries the rejected request, so the worker cannot send even that back (the SDK fails the
+task instead, until the server gives the update up); use the client, or bound such callers likewise.
+"""
+
+
+def oversized_update_input(what: str, arg: BaseModel) -> str | None:
+    """Why ``arg`` (the input of the update ``what``) is refused for its size, or None when it fits.
+
+    The size is that of the JSON the data converter sends (UTF-8), measured the same way on both
+    sides of the boundary, so the client's check and the validator's agree.
+    """
+    size = len(arg.model_dump_json().encode())
+    if size <= MAX_UPDATE_INPUT_BYTES:
+        return None
+    return (
+        f"the {what} input is {size} bytes, over the limit of {MAX_UPDATE_INPUT_BYTES} bytes "
+        f"(MAX_UPDATE_INPUT_BYTES) on what one lease update carries; put large data in a file in the box "
+        "(sandboxctl fs put) and pass its path instead"
+    )
+
 
 def lease_workflow_id(workspace_id: str, group_id: str) -> str:
     """The workflow id of the lease of one sandbox group."""

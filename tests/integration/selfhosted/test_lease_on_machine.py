@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,20 @@ async def test_offline_agent_never_makes_a_box_anywhere(
     temporal_client: Client, nats_url: str, tmp_path: Path, machine_settings: Settings
 ) -> None:
     async with running_runtime(temporal_client, machine_settings) as rt:
-        leases: Any = rt.leases()
-        with pytest.raises(errors.ProvisionFailed) as info:
+        # A long warming TTL: only an acquire told at once (no responders) passes the timing check.
+        leases: Any = rt.leases(warming_ttl_seconds=60.0)
+        started = time.monotonic()
+        with pytest.raises(errors.AgentOffline) as info:
             await leases.acquire("ws-offline", "g1", backend="selfhosted", agent_id="nobody-home", holder_id="t1")
+        assert time.monotonic() - started < 10
         assert "offline" in info.value.message.lower()
+        assert info.value.retryable and info.value.agent_id == "nobody-home"
         view = await leases.describe("ws-offline", "g1")
         assert (view.liveness, view.epoch, view.instance_id) == ("cold", 1, None)
         await record_history(rt, "ws-offline", "g1", "selfhosted_offline_warming_expiry")
         boxes = machine_settings.boxes_dir()
         assert not boxes.exists() or not [p for p in boxes.iterdir() if not p.name.startswith(".")]
+        await record_history(rt, "ws-offline", "g1", "offline_agent_fails_warming")
 
 
 async def test_sandboxctl_pty_is_a_shell_on_the_machine(
