@@ -121,7 +121,7 @@ def fs_cat(
     data_dir: Path | None = DataDir,
     json_out: bool = Json,
 ) -> None:
-    """Print a file of the workspace (raw bytes; ``--json`` for the read document)."""
+    """Print a file of the workspace (raw bytes; --json for the read document)."""
     result = _with_channel(workspace, group, data_dir, lambda ca: ca.fs_read(path, max_bytes=max_bytes), quiet=True)
     if json_out:
         emit(result, True)

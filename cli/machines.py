@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from cli.exits import EXIT_REFUSED, load_settings, refuse, with_store
+from cli.exits import EXIT_FENCED, EXIT_NOT_FOUND, EXIT_REFUSED, load_settings, refuse, with_store
 from cli.output import emit, fail, note
 from sandbox.errors import SandboxError, StaleEpoch
 from sandbox.liveness import SelfhostedLiveness
@@ -267,7 +267,7 @@ def machine_list(
         finally:
             await rpc.close()
 
-    rows = with_store(settings, action)
+    rows = with_store(settings, action, read_only=True)
     if json_out:
         emit(rows, True)
     elif rows:
@@ -298,7 +298,7 @@ def machine_revoke(
 
     revoked = with_store(settings, action)
     if not revoked:
-        fail(f"{workspace}/{agent_id} is not enrolled", EXIT_REFUSED)
+        fail(f"{workspace}/{agent_id} is not enrolled", EXIT_NOT_FOUND)
     emit(
         {"workspace": workspace, "agent": agent_id, "status": "revoked"}
         if json_out
@@ -350,7 +350,7 @@ def session_swap(
     try:
         pointer = with_store(settings, action)
     except StaleEpoch as err:  # pragma: no cover - _with_store already turns it into an exit
-        fail(err.message, EXIT_REFUSED)
+        fail(err.message, EXIT_FENCED)
     emit(
         _pointer_json(session_id, pointer)
         if json_out
@@ -369,5 +369,5 @@ def session_show(
     from store.machines import SessionPointerRepository
 
     settings = load_settings(data_dir)
-    pointer = with_store(settings, lambda db: SessionPointerRepository(db).get(session_id))
+    pointer = with_store(settings, lambda db: SessionPointerRepository(db).get(session_id), read_only=True)
     emit(_pointer_json(session_id, pointer), json_out)

@@ -14,22 +14,26 @@ from collections.abc import AsyncIterator
 from temporalio.client import Client
 
 from client.lease_client import LeaseClient
+from client.stack import NoRunningStack, require_stack_address
 from sandbox.errors import TemporalUnreachable
 from sandbox.settings import Settings
 from store.database import Database
 
-__all__ = ["TemporalUnreachable", "connect_leases", "connect_temporal", "open_store"]
+__all__ = ["NoRunningStack", "TemporalUnreachable", "connect_leases", "connect_temporal", "open_store"]
 
 
 async def connect_temporal(settings: Settings) -> Client:
     """The Temporal client for ``settings`` (the worker's own :func:`worker.connect`).
 
     Raises:
+        NoRunningStack: No address was set and no stack runs for the data dir
+            (:func:`client.stack.require_stack_address`).
         TemporalUnreachable: The address does not answer.
         SandboxConfigError: The Temporal credentials are misconfigured (a certificate without its key, ...).
     """
     from worker import connect
 
+    require_stack_address(settings)
     try:
         return await connect(settings)
     except RuntimeError as err:  # the SDK's "failed client connect"
