@@ -373,14 +373,21 @@ def pty_command(
     cwd: str = typer.Option("", "--cwd", help="Start directory relative to the workspace."),
     shell: str | None = typer.Option(None, "--shell", help="Shell program in the box (default /bin/bash)."),
     data_dir: Path | None = DataDir,
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the session's details as one JSON line on stdout before the terminal's output."
+    ),
 ) -> None:
     """Open an interactive shell in the box on a real terminal; exits with the shell's exit code."""
-    code = _with_channel(workspace, group, data_dir, lambda ca: _interactive(ca, cwd, shell), quiet=True)
+    details = {"workspace": workspace, "group": group} if json_out else None
+    code = _with_channel(workspace, group, data_dir, lambda ca: _interactive(ca, cwd, shell, details), quiet=True)
     raise typer.Exit(code=code if code is not None else 1)
 
 
-async def _interactive(ca: ChannelA, cwd: str, shell: str | None) -> int | None:
-    """Relay this terminal to a PTY in the box until the shell exits."""
+async def _interactive(ca: ChannelA, cwd: str, shell: str | None, details: dict[str, Any] | None = None) -> int | None:
+    """Relay this terminal to a PTY in the box until the shell exits.
+
+    With ``details`` (``pty --json``) one JSON line describing the session goes out first.
+    """
     import termios
     import tty
 
@@ -390,6 +397,8 @@ async def _interactive(ca: ChannelA, cwd: str, shell: str | None) -> int | None:
     cols, rows = (os.get_terminal_size(stdin) if is_tty else os.terminal_size((80, 24)))[:2]
     opened = await ca.pty_open(cols=cols, rows=rows, cwd=cwd, shell=shell)
     pty_id = opened.pty_id
+    if details is not None:
+        emit({"event": "pty_open", **details, "pty_id": pty_id, "cols": cols, "rows": rows, "cwd": cwd}, True)
     out = sys.stdout.buffer
     out.write(opened.initial_output.encode("utf-8"))
     out.flush()

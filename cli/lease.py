@@ -18,11 +18,19 @@ from cli.exits import EXIT_USAGE, load_settings, with_leases, with_store
 from cli.output import emit, fail, progress
 from client.lease_client import LeaseClient
 from sandbox.capabilities import SessionCapabilities
-from sandbox.errors import StaleEpoch
+from sandbox.errors import SandboxError, StaleEpoch
 from store.database import Database
 from store.leases import LeaseRepository
 from store.records import LeaseRecord
-from workflows.models.lease import LIVENESS_VALUES, HeartbeatResult, HolderKind, LeaseGrant, LeaseView, ReleaseResult
+from workflows.models.lease import (
+    LIVENESS_VALUES,
+    ExecOutcome,
+    HeartbeatResult,
+    HolderKind,
+    LeaseGrant,
+    LeaseView,
+    ReleaseResult,
+)
 
 lease_app = typer.Typer(help="Acquire, inspect and release sandbox leases.", no_args_is_help=True)
 
@@ -322,6 +330,33 @@ def unhold(
     emit({"workspace": workspace, "group": group, "held_until": None} if json_out else "hold lifted", json_out)
 
 
+async def _exec_rearming(
+    leases: LeaseClient, workspace: str, group: str, cmd: list[str], workdir: str | None, timeout: float | None
+) -> ExecOutcome:
+    """Run ``cmd`` in the warm box; a lease in its idle grace is held (``direct``) meanwhile, as ``fs`` does.
+
+    Without the hold the grace would run out during or right after the command and tear the box
+    down under the caller; the release afterwards starts a fresh grace. A cold lease stays
+    ``LeaseNotWarm`` (exec never creates a box).
+    """
+    try:
+        view: LeaseView | None = await leases.describe(workspace, group)
+    except SandboxError:
+        view = None  # the exec itself reports it (LeaseNotWarm, ...)
+    in_grace = (
+        view is not None
+        and view.liveness == "draining"
+        and not view.holders
+        and not view.stop_requested
+        and view.drain_deadline is not None
+        and view.drain_deadline > datetime.now(UTC)
+    )
+    if not in_grace:
+        return await leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout)
+    async with leases.hold(workspace, group, kind="direct"):
+        return await leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout)
+
+
 def exec_command(
     ctx: typer.Context,
     workspace: str = typer.Argument(..., help="Workspace id."),
@@ -338,9 +373,7 @@ def exec_command(
     if not cmd:
         fail("no command given: sandboxctl exec WORKSPACE GROUP -- CMD ...", EXIT_USAGE)
     settings = load_settings(data_dir)
-    out = with_leases(
-        settings, lambda leases: leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout)
-    )
+    out = with_leases(settings, lambda leases: _exec_rearming(leases, workspace, group, cmd, workdir, timeout))
     if json_out:
         emit(out, True)
     else:

@@ -71,6 +71,9 @@ def agent_run(
     max_concurrent_ops: int = typer.Option(64, "--max-concurrent-ops", min=1, help="Ops run at once before DRAINING."),
     drain_timeout: float = typer.Option(60.0, "--drain-timeout", min=0, help="Seconds running ops get on SIGTERM."),
     data_dir: Path | None = DataDir,
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON line once serving (workspace, agent, subject)."
+    ),
 ) -> None:
     """Serve this machine to the runtime until SIGTERM (which drains: running ops finish, new ones wait)."""
     from daemons.agent import AgentConfig, AgentConsent, AgentDaemon
@@ -116,10 +119,14 @@ def agent_run(
         )
     except SandboxError as err:
         fail(err.message)
-    note(
-        f"agent {workspace}/{agent_id} serving {root.resolve()} on {daemon.subject} via {url}"
-        f" (allowed: {', '.join(consent.allowed()) or 'nothing'})"
-    )
+    if json_out:
+        serving = {"workspace": workspace, "agent": agent_id, "root": root.resolve(), "subject": daemon.subject}
+        emit({"event": "serving", **serving, "nats_url": url, "allowed": list(consent.allowed())}, True)
+    else:
+        note(
+            f"agent {workspace}/{agent_id} serving {root.resolve()} on {daemon.subject} via {url}"
+            f" (allowed: {', '.join(consent.allowed()) or 'nothing'})"
+        )
     use_pidfd_child_watcher()
     asyncio.run(daemon.run_until_signalled())
     note("agent stopped")

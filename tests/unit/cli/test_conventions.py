@@ -75,8 +75,16 @@ def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["lease", "list"], ["machine", "list", "W"], ["snapshot", "list", "W", "G"], ["session", "show", "S"],
-     ["record", "list", "W"], ["status"], ["logs", "worker"], ["lease", "describe", "W", "G"]],
+    [
+        ["lease", "list"],
+        ["machine", "list", "W"],
+        ["snapshot", "list", "W", "G"],
+        ["session", "show", "S"],
+        ["record", "list", "W"],
+        ["status"],
+        ["logs", "worker"],
+        ["lease", "describe", "W", "G"],
+    ],
     ids=" ".join,
 )
 def test_read_only_commands_never_create_a_missing_data_dir(tmp_path: Path, command: list[str]) -> None:
@@ -90,7 +98,14 @@ def test_root_help_lists_the_exit_codes() -> None:
     res = sandboxctl("--help")
     assert res.exit_code == 0
     assert "Exit codes:" in res.stdout
-    for code, word in [(2, "usage"), (3, "unavailable"), (4, "refused"), (5, "not found"), (6, "fenced"), (7, "timeout")]:
+    for code, word in [
+        (2, "usage"),
+        (3, "unavailable"),
+        (4, "refused"),
+        (5, "not found"),
+        (6, "fenced"),
+        (7, "timeout"),
+    ]:
         assert re.search(rf"^\s*{code}\s+{word}", res.stdout, re.MULTILINE), (code, res.stdout)
 
 

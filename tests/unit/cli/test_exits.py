@@ -78,7 +78,10 @@ def test_each_kind_of_failure_has_its_own_documented_code(
 
 def test_the_codes_are_distinct_and_usage_keeps_click_s_2() -> None:
     assert EXIT_USAGE == 2
-    assert len({EXIT_BAD_SETTINGS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_NOT_FOUND, EXIT_FENCED, EXIT_TIMEOUT}) == 7
+    assert (
+        len({EXIT_BAD_SETTINGS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_NOT_FOUND, EXIT_FENCED, EXIT_TIMEOUT})
+        == 7
+    )
 
 
 def test_a_result_passes_through(tmp_path: Path) -> None:
