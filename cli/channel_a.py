@@ -128,16 +128,16 @@ def fs_cat(
         None,
         "--max-bytes",
         help="Read at most this many bytes and exit 0 when the file is longer (default: 5 MiB, and a "
-        "longer file exits 4 after printing its first 5 MiB).",
+        "longer file exits 8 after printing its first 5 MiB).",
     ),
     data_dir: Path | None = DataDir,
     json_out: bool = Json,
 ) -> None:
-    """Print a file of the workspace (raw bytes; ``--json`` for the read document).
+    """Print a file of the workspace (raw bytes; --json for the read document).
 
     A file longer than the limit is cut: its start is printed and a note on stderr says so. Cut by
-    the default limit, the command exits 4 (the output is not the whole file); cut by a
-    ``--max-bytes`` you gave, it exits 0 (you asked for a prefix).
+    the default limit, the command exits 8 (the output is not the whole file); cut by a
+    --max-bytes you gave, it exits 0 (you asked for a prefix).
     """
     limit = FS_READ_DEFAULT_BYTES if max_bytes is None else max_bytes
     result = _with_channel(workspace, group, data_dir, lambda ca: ca.fs_read(path, max_bytes=limit), quiet=True)
@@ -398,14 +398,21 @@ def pty_command(
     cwd: str = typer.Option("", "--cwd", help="Start directory relative to the workspace."),
     shell: str | None = typer.Option(None, "--shell", help="Shell program in the box (default /bin/bash)."),
     data_dir: Path | None = DataDir,
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the session's details as one JSON line on stdout before the terminal's output."
+    ),
 ) -> None:
     """Open an interactive shell in the box on a real terminal; exits with the shell's exit code."""
-    code = _with_channel(workspace, group, data_dir, lambda ca: _interactive(ca, cwd, shell), quiet=True)
+    details = {"workspace": workspace, "group": group} if json_out else None
+    code = _with_channel(workspace, group, data_dir, lambda ca: _interactive(ca, cwd, shell, details), quiet=True)
     raise typer.Exit(code=code if code is not None else 1)
 
 
-async def _interactive(ca: ChannelA, cwd: str, shell: str | None) -> int | None:
-    """Relay this terminal to a PTY in the box until the shell exits."""
+async def _interactive(ca: ChannelA, cwd: str, shell: str | None, details: dict[str, Any] | None = None) -> int | None:
+    """Relay this terminal to a PTY in the box until the shell exits.
+
+    With ``details`` (``pty --json``) one JSON line describing the session goes out first.
+    """
     import termios
     import tty
 
@@ -415,6 +422,8 @@ async def _interactive(ca: ChannelA, cwd: str, shell: str | None) -> int | None:
     cols, rows = (os.get_terminal_size(stdin) if is_tty else os.terminal_size((80, 24)))[:2]
     opened = await ca.pty_open(cols=cols, rows=rows, cwd=cwd, shell=shell)
     pty_id = opened.pty_id
+    if details is not None:
+        emit({"event": "pty_open", **details, "pty_id": pty_id, "cols": cols, "rows": rows, "cwd": cwd}, True)
     out = sys.stdout.buffer
     out.write(opened.initial_output.encode("utf-8"))
     out.flush()

@@ -8,20 +8,29 @@ what to do when something is refused.
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import typer
 
-from cli.exits import EXIT_REFUSED, load_settings, with_leases, with_store
+from cli.exits import EXIT_USAGE, load_settings, with_leases, with_store
 from cli.output import emit, fail, progress
 from client.lease_client import LeaseClient
 from sandbox.capabilities import SessionCapabilities
-from sandbox.errors import StaleEpoch
+from sandbox.errors import SandboxError, StaleEpoch
 from store.database import Database
 from store.leases import LeaseRepository
 from store.records import LeaseRecord
-from workflows.models.lease import LIVENESS_VALUES, HeartbeatResult, HolderKind, LeaseGrant, LeaseView, ReleaseResult
+from workflows.models.lease import (
+    LIVENESS_VALUES,
+    ExecOutcome,
+    HeartbeatResult,
+    HolderKind,
+    LeaseGrant,
+    LeaseView,
+    ReleaseResult,
+)
 
 lease_app = typer.Typer(help="Acquire, inspect and release sandbox leases.", no_args_is_help=True)
 
@@ -230,13 +239,13 @@ def list_leases(
 ) -> None:
     """List leases from the store's projection (what the worker last wrote)."""
     if liveness is not None and liveness not in LIVENESS_VALUES:
-        fail(f"--liveness must be one of {', '.join(LIVENESS_VALUES)}", EXIT_REFUSED)
+        fail(f"--liveness must be one of {', '.join(LIVENESS_VALUES)}", EXIT_USAGE)
     settings = load_settings(data_dir)
 
     async def stored(db: Database) -> list[LeaseRecord]:
         return await LeaseRepository(db).list(liveness=liveness, workspace_id=workspace)
 
-    records = with_store(settings, stored)
+    records = with_store(settings, stored, read_only=True)
     rows = [
         {
             "workspace_id": r.workspace_id,
@@ -283,11 +292,69 @@ def stop(
     workspace: str = typer.Argument(...),
     group: str = typer.Argument(...),
     data_dir: Path | None = DataDir,
+    json_out: bool = Json,
 ) -> None:
     """Drain the box and complete the lease workflow."""
     settings = load_settings(data_dir)
     with_leases(settings, lambda leases: leases.stop(workspace, group))
-    emit("stop requested", False)
+    emit({"workspace": workspace, "group": group, "stop": "requested"} if json_out else "stop requested", json_out)
+
+
+@lease_app.command("hold")
+def hold(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    minutes: float = typer.Option(60.0, "--minutes", min=0.0, help="How long the hold lasts, in minutes."),
+    reason: str = typer.Option("operator", "--reason", help="Recorded in the lease's transitions."),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Hold the box: no automatic teardown (idle, TTL) until the hold ends or `lease unhold`."""
+    settings = load_settings(data_dir)
+    until = datetime.now(UTC) + timedelta(minutes=minutes)
+    with_leases(settings, lambda leases: leases.hold_teardown(workspace, group, until=until, reason=reason))
+    doc = {"workspace": workspace, "group": group, "held_until": until.isoformat(), "reason": reason}
+    emit(doc if json_out else f"held until {until.isoformat()}", json_out)
+
+
+@lease_app.command("unhold")
+def unhold(
+    workspace: str = typer.Argument(...),
+    group: str = typer.Argument(...),
+    data_dir: Path | None = DataDir,
+    json_out: bool = Json,
+) -> None:
+    """Lift an operator hold: the lease's idle and TTL timers apply again."""
+    settings = load_settings(data_dir)
+    with_leases(settings, lambda leases: leases.unhold(workspace, group))
+    emit({"workspace": workspace, "group": group, "held_until": None} if json_out else "hold lifted", json_out)
+
+
+async def _exec_rearming(
+    leases: LeaseClient, workspace: str, group: str, cmd: list[str], workdir: str | None, timeout: float | None
+) -> ExecOutcome:
+    """Run ``cmd`` in the warm box; a lease in its idle grace is held (``direct``) meanwhile, as ``fs`` does.
+
+    Without the hold the grace would run out during or right after the command and tear the box
+    down under the caller; the release afterwards starts a fresh grace. A cold lease stays
+    ``LeaseNotWarm`` (exec never creates a box).
+    """
+    try:
+        view: LeaseView | None = await leases.describe(workspace, group)
+    except SandboxError:
+        view = None  # the exec itself reports it (LeaseNotWarm, ...)
+    in_grace = (
+        view is not None
+        and view.liveness == "draining"
+        and not view.holders
+        and not view.stop_requested
+        and view.drain_deadline is not None
+        and view.drain_deadline > datetime.now(UTC)
+    )
+    if not in_grace:
+        return await leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout)
+    async with leases.hold(workspace, group, kind="direct"):
+        return await leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout)
 
 
 def exec_command(
@@ -304,11 +371,9 @@ def exec_command(
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        fail("no command given: sandboxctl exec WORKSPACE GROUP -- CMD ...", EXIT_REFUSED)
+        fail("no command given: sandboxctl exec WORKSPACE GROUP -- CMD ...", EXIT_USAGE)
     settings = load_settings(data_dir)
-    out = with_leases(
-        settings, lambda leases: leases.exec(workspace, group, cmd, workdir=workdir, timeout_seconds=timeout)
-    )
+    out = with_leases(settings, lambda leases: _exec_rearming(leases, workspace, group, cmd, workdir, timeout))
     if json_out:
         emit(out, True)
     else:

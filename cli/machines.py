@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from cli.exits import EXIT_REFUSED, load_settings, refuse, with_store
+from cli.exits import EXIT_FENCED, EXIT_NOT_FOUND, EXIT_REFUSED, load_settings, refuse, with_store
 from cli.output import emit, fail, note
 from sandbox.errors import SandboxError, StaleEpoch
 from sandbox.liveness import SelfhostedLiveness
@@ -71,6 +71,9 @@ def agent_run(
     max_concurrent_ops: int = typer.Option(64, "--max-concurrent-ops", min=1, help="Ops run at once before DRAINING."),
     drain_timeout: float = typer.Option(60.0, "--drain-timeout", min=0, help="Seconds running ops get on SIGTERM."),
     data_dir: Path | None = DataDir,
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON line once serving (workspace, agent, subject)."
+    ),
 ) -> None:
     """Serve this machine to the runtime until SIGTERM (which drains: running ops finish, new ones wait)."""
     from daemons.agent import AgentConfig, AgentConsent, AgentDaemon
@@ -116,10 +119,14 @@ def agent_run(
         )
     except SandboxError as err:
         fail(err.message)
-    note(
-        f"agent {workspace}/{agent_id} serving {root.resolve()} on {daemon.subject} via {url}"
-        f" (allowed: {', '.join(consent.allowed()) or 'nothing'})"
-    )
+    if json_out:
+        serving = {"workspace": workspace, "agent": agent_id, "root": root.resolve(), "subject": daemon.subject}
+        emit({"event": "serving", **serving, "nats_url": url, "allowed": list(consent.allowed())}, True)
+    else:
+        note(
+            f"agent {workspace}/{agent_id} serving {root.resolve()} on {daemon.subject} via {url}"
+            f" (allowed: {', '.join(consent.allowed()) or 'nothing'})"
+        )
     use_pidfd_child_watcher()
     asyncio.run(daemon.run_until_signalled())
     note("agent stopped")
@@ -267,7 +274,7 @@ def machine_list(
         finally:
             await rpc.close()
 
-    rows = with_store(settings, action)
+    rows = with_store(settings, action, read_only=True)
     if json_out:
         emit(rows, True)
     elif rows:
@@ -298,7 +305,7 @@ def machine_revoke(
 
     revoked = with_store(settings, action)
     if not revoked:
-        fail(f"{workspace}/{agent_id} is not enrolled", EXIT_REFUSED)
+        fail(f"{workspace}/{agent_id} is not enrolled", EXIT_NOT_FOUND)
     emit(
         {"workspace": workspace, "agent": agent_id, "status": "revoked"}
         if json_out
@@ -350,7 +357,7 @@ def session_swap(
     try:
         pointer = with_store(settings, action)
     except StaleEpoch as err:  # pragma: no cover - _with_store already turns it into an exit
-        fail(err.message, EXIT_REFUSED)
+        fail(err.message, EXIT_FENCED)
     emit(
         _pointer_json(session_id, pointer)
         if json_out
@@ -369,5 +376,5 @@ def session_show(
     from store.machines import SessionPointerRepository
 
     settings = load_settings(data_dir)
-    pointer = with_store(settings, lambda db: SessionPointerRepository(db).get(session_id))
+    pointer = with_store(settings, lambda db: SessionPointerRepository(db).get(session_id), read_only=True)
     emit(_pointer_json(session_id, pointer), json_out)

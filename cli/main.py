@@ -12,9 +12,13 @@ import sys
 
 import typer
 
+from cli.exits import exit_codes_epilog
+
 app = typer.Typer(
     name="sandboxctl",
     help="Run and drive the sandbox runtime: leases, boxes, planes.",
+    epilog=exit_codes_epilog(),
+    rich_markup_mode=None,
     no_args_is_help=True,
     add_completion=False,
 )

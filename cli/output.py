@@ -22,10 +22,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+#: The width tables get when stdout is not a terminal: wide enough that piped output is never cut.
+PIPE_WIDTH = 100_000
+
 
 def _stdout() -> Console:
     # Built per call: rich binds the stream at construction, and tests swap sys.stdout.
-    return Console(file=sys.stdout, soft_wrap=True)
+    # Piped, rich would assume 80 columns and cut cells; tables take their natural width instead.
+    return Console(file=sys.stdout, soft_wrap=True, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 def _stderr() -> Console:

@@ -349,6 +349,9 @@ def _open_command(plane: Plane) -> Callable[..., None]:
         control: bool = Control,
         port: int = PagePort,
         data_dir: Path | None = DataDir,
+        json_out: bool = typer.Option(
+            False, "--json", help="Print the session's details as one JSON line (the page URL, lease, epoch)."
+        ),
     ) -> None:
         try:
             assets = find_assets(plane)
@@ -375,7 +378,21 @@ def _open_command(plane: Plane) -> Callable[..., None]:
             current = await session.start()
             page = ViewerPage(plane, session.snapshot, assets, port=port).start()
             feed = SessionEventFeed.for_lease(settings, workspace, group, session.notice_rotation, report=note).start()
-            emit(page.url, False)
+            if json_out:
+                emit(
+                    {
+                        "event": "open",
+                        "plane": plane,
+                        "url": page.url,
+                        "lease_id": current.lease_id,
+                        "epoch": current.epoch,
+                        "viewer_id": current.viewer_id,
+                        "mode": current.mode,
+                    },
+                    True,
+                )
+            else:
+                emit(page.url, False)
             what = "controlling" if current.mode == "control" else "viewing"
             note(f"{what} the {plane} of {current.lease_id}; Ctrl-C to stop (the viewer holder is released)")
             stop = asyncio.Event()

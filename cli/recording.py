@@ -122,7 +122,9 @@ def list_(
 ) -> None:
     """List a workspace's recordings from the store, newest first."""
     settings = load_settings(data_dir)
-    records = with_store(settings, lambda db: list_recordings(db, workspace, session_id=session, limit=limit))
+    records = with_store(
+        settings, lambda db: list_recordings(db, workspace, session_id=session, limit=limit), read_only=True
+    )
     fields = ("recording_id", "session_id", "state", "reason", "codec", "size_bytes", "duration_seconds")
     rows = [
         {**{f: getattr(r, f) for f in fields}, "created_at": r.created_at.isoformat(), "storage_key": r.storage_key}

@@ -51,7 +51,7 @@ def list_snapshots(
     async def stored(db: Database) -> list[SnapshotRecord]:
         return await SnapshotLedger(db).list(workspace, group, include_deleted=include_deleted)
 
-    records = with_store(settings, stored)
+    records = with_store(settings, stored, read_only=True)
     if json_out:
         emit(records, True)
         return
@@ -109,7 +109,7 @@ def gc(
     async def counts(db: Database) -> dict[str, int]:
         return await SnapshotLedger(db).counts()
 
-    by_state = with_store(settings, counts)
+    by_state = with_store(settings, counts, read_only=True)
     if json_out:
         emit({"states": by_state}, True)
         return

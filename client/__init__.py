@@ -5,7 +5,8 @@
   :class:`SessionEventFeed` tells it at once when the lease moves to a new box.
 - :class:`BoxAccess` opens Channel-A (files, git, PTYs) on a lease's box.
 - :class:`RecordingClient` starts, stops and watches desktop recordings.
-- :func:`resolve_settings` finds the stack of a data dir; :func:`connect_leases`,
+- :func:`resolve_settings` finds the stack of a data dir; :func:`open_leases` (an async context
+  manager: what a script should use, it exits cleanly), :func:`connect_leases`,
   :func:`connect_temporal` and :func:`open_store` connect to it.
 
 Every call raises the typed errors re-exported here (all :class:`SandboxError`), never Temporal's
@@ -13,7 +14,14 @@ transport exceptions.
 """
 
 from client.box_access import BoxAccess
-from client.connection import TemporalUnreachable, connect_leases, connect_temporal, open_store
+from client.connection import (
+    NoRunningStack,
+    TemporalUnreachable,
+    connect_leases,
+    connect_temporal,
+    open_leases,
+    open_store,
+)
 from client.events import SessionEventFeed
 from client.lease_client import LeaseClient, ViewerCell, validate_lease_ids
 from client.recording_client import RecordingClient, SavedRecording, list_recordings, save_recording
@@ -55,6 +63,7 @@ __all__ = [
     "LeaseNotWarm",
     "LeaseStopping",
     "LeaseView",
+    "NoRunningStack",
     "OutcomeUnknown",
     "ProvisionFailed",
     "RecordingClient",
@@ -78,6 +87,7 @@ __all__ = [
     "connect_leases",
     "connect_temporal",
     "list_recordings",
+    "open_leases",
     "open_store",
     "resolve_settings",
     "save_recording",

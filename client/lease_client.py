@@ -267,11 +267,31 @@ class LeaseClient:
     """Acquire, heartbeat, release and operate leases through their workflows."""
 
     def __init__(self, client: Client, settings: Settings | None = None) -> None:
-        self.client = client
+        self._client: Client | None = client
         self.settings = settings or Settings()
         # The client path checks its settings as the worker's boot does: a lease started with a
         # negative holder TTL would drop every holder at once.
         self.timers = timers_from_settings(self.settings)
+
+    @property
+    def client(self) -> Client:
+        """The Temporal client the calls go through.
+
+        Raises:
+            InvalidRequest: :meth:`close` was called.
+        """
+        if self._client is None:
+            raise errors.InvalidRequest("this LeaseClient is closed; connect a new one (client.open_leases)")
+        return self._client
+
+    def close(self) -> None:
+        """Let go of the Temporal client, so it is freed now rather than while the interpreter exits.
+
+        The SDK's native client freed during interpreter finalization can abort the process
+        ("Fatal Python error: PyGILState_Release"); :func:`client.connection.open_leases` calls this
+        (and collects) when its block ends. Later calls raise :class:`~sandbox.errors.InvalidRequest`.
+        """
+        self._client = None
 
     def handle(self, workspace_id: str, group_id: str) -> WorkflowHandle[LeaseWorkflow, LeaseView]:
         """The workflow handle of one lease (validated ids)."""

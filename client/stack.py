@@ -14,10 +14,18 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sandbox.errors import SandboxConfigError
+from sandbox.errors import NoRunningStack, SandboxConfigError
 from sandbox.settings import Settings
 
-__all__ = ["STACK_FILE", "StackInfo", "pid_alive", "read_stack_info", "resolve_settings"]
+__all__ = [
+    "STACK_FILE",
+    "NoRunningStack",
+    "StackInfo",
+    "pid_alive",
+    "read_stack_info",
+    "require_stack_address",
+    "resolve_settings",
+]
 
 STACK_FILE = "stack.json"
 """Where, under the data dir, a running ``sandboxctl up`` publishes :class:`StackInfo`."""
@@ -70,12 +78,17 @@ def resolve_settings(data_dir: Path | None = None) -> Settings:
     set explicitly in the environment always wins.
 
     Raises:
-        SandboxConfigError: The environment holds malformed ``SANDBOX_*`` values.
+        SandboxConfigError: The environment holds malformed ``SANDBOX_*`` values, or the data dir
+            exists but is not a directory.
     """
     try:
         settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
     except ValidationError as exc:
         raise SandboxConfigError(f"invalid SANDBOX_* setting: {exc}") from exc
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise SandboxConfigError(
+            f"the data dir {settings.data_dir} is not a directory; pass a directory with --data-dir or SANDBOX_DATA_DIR"
+        )
     updates: dict[str, object] = {"data_dir": settings.data_dir.resolve()}
     info = read_stack_info(settings.data_dir)
     if info is not None:
@@ -85,3 +98,22 @@ def resolve_settings(data_dir: Path | None = None) -> Settings:
         if "nats_url" not in settings.model_fields_set:
             updates["nats_url"] = info.nats_url
     return settings.model_copy(update=updates)
+
+
+def require_stack_address(settings: Settings) -> None:
+    """Refuse to connect to a Temporal address nobody chose for ``settings``.
+
+    The address counts as chosen when the environment (or the caller) set it explicitly, or when
+    :func:`resolve_settings` took it from the stack running for the data dir; the default alone
+    never is, since whatever answers at ``127.0.0.1:7233`` may be another data dir's stack.
+
+    Raises:
+        NoRunningStack: Neither holds and no stack runs for ``settings.data_dir``.
+    """
+    if "temporal_address" in settings.model_fields_set or read_stack_info(settings.data_dir) is not None:
+        return
+    raise NoRunningStack(
+        f"no running stack for {settings.data_dir.resolve()}; "
+        "start one with `sandboxctl up` or set SANDBOX_TEMPORAL_ADDRESS",
+        address=settings.temporal_address,
+    )

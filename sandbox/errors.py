@@ -17,6 +17,7 @@ sent) still rebuilds the right class, with the class defaults.
     SandboxError
      ├── SandboxConfigError          settings are missing or contradictory (boot refuses)
      ├── TemporalUnreachable         nothing answers at the configured Temporal address
+     │    └── NoRunningStack         no address was set and no ``sandboxctl up`` runs for the data dir
      ├── PayloadCodecError           a payload in Temporal history cannot be decrypted (sandbox/payload_codec.py)
      │    ├── PayloadKeyUnknown      it names a payload key id this process does not hold
      │    └── PayloadTampered        it fails authentication: altered, or another key under its id
@@ -128,6 +129,16 @@ class TemporalUnreachable(SandboxError):
     def __init__(self, message: str, *, address: str, retryable: bool | None = None) -> None:
         super().__init__(message, retryable=retryable)
         self.address = address
+
+
+class NoRunningStack(TemporalUnreachable):
+    """No ``sandboxctl up`` runs for the data dir and no Temporal address was set explicitly.
+
+    Raised instead of quietly dialling the default ``127.0.0.1:7233``, which may be another stack.
+    """
+
+    error_type = "NoRunningStack"
+    default_retryable = False
 
 
 class PayloadCodecError(SandboxError):

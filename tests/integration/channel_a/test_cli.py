@@ -20,6 +20,7 @@ import typer
 from typer.testing import CliRunner
 
 from cli import main as cli_main
+from cli.exits import EXIT_REFUSED
 from tests.conftest import FAST_TIMERS, give_to_box_user, nats_identity_env, nats_server_at
 from tests.integration.channel_a.conftest import git
 
@@ -133,7 +134,7 @@ async def test_fs_git_and_pty_commands_attach_as_direct_and_release(runtime: Any
         assert not (workspace / "notes").exists() and not (workspace / "repo/hello.txt").exists()
 
         code, out, err = await sandboxctl("fs", "cat", ws, group, "../etc/passwd")
-        assert code == 2 and "ChannelAValidationError" in err and "path traversal" in err
+        assert code == EXIT_REFUSED and "ChannelAValidationError" in err and "path traversal" in err
         assert out == ""
 
         code, output = await sandboxctl_pty(ws, group, stdin=b"echo $((6*7))\nexit 3\n")

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from cli.exits import EXIT_FENCED, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from cli.main import _register, app
+from tests.conftest import eventually
 
 _register()
 
@@ -87,27 +89,27 @@ async def test_acquire_exec_describe_list_drain_json(runtime: Any, cli_env: dict
 async def test_refusals_are_clear_and_nonzero(runtime: Any, cli_env: dict[str, str]) -> None:
     ws, g = f"cli-{uuid.uuid4().hex[:6]}", "g1"
     res = await sandboxctl("lease", "acquire", ws, g, "--backend", "nope")
-    assert res.exit_code == 2
+    assert res.exit_code == EXIT_REFUSED
     assert "unknown sandbox backend 'nope'" in res.stderr
 
     res = await sandboxctl("lease", "describe", ws, g)
-    assert res.exit_code == 2 and "acquire it first" in res.stderr
+    assert res.exit_code == EXIT_NOT_FOUND and "acquire it first" in res.stderr
 
     res = await sandboxctl("lease", "acquire", ws, g, "--holder", "h1", "--json")
     epoch = json.loads(res.stdout)["epoch"]
     res = await sandboxctl("lease", "heartbeat", ws, g, "--holder", "h1", "--epoch", str(epoch + 3))
-    assert res.exit_code == 2 and "StaleEpoch" in res.stderr
+    assert res.exit_code == EXIT_FENCED and "StaleEpoch" in res.stderr
     res = await sandboxctl("lease", "release", ws, g, "--holder", "ghost")
-    assert res.exit_code == 2 and "HolderNotFound" in res.stderr
+    assert res.exit_code == EXIT_NOT_FOUND and "HolderNotFound" in res.stderr
     res = await sandboxctl("exec", ws, g)
-    assert res.exit_code == 2 and "no command given" in res.stderr
+    assert res.exit_code == EXIT_USAGE == 2 and "no command given" in res.stderr
 
     res = await sandboxctl("lease", "release", ws, g, "--holder", "h1")
     assert res.exit_code == 0, res.output
     res = await sandboxctl("lease", "drain", ws, g, "--wait")
     assert res.exit_code == 0
     res = await sandboxctl("exec", ws, g, "--", "true")
-    assert res.exit_code == 2 and "LeaseNotWarm" in res.stderr and "sandboxctl lease acquire" in res.stderr
+    assert res.exit_code == EXIT_REFUSED and "LeaseNotWarm" in res.stderr and "sandboxctl lease acquire" in res.stderr
 
 
 async def test_unreachable_temporal_says_what_to_do(cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,5 +117,67 @@ async def test_unreachable_temporal_says_what_to_do(cli_env: dict[str, str], mon
 
     monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
     res = await sandboxctl("lease", "describe", "ws", "g")
-    assert res.exit_code == 3
+    assert res.exit_code == EXIT_UNREACHABLE == 3
     assert "sandboxctl up" in res.stderr
+
+
+async def describe_json(ws: str, g: str) -> dict[str, Any]:
+    res = await sandboxctl("lease", "describe", ws, g, "--json")
+    assert res.exit_code == 0, res.output
+    doc: dict[str, Any] = json.loads(res.stdout)
+    return doc
+
+
+async def test_hold_keeps_an_idle_box_and_unhold_lets_it_go(runtime: Any, cli_env: dict[str, str]) -> None:
+    ws, g = f"cli-{uuid.uuid4().hex[:6]}", "g1"
+    assert (await sandboxctl("lease", "acquire", ws, g, "--holder", "h1")).exit_code == 0
+    res = await sandboxctl("lease", "hold", ws, g, "--minutes", "10", "--reason", "debugging", "--json")
+    assert res.exit_code == 0, res.output
+    held = json.loads(res.stdout)
+    assert held["reason"] == "debugging" and held["held_until"]
+
+    async def hold_seen() -> dict[str, Any] | None:
+        view = await describe_json(ws, g)
+        return view if view["hold_until"] and view["hold_reason"] == "debugging" else None
+
+    await eventually(hold_seen)
+    assert (await sandboxctl("lease", "release", ws, g, "--holder", "h1")).exit_code == 0
+    # The idle grace is 0.3 s here: held, the box outlives it many times over.
+    await asyncio.sleep(1.5)
+    assert (await describe_json(ws, g))["liveness"] != "cold"
+
+    res = await sandboxctl("lease", "unhold", ws, g, "--json")
+    assert res.exit_code == 0, res.output and json.loads(res.stdout)["held_until"] is None
+
+    async def cold() -> bool:
+        return (await describe_json(ws, g))["liveness"] == "cold"
+
+    await eventually(cold)
+    res = await sandboxctl("lease", "stop", ws, g, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["stop"] == "requested"
+    res = await sandboxctl("lease", "hold", "nobody-" + ws, g)
+    assert res.exit_code == EXIT_NOT_FOUND, res.output
+
+
+async def test_exec_in_the_idle_grace_rearms_it_like_fs(
+    runtime: Any, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    monkeypatch.setenv("SANDBOX_IDLE_GRACE_SECONDS", "2")
+    ws, g = f"cli-{uuid.uuid4().hex[:6]}", "g1"
+    assert (await sandboxctl("lease", "acquire", ws, g, "--holder", "h1")).exit_code == 0
+    assert (await sandboxctl("lease", "release", ws, g, "--holder", "h1")).exit_code == 0
+
+    async def in_grace() -> bool:
+        return (await describe_json(ws, g))["liveness"] == "draining"
+
+    await eventually(in_grace)
+    res = await sandboxctl("exec", ws, g, "--", "sh", "-c", "sleep 2.5; echo done")
+    assert res.exit_code == 0 and res.stdout == "done\n", res.output
+    finished = datetime.now(UTC)
+    view = await describe_json(ws, g)
+    # Without the re-arm the grace ran out during the command and the box is torn down now.
+    assert view["liveness"] in ("warm", "draining"), view["liveness"]
+    if view["liveness"] == "draining":
+        assert datetime.fromisoformat(view["drain_deadline"]) > finished

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from cli.exits import EXIT_FENCED, EXIT_NOT_FOUND, EXIT_REFUSED
 from cli.main import _register, app
 from tests.conftest import ids
 from tests.integration.recording.conftest import ffprobe
@@ -68,13 +69,13 @@ async def test_record_start_status_stop_list_get(runtime: Any, cli_env: None, tm
 
 async def test_record_errors_are_typed_one_liners(runtime: Any, cli_env: None, tmp_path: Path) -> None:
     res = await sandboxctl("record", "status", "rec-nope")
-    assert res.exit_code == 2 and "RecordingNotFound" in res.output
+    assert res.exit_code == EXIT_NOT_FOUND and "RecordingNotFound" in res.output
     res = await sandboxctl("record", "get", "rec-nope", "-o", str(tmp_path / "x.mp4"))
-    assert res.exit_code == 2 and "RecordingNotFound" in res.output
+    assert res.exit_code == EXIT_NOT_FOUND and "RecordingNotFound" in res.output
     res = await sandboxctl("record", "start", "ws", "g", "--codec", "gif")
-    assert res.exit_code == 2 and "InvalidRequest" in res.output
+    assert res.exit_code == EXIT_REFUSED and "InvalidRequest" in res.output
     res = await sandboxctl("record", "status", "bad/id")
-    assert res.exit_code == 2 and "InvalidRequest" in res.output
+    assert res.exit_code == EXIT_REFUSED and "InvalidRequest" in res.output
 
 
 async def test_desktop_screenshot_click_type_key(runtime: Any, cli_env: None, tmp_path: Path) -> None:
@@ -95,9 +96,9 @@ async def test_desktop_screenshot_click_type_key(runtime: Any, cli_env: None, tm
         res = await sandboxctl("desktop", "key", ws, group, "ctrl+a", "Return")
         assert res.exit_code == 0, res.output
         res = await sandboxctl("desktop", "key", ws, group, "$(reboot)")
-        assert res.exit_code == 2 and "InvalidRequest" in res.output
+        assert res.exit_code == EXIT_REFUSED and "InvalidRequest" in res.output
         res = await sandboxctl("desktop", "screenshot", ws, group, "-o", str(png), "--epoch", "999")
-        assert res.exit_code == 2 and "StaleEpoch" in res.output
+        assert res.exit_code == EXIT_FENCED and "StaleEpoch" in res.output
         await record_history(runtime, ws, group, "computer_use")
     # Right after desktop activity the drain publishes stream.url.rotated; the worker must still stop promptly.
     assert (await runtime.leases().drain(ws, group, wait=True)).liveness == "cold"

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from cli.exits import EXIT_FENCED, EXIT_NOT_FOUND, EXIT_REFUSED
 from cli.main import _register, app
 from providers.selfhosted import NatsControlRpc, SelfhostedProvider
 from sandbox.errors import MutationOutcomeUnknown, RouteUnresolvable
@@ -103,7 +104,7 @@ async def test_machine_and_session_commands(nats_url: str, tmp_path: Path, monke
     offline_id = new_id("off")
     assert (await sandboxctl("machine", "enroll", ws, offline_id)).exit_code == 0
     bad = await sandboxctl("machine", "enroll", ws, "bad.id")
-    assert bad.exit_code == 2 and "agent id" in bad.stderr
+    assert bad.exit_code == EXIT_REFUSED and "agent id" in bad.stderr
     bad = await sandboxctl("machine", "enroll", ws, "x", "--exposure", "galaxy")
     assert bad.exit_code != 0
 
@@ -124,13 +125,13 @@ async def test_machine_and_session_commands(nats_url: str, tmp_path: Path, monke
     assert res.exit_code == 0
     rows = {row["agent"]: row for row in json.loads((await sandboxctl("machine", "list", ws, "--json")).stdout)}
     assert (rows[online.agent_id]["status"], rows[online.agent_id]["liveness"]) == ("revoked", "offline")
-    assert (await sandboxctl("machine", "revoke", ws, "nobody")).exit_code == 2
+    assert (await sandboxctl("machine", "revoke", ws, "nobody")).exit_code == EXIT_NOT_FOUND
 
     res = await sandboxctl("session", "swap", "sess-1", "--to", f"selfhosted:{online.agent_id}", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["active_epoch"] == 1
     stale = await sandboxctl("session", "swap", "sess-1", "--to", "lease:g2", "--expected-epoch", "0")
-    assert stale.exit_code == 2 and "StaleEpoch" in stale.stderr
+    assert stale.exit_code == EXIT_FENCED and "StaleEpoch" in stale.stderr
     res = await sandboxctl("session", "swap", "sess-1", "--to", "home", "--json")
     assert json.loads(res.stdout) == {
         "session": "sess-1",

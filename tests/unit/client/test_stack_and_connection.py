@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from client.connection import TemporalUnreachable, connect_temporal, open_store
+from client.connection import NoRunningStack, TemporalUnreachable, connect_temporal, open_store
 from client.stack import STACK_FILE, StackInfo, read_stack_info, resolve_settings
 from sandbox.errors import SandboxConfigError
 from sandbox.settings import Settings
@@ -91,3 +91,49 @@ async def test_open_store_yields_a_migrated_store_and_disposes_it(tmp_path: Path
             tables = (await session.execute(text("select name from sqlite_master where type='table'"))).scalars()
             assert "sandbox_leases" in set(tables)
     assert (tmp_path / "sandbox.db").is_file()
+
+
+async def test_no_stack_and_no_address_is_no_running_stack_and_dials_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker
+
+    async def dial(settings: Settings) -> None:
+        raise AssertionError(f"dialled {settings.temporal_address} though nobody chose it")
+
+    monkeypatch.setattr(worker, "connect", dial)
+    settings = resolve_settings(tmp_path / "nothing-runs-here")
+    with pytest.raises(NoRunningStack) as caught:
+        await connect_temporal(settings)
+    message = caught.value.message
+    assert str(tmp_path / "nothing-runs-here") in message
+    assert "sandboxctl up" in message and "SANDBOX_TEMPORAL_ADDRESS" in message
+    assert isinstance(caught.value, TemporalUnreachable) and not caught.value.retryable
+    assert not (tmp_path / "nothing-runs-here").exists()
+
+
+async def test_an_explicit_address_or_a_running_stack_is_dialled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Positive controls: the same data dir without a stack connects once an address is chosen.
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", address)
+    monkeypatch.setenv("SANDBOX_PAYLOAD_ENCRYPTION", "false")
+    with pytest.raises(TemporalUnreachable) as caught:
+        await connect_temporal(resolve_settings(tmp_path))
+    assert type(caught.value) is TemporalUnreachable and caught.value.address == address
+
+    monkeypatch.delenv("SANDBOX_TEMPORAL_ADDRESS")
+    info = publish(tmp_path, pid=os.getpid()).model_copy(update={"temporal_address": address})
+    (tmp_path / STACK_FILE).write_text(info.model_dump_json())
+    with pytest.raises(TemporalUnreachable) as caught:
+        await connect_temporal(resolve_settings(tmp_path))
+    assert type(caught.value) is TemporalUnreachable and caught.value.address == address
+
+
+def test_a_data_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    file = tmp_path / "passwd"
+    file.write_text("root:x:0:0::/root:/bin/sh\n")
+    with pytest.raises(SandboxConfigError) as caught:
+        resolve_settings(file)
+    assert str(file) in caught.value.message and "not a directory" in caught.value.message
