@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,23 @@ class DevServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def wait_until_serving(address: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Return once the frontend says SERVING: its port opens before it is healthy, and a client that
+    connects in between is refused ("Frontend is not healthy yet")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check = subprocess.run(
+            [find_binary("temporal"), "operator", "cluster", "health", "--address", address],
+            capture_output=True,
+            timeout=30,
+        )
+        if check.returncode == 0 and b"SERVING" in check.stdout:
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the Temporal dev server at {address} never became healthy: {check.stdout!r}")
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -64,6 +82,7 @@ def dev_server(directory: Path, *, codec_endpoint: str | None = None, ui: bool =
     server = DevServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}", db_file, proc)
     try:
         wait_for_port(port, timeout=60, proc=proc)
+        wait_until_serving(server.address, proc)
         if ui:
             wait_for_port(ui_port, timeout=60, proc=proc)
         yield server
