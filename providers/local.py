@@ -474,8 +474,8 @@ async def _run(
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     in_fd = _stdin_fd(stdin) if stdin else subprocess.DEVNULL
-    spawn = asyncio.ensure_future(
-        asyncio.create_subprocess_exec(
+    try:
+        proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=in_fd,
             stdout=out_w,
@@ -485,19 +485,6 @@ async def _run(
             start_new_session=True,
             pass_fds=tuple(pass_fds),
         )
-    )
-    try:
-        proc = await asyncio.shield(spawn)
-    except asyncio.CancelledError:
-        # Cancelled while spawning: the child may already run (its pid unknown to us until the spawn
-        # returns). Let the spawn finish, then kill its tree, so a cancelled exec leaves nothing behind.
-        with contextlib.suppress(Exception):
-            late = await spawn
-            await asyncio.to_thread(_kill_exec_tree, late.pid, marker)
-            await late.wait()
-        os.close(out_r)
-        os.close(err_r)
-        raise
     except BaseException:
         os.close(out_r)
         os.close(err_r)
