@@ -37,10 +37,6 @@ class Census:
 
     counts: dict[str, dict[Labels, int]] = field(default_factory=dict)
 
-    def get(self, gauge: str, **labels: str) -> int:
-        """The count of ``gauge`` for exactly these labels (0 when there is none)."""
-        return self.counts.get(gauge, {}).get(tuple(sorted(labels.items())), 0)
-
 
 async def take_census(db: Database, *, now: datetime | None = None) -> Census:
     """Count leases, boxes, holders, recordings and enrolled agents as the store holds them now."""

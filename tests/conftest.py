@@ -564,8 +564,7 @@ class Prometheus:
         wait_for_port(self.port, proc=self.proc)
 
     def _get(self, path: str, **params: str) -> Any:
-        query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in params.items())
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=5) as reply:
+        with urllib.request.urlopen(f"{self.url}{path}?{urllib.parse.urlencode(params)}", timeout=5) as reply:
             return json.load(reply)
 
     async def query(self, expr: str) -> dict[tuple[tuple[str, str], ...], float]:
