@@ -80,6 +80,7 @@ async def main():
         await msg.respond(body)
     await nc.subscribe(sys.argv[2], queue=sys.argv[2], cb=answer)
     await nc.flush()
+    await nc.flush()  # two round trips: see sandbox/nats_flush.py
     print("ready", flush=True)
     await asyncio.Event().wait()
 

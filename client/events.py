@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sandbox.nats_auth import NatsAuth
+from sandbox.nats_flush import flush_in_order
 from sandbox.settings import Settings
 from workflows.models.session_events import parse_stream_url_rotated, session_events_subject
 
@@ -119,7 +120,7 @@ class SessionEventFeed:
                     warned = True
                 await asyncio.sleep(self._retry_after)
         await self._nc.subscribe(self.subject, cb=on_message)
-        await self._nc.flush()
+        await flush_in_order(self._nc)
         self.subscribed.set()
 
     async def aclose(self) -> None:

@@ -53,6 +53,7 @@ from sandbox.control_protocol import (
 from sandbox.errors import ControlUnauthenticated, InvalidRequest, SandboxConfigError
 from sandbox.nats_auth import NatsAuth
 from sandbox.nats_dial import dial_within, settle_abandoned_dials
+from sandbox.nats_flush import flush_in_order
 
 __all__ = ["AgentConfig", "AgentDaemon", "default_state_dir", "use_pidfd_child_watcher"]
 
@@ -227,7 +228,7 @@ class AgentDaemon:
         nc = self._nc
         self.operations.max_payload = nc.max_payload
         await nc.subscribe(self.subject, queue=self.subject, cb=self._on_message)
-        await nc.flush()
+        await flush_in_order(nc)  # only then is a request sent to the subject sure to reach us
         self.ready.set()
         try:
             await self._done.wait()

@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 from sandbox.errors import InvalidRequest
 from sandbox.nats_auth import NatsAuth
 from sandbox.nats_dial import dial_within
+from sandbox.nats_flush import flush_in_order
 
 __all__ = [
     "EVENT_TYPES",
@@ -223,7 +224,7 @@ class NatsEventSink:
     async def flush(self) -> None:
         """Wait until the server has received everything published so far."""
         if self._nc is not None and self._nc.is_connected:
-            await self._nc.flush()
+            await flush_in_order(self._nc)
 
     async def aclose(self) -> None:
         """Flush and disconnect."""

@@ -29,6 +29,7 @@ from sandbox.control_auth import AgentCredential, ControlSigningKey, ReplyVerifi
 from sandbox.control_protocol import ControlErrorCode, ControlRequest, PingOp, agent_subject
 from sandbox.errors import SandboxConfigError, SelfhostedControlError
 from sandbox.nats_auth import NatsAuth
+from sandbox.nats_flush import flush_in_order
 from sandbox.settings import Settings
 from tests.conftest import REPO, AuthenticatedNats, find_binary, free_port, nats_server_at, wait_for_port
 from tests.integration.selfhosted.conftest import FAST_RETRY, Agent, new_id, running_agent
@@ -114,7 +115,7 @@ async def refused_connect(url: str, **options: Any) -> Exception:
 
 
 async def permission_errors(nc_errors: list[Exception], nc: Any) -> list[str]:
-    await nc.flush()
+    await flush_in_order(nc)
     await asyncio.sleep(0.2)  # the server reports a violation asynchronously, after the flush's PONG
     return [str(err) for err in nc_errors]
 
@@ -175,10 +176,10 @@ async def test_an_agent_reaches_only_its_own_subject_and_queue(
             heard.append(msg.data)
 
         await ok.subscribe(own, queue=own, cb=hear)
-        await ok.flush()
+        await flush_in_order(ok)
         for _ in range(100):
             await runtime_nc.publish(own, b"hello")
-            await runtime_nc.flush()
+            await flush_in_order(runtime_nc)
             await asyncio.sleep(0.05)
             if heard:
                 break
@@ -208,7 +209,7 @@ async def test_event_readers_read_events_only(nats_server: AuthenticatedNats, ru
         await reader.publish("session.ws1.g1.events", b"forged")
         assert len(await permission_errors(errors, reader)) == 2
         await runtime_nc.publish("session.ws1.g1.events", b"real")  # positive control
-        await runtime_nc.flush()
+        await flush_in_order(runtime_nc)
         for _ in range(100):
             if seen:
                 break
@@ -378,7 +379,7 @@ async def test_an_impostor_never_gets_a_reply_accepted(open_nats: str, tmp_path:
         # Outside the queue group: every request reaches both, and the impostor's answer is the
         # first to arrive as often as not (it does no work before answering).
         await impostor.subscribe(subject, cb=forge)
-        await impostor.flush()
+        await flush_in_order(impostor)
         # Alone on the subject, the impostor's answers are refused (UNAUTHENTICATED, not its output).
         session = SelfhostedSession(
             rpc, workspace_id=agent.workspace_id, agent_id=agent.agent_id, epoch=1, retry=FAST_RETRY, timeout=1

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from cli import main as cli_main
 from cli.exits import EXIT_REFUSED
+from sandbox.nats_flush import flush_in_order
 from tests.conftest import FAST_TIMERS, give_to_box_user, nats_identity_env, nats_server_at
 from tests.integration.channel_a.conftest import git
 
@@ -89,7 +90,7 @@ async def test_fs_git_and_pty_commands_attach_as_direct_and_release(runtime: Any
         events.append(json.loads(msg.data))
 
     await nc.subscribe(f"session.{ws}.{group}.events", cb=on_event)
-    await nc.flush()
+    await flush_in_order(nc)
     try:
         code, out, err = await sandboxctl("fs", "put", ws, group, "notes/hello.txt", stdin=b"hello\n")
         assert code == 0, err

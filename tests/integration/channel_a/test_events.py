@@ -10,6 +10,7 @@ import pytest
 
 from sandbox.channel_a import ChannelA, ChannelAEvent, NatsEventSink, events_subject
 from sandbox.errors import InvalidRequest
+from sandbox.nats_flush import flush_in_order
 from tests.conftest import free_port, nats_server_at
 from tests.integration.channel_a.conftest import TestBox
 
@@ -25,7 +26,7 @@ async def test_mutations_publish_fs_changed_with_epoch_and_revision(nats_url: st
             done.set()
 
     await nc.subscribe("session.ws1.sess-1.events", cb=on_message)
-    await nc.flush()
+    await flush_in_order(nc)
     sink = NatsEventSink(nats_url, workspace_id="ws1", session_id="sess-1", auth=nats_server_at(nats_url).auth())
     ca = ChannelA(box.session, events=sink, lease_epoch=12, revision=40)
     try:

@@ -12,6 +12,7 @@ import pytest
 
 from activities.events import SessionEventActivities
 from client.events import SessionEventFeed
+from sandbox.nats_flush import flush_in_order
 from sandbox.settings import Settings
 from tests.conftest import nats_server_at
 from workflows.models.session_events import session_events_subject, stream_url_rotated
@@ -24,7 +25,7 @@ async def test_a_rotation_reaches_subscribers_of_the_session_subject(nats_url: s
     nc = await nats_server_at(nats_url).connect("events")
     received: asyncio.Queue[Any] = asyncio.Queue()
     await nc.subscribe(subject, cb=received.put)
-    await nc.flush()
+    await flush_in_order(nc)
     events = SessionEventActivities(Settings(nats_url=nats_url))
     payload = stream_url_rotated("lease/ws-events/g", 5, 4, datetime.now(UTC), reason="rotation")
     try:

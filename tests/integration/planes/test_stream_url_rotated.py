@@ -13,6 +13,7 @@ from temporalio.client import Client
 
 from providers.registry import ProviderRegistry
 from sandbox.box import Envelope
+from sandbox.nats_flush import flush_in_order
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, Runtime, nats_server_at, running_runtime
 from tests.integration.test_lease_workflow import record_history
@@ -45,7 +46,7 @@ async def events(nats_url: str) -> AsyncIterator[tuple[Any, str, asyncio.Queue[d
         await received.put(json.loads(msg.data))
 
     await nc.subscribe(session_events_subject(WORKSPACE, group), cb=on_message)
-    await nc.flush()
+    await flush_in_order(nc)
     try:
         yield nc, group, received
     finally:

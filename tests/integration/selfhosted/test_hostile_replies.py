@@ -27,6 +27,7 @@ from sandbox.control_protocol import (
     agent_subject,
     encode_message,
 )
+from sandbox.nats_flush import flush_in_order
 from tests.conftest import nats_server_at
 from tests.integration.selfhosted.conftest import new_id
 
@@ -55,7 +56,7 @@ async def hostile(nats_url: str) -> AsyncIterator[tuple[Hostile, str, Any]]:
             pass  # an oversized reply cannot even be published
 
     await nc.subscribe(subject, queue=subject, cb=answer)
-    await nc.flush()
+    await flush_in_order(nc)
     yield state, subject, nc
     await nc.close()
     server.revoke(ws, agent)
