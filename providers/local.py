@@ -474,8 +474,8 @@ async def _run(
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     in_fd = _stdin_fd(stdin) if stdin else subprocess.DEVNULL
-    try:
-        proc = await asyncio.create_subprocess_exec(
+    spawn = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
             *argv,
             stdin=in_fd,
             stdout=out_w,
@@ -485,6 +485,19 @@ async def _run(
             start_new_session=True,
             pass_fds=tuple(pass_fds),
         )
+    )
+    try:
+        proc = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        # Cancelled while spawning: the child may already run (its pid unknown to us until the spawn
+        # returns). Let the spawn finish, then kill its tree, so a cancelled exec leaves nothing behind.
+        with contextlib.suppress(Exception):
+            late = await spawn
+            await asyncio.to_thread(_kill_exec_tree, late.pid, marker)
+            await late.wait()
+        os.close(out_r)
+        os.close(err_r)
+        raise
     except BaseException:
         os.close(out_r)
         os.close(err_r)
@@ -1261,14 +1274,11 @@ class LocalProvider:
             if holder is not None:
                 holder.close()
                 del self._holders[instance_id]
-            lock_fd = await asyncio.to_thread(_lock_box, box)
-            try:
+            async with _box_locked(box):
                 await asyncio.to_thread(self._serve_egress, box)
                 holder = self._adopt_recorded_holder(box)
                 if holder is None:
                     holder = await self._start_holder(box, data)
-            finally:
-                os.close(lock_fd)
             self._holders[instance_id] = holder
             return holder
 
@@ -1766,6 +1776,32 @@ def _lock_box(box: Path) -> int:
         raise BoxNotFound(f"local box {box.name} does not exist") from None
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
+
+
+@contextlib.asynccontextmanager
+async def _box_locked(box: Path) -> AsyncIterator[None]:
+    """Hold ``box``'s cross-process lock for the block, waiting for it in a thread.
+
+    A caller cancelled while waiting must not leak the lock: the thread goes on and takes it
+    anyway (a thread cannot be cancelled), and an fd nobody closes would hold it for the life of
+    the process; every later waiter, and the interpreter's exit waiting on those threads, would
+    hang. So the wait is shielded and, once cancelled, the lock is released as soon as it is got.
+    """
+    acquiring = asyncio.ensure_future(asyncio.to_thread(_lock_box, box))
+    try:
+        fd = await asyncio.shield(acquiring)
+    except asyncio.CancelledError:
+        acquiring.add_done_callback(_release_when_acquired)
+        raise
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _release_when_acquired(acquiring: asyncio.Future[int]) -> None:
+    if not acquiring.cancelled() and acquiring.exception() is None:
+        os.close(acquiring.result())
 
 
 def _remove_stale(directory: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -22,6 +24,7 @@ from providers.local import (
     DEFAULT_BOX_HOST_UID,
     LocalBoxSession,
     LocalProvider,
+    _box_locked,
     instance_id_for_key,
 )
 from sandbox.box import BoxSpec, Envelope
@@ -33,7 +36,7 @@ from sandbox.errors import (
     SandboxConfigError,
     Unsupported,
 )
-from tests.conftest import remove_box_directory
+from tests.conftest import eventually, remove_box_directory
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed")
@@ -308,6 +311,56 @@ async def test_exec_timeout_kills_the_whole_process_group(box: LocalBoxSession) 
     assert caught.value.timeout == 0.5
     assert time.monotonic() - started < 5
     assert await wait_until_gone(needle) == []
+
+
+async def test_exec_cancelled_at_any_point_of_its_spawn_leaves_nothing(box: LocalBoxSession) -> None:
+    # Cancelled after 0, 1, 2, ... event-loop turns: some land while the child is being spawned
+    # (already running, its pid not yet known), which once leaked the command.
+    needle = unique_sleep()
+    for turns in (0, 1, 2, 4, 8):
+        task = asyncio.create_task(box.exec(["sh", "-c", f"sleep {needle}"]))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await wait_until_gone(needle) == [], turns
+
+
+def _lock_is_free(path: Path) -> bool:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing the description drops a lock this probe took
+
+
+async def test_a_caller_cancelled_while_waiting_for_the_box_lock_does_not_keep_it(tmp_path: Path) -> None:
+    """The wait runs in a thread that takes the lock after all; it must then let it go again."""
+    (tmp_path / ".lock").touch()
+    held = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CLOEXEC)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another worker holds the box
+
+    async def wait_for_the_box() -> None:
+        async with _box_locked(tmp_path):
+            raise AssertionError("the cancelled caller must never enter")
+
+    waiter = asyncio.create_task(wait_for_the_box())
+    inode = os.stat(tmp_path / ".lock").st_ino
+
+    async def parked() -> bool:  # /proc/locks marks a blocked waiter with "->"
+        return any("->" in line and f":{inode} " in line for line in Path("/proc/locks").read_text().splitlines())
+
+    await eventually(parked, timeout=5)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not _lock_is_free(tmp_path / ".lock")  # positive control: held, the probe sees it
+    os.close(held)  # the other worker lets go; the abandoned thread takes the lock now
+    await eventually(lambda: asyncio.to_thread(_lock_is_free, tmp_path / ".lock"), timeout=5)
 
 
 async def test_exec_cancellation_kills_the_command(box: LocalBoxSession) -> None:
