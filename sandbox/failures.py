@@ -40,7 +40,7 @@ from temporalio.client import RPCError, RPCTimeoutOrCancelledError
 from temporalio.exceptions import ApplicationError, TemporalError
 from temporalio.service import RPCStatusCode
 
-from sandbox.errors import LeaseNotFound, OutcomeUnknown, SandboxError, error_from_type
+from sandbox.errors import InvalidRequest, LeaseNotFound, OutcomeUnknown, SandboxError, error_from_type
 
 __all__ = [
     "application_error_in",
@@ -156,7 +156,7 @@ def translate(err: BaseException) -> SandboxError | asyncio.CancelledError:
         return err
     app = application_error_in(err)
     if app is not None:
-        return from_application_error(app)
+        return _malformed_request(app) or from_application_error(app)
     rpc = err if isinstance(err, RPCError) else err.__cause__
     if isinstance(err, RPCTimeoutOrCancelledError) or (
         isinstance(rpc, RPCError) and rpc.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
@@ -171,6 +171,25 @@ def translate(err: BaseException) -> SandboxError | asyncio.CancelledError:
     # A failed update or workflow says little itself ("Workflow update failed"): its cause says what.
     cause = err.__cause__
     return SandboxError(f"{err}: {cause}" if isinstance(cause, TemporalError) else str(err) or type(err).__name__)
+
+
+def _malformed_request(app: ApplicationError) -> InvalidRequest | None:
+    """``InvalidRequest`` naming the fields when the workflow could not even decode a request.
+
+    The SDK rejects such an update before any validator runs, as ``RuntimeError: Failed decoding
+    arguments`` caused by pydantic's ``ValidationError`` (a foreign caller's ``"epoch": "1"``). Only
+    the field paths and pydantic's messages are kept: its ``input_value=...`` could echo a secret.
+    """
+    cause = app.__cause__
+    if app.type != "RuntimeError" or not isinstance(cause, ApplicationError) or cause.type != "ValidationError":
+        return None
+    lines = [line for line in cause.message.splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+    problems = [
+        f"{field.strip()}: {message.split(' [', 1)[0].strip()}"
+        for field, message in zip(lines[1::2], lines[2::2], strict=False)
+    ]
+    what = lines[0].split(" for ", 1)[-1] if lines else "the request"
+    return InvalidRequest(f"malformed {what}: {'; '.join(problems) or 'it could not be decoded'}")
 
 
 async def call_workflow(fn: Callable[[], Awaitable[T]]) -> T:

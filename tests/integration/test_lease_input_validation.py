@@ -49,6 +49,30 @@ async def test_a_negative_epoch_is_an_invalid_request_and_a_wrong_one_stays_stal
         await leases.drain(ws, g, wait=True)
 
 
+async def test_an_epoch_sent_as_text_is_an_invalid_request_naming_the_field(runtime: Any) -> None:
+    """A foreign caller's ``"epoch": "1"`` is refused, not coerced; the same request with 1 works."""
+    leases = runtime.leases()
+    ws, g = f"ws-{uuid.uuid4().hex[:8]}", "g1"
+    grant = await leases.acquire(ws, g, holder_id="t1", backend="local")
+    h = leases.handle(ws, g)
+    try:
+        for update, body in (
+            ("heartbeat", {"holder_id": "t1", "epoch": str(grant.epoch)}),
+            ("exec", {"cmd": ["true"], "epoch": str(grant.epoch), "env": {"TOKEN": "hunter2"}}),
+            ("acquire", {"holder_id": "t2", "expected_epoch": str(grant.epoch)}),
+        ):
+            with pytest.raises(errors.InvalidRequest, match=r"epoch: Input should be a valid integer") as info:
+                await call_workflow(lambda u=update, b=body: h.execute_update(u, b))  # type: ignore[misc]
+            assert "hunter2" not in info.value.message and "input_value" not in info.value.message
+        # Positive control: the same raw heartbeat with an integer epoch is accepted.
+        alive = await call_workflow(lambda: h.execute_update("heartbeat", {"holder_id": "t1", "epoch": grant.epoch}))
+        assert alive["alive"] is True
+        view = await leases.describe(ws, g)
+        assert [x.holder_id for x in view.holders] == ["t1"]
+    finally:
+        await leases.drain(ws, g, wait=True)
+
+
 async def test_a_lease_started_with_a_negative_holder_ttl_admits_no_holder(runtime: Any) -> None:
     leases = runtime.leases()
     ws, g = f"ws-{uuid.uuid4().hex[:8]}", "g1"

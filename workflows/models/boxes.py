@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from sandbox.box import Envelope
 from store.records import LeaseEventRecord, LeaseRecord
@@ -24,7 +24,7 @@ class ProvisionInput(BaseModel):
     workspace_id: str
     group_id: str
     backend: str
-    epoch: int
+    epoch: StrictInt
     idempotency_key: str
     image: str | None = None
     os: str = "linux"
@@ -72,7 +72,7 @@ class ExecInput(BaseModel):
     timeout_seconds: float = 600.0
     env: dict[str, str] = Field(default_factory=dict)
     output_limit_bytes: int = 1024 * 1024
-    epoch: int | None = None  # for traces only; None in histories recorded before it was sent
+    epoch: StrictInt | None = None  # for traces only; None in histories recorded before it was sent
 
 
 class ExecOutput(BaseModel):
@@ -109,7 +109,7 @@ class SeedInput(BaseModel):
 class SeedResult(BaseModel):
     """What a fresh run of a lease starts from: what a previous incarnation left in the store, and its backend."""
 
-    epoch: int = 0
+    epoch: StrictInt = 0
     version: int = 0
     """The projection's last transition_seq: a new run counts on from there so its writes apply."""
     found: bool = False
@@ -126,7 +126,7 @@ class CaptureRequest(BaseModel):
     lease_id: str
     workspace_id: str
     group_id: str
-    epoch: int
+    epoch: StrictInt
     reason: Literal["drain", "periodic", "rotation"]
     only_if_changed: bool = False
     """Periodic captures skip (``ArchiveRef.unchanged``) when the workspace did not change since ``previous_sha256``."""

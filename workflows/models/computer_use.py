@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from sandbox.box import Envelope
 
@@ -23,7 +23,7 @@ MAX_ACTIONS = 100
 class ScreenshotRequest(BaseModel):
     """Take a screenshot of the lease's desktop (the lease's ``screenshot`` update)."""
 
-    epoch: int | None = None
+    epoch: StrictInt | None = None
     """If given, the lease's current epoch must equal it (fenced otherwise)."""
     geometry: str = "1280x800"
     """Desktop size, used only when the desktop is not up yet."""
@@ -35,7 +35,7 @@ class ScreenshotInput(BaseModel):
     backend: str
     envelope: Envelope
     lease_id: str
-    epoch: int
+    epoch: StrictInt
     geometry: str = "1280x800"
     max_png_bytes: int = Field(default=MAX_SCREENSHOT_BYTES, ge=10_000)
 
@@ -52,7 +52,7 @@ class Screenshot(BaseModel):
     screen_height: int
     scale: float = 1.0
     display: int
-    epoch: int | None = None
+    epoch: StrictInt | None = None
 
 
 class _Point(BaseModel):
@@ -140,7 +140,7 @@ class DesktopInputRequest(BaseModel):
     """Drive the lease's desktop with pointer and keyboard actions, in order (``desktop_input`` update)."""
 
     actions: list[DesktopAction] = Field(min_length=1, max_length=MAX_ACTIONS)
-    epoch: int | None = None
+    epoch: StrictInt | None = None
     geometry: str = "1280x800"
 
 
@@ -150,7 +150,7 @@ class DesktopInputInput(BaseModel):
     backend: str
     envelope: Envelope
     lease_id: str
-    epoch: int
+    epoch: StrictInt
     actions: list[DesktopAction] = Field(min_length=1, max_length=MAX_ACTIONS)
     geometry: str = "1280x800"
 
@@ -162,4 +162,4 @@ class DesktopInputResult(BaseModel):
     pointer_x: int
     pointer_y: int
     display: int
-    epoch: int | None = None
+    epoch: StrictInt | None = None

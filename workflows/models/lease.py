@@ -12,7 +12,7 @@ import re
 from datetime import datetime
 from typing import Final, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from sandbox.box import Envelope
 
@@ -166,7 +166,7 @@ class Transition(BaseModel):
     seq: int
     from_liveness: Liveness
     to_liveness: Liveness
-    epoch: int
+    epoch: StrictInt
     reason: str
     at: datetime
 
@@ -179,7 +179,7 @@ class ArchiveRef(BaseModel):
     sha256: str
     size_bytes: int
     kind: Literal["tar", "tar+zstd", "native"] = "tar"
-    epoch: int
+    epoch: StrictInt
     unchanged: bool = False
 
 
@@ -212,7 +212,7 @@ class LeaseState(BaseModel):
     """All mutable state of a lease; carried whole across continue-as-new."""
 
     liveness: Liveness = "cold"
-    epoch: int = 0
+    epoch: StrictInt = 0
     envelope: Envelope | None = None
     holders: list[Holder] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
@@ -253,7 +253,7 @@ class AcquireRequest(BaseModel):
     kind: HolderKind = "turn"
     holder_id: str
     subject: str | None = None
-    expected_epoch: int | None = None
+    expected_epoch: StrictInt | None = None
     backend: str | None = None
     """If given, must match the lease's backend (a lease never changes backend)."""
 
@@ -262,7 +262,7 @@ class LeaseGrant(BaseModel):
     """What an acquirer gets: the epoch to fence with and where the box is."""
 
     lease_id: str
-    epoch: int
+    epoch: StrictInt
     role: Role
     liveness: Liveness
     backend: str
@@ -320,14 +320,14 @@ class HeartbeatRequest(BaseModel):
 
     kind: HolderKind = "turn"
     holder_id: str
-    epoch: int
+    epoch: StrictInt
 
 
 class HeartbeatResult(BaseModel):
     """The lease's answer to a heartbeat."""
 
     alive: bool
-    epoch: int
+    epoch: StrictInt
     liveness: Liveness
     expires_at: datetime
 
@@ -354,7 +354,7 @@ class ExecRequest(BaseModel):
     workdir: str | None = None
     timeout_seconds: float | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    epoch: int | None = None
+    epoch: StrictInt | None = None
 
 
 class ExecOutcome(BaseModel):
@@ -365,13 +365,13 @@ class ExecOutcome(BaseModel):
     stderr: str
     stdout_truncated: bool = False
     stderr_truncated: bool = False
-    epoch: int
+    epoch: StrictInt
 
 
 class BoxLostReport(BaseModel):
     """An observer saw a typed NotFound for the box of this epoch."""
 
-    epoch: int
+    epoch: StrictInt
     instance_id: str
 
 
@@ -379,7 +379,7 @@ class BoxLostResult(BaseModel):
     """Whether the lease agreed the box is gone (it checks with the provider first)."""
 
     lost: bool
-    epoch: int
+    epoch: StrictInt
     liveness: Liveness
 
 
@@ -410,7 +410,7 @@ class LeaseView(BaseModel):
     backend: str
     os: str
     liveness: Liveness
-    epoch: int
+    epoch: StrictInt
     instance_id: str | None
     backend_id: str | None
     envelope: Envelope | None

@@ -7,7 +7,7 @@ code. The activities' names are :class:`workflows.activity_names.ActivityName`.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 # ---------------------------------------------------------------- snapshot GC
 
@@ -107,7 +107,7 @@ class OrphanBox(BaseModel):
     backend: str
     instance_id: str
     lease_id: str | None = None
-    epoch: int | None = None
+    epoch: StrictInt | None = None
     created_at: float | None = None
     """Unix time the box was created, when the provider knows it."""
     age_seconds: float | None = None

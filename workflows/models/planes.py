@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, StrictInt
 
 from sandbox.box import Envelope
 
@@ -20,7 +20,7 @@ class PlaneRequest(BaseModel):
     backend: str
     envelope: Envelope
     lease_id: str
-    epoch: int
+    epoch: StrictInt
     plane: Literal["desktop", "terminal"]
     geometry: str = "1280x800"
 
@@ -38,7 +38,7 @@ class DisplayStackRequest(BaseModel):
     backend: str
     envelope: Envelope
     lease_id: str
-    epoch: int
+    epoch: StrictInt
     geometry: str = "1280x800"
     dpi: int = 96
 
@@ -60,7 +60,7 @@ class TerminalServerRequest(BaseModel):
     backend: str
     envelope: Envelope
     lease_id: str
-    epoch: int
+    epoch: StrictInt
 
 
 class TerminalServerResult(BaseModel):

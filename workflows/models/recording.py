@@ -13,7 +13,7 @@ import re
 from datetime import datetime
 from typing import Final, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from sandbox.box import Envelope
 from store.records import RecordingCodec, RecordingFailureReason, RecordingRecord, RecordingStateName
@@ -122,7 +122,7 @@ class RecordingRequest(BaseModel):
     max_seconds: int = Field(default=DEFAULT_MAX_SECONDS, ge=1, le=MAX_MAX_SECONDS)
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
     geometry: str = DEFAULT_GEOMETRY
-    expected_epoch: int | None = None
+    expected_epoch: StrictInt | None = None
 
     @field_validator("recording_id")
     @classmethod
@@ -150,7 +150,7 @@ class RecordingInput(BaseModel):
     max_seconds: int = Field(default=DEFAULT_MAX_SECONDS, ge=1, le=MAX_MAX_SECONDS)
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
     geometry: str = DEFAULT_GEOMETRY
-    expected_epoch: int | None = None
+    expected_epoch: StrictInt | None = None
     timers: RecordingTimers = Field(default_factory=RecordingTimers)
 
     @field_validator("recording_id")
@@ -213,7 +213,7 @@ class StopRecordingRequest(BaseModel):
 class BoxLostNotice(BaseModel):
     """The lease lost the box of this epoch (signal from the lease, or from an observer)."""
 
-    epoch: int
+    epoch: StrictInt
 
 
 class StateChange(BaseModel):
@@ -239,7 +239,7 @@ class RecordingView(BaseModel):
     framerate: int
     max_seconds: int
     max_bytes: int
-    epoch: int | None = None
+    epoch: StrictInt | None = None
     instance_id: str | None = None
     display: int | None = None
     width: int | None = None
@@ -271,7 +271,7 @@ class LeaseHolderInput(BaseModel):
     group_id: str
     recording_id: str
     subject: str | None = None
-    epoch: int | None = None
+    epoch: StrictInt | None = None
     """Heartbeat: the grant's epoch. Hold: the expected epoch, if any."""
 
 
@@ -280,7 +280,7 @@ class LeaseBoxLostInput(BaseModel):
 
     workspace_id: str
     group_id: str
-    epoch: int
+    epoch: StrictInt
     instance_id: str
 
 
