@@ -2064,7 +2064,7 @@ class LocalBoxSession:
             raise InvalidRequest(f"timeout must be > 0 seconds, not {timeout}")
         call_env = dict(env or {})
         _check_env(call_env)
-        box_wd, host_wd = self._workdir(workdir)
+        box_wd, host_wd = await self._mounted_workdir(workdir)
 
         if await self._provider._isolation_async() == "bubblewrap":
             holder = self._provider._holders.get(self.instance_id)
@@ -2087,6 +2087,22 @@ class LocalBoxSession:
         if done.timed_out:
             raise ExecTimeout(f"{argv[0]} ran past its {timeout} s timeout and was killed", timeout=timeout or 0.0)
         return ExecResult(exit_code=_exit_code(done.returncode), stdout=done.stdout, stderr=done.stderr)
+
+    async def _mounted_workdir(self, workdir: str | None) -> tuple[str, str | None]:
+        """:meth:`_workdir`, mounting the box's disk first when this host does not have it mounted.
+
+        A worker that took over a box from one killed mid-create (the disk made, not yet mounted)
+        can find the disk unmounted on the host while the box's own namespace is fine; the walk on
+        the host would then call the workspace missing and the exec (a capture's ``tar`` too) fail.
+        """
+        try:
+            return self._workdir(workdir)
+        except PathNotFound:
+            data = self._box / "data"
+            if self._record.format < 2 or os.path.ismount(data) or not os.path.exists(self._box / "disk.img"):
+                raise
+        await asyncio.to_thread(self._provider._ensure_data, self._box, self._record)
+        return self._workdir(workdir)
 
     def _workdir(self, workdir: str | None) -> tuple[str, str | None]:
         """The working directory as the box sees it and its host path (None where unknown).
@@ -2170,7 +2186,7 @@ class LocalBoxSession:
         call_env = dict(env)
         _check_env(call_env)
         if await self._provider._isolation_async() == "bubblewrap":
-            box_wd, _ = self._workdir(cwd)
+            box_wd, _ = await self._mounted_workdir(cwd)
             return await self._launch_bwrap(args, box_wd, call_env, tty_fd)
         # Commands of a process-isolated box see host paths: one under the box directory is taken
         # as is (the /tmp mapping of box paths must not catch a box that lives under /tmp).
@@ -2181,7 +2197,7 @@ class LocalBoxSession:
             if not os.path.isdir(workdir):
                 raise PathNotFound(f"working directory {cwd} does not exist in the box", path=cwd)
         else:
-            box_wd, host_wd = self._workdir(cwd)
+            box_wd, host_wd = await self._mounted_workdir(cwd)
             workdir = host_wd or box_wd
         env_all = self._env(call_env, str(self.home_path), {"TMPDIR": str(self.tmp_path)})
         start = _boot_ticks() - 1

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from providers.local import (
     instance_id_for_key,
 )
 from sandbox.box import BoxSpec, Envelope
+from sandbox.box_limits import BoxLimits
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -325,6 +327,26 @@ async def test_exec_cancelled_at_any_point_of_its_spawn_leaves_nothing(box: Loca
         with contextlib.suppress(asyncio.CancelledError):
             await task
         assert await wait_until_gone(needle) == [], turns
+
+
+async def test_a_box_whose_disk_this_host_has_not_mounted_is_mounted_again_for_an_exec(tmp_path: Path) -> None:
+    """As a worker finds a box taken over from one killed mid-create: its disk made, not mounted here."""
+    limits = BoxLimits(pids_max=None, memory_max=None, cpu_max=None, disk_max=64 * 1024**2)
+    provider = LocalProvider(tmp_path / "boxes", limits=limits)
+    provider.validate_credentials()
+    try:
+        box = await provider.create(spec(), key())
+        assert (await box.exec(["sh", "-c", "echo kept > note"])).exit_code == 0
+        data = box.workspace_path.parent
+        subprocess.run(["umount", "-l", str(data)], check=True)
+        assert not os.path.ismount(data) and not (box.workspace_path / "note").exists()  # positive control
+        out = await box.exec(["cat", "note"])
+        assert (out.exit_code, out.stdout) == (0, b"kept\n")  # the same disk, nothing lost
+        assert os.path.ismount(data)
+    finally:
+        for owned in await provider.list_owned():
+            await provider.terminate(Envelope(backend_id="unix_local", instance_id=owned.instance_id))
+        await provider.aclose()
 
 
 def _lock_is_free(path: Path) -> bool:
