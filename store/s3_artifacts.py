@@ -40,11 +40,11 @@ if TYPE_CHECKING:
 
 __all__ = ["PART_SIZE", "S3ArtifactStore", "parse_s3_url"]
 
-PART_SIZE: Final = 8 * 1024 * 1024
+PART_SIZE: Final = 6 * 1024 * 1024
 """Bytes per part of a multipart upload (S3's minimum is 5 MiB); smaller objects take one ``PUT``."""
 
 _QUEUE_DEPTH: Final = 4
-_MAX_CONCURRENCY: Final = 4
+_MAX_CONCURRENCY: Final = 3
 _ABORT_WAIT_SECONDS: Final = 30.0
 _HASH_IN_THREAD_BYTES: Final = 256 * 1024
 _DEFAULT_RETRY: Final[RetryConfig] = {
