@@ -792,6 +792,23 @@ async def pg_runtime(
             yield rt
 
 
+@pytest.fixture(scope="session")
+async def s3_runtime(
+    temporal_client: Client, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Runtime]:
+    """Like ``runtime`` but workspace archives and recordings go to a bucket on the S3 server."""
+    from sandbox.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("sandbox-s3-data"),
+        task_queue=f"test-s3-{uuid.uuid4()}",
+        **s3_server.settings_values(s3_server.new_bucket()),
+        **FAST_TIMERS,
+    )
+    async with running_runtime(temporal_client, settings) as rt:
+        yield rt
+
+
 # --------------------------------------------------------------------------- host edges
 
 
