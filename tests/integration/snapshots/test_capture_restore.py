@@ -7,6 +7,7 @@ import os
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from temporalio.exceptions import ApplicationError
 from activities.boxes import BoxActivities
 from sandbox.errors import ArtifactStoreUnavailable
 from store.artifacts import ArtifactStore, StoredArtifact
+from store.s3_artifacts import S3ArtifactStore
+from tests.conftest import free_port
 from tests.integration.snapshots.conftest import SnapshotRig, manifest
 from workflows.models.lease import ArchiveRef
 
@@ -223,6 +226,26 @@ class _FailingReads:
 async def test_a_transient_store_failure_fails_provision_instead_of_falling_back(rig: SnapshotRig) -> None:
     older, newer = await _two_archives(rig)
     rig.boxes = BoxActivities(rig.providers, _FailingReads(rig.artifacts))
+    with pytest.raises(ApplicationError) as err:
+        await rig.provision(epoch=2, restore=[newer, older])
+    assert err.value.type == "ArtifactStoreUnavailable" and not err.value.non_retryable
+
+
+async def test_an_unreachable_s3_server_fails_provision_instead_of_falling_back(rig: SnapshotRig) -> None:
+    if not isinstance(rig.artifacts, S3ArtifactStore):
+        pytest.skip("the S3 store's outage; the filesystem store's is the test above")
+    older, newer = await _two_archives(rig)
+    bucket = rig.artifacts.url.removeprefix("s3://").split("/")[0]
+    # The same bucket, but nothing listens where the store is told the server is (a network outage).
+    unreachable = S3ArtifactStore(
+        bucket,
+        prefix="artifacts",
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        access_key_id="a",
+        secret_access_key="b",
+        retry={"max_retries": 1, "retry_timeout": timedelta(seconds=3)},
+    )
+    rig.boxes = BoxActivities(rig.providers, unreachable)
     with pytest.raises(ApplicationError) as err:
         await rig.provision(epoch=2, restore=[newer, older])
     assert err.value.type == "ArtifactStoreUnavailable" and not err.value.non_retryable
