@@ -36,7 +36,7 @@ from providers.registry import ProviderRegistry
 from sandbox.errors import SandboxConfigError
 from sandbox.payload_codec import data_converter
 from sandbox.settings import Settings
-from store.artifacts import FilesystemArtifactStore, artifact_root
+from store.artifacts import artifact_store
 from store.database import Database
 from store.leases import LeaseRepository
 from store.recordings import RecordingStore
@@ -215,7 +215,8 @@ def build_activities(
     ``events`` is the session-event activity to register (a new one when omitted); ``metrics`` is
     where box operations are measured (nowhere when omitted).
     """
-    artifacts = FilesystemArtifactStore(artifact_root(settings))
+    artifacts = artifact_store(settings)
+    log.info("artifact store: %r", artifacts)
     boxes = BoxActivities(providers, artifacts, metrics=metrics)
     projection = ProjectionActivities(LeaseRepository(db))
     snapshots = SnapshotActivities(

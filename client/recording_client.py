@@ -222,7 +222,7 @@ async def save_recording(settings: Settings, db: Database, recording_id: str, ou
         InvalidRequest: The recording is not ``available`` (still recording, or failed).
         SandboxError: The stored video's size differs from its row (nothing is written).
     """
-    from store.artifacts import FilesystemArtifactStore, artifact_root
+    from store.artifacts import artifact_store
     from store.recordings import RecordingStore
 
     record = await RecordingStore(db).get(recording_id)
@@ -231,7 +231,7 @@ async def save_recording(settings: Settings, db: Database, recording_id: str, ou
     if record.state != "available" or record.storage_key is None:
         detail = f" ({record.reason}: {record.detail})" if record.reason else ""
         raise InvalidRequest(f"recording {recording_id} is {record.state}{detail}, not available")
-    store = FilesystemArtifactStore(artifact_root(settings))
+    store = artifact_store(settings)
     written = 0
     temp = output.with_name(f".{output.name}.part")
     with temp.open("wb") as f:

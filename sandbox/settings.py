@@ -54,6 +54,23 @@ class Settings(BaseSettings):
     # Store: None means SQLite under the data dir.
     database_url: str | None = None
 
+    # Artifact store (workspace archives, recordings): unset = files under <data_dir>/artifacts;
+    # s3://bucket[/prefix] = an S3-compatible object store every host can read (store/s3_artifacts.py).
+    artifacts_url: str | None = Field(
+        default=None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._:+/-]*)?$",
+        description="Where workspace archives and recordings go: unset = the data dir; s3://bucket[/prefix].",
+    )
+    s3_endpoint: str | None = Field(
+        default=None, description="S3 endpoint URL (MinIO, Ceph, R2, ...); unset = AWS. http:// allows plain HTTP."
+    )
+    s3_region: str | None = Field(default=None, description="S3 region; unset = AWS_REGION or us-east-1.")
+    s3_access_key_id: str | None = Field(default=None, description="S3 access key id; unset = the AWS_* environment.")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key (with _ACCESS_KEY_ID).")
+    s3_secret_access_key_file: Path | None = Field(
+        default=None, description="File holding the S3 secret key (instead of SANDBOX_S3_SECRET_ACCESS_KEY)."
+    )
+
     # Providers
     default_backend: str = "local"
 
@@ -215,7 +232,13 @@ class Settings(BaseSettings):
 
     def runtime_endpoint_urls(self) -> list[str | None]:
         """The runtime's own service endpoints: boxes' egress always refuses them."""
-        return [self.temporal_address, self.nats_url, self.resolved_database_url(), self.otel_endpoint]
+        return [
+            self.temporal_address,
+            self.nats_url,
+            self.resolved_database_url(),
+            self.otel_endpoint,
+            self.s3_endpoint if self.artifacts_url else None,
+        ]
 
     def payload_keys_file(self) -> Path:
         """Where the payload keys live when ``SANDBOX_PAYLOAD_KEYS`` is unset (0600, made on first use)."""
@@ -240,6 +263,8 @@ class Settings(BaseSettings):
             raise SandboxConfigError("SANDBOX_CONTINUE_AS_NEW_AFTER_TRANSITIONS must be >= 10")
         if self.metrics_address is not None:
             self.metrics_bind_address()
+        if self.s3_secret_access_key is not None and self.s3_secret_access_key_file is not None:
+            raise SandboxConfigError("set SANDBOX_S3_SECRET_ACCESS_KEY or SANDBOX_S3_SECRET_ACCESS_KEY_FILE, not both")
         return self
 
     def metrics_bind_address(self) -> str | None:

@@ -1,8 +1,10 @@
 """The artifact store: large immutable objects (workspace archives) addressed by key, streamed in and out.
 
-:class:`ArtifactStore` is the protocol (an S3-compatible store can implement it later);
-:class:`FilesystemArtifactStore` keeps each object as one file under a root directory in the data
-dir. Objects are written atomically (temporary file, ``fsync``, rename, ``fsync`` of the directory),
+:class:`ArtifactStore` is the protocol; :class:`FilesystemArtifactStore` (the embedded default)
+keeps each object as one file under a root directory in the data dir, and
+:class:`~store.s3_artifacts.S3ArtifactStore` keeps it in an S3-compatible bucket every host can read;
+:func:`artifact_store` chooses between them from the settings (``SANDBOX_ARTIFACTS_URL``). The
+filesystem store writes atomically (temporary file, ``fsync``, rename, ``fsync`` of the directory),
 so a key either names a complete object or nothing, and :meth:`ArtifactStore.put` computes the
 SHA-256 and size while the bytes stream through: memory does not grow with the object's size.
 
@@ -44,6 +46,8 @@ __all__ = [
     "LocalFileArtifactStore",
     "StoredArtifact",
     "artifact_root",
+    "artifact_store",
+    "check_key",
     "snapshot_key",
     "verified",
 ]
@@ -147,6 +151,32 @@ def artifact_root(settings: Settings) -> Path:
     return (settings.data_dir / "artifacts").resolve()
 
 
+def artifact_store(settings: Settings) -> LocalFileArtifactStore:
+    """The artifact store these settings name: S3 for ``SANDBOX_ARTIFACTS_URL=s3://...``, else files in the data dir.
+
+    The one place the worker, the client and the tools choose their store (workspace archives and
+    recordings go to the same one).
+
+    Raises:
+        SandboxConfigError: the S3 settings are malformed or half set.
+    """
+    if settings.artifacts_url is None:
+        return FilesystemArtifactStore(artifact_root(settings))
+    from store.s3_artifacts import S3ArtifactStore  # it builds on this module
+
+    return S3ArtifactStore.from_settings(settings)
+
+
+def check_key(key: str) -> str:
+    """``key`` itself if it is a valid artifact key (relative, ``/``-separated safe segments).
+
+    Raises:
+        InvalidRequest: the key is malformed.
+    """
+    _key_parts(key)
+    return key
+
+
 def _key_parts(key: str) -> list[str]:
     if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LEN:
         raise InvalidRequest(f"artifact key must be 1..{_MAX_KEY_LEN} characters")
@@ -194,6 +224,9 @@ class FilesystemArtifactStore:
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self._root = Path(os.path.abspath(root))
         self._durable = durable
+
+    def __repr__(self) -> str:
+        return f"FilesystemArtifactStore({self._root})"
 
     @property
     def root(self) -> Path:

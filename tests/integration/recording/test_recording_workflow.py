@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from client.recording_client import RecordingClient
-from store.artifacts import FilesystemArtifactStore, artifact_root
+from client.recording_client import RecordingClient, save_recording
+from store.artifacts import FilesystemArtifactStore, artifact_root, artifact_store
 from store.recordings import RecordingStore
+from store.s3_artifacts import S3ArtifactStore
 from tests.conftest import box_visible_bin, eventually, ids
 from tests.integration.recording.conftest import FAST, box_tmp, ffprobe, wait_state
 from workflows.models.recording import recording_workflow_id
@@ -171,3 +172,26 @@ def runtime_provider(runtime: Any) -> Any:
     from providers.local import LocalProvider
 
     return LocalProvider(runtime.settings.boxes_dir())
+
+
+async def test_a_recording_on_a_worker_with_s3_artifacts_goes_to_the_bucket_and_saves(
+    s3_runtime: Any, tmp_path: Path
+) -> None:
+    recordings = RecordingClient(s3_runtime.client, s3_runtime.settings)
+    ws, group = ids("ws-rec-s3")
+    async with s3_runtime.leases().hold(ws, group):
+        started = await recordings.start(ws, group, recordings.request(max_seconds=2), timers=FAST)
+        view = await recordings.result(started.recording_id, timeout=40)
+    assert view.state == "available", view
+    row = await RecordingStore(s3_runtime.db).get(started.recording_id)
+    assert row is not None and row.storage_key is not None and row.size_bytes
+    store = artifact_store(s3_runtime.settings)
+    assert isinstance(store, S3ArtifactStore)
+    assert await store.size_of(row.storage_key) == row.size_bytes
+    local = FilesystemArtifactStore(artifact_root(s3_runtime.settings))
+    assert not local.path_of(row.storage_key).exists(), "nothing of it on the worker's disk"
+    # What `sandboxctl recording save` does: it reads the bucket too.
+    saved = await save_recording(s3_runtime.settings, s3_runtime.db, started.recording_id, tmp_path / "out.mp4")
+    assert saved.size_bytes == row.size_bytes
+    probe = ffprobe(tmp_path / "out.mp4")
+    assert probe["streams"][0]["codec_name"] == "h264" and 1.5 <= float(probe["format"]["duration"]) <= 2.5

@@ -1,4 +1,8 @@
-"""Fixtures for the snapshot tests: a store, an artifact store, the local provider and the activities."""
+"""Fixtures for the snapshot tests: a store, an artifact store, the local provider and the activities.
+
+The rig runs each test twice: on the embedded filesystem artifact store and on the S3 store
+against the session's S3-protocol server (moto), as a deployment with ``SANDBOX_ARTIFACTS_URL`` has.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 from temporalio.testing import ActivityEnvironment
 
@@ -20,10 +25,11 @@ from providers.local import LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
 from sandbox.box import Envelope
 from sandbox.settings import Settings
-from store.artifacts import FilesystemArtifactStore, artifact_root
+from store.artifacts import FilesystemArtifactStore, artifact_store
 from store.database import Database
+from store.s3_artifacts import S3ArtifactStore
 from store.snapshots import SnapshotLedger
-from tests.conftest import unmount_box_disks
+from tests.conftest import S3Server, unmount_box_disks
 from workflows.models.boxes import CaptureRequest, ProvisionInput, ProvisionResult, PublishRequest
 from workflows.models.lease import ArchiveRef
 
@@ -35,7 +41,7 @@ class SnapshotRig:
     settings: Settings
     db: Database
     ledger: SnapshotLedger
-    artifacts: FilesystemArtifactStore
+    artifacts: FilesystemArtifactStore | S3ArtifactStore
     providers: ProviderRegistry
     boxes: BoxActivities
     snapshots: SnapshotActivities
@@ -45,6 +51,14 @@ class SnapshotRig:
     @property
     def lease_id(self) -> str:
         return f"lease/{self.workspace_id}/{self.group_id}"
+
+    async def keys_beside(self, key: str) -> list[str]:
+        """The names of the objects stored in the same "directory" as ``key`` (whichever store)."""
+        parent = key.rpartition("/")[0]
+        if isinstance(self.artifacts, FilesystemArtifactStore):
+            return sorted(p.name for p in self.artifacts.path_of(key).parent.iterdir())
+        metas = [m async for batch in obstore.list(self.artifacts.object_store, parent + "/") for m in batch]
+        return sorted(m["path"].rpartition("/")[2] for m in metas)
 
     @property
     def local(self) -> LocalProvider:
@@ -127,13 +141,18 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
     yield from _fast_dir(tmp_path)
 
 
-@pytest.fixture
-async def rig(scratch: Path) -> AsyncIterator[SnapshotRig]:
-    settings = Settings(data_dir=scratch / "data")
+@pytest.fixture(params=["filesystem", "s3"])
+async def rig(scratch: Path, request: pytest.FixtureRequest) -> AsyncIterator[SnapshotRig]:
+    values: dict[str, Any] = {}
+    if request.param == "s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        values = s3.settings_values(s3.new_bucket())
+    settings = Settings(data_dir=scratch / "data", **values)
     db = Database.for_settings(settings)
     await db.migrate()
     ledger = SnapshotLedger(db)
-    artifacts = FilesystemArtifactStore(artifact_root(settings))
+    artifacts = artifact_store(settings)
+    assert isinstance(artifacts, FilesystemArtifactStore | S3ArtifactStore)
     providers = ProviderRegistry(settings)
     try:
         yield SnapshotRig(

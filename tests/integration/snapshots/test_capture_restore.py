@@ -7,6 +7,7 @@ import os
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities.boxes import BoxActivities
 from sandbox.errors import ArtifactStoreUnavailable
-from store.artifacts import FilesystemArtifactStore
+from store.artifacts import ArtifactStore, StoredArtifact
+from store.s3_artifacts import S3ArtifactStore
+from tests.conftest import free_port
 from tests.integration.snapshots.conftest import SnapshotRig, manifest
 from workflows.models.lease import ArchiveRef
 
@@ -124,7 +127,7 @@ async def test_periodic_capture_of_an_unchanged_workspace_adds_no_row(
     again = await rig.capture(second, epoch=2, only_if_changed=True, previous_sha256=ref.sha256, reason="periodic")
     assert again.unchanged and again.snapshot_id == ref.snapshot_id
     assert [r.snapshot_id for r in await rig.ledger.list(rig.workspace_id, rig.group_id)] == [ref.snapshot_id]
-    assert len(list(rig.artifacts.path_of(ref.key).parent.iterdir())) == 1, "the duplicate archive was dropped"
+    assert len(await rig.keys_beside(ref.key)) == 1, "the duplicate archive was dropped"
 
     (await rig.box(second)).workspace_path.joinpath("notes.md").write_text("v2\n")
     changed = await rig.capture(second, epoch=2, only_if_changed=True, previous_sha256=ref.sha256, reason="periodic")
@@ -154,16 +157,20 @@ async def _two_archives(rig: SnapshotRig) -> tuple[ArchiveRef, ArchiveRef]:
     return older, newer
 
 
-def corrupt(rig: SnapshotRig, key: str) -> None:
-    path = rig.artifacts.path_of(key)
-    data = bytearray(path.read_bytes())
+async def corrupt(rig: SnapshotRig, key: str) -> None:
+    """Flip one byte of the stored object (its ledger row keeps the old SHA-256), on either store."""
+    data = bytearray(b"".join([chunk async for chunk in rig.artifacts.get(key)]))
     data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+
+    async def damaged() -> AsyncIterator[bytes]:
+        yield bytes(data)
+
+    await rig.artifacts.put(key, damaged())
 
 
 async def test_corrupt_current_falls_back_to_previous_and_says_so(rig: SnapshotRig) -> None:
     older, newer = await _two_archives(rig)
-    corrupt(rig, newer.key)
+    await corrupt(rig, newer.key)
     result = await rig.provision(epoch=2, restore=[newer, older])
     assert result.restore is not None
     assert result.restore.restored_from == older.snapshot_id
@@ -184,7 +191,7 @@ async def test_missing_current_falls_back_to_previous(rig: SnapshotRig) -> None:
 
 async def test_no_usable_archive_is_degraded_and_the_box_starts_empty(rig: SnapshotRig) -> None:
     older, newer = await _two_archives(rig)
-    corrupt(rig, newer.key)
+    await corrupt(rig, newer.key)
     await rig.artifacts.delete(older.key)
     result = await rig.provision(epoch=2, restore=[newer, older])
     assert result.restore is not None
@@ -196,8 +203,20 @@ async def test_no_usable_archive_is_degraded_and_the_box_starts_empty(rig: Snaps
     assert (await box.exec(["true"])).exit_code == 0
 
 
-class _FailingReads(FilesystemArtifactStore):
-    """An artifact store whose reads fail like a disk with I/O errors."""
+class _FailingReads:
+    """The rig's artifact store, except that its reads fail like a disk with I/O errors (or a server with 5xx)."""
+
+    def __init__(self, inner: ArtifactStore) -> None:
+        self._inner = inner
+
+    async def put(self, key: str, chunks: Any) -> StoredArtifact:
+        return await self._inner.put(key, chunks)
+
+    async def delete(self, key: str) -> bool:
+        return await self._inner.delete(key)
+
+    async def exists(self, key: str) -> bool:
+        return await self._inner.exists(key)
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
         raise ArtifactStoreUnavailable(f"I/O error reading {key}")
@@ -206,7 +225,27 @@ class _FailingReads(FilesystemArtifactStore):
 
 async def test_a_transient_store_failure_fails_provision_instead_of_falling_back(rig: SnapshotRig) -> None:
     older, newer = await _two_archives(rig)
-    rig.boxes = BoxActivities(rig.providers, _FailingReads(rig.artifacts.root))
+    rig.boxes = BoxActivities(rig.providers, _FailingReads(rig.artifacts))
+    with pytest.raises(ApplicationError) as err:
+        await rig.provision(epoch=2, restore=[newer, older])
+    assert err.value.type == "ArtifactStoreUnavailable" and not err.value.non_retryable
+
+
+async def test_an_unreachable_s3_server_fails_provision_instead_of_falling_back(rig: SnapshotRig) -> None:
+    if not isinstance(rig.artifacts, S3ArtifactStore):
+        pytest.skip("the S3 store's outage; the filesystem store's is the test above")
+    older, newer = await _two_archives(rig)
+    bucket = rig.artifacts.url.removeprefix("s3://").split("/")[0]
+    # The same bucket, but nothing listens where the store is told the server is (a network outage).
+    unreachable = S3ArtifactStore(
+        bucket,
+        prefix="artifacts",
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        access_key_id="a",
+        secret_access_key="b",
+        retry={"max_retries": 1, "retry_timeout": timedelta(seconds=3)},
+    )
+    rig.boxes = BoxActivities(rig.providers, unreachable)
     with pytest.raises(ApplicationError) as err:
         await rig.provision(epoch=2, restore=[newer, older])
     assert err.value.type == "ArtifactStoreUnavailable" and not err.value.non_retryable

@@ -21,7 +21,7 @@ from activities.snapshots import SnapshotActivities
 from providers.registry import ProviderRegistry
 from sandbox.errors import ArtifactStoreUnavailable
 from sandbox.settings import Settings
-from store.artifacts import FilesystemArtifactStore, artifact_root, snapshot_key
+from store.artifacts import ArtifactStore, FilesystemArtifactStore, artifact_root, artifact_store, snapshot_key
 from store.database import Database
 from store.snapshots import SnapshotLedger, SnapshotRecord, new_snapshot_id
 from workflows.models.maintenance import GcSettings, SnapshotGcInput, SnapshotGcResult
@@ -36,7 +36,7 @@ async def stream(parts: Iterable[bytes]) -> AsyncIterator[bytes]:
 
 
 async def publish_archives(
-    ledger: SnapshotLedger, artifacts: FilesystemArtifactStore, ws: str, group: str, count: int
+    ledger: SnapshotLedger, artifacts: ArtifactStore, ws: str, group: str, count: int
 ) -> list[SnapshotRecord]:
     """``count`` stored and published archives of one lease, oldest first."""
     records = []
@@ -70,16 +70,16 @@ async def run_gc(client: Any, task_queue: str, settings: GcSettings | None = Non
     return await handle.result(), handle
 
 
-@pytest.fixture(params=["runtime", pytest.param("pg_runtime", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["runtime", pytest.param("pg_runtime", marks=pytest.mark.postgres), "s3_runtime"])
 def any_runtime(request: pytest.FixtureRequest) -> Any:
-    """The lease runtime with its SQLite store, then with its PostgreSQL store."""
+    """The lease runtime with its SQLite store, with its PostgreSQL store, then with its archives on S3."""
     return request.getfixturevalue(request.param)
 
 
 async def test_five_drains_leave_exactly_two_archives(any_runtime: Any) -> None:
     rt = any_runtime
     ledger = SnapshotLedger(rt.db)
-    artifacts = FilesystemArtifactStore(artifact_root(rt.settings))
+    artifacts = artifact_store(rt.settings)
     ws, group = f"gc-{secrets.token_hex(4)}", "g1"
     records = await publish_archives(ledger, artifacts, ws, group, 5)
 
@@ -97,7 +97,11 @@ async def test_five_drains_leave_exactly_two_archives(any_runtime: Any) -> None:
     again, _ = await run_gc(rt.client, rt.settings.task_queue)
     assert {r.snapshot_id: r.state for r in await ledger.list(ws, group)} == rows, "a second pass changes nothing"
     assert again.failed == 0
-    if rt.db.dialect == "sqlite" and os.environ.get("SANDBOX_RECORD_HISTORIES") == "1":
+    if (
+        rt.db.dialect == "sqlite"
+        and rt.settings.artifacts_url is None
+        and os.environ.get("SANDBOX_RECORD_HISTORIES") == "1"
+    ):
         HISTORIES.mkdir(parents=True, exist_ok=True)
         (HISTORIES / "snapshot_gc.json").write_text((await handle.fetch_history()).to_json())
 

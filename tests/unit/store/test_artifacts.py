@@ -1,4 +1,7 @@
-"""The filesystem artifact store: streaming put/get with SHA-256, atomic writes, idempotent deletes."""
+"""The artifact stores: streaming put/get with SHA-256, atomic writes, idempotent deletes.
+
+The shared behaviour runs on both stores: the filesystem one and S3 on a real S3-protocol server.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ import hashlib
 import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sandbox.errors import ArchiveCorrupt, ArtifactNotFound, ArtifactStoreUnavailable, InvalidRequest
-from store.artifacts import CHUNK_SIZE, FilesystemArtifactStore, snapshot_key, verified
+from store.artifacts import CHUNK_SIZE, ArtifactStore, FilesystemArtifactStore, snapshot_key, verified
+from tests.conftest import S3Server
 
 
 async def stream(parts: Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -25,11 +30,27 @@ async def collect(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FilesystemArtifactStore:
+def fs_store(tmp_path: Path) -> FilesystemArtifactStore:
     return FilesystemArtifactStore(tmp_path / "artifacts")
 
 
-async def test_put_get_round_trip_reports_sha256_and_size(store: FilesystemArtifactStore) -> None:
+@pytest.fixture(params=["filesystem", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    """Each test below runs on both stores: the embedded filesystem one and S3 (moto's server)."""
+    if request.param == "filesystem":
+        return FilesystemArtifactStore(tmp_path / "artifacts")
+    s3: S3Server = request.getfixturevalue("s3_server")
+    return s3.store()  # type: ignore[no-any-return]
+
+
+def pending_uploads(request: pytest.FixtureRequest, store: Any) -> list[Any]:
+    """Multipart uploads the S3 server still holds for the store's bucket (parts nobody completed)."""
+    s3: S3Server = request.getfixturevalue("s3_server")
+    bucket = store.url.removeprefix("s3://").split("/")[0]
+    return list(s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+async def test_put_get_round_trip_reports_sha256_and_size(store: Any) -> None:
     data = os.urandom(3 * CHUNK_SIZE + 17)
     parts = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
     stored = await store.put("snapshots/ws/g/snap-1.tar", stream(parts))
@@ -39,10 +60,13 @@ async def test_put_get_round_trip_reports_sha256_and_size(store: FilesystemArtif
     chunks = [chunk async for chunk in store.get("snapshots/ws/g/snap-1.tar")]
     assert b"".join(chunks) == data
     assert max(len(c) for c in chunks) <= CHUNK_SIZE
-    assert store.path_of("snapshots/ws/g/snap-1.tar").stat().st_mode & 0o777 == 0o600
+    if isinstance(store, FilesystemArtifactStore):
+        assert store.path_of("snapshots/ws/g/snap-1.tar").stat().st_mode & 0o777 == 0o600
 
 
-async def test_put_that_fails_midway_stores_nothing_and_keeps_the_old_object(store: FilesystemArtifactStore) -> None:
+async def test_put_that_fails_midway_stores_nothing_and_keeps_the_old_object(
+    store: Any, request: pytest.FixtureRequest
+) -> None:
     await store.put("k/obj", stream([b"old"]))
 
     async def broken() -> AsyncIterator[bytes]:
@@ -52,10 +76,13 @@ async def test_put_that_fails_midway_stores_nothing_and_keeps_the_old_object(sto
     with pytest.raises(RuntimeError, match="capture died"):
         await store.put("k/obj", broken())
     assert await collect(store.get("k/obj")) == b"old"
-    assert sorted(os.listdir(store.root / "k")) == ["obj"], "no temporary file may be left behind"
+    if isinstance(store, FilesystemArtifactStore):
+        assert sorted(os.listdir(store.root / "k")) == ["obj"], "no temporary file may be left behind"
+    else:
+        assert pending_uploads(request, store) == [], "no upload may be left behind"
 
 
-async def test_missing_object_and_idempotent_delete(store: FilesystemArtifactStore) -> None:
+async def test_missing_object_and_idempotent_delete(store: ArtifactStore) -> None:
     with pytest.raises(ArtifactNotFound) as err:
         await collect(store.get("snapshots/ws/g/nope.tar"))
     assert err.value.key == "snapshots/ws/g/nope.tar"
@@ -66,11 +93,12 @@ async def test_missing_object_and_idempotent_delete(store: FilesystemArtifactSto
     assert not await store.exists("snapshots/ws/g/x.tar")
 
 
-async def test_write_failure_is_a_typed_retryable_error(store: FilesystemArtifactStore) -> None:
-    store.root.mkdir(parents=True)
-    (store.root / "blocked").write_text("a file where a directory must go")
+async def test_write_failure_is_a_typed_retryable_error(fs_store: FilesystemArtifactStore) -> None:
+    # The S3 store's counterparts (no bucket, unreachable server): tests/unit/store/test_s3_artifacts.py.
+    fs_store.root.mkdir(parents=True)
+    (fs_store.root / "blocked").write_text("a file where a directory must go")
     with pytest.raises(ArtifactStoreUnavailable) as err:
-        await store.put("blocked/obj", stream([b"x"]))
+        await fs_store.put("blocked/obj", stream([b"x"]))
     assert err.value.retryable
 
 
@@ -78,7 +106,7 @@ async def test_write_failure_is_a_typed_retryable_error(store: FilesystemArtifac
     "key",
     ["", "/abs/path", "a/../b", "a//b", ".hidden/x", "a/.put-x", "a b", "a/\0", "x" * 2000, "-flag"],
 )
-async def test_malformed_keys_are_refused(store: FilesystemArtifactStore, key: str) -> None:
+async def test_malformed_keys_are_refused(store: ArtifactStore, key: str) -> None:
     with pytest.raises(InvalidRequest):
         await store.put(key, stream([b"x"]))
     with pytest.raises(InvalidRequest):
