@@ -79,6 +79,8 @@ with workflow.unsafe.imports_passed_through():
         DiscardResult,
         ExecInput,
         ExecOutput,
+        HolderBeats,
+        HolderBeatsInput,
         ProjectionInput,
         ProvisionInput,
         ProvisionResult,
@@ -107,6 +109,7 @@ with workflow.unsafe.imports_passed_through():
         DrainRequest,
         ExecOutcome,
         ExecRequest,
+        HeartbeatCheck,
         HeartbeatRequest,
         HeartbeatResult,
         Holder,
@@ -143,6 +146,10 @@ _WARMING_FAILURE_KEEPS_LEASE_PATCH = "warming-failure-keeps-lease"
 
 # Histories recorded before an offline agent ended a warming at once replay with the retried provision.
 _OFFLINE_AGENT_FAILS_WARMING_PATCH = "offline-agent-fails-warming"
+
+# Histories recorded before holder heartbeats left the history replay with holders expired on the
+# workflow's own record only (no read of the store's heartbeat marks at a holder's deadline).
+_HEARTBEATS_OFF_HISTORY_PATCH = "holder-heartbeats-off-history"
 
 _WARMING_CAUSES_FORWARDED: Final = frozenset(
     {
@@ -211,7 +218,8 @@ class LeaseWorkflow:
         publisher = asyncio.create_task(self._session_event_loop())
         while True:
             self._wake = False
-            self._expire_holders()
+            # At a holder's deadline this reads its heartbeats from the store (handlers run meanwhile).
+            await self._expire_holders()
             # The one transition due now, if any; handlers run during its activities.
             await self._advance()
             if self.s.stop_requested and self.s.liveness == "cold" and self._waiters == 0:
@@ -248,6 +256,7 @@ class LeaseWorkflow:
         # Frozen for the lease's life (and in its history); a seed recorded before profiles has
         # none, and that lease reads the descriptor table as it goes, as it always did.
         self.s.backend_profile = seed.backend_profile
+        self.s.store_id = seed.store_id
         self._projected_version = self.s.version
         self.s.seeded = True
         self._touch()
@@ -577,16 +586,68 @@ class LeaseWorkflow:
         future = [c for c in candidates if c > now]
         return min(future) if future else None
 
-    def _expire_holders(self) -> None:
+    async def _expire_holders(self) -> None:
+        """Drop the holders past their deadline, after asking the store whether they heartbeat since.
+
+        Heartbeats do not reach the workflow: a client records them in the store
+        (``sandbox_holder_heartbeats``), and only when a holder's deadline (``last_heartbeat_at`` +
+        TTL) passes does the lease read them, in one local activity for all holders
+        (:meth:`_read_heartbeats`), and either re-arm the holder or drop it. So a held lease writes a
+        few events per TTL, none per heartbeat.
+
+        Bound: a holder that stops heartbeating is dropped at most **2 x TTL** (plus two reads of the
+        store) after its last heartbeat, whatever the clocks say: each re-arm needs beats newer than
+        the previous look, and looks are at most one TTL apart. When the writer's and the worker's
+        clocks agree it is dropped within **TTL plus one read**: the re-armed deadline is its last
+        heartbeat plus the TTL, and a mark that old expires.
+        """
         s = self.s
         if s.liveness == "warming" or not s.holders:
             return
         now = workflow.now()
         ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
+        due = any(h.last_heartbeat_at + ttl <= now for h in s.holders)
+        if due and s.store_id is not None and workflow.patched(_HEARTBEATS_OFF_HISTORY_PATCH):
+            # Handlers may run meanwhile (a holder released, acquired or dropped by a drain).
+            await self._read_heartbeats(ttl)
+            now = workflow.now()
         alive = [h for h in s.holders if h.last_heartbeat_at + ttl > now]
         if len(alive) != len(s.holders):
             s.holders = alive
             self._touch()
+
+    async def _read_heartbeats(self, ttl: timedelta) -> None:
+        """Re-arm each holder past its deadline whose heartbeats moved on since the last look (see above)."""
+        s = self.s
+        try:
+            # One quick read of the store; a local activity, so it costs one marker event.
+            read = await workflow.execute_local_activity(
+                ActivityName.READ_HOLDER_BEATS,
+                HolderBeatsInput(lease_id=self.spec.lease_id, forget_older_than_seconds=3 * ttl.total_seconds()),
+                result_type=HolderBeats,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3),
+                summary="read holder heartbeats",
+            )
+        except ActivityError as err:
+            # The store is unreachable: a client could not have recorded heartbeats there either (it
+            # falls back to the heartbeat update), so the workflow's own record decides.
+            workflow.logger.warning("reading holder heartbeats failed: %s", _cause_message(err))
+            return
+        marks = {(m.kind, m.holder_id): m for m in read.marks}
+        now = workflow.now()
+        for h in s.holders:
+            if h.last_heartbeat_at + ttl > now:
+                continue  # not due: acquired or re-armed by an update meanwhile
+            mark = marks.get((h.kind, h.holder_id))
+            if mark is None or mark.beats <= h.beats or mark.epoch != s.epoch:
+                continue  # no heartbeat for this epoch since the last look: it expires
+            age = max(read.read_at - mark.last_seen_at, timedelta(0))
+            if age >= ttl:
+                continue  # its latest heartbeat is older than the TTL by the store's clock: it expires
+            h.beats = mark.beats
+            # Deadline = its last heartbeat + TTL (in the future, as age < TTL).
+            h.last_heartbeat_at = now - age
 
     # ------------------------------------------------------------------ continue-as-new
 
@@ -1020,6 +1081,31 @@ class LeaseWorkflow:
             epoch=self.s.epoch,
             liveness=self.s.liveness,
             expires_at=holder.last_heartbeat_at + timedelta(seconds=self.timers.holder_ttl_seconds),
+        )
+
+    @workflow.query(description="Whether a heartbeat of this holder is accepted, and in which store to record it.")
+    def heartbeat_check(self, req: HeartbeatRequest) -> HeartbeatCheck:
+        """Whether a heartbeat of this holder is accepted (else the update's typed refusal), and where to record it.
+
+        Clients heartbeat by this query plus one write to the store named by ``store_id`` (no
+        history event); the lease reads the store at the holder's deadline (:meth:`_expire_holders`).
+        """
+        s = self.s
+        refusal: ApplicationError | None = None
+        try:
+            self._validate_heartbeat(req)
+        except ApplicationError as err:
+            refusal = err
+        holder = self._find(req.kind, req.holder_id)
+        ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
+        return HeartbeatCheck(
+            refusal=refusal.type if refusal is not None else None,
+            message=refusal.message if refusal is not None else None,
+            epoch=s.epoch,
+            liveness=s.liveness,
+            expires_at=holder.last_heartbeat_at + ttl if holder is not None else None,
+            holder_ttl_seconds=self.timers.holder_ttl_seconds,
+            store_id=s.store_id,
         )
 
     @heartbeat.validator

@@ -81,6 +81,10 @@ REQUIRED = {
     # (patch offline-agent-fails-warming).
     "lease_unconfigured_backend_stays_cold",
     "lease_offline_agent_fails_warming",
+    # Holders heartbeat through the store; the lease reads it at their deadlines, re-arms them, then
+    # expires a silent one (patch holder-heartbeats-off-history), also across continue-as-new.
+    "lease_heartbeats_off_history",
+    "lease_continue_as_new_heartbeats",
 }
 
 
