@@ -151,6 +151,7 @@ _OFFLINE_AGENT_FAILS_WARMING_PATCH = "offline-agent-fails-warming"
 # workflow's own record only (no read of the store's heartbeat marks at a holder's deadline).
 _HEARTBEATS_OFF_HISTORY_PATCH = "holder-heartbeats-off-history"
 
+
 _WARMING_CAUSES_FORWARDED: Final = frozenset(
     {
         errors.SandboxConfigError.error_type,
@@ -204,6 +205,14 @@ class LeaseWorkflow:
         self._notifying: set[asyncio.Task[None]] = set()
         # The typed cause of the last failed warming of this run (what its waiting acquirers are told).
         self._warming_cause: ApplicationError | None = None
+        # Lean attach/release (see ``run``), decided once per run at its start.
+        self._lean = False
+        self._deadline_timer: asyncio.Task[None] | None = None
+        self._timer_at: datetime | None = None
+        self._published: tuple[str, int] | None = None
+        self._flush_upto = 0  # lean: versions up to this one are due in the store now
+        self._ending = False  # waiting to continue-as-new or to complete: nothing is deferred then
+        self._projected_key: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ main loop
 
@@ -213,11 +222,19 @@ class LeaseWorkflow:
         if not self.s.seeded:
             # Updates wait for the seed (acquire waits on ``seeded``); nothing else can change meanwhile.
             await self._seed()
+        # Lean attach/release: the deadline timer kept, search attributes upserted and the store
+        # written only on change. Versioned by the seed rather than a patch marker (a marker in every
+        # lease's history would be a payload the codec never encrypts): leases seeded before the
+        # seed carried a store id replay as they ran, with a new timer at every wake, an upsert on
+        # every publish and a projection of every change at once.
+        self._lean = self.s.store_id is not None
         self._publish()
         projector = asyncio.create_task(self._project_loop())
         publisher = asyncio.create_task(self._session_event_loop())
         while True:
             self._wake = False
+            # A wake (deadline or handler) writes what holder-only changes deferred (see ``_project_loop``).
+            self._flush_upto = self.s.version
             # At a holder's deadline this reads its heartbeats from the store (handlers run meanwhile).
             await self._expire_holders()
             # The one transition due now, if any; handlers run during its activities.
@@ -226,15 +243,18 @@ class LeaseWorkflow:
                 break
             if self._should_continue_as_new():
                 # Let running handlers and the projector finish before handing the state to the next run.
+                self._ending = True  # every change is projected at once from here (see ``_project_loop``)
                 await workflow.wait_condition(
                     lambda: (workflow.all_handlers_finished() and self._projection_idle()) or not self._quiescent()
                 )
+                self._ending = False
                 if self._quiescent():
                     workflow.continue_as_new(LeaseInput(spec=self.spec, state=self.s))
                 continue
             # Until a handler wakes us or the next deadline (holder TTL, grace, hold, rotation) passes.
             await self._sleep_until_woken()
         # Stopping: let the last handlers finish and the final state be projected.
+        self._ending = True
         await workflow.wait_condition(lambda: workflow.all_handlers_finished() and self._projection_idle())
         projector.cancel()
         publisher.cancel()
@@ -551,6 +571,10 @@ class LeaseWorkflow:
             if timeout <= 0:
                 return
             timeout = max(timeout, 0.001)
+        if self._lean:
+            # Until a handler wakes us or the kept deadline timer fires.
+            await self._sleep_on_kept_timer(deadline)
+            return
         try:
             # Handlers set ``_wake``; a timer covers the next deadline.
             await workflow.wait_condition(
@@ -560,6 +584,31 @@ class LeaseWorkflow:
             )
         except TimeoutError:
             pass
+
+    async def _sleep_on_kept_timer(self, deadline: datetime | None) -> None:
+        """Sleep until woken or the next deadline, keeping the running timer when it still serves.
+
+        A timer that fires at or before ``deadline`` is kept (an attach or release that leaves the
+        earliest deadline where it was writes no timer events); one that fires early finds nothing
+        due and is replaced then. Only a deadline earlier than the timer, or none at all, cancels it.
+        """
+        timer = self._deadline_timer
+        if timer is not None and not timer.done():
+            if deadline is None or self._timer_at is None or self._timer_at > deadline:
+                timer.cancel()
+                timer = None
+        else:
+            timer = None
+        if timer is None and deadline is not None:
+            self._timer_at = deadline
+            seconds = max((deadline - workflow.now()).total_seconds(), 0.001)
+            timer = asyncio.create_task(workflow.sleep(seconds, summary="next lease deadline"))
+        self._deadline_timer = timer
+        armed = timer
+        # Handlers set ``_wake``; the kept timer covers the next deadline.
+        await workflow.wait_condition(
+            lambda: self._wake or self._should_continue_as_new() or (armed is not None and armed.done())
+        )
 
     def _next_deadline(self) -> datetime | None:
         s = self.s
@@ -681,17 +730,36 @@ class LeaseWorkflow:
         )
 
     async def _project_loop(self) -> None:
+        """Write the lease's state to the store after it changes, one write per burst of changes.
+
+        Lean (a lease seeded with a store id, see ``run``): a transition is written at once; a change of holders
+        only (an attach or release that moves no liveness) waits for the lease's next wake, that is
+        at most until the next deadline (one holder TTL while the lease has holders), so an attach
+        and a release in between cost no write at all; a write that would store what the store
+        already has (heartbeat times aside) is skipped. The store never goes backwards: each write
+        carries the version it projects, and the store keeps only newer ones.
+        """
         while True:
-            # Until some change bumps the version past the last projection.
-            await workflow.wait_condition(lambda: self.s.version > self._projected_version)
+            # Until some change bumps the version past the last projection (lean: and it is due).
+            await workflow.wait_condition(
+                lambda: (
+                    self.s.version > self._projected_version
+                    and (self._flush_upto > self._projected_version or self._ending or not self._lean)
+                )
+            )
             version = self.s.version
             events, self._pending_events = self._pending_events, []
+            record = self._record()
+            key = _projected_key(record)
+            if self._lean and not events and key == self._projected_key:
+                self._projected_version = version  # nothing a reader sees changed
+                continue
             self._projecting = True
             try:
                 # The projection of this version; later changes are projected by the next round.
                 await workflow.execute_activity(
                     ActivityName.PROJECT_LEASE,
-                    ProjectionInput(record=self._record(), events=[self._event(t) for t in events]),
+                    ProjectionInput(record=record, events=[self._event(t) for t in events]),
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=_RETRY_FOREVER,
                     summary=f"project v{version}",
@@ -702,6 +770,7 @@ class LeaseWorkflow:
             finally:
                 self._projecting = False
             self._projected_version = version
+            self._projected_key = key
 
     async def _session_event_loop(self) -> None:
         # Best effort, in order: a lost event costs a viewer one heartbeat interval, never the lease.
@@ -790,6 +859,7 @@ class LeaseWorkflow:
         s.liveness = to
         s.transitions = [*s.transitions, t][-TRANSITIONS_KEPT:]
         self._pending_events.append(t)
+        self._flush_upto = s.version  # a transition is written at once
         self._run_transitions += 1
         self._wake = True
         self._publish()
@@ -828,14 +898,18 @@ class LeaseWorkflow:
 
     def _publish(self) -> None:
         s = self.s
-        workflow.upsert_search_attributes(
-            [
-                sa.LEASE_LIVENESS.value_set(s.liveness),
-                sa.LEASE_EPOCH.value_set(s.epoch),
-                sa.SANDBOX_BACKEND.value_set(self.spec.backend),
-                sa.WORKSPACE_ID.value_set(self.spec.workspace_id),
-            ]
-        )
+        published = (s.liveness, s.epoch)
+        # Lean: upsert only what changed (once per run at its start, then on liveness or epoch moves).
+        if not self._lean or self._published != published:
+            workflow.upsert_search_attributes(
+                [
+                    sa.LEASE_LIVENESS.value_set(s.liveness),
+                    sa.LEASE_EPOCH.value_set(s.epoch),
+                    sa.SANDBOX_BACKEND.value_set(self.spec.backend),
+                    sa.WORKSPACE_ID.value_set(self.spec.workspace_id),
+                ]
+            )
+            self._published = published
         box = s.envelope.instance_id if s.envelope else "no box"
         workflow.set_current_details(f"**{s.liveness}** · epoch {s.epoch} · {len(s.holders)} holder(s) · {box}")
 
@@ -1459,6 +1533,18 @@ class LeaseWorkflow:
             backend_profile=s.backend_profile,
             agent_id=self.spec.agent_id,
         )
+
+
+def _projected_key(record: LeaseRecord) -> tuple[Any, ...]:
+    """What a reader of the store sees of a lease, heartbeat times and write time aside."""
+    return (
+        record.liveness,
+        record.epoch,
+        record.instance_id,
+        record.envelope,
+        record.reason,
+        tuple((h.kind, h.holder_id, h.subject, h.acquired_at) for h in record.holders),
+    )
 
 
 def _check_epoch(field: str, epoch: int | None) -> None:
