@@ -98,6 +98,7 @@ from workflows.models.lease import (
     ViewerAttachment,
     lease_workflow_id,
     oversized_update_input,
+    stale_heartbeat_message,
 )
 
 log = logging.getLogger("sandbox.client")
@@ -280,6 +281,8 @@ class LeaseClient:
         # Where heartbeats are recorded (opened at the first heartbeat; None: not opened yet).
         self._beats: HolderHeartbeats | None = None
         self._beats_db: Database | None = None
+        # Heartbeat checks the lease accepted, by (lease, kind, holder, epoch): until when they stand.
+        self._checked: dict[tuple[str, str, str, int], tuple[float, HeartbeatCheck]] = {}
 
     @property
     def client(self) -> Client:
@@ -476,6 +479,12 @@ class LeaseClient:
         see ``LeaseWorkflow._expire_holders`` for the latest). A lease started before this path, a
         client whose store is not the worker's (another database URL), or a failed store write
         falls back to the ``heartbeat`` update, as before.
+
+        The query (a billed action on Temporal Cloud, and a round trip to a worker) is asked at
+        most once per half holder TTL for the same holder and epoch; in between, the store write
+        itself refuses an epoch the lease's projection has moved past (``StaleEpoch``, same
+        words). So a fence is seen at once when the epoch moved (once projected) and within half a
+        TTL when only the holder was dropped; ``liveness`` is the one the last query saw.
         """
         _validate_kind(kind)
         validate_epoch("epoch", epoch)
@@ -491,19 +500,31 @@ class LeaseClient:
             except WorkflowQueryFailedError:
                 return None  # a worker from before the query: heartbeat by update
 
-        check: HeartbeatCheck | None = await self._call(ask)
-        if check is not None and check.refusal is not None:
-            raise errors.error_from_type(check.refusal, check.message or check.refusal)
+        key = (h.id, kind, holder_id, epoch)
+        checked = self._checked.get(key)
+        check: HeartbeatCheck | None
+        if checked is not None and time.monotonic() < checked[0]:
+            check = checked[1]
+        else:
+            self._checked.pop(key, None)
+            check = await self._call(ask)
+            if check is not None and check.refusal is not None:
+                raise errors.error_from_type(check.refusal, check.message or check.refusal)
+            if check is not None:
+                self._remember_check(key, check)
         beats = self._heartbeat_store(check.store_id) if check is not None else None
         if check is not None and beats is not None:
             now = datetime.now(UTC)
             try:
-                await beats.beat(h.id, kind, holder_id, epoch, now)
+                outcome = await beats.beat(h.id, kind, holder_id, epoch, now)
             except Exception as err:  # noqa: BLE001 - any store failure: the update still works
                 log.warning(
                     "recording the heartbeat of %s in the store failed (%s); sending it as an update", h.id, err
                 )
             else:
+                if outcome.beats is None:
+                    self._checked.pop(key, None)
+                    raise errors.StaleEpoch(stale_heartbeat_message(epoch, outcome.lease_epoch or 0))
                 return HeartbeatResult(
                     alive=True,
                     epoch=check.epoch,
@@ -512,6 +533,13 @@ class LeaseClient:
                 )
         result: HeartbeatResult = await self._call(lambda: h.execute_update(LeaseWorkflow.heartbeat, req))
         return result
+
+    def _remember_check(self, key: tuple[str, str, str, int], check: HeartbeatCheck) -> None:
+        """Keep an accepted heartbeat check for half a holder TTL (see :meth:`heartbeat`)."""
+        now = time.monotonic()
+        if len(self._checked) > 10_000:  # holders come and go: forget the stale ones
+            self._checked = {k: v for k, v in self._checked.items() if v[0] > now}
+        self._checked[key] = (now + check.holder_ttl_seconds / 2, check)
 
     def _heartbeat_store(self, store_id: str | None) -> HolderHeartbeats | None:
         """The store to record heartbeats in when it is the one the lease's worker reads (else None)."""

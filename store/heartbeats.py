@@ -9,15 +9,27 @@ from for a while are pruned by that same read.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from store.database import Database
-from store.models import HolderHeartbeatRow
+from store.models import HolderHeartbeatRow, LeaseRow
 from store.records import HolderBeatRecord
 
 _BEATS: Table = HolderHeartbeatRow.__table__  # type: ignore[assignment]
+
+
+class BeatOutcome(NamedTuple):
+    """What :meth:`HolderHeartbeats.beat` did: the holder's beat count, or None when refused.
+
+    ``lease_epoch`` is the epoch of the lease's projection (None: not projected yet); a heartbeat
+    for an older epoch is not recorded, since the projection's epoch only ever grows.
+    """
+
+    beats: int | None
+    lease_epoch: int | None
 
 
 class HolderHeartbeats:
@@ -26,10 +38,11 @@ class HolderHeartbeats:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def beat(self, lease_id: str, kind: str, holder_id: str, epoch: int, at: datetime) -> int:
-        """Record one heartbeat of a holder at ``at`` (timezone-aware); returns its beat count so far.
+    async def beat(self, lease_id: str, kind: str, holder_id: str, epoch: int, at: datetime) -> BeatOutcome:
+        """Record one heartbeat of a holder at ``at`` (timezone-aware), unless the lease is past ``epoch``.
 
-        One statement (an upsert), so concurrent heartbeats of the same holder each count.
+        One transaction: the projection's epoch is read, and when it is not above ``epoch`` the
+        heartbeat is one upsert (concurrent heartbeats of the same holder each count).
         """
         insert = (postgresql.insert if self._db.dialect == "postgresql" else sqlite.insert)(_BEATS).values(
             lease_id=lease_id, kind=kind, holder_id=holder_id, epoch=epoch, beats=1, last_seen_at=at
@@ -43,8 +56,11 @@ class HolderHeartbeats:
             },
         ).returning(_BEATS.c.beats)
         async with self._db.sessionmaker.begin() as session:
+            lease_epoch = (await session.execute(select(LeaseRow.epoch).where(LeaseRow.id == lease_id))).scalar()
+            if lease_epoch is not None and lease_epoch > epoch:
+                return BeatOutcome(beats=None, lease_epoch=lease_epoch)
             beats: int = (await session.execute(upsert)).scalar_one()
-        return beats
+        return BeatOutcome(beats=beats, lease_epoch=lease_epoch)
 
     async def read(self, lease_id: str, *, forget_before: datetime | None = None) -> list[HolderBeatRecord]:
         """The marks of a lease's holders, after deleting those last seen before ``forget_before``."""

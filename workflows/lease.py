@@ -127,6 +127,7 @@ with workflow.unsafe.imports_passed_through():
         Transition,
         ViewerAttachment,
         oversized_update_input,
+        stale_heartbeat_message,
     )
     from workflows.models.planes import PlaneRequest, TearDownPlanesRequest
     from workflows.models.recording import BoxLostNotice, RecordingRequest, RecordingStarted, recording_workflow_id
@@ -1188,11 +1189,7 @@ class LeaseWorkflow:
         _check_holder_id(req.holder_id)
         _check_epoch("epoch", req.epoch)
         if req.epoch != self.s.epoch:
-            raise failure(
-                errors.StaleEpoch,
-                f"heartbeat for epoch {req.epoch} but the lease is at epoch {self.s.epoch}; "
-                "your box was replaced, acquire again",
-            )
+            raise failure(errors.StaleEpoch, stale_heartbeat_message(req.epoch, self.s.epoch))
         if self._find(req.kind, req.holder_id) is None:
             raise failure(
                 errors.HolderNotFound,

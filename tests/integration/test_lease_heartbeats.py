@@ -19,6 +19,7 @@ import pytest
 from sandbox import errors
 from sandbox.failures import call_workflow
 from store.heartbeats import HolderHeartbeats
+from store.leases import LeaseRepository
 from tests.conftest import eventually, ids
 from tests.integration.test_lease_workflow import HISTORIES, record_history
 from workflows.lease import LeaseWorkflow
@@ -170,3 +171,47 @@ async def test_continue_as_new_carries_the_heartbeat_bookkeeping(runtime: Any) -
 
 
 NAME_CAN = "lease_continue_as_new_heartbeats.json"
+
+
+async def test_a_holder_asks_the_lease_once_per_half_ttl_and_the_store_still_fences_a_stale_epoch(
+    runtime: Any,
+) -> None:
+    leases = runtime.leases()  # holder TTL 30 s: one check stands for 15 s
+    ws, g = ids()
+    grant = await leases.acquire(ws, g, holder_id="t1")
+    asked: list[Any] = []
+    handle_of = leases.handle
+
+    def counting_handle(workspace_id: str, group_id: str) -> Any:
+        handle = handle_of(workspace_id, group_id)
+        query = handle.query
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            asked.append(args[0])
+            return await query(*args, **kwargs)
+
+        handle.query = counted  # type: ignore[method-assign]
+        return handle
+
+    leases.handle = counting_handle  # type: ignore[method-assign]
+    for _ in range(10):
+        await leases.heartbeat(ws, g, "t1", grant.epoch)
+    assert len(asked) == 1, asked
+    drained = await leases.drain(ws, g, wait=True)
+    repo = LeaseRepository(runtime.db)
+
+    async def projected_cold() -> bool:
+        record = await repo.get(ws, g)
+        return record is not None and record.epoch == drained.epoch
+
+    await eventually(projected_cold)
+    with pytest.raises(errors.StaleEpoch) as refused:
+        await leases.heartbeat(ws, g, "t1", grant.epoch)
+    assert len(asked) == 1, "the store refused it without asking the lease"
+    check = await handle_of(ws, g).query(
+        LeaseWorkflow.heartbeat_check, HeartbeatRequest(holder_id="t1", epoch=grant.epoch)
+    )
+    assert (check.refusal, check.message) == (errors.StaleEpoch.error_type, refused.value.message)
+    with pytest.raises(errors.StaleEpoch):  # and the next one asks the lease again
+        await leases.heartbeat(ws, g, "t1", grant.epoch)
+    assert len(asked) == 2

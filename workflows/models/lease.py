@@ -330,6 +330,11 @@ class HeartbeatRequest(BaseModel):
     epoch: int
 
 
+def stale_heartbeat_message(epoch: int, current: int) -> str:
+    """The words of a heartbeat's ``StaleEpoch`` refusal (the lease's and the client's own, alike)."""
+    return f"heartbeat for epoch {epoch} but the lease is at epoch {current}; your box was replaced, acquire again"
+
+
 class HeartbeatResult(BaseModel):
     """The lease's answer to a heartbeat."""
 
