@@ -38,6 +38,7 @@ from sandbox.payload_codec import data_converter
 from sandbox.settings import Settings
 from store.artifacts import artifact_store
 from store.database import Database
+from store.heartbeats import HolderHeartbeats
 from store.leases import LeaseRepository
 from store.recordings import RecordingStore
 from store.snapshots import SnapshotLedger
@@ -218,7 +219,7 @@ def build_activities(
     artifacts = artifact_store(settings)
     log.info("artifact store: %r", artifacts)
     boxes = BoxActivities(providers, artifacts, metrics=metrics)
-    projection = ProjectionActivities(LeaseRepository(db))
+    projection = ProjectionActivities(LeaseRepository(db), HolderHeartbeats(db), store_id=db.store_id)
     snapshots = SnapshotActivities(
         providers,
         SnapshotLedger(db),
@@ -236,6 +237,7 @@ def build_activities(
         boxes.check,
         projection.project,
         projection.load_seed,
+        projection.read_holder_beats,
         snapshots.capture,
         snapshots.publish,
         snapshots.claim_gc,

@@ -43,7 +43,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
@@ -51,8 +51,10 @@ from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
     WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
 )
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import QueryRejectCondition, WorkflowIDConflictPolicy
 
 from sandbox import errors
 from sandbox.capabilities import (
@@ -65,6 +67,8 @@ from sandbox.capabilities import (
 from sandbox.failures import call_workflow
 from sandbox.selfhosted_capabilities import agent_report_overlays
 from sandbox.settings import Settings
+from store.database import Database, store_fingerprint
+from store.heartbeats import HolderHeartbeats
 from workflows.lease import LeaseWorkflow
 from workflows.models.lease import (
     HOLDER_KINDS,
@@ -78,6 +82,7 @@ from workflows.models.lease import (
     DrainRequest,
     ExecOutcome,
     ExecRequest,
+    HeartbeatCheck,
     HeartbeatRequest,
     HeartbeatResult,
     HolderKind,
@@ -93,6 +98,7 @@ from workflows.models.lease import (
     ViewerAttachment,
     lease_workflow_id,
     oversized_update_input,
+    stale_heartbeat_message,
 )
 
 log = logging.getLogger("sandbox.client")
@@ -272,6 +278,11 @@ class LeaseClient:
         # The client path checks its settings as the worker's boot does: a lease started with a
         # negative holder TTL would drop every holder at once.
         self.timers = timers_from_settings(self.settings)
+        # Where heartbeats are recorded (opened at the first heartbeat; None: not opened yet).
+        self._beats: HolderHeartbeats | None = None
+        self._beats_db: Database | None = None
+        # Heartbeat checks the lease accepted, by (lease, kind, holder, epoch): until when they stand.
+        self._checked: dict[tuple[str, str, str, int], tuple[float, HeartbeatCheck]] = {}
 
     @property
     def client(self) -> Client:
@@ -459,14 +470,91 @@ class LeaseClient:
     async def heartbeat(
         self, workspace_id: str, group_id: str, holder_id: str, epoch: int, *, kind: HolderKind = "turn"
     ) -> HeartbeatResult:
-        """Refresh a holder's TTL; raises ``StaleEpoch`` or ``HolderNotFound`` when fenced."""
+        """Refresh a holder's TTL; raises ``StaleEpoch`` or ``HolderNotFound`` when fenced.
+
+        Off the lease's history: the lease is asked by a query (``heartbeat_check``) whether it
+        would accept the heartbeat (refused with the same typed errors as the update), and the
+        heartbeat is recorded as one row write in the store the lease's worker reads at the
+        holder's deadline. ``expires_at`` is then the earliest the holder can expire (now + TTL;
+        see ``LeaseWorkflow._expire_holders`` for the latest). A lease started before this path, a
+        client whose store is not the worker's (another database URL), or a failed store write
+        falls back to the ``heartbeat`` update, as before.
+
+        The query (a billed action on Temporal Cloud, and a round trip to a worker) is asked at
+        most once per half holder TTL for the same holder and epoch; in between, the store write
+        itself refuses an epoch the lease's projection has moved past (``StaleEpoch``, same
+        words). So a fence is seen at once when the epoch moved (once projected) and within half a
+        TTL when only the holder was dropped; ``liveness`` is the one the last query saw.
+        """
         _validate_kind(kind)
         validate_epoch("epoch", epoch)
         h = self.handle(workspace_id, group_id)
         req = build_request(HeartbeatRequest, kind=kind, holder_id=holder_id, epoch=epoch)
         check_update_input("heartbeat", req)
+
+        async def ask() -> HeartbeatCheck | None:
+            try:
+                return await h.query(LeaseWorkflow.heartbeat_check, req, reject_condition=QueryRejectCondition.NOT_OPEN)
+            except WorkflowQueryRejectedError:
+                raise errors.LeaseNotFound(f"lease {h.id} has completed; acquire again") from None
+            except WorkflowQueryFailedError:
+                return None  # a worker from before the query: heartbeat by update
+
+        key = (h.id, kind, holder_id, epoch)
+        checked = self._checked.get(key)
+        check: HeartbeatCheck | None
+        if checked is not None and time.monotonic() < checked[0]:
+            check = checked[1]
+        else:
+            self._checked.pop(key, None)
+            check = await self._call(ask)
+            if check is not None and check.refusal is not None:
+                raise errors.error_from_type(check.refusal, check.message or check.refusal)
+            if check is not None:
+                self._remember_check(key, check)
+        beats = self._heartbeat_store(check.store_id) if check is not None else None
+        if check is not None and beats is not None:
+            now = datetime.now(UTC)
+            try:
+                outcome = await beats.beat(h.id, kind, holder_id, epoch, now)
+            except Exception as err:  # noqa: BLE001 - any store failure: the update still works
+                log.warning(
+                    "recording the heartbeat of %s in the store failed (%s); sending it as an update", h.id, err
+                )
+            else:
+                if outcome.beats is None:
+                    self._checked.pop(key, None)
+                    raise errors.StaleEpoch(stale_heartbeat_message(epoch, outcome.lease_epoch or 0))
+                return HeartbeatResult(
+                    alive=True,
+                    epoch=check.epoch,
+                    liveness=check.liveness,
+                    expires_at=now + timedelta(seconds=check.holder_ttl_seconds),
+                )
         result: HeartbeatResult = await self._call(lambda: h.execute_update(LeaseWorkflow.heartbeat, req))
         return result
+
+    def _remember_check(self, key: tuple[str, str, str, int], check: HeartbeatCheck) -> None:
+        """Keep an accepted heartbeat check for half a holder TTL (see :meth:`heartbeat`)."""
+        now = time.monotonic()
+        if len(self._checked) > 10_000:  # holders come and go: forget the stale ones
+            self._checked = {k: v for k, v in self._checked.items() if v[0] > now}
+        self._checked[key] = (now + check.holder_ttl_seconds / 2, check)
+
+    def _heartbeat_store(self, store_id: str | None) -> HolderHeartbeats | None:
+        """The store to record heartbeats in when it is the one the lease's worker reads (else None)."""
+        if store_id is None:
+            return None
+        try:
+            if store_fingerprint(self.settings.resolved_database_url()) != store_id:
+                return None
+        except errors.SandboxConfigError:
+            return None
+        if self._beats is None:
+            # One connection per heartbeat (NullPool): nothing pooled outlives this client.
+            self._beats_db = Database.for_settings(self.settings, pooled=False)
+            self._beats = HolderHeartbeats(self._beats_db)
+        return self._beats
 
     async def release(
         self, workspace_id: str, group_id: str, holder_id: str, *, kind: HolderKind = "turn"

@@ -9,6 +9,7 @@ running event loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import weakref
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +21,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from sandbox.errors import SandboxConfigError
 from sandbox.settings import Settings
@@ -59,6 +61,12 @@ def normalise_url(url: str | URL) -> URL:
         f"unsupported database driver {parsed.drivername!r}: use sqlite+aiosqlite:///path "
         "or postgresql+psycopg://user@host/db"
     )
+
+
+def store_fingerprint(url: str | URL) -> str:
+    """The fingerprint of a database URL (normalised, password left out): equal for the same database."""
+    rendered = normalise_url(url).render_as_string(hide_password=True)
+    return hashlib.sha256(rendered.encode()).hexdigest()[:16]
 
 
 def alembic_config() -> Config:
@@ -107,23 +115,37 @@ class Database:
         self.sessionmaker: async_sessionmaker[AsyncSession] = async_sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
-    def from_url(cls, url: str | URL, *, echo: bool = False) -> Database:
-        """Open the database at ``url`` (lazily); SQLite connections get WAL, foreign keys, a busy timeout."""
+    def from_url(cls, url: str | URL, *, echo: bool = False, pooled: bool = True) -> Database:
+        """Open the database at ``url`` (lazily); SQLite connections get WAL, foreign keys, a busy timeout.
+
+        ``pooled=False`` closes each connection after use: for an occasional user such as a client,
+        whose pooled connections (aiosqlite's are threads) would otherwise outlive it or keep a process alive.
+        """
         parsed = normalise_url(url)
+        extra: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
         if parsed.get_backend_name() == "sqlite":
-            engine = create_async_engine(parsed, echo=echo)
+            engine = create_async_engine(parsed, echo=echo, **extra)
             event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         else:
-            engine = create_async_engine(parsed, echo=echo, pool_pre_ping=True)
+            engine = create_async_engine(parsed, echo=echo, pool_pre_ping=True, **extra)
         return cls(engine)
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> Database:
+    def for_settings(cls, settings: Settings, *, pooled: bool = True) -> Database:
         """Open the settings' database (SQLite under the data dir by default), creating its directory."""
         parsed = normalise_url(settings.resolved_database_url())
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        return cls.from_url(parsed)
+        return cls.from_url(parsed, pooled=pooled)
+
+    @property
+    def store_id(self) -> str:
+        """A short fingerprint of which database this is (its URL without the password).
+
+        Two processes that compute the same one write and read the same rows; a client compares it
+        with the lease's before it heartbeats through the store (see ``LeaseClient.heartbeat``).
+        """
+        return store_fingerprint(self.engine.url)
 
     @property
     def dialect(self) -> str:

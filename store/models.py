@@ -336,3 +336,21 @@ class RecordingRow(Base):
     started_at: Mapped[datetime | None]
     finalized_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+
+
+class HolderHeartbeatRow(Base):
+    """The last-seen mark of one lease holder (``sandbox_holder_heartbeats``), written by its heartbeats.
+
+    Kept outside the lease's history on purpose: a heartbeat bumps ``beats`` here and the lease
+    workflow reads the row only at the holder's deadline. No foreign key: a holder may beat before
+    the lease's projection row exists.
+    """
+
+    __tablename__ = "sandbox_holder_heartbeats"
+
+    lease_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    holder_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    beats: Mapped[int] = mapped_column(BigInteger)
+    last_seen_at: Mapped[datetime]

@@ -104,6 +104,27 @@ class LeaseEventRecord(BaseModel):
     at: UtcDatetime
 
 
+class HolderBeatRecord(BaseModel):
+    """The last-seen mark of one holder: how many heartbeats it sent, and when the latest arrived.
+
+    Attributes:
+        kind: The holder's kind.
+        holder_id: The holder's id.
+        epoch: The epoch its latest heartbeat was for.
+        beats: How many heartbeats were recorded (only ever grows); the lease compares it with the
+            count it saw at the holder's previous deadline, so no two clocks need to agree.
+        last_seen_at: When the latest heartbeat was recorded (the writer's clock).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    holder_id: str
+    epoch: int
+    beats: int
+    last_seen_at: UtcDatetime
+
+
 # ---------------------------------------------------------------- the recordings projection
 
 RecordingCodec = Literal["h264-mp4", "vp9-webm"]

@@ -27,6 +27,7 @@ class ActivityName(StrEnum):
     # The lease workflow: its store rows and session events.
     PROJECT_LEASE = "project_lease"
     LOAD_LEASE_SEED = "load_lease_seed"
+    READ_HOLDER_BEATS = "read_holder_beats"
     PUBLISH_SESSION_EVENT = "publish_session_event"
     # The lease workflow: workspace snapshots.
     CAPTURE_WORKSPACE = "capture_workspace"

@@ -79,6 +79,8 @@ with workflow.unsafe.imports_passed_through():
         DiscardResult,
         ExecInput,
         ExecOutput,
+        HolderBeats,
+        HolderBeatsInput,
         ProjectionInput,
         ProvisionInput,
         ProvisionResult,
@@ -107,6 +109,7 @@ with workflow.unsafe.imports_passed_through():
         DrainRequest,
         ExecOutcome,
         ExecRequest,
+        HeartbeatCheck,
         HeartbeatRequest,
         HeartbeatResult,
         Holder,
@@ -124,6 +127,7 @@ with workflow.unsafe.imports_passed_through():
         Transition,
         ViewerAttachment,
         oversized_update_input,
+        stale_heartbeat_message,
     )
     from workflows.models.planes import PlaneRequest, TearDownPlanesRequest
     from workflows.models.recording import BoxLostNotice, RecordingRequest, RecordingStarted, recording_workflow_id
@@ -143,6 +147,11 @@ _WARMING_FAILURE_KEEPS_LEASE_PATCH = "warming-failure-keeps-lease"
 
 # Histories recorded before an offline agent ended a warming at once replay with the retried provision.
 _OFFLINE_AGENT_FAILS_WARMING_PATCH = "offline-agent-fails-warming"
+
+# Histories recorded before holder heartbeats left the history replay with holders expired on the
+# workflow's own record only (no read of the store's heartbeat marks at a holder's deadline).
+_HEARTBEATS_OFF_HISTORY_PATCH = "holder-heartbeats-off-history"
+
 
 _WARMING_CAUSES_FORWARDED: Final = frozenset(
     {
@@ -197,6 +206,14 @@ class LeaseWorkflow:
         self._notifying: set[asyncio.Task[None]] = set()
         # The typed cause of the last failed warming of this run (what its waiting acquirers are told).
         self._warming_cause: ApplicationError | None = None
+        # Lean attach/release (see ``run``), decided once per run at its start.
+        self._lean = False
+        self._deadline_timer: asyncio.Task[None] | None = None
+        self._timer_at: datetime | None = None
+        self._published: tuple[str, int] | None = None
+        self._flush_upto = 0  # lean: versions up to this one are due in the store now
+        self._ending = False  # waiting to continue-as-new or to complete: nothing is deferred then
+        self._projected_key: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------ main loop
 
@@ -206,27 +223,39 @@ class LeaseWorkflow:
         if not self.s.seeded:
             # Updates wait for the seed (acquire waits on ``seeded``); nothing else can change meanwhile.
             await self._seed()
+        # Lean attach/release: the deadline timer kept, search attributes upserted and the store
+        # written only on change. Versioned by the seed rather than a patch marker (a marker in every
+        # lease's history would be a payload the codec never encrypts): leases seeded before the
+        # seed carried a store id replay as they ran, with a new timer at every wake, an upsert on
+        # every publish and a projection of every change at once.
+        self._lean = self.s.store_id is not None
         self._publish()
         projector = asyncio.create_task(self._project_loop())
         publisher = asyncio.create_task(self._session_event_loop())
         while True:
             self._wake = False
-            self._expire_holders()
+            # A wake (deadline or handler) writes what holder-only changes deferred (see ``_project_loop``).
+            self._flush_upto = self.s.version
+            # At a holder's deadline this reads its heartbeats from the store (handlers run meanwhile).
+            await self._expire_holders()
             # The one transition due now, if any; handlers run during its activities.
             await self._advance()
             if self.s.stop_requested and self.s.liveness == "cold" and self._waiters == 0:
                 break
             if self._should_continue_as_new():
                 # Let running handlers and the projector finish before handing the state to the next run.
+                self._ending = True  # every change is projected at once from here (see ``_project_loop``)
                 await workflow.wait_condition(
                     lambda: (workflow.all_handlers_finished() and self._projection_idle()) or not self._quiescent()
                 )
+                self._ending = False
                 if self._quiescent():
                     workflow.continue_as_new(LeaseInput(spec=self.spec, state=self.s))
                 continue
             # Until a handler wakes us or the next deadline (holder TTL, grace, hold, rotation) passes.
             await self._sleep_until_woken()
         # Stopping: let the last handlers finish and the final state be projected.
+        self._ending = True
         await workflow.wait_condition(lambda: workflow.all_handlers_finished() and self._projection_idle())
         projector.cancel()
         publisher.cancel()
@@ -248,6 +277,7 @@ class LeaseWorkflow:
         # Frozen for the lease's life (and in its history); a seed recorded before profiles has
         # none, and that lease reads the descriptor table as it goes, as it always did.
         self.s.backend_profile = seed.backend_profile
+        self.s.store_id = seed.store_id
         self._projected_version = self.s.version
         self.s.seeded = True
         self._touch()
@@ -542,6 +572,10 @@ class LeaseWorkflow:
             if timeout <= 0:
                 return
             timeout = max(timeout, 0.001)
+        if self._lean:
+            # Until a handler wakes us or the kept deadline timer fires.
+            await self._sleep_on_kept_timer(deadline)
+            return
         try:
             # Handlers set ``_wake``; a timer covers the next deadline.
             await workflow.wait_condition(
@@ -551,6 +585,31 @@ class LeaseWorkflow:
             )
         except TimeoutError:
             pass
+
+    async def _sleep_on_kept_timer(self, deadline: datetime | None) -> None:
+        """Sleep until woken or the next deadline, keeping the running timer when it still serves.
+
+        A timer that fires at or before ``deadline`` is kept (an attach or release that leaves the
+        earliest deadline where it was writes no timer events); one that fires early finds nothing
+        due and is replaced then. Only a deadline earlier than the timer, or none at all, cancels it.
+        """
+        timer = self._deadline_timer
+        if timer is not None and not timer.done():
+            if deadline is None or self._timer_at is None or self._timer_at > deadline:
+                timer.cancel()
+                timer = None
+        else:
+            timer = None
+        if timer is None and deadline is not None:
+            self._timer_at = deadline
+            seconds = max((deadline - workflow.now()).total_seconds(), 0.001)
+            timer = asyncio.create_task(workflow.sleep(seconds, summary="next lease deadline"))
+        self._deadline_timer = timer
+        armed = timer
+        # Handlers set ``_wake``; the kept timer covers the next deadline.
+        await workflow.wait_condition(
+            lambda: self._wake or self._should_continue_as_new() or (armed is not None and armed.done())
+        )
 
     def _next_deadline(self) -> datetime | None:
         s = self.s
@@ -577,16 +636,68 @@ class LeaseWorkflow:
         future = [c for c in candidates if c > now]
         return min(future) if future else None
 
-    def _expire_holders(self) -> None:
+    async def _expire_holders(self) -> None:
+        """Drop the holders past their deadline, after asking the store whether they heartbeat since.
+
+        Heartbeats do not reach the workflow: a client records them in the store
+        (``sandbox_holder_heartbeats``), and only when a holder's deadline (``last_heartbeat_at`` +
+        TTL) passes does the lease read them, in one local activity for all holders
+        (:meth:`_read_heartbeats`), and either re-arm the holder or drop it. So a held lease writes a
+        few events per TTL, none per heartbeat.
+
+        Bound: a holder that stops heartbeating is dropped at most **2 x TTL** (plus two reads of the
+        store) after its last heartbeat, whatever the clocks say: each re-arm needs beats newer than
+        the previous look, and looks are at most one TTL apart. When the writer's and the worker's
+        clocks agree it is dropped within **TTL plus one read**: the re-armed deadline is its last
+        heartbeat plus the TTL, and a mark that old expires.
+        """
         s = self.s
         if s.liveness == "warming" or not s.holders:
             return
         now = workflow.now()
         ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
+        due = any(h.last_heartbeat_at + ttl <= now for h in s.holders)
+        if due and s.store_id is not None and workflow.patched(_HEARTBEATS_OFF_HISTORY_PATCH):
+            # Handlers may run meanwhile (a holder released, acquired or dropped by a drain).
+            await self._read_heartbeats(ttl)
+            now = workflow.now()
         alive = [h for h in s.holders if h.last_heartbeat_at + ttl > now]
         if len(alive) != len(s.holders):
             s.holders = alive
             self._touch()
+
+    async def _read_heartbeats(self, ttl: timedelta) -> None:
+        """Re-arm each holder past its deadline whose heartbeats moved on since the last look (see above)."""
+        s = self.s
+        try:
+            # One quick read of the store; a local activity, so it costs one marker event.
+            read = await workflow.execute_local_activity(
+                ActivityName.READ_HOLDER_BEATS,
+                HolderBeatsInput(lease_id=self.spec.lease_id, forget_older_than_seconds=3 * ttl.total_seconds()),
+                result_type=HolderBeats,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_attempts=3),
+                summary="read holder heartbeats",
+            )
+        except ActivityError as err:
+            # The store is unreachable: a client could not have recorded heartbeats there either (it
+            # falls back to the heartbeat update), so the workflow's own record decides.
+            workflow.logger.warning("reading holder heartbeats failed: %s", _cause_message(err))
+            return
+        marks = {(m.kind, m.holder_id): m for m in read.marks}
+        now = workflow.now()
+        for h in s.holders:
+            if h.last_heartbeat_at + ttl > now:
+                continue  # not due: acquired or re-armed by an update meanwhile
+            mark = marks.get((h.kind, h.holder_id))
+            if mark is None or mark.beats <= h.beats or mark.epoch != s.epoch:
+                continue  # no heartbeat for this epoch since the last look: it expires
+            age = max(read.read_at - mark.last_seen_at, timedelta(0))
+            if age >= ttl:
+                continue  # its latest heartbeat is older than the TTL by the store's clock: it expires
+            h.beats = mark.beats
+            # Deadline = its last heartbeat + TTL (in the future, as age < TTL).
+            h.last_heartbeat_at = now - age
 
     # ------------------------------------------------------------------ continue-as-new
 
@@ -620,17 +731,36 @@ class LeaseWorkflow:
         )
 
     async def _project_loop(self) -> None:
+        """Write the lease's state to the store after it changes, one write per burst of changes.
+
+        Lean (a lease seeded with a store id, see ``run``): a transition is written at once; a change of holders
+        only (an attach or release that moves no liveness) waits for the lease's next wake, that is
+        at most until the next deadline (one holder TTL while the lease has holders), so an attach
+        and a release in between cost no write at all; a write that would store what the store
+        already has (heartbeat times aside) is skipped. The store never goes backwards: each write
+        carries the version it projects, and the store keeps only newer ones.
+        """
         while True:
-            # Until some change bumps the version past the last projection.
-            await workflow.wait_condition(lambda: self.s.version > self._projected_version)
+            # Until some change bumps the version past the last projection (lean: and it is due).
+            await workflow.wait_condition(
+                lambda: (
+                    self.s.version > self._projected_version
+                    and (self._flush_upto > self._projected_version or self._ending or not self._lean)
+                )
+            )
             version = self.s.version
             events, self._pending_events = self._pending_events, []
+            record = self._record()
+            key = _projected_key(record)
+            if self._lean and not events and key == self._projected_key:
+                self._projected_version = version  # nothing a reader sees changed
+                continue
             self._projecting = True
             try:
                 # The projection of this version; later changes are projected by the next round.
                 await workflow.execute_activity(
                     ActivityName.PROJECT_LEASE,
-                    ProjectionInput(record=self._record(), events=[self._event(t) for t in events]),
+                    ProjectionInput(record=record, events=[self._event(t) for t in events]),
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=_RETRY_FOREVER,
                     summary=f"project v{version}",
@@ -641,6 +771,7 @@ class LeaseWorkflow:
             finally:
                 self._projecting = False
             self._projected_version = version
+            self._projected_key = key
 
     async def _session_event_loop(self) -> None:
         # Best effort, in order: a lost event costs a viewer one heartbeat interval, never the lease.
@@ -729,6 +860,7 @@ class LeaseWorkflow:
         s.liveness = to
         s.transitions = [*s.transitions, t][-TRANSITIONS_KEPT:]
         self._pending_events.append(t)
+        self._flush_upto = s.version  # a transition is written at once
         self._run_transitions += 1
         self._wake = True
         self._publish()
@@ -767,14 +899,18 @@ class LeaseWorkflow:
 
     def _publish(self) -> None:
         s = self.s
-        workflow.upsert_search_attributes(
-            [
-                sa.LEASE_LIVENESS.value_set(s.liveness),
-                sa.LEASE_EPOCH.value_set(s.epoch),
-                sa.SANDBOX_BACKEND.value_set(self.spec.backend),
-                sa.WORKSPACE_ID.value_set(self.spec.workspace_id),
-            ]
-        )
+        published = (s.liveness, s.epoch)
+        # Lean: upsert only what changed (once per run at its start, then on liveness or epoch moves).
+        if not self._lean or self._published != published:
+            workflow.upsert_search_attributes(
+                [
+                    sa.LEASE_LIVENESS.value_set(s.liveness),
+                    sa.LEASE_EPOCH.value_set(s.epoch),
+                    sa.SANDBOX_BACKEND.value_set(self.spec.backend),
+                    sa.WORKSPACE_ID.value_set(self.spec.workspace_id),
+                ]
+            )
+            self._published = published
         box = s.envelope.instance_id if s.envelope else "no box"
         workflow.set_current_details(f"**{s.liveness}** · epoch {s.epoch} · {len(s.holders)} holder(s) · {box}")
 
@@ -1022,17 +1158,38 @@ class LeaseWorkflow:
             expires_at=holder.last_heartbeat_at + timedelta(seconds=self.timers.holder_ttl_seconds),
         )
 
+    @workflow.query(description="Whether a heartbeat of this holder is accepted, and in which store to record it.")
+    def heartbeat_check(self, req: HeartbeatRequest) -> HeartbeatCheck:
+        """Whether a heartbeat of this holder is accepted (else the update's typed refusal), and where to record it.
+
+        Clients heartbeat by this query plus one write to the store named by ``store_id`` (no
+        history event); the lease reads the store at the holder's deadline (:meth:`_expire_holders`).
+        """
+        s = self.s
+        refusal: ApplicationError | None = None
+        try:
+            self._validate_heartbeat(req)
+        except ApplicationError as err:
+            refusal = err
+        holder = self._find(req.kind, req.holder_id)
+        ttl = timedelta(seconds=self.timers.holder_ttl_seconds)
+        return HeartbeatCheck(
+            refusal=refusal.type if refusal is not None else None,
+            message=refusal.message if refusal is not None else None,
+            epoch=s.epoch,
+            liveness=s.liveness,
+            expires_at=holder.last_heartbeat_at + ttl if holder is not None else None,
+            holder_ttl_seconds=self.timers.holder_ttl_seconds,
+            store_id=s.store_id,
+        )
+
     @heartbeat.validator
     def _validate_heartbeat(self, req: HeartbeatRequest) -> None:
         _check_input_size("heartbeat", req)
         _check_holder_id(req.holder_id)
         _check_epoch("epoch", req.epoch)
         if req.epoch != self.s.epoch:
-            raise failure(
-                errors.StaleEpoch,
-                f"heartbeat for epoch {req.epoch} but the lease is at epoch {self.s.epoch}; "
-                "your box was replaced, acquire again",
-            )
+            raise failure(errors.StaleEpoch, stale_heartbeat_message(req.epoch, self.s.epoch))
         if self._find(req.kind, req.holder_id) is None:
             raise failure(
                 errors.HolderNotFound,
@@ -1373,6 +1530,18 @@ class LeaseWorkflow:
             backend_profile=s.backend_profile,
             agent_id=self.spec.agent_id,
         )
+
+
+def _projected_key(record: LeaseRecord) -> tuple[Any, ...]:
+    """What a reader of the store sees of a lease, heartbeat times and write time aside."""
+    return (
+        record.liveness,
+        record.epoch,
+        record.instance_id,
+        record.envelope,
+        record.reason,
+        tuple((h.kind, h.holder_id, h.subject, h.acquired_at) for h in record.holders),
+    )
 
 
 def _check_epoch(field: str, epoch: int | None) -> None:

@@ -273,8 +273,10 @@ async def test_continue_as_new_keeps_holders_and_epoch(runtime: Any) -> None:
     await leases.acquire(ws, g, kind="viewer", holder_id="v1")
     handle = runtime.client.get_workflow_handle(lease_workflow_id(ws, g))
     first_run = (await handle.describe()).run_id
-    for _ in range(15):
+    for i in range(8):  # updates drive continue-as-new (heartbeats are no updates: they go to the store)
         await leases.heartbeat(ws, g, "t1", grant.epoch)
+        await leases.acquire(ws, g, kind="direct", holder_id=f"d{i}")
+        await leases.release(ws, g, f"d{i}", kind="direct")
 
     async def new_run() -> bool:
         return (await handle.describe()).run_id != first_run

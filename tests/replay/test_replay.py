@@ -81,6 +81,13 @@ REQUIRED = {
     # (patch offline-agent-fails-warming).
     "lease_unconfigured_backend_stays_cold",
     "lease_offline_agent_fails_warming",
+    # Holders heartbeat through the store; the lease reads it at their deadlines, re-arms them, then
+    # expires a silent one (patch holder-heartbeats-off-history), also across continue-as-new; and
+    # attach/release on a lease kept warm by another holder: the deadline timer kept, search
+    # attributes and the projection written only on change (leases seeded with a store id).
+    "lease_heartbeats_off_history",
+    "lease_continue_as_new_heartbeats",
+    "lease_lean_attach_release",
 }
 
 

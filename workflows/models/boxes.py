@@ -8,12 +8,13 @@ activities' names are :class:`workflows.activity_names.ActivityName`.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field, StrictInt
 
 from sandbox.box import Envelope
-from store.records import LeaseEventRecord, LeaseRecord
+from store.records import HolderBeatRecord, LeaseEventRecord, LeaseRecord
 from workflows.models.lease import ArchiveRef, BackendProfile, RestoreOutcome
 
 
@@ -116,6 +117,24 @@ class SeedResult(BaseModel):
     backend_profile: BackendProfile | None = None
     """What the lease decides from its backend's descriptor, read now and kept in the lease's state
     (and so in its history); None in seeds recorded before, whose leases read the table as they go."""
+    store_id: str | None = None
+    """The fingerprint of the store this worker reads holder heartbeats from; None in seeds recorded
+    before (those leases take heartbeats by update only)."""
+
+
+class HolderBeatsInput(BaseModel):
+    """Read the heartbeat marks of a lease's holders, forgetting marks older than ``forget_older_than_seconds``."""
+
+    lease_id: str
+    forget_older_than_seconds: float | None = None
+    """Measured on the reader's clock (the workflow's may be far ahead of it, e.g. under time skipping)."""
+
+
+class HolderBeats(BaseModel):
+    """The marks of a lease's holders, and the reader's clock when it read them."""
+
+    read_at: datetime
+    marks: list[HolderBeatRecord] = Field(default_factory=list)
 
 
 class CaptureRequest(BaseModel):

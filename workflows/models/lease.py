@@ -158,6 +158,10 @@ class Holder(BaseModel):
     subject: str | None = None
     acquired_at: datetime
     last_heartbeat_at: datetime
+    """When the lease last knew this holder alive (its acquire, a heartbeat update, or a deadline
+    check that found new heartbeats in the store); the holder's deadline is this plus the TTL."""
+    beats: int = 0
+    """The holder's beat count in the store as of the last deadline check (see ``HolderBeatRecord``)."""
 
 
 class Transition(BaseModel):
@@ -238,6 +242,9 @@ class LeaseState(BaseModel):
     backend_profile: BackendProfile | None = None
     """Frozen from the descriptor by the seed when the lease started; None for leases seeded before
     (their seed result has none), which read the descriptor table as they go, as they always did."""
+    store_id: str | None = None
+    """The fingerprint of the store the lease's worker reads heartbeats from (from the seed). None
+    for leases seeded before heartbeats left the history: their holders heartbeat by update."""
 
 
 class LeaseInput(BaseModel):
@@ -323,6 +330,11 @@ class HeartbeatRequest(BaseModel):
     epoch: StrictInt
 
 
+def stale_heartbeat_message(epoch: int, current: int) -> str:
+    """The words of a heartbeat's ``StaleEpoch`` refusal (the lease's and the client's own, alike)."""
+    return f"heartbeat for epoch {epoch} but the lease is at epoch {current}; your box was replaced, acquire again"
+
+
 class HeartbeatResult(BaseModel):
     """The lease's answer to a heartbeat."""
 
@@ -330,6 +342,24 @@ class HeartbeatResult(BaseModel):
     epoch: StrictInt
     liveness: Liveness
     expires_at: datetime
+
+
+class HeartbeatCheck(BaseModel):
+    """The ``heartbeat_check`` query's answer: whether a heartbeat would be accepted, and where to record it.
+
+    ``refusal``/``message`` are the typed error a heartbeat update would be refused with (the same
+    type and words), or None. ``store_id`` names the store whose ``sandbox_holder_heartbeats`` the
+    lease reads at the holder's deadline; None: heartbeat by update (the lease predates the store path).
+    """
+
+    refusal: str | None = None
+    message: str | None = None
+    epoch: int
+    liveness: Liveness
+    expires_at: datetime | None = None
+    """The deadline at which the lease will next look at this holder's heartbeats."""
+    holder_ttl_seconds: float
+    store_id: str | None = None
 
 
 class ReleaseResult(BaseModel):

@@ -19,12 +19,18 @@ from temporalio.client import Client
 from client.lease_client import LeaseClient, timers_from_settings
 from sandbox.errors import InvalidRequest, SandboxConfigError
 from sandbox.settings import Settings
-from workflows.models.lease import MAX_EXEC_TIMEOUT_SECONDS, ExecOutcome, LeaseTimers
+from workflows.models.lease import MAX_EXEC_TIMEOUT_SECONDS, ExecOutcome, HeartbeatCheck, LeaseTimers
 
 
 class _Handle:
+    id = "lease/ws1/g1"
+
     def __init__(self, sent: list[Any]) -> None:
         self.sent = sent
+
+    async def query(self, _query: Any, arg: Any, **_options: Any) -> Any:
+        # A heartbeat check answered as by a lease from before the store path: the update follows.
+        return HeartbeatCheck(epoch=arg.epoch, liveness="warm", holder_ttl_seconds=90.0)
 
     async def execute_update(self, _update: Any, arg: Any) -> Any:
         self.sent.append(arg)
