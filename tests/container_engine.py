@@ -146,6 +146,8 @@ def running_engine(directory: Path) -> Iterator[ContainerEngine]:
     process = subprocess.Popen(
         [binary, "system", "service", "--time=0", f"unix://{sock}"],
         env=engine_environment(),
+        # conmon writes an empty "oom" file into its working directory when a box hits its memory limit
+        cwd=directory,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
