@@ -60,7 +60,8 @@ async def harness(tmp_path: Path) -> AsyncIterator[ProviderHarness]:
 
         def create() -> str:
             # The provider's container options, without its lookup for an existing box.
-            name = f"sandbox-bench-{secrets.token_hex(6)}"
+            # Named as the provider names boxes, so that terminate also removes its workspace volume.
+            name = f"sandbox-{secrets.token_hex(12)}"
             host_config = api.create_host_config(
                 binds={f"{name}-workspace": {"bind": "/workspace", "mode": "rw"}},
                 port_bindings={port: ("127.0.0.1", None) for port in (6080, 7681, 7682)},
