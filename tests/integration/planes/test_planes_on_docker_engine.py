@@ -3,7 +3,8 @@
 The plane activities bring the planes up in a hardened box of the box image exactly as for any
 remote backend (the in-box scripts, the key on stdin, the edge in the box); a viewer reaches the
 edge through the port the engine published on the host, and the edge admits only a valid token:
-VNC for the desktop, ttyd for the terminal (a command typed through it runs in the box). Skipped
+VNC for the desktop, ttyd for the terminal (a command typed through it runs in the box). Computer
+use (ImageMagick's screenshot, xdotool input) runs through its activities in the same box. Skipped
 only when podman is absent.
 """
 
@@ -19,12 +20,14 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from activities.computer_use import ComputerUseActivities
 from providers.docker import DockerBoxSession, DockerProvider, DockerSettings
 from providers.registry import ProviderRegistry
 from sandbox.box import BoxSpec
 from sandbox.settings import Settings
 from tests.container_engine import ContainerEngine
 from tests.integration.planes.harness import ROOT_SECRET, PlaneHarness
+from workflows.models.computer_use import DesktopInputInput, MoveAction, ScreenshotInput
 from workflows.models.planes import DisplayStackRequest, TearDownPlanesRequest, TerminalServerRequest
 
 pytestmark = [pytest.mark.container_engine, pytest.mark.timeout(120)]
@@ -37,6 +40,7 @@ class EnginePlanes:
     lease_id: str
     desktop_url: str
     terminal_url: str
+    computer: ComputerUseActivities
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,7 @@ async def up(
             lease_id,
             f"ws://{desktop_at.host}:{desktop_at.port}/",
             f"ws://{terminal_at.host}:{terminal_at.port}/",
+            ComputerUseActivities(registry, settings, harness.activities),
         )
         await harness.activities.tear_down_planes(TearDownPlanesRequest(backend="docker", envelope=envelope))
     finally:
@@ -113,3 +118,17 @@ async def test_a_command_typed_through_the_terminal_edge_runs_in_the_box(up: Eng
     assert (await up.box.read_file("typed.txt")).strip() == marker.encode()
     assert await _status(up.terminal_url, ["tty"]) == 403
     assert await _status(up.terminal_url, ["tty", up.harness.mint(up.lease_id, 1)]) == 403, "a desktop token"
+
+
+async def test_computer_use_screenshots_and_moves_the_pointer_in_the_box(up: EnginePlanes) -> None:
+    envelope = up.box.serialize_state()
+    shot = await up.computer.screenshot(
+        ScreenshotInput(backend="docker", envelope=envelope, lease_id=up.lease_id, epoch=1)
+    )
+    assert shot.png.startswith(b"\x89PNG") and (shot.screen_width, shot.screen_height) == (1280, 800)
+    moved = await up.computer.desktop_input(
+        DesktopInputInput(
+            backend="docker", envelope=envelope, lease_id=up.lease_id, epoch=1, actions=[MoveAction(x=321, y=123)]
+        )
+    )
+    assert (moved.performed, moved.pointer_x, moved.pointer_y) == (1, 321, 123)
