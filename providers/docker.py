@@ -1,9 +1,14 @@
 """The ``docker`` provider: every box is a container of a Docker engine, driven through the ``docker`` SDK.
 
-A box is one container of the desktop image (``deploy/desktop/Dockerfile``: Xvfb, x11vnc,
-websockify, noVNC, ttyd, ffmpeg and the in-box scripts), kept alive by ``sleep infinity`` under the
-engine's init, with:
+A box is one container of the desktop image (``deploy/desktop/Dockerfile``, built by
+``deploy/images/build``: Xvfb, x11vnc, websockify, noVNC, ttyd, ffmpeg and the in-box scripts),
+kept alive by ``sleep infinity`` under the engine's init, hardened by default:
 
+- run as the unprivileged box user (``SANDBOX_DOCKER_USER``, ``1000:1000``; HOME ``/root``, its
+  own, as in local boxes), with ``no-new-privileges``, every capability dropped (the box image
+  needs none), never the host's network (``SANDBOX_DOCKER_NETWORK=host`` is refused), and the
+  pids/memory/CPU limits of local boxes (``SANDBOX_LOCAL_PIDS_MAX``, ``SANDBOX_LOCAL_MEMORY_MAX``
+  (swap included), ``SANDBOX_LOCAL_CPU_MAX``); files the provider writes belong to the box user;
 - its workspace at ``/workspace`` on a named volume ``<container name>-workspace`` (removed with
   the box), or on a bind of ``$SANDBOX_DOCKER_WORKSPACE_BASE_DIR/<container name>`` when that is set
   (the host directory is the operator's and is kept);
@@ -25,7 +30,8 @@ Workspace capture/restore/fingerprint run GNU tar in the box (:class:`RemoteWork
 
 NotFound rule (upstream): a container id must match ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`` (else
 :class:`InvalidRequest`, and no request is sent); only the engine's 404 whose message is ``No such
-container: <ref>`` (or ``No such object``) proves the box is gone. A container that exists but is
+container: <ref>`` (or ``No such object``; podman's Docker API says ``no container with name or ID
+"<ref>" found: no such container``) proves the box is gone. A container that exists but is
 stopped or paused is started or unpaused by ``resume``; one that is ``dead`` or being removed is gone.
 ``resume`` and ``terminate`` refuse (:class:`InvalidRequest`) a container whose ``sandbox.owner``
 label is not this runtime's, so an envelope can never reach or remove somebody else's container.
@@ -34,7 +40,9 @@ label is not this runtime's, so an envelope can never reach or remove somebody e
 SDK error                                                    raised as
 ==========================================================  ===============================
 ``NotFound`` (404) ``No such container``/``No such object``  :class:`BoxNotFound`
-``NotFound`` (404) ``Could not find the file ...``           :class:`PathNotFound`
+(podman: ``no container with name or ID ... found``)
+``NotFound`` (404) ``Could not find the file ...`` (podman:   :class:`PathNotFound`
+``no such file or directory``)
 ``ImageNotFound`` after one pull attempt                     :class:`ProviderError`
 other ``NotFound`` (network, exec instance, ...)             :class:`ProviderError`
 ``APIError`` 409 ``is not running``/``paused``/``restarting``  :class:`ProviderUnavailable`
@@ -75,6 +83,7 @@ from providers.box_labels import owned_box
 from providers.remote_workspace import RemoteWorkspace
 from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
+from sandbox.box_limits import BoxLimits
 from sandbox.errors import (
     BoxNotFound,
     ExecTimeout,
@@ -98,6 +107,7 @@ __all__ = [
     "BOX_HOME",
     "CONTAINER_ID_RE",
     "DEFAULT_IMAGE",
+    "DEFAULT_USER",
     "PLANE_PORTS",
     "WORKSPACE_ROOT",
     "DockerBoxSession",
@@ -110,6 +120,8 @@ __all__ = [
 BACKEND: Final = "docker"
 WORKSPACE_ROOT: Final = "/workspace"
 BOX_HOME: Final = "/root"
+"""The box user's HOME in the box image, owned by it as in local boxes (captured as ``home/``)."""
+DEFAULT_USER: Final = "1000:1000"
 DEFAULT_IMAGE: Final = "sandbox-desktop:latest"
 PLANE_PORTS: Final = (6080, 7681, 7682)
 """Always published: the desktop edge, the terminal edge and the box's control port."""
@@ -120,11 +132,20 @@ LABEL_LEASE: Final = box_labels.LEASE_ID
 LABEL_KEY: Final = box_labels.KEY
 LABEL_VOLUME: Final = "sandbox.workspace_volume"
 
-_NO_SUCH_CONTAINER_RE: Final = re.compile(r"^(?:Error(?: response from daemon)?: )?No such (?:object|container): ")
+_NO_SUCH_CONTAINER_RE: Final = re.compile(
+    r"^(?:Error(?: response from daemon)?: )?No such (?:object|container): "
+    # podman's Docker API (4.x), also behind "the container doesn't exists: " on archive PUT
+    r'|^(?:[^"]*: )?no container with name or ID "[^"]*" found: no such container$'
+)
+_PODMAN_NO_SUCH_FILE: Final = "no such file or directory"
 _NOT_RUNNING_RE: Final = re.compile(r"is not running|is paused|is restarting|removal of container .* in progress", re.I)
 _VOLUME_NAME_RE: Final = re.compile(r"^sandbox-[0-9a-f]{24}-workspace$")
 _ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NETWORK_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_USER_RE: Final = re.compile(r"^(?P<uid>[0-9]{1,10}):(?P<gid>[0-9]{1,10})$")
+# The engine's modes that share a namespace of the host (or another container) with the box.
+_SHARED_NETWORKS: Final = frozenset({"host"})
+_NO_NEW_PRIVILEGES: Final = "no-new-privileges"
 _HOST_SCHEMES: Final = ("unix", "tcp", "ssh", "npipe", "http", "https")
 _GO_MODE_DIR: Final = 1 << 31
 _GO_MODE_SYMLINK: Final = 1 << 27
@@ -164,6 +185,7 @@ class DockerSettings(BaseSettings):
         workspace_base_dir: Absolute host directory under which each box's workspace is a bind
             mount ``<dir>/<container name>``; unset means a named volume per box.
         owner: Value of the ``sandbox.owner`` label: which runtime deployment owns a container.
+        user: ``uid:gid`` every box process runs as (numeric, not root: the box image's ``box`` user).
         timeout_seconds: Deadline of one engine API request (exec output is not bounded by it).
     """
 
@@ -175,6 +197,7 @@ class DockerSettings(BaseSettings):
     exposed_ports: str = ""
     workspace_base_dir: str | None = None
     owner: str = "sandbox-runtime"
+    user: str = DEFAULT_USER
     timeout_seconds: float = 60.0
 
     def validate(self) -> None:  # type: ignore[override]  # pydantic's classmethod validate is deprecated
@@ -197,6 +220,12 @@ class DockerSettings(BaseSettings):
             )
         if self.network is not None and not _NETWORK_RE.fullmatch(self.network):
             raise SandboxConfigError(f"[sandbox:docker] SANDBOX_DOCKER_NETWORK is not a network name: {self.network!r}")
+        if self.network is not None and self.network.lower() in _SHARED_NETWORKS:
+            raise SandboxConfigError(
+                "[sandbox:docker] SANDBOX_DOCKER_NETWORK=host would give boxes the host's network "
+                "(its loopback services included); use a bridge or a user-defined network"
+            )
+        self.box_ids()
         self.ports()
         if self.workspace_base_dir is not None and not self.workspace_base_dir.startswith("/"):
             raise SandboxConfigError(
@@ -209,6 +238,20 @@ class DockerSettings(BaseSettings):
             )
         if not (self.timeout_seconds > 0 and math.isfinite(self.timeout_seconds)):
             raise SandboxConfigError("[sandbox:docker] SANDBOX_DOCKER_TIMEOUT_SECONDS must be a positive number")
+
+    def box_ids(self) -> tuple[int, int]:
+        """The ``(uid, gid)`` of ``SANDBOX_DOCKER_USER``.
+
+        Raises:
+            SandboxConfigError: not a numeric ``uid:gid``, or uid 0 (a box never runs as root).
+        """
+        m = _USER_RE.fullmatch(self.user)
+        if m is None or int(m["uid"]) == 0:
+            raise SandboxConfigError(
+                f"[sandbox:docker] SANDBOX_DOCKER_USER must be a numeric uid:gid other than root "
+                f"(the box image's user is {DEFAULT_USER}), not {self.user!r}"
+            )
+        return int(m["uid"]), int(m["gid"])
 
     def ports(self) -> tuple[int, ...]:
         """The container ports to publish: ``SANDBOX_DOCKER_EXPOSED_PORTS`` then 6080, 7681 and 7682.
@@ -292,7 +335,9 @@ _ERRORS: Final = ErrorTable(
             PathNotFound,
             _ENGINE,
             status={404},
-            test=lambda err: _explanation(err).startswith("Could not find the file"),
+            test=lambda err: (
+                _explanation(err).startswith("Could not find the file") or _explanation(err) == _PODMAN_NO_SUCH_FILE
+            ),
         ),
         Row(
             docker.errors.ImageNotFound,
@@ -327,11 +372,13 @@ def _absolute(path: str) -> str:
     return "/" + posixpath.normpath(posixpath.join(WORKSPACE_ROOT, path)).lstrip("/")
 
 
-def _one_file_tar(path: str, data: bytes, mode: int) -> bytes:
+def _one_file_tar(path: str, data: bytes, mode: int, owner: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     info = tarfile.TarInfo(path.lstrip("/"))
     info.size = len(data)
     info.mode = mode
+    # The engine extracts as root and keeps the archive's owner: the box user must own what it is given.
+    info.uid, info.gid = owner
     info.mtime = int(time.time())
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
         archive.addfile(info, io.BytesIO(data))
@@ -446,6 +493,13 @@ class DockerBoxSession:
             if stat["mode"] & _GO_MODE_DIR:
                 raise InvalidRequest(f"{path!r} is a directory")
             mode = stat["mode"] & 0o7777
+        else:
+            parent = posixpath.dirname(target)
+            if await self._provider._stat(self._id, parent) is None:
+                # Made by the box user: the engine would create missing parents as root, which the
+                # box user could then not write into. Where the box user may not (outside its own
+                # directories), the engine still creates them, as before.
+                await self.exec(["mkdir", "-p", "--", parent], workdir="/")
         await self._put(target, bytes(data), mode)
 
     async def list_dir(self, path: str) -> list[DirEntry]:
@@ -522,7 +576,7 @@ class DockerBoxSession:
         raise InvalidRequest(f"too many levels of symbolic links: {path!r}")
 
     async def _put(self, path: str, data: bytes, mode: int) -> None:
-        archive = _one_file_tar(path, data, mode)
+        archive = _one_file_tar(path, data, mode, self._provider.settings.box_ids())
         api = self._provider._api_sync
         await self._provider._call(lambda: api().put_archive(self._id, "/", archive))
 
@@ -534,10 +588,15 @@ class DockerProvider:
         settings: The backend's settings (see :class:`DockerSettings`).
         client: A ``docker.DockerClient`` to use (tests pass one bound to the fake engine); by
             default one is made on first use from ``settings.host`` or the environment.
+        limits: The pids/memory/CPU limits of every box (the local boxes' settings,
+            ``SANDBOX_LOCAL_*_MAX``; the disk limit is the engine's storage's business).
     """
 
-    def __init__(self, settings: DockerSettings, *, client: docker.DockerClient | None = None) -> None:
+    def __init__(
+        self, settings: DockerSettings, *, client: docker.DockerClient | None = None, limits: BoxLimits | None = None
+    ) -> None:
         self.settings = settings
+        self.limits = limits if limits is not None else BoxLimits()
         self._client: Any | None = client
         self._owns_client = client is None
         self._client_lock = asyncio.Lock()
@@ -774,9 +833,12 @@ class DockerProvider:
             network_mode=settings.network or None,
             init=True,
             restart_policy={"Name": "unless-stopped"},
+            **self._hardening(),
         )
+        uid, gid = settings.box_ids()
         kwargs: dict[str, Any] = {
             "command": list(_KEEP_ALIVE),
+            "user": f"{uid}:{gid}",
             "name": name,
             "labels": labels,
             "environment": dict(spec.environment),
@@ -794,6 +856,20 @@ class DockerProvider:
             await self._call(api.pull, image)
             created = await self._call(api.create_container, image, **kwargs)
         return str(created["Id"]), volume
+
+    def _hardening(self) -> dict[str, Any]:
+        """The host-config options that confine a box: no new privileges, no capabilities, the limits."""
+        limits = self.limits
+        options: dict[str, Any] = {"security_opt": [_NO_NEW_PRIVILEGES], "cap_drop": ["ALL"]}
+        if limits.pids_max is not None:
+            options["pids_limit"] = limits.pids_max
+        if limits.memory_max is not None:
+            # Swap included, as for local boxes (memory.memsw): the box cannot swap past its limit.
+            options["mem_limit"] = limits.memory_max
+            options["memswap_limit"] = limits.memory_max
+        if limits.cpu_max is not None:
+            options["nano_cpus"] = int(limits.cpu_max * 1e9)
+        return options
 
     async def _adopt(self, container_id: str) -> DockerBoxSession:
         api = self._api_sync()
@@ -911,5 +987,5 @@ def _volume_gone(err: ProviderError) -> bool:
 
 def build_provider(settings: Settings) -> DockerProvider:
     """The docker provider configured from the environment (``SANDBOX_DOCKER_*``)."""
-    del settings  # the docker backend's settings have their own prefix
-    return DockerProvider(DockerSettings())
+    # The backend's own settings have their own prefix; the box limits are the local boxes'.
+    return DockerProvider(DockerSettings(), limits=settings.local_limits())

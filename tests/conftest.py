@@ -848,3 +848,35 @@ def _no_host_edge_outlives_the_session(tmp_path_factory: pytest.TempPathFactory)
     """At the end of the session, kill the host edges of boxes under this session's temp directory."""
     yield
     kill_host_edges_under(tmp_path_factory.getbasetemp())
+
+
+# --------------------------------------------------------------------------- container engine
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the box image once, before any test's timer runs, when a selected test needs the engine."""
+    from tests import container_engine
+
+    if container_engine.podman() is None:
+        return
+    if any(item.get_closest_marker("container_engine") for item in session.items):
+        seconds = container_engine.build_images()
+        print(f"\ncontainer images ready in {seconds:.1f} s (deploy/images/build)", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """podman's Docker-API service on a socket under the session's temp dir, and the box image.
+
+    Skipped when podman is not installed (``bash scripts/install`` installs it); started once per
+    session; removes this session's boxes and stops the service at the end.
+    """
+    from tests import container_engine as engines
+
+    engines.require_podman()
+    with engines.running_engine(tmp_path_factory.mktemp("container-engine")) as engine:
+        engines.set_session_engine(engine)
+        try:
+            yield engine
+        finally:
+            engines.set_session_engine(None)

@@ -5,6 +5,10 @@ the backend's conformance harness (``tests/unit/providers/harness_<backend>.py``
 stateful fake of the service. Also: a transient provider error during warming is retried and
 never taken for NotFound, and the orphan sweep terminates a tagged box no lease owns while leaving
 a live lease's box alone.
+
+The same lifecycle and sweep also run for ``docker`` on a real engine (``docker_engine``: podman's
+Docker Engine API, ``tests/container_engine.py``); the injected-fault test needs a fake and runs on
+the fakes only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from workflows.orphan_sweep import OrphanSweepWorkflow
 from workflows.snapshot_gc import SnapshotGcWorkflow
 
 BACKENDS = ("modal", "docker")
+"""Backends wired to a fake of their service."""
+ENGINE = "docker_engine"
+"""The docker backend on the real engine (its harness: ``harness_docker_engine.py``)."""
+_BACKEND_OF = {ENGINE: "docker"}
 
 WRITE = (
     "mkdir -p src/empty && printf 'print(1)\\n' > src/main.py && chmod 750 src/main.py"
@@ -52,13 +60,16 @@ class CloudRuntime:
         return {box.instance_id for box in await self.harness.provider.list_owned()}
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=[*BACKENDS, pytest.param(ENGINE, marks=pytest.mark.container_engine)])
 async def cloud(
     request: pytest.FixtureRequest, temporal_client: Client, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[CloudRuntime]:
-    backend: str = request.param
-    module = importlib.import_module(f"tests.unit.providers.harness_{backend}")
-    root = tmp_path_factory.mktemp(f"cloud-{backend}")
+    harness_name: str = request.param
+    backend = _BACKEND_OF.get(harness_name, harness_name)
+    if harness_name == ENGINE:
+        request.getfixturevalue("container_engine")
+    module = importlib.import_module(f"tests.unit.providers.harness_{harness_name}")
+    root = tmp_path_factory.mktemp(f"cloud-{harness_name}")
     async with contextlib.AsyncExitStack() as stack:
         harness: ProviderHarness = await stack.enter_async_context(module.harness(root / "fake"))
         settings = Settings(
@@ -100,6 +111,7 @@ async def test_acquire_exec_drain_with_snapshot_then_restore(cloud: CloudRuntime
     assert second.instance_id not in await cloud.owned_ids()
 
 
+@pytest.mark.parametrize("cloud", BACKENDS, indirect=True)
 async def test_a_transient_error_while_warming_is_retried_never_not_found(cloud: CloudRuntime) -> None:
     harness = cloud.harness
     assert harness.faults is not None and harness.transient_error is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,19 @@ def _has_fake_service(backend: str) -> bool:
     return bool(getattr(importlib.import_module(f"tests.unit.providers.harness_{backend}"), "FAKE_SERVICE", True))
 
 
+def needs_container_engine(backend: str) -> bool:
+    """Whether the backend's harness runs on the real container engine (``NEEDS_CONTAINER_ENGINE``)."""
+    module = importlib.import_module(f"tests.unit.providers.harness_{backend}")
+    return bool(getattr(module, "NEEDS_CONTAINER_ENGINE", False))
+
+
+def backend_param(backend: str) -> Any:
+    """``backend`` as a parameter, marked ``container_engine`` when its harness needs the real engine."""
+    if needs_container_engine(backend):
+        return pytest.param(backend, marks=pytest.mark.container_engine)
+    return backend
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Only the suite's tests (those taking ``harness``): the other tests of this folder parametrize their
     # own ``backend`` (descriptors, registry) over every backend, harness or not. A test marked
@@ -37,12 +51,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         backends = BACKENDS
         if metafunc.definition.get_closest_marker("needs_fake_service") is not None:
             backends = tuple(b for b in BACKENDS if _has_fake_service(b))
-        metafunc.parametrize("backend", backends)
+        metafunc.parametrize("backend", [backend_param(b) for b in backends])
 
 
 @pytest.fixture
-async def harness(backend: str, tmp_path: Path) -> AsyncIterator[ProviderHarness]:
-    """The backend's provider wired to its fake, torn down after the test."""
+async def harness(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ProviderHarness]:
+    """The backend's provider wired to its fake (or to the real engine), torn down after the test."""
+    if needs_container_engine(backend):
+        request.getfixturevalue("container_engine")
     module = importlib.import_module(f"tests.unit.providers.harness_{backend}")
     async with module.harness(tmp_path) as h:
         yield h

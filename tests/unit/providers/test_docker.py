@@ -11,10 +11,12 @@ from pathlib import Path
 
 import docker  # type: ignore[import-untyped]
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from providers.docker import (
+    _ERRORS,
     CONTAINER_ID_RE,
     DEFAULT_IMAGE,
     DockerBoxSession,
@@ -86,6 +88,9 @@ async def _sdk(engine: FakeDockerEngine) -> docker.APIClient:
         ({"SANDBOX_DOCKER_HOST": "localhost:2375"}, "SANDBOX_DOCKER_HOST"),
         ({"SANDBOX_DOCKER_IMAGE": " "}, "SANDBOX_DOCKER_IMAGE"),
         ({"SANDBOX_DOCKER_NETWORK": "bad net"}, "SANDBOX_DOCKER_NETWORK"),
+        ({"SANDBOX_DOCKER_NETWORK": "host"}, "SANDBOX_DOCKER_NETWORK"),
+        ({"SANDBOX_DOCKER_USER": "0:0"}, "SANDBOX_DOCKER_USER"),
+        ({"SANDBOX_DOCKER_USER": "box"}, "SANDBOX_DOCKER_USER"),
     ],
 )
 def test_settings_validation_names_the_setting(
@@ -164,6 +169,26 @@ async def test_only_no_such_container_is_box_not_found(provider: DockerProvider,
     assert (await (await provider.resume(envelope)).exec(["true"])).exit_code == 0
 
 
+@pytest.mark.parametrize(
+    ("explanation", "expected"),
+    [
+        ('no container with name or ID "3f2a" found: no such container', BoxNotFound),
+        ('the container doesn\'t exists: no container with name or ID "3f2a" found: no such container', BoxNotFound),
+        ("no such file or directory", PathNotFound),
+        ("no exec session with ID 0f95 found: no such exec session", ProviderError),
+        ('no volume with name "sandbox-x-workspace" found: no such volume', ProviderError),
+    ],
+)
+def test_podman_s_not_found_wording_is_read_like_docker_s(explanation: str, expected: type[Exception]) -> None:
+    """podman's Docker API words its 404s its own way (seen on the real engine): only a missing container is gone."""
+    response = requests.Response()
+    response.status_code = 404
+    err = docker.errors.NotFound("404 Client Error: Not Found", response=response, explanation=explanation)
+    translated = _ERRORS.translate(err)
+    assert type(translated) is expected, translated
+    assert isinstance(translated, BoxNotFound) == (expected is BoxNotFound)
+
+
 async def test_a_dropped_connection_or_a_dead_engine_is_unavailable(
     provider: DockerProvider, engine: FakeDockerEngine
 ) -> None:
@@ -218,6 +243,33 @@ async def test_containers_carry_ownership_labels_and_a_key_derived_name(
         assert box.instance_id in mine and theirs.instance_id not in mine
     finally:
         await other.aclose()
+
+
+async def test_boxes_are_created_hardened_with_the_limits_of_local_boxes(
+    engine: FakeDockerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SANDBOX_DOCKER_HOST", engine.base_url)
+    limited = build_provider(Settings(local_pids_max=100, local_memory_max="256M", local_cpu_max=0.5))
+    default = build_provider(Settings())
+    try:
+        _, _, box = await _box(limited, "limited")
+        _, _, other = await _box(default, "default")
+    finally:
+        await limited.aclose()
+        await default.aclose()
+    for container_id, (pids, memory, cpus) in (
+        (box.instance_id, (100, 256 * 1024**2, 0.5)),
+        (other.instance_id, (512, 2 * 1024**3, 2.0)),
+    ):
+        container = engine.containers[container_id]
+        host_config = container.host_config
+        assert container.config["User"] == "1000:1000", "the unprivileged box user, never root"
+        assert host_config["SecurityOpt"] == ["no-new-privileges"]
+        assert host_config["CapDrop"] == ["ALL"] and not host_config.get("CapAdd")
+        assert not host_config.get("Privileged")
+        assert (host_config["PidsLimit"], host_config["Memory"], host_config["NanoCpus"] / 1e9) == (pids, memory, cpus)
+        assert host_config["MemorySwap"] == memory, "swap included, as for local boxes"
+        assert host_config.get("NetworkMode") in (None, "", "default", "bridge")
 
 
 async def test_concurrent_creates_with_one_key_make_one_container(
@@ -469,7 +521,11 @@ def test_desktop_image_has_the_planes_tools_and_the_inbox_scripts() -> None:
     ):
         assert package in runs, package
     froms = [args for op, args in instructions if op == "FROM"]
-    assert froms and froms[-1].startswith("debian:"), "the box itself is Debian"
+    # The box is FROM the Debian base deploy/images/build makes locally (no registry can be pulled from).
+    assert froms and froms[-1] == "${BASE}"
+    assert ("ARG", "BASE=localhost/sandbox-base:bookworm") in instructions
+    build = (REPO / "deploy" / "images" / "build").read_text()
+    assert "debootstrap --variant=minbase" in build and "bookworm" in build, "the box itself is Debian"
     copies = " ".join(args for op, args in instructions if op == "COPY")
     for name in SCRIPT_NAMES:
         assert f"sandbox/scripts/{name}" in copies
