@@ -173,6 +173,22 @@ _BOX_CGROUP = re.compile(r"(?:box|spare)-[0-9a-f]{16}")
 _BOX_DISK_MOUNT = re.compile(r"/(?:box-[0-9a-f]{16}(?:\.[0-9a-f]+)?|[0-9a-f]{16}|spare-[0-9a-f]{16})/data$")
 
 
+_SESSION_SCRATCH: list[str] = []
+"""Scratch directories outside the base temp dir that this session made (its boxes live there too)."""
+
+
+def session_scratch_dir(prefix: str, parent: str | Path | None = None) -> Path:
+    """A fresh directory for boxes outside pytest's temp dir (a short path, or memory), this session's own.
+
+    The session's teardown detaches box disks only under its own base temp dir and these: never
+    under another run's, which would pull ``/workspace`` from under its boxes.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o711)  # boxes run as another uid that passes through
+    _SESSION_SCRATCH.append(str(path) + "/")
+    return path
+
+
 def unmount_box_disks(under: tuple[str, ...]) -> None:
     """Detach the disks of boxes tests left behind (boxes outlive providers by design; tests end)."""
     try:
@@ -193,7 +209,7 @@ def _boxes_can_live_in_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Ite
             if directory.stat().st_uid == os.geteuid():
                 directory.chmod(0o711)
     yield
-    unmount_box_disks((str(base.parent) + "/", "/dev/shm/", "/var/tmp/sandbox-", "/tmp/sandbox-"))
+    unmount_box_disks((str(base) + "/", *_SESSION_SCRATCH))
     # The cgroups of boxes tests left behind: rmdir refuses any that still has a process.
     for group in Path("/sys/fs/cgroup").glob("**/sandbox/*"):
         if _BOX_CGROUP.fullmatch(group.name):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from sandbox.errors import (
     ChannelAUnavailable,
     ChannelAValidationError,
 )
+from tests.conftest import session_scratch_dir
 from tests.integration.channel_a.conftest import Boxes, TestBox
 
 ODD_NAMES = ["with space.txt", "tab\there.txt", "new\nline.txt", "ünïcødé ✓.txt", "quote'\"$(x).txt", "-dash.txt"]
@@ -92,8 +92,7 @@ async def tmpfs_box(request: pytest.FixtureRequest) -> AsyncIterator[TestBox]:
     listing cannot come back in one NATS reply, so it checks the spilled read-back.
     """
     shm = Path("/dev/shm")
-    base = Path(tempfile.mkdtemp(prefix="channel-a-", dir=shm if shm.is_dir() else None))
-    base.chmod(0o711)  # boxes run as another uid that passes through (tests/conftest.py)
+    base = session_scratch_dir("channel-a-", shm if shm.is_dir() else None)
     if request.param == "local":
         boxes = Boxes("bubblewrap", base, local=LocalProvider(base / "boxes", bubblewrap="auto"))
     else:

@@ -12,11 +12,9 @@ import asyncio
 import json
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import websockets
@@ -30,7 +28,7 @@ from sandbox.inbox_scripts import (
     parse_terminal_up,
 )
 from sandbox.stream_token import derive_lease_key
-from tests.conftest import unmount_box_disks
+from tests.conftest import session_scratch_dir, unmount_box_disks
 from tests.integration.planes.harness import X_ENV, Box, PlaneHarness, Rfb, plane_harness, pointer_at
 
 pytestmark = pytest.mark.timeout(90)
@@ -61,8 +59,7 @@ async def planes() -> AsyncIterator[PlaneHarness]:
     """Boxes that share the host's file system and network, as a remote backend's box has its own."""
     # A short directory: in these boxes the X, VNC and ttyd unix sockets have host paths (108 bytes at
     # most), and pytest's own directories grow with the run number.
-    base = Path(tempfile.mkdtemp(prefix="sandbox-ib-", dir="/tmp"))
-    base.chmod(0o711)
+    base = session_scratch_dir("sandbox-ib-", "/tmp")
     try:
         async with plane_harness(base, local_isolation="none") as harness:
             yield harness
