@@ -307,14 +307,7 @@ class S3ArtifactStore:
     async def get(self, key: str) -> AsyncIterator[bytes]:
         """Yield the object's bytes in chunks of at most :data:`~store.artifacts.CHUNK_SIZE` (see the protocol)."""
         check_key(key)
-        try:
-            result = await obstore.get_async(self._store, key)
-        except FileNotFoundError as err:
-            if _no_bucket(err):
-                raise _unavailable("read", key, err) from None
-            raise ArtifactNotFound(f"no artifact {key} in {self.url}", key=key) from None
-        except (ObstoreError, OSError) as err:
-            raise _unavailable("read", key, err) from None
+        result = await self._get(key)
         # Coalesced to half a chunk: the network's pieces then stay under CHUNK_SIZE, rarely needing a split (a copy).
         stream = result.stream(min_chunk_size=CHUNK_SIZE // 2)
         while True:
@@ -370,18 +363,22 @@ class S3ArtifactStore:
             meta = await obstore.head_async(self._store, key)
         except FileNotFoundError:
             # A HEAD's 404 has no body to tell a missing key from a missing bucket; a GET's has.
-            try:
-                result = await obstore.get_async(self._store, key)
-            except FileNotFoundError as err:
-                if _no_bucket(err):
-                    raise _unavailable("read", key, err) from None
-                raise ArtifactNotFound(f"no artifact {key} in {self.url}", key=key) from None
-            except (ObstoreError, OSError) as err:
-                raise _unavailable("read", key, err) from None
+            result = await self._get(key)
             return int(result.meta["size"])  # written since the HEAD; its body is never read
         except (ObstoreError, OSError) as err:
             raise _unavailable("read", key, err) from None
         return int(meta["size"])
+
+    async def _get(self, key: str) -> Any:
+        """Start a GET of ``key``; a missing key is ``ArtifactNotFound``, a missing bucket or any outage unavailable."""
+        try:
+            return await obstore.get_async(self._store, key)
+        except FileNotFoundError as err:
+            if _no_bucket(err):
+                raise _unavailable("read", key, err) from None
+            raise ArtifactNotFound(f"no artifact {key} in {self.url}", key=key) from None
+        except (ObstoreError, OSError) as err:
+            raise _unavailable("read", key, err) from None
 
 
 async def _hash(digest: hashlib._Hash, chunk: bytes) -> None:
