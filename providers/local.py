@@ -604,6 +604,47 @@ async def _stop_holder(holder: _Holder) -> None:
     holder.close()
 
 
+def _pidns_intermediate(child_pid: int, launcher_pid: int) -> int | None:
+    """The pid of bubblewrap's ``--pidns`` intermediate that is still ``child_pid``'s parent, if any.
+
+    bwrap joins a PID namespace by forking an intermediate process that exits at once, and the
+    command is reparented to the launching bwrap (a subreaper). None once that happened, or when
+    the parent is not such an intermediate (not a child of ``launcher_pid``), or the child is gone.
+    """
+    child = _read_proc(child_pid)
+    if child is None or child.ppid == launcher_pid:
+        return None
+    parent = _read_proc(child.ppid)
+    return child.ppid if parent is not None and parent.ppid == launcher_pid else None
+
+
+def _wait_pidns_intermediate(child_pid: int, launcher_pid: int, timeout: float = _HOLDER_START_TIMEOUT) -> None:
+    """Block until bubblewrap's ``--pidns`` intermediate has exited (see :func:`_pidns_intermediate`).
+
+    Why: the intermediate's exit reparents the command, and a reparenting delivers the parent-death
+    signal the command armed for ``--die-with-parent``. On a loaded host the intermediate can exit
+    late, after the command armed it, and the command dies of SIGKILL (exit 137, no output) for
+    nothing. The command arms it only after reading its block fd, so callers release that fd once
+    this returns. Waits on the intermediate's pidfd (readable once it exited and its child moved).
+    """
+    import select
+
+    deadline = time.monotonic() + timeout
+    while (pid := _pidns_intermediate(child_pid, launcher_pid)) is not None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue  # exited between the reads
+        try:
+            if _pidns_intermediate(child_pid, launcher_pid) != pid:
+                continue  # the pid may have been reused before the open: read again
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return  # not worth failing the exec over: run it as bubblewrap would
+        finally:
+            os.close(fd)
+
+
 def _holder_ready(init_pid: int) -> bool:
     """Whether a holder finished its setup and may be joined.
 
@@ -1215,22 +1256,37 @@ class LocalProvider:
                 return "the namespace holder did not come up"
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             block_r, block_w = os.pipe2(os.O_CLOEXEC)
-            os.write(block_w, b"x")
-            os.close(block_w)
             try:
                 with self._view.open(probe, probe / "run") as sources:
                     argv = [*self._exec_prefix(holder, sources, WORKSPACE_ROOT, info_w, block_r), "id", "-u"]
-                    result = subprocess.run(
+                    joiner = subprocess.Popen(
                         argv,
                         pass_fds=(*holder.fds, info_w, block_r, *sources.pass_fds),
                         stdin=subprocess.DEVNULL,
-                        capture_output=True,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
                         env=dict(_BASE_ENV),
-                        timeout=30,
                     )
+                    os.close(info_w)
+                    os.close(block_r)
+                    info_w = block_r = -1
+                    # As exec does (see _enter): the command runs once the --pidns intermediate is gone.
+                    joined = _read_json_blocking(info_r)
+                    if joined is not None:
+                        _wait_pidns_intermediate(int(joined["child-pid"]), joiner.pid)
+                    with contextlib.suppress(BrokenPipeError):
+                        os.write(block_w, b"x")
+                    try:
+                        out, err = joiner.communicate(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        joiner.kill()
+                        joiner.communicate()
+                        raise
+                    result = subprocess.CompletedProcess(argv, joiner.returncode, out, err)
             finally:
-                for fd in (info_r, info_w, block_r):
-                    os.close(fd)
+                for fd in (info_r, info_w, block_r, block_w):
+                    if fd >= 0:
+                        os.close(fd)
             if result.returncode != 0:
                 return result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
             if result.stdout.strip() != str(BOX_UID).encode():
@@ -1384,6 +1440,9 @@ class LocalProvider:
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
                     raise ProviderUnavailable(f"cannot place a command in the cgroup {holder.cgroup}: {err}") from err
+            child = int(info["child-pid"])
+            if _pidns_intermediate(child, process.pid) is not None:  # rare: only on a loaded host
+                await asyncio.to_thread(_wait_pidns_intermediate, child, process.pid)
             os.write(block_w, b"x")
             return True
         finally:

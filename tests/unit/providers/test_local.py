@@ -444,6 +444,35 @@ async def test_bwrap_root_is_read_only_and_workspace_writable(bwrap_provider: Lo
 
 
 @needs_bwrap
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (scripts/install installs it)")
+async def test_a_command_survives_a_late_exit_of_bwraps_pid_namespace_intermediate(
+    bwrap_provider: LocalProvider, tmp_path: Path
+) -> None:
+    # bwrap joins the box's PID namespace through an intermediate process that exits at once; on a
+    # loaded host that exit can come after the command armed --die-with-parent, and the reparenting
+    # then SIGKILLed the command (CI: desktop-up "exit 137" with no output). strace -D (the tracee
+    # keeps its pid) delays every exit_group, the intermediate's first, so the race happens every time.
+    delay = 0.4
+    slow = tmp_path / "nsenter-slow-exits"
+    slow.write_text(
+        "#!/bin/sh\n"
+        f"exec strace -D -f -qq -o /dev/null -e trace=exit_group -e inject=exit_group:delay_enter={int(delay * 1e6)} "
+        f'{shutil.which("nsenter")} "$@"\n'
+    )
+    slow.chmod(0o755)
+    box = await bwrap_provider.create(spec(), key())
+    bwrap_provider._nsenter = str(slow)
+    for _ in range(2):
+        started = time.monotonic()
+        result = await box.exec(["sh", "-c", "sleep 0.2; echo alive; echo $$"])
+        assert result.exit_code == 0, result
+        assert result.stdout.split()[0] == b"alive"
+        assert int(result.stdout.split()[1]) < 100  # still inside the box's PID namespace
+        # Positive control: the exits really were held back (the intermediate's among them).
+        assert time.monotonic() - started >= delay
+
+
+@needs_bwrap
 async def test_bwrap_box_has_its_own_pid_namespace(bwrap_provider: LocalProvider) -> None:
     box = await bwrap_provider.create(spec(), key())
     result = await box.exec(["sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"])
