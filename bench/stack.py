@@ -31,7 +31,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from cli.stack import HOST, _Child, _find_binary, _StackRunner, _StopSignals
-from workflows.search_attributes import dev_server_flags
+from workflows.server_settings import dev_server_flags
 
 REPO = Path(__file__).resolve().parent.parent
 #: Seconds the dev server and the worker get to come up.

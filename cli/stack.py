@@ -38,7 +38,7 @@ from cli.output import emit, error, fail, note, progress
 from client.stack import STACK_FILE, StackInfo, read_stack_info, resolve_settings
 from sandbox.errors import SandboxConfigError
 from sandbox.settings import Settings
-from workflows.search_attributes import dev_server_flags
+from workflows.server_settings import dev_server_flags
 
 LOCK_FILE = "stack.lock"
 HOST = "127.0.0.1"

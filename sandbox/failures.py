@@ -25,6 +25,13 @@ failure and replaces a bigger one with "Failure exceeds size limit.", which (wit
 codec on) loses the message the user needs. :func:`compact_cause` keeps a cause chain to a few
 links of a few frames each: the frames where it was raised.
 
+Every failure the worker (or a client) builds is bounded as well, whatever raised it:
+:class:`BoundedFailureConverter` cuts each message and stack trace to :data:`FAILURE_TEXT_KEPT`
+characters and a chain to :data:`FAILURE_LINKS_KEPT` links. A failure is sent inside the message
+that answers a workflow task (an update's rejection, a workflow's failure), and one over the
+server's payload limit (2 MiB) fails that task again and again: pydantic alone makes a 7 MB
+message out of a 40 KB update input that lists 20,000 bad elements.
+
 On the calling side, :func:`call_workflow` runs one Temporal client call and raises what
 :func:`translate` makes of a failure (the table is in :mod:`client.lease_client`).
 """
@@ -36,13 +43,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Final, TypeVar
 
+from temporalio.api.failure.v1 import Failure
 from temporalio.client import RPCError, RPCTimeoutOrCancelledError
+from temporalio.converter import DefaultFailureConverter, PayloadConverter
 from temporalio.exceptions import ApplicationError, TemporalError
 from temporalio.service import RPCStatusCode
 
 from sandbox.errors import InvalidRequest, LeaseNotFound, OutcomeUnknown, SandboxError, error_from_type
 
 __all__ = [
+    "BoundedFailureConverter",
+    "EncryptedBoundedFailureConverter",
     "application_error_in",
     "call_workflow",
     "compact_cause",
@@ -142,6 +153,73 @@ def _innermost_frames(tb: TracebackType | None, keep: int) -> TracebackType | No
         frames.append(tb)
         tb = tb.tb_next
     return frames[-keep] if len(frames) > keep else (frames[0] if frames else None)
+
+
+FAILURE_TEXT_KEPT: Final = 4 * 1024
+"""The most characters of one failure's message, and of its stack trace, that leave the process.
+
+With :data:`FAILURE_LINKS_KEPT` links, a failure is at most 8 x 2 x 4 Ki characters, under 0.4 MiB
+even when every one is a control character that JSON writes as six (``\\u0000``)."""
+FAILURE_LINKS_KEPT: Final = 8
+"""The most links of a failure's cause chain that leave the process."""
+
+
+def _bounded_message(text: str) -> str:
+    if len(text) <= FAILURE_TEXT_KEPT:
+        return text
+    return f"{text[:FAILURE_TEXT_KEPT]}... ({len(text) - FAILURE_TEXT_KEPT} more characters cut)"
+
+
+def _bounded_stack_trace(text: str) -> str:
+    # The innermost frames, where it was raised, come last: they are the ones kept.
+    if len(text) <= FAILURE_TEXT_KEPT:
+        return text
+    return f"({len(text) - FAILURE_TEXT_KEPT} characters cut) ...{text[-FAILURE_TEXT_KEPT:]}"
+
+
+class BoundedFailureConverter(DefaultFailureConverter):
+    """Temporal's default failure converter with every failure it builds bounded in size.
+
+    Each link's message keeps its first :data:`FAILURE_TEXT_KEPT` characters and its stack trace its
+    last (each says how much was cut), and the chain its first :data:`FAILURE_LINKS_KEPT` links, so a
+    failure stays far below the server's 2 MiB payload limit whatever an exception says. Decoding is
+    Temporal's own.
+    """
+
+    def __init__(self, *, encode_common_attributes: bool = False) -> None:
+        """``encode_common_attributes``: move each link's message and stack trace into its encoded
+        attributes (which the payload codec encrypts), after they are bounded."""
+        # The base class never encodes here: this class does, once each link is bounded.
+        super().__init__(encode_common_attributes=False)
+        self._encode_bounded = encode_common_attributes
+
+    def to_failure(self, exception: BaseException, payload_converter: PayloadConverter, failure: Failure) -> None:
+        """See :meth:`temporalio.converter.FailureConverter.to_failure`; the base class builds each
+        cause through this method, so every link is bounded (and encoded) before its parent."""
+        super().to_failure(exception, payload_converter, failure)
+        link = failure
+        for _ in range(FAILURE_LINKS_KEPT - 1):
+            if not link.HasField("cause"):
+                break
+            link = link.cause
+        link.ClearField("cause")
+        failure.message = _bounded_message(failure.message)
+        failure.stack_trace = _bounded_stack_trace(failure.stack_trace)
+        if self._encode_bounded:
+            failure.encoded_attributes.CopyFrom(
+                payload_converter.to_payloads([{"message": failure.message, "stack_trace": failure.stack_trace}])[0]
+            )
+            failure.message = "Encoded failure"
+            failure.stack_trace = ""
+
+
+class EncryptedBoundedFailureConverter(BoundedFailureConverter):
+    """:class:`BoundedFailureConverter` that moves messages and stack traces into the encoded
+    attributes, as ``DefaultFailureConverterWithEncodedAttributes`` does, so the codec encrypts them."""
+
+    def __init__(self) -> None:
+        """A bounded failure converter with encoded attributes."""
+        super().__init__(encode_common_attributes=True)
 
 
 _OUTCOME_UNKNOWN = "the lease did not answer in time (is a worker running?); the call may or may not have taken effect"

@@ -35,9 +35,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
+from temporalio.converter import DataConverter, PayloadCodec
 
 from sandbox.errors import PayloadKeyUnknown, PayloadTampered, SandboxConfigError
+from sandbox.failures import BoundedFailureConverter, EncryptedBoundedFailureConverter
 from sandbox.secret_files import load_or_create_secret
 
 if TYPE_CHECKING:
@@ -194,15 +195,16 @@ def load_payload_keys(settings: Settings) -> PayloadKeys:
 
 
 def data_converter_for(keys: PayloadKeys | None) -> DataConverter:
-    """Pydantic JSON plus, when ``keys`` is given, the encryption codec and encrypted failure attributes."""
+    """Pydantic JSON and bounded failures plus, when ``keys`` is given, the encryption codec and
+    encrypted failure attributes."""
     if keys is None:
-        return pydantic_data_converter
+        return dataclasses.replace(pydantic_data_converter, failure_converter_class=BoundedFailureConverter)
     return dataclasses.replace(
         pydantic_data_converter,
         payload_codec=PayloadEncryptionCodec(keys),
         # Failure messages and stack traces (which can quote a command or its output) are moved into
         # the encoded attributes, so the codec encrypts them too.
-        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+        failure_converter_class=EncryptedBoundedFailureConverter,
     )
 
 

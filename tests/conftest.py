@@ -235,15 +235,18 @@ SESSION_PAYLOAD_KEYS = _session_payload_keys()
 
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A real Temporal dev server (SQLite in memory) with our search attributes, payloads encrypted."""
+    """A real Temporal dev server (SQLite in memory) set up as the runtime needs it (workflows/server_settings.py),
+    payloads encrypted."""
     from sandbox.payload_codec import data_converter_for
     from workflows.search_attributes import ALL_KEYS
+    from workflows.server_settings import dynamic_config_flags
 
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=find_binary("temporal"),
         data_converter=data_converter_for(SESSION_PAYLOAD_KEYS),
         search_attributes=ALL_KEYS,
         dev_server_log_level="error",
+        dev_server_extra_args=dynamic_config_flags(),
     )
     try:
         yield env

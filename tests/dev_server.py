@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+from temporalio.client import Client
+from temporalio.service import RetryConfig, RPCError, RPCStatusCode
+
 from tests.conftest import find_binary, free_port, wait_for_port
-from workflows.search_attributes import dev_server_flags
+from workflows.server_settings import UPDATE_ADMISSION_LIMIT_BYTES, dev_server_flags
 
 
 @dataclass(frozen=True)
@@ -89,3 +94,23 @@ def dev_server(directory: Path, *, codec_endpoint: str | None = None, ui: bool =
     finally:
         server.stop()
         log.close()
+
+
+async def refuses_oversized_updates(address: str) -> bool:
+    """Whether the server at ``address`` refuses, at admission, an update over
+    :data:`~workflows.server_settings.UPDATE_ADMISSION_LIMIT_BYTES` (as the runtime needs it to).
+
+    The update goes to a workflow no worker serves: a server that takes it in holds it (the call then
+    times out after 5 s); one configured as the runtime needs refuses it at once, naming the limit.
+    """
+    client = await Client.connect(address, retry_config=RetryConfig(max_retries=1))
+    handle = await client.start_workflow("Unserved", id=f"oversized-{uuid.uuid4()}", task_queue=f"none-{uuid.uuid4()}")
+    try:
+        await handle.execute_update("any", "a" * (UPDATE_ADMISSION_LIMIT_BYTES + 1), rpc_timeout=timedelta(seconds=5))
+    except RPCError as err:
+        return err.status == RPCStatusCode.RESOURCE_EXHAUSTED and str(UPDATE_ADMISSION_LIMIT_BYTES) in err.message
+    except Exception:  # noqa: BLE001 -- held, then timed out: not refused
+        return False
+    finally:
+        await handle.terminate()
+    return False

@@ -1,7 +1,8 @@
 """Search attributes the lease workflow upserts so operators can filter in the Temporal UI.
 
-They must be registered on the server: ``sandboxctl up`` passes them to the dev server, and
-production clusters register them with ``temporal operator search-attribute create``.
+They must be registered on the server: ``sandboxctl up`` passes them to the dev server
+(:mod:`workflows.server_settings`), and production clusters register them with
+``temporal operator search-attribute create``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ ALL_KEYS: list[SearchAttributeKey[str] | SearchAttributeKey[int]] = [
 ]
 
 
-def dev_server_flags() -> list[str]:
-    """``--search-attribute NAME=TYPE`` flags for ``temporal server start-dev``."""
+def search_attribute_flags() -> list[str]:
+    """``--search-attribute NAME=TYPE`` flags for ``temporal server start-dev`` (part of
+    :func:`workflows.server_settings.dev_server_flags`)."""
     flags: list[str] = []
     for key in ALL_KEYS:
         kind = "Int" if key is LEASE_EPOCH else "Keyword"

@@ -70,7 +70,8 @@ async def test_an_oversized_update_is_refused_and_the_lease_keeps_answering(runt
         assert "MAX_UPDATE_INPUT_BYTES" in sent.value.message and str(MAX_UPDATE_INPUT_BYTES) in sent.value.message
 
         # A caller that skips the client meets the validator. (Over the server's 2 MiB payload limit
-        # not even a rejection can be sent back, which carries the request: only the client refuses that.)
+        # not even a rejection, which carries the request, can be sent back: the server refuses such an
+        # update at admission, tests/security/test_hostile_update_inputs.py.)
         handle = leases.handle(ws, g)
         huge = ExecRequest(cmd=["true", *["a" * 100_000] * 12])
         for _ in range(2):  # repeating it wedges nothing either

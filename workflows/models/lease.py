@@ -43,9 +43,10 @@ bigger data belongs in a file in the box (``sandboxctl fs put``), passed to the 
 The client refuses a bigger input before sending it and each update's validator refuses it too, as
 an ``InvalidRequest`` that names this limit. The lease spec (image, environment) is bounded alike.
 
-Only the client can refuse an input over the server's payload limit itself: Temporal's rejection of
-an update carries the rejected request, so the worker cannot send even that back (the SDK fails the
-task instead, until the server gives the update up); use the client, or bound such callers likewise.
+No validator can refuse an input over the server's payload limit: Temporal's rejection of an update
+carries the rejected request, so the worker cannot send even that back (the SDK fails the task
+instead, until the server gives the update up). The server refuses such an update at admission
+instead, configured as :mod:`workflows.server_settings` says.
 """
 
 

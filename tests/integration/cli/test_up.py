@@ -27,6 +27,7 @@ import pytest
 
 from client.stack import StackInfo, read_stack_info, resolve_settings
 from tests.conftest import REPO, find_binary, free_port
+from tests.dev_server import refuses_oversized_updates
 
 # The real entry point (cli.main), forced into multi-command mode: while `up` is the only
 # registered command, typer would otherwise make it the root command and refuse "up".
@@ -237,6 +238,11 @@ def test_temporal_ui_and_nats_answer_with_search_attributes(running: Up) -> None
     rows = {tuple(line.split()) for line in listed.splitlines() if line.strip()}
     for name, kind in SEARCH_ATTRIBUTES.items():
         assert (name, kind) in rows, listed
+
+
+async def test_temporal_refuses_an_update_too_big_to_answer(running: Up) -> None:
+    """The stack's server is configured as the runtime needs (workflows/server_settings.py)."""
+    assert await refuses_oversized_updates(f"127.0.0.1:{running.temporal_port}")
 
 
 def test_second_up_on_same_data_dir_fails_fast(running: Up) -> None:

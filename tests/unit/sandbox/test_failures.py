@@ -8,6 +8,7 @@ serialized ``Failure`` proto and back, and decoded as the client decodes it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -16,12 +17,15 @@ from typing import Any
 
 import pytest
 from temporalio.api.failure.v1 import Failure
+from temporalio.converter import DefaultFailureConverter
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 from activities.provider_errors import maps_provider_errors
 from sandbox import errors
 from sandbox.failures import (
     CAUSE_LINKS_KEPT,
+    FAILURE_LINKS_KEPT,
+    FAILURE_TEXT_KEPT,
     application_error_in,
     cut_cause_cycles,
     from_application_error,
@@ -359,3 +363,89 @@ async def test_a_deep_failure_is_compacted_to_fit_the_server_limit() -> None:
     assert received.cause is not None and "descend" in (
         received.cause.failure.stack_trace if received.cause.failure else ""
     )
+
+
+# The server's payload limit (limit.blobSize.error): a workflow task answering with a bigger message
+# (an update's rejection carries its failure) fails again and again.
+SERVER_PAYLOAD_LIMIT = 2 * 1024 * 1024
+
+
+def _decoding_failure(elements: int) -> RuntimeError:
+    """What the SDK raises for an update input it cannot decode: pydantic lists every bad element."""
+    from pydantic import ValidationError
+
+    from workflows.models.lease import ExecRequest
+
+    try:
+        try:
+            ExecRequest.model_validate({"cmd": [1] * elements})
+        except ValidationError as err:
+            raise RuntimeError("Failed decoding arguments") from err
+    except RuntimeError as caught:
+        return caught
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
+async def test_every_failure_is_bounded_whatever_an_exception_says(encrypted: bool) -> None:
+    """A 40 KB input that pydantic refuses element by element gives a 7 MB message; what leaves the
+    converter stays far under the server's limit, cut where it says so, still encrypted."""
+    converter = data_converter_for(PayloadKeys.generate("bounded") if encrypted else None)
+    # Positive control: Temporal's own converter sends it whole, over the limit.
+    unbounded = Failure()
+    await dataclasses.replace(converter, failure_converter_class=DefaultFailureConverter).encode_failure(
+        _decoding_failure(20_000), unbounded
+    )
+    assert unbounded.ByteSize() > SERVER_PAYLOAD_LIMIT
+
+    failure = Failure()
+    await converter.encode_failure(_decoding_failure(20_000), failure)
+    assert failure.ByteSize() < 4 * FAILURE_TEXT_KEPT + 16 * 1024
+    assert (b"input_value=1" not in failure.SerializeToString()) is encrypted
+    decoded = await converter.decode_failure(failure)
+    assert isinstance(decoded, ApplicationError) and decoded.message == "Failed decoding arguments"
+    cause = decoded.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "ValidationError"
+    assert cause.message.startswith("20000 validation errors for ExecRequest\ncmd.0\n")
+    assert cause.message.endswith("more characters cut)") and len(cause.message) < FAILURE_TEXT_KEPT + 100
+
+    # A short failure passes unchanged.
+    small = Failure()
+    await converter.encode_failure(_decoding_failure(2), small)
+    short = await converter.decode_failure(small)
+    assert isinstance(short.cause, ApplicationError) and "cut" not in short.cause.message
+    assert short.cause.message.startswith("2 validation errors for ExecRequest\ncmd.0\n")
+
+
+def _raised_in_long_trace(err: BaseException, depth: int) -> BaseException:
+    """``err`` raised ``depth`` frames down, alternating two functions (Python folds repeated frames)."""
+
+    def ping(n: int) -> None:
+        if n == 0:
+            raise err
+        pong(n - 1)
+
+    def pong(n: int) -> None:
+        ping(n)
+
+    try:
+        ping(depth)
+    except BaseException as caught:
+        return caught
+    raise AssertionError("unreachable")
+
+
+async def test_a_long_cause_chain_is_cut_to_its_first_links_and_stays_small() -> None:
+    """The worst case: many links, each with a long message of characters JSON writes as six."""
+    chain: BaseException = _raised_in_long_trace(RuntimeError("innermost"), 100)
+    for n in range(3 * FAILURE_LINKS_KEPT):
+        outer = RuntimeError(f"link {n} " + "\x00" * 100_000)
+        outer.__cause__ = chain
+        chain = _raised_in_long_trace(outer, 100)
+    received, wire = await _through_the_converter(chain)
+    assert len(wire) < 400 * 1024
+    assert isinstance(received, ApplicationError) and received.message.startswith(f"link {3 * FAILURE_LINKS_KEPT - 1} ")
+    assert _chain_length(received) == FAILURE_LINKS_KEPT
+    # The stack trace keeps its innermost frames, where the error was raised.
+    assert received.failure is not None and received.failure.stack_trace.startswith("(")
+    assert received.failure.stack_trace.rstrip().endswith("raise err")
