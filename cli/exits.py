@@ -48,6 +48,7 @@ __all__ = [
     "EXIT_TRUNCATED",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
+    "connected",
     "exit_code_for",
     "exit_codes_epilog",
     "load_settings",
@@ -150,7 +151,7 @@ def run(settings: Settings, action: Callable[[], Coroutine[Any, Any, T]]) -> T:
         refuse(err)
 
 
-async def _connected(connect: Awaitable[T]) -> T:
+async def connected(connect: Awaitable[T]) -> T:
     """``connect`` awaited; a settings error while connecting (credentials, payload keys) exits 1."""
     try:
         return await connect
@@ -162,7 +163,7 @@ def with_temporal(settings: Settings, action: Callable[[Client], Awaitable[T]]) 
     """Connect to Temporal, run ``action(client)``; failures exit as :func:`run` says (bad settings: 1)."""
 
     async def main() -> T:
-        return await action(await _connected(connect_temporal(settings)))
+        return await action(await connected(connect_temporal(settings)))
 
     return run(settings, main)
 
@@ -171,7 +172,7 @@ def with_leases(settings: Settings, action: Callable[[LeaseClient], Awaitable[T]
     """Connect a :class:`LeaseClient`, run ``action(leases)``; failures exit as :func:`run` says (bad settings: 1)."""
 
     async def main() -> T:
-        return await action(await _connected(connect_leases(settings)))
+        return await action(await connected(connect_leases(settings)))
 
     return run(settings, main)
 

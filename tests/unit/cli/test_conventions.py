@@ -63,7 +63,16 @@ def test_an_explicit_address_is_still_dialled(tmp_path: Path, monkeypatch: pytes
     assert "NoRunningStack" not in res.stderr
 
 
-@pytest.mark.parametrize("command", [["lease", "describe", "W", "G"], ["exec", "W", "G", "--", "true"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["lease", "describe", "W", "G"],
+        ["exec", "W", "G", "--", "true"],
+        ["fs", "ls", "W", "G", "."],
+        ["desktop", "open", "W", "G"],
+    ],
+    ids=" ".join,
+)
 def test_without_payload_keys_a_command_says_how_to_get_them_and_creates_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
 ) -> None:
