@@ -34,7 +34,7 @@ from activities.recording import RecordingActivities
 from activities.snapshots import SnapshotActivities
 from providers.registry import ProviderRegistry
 from sandbox.errors import SandboxConfigError
-from sandbox.payload_codec import data_converter
+from sandbox.payload_codec import data_converter, ensure_payload_keys
 from sandbox.settings import Settings
 from store.artifacts import artifact_store
 from store.database import Database
@@ -175,8 +175,13 @@ async def connect(settings: Settings, *, runtime: TemporalRuntime | None = None)
 
     Credentials come from the ``SANDBOX_TEMPORAL_TLS_*`` settings (:func:`temporal_tls`) and
     ``SANDBOX_TEMPORAL_API_KEY`` (sent as ``authorization: Bearer``); the converter is
-    :func:`sandbox.payload_codec.data_converter`. ``runtime`` is the Temporal runtime to use (the
-    worker's serves metrics, :func:`metrics_runtime`); the SDK's default when omitted.
+    :func:`sandbox.payload_codec.data_converter`, which only reads the payload keys (the worker side
+    makes them first: :func:`run_worker`, ``sandboxctl up``). ``runtime`` is the Temporal runtime to
+    use (the worker's serves metrics, :func:`metrics_runtime`); the SDK's default when omitted.
+
+    Raises:
+        SandboxConfigError: the credentials are misconfigured, or there are no payload keys
+            (``SANDBOX_PAYLOAD_KEYS`` unset and no keys file in the data dir).
     """
     interceptors: list[Interceptor] = [LeaseTracingInterceptor()]
     tls = temporal_tls(settings)
@@ -282,6 +287,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     settings.check()
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.payload_encryption:
+        ensure_payload_keys(settings)  # the worker side makes the keys its clients then read (connect never does)
     runtime = metrics_runtime(settings)
     db = Database.for_settings(settings)
     await db.migrate()

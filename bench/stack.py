@@ -3,7 +3,8 @@
 :func:`bench_stack` starts, under a fresh temporary data dir, ``temporal server start-dev`` (the
 venv's binary, our search attributes registered, no Web UI) and ``python -m worker`` with
 ``SANDBOX_DATA_DIR``, ``SANDBOX_TEMPORAL_ADDRESS`` and ``SANDBOX_TASK_QUEUE`` set, each in its own
-process group, using the process runner of ``sandboxctl up`` (:mod:`cli.stack`). Leaving the
+process group, using the process runner of ``sandboxctl up`` (:mod:`cli.stack`), after making the
+data dir's payload keys as ``sandboxctl up`` does (the bench's clients read them). Leaving the
 ``with`` block, however it is left (Ctrl-C included), stops the worker, then Temporal, kills their
 process groups, sweeps any process the worker left behind and removes the data dir. The worker is a
 separate process so that its memory can be read from ``/proc/<pid>/status``.
@@ -31,6 +32,8 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
 from cli.stack import HOST, _Child, _find_binary, _StackRunner, _StopSignals
+from sandbox.payload_codec import ensure_payload_keys
+from sandbox.settings import Settings
 from workflows.server_settings import dev_server_flags
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,7 +265,12 @@ def bench_stack(
             stack.check_alive()
         # The port opens before the frontend is healthy; a worker connecting then would exit at once.
         asyncio.run(_wait_frontend(stack))
-        env = _worker_env(data, address, task_queue, worker_env or {})
+        extra = worker_env or {}
+        if "SANDBOX_PAYLOAD_KEYS" not in extra and extra.get("SANDBOX_PAYLOAD_ENCRYPTION", "true") != "false":
+            # The stack side makes the data dir's payload keys before anything connects, as `sandboxctl
+            # up` does: the bench's clients only read them (a client never makes keys).
+            ensure_payload_keys(Settings(data_dir=data, payload_keys=None))
+        env = _worker_env(data, address, task_queue, extra)
         runner.spawn("worker", [sys.executable, "-m", "worker"], env=env)
         yield stack
     finally:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from cli.exits import EXIT_TRUNCATED, load_settings, run
+from cli.exits import EXIT_TRUNCATED, connected, load_settings, run
 from cli.lease import DataDir, Json
 from cli.output import emit, fail, progress
 from client.box_access import BoxAccess
@@ -67,7 +67,7 @@ def _with_channel(
 
     async def main() -> T:
         label = f"attaching to {workspace}/{group} (a cold lease creates its box first)"
-        boxes = BoxAccess(await connect_leases(settings), settings)
+        boxes = BoxAccess(await connected(connect_leases(settings)), settings)
         async with contextlib.AsyncExitStack() as stack:
             with progress(label) if not quiet else contextlib.nullcontext():
                 grant = await stack.enter_async_context(boxes.hold(workspace, group))

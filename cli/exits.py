@@ -6,7 +6,7 @@ first). The client raises typed errors; this module is the one place that maps t
 (:data:`EXIT_CODES` is the table ``sandboxctl --help`` and the README show):
 
 - ``1`` (:data:`EXIT_BAD_SETTINGS`): the settings cannot be loaded (malformed ``SANDBOX_*`` values,
-  a data dir that is a file);
+  a data dir that is a file), or connecting refuses them (credentials, no payload keys);
 - ``2`` (:data:`EXIT_USAGE`): a usage error (click's own code: a bad option, a missing argument);
 - ``3`` (:data:`EXIT_UNREACHABLE`): Temporal does not answer, no stack runs for the data dir, or a
   provider, agent or store is unavailable (retry later or start it);
@@ -48,6 +48,7 @@ __all__ = [
     "EXIT_TRUNCATED",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
+    "connected",
     "exit_code_for",
     "exit_codes_epilog",
     "load_settings",
@@ -72,7 +73,7 @@ EXIT_TRUNCATED = 8
 #: Every exit code ``sandboxctl`` uses and what it means (shown in ``--help`` and the README).
 EXIT_CODES: dict[int, str] = {
     0: "success",
-    EXIT_BAD_SETTINGS: "bad settings (malformed SANDBOX_* value, data dir not a directory)",
+    EXIT_BAD_SETTINGS: "bad settings (malformed SANDBOX_* value, data dir not a directory, no payload keys)",
     EXIT_USAGE: "usage error (bad option or argument)",
     EXIT_UNREACHABLE: "unavailable: no running stack, Temporal unreachable, provider/agent/store unavailable",
     EXIT_REFUSED: "refused: the runtime refused or failed the request",
@@ -150,20 +151,28 @@ def run(settings: Settings, action: Callable[[], Coroutine[Any, Any, T]]) -> T:
         refuse(err)
 
 
+async def connected(connect: Awaitable[T]) -> T:
+    """``connect`` awaited; a settings error while connecting (credentials, payload keys) exits 1."""
+    try:
+        return await connect
+    except errors.SandboxConfigError as err:
+        fail(f"{err.error_type}: {err.message}", EXIT_BAD_SETTINGS)
+
+
 def with_temporal(settings: Settings, action: Callable[[Client], Awaitable[T]]) -> T:
-    """Connect to Temporal, run ``action(client)``; failures exit as :func:`run` says."""
+    """Connect to Temporal, run ``action(client)``; failures exit as :func:`run` says (bad settings: 1)."""
 
     async def main() -> T:
-        return await action(await connect_temporal(settings))
+        return await action(await connected(connect_temporal(settings)))
 
     return run(settings, main)
 
 
 def with_leases(settings: Settings, action: Callable[[LeaseClient], Awaitable[T]]) -> T:
-    """Connect a :class:`LeaseClient`, run ``action(leases)``; failures exit as :func:`run` says."""
+    """Connect a :class:`LeaseClient`, run ``action(leases)``; failures exit as :func:`run` says (bad settings: 1)."""
 
     async def main() -> T:
-        return await action(await connect_leases(settings))
+        return await action(await connected(connect_leases(settings)))
 
     return run(settings, main)
 

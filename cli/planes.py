@@ -36,7 +36,7 @@ from typing import Any
 
 import typer
 
-from cli.exits import load_settings, refuse, run, with_leases
+from cli.exits import connected, load_settings, refuse, run, with_leases
 from cli.output import emit, fail, note
 from client.connection import connect_leases
 from client.events import SessionEventFeed
@@ -365,7 +365,7 @@ def _open_command(plane: Plane) -> Callable[..., None]:
 
         async def main() -> None:
             session = ViewerSession.for_lease(
-                await connect_leases(settings),
+                await connected(connect_leases(settings)),
                 workspace,
                 group,
                 plane=plane,

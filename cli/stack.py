@@ -431,15 +431,16 @@ def _find_binary(name: str, wheel: str) -> str:
 def _codec_server(settings: Settings, codec_port: int, ui_port: int) -> list[str] | None:
     """The codec server's command line, or None when payload encryption is off.
 
-    The payload keys are loaded (made, on first use) here, before any child starts: a broken key
-    setting fails ``up`` with its message, and the worker and the codec server read one ring.
+    The payload keys are made (on first use) here, before any child starts: the stack is the worker
+    side, so a broken key setting fails ``up`` with its message, and the worker, the codec server
+    and the clients read one ring.
     """
     if not settings.payload_encryption:
         return None
-    from sandbox.payload_codec import load_payload_keys
+    from sandbox.payload_codec import ensure_payload_keys
 
     try:
-        load_payload_keys(settings)
+        ensure_payload_keys(settings)
     except SandboxConfigError as exc:
         fail(exc.message)
     origin = f"http://{HOST}:{ui_port}"

@@ -15,8 +15,11 @@ histories recorded before this codec) pass through unchanged.
 codec, failure messages and stack traces moved into the encrypted attributes): ``worker.connect``,
 the Replayer, the test fixtures, the codec server and the benchmarks all use it. Keys come from
 ``SANDBOX_PAYLOAD_KEYS`` or, when that is unset, from ``<data_dir>/secrets/payload-keys.json``
-(mode 0600, generated on first use); see README "Security model" for what this does and does not
-protect against. Search attributes are indexed in clear by Temporal and never go through a codec:
+(mode 0600). Only the worker side creates that file (:func:`ensure_payload_keys`: the worker,
+``sandboxctl up``); a client only reads it (:func:`load_payload_keys`) and, when it is missing, is
+refused with an error that says to start the stack or set ``SANDBOX_PAYLOAD_KEYS``: a ring a client
+made up would hold a key the worker does not have. See README "Security model" for what this does
+and does not protect against. Search attributes are indexed in clear by Temporal and never go through a codec:
 nothing secret may be put in one.
 """
 
@@ -39,9 +42,11 @@ from temporalio.converter import DataConverter, PayloadCodec
 
 from sandbox.errors import PayloadKeyUnknown, PayloadTampered, SandboxConfigError
 from sandbox.failures import BoundedFailureConverter, EncryptedBoundedFailureConverter
-from sandbox.secret_files import load_or_create_secret
+from sandbox.secret_files import load_or_create_secret, read_secret
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sandbox.settings import Settings
 
 #: The outer payload's encoding: what Temporal tooling shows for an encrypted payload.
@@ -176,15 +181,48 @@ class PayloadEncryptionCodec(PayloadCodec):
 
 
 def load_payload_keys(settings: Settings) -> PayloadKeys:
-    """The key ring: ``SANDBOX_PAYLOAD_KEYS`` when set, else the data dir's keys file (made on first use).
+    """The key ring: ``SANDBOX_PAYLOAD_KEYS`` when set, else the data dir's keys file; never creates anything.
+
+    What a client (the CLI, ``LeaseClient``, the codec server) uses: the keys are the worker's, made
+    by :func:`ensure_payload_keys` on the worker side, so a key a client made up would be one the
+    worker does not have.
 
     Raises:
-        SandboxConfigError: the setting or file is malformed, unreadable, or readable by others.
+        SandboxConfigError: the setting or file is malformed, unreadable, or readable by others; or
+            the setting is unset and the file does not exist (the message names both and says how
+            to get them).
     """
     if settings.payload_keys is not None:
         return PayloadKeys.from_json(settings.payload_keys.get_secret_value())
     path = settings.payload_keys_file()
+    raw = read_secret(path, what="payload keys")
+    if raw is None:
+        raise SandboxConfigError(
+            f"no payload keys: {_SETTING} is unset and the payload keys file {path} does not exist. The "
+            "worker side makes that file: start the stack first (`sandboxctl up`) or the worker "
+            f"(`python -m worker`) with this data dir, or set {_SETTING} to the worker's keys"
+        )
+    return _parse_file(raw, path)
+
+
+def ensure_payload_keys(settings: Settings) -> PayloadKeys:
+    """The key ring, making the data dir's keys file (mode 0600) first when there is none: the worker side.
+
+    The one place payload keys are created: the worker (:func:`worker.run_worker`), ``sandboxctl
+    up`` and whatever else starts a worker call it before anything connects; concurrent first calls
+    agree on one ring. With ``SANDBOX_PAYLOAD_KEYS`` set it is :func:`load_payload_keys`.
+
+    Raises:
+        SandboxConfigError: as :func:`load_payload_keys`, or the file cannot be created.
+    """
+    if settings.payload_keys is not None:
+        return load_payload_keys(settings)
+    path = settings.payload_keys_file()
     raw = load_or_create_secret(path, what="payload keys", make=lambda: PayloadKeys.generate().to_json().encode())
+    return _parse_file(raw, path)
+
+
+def _parse_file(raw: bytes, path: Path) -> PayloadKeys:
     try:
         text = raw.decode()
     except UnicodeDecodeError:

@@ -4,8 +4,10 @@ Every secret the runtime makes for itself lives in one of these: the stream-toke
 the control-signing key, the embedded NATS server's role keys. :func:`load_or_create_secret`
 creates one on first use so that concurrent first starts agree on a single value (the file is
 written privately and linked into place, so no reader sees a partial file), and
-:func:`write_private_file` replaces a file atomically with the same mode. A secret file that group
-or others can read is refused, as ssh refuses such a key: the error says to ``chmod 600`` it.
+:func:`write_private_file` replaces a file atomically with the same mode; :func:`read_secret` reads
+one without ever creating it (for a process that uses a secret another one makes). A secret file
+that group or others can read is refused, as ssh refuses such a key: the error says to
+``chmod 600`` it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,22 @@ from pathlib import Path
 
 from sandbox.errors import SandboxConfigError
 
-__all__ = ["load_or_create_secret", "write_private_file"]
+__all__ = ["load_or_create_secret", "read_secret", "write_private_file"]
+
+
+def read_secret(path: Path, *, what: str) -> bytes | None:
+    """The bytes of the secret file ``path``, or None when there is none; never creates anything.
+
+    For a process that only uses a secret another one makes (a client reading what the worker
+    made): it creates neither the file nor its directory.
+
+    Raises:
+        SandboxConfigError: as :func:`load_or_create_secret`, for a file that exists.
+    """
+    try:
+        return _read_private(Path(path), what=what, verb="read")
+    except FileNotFoundError:
+        return None
 
 
 def load_or_create_secret(path: Path, *, what: str, make: Callable[[], bytes] | None = None, size: int = 32) -> bytes:
@@ -48,16 +65,23 @@ def load_or_create_secret(path: Path, *, what: str, make: Callable[[], bytes] | 
                     pass
             finally:
                 os.unlink(tmp_name)
+        return _read_private(path, what=what, verb="read or create")
+    except OSError as exc:
+        raise _unusable(path, what, "read or create", exc) from exc
+
+
+def _read_private(path: Path, *, what: str, verb: str) -> bytes:
+    """The file's bytes, refused when empty or readable by others; FileNotFoundError passes through."""
+    try:
         # Never through a symlink: one could point the runtime at a secret it should not use.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as file:
             mode = os.fstat(file.fileno()).st_mode
             value = file.read()
+    except FileNotFoundError:
+        raise
     except OSError as exc:
-        raise SandboxConfigError(
-            f"cannot read or create the {what} at {path} ({exc.strerror}; a symlink is not followed): "
-            "fix its permissions or point the setting at a regular file"
-        ) from exc
+        raise _unusable(path, what, verb, exc) from exc
     if not value:
         raise SandboxConfigError(f"the {what} file {path} is empty; delete it or fill it")
     if stat.S_IMODE(mode) & 0o077:
@@ -66,6 +90,13 @@ def load_or_create_secret(path: Path, *, what: str, make: Callable[[], bytes] | 
             f"run `chmod 600 {path}`"
         )
     return value
+
+
+def _unusable(path: Path, what: str, verb: str, exc: OSError) -> SandboxConfigError:
+    return SandboxConfigError(
+        f"cannot {verb} the {what} at {path} ({exc.strerror}; a symlink is not followed): "
+        "fix its permissions or point the setting at a regular file"
+    )
 
 
 def write_private_file(path: Path, data: bytes) -> None:

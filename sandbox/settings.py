@@ -190,7 +190,7 @@ class Settings(BaseSettings):
     payload_keys: SecretStr | None = Field(
         default=None,
         description='Payload keys as JSON {"current": id, "keys": {id: base64 of 32 bytes}}; '
-        "unset = <data_dir>/secrets/payload-keys.json, made on first use.",
+        "unset = <data_dir>/secrets/payload-keys.json, made by the worker (sandboxctl up) on first start.",
     )
 
     def __init__(self, **values: Any) -> None:
@@ -241,7 +241,7 @@ class Settings(BaseSettings):
         ]
 
     def payload_keys_file(self) -> Path:
-        """Where the payload keys live when ``SANDBOX_PAYLOAD_KEYS`` is unset (0600, made on first use)."""
+        """Where the payload keys live when ``SANDBOX_PAYLOAD_KEYS`` is unset (0600, made by the worker side)."""
         return self.data_dir.resolve() / "secrets" / "payload-keys.json"
 
     def boxes_dir(self) -> Path:

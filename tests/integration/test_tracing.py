@@ -25,11 +25,15 @@ PROBE = f"""
 import asyncio
 from opentelemetry import trace
 from client.connection import connect_leases, flush_traces
+from sandbox.payload_codec import ensure_payload_keys
 from sandbox.settings import Settings
 from worker import run_worker
 
 async def main() -> None:
     settings = Settings()
+    # The worker side makes the payload keys; the client below connects before the worker task
+    # has run, and a client only reads them.
+    ensure_payload_keys(settings)
     stop = asyncio.Event()
     worker = asyncio.create_task(run_worker(settings, stop))
     leases = await connect_leases(settings)
@@ -61,7 +65,9 @@ def _spans(stdout: str) -> list[dict[str, Any]]:
 
 def _run_probe(client: Client, data_dir: Path) -> list[dict[str, Any]]:
     env = {
-        **os.environ,
+        # Without the session's SANDBOX_PAYLOAD_KEYS: the probe's worker and client share the data
+        # dir's keys file, as an operator's do.
+        **{key: value for key, value in os.environ.items() if key.upper() != "SANDBOX_PAYLOAD_KEYS"},
         "PYTHONPATH": str(REPO),
         "SANDBOX_DATA_DIR": str(data_dir),
         "SANDBOX_TEMPORAL_ADDRESS": client.service_client.config.target_host,

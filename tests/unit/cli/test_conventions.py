@@ -63,6 +63,29 @@ def test_an_explicit_address_is_still_dialled(tmp_path: Path, monkeypatch: pytes
     assert "NoRunningStack" not in res.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["lease", "describe", "W", "G"],
+        ["exec", "W", "G", "--", "true"],
+        ["fs", "ls", "W", "G", "."],
+        ["desktop", "open", "W", "G"],
+    ],
+    ids=" ".join,
+)
+def test_without_payload_keys_a_command_says_how_to_get_them_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # A key the CLI made up would be one the worker does not have: the stack makes them.
+    monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
+    data = tmp_path / "missing"
+    res = sandboxctl(*command, "--data-dir", str(data))
+    assert res.exit_code == EXIT_BAD_SETTINGS, res.output
+    assert "SANDBOX_PAYLOAD_KEYS" in res.stderr and "sandboxctl up" in res.stderr
+    assert "Traceback" not in res.output
+    assert not data.exists()
+
+
 def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     file = tmp_path / "passwd"
     file.write_text("root:x:0:0::/root:/bin/sh\n")

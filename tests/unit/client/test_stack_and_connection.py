@@ -131,6 +131,34 @@ async def test_an_explicit_address_or_a_running_stack_is_dialled(
     assert type(caught.value) is TemporalUnreachable and caught.value.address == address
 
 
+async def test_a_client_without_payload_keys_is_refused_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit address, a missing data dir and no SANDBOX_PAYLOAD_KEYS: a typed error, nothing made.
+
+    A client that made a keys file would encrypt with a key the worker does not have. Positive
+    control: once the worker side made the keys, the same client gets past them and dials the address.
+    """
+    from sandbox.payload_codec import ensure_payload_keys
+
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("SANDBOX_TEMPORAL_ADDRESS", address)
+    data = tmp_path / "missing"
+    settings = resolve_settings(data)
+    with pytest.raises(SandboxConfigError) as caught:
+        await connect_temporal(settings)
+    assert type(caught.value) is SandboxConfigError
+    message = caught.value.message
+    assert "SANDBOX_PAYLOAD_KEYS" in message and str(data / "secrets" / "payload-keys.json") in message
+    assert "sandboxctl up" in message
+    assert not data.exists()
+
+    ensure_payload_keys(settings)
+    with pytest.raises(TemporalUnreachable) as unreachable:
+        await connect_temporal(settings)
+    assert unreachable.value.address == address
+
+
 def test_a_data_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
     file = tmp_path / "passwd"
     file.write_text("root:x:0:0::/root:/bin/sh\n")

@@ -22,6 +22,7 @@ from sandbox.payload_codec import (
     PayloadKeys,
     data_converter,
     data_converter_for,
+    ensure_payload_keys,
     load_payload_keys,
 )
 from sandbox.settings import Settings
@@ -143,11 +144,11 @@ def test_malformed_keys_name_the_setting(text: str, expected: str) -> None:
 
 def test_keys_file_is_made_once_private_and_reused(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, payload_keys=None)
-    first = load_payload_keys(settings)
+    first = ensure_payload_keys(settings)
     path = tmp_path / "secrets" / "payload-keys.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert load_payload_keys(settings) == first
+    assert ensure_payload_keys(settings) == first and load_payload_keys(settings) == first
     assert [p.name for p in path.parent.iterdir()] == ["payload-keys.json"]  # no temporary left
 
 
@@ -155,7 +156,7 @@ def test_concurrent_first_use_agrees_on_one_ring(tmp_path: Path) -> None:
     """The worker and the codec server start together: both must end up with the same key."""
     settings = Settings(data_dir=tmp_path, payload_keys=None)
     rings: list[PayloadKeys] = []
-    threads = [threading.Thread(target=lambda: rings.append(load_payload_keys(settings))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: rings.append(ensure_payload_keys(settings))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -165,7 +166,7 @@ def test_concurrent_first_use_agrees_on_one_ring(tmp_path: Path) -> None:
 
 def test_keys_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, payload_keys=None)
-    load_payload_keys(settings)
+    ensure_payload_keys(settings)
     settings.payload_keys_file().chmod(0o644)
     with pytest.raises(SandboxConfigError, match="chmod 600"):
         load_payload_keys(settings)
@@ -183,12 +184,39 @@ def test_malformed_keys_file_names_the_file(tmp_path: Path) -> None:
 def test_keys_file_that_cannot_be_opened_says_what_to_do(tmp_path: Path) -> None:
     """A symlink in place of the file is refused (never followed: it could point at another ring)."""
     settings = Settings(data_dir=tmp_path, payload_keys=None)
-    load_payload_keys(settings)
+    ensure_payload_keys(settings)
     path = settings.payload_keys_file()
     path.rename(path.with_name("elsewhere.json"))
     path.symlink_to(path.with_name("elsewhere.json"))
     with pytest.raises(SandboxConfigError, match="cannot read or create the payload keys at .*fix its permissions"):
+        ensure_payload_keys(settings)
+    with pytest.raises(SandboxConfigError, match="cannot read the payload keys at .*fix its permissions"):
+        load_payload_keys(settings)  # a client is refused the same way
+
+
+def test_a_client_never_makes_keys_and_says_how_to_get_them(tmp_path: Path) -> None:
+    """Without the setting and the file, reading the keys (a client's side) is refused and creates nothing.
+
+    A ring a client made up would hold a key the worker does not have; the error names the setting
+    and the file and says to start the stack. Positive control: once the worker side made the file,
+    the same read returns its ring.
+    """
+    data = tmp_path / "data"
+    settings = Settings(data_dir=data, payload_keys=None)
+    with pytest.raises(SandboxConfigError) as caught:
         load_payload_keys(settings)
+    message = caught.value.message
+    assert "SANDBOX_PAYLOAD_KEYS" in message and str(data / "secrets" / "payload-keys.json") in message
+    assert "sandboxctl up" in message
+    assert not data.exists()
+    with pytest.raises(SandboxConfigError, match="SANDBOX_PAYLOAD_KEYS"):
+        data_converter(settings)  # the converter every client connects with reads the same way
+    assert not data.exists()
+
+    made = ensure_payload_keys(settings)
+    assert load_payload_keys(settings) == made
+    codec = data_converter(settings).payload_codec
+    assert isinstance(codec, PayloadEncryptionCodec) and codec.keys == made
 
 
 def test_setting_wins_over_the_file_and_encryption_can_be_off(tmp_path: Path) -> None:

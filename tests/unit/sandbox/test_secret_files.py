@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import SandboxConfigError
-from sandbox.secret_files import load_or_create_secret, write_private_file
+from sandbox.secret_files import load_or_create_secret, read_secret, write_private_file
 
 
 def test_a_new_secret_is_private_and_stable(tmp_path: Path) -> None:
@@ -57,6 +57,17 @@ def test_an_empty_secret_is_refused(tmp_path: Path) -> None:
     write_private_file(path, b"")
     with pytest.raises(SandboxConfigError, match="empty"):
         load_or_create_secret(path, what="test key")
+
+
+def test_read_secret_never_creates_and_reads_what_was_made(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "secrets" / "k"
+    assert read_secret(path, what="test key") is None
+    assert not (tmp_path / "missing").exists()  # neither the file nor any directory
+    made = load_or_create_secret(path, what="test key")  # positive control: the maker's file is read
+    assert read_secret(path, what="test key") == made
+    path.chmod(0o644)
+    with pytest.raises(SandboxConfigError, match="chmod 600"):
+        read_secret(path, what="test key")
 
 
 def test_write_private_file_replaces_atomically_with_mode_0600(tmp_path: Path) -> None:
