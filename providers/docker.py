@@ -31,7 +31,8 @@ and for :meth:`DockerProvider.list_owned` (with ``volumes(filters={"label": ...}
 code; ``get_archive``/``put_archive`` (tar) and a ``HEAD`` of the archive endpoint (path stat)
 for files. A command with a timeout runs under GNU ``timeout`` in the box (TERM, then KILL 2 s
 later, to the command's whole process group), because the engine has no call that kills an exec.
-Workspace capture/restore/fingerprint run GNU tar in the box (:class:`RemoteWorkspace`).
+Workspace capture/restore/fingerprint run GNU tar in the box (:class:`RemoteWorkspace`). A session
+is a Channel-A ``PtyHost``: a PTY is the engine's ``tty`` exec (:mod:`providers.docker_pty`).
 
 NotFound rule (upstream): a container id must match ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`` (else
 :class:`InvalidRequest`, and no request is sent); only the engine's 404 whose message is ``No such
@@ -85,6 +86,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.box_labels import owned_box
+from providers.docker_pty import DockerPty
 from providers.remote_workspace import RemoteWorkspace
 from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
@@ -105,6 +107,7 @@ from sandbox.errors import (
 from sandbox.settings import Settings
 
 if TYPE_CHECKING:
+    from sandbox.channel_a.pty import ExitCallback, OutputCallback
     from sandbox.descriptors import CapabilityDescriptor
 
 __all__ = [
@@ -301,6 +304,7 @@ class _EngineApi(Protocol):
     def exec_create(self, container: str, cmd: list[str], **kwargs: Any) -> dict[str, Any]: ...
     def exec_start(self, exec_id: str, **kwargs: Any) -> tuple[bytes | None, bytes | None]: ...
     def exec_inspect(self, exec_id: str) -> dict[str, Any]: ...
+    def exec_resize(self, exec_id: str, height: int | None = ..., width: int | None = ...) -> None: ...
     def get_archive(self, container: str, path: str) -> tuple[Any, dict[str, Any] | None]: ...
     def put_archive(self, container: str, path: str, data: bytes) -> bool: ...
     def head(self, url: str, **kwargs: Any) -> requests.Response: ...
@@ -539,6 +543,45 @@ class DockerBoxSession:
             for i in range(0, len(fields) - 3, 4)
         ]
         return sorted(entries, key=lambda e: e.name)
+
+    async def open_pty(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str,
+        env: Mapping[str, str],
+        cols: int,
+        rows: int,
+        on_output: OutputCallback,
+        on_exit: ExitCallback,
+    ) -> DockerPty:
+        """Start ``argv`` in the box on a new ``cols`` x ``rows`` PTY of the engine (a Channel-A ``PtyHost``).
+
+        Raises:
+            InvalidRequest: empty argv or malformed environment.
+            BoxNotFound: the container is gone.
+            ProviderError: the engine could not start it.
+        """
+        args = [str(a) for a in argv]
+        if not args or any("\0" in a for a in args):
+            raise InvalidRequest("a command must be a non-empty argv without NUL bytes")
+        environment: list[str] = []
+        for name, value in env.items():
+            if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
+                raise InvalidRequest(f"invalid environment variable {name!r}")
+            environment.append(f"{name}={value}")
+        pty = DockerPty(
+            self._provider,
+            self._id,
+            shell=args[0],
+            cwd=_absolute(cwd or "."),
+            cols=cols,
+            rows=rows,
+            on_output=on_output,
+            on_exit=on_exit,
+        )
+        await pty.start(args, environment)
+        return pty
 
     async def path_exists(self, path: str) -> bool:
         """Whether the path exists (a dangling symbolic link exists).
