@@ -9,9 +9,13 @@ kept alive by ``sleep infinity`` under the engine's init, hardened by default:
   needs none), never the host's network (``SANDBOX_DOCKER_NETWORK=host`` is refused), and the
   pids/memory/CPU limits of local boxes (``SANDBOX_LOCAL_PIDS_MAX``, ``SANDBOX_LOCAL_MEMORY_MAX``
   (swap included), ``SANDBOX_LOCAL_CPU_MAX``); files the provider writes belong to the box user;
-- its workspace at ``/workspace`` on a named volume ``<container name>-workspace`` (removed with
-  the box), or on a bind of ``$SANDBOX_DOCKER_WORKSPACE_BASE_DIR/<container name>`` when that is set
-  (the host directory is the operator's and is kept);
+- its workspace at ``/workspace`` on a named volume ``<container name>-workspace``, created with the
+  box's labels (and ``sandbox.container_name``) and removed with the box, or on a bind of
+  ``$SANDBOX_DOCKER_WORKSPACE_BASE_DIR/<container name>`` when that is set (the host directory is
+  the operator's and is kept). A volume of ours that no container mounts any more (its container
+  was removed behind the runtime's back, by ``docker rm -f`` or a crash) is listed by
+  :meth:`DockerProvider.list_owned` under its own name, so the orphan sweep judges it like a box
+  and its terminate removes it; the engine never removes a volume a container still mounts;
 - the ports of ``SANDBOX_DOCKER_EXPOSED_PORTS`` plus 6080 (desktop), 7681 (terminal) and 7682
   published on ephemeral host ports (on 127.0.0.1 when the engine is local);
 - labels ``sandbox.owner``, ``sandbox.lease_id``, ``sandbox.key`` (the idempotency key) and the
@@ -19,14 +23,16 @@ kept alive by ``sleep infinity`` under the engine's init, hardened by default:
 
 SDK calls (the low-level ``docker.APIClient``, each run in a worker thread because the SDK is
 synchronous): ``containers(all, filters={"label": ...})`` to adopt a box created with the same key
-and for :meth:`DockerProvider.list_owned`; ``create_container`` + ``start`` (``pull`` once when the
-image is missing); ``inspect_container`` to resume and to resolve published ports;
-``remove_container(force, v)`` + ``remove_volume`` to terminate; ``exec_create`` +
+and for :meth:`DockerProvider.list_owned` (with ``volumes(filters={"label": ...})``);
+``create_volume`` + ``create_container`` + ``start`` (``pull`` once when the image is missing);
+``inspect_container`` to resume and to resolve published ports; ``remove_container(force, v)`` +
+``inspect_volume`` + ``remove_volume`` to terminate; ``exec_create`` +
 ``exec_start(demux=True)`` (the multiplexed stream, binary safe) + ``exec_inspect`` for the exit
 code; ``get_archive``/``put_archive`` (tar) and a ``HEAD`` of the archive endpoint (path stat)
 for files. A command with a timeout runs under GNU ``timeout`` in the box (TERM, then KILL 2 s
 later, to the command's whole process group), because the engine has no call that kills an exec.
-Workspace capture/restore/fingerprint run GNU tar in the box (:class:`RemoteWorkspace`).
+Workspace capture/restore/fingerprint run GNU tar in the box (:class:`RemoteWorkspace`). A session
+is a Channel-A ``PtyHost``: a PTY is the engine's ``tty`` exec (:mod:`providers.docker_pty`).
 
 NotFound rule (upstream): a container id must match ``^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`` (else
 :class:`InvalidRequest`, and no request is sent); only the engine's 404 whose message is ``No such
@@ -80,6 +86,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers import box_labels
 from providers.box_labels import owned_box
+from providers.docker_pty import DockerPty
 from providers.remote_workspace import RemoteWorkspace
 from providers.sdk_errors import SERVER_ERRORS, ErrorTable, Row
 from sandbox.box import BoxSpec, DirEntry, Endpoint, Envelope, ExecResult, OwnedBox
@@ -100,6 +107,7 @@ from sandbox.errors import (
 from sandbox.settings import Settings
 
 if TYPE_CHECKING:
+    from sandbox.channel_a.pty import ExitCallback, OutputCallback
     from sandbox.descriptors import CapabilityDescriptor
 
 __all__ = [
@@ -131,6 +139,8 @@ LABEL_OWNER: Final = "sandbox.owner"
 LABEL_LEASE: Final = box_labels.LEASE_ID
 LABEL_KEY: Final = box_labels.KEY
 LABEL_VOLUME: Final = "sandbox.workspace_volume"
+LABEL_CONTAINER_NAME: Final = "sandbox.container_name"
+"""On a workspace volume: the name of the container it was made for."""
 
 _NO_SUCH_CONTAINER_RE: Final = re.compile(
     r"^(?:Error(?: response from daemon)?: )?No such (?:object|container): "
@@ -286,11 +296,15 @@ class _EngineApi(Protocol):
     def unpause(self, container: str) -> None: ...
     def inspect_container(self, container: str) -> dict[str, Any]: ...
     def remove_container(self, container: str, v: bool = ..., force: bool = ...) -> None: ...
+    def create_volume(self, name: str, *, labels: dict[str, str] | None = ...) -> dict[str, Any]: ...
+    def volumes(self, *, filters: dict[str, Any] | None = ...) -> dict[str, Any]: ...
+    def inspect_volume(self, name: str) -> dict[str, Any]: ...
     def remove_volume(self, name: str, force: bool = ...) -> None: ...
     def pull(self, repository: str, tag: str | None = ...) -> Any: ...
     def exec_create(self, container: str, cmd: list[str], **kwargs: Any) -> dict[str, Any]: ...
     def exec_start(self, exec_id: str, **kwargs: Any) -> tuple[bytes | None, bytes | None]: ...
     def exec_inspect(self, exec_id: str) -> dict[str, Any]: ...
+    def exec_resize(self, exec_id: str, height: int | None = ..., width: int | None = ...) -> None: ...
     def get_archive(self, container: str, path: str) -> tuple[Any, dict[str, Any] | None]: ...
     def put_archive(self, container: str, path: str, data: bytes) -> bool: ...
     def head(self, url: str, **kwargs: Any) -> requests.Response: ...
@@ -530,6 +544,45 @@ class DockerBoxSession:
         ]
         return sorted(entries, key=lambda e: e.name)
 
+    async def open_pty(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: str,
+        env: Mapping[str, str],
+        cols: int,
+        rows: int,
+        on_output: OutputCallback,
+        on_exit: ExitCallback,
+    ) -> DockerPty:
+        """Start ``argv`` in the box on a new ``cols`` x ``rows`` PTY of the engine (a Channel-A ``PtyHost``).
+
+        Raises:
+            InvalidRequest: empty argv or malformed environment.
+            BoxNotFound: the container is gone.
+            ProviderError: the engine could not start it.
+        """
+        args = [str(a) for a in argv]
+        if not args or any("\0" in a for a in args):
+            raise InvalidRequest("a command must be a non-empty argv without NUL bytes")
+        environment: list[str] = []
+        for name, value in env.items():
+            if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
+                raise InvalidRequest(f"invalid environment variable {name!r}")
+            environment.append(f"{name}={value}")
+        pty = DockerPty(
+            self._provider,
+            self._id,
+            shell=args[0],
+            cwd=_absolute(cwd or "."),
+            cols=cols,
+            rows=rows,
+            on_output=on_output,
+            on_exit=on_exit,
+        )
+        await pty.start(args, environment)
+        return pty
+
     async def path_exists(self, path: str) -> bool:
         """Whether the path exists (a dangling symbolic link exists).
 
@@ -705,8 +758,13 @@ class DockerProvider:
     async def terminate(self, envelope: Envelope) -> None:
         """Remove the container (killing every process) and its named workspace volume; idempotent.
 
+        An envelope whose instance is a workspace volume of ours that no container mounts (as
+        :meth:`list_owned` lists a container's leftover) removes that volume. A volume a container
+        still mounts is left alone (the engine refuses, and it belongs to that box).
+
         Raises:
-            InvalidRequest: the id is malformed, or the container is not this runtime's (never removed).
+            InvalidRequest: the id is malformed, or the container (or volume) is not this runtime's
+                (never removed).
             ProviderUnavailable: the engine failed transiently; retry.
         """
         container_id = _validate_container_id(envelope.instance_id)
@@ -717,6 +775,8 @@ class DockerProvider:
             info = await self._call(api.inspect_container, container_id)
         except BoxNotFound:
             info = None
+            if _VOLUME_NAME_RE.fullmatch(container_id):
+                volume = container_id
         if info is not None:
             self._check_owned(info)
             volume = ((info.get("Config") or {}).get("Labels") or {}).get(LABEL_VOLUME) or volume
@@ -726,22 +786,38 @@ class DockerProvider:
                 pass
         # Only ever a workspace volume this provider named (the envelope's state is not trusted for more).
         if isinstance(volume, str) and _VOLUME_NAME_RE.fullmatch(volume):
-            try:
-                await self._call(lambda: api.remove_volume(volume))
-            except ProviderError as err:
-                if not _volume_gone(err):
-                    raise
+            await self._remove_volume(volume)
 
     async def list_owned(self) -> list[OwnedBox]:
         """Every container labelled with this runtime's owner (created, running, stopped or dead).
+
+        Also every workspace volume labelled with this owner that no listed container mounts, its
+        instance id the volume's name (terminate removes it).
 
         Raises:
             ProviderUnavailable: the engine failed transiently.
         """
         await self._ensure_client()
         api = self._api_sync()
-        found = await self._call(api.containers, all=True, filters={"label": [f"{LABEL_OWNER}={self.settings.owner}"]})
+        owner_filter = {"label": [f"{LABEL_OWNER}={self.settings.owner}"]}
+        # Volumes first: a volume listed before its container is created is then seen as mounted.
+        volumes = await self._call(api.volumes, filters=owner_filter)
+        found = await self._call(api.containers, all=True, filters=owner_filter)
         owned: list[OwnedBox] = []
+        mounted: set[str] = set()
+        for summary in found:
+            mounted.add(str((summary.get("Labels") or {}).get(LABEL_VOLUME) or ""))
+            mounted.update(str(m.get("Name") or "") for m in summary.get("Mounts") or ())
+        for volume in (volumes or {}).get("Volumes") or ():
+            name = str(volume.get("Name") or "")
+            labels = {str(k): str(v) for k, v in (volume.get("Labels") or {}).items()}
+            if (
+                _VOLUME_NAME_RE.fullmatch(name)
+                and name not in mounted
+                and labels.get(LABEL_OWNER) == self.settings.owner
+            ):
+                # A workspace whose container is gone: listed under its own name for the orphan sweep.
+                owned.append(owned_box(name, labels, created_at=box_labels.iso_seconds(volume.get("CreatedAt"))))
         for summary in found:
             if summary.get("State") == "removing":
                 continue
@@ -827,6 +903,9 @@ class DockerProvider:
         else:
             source = volume = f"{name}-workspace"
             labels[LABEL_VOLUME] = volume
+            # Made with the box's labels, so a volume its container left behind is still known as ours;
+            # creating an existing volume returns it (a retried create reuses it).
+            await self._call(api.create_volume, volume, labels={**labels, LABEL_CONTAINER_NAME: name})
         host_config = api.create_host_config(
             binds={source: {"bind": WORKSPACE_ROOT, "mode": "rw"}},
             port_bindings={port: (bind_ip, None) for port in ports},
@@ -886,6 +965,32 @@ class DockerProvider:
         labels = (info.get("Config") or {}).get("Labels") or {}
         full_id = str(info["Id"])
         return DockerBoxSession(self, full_id, str(info.get("Name") or "").lstrip("/"), labels.get(LABEL_VOLUME))
+
+    async def _remove_volume(self, volume: str) -> None:
+        """Remove a workspace volume unless another owner's label is on it or a container mounts it; idempotent.
+
+        Raises:
+            InvalidRequest: the volume carries another runtime's owner label (never removed).
+            ProviderUnavailable: the engine failed transiently; retry.
+        """
+        api = self._api_sync()
+        try:
+            info = await self._call(api.inspect_volume, volume)
+        except ProviderError as err:
+            if _volume_gone(err):
+                return
+            raise
+        owner = (info.get("Labels") or {}).get(LABEL_OWNER)
+        # Unlabelled: made by the engine for a container of an earlier version (the name is ours).
+        if owner is not None and owner != self.settings.owner:
+            raise InvalidRequest(
+                f"docker volume {volume} is not owned by {self.settings.owner!r} ({LABEL_OWNER}={owner!r})"
+            )
+        try:
+            await self._call(api.remove_volume, volume)
+        except ProviderError as err:
+            if not (_volume_gone(err) or _volume_in_use(err)):
+                raise
 
     def _check_owned(self, info: Mapping[str, Any]) -> None:
         """Refuse a container another deployment (or no runtime) created: an envelope must not reach it."""
@@ -983,6 +1088,15 @@ def _name_conflict(err: ProviderError) -> bool:
 def _volume_gone(err: ProviderError) -> bool:
     cause = err.__cause__
     return isinstance(cause, docker.errors.NotFound)
+
+
+def _volume_in_use(err: ProviderError) -> bool:
+    # Docker: "remove <name>: volume is in use - [<ids>]"; podman: "... is being used by ...: volume is being used".
+    cause = err.__cause__
+    if not isinstance(cause, docker.errors.APIError) or cause.status_code != 409:
+        return False
+    text = str(cause.explanation or "")
+    return "volume is in use" in text or "volume is being used" in text
 
 
 def build_provider(settings: Settings) -> DockerProvider:

@@ -899,3 +899,30 @@ def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             yield engine
         finally:
             engines.set_session_engine(None)
+
+
+@pytest.fixture(scope="session")
+async def docker_engine_runtime(
+    container_engine: Any, temporal_client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Runtime]:
+    """Like ``runtime`` but every lease defaults to the docker backend on the session's real engine.
+
+    The provider is the production one (hardened boxes of the box image, the local boxes' limits)
+    pointed at ``container_engine``; its boxes carry the session's owner label, so the session
+    removes whatever a test leaves behind.
+    """
+    from providers.docker import DockerProvider, DockerSettings
+    from sandbox.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("sandbox-docker-engine-data"),
+        task_queue=f"test-docker-engine-{uuid.uuid4()}",
+        default_backend="docker",
+        **FAST_TIMERS,
+    )
+    provider = DockerProvider(
+        DockerSettings(host=container_engine.host, image=container_engine.image, owner=container_engine.owner),
+        limits=settings.local_limits(),
+    )
+    async with running_runtime(temporal_client, settings, {"docker": provider}) as rt:
+        yield rt

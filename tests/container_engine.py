@@ -127,6 +127,11 @@ class ContainerEngine:
                 if volume:
                     with contextlib.suppress(docker.errors.APIError):
                         api.remove_volume(volume)
+            # Workspace volumes whose container a test removed behind the runtime's back.
+            leftovers = api.volumes(filters={"label": [f"sandbox.owner={self.owner}"]}).get("Volumes") or []
+            for leftover in leftovers:
+                with contextlib.suppress(docker.errors.APIError):
+                    api.remove_volume(leftover["Name"])
             return len(found)
         finally:
             client.close()

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.planes.harness import PlaneHarness, plane_harness
+from tests.integration.planes.harness import PlaneHarness, engine_plane_harness, plane_harness
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -20,9 +20,20 @@ CHROMIUM_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PlaneHarness]:
-    """Plane activities over local boxes under a private data dir (boxes terminated at the end)."""
+ENGINE = "docker_engine"
+"""The viewer tests' second backend: docker boxes on the session's real engine (podman)."""
+
+
+@pytest.fixture(scope="module", params=["local", pytest.param(ENGINE, marks=pytest.mark.container_engine)])
+async def planes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[PlaneHarness]:
+    """Plane activities over local boxes, or docker boxes on the real engine (boxes terminated at the end)."""
+    if request.param == ENGINE:
+        engine = request.getfixturevalue("container_engine")
+        async with engine_plane_harness(tmp_path_factory.mktemp("e2e-engine-planes"), engine) as harness:
+            yield harness
+        return
     async with plane_harness(tmp_path_factory.mktemp("e2e-planes")) as harness:
         yield harness
 

@@ -1,4 +1,7 @@
-"""A person's view of the desktop: noVNC in headless Chromium shows a window drawn inside the box."""
+"""A person's view of the desktop: noVNC in headless Chromium shows a window drawn inside the box.
+
+On local boxes and on docker boxes of the real engine (the ``planes`` fixture's two backends).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any
 import pytest
 
 from cli.planes import ViewerPage, find_assets
-from tests.integration.planes.harness import Box, PlaneHarness
+from tests.integration.planes.harness import PlaneHarness, ViewerBox
 from workflows.models.planes import DisplayStackResult
 
 pytestmark = pytest.mark.timeout(90)
@@ -27,7 +30,7 @@ _BRIGHT_PIXELS = """() => {
 }"""
 
 
-async def _draw_hello(box: Box, display: int) -> None:
+async def _draw_hello(box: ViewerBox, display: int) -> None:
     env = {"DISPLAY": f":{display}", "XAUTHORITY": "/tmp/.sandbox-edge/desktop/xauth"}
     code, out = await box.sh(
         "setsid xmessage -center -geometry 320x120 hello </dev/null >/tmp/xmessage.log 2>&1 & "
@@ -39,9 +42,9 @@ async def _draw_hello(box: Box, display: int) -> None:
 
 
 @pytest.fixture(scope="module")
-async def hello(planes: PlaneHarness) -> tuple[Box, DisplayStackResult]:
+async def hello(planes: PlaneHarness) -> tuple[ViewerBox, DisplayStackResult]:
     """A box whose desktop shows an xmessage window saying hello."""
-    box = await planes.box()
+    box = await planes.viewer_box()
     desktop = await planes.activities.ensure_display_stack(box.desktop_request(geometry="800x600"))
     await _draw_hello(box, desktop.display)
     return box, desktop
@@ -54,10 +57,10 @@ async def _open(browser: Any, page_url: str) -> Any:
 
 
 async def test_a_window_drawn_in_the_box_shows_in_the_viewer(
-    planes: PlaneHarness, browser: Any, hello: tuple[Box, DisplayStackResult], tmp_path: Path
+    planes: PlaneHarness, browser: Any, hello: tuple[ViewerBox, DisplayStackResult], tmp_path: Path
 ) -> None:
     box, desktop = hello
-    cell = {"url": f"ws://127.0.0.1:{desktop.port}/", "token": planes.mint(box.lease_id, box.epoch)}
+    cell = {"url": await box.edge_url(desktop.port), "token": planes.mint(box.lease_id, box.epoch)}
     viewer = ViewerPage("desktop", lambda: cell, find_assets("desktop")).start()
     try:
         assert cell["token"] not in viewer.url
@@ -79,13 +82,13 @@ async def test_a_window_drawn_in_the_box_shows_in_the_viewer(
 
 
 async def test_a_tampered_token_shows_no_desktop(
-    planes: PlaneHarness, browser: Any, hello: tuple[Box, DisplayStackResult], tmp_path: Path
+    planes: PlaneHarness, browser: Any, hello: tuple[ViewerBox, DisplayStackResult], tmp_path: Path
 ) -> None:
     box, desktop = hello
     token = planes.mint(box.lease_id, box.epoch)
     payload, signature = token.rsplit(".", 1)
     tampered = f"{payload}.{signature[::-1]}"
-    cell = {"url": f"ws://127.0.0.1:{desktop.port}/", "token": tampered}
+    cell = {"url": await box.edge_url(desktop.port), "token": tampered}
     viewer = ViewerPage("desktop", lambda: cell, find_assets("desktop")).start()
     try:
         page = await _open(browser, viewer.url)

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def test_typing_through_the_edge_reads_the_output_back(planes: PlaneHarness) -> None:
-    box = await planes.box()
+    box = await planes.viewer_box()
     terminal = await planes.activities.ensure_terminal_server(box.terminal_request())
     assert terminal.available and terminal.port is not None
     token = planes.mint(box.lease_id, box.epoch, plane="terminal", mode="control")
-    url = f"ws://127.0.0.1:{terminal.port}/"
+    url = await box.edge_url(terminal.port)
     async with websockets.connect(url, subprotocols=["tty", token]) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "tty"
         await ws.send(json.dumps({"AuthToken": "", "columns": 80, "rows": 24}).encode())

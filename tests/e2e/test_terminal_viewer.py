@@ -1,4 +1,7 @@
-"""A person's view of the terminal: xterm.js in headless Chromium runs a command in the box."""
+"""A person's view of the terminal: xterm.js in headless Chromium runs a command in the box.
+
+On local boxes and on docker boxes of the real engine (the ``planes`` fixture's two backends).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ _SCREEN_TEXT = "(document.querySelector('#term .xterm-rows') || {innerText: ''})
 
 
 async def _terminal_port(planes: PlaneHarness) -> tuple[Any, int]:
-    box = await planes.box()
+    box = await planes.viewer_box()
     terminal = await planes.activities.ensure_terminal_server(box.terminal_request())
     assert terminal.available and terminal.port is not None
     return box, terminal.port
@@ -37,7 +40,7 @@ async def _open(browser: Any, url: str) -> tuple[Any, list[str]]:
 async def test_a_command_typed_in_the_page_runs_in_the_box(planes: PlaneHarness, browser: Any, tmp_path: Path) -> None:
     box, port = await _terminal_port(planes)
     token = planes.mint(box.lease_id, box.epoch, plane="terminal", mode="control")
-    cell = {"url": f"ws://127.0.0.1:{port}/", "token": token, "epoch": box.epoch, "mode": "control"}
+    cell = {"url": await box.edge_url(port), "token": token, "epoch": box.epoch, "mode": "control"}
     viewer = ViewerPage("terminal", lambda: cell, find_assets("terminal")).start()
     try:
         assert token not in viewer.url
@@ -65,7 +68,7 @@ async def test_a_command_typed_in_the_page_runs_in_the_box(planes: PlaneHarness,
 async def test_a_tampered_token_shows_no_terminal(planes: PlaneHarness, browser: Any) -> None:
     box, port = await _terminal_port(planes)
     payload, signature = planes.mint(box.lease_id, box.epoch, plane="terminal").rsplit(".", 1)
-    cell = {"url": f"ws://127.0.0.1:{port}/", "token": f"{payload}.{signature[::-1]}", "epoch": box.epoch}
+    cell = {"url": await box.edge_url(port), "token": f"{payload}.{signature[::-1]}", "epoch": box.epoch}
     viewer = ViewerPage("terminal", lambda: cell, find_assets("terminal")).start()
     try:
         page, _ = await _open(browser, viewer.url)

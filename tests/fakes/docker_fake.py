@@ -22,7 +22,9 @@ What it reproduces (Engine API v1.45 shapes):
   32768 up when the container starts (a taken fixed port fails the start like the engine does);
   ``NetworkSettings.Ports`` shows bindings only while the container runs.
 - Volumes: a ``Binds`` entry whose source is not absolute is a named volume, created with the
-  container; ``DELETE /volumes/{name}`` (404 for an unknown volume, 409 while a container uses it).
+  container unless ``POST /volumes/create`` made it first (with labels; an existing name returns the
+  volume unchanged); ``GET /volumes`` (``label`` filters), ``GET /volumes/{name}``,
+  ``DELETE /volumes/{name}`` (404 for an unknown volume, 409 while a container uses it).
   A bind source (an absolute host path) is created on the host if it is missing, as ``-v`` does.
 - Execs: ``POST /containers/{id}/exec`` (409 ``Container ... is not running``/``is paused``),
   ``POST /exec/{id}/start`` answered as the engine does, ``101 UPGRADED`` followed by the raw
@@ -39,9 +41,10 @@ What it reproduces (Engine API v1.45 shapes):
 - Faults and latency: every endpoint calls :meth:`FaultPlan.before` with an operation name
   (``create``, ``start``, ``get`` (inspect), ``list_boxes``, ``stop``, ``kill``, ``terminate``
   (delete), ``exec`` (exec create), ``exec_start``, ``exec_inspect``, ``read`` (archive GET),
-  ``stat`` (archive HEAD), ``write`` (archive PUT), ``image``, ``pull``, ``volume_remove``,
-  ``version``, ``ping``). A planned :class:`EngineFault` becomes that HTTP status with the
-  engine's error body; a planned :class:`ConnectionError` drops the connection without an answer
+  ``stat`` (archive HEAD), ``write`` (archive PUT), ``image``, ``pull``, ``volume_list``,
+  ``volume_create``, ``volume_inspect``, ``volume_remove``, ``version``, ``ping``). A planned
+  :class:`EngineFault` becomes that HTTP status with the engine's error body; a planned
+  :class:`ConnectionError` drops the connection without an answer
   (the SDK then raises ``requests.exceptions.ConnectionError``); any other planned error is a 500.
 
 What it does not reproduce: image layers, builds and the image's own ``Cmd``/``Env``/``User``
@@ -381,6 +384,8 @@ class FakeDockerEngine:
             ("PUT", ("containers", "*", "archive"), "write", self._archive_put),
             ("POST", ("images", "create"), "pull", self._pull),
             ("GET", ("volumes",), "volume_list", self._volume_list),
+            ("POST", ("volumes", "create"), "volume_create", self._volume_create),
+            ("GET", ("volumes", "*"), "volume_inspect", self._volume_inspect),
             ("DELETE", ("volumes", "*"), "volume_remove", self._volume_remove),
         ]
         for verb, pattern, operation, handler in table:
@@ -862,7 +867,30 @@ class FakeDockerEngine:
         return _Reply(200, b"".join(json.dumps(line).encode() + b"\r\n" for line in lines))
 
     async def _volume_list(self, query: dict[str, list[str]], body: bytes) -> _Reply:
-        return _json(200, {"Volumes": [v.describe() for v in self.volumes.values()], "Warnings": []})
+        raw_filters = json.loads((query.get("filters") or ["{}"])[0] or "{}")
+        chosen = list(self.volumes.values())
+        for key, value in raw_filters.items():
+            values = list(value) if isinstance(value, list) else [k for k, v in value.items() if v]
+            if key != "label":
+                return _error(400, f"invalid filter '{key}'")
+            chosen = [v for v in chosen if all(_label_matches(v.labels, wanted) for wanted in values)]
+        return _json(200, {"Volumes": [v.describe() for v in chosen], "Warnings": []})
+
+    async def _volume_create(self, query: dict[str, list[str]], body: bytes) -> _Reply:
+        spec = json.loads(body or b"{}")
+        name = str(spec.get("Name") or "")
+        if not _VOLUME_NAME_RE.fullmatch(name):
+            return _error(400, f"create {name}: invalid volume name")
+        # As the engine: creating an existing volume returns it unchanged.
+        volume = self.volumes.setdefault(
+            name, FakeVolume(name=name, created_at=_now_rfc3339(), labels=dict(spec.get("Labels") or {}))
+        )
+        return _json(201, volume.describe())
+
+    async def _volume_inspect(self, query: dict[str, list[str]], body: bytes, name: str) -> _Reply:
+        if name not in self.volumes:
+            return _error(404, f"get {name}: no such volume")
+        return _json(200, self.volumes[name].describe())
 
     async def _volume_remove(self, query: dict[str, list[str]], body: bytes, name: str) -> _Reply:
         if name not in self.volumes:

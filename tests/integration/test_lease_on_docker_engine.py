@@ -4,13 +4,15 @@ The worker runs as in production with the docker provider built from ``SANDBOX_D
 naming the session's engine (``tests/container_engine.py``). Acquire, exec, drain with a capture,
 restore and the orphan sweep on this engine run in ``test_lease_on_cloud_fakes.py`` (its
 ``docker_engine`` parameter); here: the container is removed behind the lease's back, as an
-operator's ``docker rm -f`` would, and the lease sees the box lost, goes cold and makes a new box.
-Skipped only when podman is not installed.
+operator's ``docker rm -f`` would, and the lease sees the box lost, goes cold and makes a new box;
+the workspace volume such a container leaves behind is removed by the orphan sweep, while the
+volume of a live box survives it. Skipped only when podman is not installed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +26,8 @@ from sandbox import errors
 from sandbox.settings import Settings
 from tests.conftest import FAST_TIMERS, ids, running_runtime
 from tests.container_engine import ContainerEngine
+from workflows.models.maintenance import OrphanSweepInput
+from workflows.orphan_sweep import OrphanSweepWorkflow
 
 pytestmark = pytest.mark.container_engine
 
@@ -60,7 +64,18 @@ def _remove_container(engine: ContainerEngine, container_id: str) -> str:
 def _remove_volume(engine: ContainerEngine, volume: str) -> None:
     client = docker.DockerClient(base_url=engine.host)
     try:
-        client.api.remove_volume(volume)
+        with contextlib.suppress(docker.errors.NotFound):
+            client.api.remove_volume(volume)
+    finally:
+        client.close()
+
+
+def _volumes(engine: ContainerEngine) -> set[str]:
+    """The names of every volume on the engine (labelled or not)."""
+    client = docker.DockerClient(base_url=engine.host)
+    try:
+        found = client.api.volumes()
+        return {str(v["Name"]) for v in found.get("Volumes") or ()}
     finally:
         client.close()
 
@@ -77,7 +92,7 @@ async def test_a_removed_container_is_a_lost_box_and_the_next_acquire_gets_a_new
     assert not not_lost.lost and not_lost.liveness == "warm", "a live container is not reported lost"
 
     volume = await asyncio.to_thread(_remove_container, container_engine, grant.instance_id)
-    # Nothing in the runtime removes a lost box's named volume (the sweep sees containers): the test does.
+    # The orphan sweep removes a lost box's leftover volume (the next test); no sweep runs here: the test does.
     request.addfinalizer(lambda: _remove_volume(container_engine, volume))
     with pytest.raises(errors.BoxNotFound):
         await leases.exec(ws, g, ["true"])
@@ -95,3 +110,39 @@ async def test_a_removed_container_is_a_lost_box_and_the_next_acquire_gets_a_new
     assert (out.exit_code, out.stdout) == (0, "1000\n"), "a fresh box, run by the unprivileged box user"
     await leases.drain(ws, g, wait=True)
     assert again.instance_id not in {box.instance_id for box in await provider.list_owned()}
+
+
+async def test_the_orphan_sweep_removes_the_volume_a_removed_container_left_and_spares_a_live_boxs(
+    engine_runtime: tuple[Any, DockerProvider], container_engine: ContainerEngine, request: pytest.FixtureRequest
+) -> None:
+    runtime, provider = engine_runtime
+    leases = runtime.leases(idle_grace_seconds=60)
+    (ws_live, g_live), (ws_lost, g_lost) = ids("docker-vol-live"), ids("docker-vol-lost")
+    live = await leases.acquire(ws_live, g_live, holder_id="t1", backend="docker")
+    try:
+        assert (await leases.exec(ws_live, g_live, ["sh", "-c", "echo kept > kept.txt"])).exit_code == 0
+        lost = await leases.acquire(ws_lost, g_lost, holder_id="t1", backend="docker")
+        live_volume = live.envelope.state["workspaceVolume"]
+        volume = await asyncio.to_thread(_remove_container, container_engine, lost.instance_id)
+        request.addfinalizer(lambda: _remove_volume(container_engine, volume))
+        with pytest.raises(errors.BoxNotFound):
+            await leases.exec(ws_lost, g_lost, ["true"])  # the lease sees the box lost and goes cold
+        assert {volume, live_volume} <= await asyncio.to_thread(_volumes, container_engine), "the volume leaked"
+
+        handle = await runtime.client.start_workflow(
+            OrphanSweepWorkflow.run,
+            OrphanSweepInput(grace_seconds=0.0, recheck_delay_seconds=0.1, backends=["docker"]),
+            id=f"orphan-sweep-docker-volumes-{uuid.uuid4().hex[:8]}",
+            task_queue=runtime.settings.task_queue,
+        )
+        result = await handle.result()
+        assert volume in result.terminated
+        assert live.instance_id not in result.terminated and live_volume not in result.terminated
+        left = await asyncio.to_thread(_volumes, container_engine)
+        assert volume not in left, "the sweep removed the workspace volume the removed container left"
+        assert live_volume in left, "a live box's volume survives the sweep"
+        out = await leases.exec(ws_live, g_live, ["cat", "kept.txt"])
+        assert (out.exit_code, out.stdout) == (0, "kept\n"), "the live box keeps its workspace"
+    finally:
+        await leases.drain(ws_live, g_live, wait=True)
+    assert live_volume not in await asyncio.to_thread(_volumes, container_engine), "terminate removes it"

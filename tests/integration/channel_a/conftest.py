@@ -6,10 +6,16 @@ the real nats-server to an in-process agent daemon whose root plays the workspac
 runs on every provider: none is allowed to skip a capability.
 
 Each test gets a fresh :class:`TestBox`; git tests share one box per module.
+
+The main file and PTY operations also run on ``docker_engine``: a hardened docker box on the
+session's real engine (podman), its workspace the volume's directory on the host and the PTY the
+engine's ``tty`` exec. A test module opts tests in by name (``ON_DOCKER_ENGINE``); they skip only
+when podman is absent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,27 +24,35 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
+import docker as docker_sdk  # type: ignore[import-untyped]
 import pytest
 
+from providers.docker import DockerProvider, DockerSettings
 from providers.local import LocalBoxSession, LocalProvider
 from providers.selfhosted import NatsControlRpc
 from sandbox.box import BoxSession, BoxSpec, DirEntry, Endpoint, Envelope, ExecResult
 from sandbox.channel_a import ChannelA, MemoryEventSink
 from sandbox.errors import SandboxConfigError
 from tests.conftest import give_to_box_user, nats_server_at
+from tests.container_engine import ContainerEngine
 from tests.integration.selfhosted.conftest import Agent, new_id, running_agent, session_for
 
-ProviderKind = Literal["bubblewrap", "process", "selfhosted"]
+ProviderKind = Literal["bubblewrap", "process", "selfhosted", "docker_engine"]
 PROVIDERS: tuple[ProviderKind, ...] = ("bubblewrap", "process", "selfhosted")
+ENGINE: Final = "docker_engine"
+"""The docker backend on the real engine, for the tests a module names in ``ON_DOCKER_ENGINE``."""
 BOX_ENV = {"CHANNEL_A_BOX_VAR": "from-the-box-spec"}
 """The box environment every local test box is created with."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "provider" in metafunc.fixturenames:
-        metafunc.parametrize("provider", list(PROVIDERS), indirect=True, scope="module", ids=list(PROVIDERS))
+        kinds: list[Any] = list(PROVIDERS)
+        if metafunc.function.__name__ in getattr(metafunc.module, "ON_DOCKER_ENGINE", ()):
+            kinds.append(pytest.param(ENGINE, marks=pytest.mark.container_engine, id=ENGINE))
+        metafunc.parametrize("provider", kinds, indirect=True, scope="module")
 
 
 @dataclass
@@ -65,6 +79,11 @@ class TestBox:
 
     def view(self, host: Path) -> str:
         """How a command in the box names a host path (of the workspace or ``outside``)."""
+        if self.kind == ENGINE:
+            for root, box_root in ((self.workspace, "/workspace"), (self.outside, "/root")):
+                if host == root or root in host.parents:
+                    return "/".join([box_root, *host.relative_to(root).parts])
+            raise AssertionError(f"{host} is not in the docker box")
         if self.kind != "bubblewrap":
             return str(host)
         assert isinstance(self.session, LocalBoxSession)
@@ -76,6 +95,8 @@ class TestBox:
     def hand_over(self) -> None:
         """Give what the test wrote on the host to the box user (as the provider's own writes are)."""
         owner = self.session.owner if isinstance(self.session, LocalBoxSession) else None
+        if self.kind == ENGINE:
+            owner = DOCKER_BOX_USER
         if owner is not None:
             for top in (self.workspace, self.outside):
                 give_to_box_user(top, owner)
@@ -91,16 +112,31 @@ class Boxes:
     """Makes and removes test boxes of one provider kind."""
 
     def __init__(
-        self, kind: ProviderKind, base: Path, *, local: LocalProvider | None = None, nats_url: str = ""
+        self,
+        kind: ProviderKind,
+        base: Path,
+        *,
+        local: LocalProvider | None = None,
+        nats_url: str = "",
+        docker: DockerProvider | None = None,
     ) -> None:
         self.kind = kind
         self.base = base
         self.local = local
         self.nats_url = nats_url
+        self.docker = docker
         self._rpc: NatsControlRpc | None = None
 
     async def new(self) -> TestBox:
         """A fresh, empty box."""
+        if self.docker is not None:
+            group = f"g-{uuid.uuid4().hex[:8]}"
+            spec = BoxSpec(
+                lease_id=f"lease/ws1/{group}", workspace_id="ws1", group_id=group, epoch=1, environment=BOX_ENV
+            )
+            made = await self.docker.create(spec, f"channel-a-test:{uuid.uuid4()}")
+            workspace, home = await asyncio.to_thread(_engine_paths, self.docker, made.instance_id)
+            return TestBox(self.kind, made, workspace, home, workspace.parent)
         if self.local is not None:
             spec = BoxSpec(lease_id="lease/ws1/g1", workspace_id="ws1", group_id="g1", epoch=1, environment=BOX_ENV)
             session = await self.local.create(spec, f"channel-a-test:{uuid.uuid4()}")
@@ -120,14 +156,38 @@ class Boxes:
         """End the box (terminate a local one, stop the agent of a selfhosted one)."""
         if self.local is not None:
             await self.local.terminate(box.local.serialize_state())
+        if self.docker is not None:
+            await self.docker.terminate(box.session.serialize_state())
         await box._close.aclose()
 
     async def aclose(self) -> None:
         if self.local is not None:
             await self.local.aclose()
+        if self.docker is not None:
+            await self.docker.aclose()
         if self._rpc is not None:
             await self._rpc.close()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+DOCKER_BOX_USER: Final = (1000, 1000)
+"""The docker box user (``SANDBOX_DOCKER_USER``'s default): what the test writes on the host is given to it."""
+
+
+def _engine_paths(provider: DockerProvider, container_id: str) -> tuple[Path, Path]:
+    """A docker box's workspace (its volume's directory) and HOME (in its root filesystem), on the host.
+
+    The engine runs as root here (rootful podman), so both are the box's own files.
+    """
+    client = docker_sdk.DockerClient(base_url=provider.settings.host)
+    try:
+        info = client.api.inspect_container(container_id)
+        volume = info["Config"]["Labels"]["sandbox.workspace_volume"]
+        workspace = Path(client.api.inspect_volume(volume)["Mountpoint"])
+        merged = Path(info["GraphDriver"]["Data"]["MergedDir"])
+        return workspace, merged / "root"
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +196,10 @@ async def provider(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     base = tmp_path_factory.mktemp(kind)
     if kind == "selfhosted":
         boxes = Boxes(kind, base, nats_url=request.getfixturevalue("nats_url"))
+    elif kind == ENGINE:
+        engine: ContainerEngine = request.getfixturevalue("container_engine")
+        docker = DockerProvider(DockerSettings(host=engine.host, image=engine.image, owner=engine.owner))
+        boxes = Boxes(kind, base, docker=docker)
     else:
         if kind == "bubblewrap" and shutil.which("bwrap") is None:
             pytest.skip("bubblewrap is not installed")

@@ -22,6 +22,15 @@ from sandbox.errors import (
 from tests.conftest import session_scratch_dir
 from tests.integration.channel_a.conftest import Boxes, TestBox
 
+ON_DOCKER_ENGINE = (
+    "test_list_builds_a_sorted_tree_with_types_sizes_and_depth",
+    "test_read_text_base64_binary_and_truncation",
+    "test_write_creates_overwrites_and_counts_revisions",
+    "test_delete_files_links_and_directories",
+    "test_move_renames_and_respects_overwrite",
+    "test_mkdir_recursive_is_idempotent_and_strict_mode_refuses",
+)
+"""The main file operations, also on a docker box of the real engine (see the conftest)."""
 ODD_NAMES = ["with space.txt", "tab\there.txt", "new\nline.txt", "ünïcødé ✓.txt", "quote'\"$(x).txt", "-dash.txt"]
 
 

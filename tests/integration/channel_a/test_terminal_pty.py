@@ -1,5 +1,6 @@
 """Terminal exec and real PTYs on every provider: local boxes (both isolation modes), where the
-worker holds the PTY, and a selfhosted machine, where the agent holds it (``pty_*`` ops over NATS).
+worker holds the PTY, and a selfhosted machine, where the agent holds it (``pty_*`` ops over NATS);
+the main ones also on a docker box of the real engine, where the engine holds it (a tty exec).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from sandbox.errors import (
     SandboxConfigError,
 )
 from tests.integration.channel_a.conftest import BOX_ENV, Boxes, CountingSession, TestBox
+
+ON_DOCKER_ENGINE = (
+    "test_exec_buffers_output_and_exit_code",
+    "test_pty_echo_resize_and_close",
+    "test_pty_shell_exit_is_reported_and_writes_after_it_conflict",
+)
+"""The main terminal and PTY operations, also on a docker box of the real engine (the engine's tty exec)."""
 
 
 async def test_exec_buffers_output_and_exit_code(ca: ChannelA, box: TestBox, sink: MemoryEventSink) -> None:

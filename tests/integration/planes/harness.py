@@ -1,5 +1,9 @@
 """A plane test harness: local boxes (bubblewrap when available) plus the plane activities, no Temporal.
 
+Viewer tests also run on docker boxes of the real engine (:func:`engine_plane_harness`,
+:meth:`PlaneHarness.viewer_box`): the same plane activities, the edge in the box, reached through
+the port the engine published.
+
 A local box's planes have two halves: the servers in the box (state under ``/tmp/.sandbox-edge``
 of the box, on the host at :attr:`Box.state_dir`) and the edges on the host (key, pid, port and
 log files in the box's private directory, :attr:`Box.private_dir`).
@@ -20,12 +24,14 @@ from typing import Any
 
 from activities.planes import LocalBoxLayout, PlaneActivities, local_box_layout
 from daemons.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
+from providers.docker import DockerBoxSession, DockerProvider, DockerSettings
 from providers.local import BOX_MARKER_VAR, LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
 from sandbox.box import BoxSpec, Envelope
 from sandbox.inbox_scripts import ScriptName, parse_status
 from sandbox.settings import Settings
 from sandbox.stream_token import StreamTokenKey, derive_lease_key, root_secret_for
+from tests.container_engine import ContainerEngine
 from workflows.models.planes import DisplayStackRequest, TearDownPlanesRequest, TerminalServerRequest
 
 ROOT_SECRET = "plane-tests-root-secret"
@@ -88,6 +94,47 @@ class Box:
         """Run a shell snippet in the box; (exit code, stdout + stderr)."""
         result = await self.session.exec(["bash", "-c", script], env=env, timeout=timeout)
         return result.exit_code, (result.stdout + result.stderr).decode(errors="replace")
+
+    async def edge_url(self, port: int) -> str:
+        """Where a viewer dials the edge of a plane listening on ``port`` (a local box's edge is on the host)."""
+        return f"ws://127.0.0.1:{port}/"
+
+
+@dataclass
+class EngineBox:
+    """One docker box of a lease on the real engine: what a viewer test needs of it (as :class:`Box`)."""
+
+    lease_id: str
+    epoch: int
+    session: DockerBoxSession
+    envelope: Envelope
+
+    def desktop_request(self, **overrides: object) -> DisplayStackRequest:
+        fields: dict[str, object] = {
+            "backend": "docker",
+            "envelope": self.envelope,
+            "lease_id": self.lease_id,
+            "epoch": self.epoch,
+        }
+        fields.update(overrides)
+        return DisplayStackRequest.model_validate(fields)
+
+    def terminal_request(self) -> TerminalServerRequest:
+        return TerminalServerRequest(backend="docker", envelope=self.envelope, lease_id=self.lease_id, epoch=self.epoch)
+
+    async def sh(self, script: str, *, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
+        """Run a shell snippet in the box; (exit code, stdout + stderr)."""
+        result = await self.session.exec(["bash", "-c", script], env=env, timeout=timeout)
+        return result.exit_code, (result.stdout + result.stderr).decode(errors="replace")
+
+    async def edge_url(self, port: int) -> str:
+        """Where a viewer dials the in-box edge on ``port``: the host port the engine published for it."""
+        at = await self.session.resolve_exposed_port(port)
+        return f"ws://{at.host}:{at.port}/"
+
+
+ViewerBox = Box | EngineBox
+"""A box a viewer test opens, of either backend (:meth:`PlaneHarness.viewer_box`)."""
 
 
 _MAX_SCANNED_BYTES = 8 << 20
@@ -181,11 +228,13 @@ def host_edges(box: Box, plane: str) -> list[int]:
 class PlaneHarness:
     """Creates boxes and mints tokens against the activities' root secret."""
 
-    def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
+    def __init__(self, settings: Settings, registry: ProviderRegistry, *, backend: str = "local") -> None:
         self.settings = settings
         self.registry = registry
+        self.backend = backend
         self.activities = PlaneActivities(registry, settings)
         self.root = root_secret_for(settings)
+        self.made: list[Envelope] = []
 
     @property
     def provider(self) -> LocalProvider:
@@ -201,6 +250,19 @@ class PlaneHarness:
         assert isinstance(session, LocalBoxSession)
         envelope = Envelope(**session.serialize_state().model_dump())
         return Box(lease_id, epoch, session, envelope)
+
+    async def viewer_box(self, group: str | None = None, *, epoch: int = 1) -> ViewerBox:
+        """A box of the harness's backend: a local box, or a docker box on the real engine."""
+        if self.backend == "local":
+            return await self.box(group, epoch=epoch)
+        group = group or uuid.uuid4().hex[:8]
+        lease_id = f"lease/ws-planes/{group}"
+        spec = BoxSpec(lease_id=lease_id, workspace_id="ws-planes", group_id=group, epoch=epoch)
+        session = await self.registry.get(self.backend).create(spec, f"{lease_id}#{epoch}#{uuid.uuid4().hex}")
+        assert isinstance(session, DockerBoxSession)
+        envelope = Envelope(**session.serialize_state().model_dump())
+        self.made.append(envelope)
+        return EngineBox(lease_id, epoch, session, envelope)
 
     def mint(
         self,
@@ -239,4 +301,25 @@ async def plane_harness(data_dir: Path, **settings_fields: Any) -> AsyncIterator
         for owned in await provider.list_owned():
             with contextlib.suppress(Exception):
                 await provider.terminate(Envelope(backend_id=provider.backend_id, instance_id=owned.instance_id))
+        await registry.aclose()
+
+
+@contextlib.asynccontextmanager
+async def engine_plane_harness(data_dir: Path, engine: ContainerEngine) -> AsyncIterator[PlaneHarness]:
+    """A harness whose viewer boxes are hardened docker boxes on the real engine, removed when the block ends.
+
+    Only the boxes it made are removed: the session's other tests share the engine's owner label.
+    """
+    settings = Settings(data_dir=data_dir, stream_token_secret=ROOT_SECRET)
+    provider = DockerProvider(
+        DockerSettings(host=engine.host, image=engine.image, owner=engine.owner), limits=settings.local_limits()
+    )
+    registry = ProviderRegistry(settings, {"docker": provider})
+    harness = PlaneHarness(settings, registry, backend="docker")
+    try:
+        yield harness
+    finally:
+        for envelope in harness.made:
+            with contextlib.suppress(Exception):
+                await provider.terminate(envelope)
         await registry.aclose()

@@ -361,6 +361,32 @@ async def test_named_workspace_volume_lives_and_dies_with_the_box(
     assert box.instance_id not in engine.containers
 
 
+async def test_a_volume_whose_container_is_gone_is_listed_and_removed_a_mounted_or_foreign_one_never(
+    provider: DockerProvider, engine: FakeDockerEngine
+) -> None:
+    spec, _, lost = await _box(provider, "lost")
+    _, _, live = await _box(provider, "live")
+    volume, live_volume = f"{lost.name}-workspace", f"{live.name}-workspace"
+    assert engine.volumes[volume].labels["sandbox.lease_id"] == spec.lease_id, "made with the box's labels"
+    listed = {o.instance_id for o in await provider.list_owned()}
+    assert volume not in listed and live_volume not in listed, "a mounted volume is its box's, never listed"
+    del engine.containers[lost.instance_id]  # `docker rm -f` behind the runtime's back: the volume stays
+    foreign = f"sandbox-{'f' * 24}-workspace"
+    engine.volumes[foreign] = FakeVolume(name=foreign, created_at="now", labels={"sandbox.owner": "someone-else"})
+
+    owned = {o.instance_id: o for o in await provider.list_owned()}
+    assert volume in owned and owned[volume].lease_id == spec.lease_id and owned[volume].labels["epoch"] == "3"
+    assert foreign not in owned and live_volume not in owned
+    await provider.terminate(Envelope(backend_id="docker", instance_id=volume))
+    assert volume not in engine.volumes
+    await provider.terminate(Envelope(backend_id="docker", instance_id=volume))  # idempotent
+    with pytest.raises(InvalidRequest):
+        await provider.terminate(Envelope(backend_id="docker", instance_id=foreign))
+    await provider.terminate(Envelope(backend_id="docker", instance_id=live_volume))  # mounted: left alone
+    assert foreign in engine.volumes and live_volume in engine.volumes
+    assert (await live.exec(["true"])).exit_code == 0
+
+
 async def test_workspace_base_dir_binds_a_host_directory_per_box(engine: FakeDockerEngine, tmp_path: Path) -> None:
     base = tmp_path / "workspaces"
     provider = DockerProvider(DockerSettings(host=engine.base_url, workspace_base_dir=str(base)))
