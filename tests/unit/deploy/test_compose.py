@@ -243,6 +243,10 @@ async def test_the_compose_stack_runs_a_lease_on_the_docker_backend_and_leaves_n
         leases.close()
     lease_in = time.monotonic() - started - healthy_in
 
+    up = _project_leftovers(stack.project)
+    assert (len(up["containers"]), len(up["volumes"]), len(up["networks"])) == (len(SERVICES), 3, 1), (
+        "the leftover check sees the project's containers, volumes (temporal, postgres, nats) and network"
+    )
     stack.compose("down", "-v", "-t", "30")
     leftovers = _project_leftovers(stack.project)
     assert leftovers == {"containers": [], "volumes": [], "networks": []}, leftovers
