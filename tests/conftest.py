@@ -873,13 +873,17 @@ def _no_host_edge_outlives_the_session(tmp_path_factory: pytest.TempPathFactory)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Build the box image once, before any test's timer runs, when a selected test needs the engine."""
+    """Build the images once, before any test's timer runs, when a selected test needs the engine.
+
+    The box image for ``container_engine`` tests; every compose image too for ``compose_stack`` ones.
+    """
     from tests import container_engine
 
     if container_engine.podman() is None:
         return
     if any(item.get_closest_marker("container_engine") for item in session.items):
-        seconds = container_engine.build_images()
+        compose = any(item.get_closest_marker("compose_stack") for item in session.items)
+        seconds = container_engine.build_images("compose" if compose else "box")
         print(f"\ncontainer images ready in {seconds:.1f} s (deploy/images/build)", file=sys.stderr)
 
 

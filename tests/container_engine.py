@@ -55,15 +55,17 @@ def require_podman() -> str:
     return found
 
 
-def build_images() -> float:
-    """Build (or find current) the box image with ``deploy/images/build``; returns the seconds it took.
+def build_images(target: str = "box") -> float:
+    """Build (or find current) ``target`` with ``deploy/images/build``; returns the seconds it took.
+
+    ``box`` is the box image; ``compose`` every image ``deploy/compose.yaml`` runs, the box's too.
 
     Raises:
         RuntimeError: the build failed; the message carries the script's output.
     """
     started = time.monotonic()
     done = subprocess.run(
-        ["bash", str(BUILD), "box"],
+        ["bash", str(BUILD), target],
         env={**engine_environment(), "SANDBOX_DOCKER_IMAGE": BOX_IMAGE, "PYTHON": sys.executable},
         capture_output=True,
         text=True,
@@ -71,7 +73,7 @@ def build_images() -> float:
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"deploy/images/build box failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        raise RuntimeError(f"deploy/images/build {target} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return time.monotonic() - started
 
 

