@@ -20,7 +20,7 @@ import yaml
 from providers.docker import DockerSettings
 from sandbox.settings import Settings
 from tests.conftest import REPO
-from workflows.search_attributes import dev_server_flags
+from workflows.server_settings import dev_server_flags
 
 COMPOSE = REPO / "deploy" / "compose.yaml"
 ENV_EXAMPLE = REPO / "deploy" / ".env.example"
@@ -94,11 +94,13 @@ def test_a_missing_password_is_refused_with_its_name() -> None:
         _worker_environment(env)
 
 
-def test_the_dev_server_registers_the_lease_search_attributes() -> None:
+def test_the_dev_server_gets_every_flag_the_runtime_needs() -> None:
+    # The lease search attributes and the update admission limit (workflows/server_settings.py).
     command = _compose()["services"]["temporal"]["command"]
-    registered = [arg.removeprefix("--search-attribute=") for arg in command if arg.startswith("--search-attribute=")]
+    given = [arg for arg in command if arg.startswith(("--search-attribute=", "--dynamic-config-value="))]
     flags = dev_server_flags()
-    assert registered == flags[1::2], "workflows/search_attributes.py and the compose dev server agree"
+    wanted = [f"{flag}={value}" for flag, value in zip(flags[::2], flags[1::2], strict=True)]
+    assert given == wanted, "workflows/server_settings.py and the compose dev server agree"
 
 
 def test_services_are_checked_restarted_and_built_here() -> None:
