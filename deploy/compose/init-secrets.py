@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sandbox.control_auth import ControlSigningKey
 from sandbox.nats_auth import NatsAuthority
-from sandbox.payload_codec import load_payload_keys
+from sandbox.payload_codec import ensure_payload_keys
 from sandbox.secret_files import write_private_file
 from sandbox.settings import Settings
 from sandbox.stream_token import root_secret_for
@@ -44,7 +44,7 @@ def main(directory: Path) -> None:
     worker = directory / "worker"
     worker.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings = Settings(data_dir=worker)
-    load_payload_keys(settings)
+    ensure_payload_keys(settings)
     root_secret_for(settings)
     ControlSigningKey.load(settings.control_key_path())
     authority = NatsAuthority(worker, config_path=directory / "nats" / "nats-auth.conf")
