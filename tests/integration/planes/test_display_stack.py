@@ -52,6 +52,7 @@ async def test_cold_bring_up_then_already_up(planes: PlaneHarness) -> None:
     assert (box.state_dir / "desktop" / "vnc.sock").is_socket()
     assert (box.state_dir / "desktop" / "vnc-view.sock").is_socket()
     code, out = await box.sh("cat /proc/net/tcp /proc/net/tcp6 | awk '$4 == \"0A\" {print $2}'")
+    assert code == 0, out  # an empty answer must not pass for "nothing listens"
     listening = {int(addr.rsplit(":", 1)[1], 16) for addr in out.split()}
     assert 5900 not in listening and 5901 not in listening
     # The edge is a host process of this box, listening on the host's loopback.
