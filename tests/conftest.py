@@ -25,11 +25,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
+
+if TYPE_CHECKING:
+    from providers.docker import DockerProvider
+    from sandbox.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -915,11 +919,22 @@ async def docker_engine_runtime(
     pointed at ``container_engine``; its boxes carry the session's owner label, so the session
     removes whatever a test leaves behind.
     """
+    settings, provider = docker_engine_worker(container_engine, tmp_path_factory.mktemp("sandbox-docker-engine-data"))
+    async with running_runtime(temporal_client, settings, {"docker": provider}) as rt:
+        yield rt
+
+
+def docker_engine_worker(container_engine: Any, data_dir: Path) -> tuple[Settings, DockerProvider]:
+    """Worker settings whose leases default to the docker backend, and that backend's production
+    provider (hardened boxes of the box image, the local boxes' limits) on ``container_engine``.
+
+    Its boxes carry the session's owner label, so the session removes whatever a test leaves behind.
+    """
     from providers.docker import DockerProvider, DockerSettings
     from sandbox.settings import Settings
 
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("sandbox-docker-engine-data"),
+        data_dir=data_dir,
         task_queue=f"test-docker-engine-{uuid.uuid4()}",
         default_backend="docker",
         **FAST_TIMERS,
@@ -928,5 +943,4 @@ async def docker_engine_runtime(
         DockerSettings(host=container_engine.host, image=container_engine.image, owner=container_engine.owner),
         limits=settings.local_limits(),
     )
-    async with running_runtime(temporal_client, settings, {"docker": provider}) as rt:
-        yield rt
+    return settings, provider

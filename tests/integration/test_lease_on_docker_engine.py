@@ -21,10 +21,9 @@ import docker  # type: ignore[import-untyped]
 import pytest
 from temporalio.client import Client
 
-from providers.docker import DockerProvider, DockerSettings
+from providers.docker import DockerProvider
 from sandbox import errors
-from sandbox.settings import Settings
-from tests.conftest import FAST_TIMERS, ids, running_runtime
+from tests.conftest import docker_engine_worker, ids, running_runtime
 from tests.container_engine import ContainerEngine
 from workflows.models.maintenance import OrphanSweepInput
 from workflows.orphan_sweep import OrphanSweepWorkflow
@@ -36,16 +35,7 @@ pytestmark = pytest.mark.container_engine
 async def engine_runtime(
     container_engine: ContainerEngine, temporal_client: Client, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[Any, DockerProvider]]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("docker-engine-data"),
-        task_queue=f"test-docker-engine-{uuid.uuid4()}",
-        default_backend="docker",
-        **FAST_TIMERS,
-    )
-    provider = DockerProvider(
-        DockerSettings(host=container_engine.host, image=container_engine.image, owner=container_engine.owner),
-        limits=settings.local_limits(),
-    )
+    settings, provider = docker_engine_worker(container_engine, tmp_path_factory.mktemp("docker-engine-data"))
     async with running_runtime(temporal_client, settings, {"docker": provider}) as runtime:
         yield runtime, provider
 

@@ -20,14 +20,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from activities.planes import LocalBoxLayout, PlaneActivities, local_box_layout
 from daemons.edge import DESKTOP_TOKEN_PORT, TERMINAL_TOKEN_PORT
 from providers.docker import DockerBoxSession, DockerProvider, DockerSettings
 from providers.local import BOX_MARKER_VAR, LocalBoxSession, LocalProvider
 from providers.registry import ProviderRegistry
-from sandbox.box import BoxSpec, Envelope
+from sandbox.box import BoxSession, BoxSpec, Envelope
 from sandbox.inbox_scripts import ScriptName, parse_status
 from sandbox.settings import Settings
 from sandbox.stream_token import StreamTokenKey, derive_lease_key, root_secret_for
@@ -37,9 +37,41 @@ from workflows.models.planes import DisplayStackRequest, TearDownPlanesRequest, 
 ROOT_SECRET = "plane-tests-root-secret"
 
 
+class _LeaseBoxRequests:
+    """What a plane test asks of a box of either backend: the activities' requests and a shell."""
+
+    backend: ClassVar[str]
+    lease_id: str
+    epoch: int
+    session: BoxSession
+    envelope: Envelope
+
+    def desktop_request(self, **overrides: object) -> DisplayStackRequest:
+        fields: dict[str, object] = {
+            "backend": self.backend,
+            "envelope": self.envelope,
+            "lease_id": self.lease_id,
+            "epoch": self.epoch,
+        }
+        fields.update(overrides)
+        return DisplayStackRequest.model_validate(fields)
+
+    def terminal_request(self) -> TerminalServerRequest:
+        return TerminalServerRequest(
+            backend=self.backend, envelope=self.envelope, lease_id=self.lease_id, epoch=self.epoch
+        )
+
+    async def sh(self, script: str, *, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
+        """Run a shell snippet in the box; (exit code, stdout + stderr)."""
+        result = await self.session.exec(["bash", "-c", script], env=env, timeout=timeout)
+        return result.exit_code, (result.stdout + result.stderr).decode(errors="replace")
+
+
 @dataclass
-class Box:
+class Box(_LeaseBoxRequests):
     """One local box of a lease."""
+
+    backend: ClassVar[str] = "local"
 
     lease_id: str
     epoch: int
@@ -74,26 +106,8 @@ class Box:
         assert status is not None, result
         return result.exit_code, status.parts
 
-    def desktop_request(self, **overrides: object) -> DisplayStackRequest:
-        fields: dict[str, object] = {
-            "backend": "local",
-            "envelope": self.envelope,
-            "lease_id": self.lease_id,
-            "epoch": self.epoch,
-        }
-        fields.update(overrides)
-        return DisplayStackRequest.model_validate(fields)
-
-    def terminal_request(self) -> TerminalServerRequest:
-        return TerminalServerRequest(backend="local", envelope=self.envelope, lease_id=self.lease_id, epoch=self.epoch)
-
     def ref(self) -> TearDownPlanesRequest:
         return TearDownPlanesRequest(backend="local", envelope=self.envelope)
-
-    async def sh(self, script: str, *, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
-        """Run a shell snippet in the box; (exit code, stdout + stderr)."""
-        result = await self.session.exec(["bash", "-c", script], env=env, timeout=timeout)
-        return result.exit_code, (result.stdout + result.stderr).decode(errors="replace")
 
     async def edge_url(self, port: int) -> str:
         """Where a viewer dials the edge of a plane listening on ``port`` (a local box's edge is on the host)."""
@@ -101,31 +115,15 @@ class Box:
 
 
 @dataclass
-class EngineBox:
+class EngineBox(_LeaseBoxRequests):
     """One docker box of a lease on the real engine: what a viewer test needs of it (as :class:`Box`)."""
+
+    backend: ClassVar[str] = "docker"
 
     lease_id: str
     epoch: int
     session: DockerBoxSession
     envelope: Envelope
-
-    def desktop_request(self, **overrides: object) -> DisplayStackRequest:
-        fields: dict[str, object] = {
-            "backend": "docker",
-            "envelope": self.envelope,
-            "lease_id": self.lease_id,
-            "epoch": self.epoch,
-        }
-        fields.update(overrides)
-        return DisplayStackRequest.model_validate(fields)
-
-    def terminal_request(self) -> TerminalServerRequest:
-        return TerminalServerRequest(backend="docker", envelope=self.envelope, lease_id=self.lease_id, epoch=self.epoch)
-
-    async def sh(self, script: str, *, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str]:
-        """Run a shell snippet in the box; (exit code, stdout + stderr)."""
-        result = await self.session.exec(["bash", "-c", script], env=env, timeout=timeout)
-        return result.exit_code, (result.stdout + result.stderr).decode(errors="replace")
 
     async def edge_url(self, port: int) -> str:
         """Where a viewer dials the in-box edge on ``port``: the host port the engine published for it."""
